@@ -1,0 +1,57 @@
+"""Exceptions that carry a CK_RV across the daemon, and the classification of CK_RVs.
+
+Inside the daemon failures are exceptions; at the client boundary they become one
+CK_RV. The class table (application result / session lost / member failed) is the one
+place that says what a member's return code means for the HA policy.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from p11p.protocol.constants import CKR, rv_name
+
+
+class CKError(Exception):
+    """A call ends with this CK_RV for the application."""
+
+    def __init__(self, rv: int, why: str = "") -> None:
+        super().__init__(f"{rv_name(rv)}{': ' + why if why else ''}")
+        self.rv = rv
+
+
+class MemberUnavailable(Exception):
+    """A member cannot serve a call: its helper died, hung, or the module failed."""
+
+    def __init__(self, member: str, why: str, rv: int = CKR["CKR_DEVICE_ERROR"]) -> None:
+        super().__init__(f"member {member}: {why}")
+        self.member = member
+        self.rv = rv
+
+
+class RvClass(Enum):
+    APPLICATION = "application"
+    SESSION_LOST = "session_lost"
+    MEMBER_FAILED = "member_failed"
+
+
+DEFAULT_CLASSES: dict[int, RvClass] = {
+    CKR["CKR_SESSION_HANDLE_INVALID"]: RvClass.SESSION_LOST,
+    CKR["CKR_SESSION_CLOSED"]: RvClass.SESSION_LOST,
+    CKR["CKR_DEVICE_ERROR"]: RvClass.MEMBER_FAILED,
+    CKR["CKR_TOKEN_NOT_PRESENT"]: RvClass.MEMBER_FAILED,
+    CKR["CKR_GENERAL_ERROR"]: RvClass.MEMBER_FAILED,
+    CKR["CKR_DEVICE_REMOVED"]: RvClass.MEMBER_FAILED,
+    CKR["CKR_DEVICE_MEMORY"]: RvClass.MEMBER_FAILED,
+}
+# Codes that are session-lost only when the daemon's view says the state should exist
+# (the session is logged in / the object is known): see policy.classify().
+CONDITIONAL_SESSION_LOST = frozenset({CKR["CKR_USER_NOT_LOGGED_IN"], CKR["CKR_OBJECT_HANDLE_INVALID"]})
+
+
+def class_table(overrides: dict[int, str]) -> dict[int, RvClass]:
+    """The default table with a group's `rv_class` overrides applied."""
+    table = dict(DEFAULT_CLASSES)
+    for rv, name in overrides.items():
+        table[rv] = RvClass(name)
+    return table

@@ -1,0 +1,71 @@
+"""Virtual handles: one counter for every kind, a kind check on every lookup.
+
+Applications see only these handles (sessions and objects); what stands behind one is
+the daemon's business. The counter is shared by all kinds so a session handle is never
+also an object handle, stays in 32 bits (some applications keep handles in ints), and
+skips handles still in use when it wraps.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from p11p.daemon.errors import CKError
+
+T = TypeVar("T")
+_LIMIT = 0xFFFFFFFF
+
+
+class HandleCounter:
+    """Hands out handles 1..2**32-1, never one that is live."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._live: set[int] = set()
+
+    def take(self) -> int:
+        for _ in range(_LIMIT):
+            handle = self._next
+            self._next = 1 if handle >= _LIMIT else handle + 1
+            if handle not in self._live:
+                self._live.add(handle)
+                return handle
+        raise CKError(0x31, "handle space exhausted")  # CKR_DEVICE_MEMORY
+
+    def give_back(self, handle: int) -> None:
+        self._live.discard(handle)
+
+
+class HandleTable(Generic[T]):
+    """Handles of one kind, drawn from a shared counter."""
+
+    def __init__(self, counter: HandleCounter, invalid_rv: int) -> None:
+        self._counter = counter
+        self._items: dict[int, T] = {}
+        self._invalid_rv = invalid_rv
+
+    def add(self, item: T) -> int:
+        handle = self._counter.take()
+        self._items[handle] = item
+        return handle
+
+    def get(self, handle: object) -> T:
+        item = self._items.get(handle) if isinstance(handle, int) else None
+        if item is None:
+            raise CKError(self._invalid_rv)
+        return item
+
+    def find(self, handle: int) -> T | None:
+        return self._items.get(handle)
+
+    def remove(self, handle: int) -> T | None:
+        item = self._items.pop(handle, None)
+        if item is not None:
+            self._counter.give_back(handle)
+        return item
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,191 @@
+"""One helper process, seen from the daemon: start, multiplexed calls, time-outs, stop.
+
+The helper speaks frames over its stdin/stdout (protocol/README.md, "Helper link").
+Calls are matched to replies by call id, so many calls are in flight at once. A helper
+that exits, breaks the protocol or passes a call's time-out fails every pending call
+with MemberUnavailable; the caller (the HA policy) decides what happens next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from p11p.daemon.errors import MemberUnavailable
+from p11p.protocol.constants import CKR, rv_name
+from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
+
+log = logging.getLogger("p11p.helper")
+
+START_TIMEOUT = 30.0
+PING = -1
+
+
+class HelperProcess(asyncio.SubprocessProtocol):
+    """A running helper for one member (and, once taken, one application context)."""
+
+    def __init__(self, member: str, max_frame: int) -> None:
+        self.member = member
+        self.pid = 0
+        self.alive = False
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._decoder = FrameDecoder(max_frame + 1024)
+        self._pending: dict[int, asyncio.Future[list[Any]]] = {}
+        self._next_id = 1
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._why = "helper exited"
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, member: str, module: str, env: dict[str, str], max_frame: int,
+                    timeout: float = START_TIMEOUT) -> HelperProcess:
+        loop = asyncio.get_running_loop()
+        full_env = dict(os.environ)
+        full_env.update(env)
+        transport, proto = await loop.subprocess_exec(
+            lambda: cls(member, max_frame), sys.executable, "-m", "p11p.helper", module,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+            env=full_env, start_new_session=True)
+        proto.pid = transport.get_pid()
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.ready), timeout)
+        except (TimeoutError, MemberUnavailable) as exc:
+            proto.kill()
+            if isinstance(exc, MemberUnavailable):
+                raise
+            raise MemberUnavailable(member, f"helper did not start in {timeout:.0f} s") from None
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self._stdin = stdin
+        self.alive = True
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(f"protocol error from helper: {exc}")
+            self.kill()
+            return
+        pending = self._pending
+        for frame in frames:
+            if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[0], int):
+                self._fail("malformed reply from helper")
+                self.kill()
+                return
+            call_id = frame[0]
+            if call_id == 0:
+                self._on_ready(frame)
+                continue
+            fut = pending.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+
+    def _on_ready(self, frame: list[Any]) -> None:
+        if self.ready.done():
+            return
+        if frame[1] == CKR["CKR_OK"]:
+            self.ready.set_result(None)
+        else:
+            detail = frame[2] if len(frame) > 2 else ""
+            self._why = f"module failed to load: {rv_name(frame[1])} {detail}"
+            self.ready.set_exception(MemberUnavailable(self.member, self._why, frame[1]))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self._fail(self._why)
+
+    def process_exited(self) -> None:
+        code = self._transport.get_returncode() if self._transport else None
+        if code is not None and code < 0:
+            try:
+                self._why = f"helper killed by {signal.Signals(-code).name}"
+            except ValueError:
+                self._why = f"helper killed by signal {-code}"
+        elif code:
+            self._why = f"helper exited with status {code}"
+        self._fail(self._why)
+        if not self.exited.done():
+            self.exited.set_result(code or 0)
+
+    def _fail(self, why: str) -> None:
+        self.alive = False
+        self._why = why
+        error = MemberUnavailable(self.member, why)
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # mark retrieved
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    def kill(self) -> None:
+        if self._transport is not None and self._transport.get_returncode() is None:
+            try:
+                self._transport.kill()
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Finalizes the module (by closing stdin) and waits; kills past the time-out."""
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            self.kill()
+            await asyncio.shield(self.exited)
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- calls ------------------------------------------------------------------------
+
+    def send(self, request: list[Any]) -> asyncio.Future[list[Any]]:
+        """Sends `[code, arg...]`; the future gives `[call_id, rv, out...]`."""
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if not self.alive or self._stdin is None:
+            fut.set_exception(MemberUnavailable(self.member, self._why))
+            return fut
+        call_id = self._next_id
+        self._next_id = call_id + 1 if call_id < 0x7FFFFFFF else 1
+        self._pending[call_id] = fut
+        self._stdin.write(encode([call_id, *request]))
+        return fut
+
+    async def call(self, request: list[Any], timeout: float | None) -> list[Any]:
+        """One call; returns `[rv, out...]`. Past `timeout` the helper is killed."""
+        fut = self.send(request)
+        if timeout is None:
+            reply = await fut
+        else:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(timeout, self._expire, fut, timeout)
+            try:
+                reply = await fut
+            finally:
+                timer.cancel()
+        return reply[1:]
+
+    def _expire(self, fut: asyncio.Future[list[Any]], timeout: float) -> None:
+        if fut.done():
+            return
+        self._why = f"call exceeded call_timeout ({timeout:g} s); helper killed"
+        log.warning("member=%s pid=%d %s", self.member, self.pid, self._why)
+        self._fail(self._why)
+        self.kill()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)

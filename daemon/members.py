@@ -1,0 +1,218 @@
+"""Groups and their members: the real tokens behind each virtual token.
+
+A Member knows its module, how to find its token (label or serial), its real slot id,
+its health, and keeps a small pool of warm helpers (started, module initialised, not
+logged in) so that an application's first call does not wait for a process to start.
+A Group is what the application sees as one token; it owns its members in priority
+order and its virtual slot id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from p11p.daemon.config import GroupConfig, MemberConfig
+from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
+from p11p.daemon.helperproc import HelperProcess
+from p11p.protocol.constants import CKR, rv_name
+from p11p.protocol.spec import by_name
+
+log = logging.getLogger("p11p.member")
+
+_GET_SLOT_LIST = by_name()["C_GetSlotList"].code
+_GET_TOKEN_INFO = by_name()["C_GetTokenInfo"].code
+_GET_MECH_LIST = by_name()["C_GetMechanismList"].code
+
+
+class MemberState(Enum):
+    OK = "OK"
+    FAILED = "FAILED"
+    RECOVERING = "RECOVERING"
+    DRAINING = "DRAINING"
+    DISABLED = "DISABLED"
+
+
+@dataclass
+class MemberHealth:
+    state: MemberState = MemberState.RECOVERING
+    last_rv: int | None = None
+    last_error: str = ""
+    since: float = field(default_factory=time.monotonic)
+    attempt: int = 0
+    calls_served: int = 0
+    calls_in_flight: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.state in (MemberState.OK, MemberState.DRAINING)
+
+
+def _pad32(text: str) -> bytes:
+    raw = text.encode()[:32]
+    return raw + b" " * (32 - len(raw))
+
+
+class Member:
+    """One real token in a group."""
+
+    def __init__(self, config: MemberConfig, group: Group, pool_size: int, max_frame: int) -> None:
+        self.config = config
+        self.name = config.name
+        self.group = group
+        self.slot_id: int | None = None
+        self.mechanisms: list[int] = []
+        self.token_label = b""
+        self.health = MemberHealth()
+        self._pool_size = pool_size
+        self._max_frame = max_frame
+        self._warm: list[HelperProcess] = []
+        self._refill: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Member {self.group.label}/{self.name}>"
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def new_helper(self) -> HelperProcess:
+        return await HelperProcess.start(self.name, self.config.module, self.config.env,
+                                         self._max_frame)
+
+    async def take_helper(self) -> HelperProcess:
+        """A started helper for one application context (warm if one is ready)."""
+        while self._warm:
+            helper = self._warm.pop()
+            if helper.alive:
+                self._schedule_refill()
+                return helper
+        helper = await self.new_helper()
+        self._schedule_refill()
+        return helper
+
+    def _schedule_refill(self) -> None:
+        if self._pool_size and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.create_task(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while len(self._warm) < self._pool_size and self.health.state != MemberState.DISABLED:
+            try:
+                self._warm.append(await self.new_helper())
+            except MemberUnavailable as exc:
+                log.warning("group=%s member=%s warm helper failed: %s", self.group.label, self.name, exc)
+                return
+
+    async def stop(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+        warm, self._warm = self._warm, []
+        await asyncio.gather(*(h.stop() for h in warm), return_exceptions=True)
+
+    # -- probing ----------------------------------------------------------------------
+
+    async def probe(self, helper: HelperProcess) -> None:
+        """Finds the member's slot by token label or serial; reads its mechanisms."""
+        rv, count = await helper.call([_GET_SLOT_LIST, 1, None], 10.0)
+        if rv != CKR["CKR_OK"]:
+            raise MemberUnavailable(self.name, f"C_GetSlotList: {rv_name(rv)}", rv)
+        rv, slots = await helper.call([_GET_SLOT_LIST, 1, count], 10.0)
+        if rv != CKR["CKR_OK"]:
+            raise MemberUnavailable(self.name, f"C_GetSlotList: {rv_name(rv)}", rv)
+        want_label = _pad32(self.config.token) if self.config.token is not None else None
+        want_serial = self.config.serial
+        for slot in slots:
+            rv, info = await helper.call([_GET_TOKEN_INFO, slot, 0], 10.0)
+            if rv != CKR["CKR_OK"]:
+                continue
+            label, serial = info[0], info[3].decode(errors="replace").strip()
+            if want_label is not None and label != want_label:
+                continue
+            if want_serial is not None and serial != want_serial:
+                continue
+            rv, mechs = await helper.call([_GET_MECH_LIST, slot, 4096], 10.0)
+            self.mechanisms = mechs if rv == CKR["CKR_OK"] else []
+            self.slot_id = slot
+            self.token_label = label
+            return
+        what = f"label {self.config.token!r}" if want_label is not None else f"serial {want_serial!r}"
+        raise MemberUnavailable(self.name, f"no token with {what}", CKR["CKR_TOKEN_NOT_PRESENT"])
+
+    async def start(self) -> None:
+        """Probes the member with a first helper, which then joins the warm pool."""
+        try:
+            helper = await self.new_helper()
+            try:
+                await self.probe(helper)
+            except BaseException:
+                await helper.stop()
+                raise
+        except MemberUnavailable as exc:
+            self.mark(MemberState.FAILED, exc.rv, str(exc))
+            log.error("member failure detected: group=%s member=%s function=probe rv=%s (%s)",
+                      self.group.label, self.name, rv_name(exc.rv), exc)
+            return
+        self._warm.append(helper)
+        self.mark(MemberState.OK)
+        self._schedule_refill()
+        log.info("member ready: group=%s member=%s slot=%s mechanisms=%d",
+                 self.group.label, self.name, self.slot_id, len(self.mechanisms))
+
+    def mark(self, state: MemberState, rv: int | None = None, why: str = "") -> None:
+        h = self.health
+        h.state = state
+        h.since = time.monotonic()
+        if rv is not None:
+            h.last_rv = rv
+        if why:
+            h.last_error = why
+
+    def status(self) -> dict[str, Any]:
+        h = self.health
+        return {
+            "name": self.name, "state": h.state.value, "slot": self.slot_id,
+            "last_rv": rv_name(h.last_rv) if h.last_rv is not None else None,
+            "last_error": h.last_error, "calls_served": h.calls_served,
+            "calls_in_flight": h.calls_in_flight, "attempt": h.attempt,
+        }
+
+
+class Group:
+    """A virtual token: members in priority order behind one virtual slot."""
+
+    def __init__(self, config: GroupConfig, slot_id: int, pool_size: int, max_frame: int) -> None:
+        self.config = config
+        self.label = config.label
+        self.slot_id = slot_id
+        self.label_bytes = _pad32(config.label)
+        self.members = [Member(m, self, pool_size, max_frame) for m in config.members]
+        self.rv_classes: dict[int, RvClass] = class_table(config.rv_classes)
+
+    def __repr__(self) -> str:
+        return f"<Group {self.label} slot={self.slot_id}>"
+
+    def usable_members(self) -> list[Member]:
+        return [m for m in self.members if m.health.usable]
+
+    def primary(self) -> Member | None:
+        """The first usable member in priority order."""
+        for m in self.members:
+            if m.health.state == MemberState.OK:
+                return m
+        return None
+
+    @property
+    def present(self) -> bool:
+        return any(m.health.usable for m in self.members)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(m.start() for m in self.members))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.members))
+
+    def status(self) -> dict[str, Any]:
+        return {"label": self.label, "slot": self.slot_id, "policy": self.config.policy,
+                "members": [m.status() for m in self.members]}

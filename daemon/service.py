@@ -1,0 +1,172 @@
+"""The daemon: groups, application contexts, the listening socket; start and stop.
+
+This is the one object that owns everything else. It probes the members at start,
+accepts connections, creates and ends application contexts (by the peer's pid and the
+context id of its hello), and answers who may see which group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+from typing import Any
+
+from p11p.daemon.config import DaemonConfig
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.dispatch import Dispatcher
+from p11p.daemon.handles import HandleCounter
+from p11p.daemon.members import Group
+from p11p.daemon.server import ClientConnection
+
+log = logging.getLogger("p11p.daemon")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.groups = [Group(g, slot, config.helper_pool, config.max_frame)
+                       for slot, g in enumerate(config.groups)]
+        self.slots = {g.slot_id: g for g in self.groups}
+        self.contexts: dict[tuple[int, bytes], ApplicationContext] = {}
+        self.counter = HandleCounter()
+        self.dispatcher = Dispatcher(self)
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping = asyncio.Event()
+        self._allowed_cache: dict[tuple[int, int, str], bool] = {}
+
+    # -- start / stop -----------------------------------------------------------------
+
+    async def start(self, inherited: socket.socket | None = None) -> None:
+        await asyncio.gather(*(g.start() for g in self.groups))
+        loop = asyncio.get_running_loop()
+        if inherited is not None:
+            self._server = await loop.create_unix_server(lambda: ClientConnection(self),
+                                                         sock=inherited)
+        else:
+            path = self.config.socket
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            self._server = await loop.create_unix_server(lambda: ClientConnection(self),
+                                                         path=str(path))
+            os.chmod(path, 0o660)
+        log.info("listening on %s; groups: %s", self.config.socket,
+                 ", ".join(f"{g.label} (slot {g.slot_id}, {len(g.members)} members)"
+                           for g in self.groups))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        log.info("stopping")
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.close() for c in list(self.contexts.values())),
+                             return_exceptions=True)
+        self.contexts.clear()
+        await asyncio.gather(*(g.stop() for g in self.groups), return_exceptions=True)
+        if self._server is not None and self.config.socket.is_socket():
+            try:
+                self.config.socket.unlink()
+            except OSError:
+                pass
+
+    # -- contexts ---------------------------------------------------------------------
+
+    def admit(self, pid: int, uid: int) -> str | None:
+        """A reason to refuse a new connection, or None."""
+        return None
+
+    def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str) -> ApplicationContext:
+        key = (pid, ctx_id)
+        ctx = self.contexts.get(key)
+        if ctx is None or ctx.closed:
+            ctx = ApplicationContext(key, uid, gid, pid, prog, self.counter)
+            self.contexts[key] = ctx
+            log.info("%s started (uid=%d prog=%s)", ctx.name, uid, prog or "?")
+        if ctx.grace is not None:
+            ctx.grace.cancel()
+            ctx.grace = None
+        ctx.connections += 1
+        return ctx
+
+    def detach(self, ctx: ApplicationContext) -> None:
+        ctx.connections -= 1
+        if ctx.connections > 0 or ctx.closed:
+            return
+        if _pid_alive(ctx.pid) and self.config.context_grace > 0:
+            loop = asyncio.get_running_loop()
+            ctx.grace = loop.call_later(self.config.context_grace, self._expire, ctx)
+        else:
+            asyncio.ensure_future(self.end_context(ctx))
+
+    def _expire(self, ctx: ApplicationContext) -> None:
+        ctx.grace = None
+        if ctx.connections == 0:
+            asyncio.ensure_future(self.end_context(ctx))
+
+    async def end_context(self, ctx: ApplicationContext) -> None:
+        if self.contexts.get(ctx.key) is ctx:
+            del self.contexts[ctx.key]
+        await ctx.close()
+
+    # -- access -----------------------------------------------------------------------
+
+    def allowed(self, ctx: ApplicationContext, group: Group) -> bool:
+        users, groups = group.config.allow_users, group.config.allow_groups
+        if not users and not groups:
+            return True
+        key = (ctx.uid, ctx.gid, group.label)
+        cached = self._allowed_cache.get(key)
+        if cached is None:
+            cached = self._check_access(ctx.uid, ctx.gid, users, groups)
+            self._allowed_cache[key] = cached
+        return cached
+
+    @staticmethod
+    def _check_access(uid: int, gid: int, users: tuple[str, ...], groups: tuple[str, ...]) -> bool:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+        if str(uid) in users or (name is not None and name in users):
+            return True
+        gids = {gid}
+        if name is not None:
+            gids.update(os.getgrouplist(name, gid))
+        for g in gids:
+            try:
+                gname: str | None = grp.getgrgid(g).gr_name
+            except KeyError:
+                gname = None
+            if str(g) in groups or (gname is not None and gname in groups):
+                return True
+        return False
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"groups": [g.status() for g in self.groups],
+                "contexts": [c.status() for c in self.contexts.values()]}
