@@ -6,26 +6,47 @@ BUILD := build
 P11_CFLAGS := -I/usr/include/p11-kit-1 -Iprotocol
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fPIC -Wall -Wextra -Werror -pthread $(P11_CFLAGS)
 CFLAGS ?= -O2 -g
-DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-pkcs11-openssl gcc make
+DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-pkcs11-openssl \
+                openssl gcc make python3-dev
+PYTEST_ARGS ?=
 
-.PHONY: all build deps test demo clean lint gen
+.PHONY: all build deps test demo clean lint gen-check pytest
 
 all: build
 
 include client/build.mk
 -include faultsim/build.mk
+-include helper/build.mk
 
-# Install the Debian packages and Python packages that are missing (idempotent, quick
-# when everything is there).
+# Debian and Python packages that are missing get installed (quick when all are there).
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
-	@$(PYTHON) -c "import p11p.daemon, PyKCS11, pkcs11, pytest_asyncio, cryptography, hypothesis" 2>/dev/null || \
-	  $(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]' --config-settings editable_mode=strict
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@$(PYTHON) -c "import msgpack, uvloop, cffi, PyKCS11, pkcs11, pytest_asyncio, pytest_timeout, cryptography, hypothesis, ruff, mypy" 2>/dev/null || \
+	  { echo "installing Python packages"; $(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]' --config-settings editable_mode=strict; }
 
-build: deps $(BUILD)/p11p-client.so $(if $(wildcard faultsim/build.mk),$(BUILD)/p11p-faultsim.so)
+build: deps $(BUILD)/p11p-client.so $(if $(wildcard faultsim/build.mk),$(BUILD)/p11p-faultsim.so) $(if $(wildcard helper/build.mk),helper-cffi)
 	@$(PYTHON) -m pip install -q --root-user-action=ignore --no-deps -e . --config-settings editable_mode=strict
+	@command -v p11p >/dev/null || { echo "p11p is not on PATH"; exit 1; }
+
+# Generated files must be what their generators make now.
+gen-check:
+	$(PYTHON) protocol/gen_constants.py --check
+	@if [ -f client/gen.py ]; then $(PYTHON) client/gen.py --check; fi
+
+lint:
+	ruff check daemon helper protocol tests client
+	mypy -p p11p.daemon -p p11p.protocol -p p11p.helper
+
+pytest:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+
+# The whole suite. Exits non-zero on any failure, and when no test ran (pytest's 5).
+test: build gen-check lint pytest
+
+demo: build
+	@bash demo/demo.sh
 
 clean:
 	rm -rf $(BUILD) *.egg-info

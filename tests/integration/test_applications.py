@@ -1,0 +1,263 @@
+"""Real applications through p11p: pkcs11-tool, python-pkcs11, and PyKCS11 programs run
+as separate processes (two applications with their own logins, a forked child, an
+application killed mid-session, a daemon that is not there yet)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, helper_pids, one_member_group, wait_for
+
+
+def run_app(code: str, env: dict[str, str] | None = None, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+PYKCS11_PRELUDE = f"""
+import os, sys, time, PyKCS11 as P
+lib = P.PyKCS11Lib(); lib.load({str(CLIENT_SO)!r})
+def slot_of(label):
+    return next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == label)
+"""
+
+
+def _tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["pkcs11-tool", "--module", module, *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_pkcs11_tool_test_same_as_direct(daemon: Daemon, softhsm) -> None:  # type: ignore[no-untyped-def]
+    for key in (["--key-type", "rsa:2048", "--label", "tool-rsa", "--id", "a1"],
+                ["--key-type", "EC:prime256v1", "--label", "tool-ec", "--id", "a2"]):
+        r = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--login", "--pin", USER_PIN,
+                  "--keypairgen", *key)
+        assert r.returncode == 0, r.stderr
+    direct = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--test", "--login", "--pin", USER_PIN)
+    proxied = _tool(str(CLIENT_SO), "--token-label", "signing", "--test", "--login", "--pin", USER_PIN)
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    assert proxied.returncode == 0, proxied.stdout + proxied.stderr
+    assert "No errors" in proxied.stdout
+
+    def norm(text: str) -> list[str]:
+        # lines naming the slot or token differ by design (the group's label)
+        return [ln for ln in text.splitlines() if not re.search(r"slot|token|Using", ln, re.I)]
+
+    assert norm(proxied.stdout) == norm(direct.stdout)
+
+
+def test_pkcs11_tool_keygen_and_sign(daemon: Daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN,
+              "--keypairgen", "--key-type", "EC:prime256v1", "--label", "tool-sign", "--id", "b1")
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "data"
+    data.write_bytes(b"hello through p11p")
+    sig = tmp_path / "sig"
+    r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN, "--sign",
+              "--mechanism", "ECDSA-SHA256", "--id", "b1", "--input-file", str(data),
+              "--output-file", str(sig))
+    assert r.returncode == 0, r.stderr
+    r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN, "--verify",
+              "--mechanism", "ECDSA-SHA256", "--id", "b1", "--input-file", str(data),
+              "--signature-file", str(sig))
+    assert r.returncode == 0 and "Signature is valid" in r.stdout, r.stdout + r.stderr
+
+
+def test_python_pkcs11_application(daemon: Daemon) -> None:
+    r = run_app(f"""
+        import pkcs11
+        from pkcs11 import KeyType, Mechanism, ObjectClass
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+        lib = pkcs11.lib({str(CLIENT_SO)!r})
+        token = lib.get_token(token_label="signing")
+        with token.open(user_pin={USER_PIN!r}, rw=True) as s:
+            pub, priv = s.generate_keypair(KeyType.EC, store=False,
+                public_template={{pkcs11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")}})
+            data = b"python-pkcs11 through p11p"
+            sig = priv.sign(data, mechanism=Mechanism.ECDSA_SHA256)
+            point = pub[pkcs11.Attribute.EC_POINT]
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
+            key.verify(encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")),
+                       data, ec.ECDSA(hashes.SHA256()))
+            aes = s.generate_key(KeyType.AES, 256, store=False)
+            iv = s.generate_random(128)
+            ct = aes.encrypt(b"x" * 100, mechanism_param=iv)
+            assert aes.decrypt(ct, mechanism_param=iv) == b"x" * 100
+            print("OK", len(list(s.get_objects({{pkcs11.Attribute.CLASS: ObjectClass.SECRET_KEY}}))) >= 1)
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "OK True"
+
+
+def test_two_applications_have_separate_logins(daemon: Daemon, pykcs11_p11p) -> None:  # type: ignore[no-untyped-def]
+    import PyKCS11 as P
+    lib = pykcs11_p11p
+    slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == "signing")
+    s = lib.openSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+    try:
+        s.login(USER_PIN)
+    except P.PyKCS11Error as exc:
+        assert exc.value == P.CKR_USER_ALREADY_LOGGED_IN
+    assert s.getSessionInfo().state == P.CKS_RW_USER_FUNCTIONS
+    r = run_app(PYKCS11_PRELUDE + """
+        s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION)
+        print(s.getSessionInfo().state == P.CKS_RO_PUBLIC_SESSION,
+              len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)])))
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "0"]  # not logged in, sees no private key
+    assert s.getSessionInfo().state == P.CKS_RW_USER_FUNCTIONS  # ours is untouched
+    s.closeSession()
+
+
+def test_forked_child_uses_its_own_connection(daemon: Daemon) -> None:
+    r = run_app(f"""
+        import os, sys, ctypes as C
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+        from ckraw import Module, CK_ULONG
+        m = Module({str(CLIENT_SO)!r})
+        assert m.initialize() == 0
+        slot = m.slots()[0]
+        h = m.open_session(slot)
+        buf = (C.c_ubyte * 16)()
+        assert m.C_GenerateRandom(h, buf, 16) == 0
+        pid = os.fork()
+        if pid == 0:
+            n = CK_ULONG()
+            rv_before = m.C_GetSlotList(1, None, C.byref(n))
+            rv_init = m.initialize()
+            slots = m.slots()
+            h2 = m.open_session(slots[0])
+            rv = m.C_GenerateRandom(h2, buf, 16)
+            print("child", hex(rv_before), rv_init, rv, flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        rv = m.C_GenerateRandom(h, buf, 16)
+        print("parent", status, rv, flush=True)
+        """)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "child 0x190 0 0" in lines  # CKR_CRYPTOKI_NOT_INITIALIZED, then a fresh start
+    assert "parent 0 0" in lines
+
+
+def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
+    app = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PYKCS11_PRELUDE + f"""
+        s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+        s.login({USER_PIN!r})
+        s.generateRandom(8)
+        print("ready", flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdout.readline().strip() == "ready"
+        pattern = re.compile(rf"ctx=\w+ pid={app.pid} member=\S+ helper pid=(\d+)")
+        assert wait_for(lambda: pattern.search(daemon.log_text()) is not None)
+        m = pattern.search(daemon.log_text())
+        assert m is not None
+        helper = int(m.group(1))
+        assert helper in helper_pids(daemon.pid)
+        app.send_signal(signal.SIGKILL)
+        app.wait()
+        assert wait_for(lambda: helper not in helper_pids(daemon.pid), timeout=15)
+        assert re.search(rf"pid={app.pid} ended", daemon.log_text())
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+
+
+def test_no_daemon_prompt_error_then_reconnect(softhsm, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path / "late", {"late": one_member_group("late", softhsm, "tokB")})
+    app = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, ctypes as C
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+        from ckraw import Module, CK_ULONG
+        m = Module({str(CLIENT_SO)!r})
+        print("init", m.initialize(), flush=True)
+        n = CK_ULONG()
+        t = time.monotonic()
+        rv = m.C_GetSlotList(1, None, C.byref(n))
+        print("first", hex(rv), round(time.monotonic() - t, 3), flush=True)
+        sys.stdin.readline()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rv = m.C_GetSlotList(1, None, C.byref(n))
+            if rv == 0:
+                break
+            time.sleep(0.1)
+        print("later", hex(rv), n.value, flush=True)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, **d.env})
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().split() == ["init", "0"]
+        _, rv, elapsed = app.stdout.readline().split()
+        assert rv == "0x30"  # CKR_DEVICE_ERROR
+        assert float(elapsed) < 1.0
+        d.start()
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        assert app.stdout.readline().split() == ["later", "0x0", "1"]
+        assert app.wait(30) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+        d.stop()
+
+
+def test_wait_for_slot_event_dont_block(daemon: Daemon) -> None:
+    r = run_app(f"""
+        import sys, ctypes as C
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+        from ckraw import Module, CK_ULONG, CKF
+        m = Module({str(CLIENT_SO)!r})
+        assert m.initialize() == 0
+        slot = CK_ULONG()
+        print(hex(m.C_WaitForSlotEvent(CKF["CKF_DONT_BLOCK"], C.byref(slot), None)))
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0x8"  # CKR_NO_EVENT
+
+
+@pytest.mark.parametrize("body, expect", [
+    ('label = "x"\npolicy = "sideways"\n[[member]]\nname="a"\nmodule="/usr/lib/softhsm/libsofthsm2.so"\ntoken="t"\n',
+     r"bad\.toml:2: policy: must be one of failover, balance"),
+    ('label = "x"\n[[member]]\nname="a"\nmodule="/nonexistent.so"\ntoken="t"\n',
+     r"bad\.toml:4: member\[0\]\.module: no such file"),
+    ('label = "x"\n[[member]]\nname="a"\nmodule="/usr/lib/softhsm/libsofthsm2.so"\n',
+     r"bad\.toml:2: member\[0\]: needs 'token'"),
+    ('label = "x"\ncall_timeout = "soon"\n[[member]]\nname="a"\nmodule="/usr/lib/softhsm/libsofthsm2.so"\ntoken="t"\n',
+     r"bad\.toml:2: call_timeout: expected"),
+    ('label = "x"\nlabel_typo = 1\n[[member]]\nname="a"\nmodule="/usr/lib/softhsm/libsofthsm2.so"\ntoken="t"\n',
+     r"bad\.toml:2: label_typo: unknown key"),
+    ('label = "x\n', r"bad\.toml:1: TOML syntax"),
+])
+def test_check_config_names_file_line_key(tmp_path, body: str, expect: str) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "tokens.d").mkdir()
+    (tmp_path / "tokens.d" / "bad.toml").write_text(body)
+    main = tmp_path / "p11p.toml"
+    main.write_text('[daemon]\nsocket = "p.sock"\ntokens_dir = "tokens.d"\n')
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "check-config", str(main)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert re.search(expect, r.stderr), r.stderr
+    good = subprocess.run([sys.executable, "-m", "p11p.daemon", "check-config", str(main)],
+                          capture_output=True, text=True)
+    assert good.returncode == 1  # still bad: the check is deterministic
+
+
+def test_check_config_accepts_good_config(daemon: Daemon) -> None:
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "check-config", str(daemon.config)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "OK (1 groups)" in r.stdout

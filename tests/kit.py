@@ -1,0 +1,170 @@
+"""Test kit: real SoftHSM2 tokens and a real p11p daemon, started and stopped by PID.
+
+Everything a test needs to stand up the proxy: a SoftHSM2 configuration in a temporary
+directory with initialised tokens, a p11p configuration naming them, and the daemon as a
+child process. Nothing here mocks PKCS#11.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+CLIENT_SO = BUILD / "p11p-client.so"
+ASAN_CLIENT_SO = BUILD / "asan" / "p11p-client.so"
+FAULTSIM_SO = BUILD / "p11p-faultsim.so"
+SOFTHSM_SO = Path("/usr/lib/softhsm/libsofthsm2.so")
+USER_PIN = "1234"
+SO_PIN = "5678"
+
+
+class SoftHSM:
+    """A SoftHSM2 configuration and its tokens, all under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tokens = root / "tokens"
+        self.tokens.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "softhsm2.conf"
+        self.conf.write_text(
+            f"directories.tokendir = {self.tokens}\nobjectstore.backend = file\n"
+            "log.level = ERROR\nslots.removable = false\n")
+        self.env = {"SOFTHSM2_CONF": str(self.conf)}
+
+    def init_token(self, label: str, pin: str = USER_PIN, so_pin: str = SO_PIN) -> None:
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label,
+                        "--pin", pin, "--so-pin", so_pin],
+                       env={**os.environ, **self.env}, check=True, capture_output=True)
+
+    def apply_env(self) -> None:
+        os.environ.update(self.env)
+
+
+class Daemon:
+    """A p11p daemon run as a child process with a configuration written for it."""
+
+    def __init__(self, root: Path, groups: dict[str, str], daemon_extra: str = "") -> None:
+        """`groups`: file stem -> body of that token file."""
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket = root / "run" / "p11p.sock"
+        self.config = root / "p11p.toml"
+        tokens = root / "tokens.d"
+        tokens.mkdir(exist_ok=True)
+        for stem, body in groups.items():
+            (tokens / f"{stem}.toml").write_text(textwrap.dedent(body))
+        self.config.write_text(
+            f'[daemon]\nsocket = "run/p11p.sock"\ntokens_dir = "tokens.d"\n{daemon_extra}')
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"P11P_SOCKET": str(self.socket)}
+
+    def start(self, timeout: float = 30.0, log_level: str = "debug") -> Daemon:
+        if self.socket.exists():
+            self.socket.unlink()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "p11p.daemon", "daemon", "--config", str(self.config),
+                 "--log-level", log_level],
+                stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            if self.socket.exists() and "listening on" in self.log_text():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # helpers run in their own sessions; make sure none is left behind
+        for pid in helper_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (the helpers notice EOF and exit)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def helper_pids(daemon_pid: int) -> list[int]:
+    pids = []
+    for pid in children(daemon_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"p11p.helper" in cmd:
+            pids.append(pid)
+    return pids
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def one_member_group(label: str, softhsm: SoftHSM, token: str, extra: str = "") -> str:
+    return f"""
+        label = "{label}"
+        policy = "failover"
+        {extra}
+        [[member]]
+        name = "softhsm-{token}"
+        module = "{SOFTHSM_SO}"
+        token = "{token}"
+        env = {{ SOFTHSM2_CONF = "{softhsm.conf}" }}
+        """
