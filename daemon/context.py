@@ -15,20 +15,13 @@ from typing import TYPE_CHECKING, Any
 from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.handles import HandleCounter, HandleTable
 from p11p.daemon.helperproc import HelperProcess
-from p11p.daemon.virtual import (
-    IDENTITY_TEMPLATE,
-    VirtualObject,
-    VirtualSession,
-    identity_from_values,
-)
+from p11p.daemon.virtual import ObjectIdentity, VirtualObject, VirtualSession
 from p11p.protocol.constants import CKR
-from p11p.protocol.spec import by_name
 
 if TYPE_CHECKING:
     from p11p.daemon.members import Group, Member
 
 log = logging.getLogger("p11p.context")
-_GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
 
 
 class ApplicationContext:
@@ -45,11 +38,15 @@ class ApplicationContext:
             counter, CKR["CKR_SESSION_HANDLE_INVALID"])
         self.objects: HandleTable[VirtualObject] = HandleTable(
             counter, CKR["CKR_OBJECT_HANDLE_INVALID"])
-        self._by_real: dict[tuple[Member, int], VirtualObject] = {}
+        self.by_real: dict[tuple[Member, int], VirtualObject] = {}
+        self.token_index: dict[tuple[Group, ObjectIdentity], VirtualObject] = {}
         self._helpers: dict[Member, asyncio.Future[HelperProcess]] = {}
-        # Login per group: (user type, PIN). Kept in memory only, to log in again after
-        # a member changes; dropped with the context. Never logged.
+        # Login per group: (user type, PIN). Kept in memory only, to log in again on
+        # another member or after a member lost its sessions; dropped with the
+        # context. Never logged.
         self.logins: dict[Group, tuple[int, bytes]] = {}
+        self.logged_in: set[Member] = set()  # members where this context is logged in
+        self.utility: dict[Member, int] = {}  # a member session for p11p's own look-ups
         self.events: asyncio.Queue[int] = asyncio.Queue()
         self.finalized = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
@@ -67,6 +64,7 @@ class ApplicationContext:
                 return await asyncio.shield(fut)
             if fut.exception() is None and fut.result().alive:
                 return fut.result()
+            self.forget_member(member)
         if self.closed:
             raise CKError(CKR["CKR_CRYPTOKI_NOT_INITIALIZED"])
         fut = asyncio.get_running_loop().create_future()
@@ -76,91 +74,72 @@ class ApplicationContext:
         except MemberUnavailable as exc:
             fut.set_exception(exc)
             fut.exception()
-            del self._helpers[member]
+            if self._helpers.get(member) is fut:
+                del self._helpers[member]
             raise
+        if self._helpers.get(member) is not fut or self.closed:
+            await helper.stop()
+            raise MemberUnavailable(member.name, "helper replaced while starting")
         fut.set_result(helper)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
 
-    def current_helper(self, member: Member) -> HelperProcess | None:
-        fut = self._helpers.get(member)
-        if fut is None or not fut.done() or fut.exception() is not None:
-            return None
-        return fut.result()
+    def has_helper(self, member: Member) -> bool:
+        return member in self._helpers
 
-    def drop_helper(self, member: Member) -> None:
-        """Forgets a helper that died; sessions and objects on it are gone too."""
+    def forget_member(self, member: Member) -> None:
+        """Everything this context had on `member` is gone (its helper died, or the
+        member lost our sessions): member sessions, object handles, login. The virtual
+        sessions and objects stay; they are rebuilt where they are used next."""
         fut = self._helpers.pop(member, None)
         if fut is not None and fut.done() and fut.exception() is None:
             fut.result().kill()
         for vs in self.sessions.values():
-            if vs.member is member:
-                self.forget_session(vs)
-        for key in [k for k in self._by_real if k[0] is member]:
-            vobj = self._by_real.pop(key)
-            vobj.real.pop(member, None)
-            if not vobj.real:
-                self.objects.remove(vobj.handle)
+            vs.real.pop(member, None)
+        for key in [k for k in self.by_real if k[0] is member]:
+            self.by_real.pop(key).real.pop(member, None)
+        self.logged_in.discard(member)
+        self.utility.pop(member, None)
 
     # -- sessions ---------------------------------------------------------------------
 
-    def add_session(self, group: Group, flags: int, member: Member, helper: HelperProcess,
-                    real: int) -> VirtualSession:
-        vs = VirtualSession(0, self, group, flags, member, helper, real)
+    def add_session(self, group: Group, flags: int) -> VirtualSession:
+        vs = VirtualSession(0, self, group, flags)
         vs.handle = self.sessions.add(vs)
         return vs
 
     def forget_session(self, vs: VirtualSession) -> None:
         """Drops a closed session and the session objects it made."""
         self.sessions.remove(vs.handle)
-        for vobj in vs.objects:
-            self._forget_object(vobj)
+        for vobj in list(vs.objects):
+            self.forget_object(vobj)
         vs.objects.clear()
         if not any(s.group is vs.group for s in self.sessions.values()):
-            self.logins.pop(vs.group, None)  # all sessions closed: logged out (PKCS#11 §5.6)
+            # all sessions on the token closed: the application is logged out (§5.6)
+            self.logins.pop(vs.group, None)
+            for member in vs.group.members:
+                self.logged_in.discard(member)
 
     # -- objects ----------------------------------------------------------------------
 
-    def object_for(self, vs: VirtualSession, handle: object) -> int:
-        """The member handle behind a virtual object handle, for the session's member."""
-        vobj = self.objects.get(handle)
-        real = vobj.real.get(vs.member)
-        if real is None:
-            raise CKError(CKR["CKR_OBJECT_HANDLE_INVALID"])
-        return real
+    def register(self, vobj: VirtualObject, member: Member, real: int, group: Group) -> None:
+        vobj.real[member] = real
+        self.by_real[(member, real)] = vobj
+        if vobj.is_token and vobj.identity is not None:
+            self.token_index.setdefault((group, vobj.identity), vobj)
 
-    def known_object(self, member: Member, real: int) -> VirtualObject | None:
-        return self._by_real.get((member, real))
-
-    async def object_from(self, vs: VirtualSession, real: int, created: bool) -> int:
-        """The virtual handle for a member object, registering it when new."""
-        vobj = self._by_real.get((vs.member, real))
-        if vobj is not None and not created:
-            return vobj.handle
-        if vobj is not None:  # a handle reused by the module for a new object
-            self._forget_object(vobj)
-        vobj = VirtualObject(real={vs.member: real})
+    def new_object(self) -> VirtualObject:
+        vobj = VirtualObject()
         vobj.handle = self.objects.add(vobj)
-        self._by_real[(vs.member, real)] = vobj
-        reply = await vs.helper.call([_GET_ATTRIBUTE_VALUE, vs.real, real, IDENTITY_TEMPLATE],
-                                     vs.group.config.call_timeout)
-        if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):
-            vobj.is_token, vobj.identity = identity_from_values(reply[1])
-        if created and vobj.is_token is False:
-            vobj.owner = vs
-            vs.objects.add(vobj)
-        return vobj.handle
+        return vobj
 
-    def destroyed(self, handle: int) -> None:
-        vobj = self.objects.find(handle)
-        if vobj is not None:
-            self._forget_object(vobj)
-
-    def _forget_object(self, vobj: VirtualObject) -> None:
+    def forget_object(self, vobj: VirtualObject) -> None:
         self.objects.remove(vobj.handle)
         for member, real in vobj.real.items():
-            if self._by_real.get((member, real)) is vobj:
-                del self._by_real[(member, real)]
+            if self.by_real.get((member, real)) is vobj:
+                del self.by_real[(member, real)]
+        for key in [k for k, v in self.token_index.items() if v is vobj]:
+            del self.token_index[key]
         if vobj.owner is not None:
             vobj.owner.objects.discard(vobj)
 
@@ -178,12 +157,17 @@ class ApplicationContext:
             self.sessions.remove(vs.handle)
         for vobj in self.objects.values():
             self.objects.remove(vobj.handle)
-        self._by_real.clear()
+        self.by_real.clear()
+        self.token_index.clear()
         helpers = [f.result() for f in self._helpers.values()
                    if f.done() and f.exception() is None]
         self._helpers.clear()
         await asyncio.gather(*(h.stop() for h in helpers), return_exceptions=True)
         log.info("%s ended (%d helpers stopped)", self.name, len(helpers))
+
+    def sessions_on(self, member: Member) -> int:
+        return sum(1 for vs in self.sessions.values() if member in vs.real) + (
+            1 if member in self.utility else 0)
 
     def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "uid": self.uid, "prog": self.prog,

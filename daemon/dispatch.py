@@ -1,25 +1,24 @@
 """The dispatch table: one handler per function code, built from protocol/functions.spec.
 
-Every call that names a session goes through one generic forwarder, which maps the
-virtual session and object handles to the member's, sends the call to the member's
-helper and maps handles in the reply back. Calls that name a slot, open or close
-sessions, log in or out, or wait for events have their own handlers below, because the
-daemon answers them from (or records them in) the virtual view.
+Every call that names a session goes to the router (daemon/router.py), which runs it on
+a member with failover and replay. Calls that name a slot, open or close sessions, log
+in or out, or wait for events have their own handlers here, because the daemon answers
+them from (or records them in) the virtual view.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError, MemberUnavailable
-from p11p.daemon.members import Group, Member
-from p11p.daemon.virtual import VirtualSession
+from p11p.daemon.errors import CKError
+from p11p.daemon.members import Group
 from p11p.protocol import spec
-from p11p.protocol.constants import CKF, CKR, CKU, rv_name
+from p11p.protocol.constants import CKF, CKR
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -31,19 +30,12 @@ Handler = Callable[[ApplicationContext, list[Any]], Awaitable[Reply]]
 
 OK = CKR["CKR_OK"]
 CKR_ARGUMENTS_BAD = CKR["CKR_ARGUMENTS_BAD"]
-CKR_DEVICE_ERROR = CKR["CKR_DEVICE_ERROR"]
 CKR_SLOT_ID_INVALID = CKR["CKR_SLOT_ID_INVALID"]
-CKR_TOKEN_NOT_PRESENT = CKR["CKR_TOKEN_NOT_PRESENT"]
 CKR_BUFFER_TOO_SMALL = CKR["CKR_BUFFER_TOO_SMALL"]
+CKR_WRITE_PROTECTED = CKR["CKR_TOKEN_WRITE_PROTECTED"]
 CKF_TOKEN_PRESENT = CKF["CKF_TOKEN_PRESENT"]
 CKF_DONT_BLOCK = CKF["CKF_DONT_BLOCK"]
-CKU_SO = CKU["CKU_SO"]
 _CODE = {f.name: f.code for f in spec.functions()}
-_MECH_OBJECT_FIELDS = {
-    m.value: [i for i, f in enumerate(m.param.fields) if f.kind == "object"]
-    for m in spec.mechanisms().values()
-    if any(f.kind == "object" for f in m.param.fields)
-}
 
 
 def _pad(text: str, size: int) -> bytes:
@@ -56,22 +48,25 @@ class Dispatcher:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.router = daemon.router
         self.table: dict[int, Handler] = {}
         special: dict[str, Handler] = {
             "C_Finalize": self.finalize,
             "C_GetSlotList": self.get_slot_list,
             "C_GetSlotInfo": self.get_slot_info,
             "C_GetTokenInfo": self.get_token_info,
-            "C_GetMechanismList": self.forward_slot_call,
-            "C_GetMechanismInfo": self.forward_slot_call,
-            "C_InitToken": self.forward_slot_call,
+            "C_GetMechanismList": self.slot_call,
+            "C_GetMechanismInfo": self.slot_call,
+            "C_InitToken": self.init_token,
             "C_OpenSession": self.open_session,
             "C_CloseSession": self.close_session,
             "C_CloseAllSessions": self.close_all_sessions,
             "C_GetSessionInfo": self.get_session_info,
             "C_Login": self.login,
             "C_Logout": self.logout,
-            "C_SetPIN": self.set_pin,
+            "C_InitPIN": self.pin_write,
+            "C_SetPIN": self.pin_write,
+            "C_FindObjects": self.find_objects,
             "C_DestroyObject": self.destroy_object,
             "C_WaitForSlotEvent": self.wait_for_slot_event,
         }
@@ -81,7 +76,7 @@ class Dispatcher:
             elif fn.local:
                 self.table[fn.code] = self.not_supported
             elif fn.wire_args and fn.wire_args[0].kind == "session":
-                self.table[fn.code] = self._session_forwarder(fn)
+                self.table[fn.code] = self.session_call
             else:
                 raise AssertionError(f"no handler for {fn.name}")
         self.arity = {fn.code: len(fn.wire_args) + 1 for fn in spec.functions()}
@@ -98,67 +93,12 @@ class Dispatcher:
         try:
             return await handler(ctx, request)
         except CKError as exc:
+            if exc.args and str(exc) != "":
+                log.debug("%s %s: %s", ctx.name, spec.by_code()[code].name, exc)
             return [exc.rv]
 
-    # -- member calls -----------------------------------------------------------------
-
-    async def member_call(self, ctx: ApplicationContext, member: Member, request: list[Any],
-                          helper: Any = None) -> Reply:
-        """One call on a member through this context's helper; failures become CK_RVs."""
-        health = member.health
-        health.calls_in_flight += 1
-        try:
-            if helper is None:
-                helper = await ctx.helper(member)
-            reply: Reply = await helper.call(request, member.group.config.call_timeout)
-        except MemberUnavailable as exc:
-            fn = spec.by_code()[request[0]].name
-            log.error("member failure detected: group=%s member=%s function=%s rv=%s %s (%s)",
-                      member.group.label, member.name, fn, rv_name(exc.rv), ctx.name, exc)
-            member.health.last_rv = exc.rv
-            member.health.last_error = str(exc)
-            ctx.drop_helper(member)
-            raise CKError(CKR_DEVICE_ERROR, str(exc)) from None
-        finally:
-            health.calls_in_flight -= 1
-            health.calls_served += 1
-        return reply
-
-    def _session_forwarder(self, fn: spec.Function) -> Handler:
-        objects = [i for i, a in enumerate(fn.wire_args, 1) if a.kind == "object"]
-        mechs = [i for i, a in enumerate(fn.wire_args, 1) if a.kind == "mechanism"]
-        created = [j for j, a in enumerate(fn.outputs, 1) if a.kind == "out_object"]
-        found = [j for j, a in enumerate(fn.outputs, 1) if a.kind == "out_objects"]
-
-        async def forward(ctx: ApplicationContext, req: list[Any]) -> Reply:
-            vs = ctx.sessions.get(req[1])
-            req[1] = vs.real
-            for i in objects:
-                req[i] = ctx.object_for(vs, req[i])
-            for i in mechs:
-                self._map_mechanism(ctx, vs, req[i])
-            reply = await self.member_call(ctx, vs.member, req, vs.helper)
-            if reply[0] == OK:
-                for j in created:
-                    if isinstance(reply[j], int):
-                        reply[j] = await ctx.object_from(vs, reply[j], created=True)
-                for j in found:
-                    if isinstance(reply[j], list):
-                        reply[j] = [await ctx.object_from(vs, h, created=False) for h in reply[j]]
-            return reply
-
-        forward.__name__ = f"forward_{fn.name}"
-        return forward
-
-    @staticmethod
-    def _map_mechanism(ctx: ApplicationContext, vs: VirtualSession, mech: Any) -> None:
-        if not isinstance(mech, list) or len(mech) != 2:
-            return  # the helper answers a malformed mechanism with CKR_ARGUMENTS_BAD
-        fields = _MECH_OBJECT_FIELDS.get(mech[0]) if isinstance(mech[0], int) else None
-        if fields and isinstance(mech[1], list):
-            for k in fields:
-                if k < len(mech[1]):
-                    mech[1][k] = ctx.object_for(vs, mech[1][k])
+    async def session_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        return await self.router.call(ctx, ctx.sessions.get(req[1]), req)
 
     # -- slots ------------------------------------------------------------------------
 
@@ -167,13 +107,6 @@ class Dispatcher:
         if group is None or not self.daemon.allowed(ctx, group):
             raise CKError(CKR_SLOT_ID_INVALID)
         return group
-
-    @staticmethod
-    def serving_member(group: Group) -> Member:
-        member = group.primary()
-        if member is None:
-            raise CKError(CKR_TOKEN_NOT_PRESENT if not group.present else CKR_DEVICE_ERROR)
-        return member
 
     async def get_slot_list(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         _, token_present, cap = req
@@ -197,66 +130,56 @@ class Dispatcher:
 
     async def get_token_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         group = self.group(ctx, req[1])
-        member = self.serving_member(group)
-        reply = await self.member_call(ctx, member, [req[0], member.slot_id, req[2]])
-        if reply[0] == OK and isinstance(reply[1], list) and reply[1]:
+        if not group.present:
+            return [CKR["CKR_TOKEN_NOT_PRESENT"]]
+        _, reply = await self.router.group_call(ctx, group, req)
+        if reply[0] == OK and isinstance(reply[1], list) and len(reply[1]) > 3:
             reply[1][0] = group.label_bytes
+            if len(group.members) > 1:  # one serial for the group, whichever member answers
+                serial = hashlib.sha256(group.label.encode()).hexdigest()[:16].encode()
+                reply[1][3] = serial
         return reply
 
-    async def forward_slot_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        member = self.serving_member(self.group(ctx, req[1]))
-        req[1] = member.slot_id
-        return await self.member_call(ctx, member, req)
+    async def slot_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        group = self.group(ctx, req[1])
+        if not group.present:
+            return [CKR["CKR_TOKEN_NOT_PRESENT"]]
+        _, reply = await self.router.group_call(ctx, group, req)
+        return reply
+
+    async def init_token(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        group = self.group(ctx, req[1])
+        if len(group.members) > 1:
+            return [CKR_WRITE_PROTECTED]  # a PIN or token write on one member only
+        return await self.slot_call(ctx, req)
 
     # -- sessions ---------------------------------------------------------------------
 
     async def open_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         group = self.group(ctx, req[1])
-        member = self.serving_member(group)
-        helper = await self._helper(ctx, member)
-        req[1] = member.slot_id
-        reply = await self.member_call(ctx, member, req, helper)
-        if reply[0] == OK and isinstance(reply[1], int) and isinstance(req[2], int):
-            reply[1] = ctx.add_session(group, req[2], member, helper, reply[1]).handle
-        return reply
-
-    async def _helper(self, ctx: ApplicationContext, member: Member) -> Any:
-        try:
-            return await ctx.helper(member)
-        except MemberUnavailable as exc:
-            log.error("member failure detected: group=%s member=%s function=helper-start rv=%s %s (%s)",
-                      member.group.label, member.name, rv_name(exc.rv), ctx.name, exc)
-            raise CKError(CKR_DEVICE_ERROR, str(exc)) from None
+        flags = req[2]
+        if req[3] is None or not isinstance(flags, int):
+            # let the module answer a NULL handle pointer (or bad flags) itself
+            _, reply = await self.router.group_call(ctx, group, req)
+            return reply
+        if not flags & CKF["CKF_SERIAL_SESSION"]:
+            return [CKR["CKR_SESSION_PARALLEL_NOT_SUPPORTED"], None]
+        vs = await self.router.open_session(ctx, group, flags)
+        return [OK, vs.handle]
 
     async def close_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        req[1] = vs.real
-        try:
-            reply = await self.member_call(ctx, vs.member, req, vs.helper)
-        except CKError:
-            reply = [OK]  # the member session is gone with its helper
-        if reply[0] in (OK, CKR["CKR_SESSION_HANDLE_INVALID"], CKR["CKR_SESSION_CLOSED"]):
-            ctx.forget_session(vs)
-            return [OK]
-        return reply
+        await self.router.close_session(ctx, ctx.sessions.get(req[1]))
+        return [OK]
 
     async def close_all_sessions(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         group = self.group(ctx, req[1])
-        sessions = [vs for vs in ctx.sessions.values() if vs.group is group]
-        for member in {vs.member for vs in sessions}:
-            try:
-                await self.member_call(ctx, member, [req[0], member.slot_id])
-            except CKError:
-                pass
-        for vs in sessions:
-            ctx.forget_session(vs)
-        ctx.logins.pop(group, None)
+        for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
+            await self.router.close_session(ctx, vs)
         return [OK]
 
     async def get_session_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
-        req[1] = vs.real
-        reply = await self.member_call(ctx, vs.member, req, vs.helper)
+        reply = await self.router.call(ctx, vs, req)
         if reply[0] == OK and isinstance(reply[1], list) and reply[1]:
             reply[1][0] = vs.group.slot_id
         return reply
@@ -266,40 +189,58 @@ class Dispatcher:
     async def login(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         user, pin = req[2], req[3]
-        req[1] = vs.real
-        reply = await self.member_call(ctx, vs.member, req, vs.helper)
+        reply = await self.router.call(ctx, vs, req)
         if reply[0] == OK and isinstance(user, int) and isinstance(pin, bytes):
             ctx.logins[vs.group] = (user, pin)
+            if vs.member is not None:
+                ctx.logged_in.add(vs.member)
         return reply
 
     async def logout(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
-        req[1] = vs.real
-        reply = await self.member_call(ctx, vs.member, req, vs.helper)
+        reply = await self.router.call(ctx, vs, req)
         if reply[0] == OK:
             ctx.logins.pop(vs.group, None)
+            for member in vs.group.members:
+                if member is not vs.member and member in ctx.logged_in:
+                    real = next((s.real[member] for s in ctx.sessions.values()
+                                 if member in s.real), ctx.utility.get(member))
+                    if real is not None:
+                        try:
+                            await self.router.raw(ctx, member, [req[0], real])
+                        except Exception:  # the member is failing; its login goes with it
+                            log.debug("%s logout on %s failed", ctx.name, member.name)
+                ctx.logged_in.discard(member)
         return reply
 
-    async def set_pin(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def pin_write(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
-        new_pin = req[3]
-        req[1] = vs.real
-        reply = await self.member_call(ctx, vs.member, req, vs.helper)
+        if len(vs.group.members) > 1:
+            return [CKR_WRITE_PROTECTED]  # a PIN on one member only would break failover
+        reply = await self.router.call(ctx, vs, req)
         login = ctx.logins.get(vs.group)
-        if reply[0] == OK and login is not None and isinstance(new_pin, bytes):
-            ctx.logins[vs.group] = (login[0], new_pin)
+        if reply[0] == OK and req[0] == _CODE["C_SetPIN"] and login is not None \
+                and isinstance(req[3], bytes):
+            ctx.logins[vs.group] = (login[0], req[3])
         return reply
 
     # -- objects ----------------------------------------------------------------------
 
+    async def find_objects(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        vs = ctx.sessions.get(req[1])
+        find = vs.find
+        if find is not None and find.pending is not None and isinstance(req[2], int):
+            batch, find.pending = find.pending[:req[2]], find.pending[req[2]:]
+            find.returned += batch
+            return [OK, batch]
+        return await self.router.call(ctx, vs, req)
+
     async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
-        handle = req[2]
-        req[1] = vs.real
-        req[2] = ctx.object_for(vs, handle)
-        reply = await self.member_call(ctx, vs.member, req, vs.helper)
+        vobj = ctx.objects.get(req[2])
+        reply = await self.router.call(ctx, vs, req)
         if reply[0] == OK:
-            ctx.destroyed(handle)
+            ctx.forget_object(vobj)
         return reply
 
     # -- the rest ---------------------------------------------------------------------
@@ -331,6 +272,3 @@ class Dispatcher:
 
     async def not_supported(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
-
-
-__all__ = ["Dispatcher", "CKU_SO"]

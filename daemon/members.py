@@ -19,6 +19,7 @@ from typing import Any
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
 from p11p.daemon.helperproc import HelperProcess
+from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.spec import by_name
 
@@ -27,6 +28,12 @@ log = logging.getLogger("p11p.member")
 _GET_SLOT_LIST = by_name()["C_GetSlotList"].code
 _GET_TOKEN_INFO = by_name()["C_GetTokenInfo"].code
 _GET_MECH_LIST = by_name()["C_GetMechanismList"].code
+_OPEN_SESSION = by_name()["C_OpenSession"].code
+_CLOSE_SESSION = by_name()["C_CloseSession"].code
+_FIND_INIT = by_name()["C_FindObjectsInit"].code
+_FIND = by_name()["C_FindObjects"].code
+_FIND_FINAL = by_name()["C_FindObjectsFinal"].code
+_GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
 
 
 class MemberState(Enum):
@@ -67,6 +74,7 @@ class Member:
         self.slot_id: int | None = None
         self.mechanisms: list[int] = []
         self.token_label = b""
+        self.keyset: frozenset[ObjectIdentity] = frozenset()
         self.health = MemberHealth()
         self._pool_size = pool_size
         self._max_frame = max_frame
@@ -75,6 +83,20 @@ class Member:
 
     def __repr__(self) -> str:
         return f"<Member {self.group.label}/{self.name}>"
+
+    # -- what the policy sees ---------------------------------------------------------
+
+    @property
+    def placeable(self) -> bool:
+        return self.health.state is MemberState.OK
+
+    @property
+    def usable(self) -> bool:
+        return self.health.usable
+
+    @property
+    def load(self) -> float:
+        return self.health.calls_in_flight / self.config.weight
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -98,12 +120,22 @@ class Member:
             self._refill = asyncio.create_task(self._fill_pool())
 
     async def _fill_pool(self) -> None:
-        while len(self._warm) < self._pool_size and self.health.state != MemberState.DISABLED:
+        while len(self._warm) < self._pool_size and self.health.usable:
             try:
                 self._warm.append(await self.new_helper())
             except MemberUnavailable as exc:
                 log.warning("group=%s member=%s warm helper failed: %s", self.group.label, self.name, exc)
                 return
+
+    def discard_pool(self) -> None:
+        """Drops the warm helpers (their module instance may be broken too)."""
+        warm, self._warm = self._warm, []
+        for helper in warm:
+            helper.kill()
+
+    def add_warm(self, helper: HelperProcess) -> None:
+        self._warm.append(helper)
+        self._schedule_refill()
 
     async def stop(self) -> None:
         if self._refill is not None:
@@ -136,9 +168,35 @@ class Member:
             self.mechanisms = mechs if rv == CKR["CKR_OK"] else []
             self.slot_id = slot
             self.token_label = label
+            self.keyset = await self._read_keyset(helper, slot)
             return
         what = f"label {self.config.token!r}" if want_label is not None else f"serial {want_serial!r}"
         raise MemberUnavailable(self.name, f"no token with {what}", CKR["CKR_TOKEN_NOT_PRESENT"])
+
+    async def _read_keyset(self, helper: HelperProcess, slot: int) -> frozenset[ObjectIdentity]:
+        """The identities of the token's public objects (what a login-less probe sees)."""
+        timeout = self.group.config.call_timeout
+        rv, session = await helper.call([_OPEN_SESSION, slot, 4, 0], timeout)
+        if rv != CKR["CKR_OK"]:
+            raise MemberUnavailable(self.name, f"C_OpenSession: {rv_name(rv)}", rv)
+        try:
+            await helper.call([_FIND_INIT, session, [[CKA_TOKEN, b"\x01"]]], timeout)
+            handles: list[int] = []
+            while True:
+                rv, batch = await helper.call([_FIND, session, 256], timeout)
+                if rv != CKR["CKR_OK"] or not batch:
+                    break
+                handles += batch
+            await helper.call([_FIND_FINAL, session], timeout)
+            keys = set()
+            for h in handles:
+                rv, values = await helper.call([_GET_ATTRIBUTE_VALUE, session, h, IDENTITY_TEMPLATE],
+                                               timeout)
+                if isinstance(values, list) and len(values) == len(IDENTITY_TEMPLATE):
+                    keys.add(identity_from_values(values)[1])
+            return frozenset(keys)
+        finally:
+            await helper.call([_CLOSE_SESSION, session], timeout)
 
     async def start(self) -> None:
         """Probes the member with a first helper, which then joins the warm pool."""
@@ -189,6 +247,18 @@ class Group:
         self.label_bytes = _pad32(config.label)
         self.members = [Member(m, self, pool_size, max_frame) for m in config.members]
         self.rv_classes: dict[int, RvClass] = class_table(config.rv_classes)
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """Wakes calls held while no member was usable."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def __repr__(self) -> str:
         return f"<Group {self.label} slot={self.slot_id}>"
@@ -197,7 +267,7 @@ class Group:
         return [m for m in self.members if m.health.usable]
 
     def primary(self) -> Member | None:
-        """The first usable member in priority order."""
+        """The first healthy member in priority order."""
         for m in self.members:
             if m.health.state == MemberState.OK:
                 return m
@@ -209,6 +279,17 @@ class Group:
 
     async def start(self) -> None:
         await asyncio.gather(*(m.start() for m in self.members))
+        self.compare_keysets()
+
+    def compare_keysets(self) -> None:
+        """Logs members whose public token objects differ from the first healthy one."""
+        ok = [m for m in self.members if m.health.usable]
+        for m in ok[1:]:
+            if m.keyset != ok[0].keyset:
+                only_ref = len(ok[0].keyset - m.keyset)
+                only_m = len(m.keyset - ok[0].keyset)
+                log.warning("key sets differ: group=%s member=%s lacks %d objects of %s and "
+                            "has %d it lacks", self.label, m.name, only_ref, ok[0].name, only_m)
 
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.members))

@@ -20,7 +20,9 @@ from p11p.daemon.config import DaemonConfig
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.handles import HandleCounter
-from p11p.daemon.members import Group
+from p11p.daemon.members import Group, MemberState
+from p11p.daemon.recovery import Recovery
+from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
 
 log = logging.getLogger("p11p.daemon")
@@ -44,6 +46,8 @@ class Daemon:
         self.slots = {g.slot_id: g for g in self.groups}
         self.contexts: dict[tuple[int, bytes], ApplicationContext] = {}
         self.counter = HandleCounter()
+        self.router = Router(self)
+        self.recovery = Recovery(self)
         self.dispatcher = Dispatcher(self)
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
@@ -53,6 +57,10 @@ class Daemon:
 
     async def start(self, inherited: socket.socket | None = None) -> None:
         await asyncio.gather(*(g.start() for g in self.groups))
+        for group in self.groups:
+            for member in group.members:
+                if member.health.state is MemberState.FAILED:
+                    self.recovery.start(member)
         loop = asyncio.get_running_loop()
         if inherited is not None:
             self._server = await loop.create_unix_server(lambda: ClientConnection(self),
@@ -83,6 +91,7 @@ class Daemon:
         log.info("stopping")
         if self._server is not None:
             self._server.close()
+        await self.recovery.stop()
         await asyncio.gather(*(c.close() for c in list(self.contexts.values())),
                              return_exceptions=True)
         self.contexts.clear()
@@ -132,6 +141,12 @@ class Daemon:
             del self.contexts[ctx.key]
         await ctx.close()
 
+    def slot_event(self, group: Group) -> None:
+        """The group's token came or went: tell the applications that wait for it."""
+        for ctx in self.contexts.values():
+            if self.allowed(ctx, group):
+                ctx.events.put_nowait(group.slot_id)
+
     # -- access -----------------------------------------------------------------------
 
     def allowed(self, ctx: ApplicationContext, group: Group) -> bool:
@@ -168,5 +183,10 @@ class Daemon:
     # -- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"groups": [g.status() for g in self.groups],
-                "contexts": [c.status() for c in self.contexts.values()]}
+        groups = []
+        for g in self.groups:
+            st = g.status()
+            for m, ms in zip(g.members, st["members"], strict=True):
+                ms["sessions"] = sum(c.sessions_on(m) for c in self.contexts.values())
+            groups.append(st)
+        return {"groups": groups, "contexts": [c.status() for c in self.contexts.values()]}

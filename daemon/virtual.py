@@ -1,11 +1,12 @@
 """The virtual view of one application: its sessions and objects, and what stands behind.
 
 A VirtualSession is what the application's session handle means: a group, the member
-serving it now, the member's session handle, and what is needed to rebuild it on
-another member (open flags; the operation and find state are tracked by the HA layer).
-A VirtualObject is what an object handle means: the object's identity across members
-(class, CKA_ID, CKA_LABEL, key type), whether it is a token or a session object, and
-its handle on each member where it has been resolved.
+serving it now, its member session on each member it has used, and what is needed to
+rebuild it elsewhere (open flags, active operations with their update data, an open
+find and what it returned; the context keeps the login). A VirtualObject is what an
+object handle means: the object's identity across members (class, CKA_ID, CKA_LABEL,
+key type), whether it is a token or a session object, its handle on each member where
+it has been resolved, and for a session object the recipe that made it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon.policy import Operation
 from p11p.protocol.constants import CKA
 
 if TYPE_CHECKING:
     from p11p.daemon.context import ApplicationContext
-    from p11p.daemon.helperproc import HelperProcess
     from p11p.daemon.members import Group, Member
 
 _ULONG = struct.Struct("=Q")
@@ -32,6 +33,10 @@ IDENTITY_TEMPLATE = [[CKA_TOKEN, 1], [CKA_CLASS, 8], [CKA_ID, 256], [CKA_LABEL, 
                      [CKA_KEY_TYPE, 8]]
 
 
+def ulong_value(value: int) -> bytes:
+    return _ULONG.pack(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectIdentity:
     """What makes 'the same object' on two members."""
@@ -41,11 +46,24 @@ class ObjectIdentity:
     label: bytes | None
     key_type: int | None
 
+    def template(self) -> list[list[Any]]:
+        """A find template that selects this object (token objects only)."""
+        t: list[list[Any]] = [[CKA_TOKEN, b"\x01"]]
+        if self.object_class is not None:
+            t.append([CKA_CLASS, ulong_value(self.object_class)])
+        if self.object_id is not None:
+            t.append([CKA_ID, self.object_id])
+        if self.label is not None:
+            t.append([CKA_LABEL, self.label])
+        if self.key_type is not None:
+            t.append([CKA_KEY_TYPE, ulong_value(self.key_type)])
+        return t
+
 
 def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity]:
     """Reads (token flag, identity) from a reply to IDENTITY_TEMPLATE."""
     def ulong(v: Any) -> int | None:
-        return _ULONG.unpack(v)[0] if isinstance(v, bytes) and len(v) == 8 else None
+        return int(_ULONG.unpack(v)[0]) if isinstance(v, bytes) and len(v) == 8 else None
 
     def raw(v: Any) -> bytes | None:
         return v if isinstance(v, bytes) else None
@@ -57,12 +75,39 @@ def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity
 
 
 @dataclass(eq=False)
+class Recipe:
+    """The call that made session objects, to make them again on another member."""
+
+    request: list[Any]  # virtual form
+    outputs: list[VirtualObject | None]  # per output of the call, the object it made
+    generated: bool  # a key generated at random: only remade while unused
+
+
+@dataclass(eq=False)
 class VirtualObject:
     handle: int = 0
     is_token: bool | None = None
     identity: ObjectIdentity | None = None
     real: dict[Member, int] = field(default_factory=dict)
     owner: VirtualSession | None = None  # the session that made a session object
+    recipe: Recipe | None = None
+    used: bool = False
+    home: Member | None = None  # a token object written under write_policy "primary"
+    missing: set[Member] = field(default_factory=set)  # members known not to hold it
+
+    @property
+    def replayable(self) -> bool:
+        r = self.recipe
+        if r is None:
+            return False
+        return not r.generated or not any(o is not None and o.used for o in r.outputs)
+
+
+@dataclass
+class FindState:
+    template: Any
+    returned: list[int] = field(default_factory=list)
+    pending: list[int] | None = None  # after a replay: what is left, answered by p11p
 
 
 @dataclass(eq=False)
@@ -71,11 +116,16 @@ class VirtualSession:
     context: ApplicationContext
     group: Group
     flags: int
-    member: Member
-    helper: HelperProcess
-    real: int
+    member: Member | None = None
+    real: dict[Member, int] = field(default_factory=dict)
+    ops: dict[str, Operation] = field(default_factory=dict)
+    find: FindState | None = None
     objects: set[VirtualObject] = field(default_factory=set)
-    busy: int = 0
 
-    def real_object(self, vobj: VirtualObject) -> int | None:
-        return vobj.real.get(self.member)
+    @property
+    def movable(self) -> bool:
+        """May run its next call on another member (balance, drain, failback)."""
+        return not self.ops and self.find is None and not self.objects
+
+    def describe(self) -> str:
+        return f"{self.context.name} session={self.handle} group={self.group.label}"

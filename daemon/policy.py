@@ -1,0 +1,124 @@
+"""HA policy as pure functions: which member serves a call, what a CK_RV means, and how
+a call changes a session's replayable state. No I/O here, so all of it is tested fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, RvClass
+from p11p.protocol.constants import CKR
+
+OK = CKR["CKR_OK"]
+BUFFER_TOO_SMALL = CKR["CKR_BUFFER_TOO_SMALL"]
+
+
+class Candidate(Protocol):
+    """What the policy needs to know of a member."""
+
+    @property
+    def placeable(self) -> bool: ...  # healthy and not draining: may take new work
+    @property
+    def usable(self) -> bool: ...  # may go on serving work it has
+    @property
+    def load(self) -> float: ...  # outstanding calls / weight
+
+
+def choose_member(members: Sequence[Candidate], policy: str, current: Candidate | None,
+                  movable: bool, allowed: Sequence[Candidate] | None = None) -> Candidate | None:
+    """The member for a session's next call.
+
+    A session that cannot move (an operation, a find or session objects in progress)
+    stays on its member while that member is usable. Otherwise: `failover` takes the
+    first placeable member in priority order, `balance` the least loaded one (ties in
+    priority order). `allowed` narrows the choice to members holding the keys involved.
+    """
+    pool = [m for m in members if allowed is None or m in allowed]
+    if current is not None and current in pool and current.usable and not movable:
+        return current
+    placeable = [m for m in pool if m.placeable]
+    if not placeable:
+        return current if current is not None and current in pool and current.usable else None
+    if policy == "balance":
+        return min(placeable, key=lambda m: m.load)  # min() keeps the first of equals
+    return placeable[0]
+
+
+def classify(rv: int, table: dict[int, RvClass], logged_in: bool, object_known: bool) -> RvClass:
+    """The class of a member's CK_RV, given what the daemon's view says."""
+    cls = table.get(rv)
+    if cls is not None:
+        return cls
+    if rv in CONDITIONAL_SESSION_LOST:
+        if rv == CKR["CKR_USER_NOT_LOGGED_IN"] and logged_in:
+            return RvClass.SESSION_LOST
+        if rv == CKR["CKR_OBJECT_HANDLE_INVALID"] and object_known:
+            return RvClass.SESSION_LOST
+    return RvClass.APPLICATION
+
+
+# -- operations --------------------------------------------------------------------
+
+INIT = {
+    "C_EncryptInit": "encrypt", "C_DecryptInit": "decrypt", "C_DigestInit": "digest",
+    "C_SignInit": "sign", "C_SignRecoverInit": "sign_recover", "C_VerifyInit": "verify",
+    "C_VerifyRecoverInit": "verify_recover",
+}
+UPDATE = {
+    "C_EncryptUpdate": "encrypt", "C_DecryptUpdate": "decrypt", "C_DigestUpdate": "digest",
+    "C_SignUpdate": "sign", "C_VerifyUpdate": "verify",
+}
+# Calls that end their operation unless they were a length query or got BUFFER_TOO_SMALL.
+FINISH = {
+    "C_Encrypt": "encrypt", "C_EncryptFinal": "encrypt", "C_Decrypt": "decrypt",
+    "C_DecryptFinal": "decrypt", "C_Digest": "digest", "C_DigestFinal": "digest",
+    "C_Sign": "sign", "C_SignFinal": "sign", "C_SignRecover": "sign_recover",
+    "C_Verify": "verify", "C_VerifyFinal": "verify", "C_VerifyRecover": "verify_recover",
+}
+# Calls whose effect p11p does not record: they make the active operations unreplayable.
+OPAQUE = {"C_DigestKey", "C_DigestEncryptUpdate", "C_DecryptDigestUpdate",
+          "C_SignEncryptUpdate", "C_DecryptVerifyUpdate", "C_SetOperationState"}
+
+
+@dataclass
+class Operation:
+    """An active operation, as the application started it (virtual handles)."""
+
+    init: list[object]  # the Init request: [code, session, mechanism, key]
+    updates: list[tuple[list[object], bytes | None]] = field(default_factory=list)
+    size: int = 0
+    replayable: bool = True
+    why: str = ""
+
+
+@dataclass
+class OpChange:
+    """What a completed call did to a session's operations."""
+
+    start: str | None = None
+    update: str | None = None
+    end: str | None = None
+    opaque: bool = False
+
+
+def operation_change(name: str, rv: int, output_requested: bool) -> OpChange:
+    """How `name` returning `rv` changes the session's operations (PKCS#11 §5.2: a
+    length query or CKR_BUFFER_TOO_SMALL leaves the operation active; any other
+    outcome of a finishing call ends it; an error from an update ends it)."""
+    if name in INIT:
+        return OpChange(start=INIT[name]) if rv == OK else OpChange()
+    if name in UPDATE:
+        if rv == OK:
+            return OpChange(update=UPDATE[name])
+        if rv == BUFFER_TOO_SMALL:
+            return OpChange()
+        return OpChange(end=UPDATE[name])
+    if name in FINISH:
+        if rv == BUFFER_TOO_SMALL or (rv == OK and not output_requested):
+            return OpChange()
+        return OpChange(end=FINISH[name])
+    if name in OPAQUE:
+        return OpChange(opaque=True)
+    return OpChange()

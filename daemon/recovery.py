@@ -1,0 +1,80 @@
+"""Recovery of failed members: one task per member, the Luna HA model.
+
+Every `recovery.interval` the task starts a fresh helper (so C_Finalize/C_Initialize
+happen in a new process), finds the token, reads its key set and compares it with the
+group's, and puts the member back in rotation. It gives up after `recovery.attempts`
+tries (0: never). Application contexts get new helpers for the member as they use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.members import Member, MemberState
+
+if TYPE_CHECKING:
+    from p11p.daemon.service import Daemon
+
+log = logging.getLogger("p11p.recovery")
+
+
+class Recovery:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.tasks: dict[Member, asyncio.Task[None]] = {}
+
+    def start(self, member: Member) -> None:
+        task = self.tasks.get(member)
+        if task is None or task.done():
+            self.tasks[member] = asyncio.create_task(self._run(member))
+
+    async def stop(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _run(self, member: Member) -> None:
+        group = member.group
+        cfg = group.config.recovery
+        attempt = 0
+        while cfg.attempts == 0 or attempt < cfg.attempts:
+            await asyncio.sleep(cfg.interval)
+            if member.health.state in (MemberState.DISABLED, MemberState.OK):
+                return
+            attempt += 1
+            member.health.attempt = attempt
+            member.mark(MemberState.RECOVERING)
+            try:
+                helper = await member.new_helper()
+                try:
+                    await member.probe(helper)
+                except BaseException:
+                    await helper.stop()
+                    raise
+            except MemberUnavailable as exc:
+                member.health.last_error = str(exc)
+                member.health.last_rv = exc.rv
+                log.info("recovery attempt %d%s failed: group=%s member=%s (%s)", attempt,
+                         f"/{cfg.attempts}" if cfg.attempts else "", group.label, member.name, exc)
+                continue
+            if member.health.state is not MemberState.RECOVERING:  # disabled meanwhile
+                await helper.stop()
+                return
+            was_out = not group.present
+            member.add_warm(helper)
+            member.mark(MemberState.OK)
+            member.health.attempt = 0
+            log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
+                        group.label, member.name, member.slot_id, attempt)
+            group.compare_keysets()
+            if was_out:
+                log.warning("group restored: group=%s", group.label)
+                self.daemon.slot_event(group)
+            group.notify()
+            return
+        member.mark(MemberState.FAILED)
+        log.error("member recovery gave up: group=%s member=%s after %d attempts",
+                  group.label, member.name, attempt)
