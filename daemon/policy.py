@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, RvClass
 from p11p.protocol.constants import CKR
@@ -86,8 +86,8 @@ OPAQUE = {"C_DigestKey", "C_DigestEncryptUpdate", "C_DecryptDigestUpdate",
 class Operation:
     """An active operation, as the application started it (virtual handles)."""
 
-    init: list[object]  # the Init request: [code, session, mechanism, key]
-    updates: list[tuple[list[object], bytes | None]] = field(default_factory=list)
+    init: list[Any]  # the Init request: [code, session, mechanism, key]
+    updates: list[tuple[list[Any], bytes | None]] = field(default_factory=list)
     size: int = 0
     replayable: bool = True
     why: str = ""

@@ -332,12 +332,12 @@ class Router:
                                 op: Operation) -> str:
         """Replays an operation's init and updates; returns why it failed, or ''."""
         reply = await self.checked(ctx, member, await self._translate(
-            ctx, vs, member, SHAPES[int(op.init[0])], op.init))
+            ctx, vs, member, SHAPES[op.init[0]], op.init))
         if reply[0] != OK:
             return f"init returned {rv_name(reply[0])}"
         for ureq, expected in op.updates:
             reply = await self.checked(ctx, member, await self._translate(
-                ctx, vs, member, SHAPES[int(ureq[0])], ureq))
+                ctx, vs, member, SHAPES[ureq[0]], ureq))
             if reply[0] != OK:
                 return f"update returned {rv_name(reply[0])}"
             if expected is not None and _digest(reply[1]) != expected:
