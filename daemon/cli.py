@@ -1,12 +1,15 @@
-"""The `p11p` command: daemon, check-config."""
+"""The `p11p` command: daemon, check-config, status, member drain/enable."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from p11p.daemon.config import DEFAULT_CONFIG, ConfigError, load
 
@@ -53,6 +56,50 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_path(args: argparse.Namespace) -> Path:
+    if args.admin_socket:
+        return Path(args.admin_socket)
+    try:
+        return load(Path(args.config)).admin_socket
+    except ConfigError as exc:
+        raise SystemExit("\n".join(exc.errors)) from None
+
+
+def admin_request(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise SystemExit(f"p11p: cannot reach the daemon at {path}: {exc.strerror}") from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p11p.daemon.admin import format_status
+    status = admin_request(_admin_path(args), {"cmd": "status"})
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    reply = admin_request(_admin_path(args), {"cmd": args.action, "group": args.group,
+                                              "member": args.member})
+    if "error" in reply:
+        print(f"p11p: {reply['error']}", file=sys.stderr)
+        return 1
+    print(f"{args.group}/{args.member}: {reply['state']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="p11p", description="PKCS#11 proxy with HA across HSMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a configuration")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.set_defaults(func=cmd_check_config)
+    for name, func, text in (("status", cmd_status, "groups, members, sessions, load"),
+                             ("member", cmd_member, "drain or enable a member")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", default=str(DEFAULT_CONFIG))
+        p.add_argument("--admin-socket", help="the daemon's admin socket (else from --config)")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("action", choices=["drain", "enable"])
+            p.add_argument("group")
+            p.add_argument("member")
+        p.set_defaults(func=func)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -234,6 +234,7 @@ class Member:
             "last_rv": rv_name(h.last_rv) if h.last_rv is not None else None,
             "last_error": h.last_error, "calls_served": h.calls_served,
             "calls_in_flight": h.calls_in_flight, "attempt": h.attempt,
+            "attempts": self.group.config.recovery.attempts,
         }
 
 

@@ -26,22 +26,22 @@ class Recovery:
         self.daemon = daemon
         self.tasks: dict[Member, asyncio.Task[None]] = {}
 
-    def start(self, member: Member) -> None:
+    def start(self, member: Member, at_once: bool = False) -> None:
         task = self.tasks.get(member)
         if task is None or task.done():
-            self.tasks[member] = asyncio.create_task(self._run(member))
+            self.tasks[member] = asyncio.create_task(self._run(member, at_once))
 
     async def stop(self) -> None:
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
-    async def _run(self, member: Member) -> None:
+    async def _run(self, member: Member, at_once: bool) -> None:
         group = member.group
         cfg = group.config.recovery
         attempt = 0
         while cfg.attempts == 0 or attempt < cfg.attempts:
-            await asyncio.sleep(cfg.interval)
+            await asyncio.sleep(0 if at_once and not attempt else cfg.interval)
             if member.health.state in (MemberState.DISABLED, MemberState.OK):
                 return
             attempt += 1
@@ -75,6 +75,7 @@ class Recovery:
                 self.daemon.slot_event(group)
             group.notify()
             return
-        member.mark(MemberState.FAILED)
-        log.error("member recovery gave up: group=%s member=%s after %d attempts",
+        member.mark(MemberState.DISABLED)
+        log.error("member recovery gave up: group=%s member=%s after %d attempts; "
+                  "'p11p member enable' puts it back",
                   group.label, member.name, attempt)

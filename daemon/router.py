@@ -362,6 +362,12 @@ class Router:
         done = set(find.returned)
         find.pending = [h for h in found if h not in done]
 
+    async def leave(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """A movable session leaves `member` (drain): it is placed anew at its next call."""
+        await self._close_on(ctx, vs, member)
+        if vs.member is member:
+            vs.member = None
+
     async def _close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
         real = vs.real.pop(member, None)
         if real is not None and ctx.has_helper(member):

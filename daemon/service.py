@@ -16,16 +16,19 @@ import signal
 import socket
 from typing import Any
 
+from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import DaemonConfig
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.handles import HandleCounter
-from p11p.daemon.members import Group, MemberState
+from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
+from p11p.protocol.spec import by_name
 
 log = logging.getLogger("p11p.daemon")
+CLOSE_SESSION = by_name()["C_CloseSession"].code
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,6 +52,7 @@ class Daemon:
         self.router = Router(self)
         self.recovery = Recovery(self)
         self.dispatcher = Dispatcher(self)
+        self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
@@ -73,6 +77,7 @@ class Daemon:
             self._server = await loop.create_unix_server(lambda: ClientConnection(self),
                                                          path=str(path))
             os.chmod(path, 0o660)
+        await self.admin.start()
         log.info("listening on %s; groups: %s", self.config.socket,
                  ", ".join(f"{g.label} (slot {g.slot_id}, {len(g.members)} members)"
                            for g in self.groups))
@@ -92,6 +97,7 @@ class Daemon:
         if self._server is not None:
             self._server.close()
         await self.recovery.stop()
+        await self.admin.stop()
         await asyncio.gather(*(c.close() for c in list(self.contexts.values())),
                              return_exceptions=True)
         self.contexts.clear()
@@ -140,6 +146,38 @@ class Daemon:
         if self.contexts.get(ctx.key) is ctx:
             del self.contexts[ctx.key]
         await ctx.close()
+
+    # -- maintenance ------------------------------------------------------------------
+
+    async def drain(self, member: Member) -> int:
+        """No new work for `member`; idle sessions leave it now, busy ones at their next
+        operation boundary. Returns how many sessions left at once."""
+        if member.health.state is MemberState.OK:
+            member.mark(MemberState.DRAINING)
+            log.warning("member draining: group=%s member=%s", member.group.label, member.name)
+        moved = 0
+        for ctx in list(self.contexts.values()):
+            for vs in ctx.sessions.values():
+                if vs.member is member and vs.movable:
+                    await self.router.leave(ctx, vs, member)
+                    moved += 1
+            real = ctx.utility.pop(member, None)
+            if real is not None and ctx.has_helper(member):
+                try:
+                    await self.router.raw(ctx, member, [CLOSE_SESSION, real])
+                except Exception:
+                    pass
+        return moved
+
+    def enable(self, member: Member) -> None:
+        state = member.health.state
+        if state is MemberState.DRAINING:
+            member.mark(MemberState.OK)
+            member.group.notify()
+        elif state in (MemberState.DISABLED, MemberState.FAILED):
+            member.mark(MemberState.FAILED)
+            self.recovery.start(member, at_once=True)
+        log.warning("member enabled: group=%s member=%s", member.group.label, member.name)
 
     def slot_event(self, group: Group) -> None:
         """The group's token came or went: tell the applications that wait for it."""
