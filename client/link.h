@@ -1,0 +1,21 @@
+/* p11p client — the link to the daemon as the call layer sees it: is the library
+ * initialised in this process, and one request/reply round trip. Implemented by state.c
+ * and pool.c in the library, and by tests/client/fake_link.c in the codec test, so the
+ * codec and the stubs are tested without a socket. */
+#ifndef P11P_LINK_H
+#define P11P_LINK_H
+
+#include <stddef.h>
+
+#include "p11p-extra.h"
+
+/* CKR_OK, counting the caller as in flight, or CKR_CRYPTOKI_NOT_INITIALIZED. */
+CK_RV p11p_enter(void);
+/* Ends what p11p_enter began. */
+void p11p_leave(void);
+/* Sends the request frame (its first 4 bytes are left for the header) and returns the
+ * reply frame's body in *reply (malloc'd; the caller frees it). */
+CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
+		     size_t *reply_len);
+
+#endif

@@ -1,0 +1,194 @@
+/* p11p client — the connection pool and the round trip. A calling thread borrows a
+ * connection (an idle one, or a new one that sends the hello), owns it for one request
+ * and its reply, and gives it back; the pool lock is held only to move connections
+ * between the idle and busy lists, never across a round trip, so calls from many
+ * threads run concurrently on as many connections. A connection that failed in any way
+ * is closed; the next call makes a new one (that is how the client reconnects to a
+ * restarted daemon). */
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "debug.h"
+#include "gen/codes.h"
+#include "link.h"
+#include "state.h"
+
+static void list_push(struct p11p_conn **head, struct p11p_conn *c)
+{
+	c->prev = NULL;
+	c->next = *head;
+	if (*head)
+		(*head)->prev = c;
+	*head = c;
+}
+
+static void list_remove(struct p11p_conn **head, struct p11p_conn *c)
+{
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		*head = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	c->prev = c->next = NULL;
+}
+
+void p11p_conn_close(struct p11p_conn *conn)
+{
+	if (conn->fd >= 0)
+		close(conn->fd);
+	free(conn);
+}
+
+struct p11p_conn *p11p_pool_take_idle(struct p11p_state *s)
+{
+	struct p11p_conn *conn;
+
+	while ((conn = s->idle) != NULL) {
+		list_remove(&s->idle, conn);
+		s->nidle--;
+		if (p11p_socket_idle_ok(conn->fd))
+			return conn;
+		/* the daemon closed it while it was idle (restart, context ended) */
+		p11p_debug("dropping an idle connection the daemon closed");
+		p11p_conn_close(conn);
+	}
+	return NULL;
+}
+
+void p11p_pool_kill_busy(struct p11p_state *s)
+{
+	for (struct p11p_conn *c = s->busy; c; c = c->next) {
+		c->killed = 1;
+		shutdown(c->fd, SHUT_RDWR);
+	}
+}
+
+void p11p_pool_drop_all(struct p11p_state *s)
+{
+	struct p11p_conn *c;
+
+	while ((c = s->idle) != NULL) {
+		list_remove(&s->idle, c);
+		p11p_conn_close(c);
+	}
+	while ((c = s->busy) != NULL) {
+		list_remove(&s->busy, c);
+		p11p_conn_close(c);
+	}
+	s->nidle = 0;
+}
+
+/* Returns a borrowed connection: to the idle list when it is healthy and wanted, else
+ * closed. Returns whether C_Finalize shut it down. */
+static int give_back(struct p11p_state *s, struct p11p_conn *conn, int healthy)
+{
+	int killed, keep;
+
+	(void)p11p_lock_acquire(&s->lock);
+	list_remove(&s->busy, conn);
+	killed = conn->killed;
+	keep = healthy && !killed && atomic_load(&s->phase) == P11P_READY &&
+	       s->nidle < P11P_MAX_IDLE;
+	if (keep) {
+		list_push(&s->idle, conn);
+		s->nidle++;
+	} else {
+		p11p_conn_close(conn); /* under the lock: a fork never sees an fd off the lists */
+	}
+	p11p_lock_release(&s->lock);
+	return killed || atomic_load(&s->phase) != P11P_READY;
+}
+
+static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
+{
+	struct p11p_conn *conn;
+	int64_t deadline;
+	CK_RV rv;
+
+	rv = p11p_lock_acquire(&s->lock);
+	if (rv != CKR_OK)
+		return rv;
+	if (atomic_load(&s->phase) != P11P_READY) {
+		p11p_lock_release(&s->lock);
+		return CKR_CRYPTOKI_NOT_INITIALIZED;
+	}
+	conn = p11p_pool_take_idle(s);
+	if (conn != NULL) {
+		list_push(&s->busy, conn);
+		p11p_lock_release(&s->lock);
+		*out = conn;
+		*fresh = 0;
+		return CKR_OK;
+	}
+	conn = calloc(1, sizeof *conn);
+	if (conn == NULL) {
+		p11p_lock_release(&s->lock);
+		return CKR_HOST_MEMORY;
+	}
+	conn->fd = p11p_socket_new();
+	if (conn->fd < 0) {
+		p11p_lock_release(&s->lock);
+		free(conn);
+		return CKR_DEVICE_ERROR;
+	}
+	list_push(&s->busy, conn); /* from now on C_Finalize can shut it down */
+	p11p_lock_release(&s->lock);
+
+	deadline = p11p_deadline(s->hello_timeout_ms);
+	rv = p11p_socket_connect(conn->fd, s->socket_path, deadline);
+	if (rv == CKR_OK)
+		rv = p11p_hello(conn->fd, s->ctx, deadline);
+	if (rv == CKR_OK) {
+		/* C_Finalize may have come while we connected: shutdown() does nothing to a
+		 * socket that was not connected yet, so look again. */
+		(void)p11p_lock_acquire(&s->lock);
+		if (conn->killed || atomic_load(&s->phase) != P11P_READY)
+			rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+		p11p_lock_release(&s->lock);
+	}
+	if (rv != CKR_OK) {
+		if (give_back(s, conn, 0))
+			rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+		return rv;
+	}
+	p11p_debug("new connection");
+	*out = conn;
+	*fresh = 1;
+	return CKR_OK;
+}
+
+CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
+		     size_t *reply_len)
+{
+	struct p11p_state *s = &p11p_state;
+	/* C_WaitForSlotEvent may rightly block for as long as no slot changes */
+	int timeout = code == P11P_FN_C_WaitForSlotEvent ? 0 : s->timeout_ms;
+
+	for (int attempt = 0;; attempt++) {
+		struct p11p_conn *conn;
+		int fresh, sent;
+		int64_t deadline;
+		CK_RV rv = borrow(s, &conn, &fresh);
+
+		if (rv != CKR_OK)
+			return rv;
+		deadline = p11p_deadline(timeout);
+		rv = p11p_send_frame(conn->fd, frame, len, deadline);
+		sent = rv == CKR_OK;
+		if (sent)
+			rv = p11p_recv_frame(conn->fd, reply, reply_len, deadline);
+		if (rv == CKR_OK) {
+			give_back(s, conn, 1);
+			return CKR_OK;
+		}
+		if (give_back(s, conn, 0))
+			return CKR_CRYPTOKI_NOT_INITIALIZED;
+		/* A pooled connection that fails before the whole request went out was stale:
+		 * the daemon cannot have run the call, so it is safe to try once more. */
+		if (!sent && !fresh && attempt == 0 && rv == CKR_DEVICE_ERROR)
+			continue;
+		return rv;
+	}
+}

@@ -1,0 +1,276 @@
+/* p11p client — the transport: connect, hello, frames, deadlines. Every failure is
+ * CKR_DEVICE_ERROR (CKR_HOST_MEMORY when memory runs out); the caller drops the
+ * connection. Sockets are non-blocking and every wait is a poll() bounded by the
+ * deadline, so a daemon that accepts and never answers cannot hang a call that has a
+ * time-out. Sends use MSG_NOSIGNAL: a closed daemon never raises SIGPIPE in the
+ * application. */
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <msgpack.h>
+
+#include "codec.h"
+#include "debug.h"
+#include "transport.h"
+
+int64_t p11p_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t p11p_deadline(int timeout_ms)
+{
+	return timeout_ms > 0 ? p11p_now_ms() + timeout_ms : -1;
+}
+
+/* Waits for events on fd until the deadline: 0 when ready (or in error: the next
+ * send/recv says which), -1 when the deadline passed. */
+static int wait_fd(int fd, short events, int64_t deadline)
+{
+	for (;;) {
+		struct pollfd p = { .fd = fd, .events = events };
+		int timeout = -1, r;
+
+		if (deadline >= 0) {
+			int64_t left = deadline - p11p_now_ms();
+
+			if (left <= 0)
+				return -1;
+			timeout = left > INT_MAX ? INT_MAX : (int)left;
+		}
+		r = poll(&p, 1, timeout);
+		if (r > 0)
+			return 0;
+		if (r < 0 && errno != EINTR)
+			return -1;
+	}
+}
+
+static int send_all(int fd, const char *buf, size_t len, int64_t deadline)
+{
+	while (len > 0) {
+		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+		} else if (n < 0 && errno == EINTR) {
+			continue;
+		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			if (wait_fd(fd, POLLOUT, deadline) != 0) {
+				p11p_debug("send: time-out");
+				return -1;
+			}
+		} else {
+			p11p_debug("send: %s", strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int recv_all(int fd, char *buf, size_t len, int64_t deadline)
+{
+	while (len > 0) {
+		ssize_t n = recv(fd, buf, len, 0);
+
+		if (n > 0) {
+			buf += n;
+			len -= (size_t)n;
+		} else if (n == 0) {
+			p11p_debug("recv: connection closed by the daemon");
+			return -1;
+		} else if (errno == EINTR) {
+			continue;
+		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+			if (wait_fd(fd, POLLIN, deadline) != 0) {
+				p11p_debug("recv: time-out");
+				return -1;
+			}
+		} else {
+			p11p_debug("recv: %s", strerror(errno));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+int p11p_socket_new(void)
+{
+	return socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+}
+
+CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	size_t n = strlen(path);
+
+	if (n == 0 || n >= sizeof sa.sun_path) {
+		p11p_debug("socket path too long or empty");
+		return CKR_DEVICE_ERROR;
+	}
+	memcpy(sa.sun_path, path, n);
+	for (;;) {
+		int err = 0;
+		socklen_t len = sizeof err;
+
+		if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+			return CKR_OK;
+		if (errno == EAGAIN) {
+			/* the daemon's listen backlog is full: try again until the deadline */
+			struct timespec pause = { 0, 5 * 1000 * 1000 };
+
+			if (deadline >= 0 && p11p_now_ms() >= deadline)
+				break;
+			nanosleep(&pause, NULL);
+			continue;
+		}
+		if (errno != EINPROGRESS && errno != EINTR) {
+			p11p_debug("connect %s: %s", path, strerror(errno));
+			return CKR_DEVICE_ERROR;
+		}
+		if (wait_fd(fd, POLLOUT, deadline) != 0)
+			break;
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
+			p11p_debug("connect %s: %s", path, strerror(err));
+			return CKR_DEVICE_ERROR;
+		}
+		return CKR_OK;
+	}
+	p11p_debug("connect %s: time-out", path);
+	return CKR_DEVICE_ERROR;
+}
+
+CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
+{
+	size_t body = len - P11P_FRAME_HEADER;
+
+	if (len < P11P_FRAME_HEADER || body > UINT32_MAX)
+		return CKR_DEVICE_ERROR;
+	frame[0] = (char)(body >> 24);
+	frame[1] = (char)(body >> 16);
+	frame[2] = (char)(body >> 8);
+	frame[3] = (char)body;
+	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
+}
+
+CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
+{
+	unsigned char h[P11P_FRAME_HEADER];
+	uint32_t n;
+	char *buf;
+
+	*body = NULL;
+	*len = 0;
+	if (recv_all(fd, (char *)h, sizeof h, deadline) != 0)
+		return CKR_DEVICE_ERROR;
+	n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	if (n == 0 || n > P11P_MAX_REPLY) {
+		p11p_debug("reply frame of %u bytes refused", n);
+		return CKR_DEVICE_ERROR;
+	}
+	buf = malloc(n);
+	if (buf == NULL)
+		return CKR_HOST_MEMORY;
+	if (recv_all(fd, buf, n, deadline) != 0) {
+		free(buf);
+		return CKR_DEVICE_ERROR;
+	}
+	*body = buf;
+	*len = n;
+	return CKR_OK;
+}
+
+int p11p_socket_idle_ok(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN | POLLRDHUP };
+
+	return poll(&p, 1, 0) == 0;
+}
+
+/* ---- hello: {"p11p": 1, "ctx": bin(16), "pid": int, "prog": str} ---- */
+
+static int pack_key(msgpack_packer *pk, const char *key)
+{
+	size_t n = strlen(key);
+
+	return msgpack_pack_str(pk, n) || msgpack_pack_str_body(pk, key, n);
+}
+
+static int key_is(const msgpack_object *k, const char *key)
+{
+	size_t n = strlen(key);
+
+	return k->type == MSGPACK_OBJECT_STR && k->via.str.size == n &&
+	       memcmp(k->via.str.ptr, key, n) == 0;
+}
+
+/* The daemon's answer: {"p11p": 1}, or with "error" when it refuses us. */
+static CK_RV check_welcome(const char *body, size_t len)
+{
+	msgpack_unpacked u;
+	const msgpack_object *m;
+	int version_ok = 0, refused = 0;
+
+	if (p11p_msgpack_parse(body, len, &u) != 0)
+		return CKR_DEVICE_ERROR;
+	m = &u.data;
+	if (m->type == MSGPACK_OBJECT_MAP) {
+		for (uint32_t i = 0; i < m->via.map.size; i++) {
+			const msgpack_object_kv *kv = &m->via.map.ptr[i];
+
+			if (key_is(&kv->key, "p11p"))
+				version_ok = kv->val.type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
+					     kv->val.via.u64 == P11P_PROTOCOL_VERSION;
+			else if (key_is(&kv->key, "error"))
+				refused = 1;
+		}
+	}
+	msgpack_unpacked_destroy(&u);
+	if (refused)
+		p11p_debug("the daemon refused the connection");
+	else if (!version_ok)
+		p11p_debug("the daemon answered the hello with another protocol version");
+	return version_ok && !refused ? CKR_OK : CKR_DEVICE_ERROR;
+}
+
+CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadline)
+{
+	static const char header[P11P_FRAME_HEADER];
+	const char *prog = program_invocation_name ? program_invocation_name : "";
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	char *body = NULL;
+	size_t len = 0;
+	CK_RV rv = CKR_HOST_MEMORY;
+	int bad;
+
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	bad = msgpack_sbuffer_write(&sb, header, sizeof header) || msgpack_pack_map(&pk, 4) ||
+	      pack_key(&pk, "p11p") || msgpack_pack_uint64(&pk, P11P_PROTOCOL_VERSION) ||
+	      pack_key(&pk, "ctx") || msgpack_pack_bin(&pk, P11P_CTX_SIZE) ||
+	      msgpack_pack_bin_body(&pk, ctx, P11P_CTX_SIZE) ||
+	      pack_key(&pk, "pid") || msgpack_pack_uint64(&pk, (uint64_t)getpid()) ||
+	      pack_key(&pk, "prog") || msgpack_pack_str(&pk, strlen(prog)) ||
+	      msgpack_pack_str_body(&pk, prog, strlen(prog));
+	if (!bad)
+		rv = p11p_send_frame(fd, sb.data, sb.size, deadline);
+	msgpack_sbuffer_destroy(&sb);
+	if (rv == CKR_OK)
+		rv = p11p_recv_frame(fd, &body, &len, deadline);
+	if (rv == CKR_OK)
+		rv = check_welcome(body, len);
+	free(body);
+	return rv;
+}

@@ -1,0 +1,30 @@
+/* p11p client — the transport: an AF_UNIX stream socket to the daemon, the hello, and
+ * frames (4-byte big-endian length + one msgpack object) with deadlines. Knows nothing
+ * of Cryptoki calls; the pool (pool.c) decides which connection carries what. */
+#ifndef P11P_TRANSPORT_H
+#define P11P_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "p11p-extra.h"
+
+#define P11P_CTX_SIZE 16
+#define P11P_PROTOCOL_VERSION 1
+
+/* Milliseconds on the monotonic clock. Deadlines are absolute; -1 means none. */
+int64_t p11p_now_ms(void);
+int64_t p11p_deadline(int timeout_ms);
+
+/* A new non-blocking, close-on-exec AF_UNIX stream socket, or -1. */
+int p11p_socket_new(void);
+CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline);
+CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadline);
+/* Sends a frame whose first 4 bytes are left for the header (filled here). */
+CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline);
+/* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */
+CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline);
+/* An idle connection still usable: nothing to read and no hang-up. */
+int p11p_socket_idle_ok(int fd);
+
+#endif
