@@ -19,9 +19,19 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s p11p %(levelname)s %(name)s: %(message)s")
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    """--config, else /etc/p11p/p11p.toml, else the default configuration (made once)."""
+    if args.config:
+        return Path(args.config)
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    from p11p.daemon import defaults
+    return defaults.create(defaults.state_dir())
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     try:
-        config = load(Path(args.config))
+        config = load(_config_path(args))
     except ConfigError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
         return 2
@@ -39,6 +49,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         await daemon.run()
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_init_default(args: argparse.Namespace) -> int:
+    from p11p.daemon import defaults
+    root = Path(args.state_dir) if args.state_dir else defaults.state_dir()
+    main = defaults.create(root, args.faultsim)
+    print(main)
     return 0
 
 
@@ -104,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="p11p", description="PKCS#11 proxy with HA across HSMs")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("daemon", help="run the daemon in the foreground")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--config", help=f"default: {DEFAULT_CONFIG}, else the built-in default")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_daemon)
     p = sub.add_parser("check-config", help="validate a configuration")
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("init-default", help="create the built-in default configuration")
+    p.add_argument("--state-dir", help="where (default: $XDG_STATE_HOME/p11p)")
+    p.add_argument("--faultsim", help="put each member behind this p11p-faultsim.so")
+    p.set_defaults(func=cmd_init_default)
     for name, func, text in (("status", cmd_status, "groups, members, sessions, load"),
                              ("member", cmd_member, "drain or enable a member")):
         p = sub.add_parser(name, help=text)
