@@ -293,10 +293,13 @@ class Router:
 
     async def _prepare(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
         """The session on `member`, with everything it had elsewhere replayed."""
+        # The state is there only if the session's member session survived: a member
+        # that failed and recovered, or lost our sessions, needs the replay too.
+        present = vs.member is member and member in vs.real
         await self._session_on(ctx, vs, member)
-        old = vs.member
-        if old is member:
+        if present:
             return
+        old = vs.member
         lost: list[str] = []
         replayed: list[str] = []
         for vobj in list(vs.objects):
@@ -317,12 +320,14 @@ class Router:
             await self._replay_find(ctx, vs, member, vs.find)
             replayed.append(f"find ({len(vs.find.returned)} already returned)")
         vs.member = member
-        if old is not None:
-            if old.health.state is MemberState.DRAINING:
-                await self._close_on(ctx, vs, old)
-            if not old.health.usable:
-                log.warning("session failed over: %s from %s to %s (replayed: %s)",
-                            vs.describe(), old.name, member.name, ", ".join(replayed) or "nothing")
+        if old is not None and old is not member and old.health.state is MemberState.DRAINING:
+            await self._close_on(ctx, vs, old)
+        if old is member:
+            log.warning("session rebuilt: %s on %s (replayed: %s)", vs.describe(), member.name,
+                        ", ".join(replayed) or "nothing")
+        elif old is not None and (not old.health.usable or replayed):
+            log.warning("session failed over: %s from %s to %s (replayed: %s)",
+                        vs.describe(), old.name, member.name, ", ".join(replayed) or "nothing")
         if lost:
             log.error("session potentially not recoverable: %s on %s: %s", vs.describe(),
                       member.name, "; ".join(lost))
@@ -576,9 +581,7 @@ class Router:
             except MemberUnavailable:
                 pass
         for vs in ctx.sessions.values():
-            vs.real.pop(member, None)
-            if vs.member is member:
-                vs.member = None  # rebuilt (with replay) on next use
+            vs.real.pop(member, None)  # rebuilt (with replay) on next use
         for key in [k for k in ctx.by_real if k[0] is member]:
             ctx.by_real.pop(key).real.pop(member, None)
         ctx.logged_in.discard(member)
