@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-
 from p11p.daemon.errors import DEFAULT_CLASSES, RvClass, class_table
 from p11p.daemon.policy import choose_member, classify, operation_change
 from p11p.protocol.constants import CKR

@@ -1,0 +1,52 @@
+/* p11p client tests — the fake link (see fake_link.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fake_link.h"
+#include "mptext.h"
+
+int fake_initialized = 1;
+CK_RV fake_transport_rv = CKR_OK;
+msgpack_sbuffer fake_reply;
+char fake_request[16384];
+unsigned fake_roundtrips;
+long fake_in_flight;
+
+CK_RV p11p_enter(void)
+{
+	if (!fake_initialized)
+		return CKR_CRYPTOKI_NOT_INITIALIZED;
+	fake_in_flight++;
+	return CKR_OK;
+}
+
+void p11p_leave(void)
+{
+	fake_in_flight--;
+}
+
+CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
+		     size_t *reply_len)
+{
+	msgpack_unpacked u;
+	size_t off = 0;
+
+	(void)code;
+	fake_roundtrips++;
+	msgpack_unpacked_init(&u);
+	if (len >= 4 && msgpack_unpack_next(&u, frame + 4, len - 4, &off) == MSGPACK_UNPACK_SUCCESS &&
+	    off == len - 4)
+		mp_to_text(&u.data, fake_request, sizeof fake_request);
+	else
+		strcpy(fake_request, "<undecodable request>");
+	msgpack_unpacked_destroy(&u);
+	if (fake_transport_rv != CKR_OK)
+		return fake_transport_rv;
+	*reply = malloc(fake_reply.size ? fake_reply.size : 1);
+	if (*reply == NULL)
+		return CKR_HOST_MEMORY;
+	if (fake_reply.size)
+		memcpy(*reply, fake_reply.data, fake_reply.size);
+	*reply_len = fake_reply.size;
+	return CKR_OK;
+}

@@ -1,0 +1,166 @@
+"""HA behaviour beyond the matrix: session-lost codes on one member, both members down
+(hold, then CKR_DEVICE_ERROR; recovery within one interval, states seen in status),
+balanced load, draining under load, token writes under write_policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HERE, HAGroup, WorkloadApp
+from kit import CLIENT_SO, USER_PIN
+
+
+@pytest.mark.parametrize("rule", [
+    "C_Sign error rv=CKR_SESSION_HANDLE_INVALID count=1",
+    "C_Sign error rv=CKR_SESSION_CLOSED count=1",
+    "C_Sign error rv=CKR_USER_NOT_LOGGED_IN count=1",
+    "C_Sign error rv=CKR_OBJECT_HANDLE_INVALID count=1",
+    "C_Sign close-sessions",
+])
+def test_session_lost_is_invisible_on_one_member(ha_factory: Any, ha_keys: Path, rule: str) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    app = WorkloadApp(group.daemon, ha_keys)
+    try:
+        assert app.send("begin ecdsa") == "ready"
+        group.set_rules("hsmA", rule + "\n")
+        assert app.send("finish").startswith("ok")
+        # and the application's login survived: a private object is still readable
+        group.set_rules("hsmA", "")
+        assert app.send("begin private_attribute") == "ready"
+        assert app.send("finish").startswith("ok")
+    finally:
+        app.close()
+    log = group.daemon.log_text()
+    assert "session lost:" in log
+    assert "C_Sign" in (group.faultlog.read_text() if group.faultlog.exists() else "")
+    assert group.member("hsmA")["state"] == "OK"  # a lost session is not a failed member
+
+
+def _poll_states(group: HAGroup, name: str, seen: list[str], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            m = group.member(name)
+            label = m["state"] + (f" {m['attempt']}/{m['attempts']}" if m["state"] == "RECOVERING" else "")
+            if not seen or seen[-1] != label:
+                seen.append(label)
+        except (OSError, SystemExit):
+            pass
+        time.sleep(0.01)
+
+
+def test_both_members_down_hold_then_fail_then_recover(ha_factory: Any, ha_keys: Path) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    seen: list[str] = []
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_states, args=(group, "hsmB", seen, stop))
+    poller.start()
+    app = WorkloadApp(group.daemon, ha_keys)
+    try:
+        assert app.send("begin ecdsa") == "ready"
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "* error rv=CKR_DEVICE_ERROR\n")
+        start = time.monotonic()
+        reply = app.send("finish")
+        held = time.monotonic() - start
+        assert reply.startswith("error") and "0x30" in reply, reply  # CKR_DEVICE_ERROR
+        assert 2.0 <= held < 6.0, held  # hold_timeout = 2
+        group.set_rules("hsmB", "")
+        healed = time.monotonic()
+        back = group.wait_state("hsmB", "OK")
+        assert time.monotonic() - healed <= 0.2 + 1.0  # one recovery.interval (+ a probe)
+        assert back >= 0
+        assert app.send("begin ecdsa") == "ready"
+        assert app.send("finish").startswith("ok")
+    finally:
+        stop.set()
+        poller.join()
+        app.close()
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "")
+    states = [s.split()[0] for s in seen]
+    assert states[0] == "OK" and states[-1] == "OK"
+    assert "FAILED" in states and "RECOVERING" in states
+    assert states.index("FAILED") < states.index("RECOVERING") < len(states) - 1
+    log = group.daemon.log_text()
+    assert "group out of service: group=ha" in log and "group restored: group=ha" in log
+
+
+def _load(group: HAGroup, threads: int, seconds: float) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, str(HERE / "load_app.py"), str(CLIENT_SO), "ha", USER_PIN,
+                        str(threads), str(seconds)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **group.daemon.env})
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+SLOW_HSM = "* delay ms=2\nconcurrency 2\n"
+
+
+def test_balance_spreads_load_and_scales(ha_factory: Any) -> None:
+    one: HAGroup = ha_factory("balance", ["hsmA"], rules={"hsmA": SLOW_HSM})
+    single = _load(one, 16, 4.0)
+    one.daemon.stop()
+    two: HAGroup = ha_factory("balance", ["hsmA", "hsmB"], rules={"hsmA": SLOW_HSM, "hsmB": SLOW_HSM})
+    before = {m: two.member(m)["calls_served"] for m in ("hsmA", "hsmB")}
+    double = _load(two, 16, 4.0)
+    served = {m: two.member(m)["calls_served"] - before[m] for m in ("hsmA", "hsmB")}
+    assert single["errors"] == 0 and double["errors"] == 0, (single, double)
+    share = served["hsmA"] / (served["hsmA"] + served["hsmB"])
+    assert 0.4 <= share <= 0.6, served
+    ratio = (double["ops"] / double["elapsed"]) / (single["ops"] / single["elapsed"])
+    print(f"balance: one member {single['ops'] / single['elapsed']:.0f} ops/s, two "
+          f"{double['ops'] / double['elapsed']:.0f} ops/s, ratio {ratio:.2f}, split {served}")
+    assert ratio >= 1.8, (ratio, single, double)
+
+
+def test_drain_under_load(ha_factory: Any) -> None:
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(_load(group, 16, 5.0)))
+    runner.start()
+    time.sleep(1.5)
+    assert group.member("hsmA")["sessions"] > 0
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "drain", "ha", "hsmA",
+                        "--config", str(group.daemon.config)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "DRAINING" in r.stdout
+    time.sleep(1.0)
+    served_a = group.member("hsmA")["calls_served"]
+    runner.join()
+    assert result["errors"] == 0, result
+    assert result["ops"] > 0
+    a = group.member("hsmA")
+    assert a["state"] == "DRAINING" and a["sessions"] == 0, a
+    assert a["calls_served"] == served_a  # nothing new went to the drained member
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "enable", "ha", "hsmA",
+                        "--config", str(group.daemon.config)], capture_output=True, text=True)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("policy, expect", [("primary", 0), ("refuse", 0xE3)])
+def test_token_writes_follow_write_policy(ha_factory: Any, policy: str, expect: int) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"], extra=f'write_policy = "{policy}"')
+    code = f"""
+import sys, ctypes as C
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from ckraw import Module, CK_ULONG, CKA, CKM, mechanism, template
+m = Module({str(CLIENT_SO)!r}); assert m.initialize() == 0
+slot = m.slots()[0]; h = m.open_session(slot); assert m.login(h, b"{USER_PIN}") == 0
+t, n, keep = template((CKA["CKA_CLASS"], 4), (CKA["CKA_KEY_TYPE"], 0x1f), (CKA["CKA_VALUE_LEN"], 16),
+                      (CKA["CKA_TOKEN"], True), (CKA["CKA_LABEL"], b"written-{policy}"))
+mech, _ = mechanism(CKM["CKM_AES_KEY_GEN"]); k = CK_ULONG()
+print(m.C_GenerateKey(h, C.byref(mech), t, n, C.byref(k)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, **group.daemon.env}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) == expect
