@@ -10,13 +10,14 @@ DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-
                 openssl gcc make python3-dev
 PYTEST_ARGS ?=
 
-.PHONY: all build deps test demo clean lint gen-check pytest
+.PHONY: all build deps test demo clean lint gen-check pytest bench
 
 all: build
 
 include client/build.mk
 -include faultsim/build.mk
 -include helper/build.mk
+-include bench/build.mk
 
 # Debian and Python packages that are missing get installed (quick when all are there).
 deps:
@@ -47,6 +48,10 @@ test: build gen-check lint pytest
 
 demo: build
 	@bash demo/demo.sh
+
+# Speed and footprint against the direct module and p11-kit's remoting (not in `make test`).
+bench: build $(BUILD)/p11bench
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf $(BUILD) *.egg-info
