@@ -7,11 +7,14 @@
 
 #include "codec.h"
 
-/* A template-valued attribute. CKA_ALLOWED_MECHANISMS also has the array bit but holds
- * mechanism types, which travel as bytes. */
+/* A template-valued attribute: the three that PKCS#11 v2.40 defines. Other types with
+ * the CKF_ARRAY_ATTRIBUTE bit (CKA_ALLOWED_MECHANISMS, vendor types) travel as bytes:
+ * the client never reads an application's buffer as attributes unless the type says
+ * it holds attributes. */
 static int is_nested(CK_ATTRIBUTE_TYPE type)
 {
-	return (type & CKF_ARRAY_ATTRIBUTE) != 0 && type != CKA_ALLOWED_MECHANISMS;
+	return type == CKA_WRAP_TEMPLATE || type == CKA_UNWRAP_TEMPLATE ||
+	       type == CKA_DERIVE_TEMPLATE;
 }
 
 /* ---- input templates ---- */
