@@ -41,11 +41,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         logging.getLogger("p11p").warning("uvloop not available; using asyncio's loop")
+    from p11p.daemon import systemd
     from p11p.daemon.service import Daemon
 
     async def main() -> None:
         daemon = Daemon(config)
-        await daemon.start()
+        await daemon.start(systemd.inherited_socket())
+        systemd.notify("READY=1")
         await daemon.run()
 
     asyncio.run(main())
