@@ -24,7 +24,7 @@ void p11p_call_run(struct p11p_call *c, unsigned nouts)
 
 	if (c->err)
 		return;
-	rv = p11p_roundtrip(c->code, c->req.data, c->req.size, &c->reply, &c->reply_len);
+	rv = p11p_roundtrip(c->code, c->req.data, c->req.size, &c->reply, &c->reply_len, &c->conn);
 	if (rv != CKR_OK)
 		p11p_fail(c, rv);
 	else
@@ -35,6 +35,9 @@ CK_RV p11p_call_finish(struct p11p_call *c)
 {
 	CK_RV rv = c->err != CKR_OK ? c->err : c->rv;
 
+	if (c->conn != NULL)
+		p11p_release(c->conn, !c->malformed);
+	c->conn = NULL;
 	p11p_codec_end(c);
 	if (c->entered)
 		p11p_leave();

@@ -12,6 +12,14 @@ void p11p_fail(struct p11p_call *c, CK_RV rv)
 		c->err = rv;
 }
 
+void p11p_malformed(struct p11p_call *c)
+{
+	if (c->err == CKR_OK) {
+		c->err = CKR_DEVICE_ERROR;
+		c->malformed = 1;
+	}
+}
+
 static void check_pack(struct p11p_call *c, int ret)
 {
 	if (ret != 0)

@@ -37,6 +37,8 @@ struct p11p_call {
 	CK_RV rv;                   /* the rv in the reply */
 	const msgpack_object *outs; /* the reply's outputs */
 	uint32_t nouts, next;
+	int malformed;              /* the reply broke the protocol */
+	void *conn;                 /* the connection, held while the reply is decoded */
 };
 
 /* ---- buffers and reply parsing (codec.c) ---- */
@@ -51,7 +53,8 @@ const msgpack_object *p11p_next_out(struct p11p_call *c);
 /* A msgpack unsigned integer as a CK_ULONG (2**64-1 is CK_UNAVAILABLE_INFORMATION). */
 int p11p_obj_ulong(const msgpack_object *o, CK_ULONG *v);
 void p11p_fail(struct p11p_call *c, CK_RV rv);
-#define p11p_malformed(c) p11p_fail((c), CKR_DEVICE_ERROR)
+/* The reply broke the protocol: CKR_DEVICE_ERROR, and its connection is dropped. */
+void p11p_malformed(struct p11p_call *c);
 
 /* ---- primitives ---- */
 void p11p_put_nil(struct p11p_call *c);

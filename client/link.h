@@ -14,8 +14,12 @@ CK_RV p11p_enter(void);
 /* Ends what p11p_enter began. */
 void p11p_leave(void);
 /* Sends the request frame (its first 4 bytes are left for the header) and returns the
- * reply frame's body in *reply (malloc'd; the caller frees it). */
+ * reply frame's body in *reply (malloc'd; the caller frees it). On CKR_OK the
+ * connection stays the caller's (*conn) until p11p_release: a reply that turns out
+ * malformed while it is decoded drops its connection. */
 CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
-		     size_t *reply_len);
+		     size_t *reply_len, void **conn);
+/* Gives the connection of a round trip back; healthy 0 closes it. */
+void p11p_release(void *conn, int healthy);
 
 #endif

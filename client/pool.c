@@ -2,9 +2,10 @@
  * connection (an idle one, or a new one that sends the hello), owns it for one request
  * and its reply, and gives it back; the pool lock is held only to move connections
  * between the idle and busy lists, never across a round trip, so calls from many
- * threads run concurrently on as many connections. A connection that failed in any way
- * is closed; the next call makes a new one (that is how the client reconnects to a
- * restarted daemon). */
+ * threads run concurrently on as many connections. The caller keeps the connection
+ * until the reply is decoded (p11p_release). A connection that failed in any way (I/O,
+ * time-out, a reply that breaks the protocol) is closed; the next call makes a new one
+ * (that is how the client reconnects to a restarted daemon). */
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -159,8 +160,13 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 	return CKR_OK;
 }
 
+void p11p_release(void *conn, int healthy)
+{
+	give_back(&p11p_state, conn, healthy);
+}
+
 CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
-		     size_t *reply_len)
+		     size_t *reply_len, void **held)
 {
 	struct p11p_state *s = &p11p_state;
 	/* C_WaitForSlotEvent may rightly block for as long as no slot changes */
@@ -180,7 +186,7 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		if (sent)
 			rv = p11p_recv_frame(conn->fd, reply, reply_len, deadline);
 		if (rv == CKR_OK) {
-			give_back(s, conn, 1);
+			*held = conn; /* given back by p11p_release once the reply is decoded */
 			return CKR_OK;
 		}
 		if (give_back(s, conn, 0))

@@ -82,11 +82,14 @@ static void test_bad_shapes(void)
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		reply(bad[i]);
+		fake_released_healthy = -1;
 		CHECK_RV(sign(), CKR_DEVICE_ERROR);
+		CHECK(fake_released_healthy == 0); /* the connection that said it is dropped */
 	}
 	/* an error answer [rv] is fine: it is the rv */
 	reply("[5]");
 	CHECK_RV(sign(), CKR_GENERAL_ERROR);
+	CHECK(fake_released_healthy == 1);
 	reply("[18446744073709551615]");
 	CHECK_RV(sign(), (CK_RV)-1);
 }

@@ -25,8 +25,17 @@ void p11p_leave(void)
 	fake_in_flight--;
 }
 
+static int fake_connection;
+int fake_released_healthy = -1;
+
+void p11p_release(void *conn, int healthy)
+{
+	if (conn == &fake_connection)
+		fake_released_healthy = healthy;
+}
+
 CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
-		     size_t *reply_len)
+		     size_t *reply_len, void **conn)
 {
 	msgpack_unpacked u;
 	size_t off = 0;
@@ -48,5 +57,6 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 	if (fake_reply.size)
 		memcpy(*reply, fake_reply.data, fake_reply.size);
 	*reply_len = fake_reply.size;
+	*conn = &fake_connection;
 	return CKR_OK;
 }

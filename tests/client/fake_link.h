@@ -13,5 +13,6 @@ extern msgpack_sbuffer fake_reply;  /* the scripted reply body */
 extern char fake_request[16384];    /* the last request, as text */
 extern unsigned fake_roundtrips;
 extern long fake_in_flight;
+extern int fake_released_healthy;   /* how the last call gave its connection back */
 
 #endif

@@ -1,0 +1,345 @@
+"""The client's transport against a fake daemon (tests/client/fakedaemon.py), driven by a
+C application (tests/client/driver.c): daemon absent, reconnect, hello, malformed
+replies, time-outs, concurrency over a pool of connections, fork(), C_Initialize's
+arguments, and C_Finalize unblocking C_WaitForSlotEvent. Tests marked with `variant`
+run against both the plain and the ASan/UBSan build."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+from fakedaemon import (
+    FN_FINALIZE,
+    FN_GET_SLOT_LIST,
+    FN_WAIT_FOR_SLOT_EVENT,
+    Close,
+    Conn,
+    Delay,
+    FakeDaemon,
+    Raw,
+    default_handler,
+    frame,
+)
+
+CKR_OK = 0x0
+CKR_ARGUMENTS_BAD = 0x7
+CKR_NO_EVENT = 0x8
+CKR_DEVICE_ERROR = 0x30
+CKR_FUNCTION_NOT_PARALLEL = 0x51
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+
+# ---- daemon absent, reconnect ----
+
+def test_daemon_absent_is_a_prompt_device_error(start_driver, sock: Path, variant: str) -> None:
+    d = start_driver(variant)
+    assert d.cmd("init").rv == CKR_OK  # C_Initialize needs no daemon
+    r = d.cmd("slots")
+    assert r.rv == CKR_DEVICE_ERROR and r.num("ms") < 1000
+    # a stale socket file that nobody listens on
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()
+    r = d.cmd("slots")
+    assert r.rv == CKR_DEVICE_ERROR and r.num("ms") < 1000
+    assert d.cmd("finalize").rv == CKR_OK
+
+
+def test_reconnects_when_the_daemon_is_back(start_driver, sock: Path) -> None:
+    d = start_driver()
+    assert d.cmd("init").rv == CKR_OK
+    assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+    daemon = FakeDaemon(sock)
+    daemon.start()
+    r = d.cmd("slots")
+    assert (r.rv, r["count"]) == (CKR_OK, "1")
+    assert d.cmd("slots")["count"] == "1"  # the pooled connection is reused
+    daemon.stop()  # the daemon goes away: its connections close
+    assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+    daemon = FakeDaemon(sock)
+    daemon.start()
+    r = d.cmd("slots")
+    assert (r.rv, r["count"]) == (CKR_OK, "1")
+    # restarted while the client held an idle connection: the next call still works
+    daemon.stop()
+    daemon = FakeDaemon(sock)
+    daemon.start()
+    assert d.cmd("slots").rv == CKR_OK
+    assert d.cmd("finalize").rv == CKR_OK
+    daemon.stop()
+
+
+# ---- hello ----
+
+def test_hello_carries_context_pid_and_program(start_driver, sock: Path) -> None:
+    with FakeDaemon(sock) as daemon:
+        d = start_driver()
+        d.cmd("init")
+        d.cmd("threads 3")
+        hellos = [c.hello for c in daemon.conns]
+        assert len(hellos) == 3
+        for h in hellos:
+            assert h is not None and set(h) == {"p11p", "ctx", "pid", "prog"}
+            assert h["p11p"] == 1 and h["pid"] == d.pid and "driver" in h["prog"]
+            assert isinstance(h["ctx"], bytes) and len(h["ctx"]) == 16
+        assert len({h["ctx"] for h in hellos if h}) == 1  # one context for all sockets
+        d.cmd("finalize")
+        d.cmd("init")
+        d.cmd("slots")
+        assert daemon.conns[-1].hello["ctx"] != hellos[0]["ctx"]  # a new C_Initialize, a new id
+
+
+@pytest.mark.parametrize("mode", ["refuse", "version2"])
+def test_hello_refused_or_other_version(start_driver, sock: Path, mode: str) -> None:
+    with FakeDaemon(sock, hello=mode):
+        d = start_driver()
+        d.cmd("init")
+        assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+
+
+def test_hello_time_out(start_driver, sock: Path) -> None:
+    with FakeDaemon(sock, hello="silent"):
+        d = start_driver(P11P_TIMEOUT_MS="300")
+        d.cmd("init")
+        r = d.cmd("slots")
+        assert r.rv == CKR_DEVICE_ERROR and 250 <= r.num("ms") < 2000
+
+
+# ---- malformed replies ----
+
+def _body(b: bytes) -> Raw:
+    return Raw(struct.pack(">I", len(b)) + b)
+
+
+MALFORMED = {
+    "not-msgpack": _body(b"\xc1\xc1"),
+    "truncated-msgpack": _body(b"\x92\x00"),
+    "trailing-bytes": _body(msgpack.packb([0, 1]) + b"\x00"),
+    "not-an-array": _body(msgpack.packb({"rv": 0})),
+    "count-as-str": _body(msgpack.packb([0, "1"])),
+    "too-many-outputs": _body(msgpack.packb([0, 1, 2])),
+    "empty-frame": Raw(b"\x00\x00\x00\x00"),
+    "frame-over-64MiB": Raw(struct.pack(">I", 64 * 1024 * 1024 + 1)),
+    "huge-frame-4GiB": Raw(b"\xff\xff\xff\xff"),
+    "frame-cut-short": Raw(struct.pack(">I", 100) + b"\x92\x00", close=True),
+    "closed-without-reply": Close(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_reply_then_next_call_works(start_driver, sock: Path, case: str) -> None:
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        if conn.number == 1 and request[0] == FN_GET_SLOT_LIST:
+            return MALFORMED[case]
+        return default_handler(conn, request)
+
+    with FakeDaemon(sock, handler) as daemon:
+        d = start_driver()
+        d.cmd("init")
+        r = d.cmd("slots", timeout=10)
+        assert r.rv == CKR_DEVICE_ERROR and r.num("ms") < 2000
+        r = d.cmd("slots")
+        assert (r.rv, r["count"]) == (CKR_OK, "2")  # a new connection
+        assert daemon.wait_for(daemon.conns[0].closed.is_set)  # the bad one was dropped
+
+
+def test_malformed_replies_under_sanitizers(start_driver, sock: Path) -> None:
+    cases = sorted(MALFORMED)
+
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        if request[0] == FN_GET_SLOT_LIST and conn.number <= len(cases):
+            return MALFORMED[cases[conn.number - 1]]
+        return default_handler(conn, request)
+
+    with FakeDaemon(sock, handler):
+        d = start_driver("asan")
+        d.cmd("init")
+        for _ in cases:
+            assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+        assert d.cmd("slots").rv == CKR_OK
+        assert d.cmd("finalize").rv == CKR_OK
+
+
+def test_reply_data_longer_than_the_buffer(start_driver, sock: Path) -> None:
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        return [CKR_OK, b"x" * (request[-1] + 1)]
+
+    with FakeDaemon(sock, handler):
+        d = start_driver("asan")
+        d.cmd("init")
+        r = d.cmd("sign 16")
+        assert (r.rv, r["len"]) == (CKR_DEVICE_ERROR, "16")
+
+
+# ---- time-outs ----
+
+def test_reply_time_out_from_env(start_driver, sock: Path) -> None:
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        if conn.number == 1 and request[0] == FN_GET_SLOT_LIST:
+            return Delay(3, [CKR_OK, 99])
+        return default_handler(conn, request)
+
+    with FakeDaemon(sock, handler):
+        d = start_driver(P11P_TIMEOUT_MS="300")
+        d.cmd("init")
+        r = d.cmd("slots")
+        assert r.rv == CKR_DEVICE_ERROR and 250 <= r.num("ms") < 1500
+        r = d.cmd("slots")
+        assert (r.rv, r["count"]) == (CKR_OK, "2")
+
+
+def test_no_reply_time_out_by_default(start_driver, sock: Path) -> None:
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        return Delay(1.2, default_handler(conn, request))
+
+    with FakeDaemon(sock, handler):
+        d = start_driver()
+        d.cmd("init")
+        r = d.cmd("slots")
+        assert r.rv == CKR_OK and r.num("ms") >= 1100
+
+
+# ---- concurrency ----
+
+def test_threads_run_concurrently_on_several_connections(start_driver, sock: Path,
+                                                         variant: str) -> None:
+    delay = 0.5
+
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        return Delay(delay, default_handler(conn, request))
+
+    with FakeDaemon(sock, handler) as daemon:
+        d = start_driver(variant)
+        d.cmd("init")
+        r = d.cmd("threads 8")
+        assert set(r["rvs"].split(",")) == {"0x0"}
+        used = set(r["counts"].split(","))
+        assert len(used) == 8  # one connection per concurrent call
+        assert r.num("ms") < 2.5 * delay * 1000  # ~1 delay, not 8
+        # the connections stay pooled: a second wave makes no new ones
+        r = d.cmd("threads 8")
+        assert set(r["counts"].split(",")) <= used and len(daemon.conns) == 8
+
+
+# ---- fork ----
+
+def test_fork_child_starts_over_and_parent_is_untouched(start_driver, sock: Path,
+                                                        variant: str) -> None:
+    with FakeDaemon(sock) as daemon:
+        d = start_driver(variant)
+        d.cmd("init")
+        assert d.cmd("slots")["count"] == "1"
+        r = d.cmd("fork slots;init;slots;slots;finalize")
+        assert r["status"] == "0"
+        child = r.child
+        assert child[0].rv == CKR_CRYPTOKI_NOT_INITIALIZED
+        assert child[1].rv == CKR_OK
+        assert (child[2].rv, child[2]["count"]) == (CKR_OK, "2")  # a new connection
+        assert child[3]["count"] == "2"
+        assert child[4].rv == CKR_OK
+        parent, kid = daemon.conns[0], daemon.conns[1]
+        assert kid.hello["ctx"] != parent.hello["ctx"]
+        assert kid.hello["pid"] != parent.hello["pid"] == d.pid
+        # the parent's connection carried only the parent's call and is still open
+        assert [q[0] for q in parent.requests] == [FN_GET_SLOT_LIST]
+        assert not parent.closed.is_set()
+        assert [q[0] for q in kid.requests] == [FN_GET_SLOT_LIST, FN_GET_SLOT_LIST, FN_FINALIZE]
+        r = d.cmd("slots")
+        assert (r.rv, r["count"]) == (CKR_OK, "1")  # the parent goes on on its own connection
+        assert len(parent.requests) == 2
+        # a child that exits without C_Finalize does not close or use the parent's socket
+        assert d.cmd("fork slots")["status"] == "0"
+        assert d.cmd("slots")["count"] == "1"
+        assert len(daemon.conns) == 2 and len(parent.requests) == 3
+
+
+# ---- C_Initialize, C_Finalize, local functions ----
+
+def test_initialize_arguments_and_local_functions(start_driver, variant: str) -> None:
+    d = start_driver(variant)
+    assert d.cmd("slots").rv == CKR_CRYPTOKI_NOT_INITIALIZED
+    assert d.cmd("info").rv == CKR_CRYPTOKI_NOT_INITIALIZED
+    assert d.cmd("finalize").rv == CKR_CRYPTOKI_NOT_INITIALIZED
+    assert d.cmd("init-args partial").rv == CKR_ARGUMENTS_BAD
+    assert d.cmd("init-args reserved").rv == CKR_ARGUMENTS_BAD
+    assert d.cmd("slots").rv == CKR_CRYPTOKI_NOT_INITIALIZED
+    for args in ("none", "os", "callbacks-os"):
+        assert d.cmd(f"init-args {args}").rv == CKR_OK
+        assert d.cmd("init").rv == CKR_CRYPTOKI_ALREADY_INITIALIZED
+        assert d.cmd("finalize-reserved").rv == CKR_ARGUMENTS_BAD
+        assert d.cmd("finalize").rv == CKR_OK
+    assert d.cmd("locks")["creates"] == "0"  # the OS flag: no application mutexes
+    assert d.cmd("init").rv == CKR_OK
+    r = d.cmd("info")
+    assert (r.rv, r["version"]) == (CKR_OK, "2.40")
+    assert d.cmd("status").rv == CKR_FUNCTION_NOT_PARALLEL
+    d.cmd("finalize")
+
+
+def test_initialize_with_application_mutexes(start_driver, sock: Path) -> None:
+    # callbacks without CKF_OS_LOCKING_OK: the library must lock with them
+    with FakeDaemon(sock):
+        d = start_driver()
+        assert d.cmd("init-args callbacks").rv == CKR_OK
+        assert d.cmd("locks")["creates"] == "1"
+        assert d.cmd("threads 4")["rvs"] == "0x0,0x0,0x0,0x0"
+        r = d.cmd("locks")
+        assert int(r["locks"]) >= 8 and r["locks"] == r["unlocks"]
+        assert d.cmd("finalize").rv == CKR_OK
+        assert d.cmd("locks")["destroys"] == "1"
+
+
+def test_finalize_tells_the_daemon(start_driver, sock: Path) -> None:
+    with FakeDaemon(sock) as daemon:
+        d = start_driver()
+        d.cmd("init")
+        d.cmd("slots")
+        assert d.cmd("finalize").rv == CKR_OK
+        conn = daemon.conns[0]
+        assert daemon.wait_for(conn.closed.is_set)
+        assert [q for q in conn.requests] == [[FN_GET_SLOT_LIST, 1, None], [FN_FINALIZE]]
+        assert d.cmd("slots").rv == CKR_CRYPTOKI_NOT_INITIALIZED
+
+
+def test_finalize_unblocks_wait_for_slot_event(start_driver, sock: Path, variant: str) -> None:
+    with FakeDaemon(sock) as daemon:
+        d = start_driver(variant)
+        d.cmd("init")
+        assert d.cmd("wait-nb").rv == CKR_NO_EVENT  # CKF_DONT_BLOCK: answered at once
+        d.cmd("wait-bg")  # holds the pooled connection, blocked in the daemon
+        assert daemon.wait_for(lambda: any(q[0] == FN_WAIT_FOR_SLOT_EVENT and q[1] == 0
+                                           for c in daemon.conns for q in c.requests))
+        assert d.cmd("slots")["count"] == "2"  # meanwhile other calls use another connection
+        d.cmd("sleep 200")
+        r = d.cmd("finalize")
+        assert r.rv == CKR_OK and r.num("ms") < 2000
+        w = d.cmd("wait-join")
+        assert w.rv == CKR_CRYPTOKI_NOT_INITIALIZED and w.num("ms") >= 200
+        waiting, idle = daemon.conns
+        assert daemon.wait_for(lambda: waiting.closed.is_set() and idle.closed.is_set())
+        assert idle.requests[-1] == [FN_FINALIZE]
+        # and the library can start again
+        assert d.cmd("init").rv == CKR_OK
+        assert d.cmd("slots").rv == CKR_OK
+
+
+def test_sigpipe_never_kills_the_application(start_driver, sock: Path) -> None:
+    # the daemon closes the socket before the request is written: EPIPE, not SIGPIPE
+    with FakeDaemon(sock, lambda conn, req: Close()):
+        d = start_driver()
+        d.cmd("init")
+        for _ in range(5):
+            assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+        assert d.proc.poll() is None
+
+
+def test_frame_helpers_match_the_protocol() -> None:
+    # the fake daemon frames as protocol/README.md says: 4-byte big-endian length + body
+    assert frame([0]) == b"\x00\x00\x00\x02\x91\x00"
+    assert os.path.basename(__file__).startswith("test_client_")
