@@ -20,3 +20,10 @@ def test_codec(codec_tests: dict[str, Path], variant: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert not sanitizer_report(done.stderr), done.stderr
     assert " 0 failed" in done.stdout
+
+
+def test_generated_files_are_current() -> None:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["python3", str(root / "client" / "gen.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
