@@ -113,9 +113,12 @@ static int get_value(CK_ATTRIBUTE *a, const msgpack_object *v, int depth)
 		a->ulValueLen = v->via.bin.size;
 		return 0;
 	case MSGPACK_OBJECT_ARRAY:
-		if (a->pValue == NULL || !is_nested(a->type) || depth + 1 >= P11P_MAX_NESTING)
+		/* the template the object holds may be shorter than the room given for it:
+		 * its inner values come back, and ulValueLen says how many */
+		if (a->pValue == NULL || !is_nested(a->type) || depth + 1 >= P11P_MAX_NESTING ||
+		    v->via.array.size > a->ulValueLen / sizeof(CK_ATTRIBUTE))
 			return -1;
-		n = a->ulValueLen / sizeof(CK_ATTRIBUTE);
+		n = v->via.array.size;
 		if (get_values(a->pValue, n, v, depth + 1) != 0)
 			return -1;
 		a->ulValueLen = n * sizeof(CK_ATTRIBUTE);

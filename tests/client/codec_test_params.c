@@ -157,8 +157,13 @@ static void test_get_attribute_value(void)
 	reply("[0,[h\"00\"]]"); /* bytes where only a length can be */
 	CHECK_RV(C_GetAttributeValue(1, 2, &query, 1), CKR_DEVICE_ERROR);
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
-	reply("[0,[[h\"00\"]]]"); /* one inner value for two inner attributes */
+	reply("[0,[[h\"00\",8,8]]]"); /* three inner values for two inner attributes */
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	/* the object's template is shorter than the room given: ulValueLen says so */
+	reply("[0,[[h\"0400000000000000\"]]]");
+	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
+	CHECK(q.ulValueLen == sizeof(CK_ATTRIBUTE) && inner[0].ulValueLen == 8);
+	q.ulValueLen = sizeof inner;
 	reply("[0,[h\"00\"]]"); /* bytes for a nested template */
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	q.pValue = NULL;
