@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from p11p.daemon.errors import MemberUnavailable
 from p11p.protocol.constants import CKR, rv_name
@@ -64,11 +64,9 @@ class HelperProcess(asyncio.SubprocessProtocol):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
-        stdin = transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
-        self._stdin = stdin
+        # uvloop's transports are not asyncio's classes, only alike
+        self._transport = cast(asyncio.SubprocessTransport, transport)
+        self._stdin = cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
         self.alive = True
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
