@@ -87,9 +87,10 @@ void p11p_put_template_get(struct p11p_call *c, const CK_ATTRIBUTE *t, CK_ULONG 
 /* ---- C_GetAttributeValue: the reply ---- */
 
 static int get_values(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int depth);
+static int get_inner(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int depth);
 
 /* One attribute's reply: bin (written), int (a length only, or CK_UNAVAILABLE_INFORMATION;
- * for a nested template a count), or an array (a nested template's inner values). */
+ * for a nested template a count), or an array (a nested template's inner [type, value]s). */
 static int get_value(CK_ATTRIBUTE *a, const msgpack_object *v, int depth)
 {
 	CK_ULONG n;
@@ -119,13 +120,31 @@ static int get_value(CK_ATTRIBUTE *a, const msgpack_object *v, int depth)
 		    v->via.array.size > a->ulValueLen / sizeof(CK_ATTRIBUTE))
 			return -1;
 		n = v->via.array.size;
-		if (get_values(a->pValue, n, v, depth + 1) != 0)
+		if (get_inner(a->pValue, n, v, depth + 1) != 0)
 			return -1;
 		a->ulValueLen = n * sizeof(CK_ATTRIBUTE);
 		return 0;
 	default:
 		return -1;
 	}
+}
+
+/* A nested template's inner attributes come back as [type, value] each: the module
+ * writes the inner types too. */
+static int get_inner(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int depth)
+{
+	for (CK_ULONG i = 0; i < n; i++) {
+		const msgpack_object *pair = &o->via.array.ptr[i];
+		CK_ULONG type;
+
+		if (pair->type != MSGPACK_OBJECT_ARRAY || pair->via.array.size != 2 ||
+		    p11p_obj_ulong(&pair->via.array.ptr[0], &type) != 0)
+			return -1;
+		t[i].type = type;
+		if (get_value(&t[i], &pair->via.array.ptr[1], depth) != 0)
+			return -1;
+	}
+	return 0;
 }
 
 static int get_values(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int depth)

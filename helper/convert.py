@@ -305,7 +305,9 @@ class Converters:
             elif type(cap) is list:
                 inner = self.ffi.cast("CK_ATTRIBUTE *", a.pValue)
                 count = min(length // self.attr_size, len(cap))
-                out.append(self._get_values(inner, cap[:count]))
+                values = self._get_values(inner, cap[:count])
+                # the module writes the inner types as well: they travel with the values
+                out.append([[int(inner[j].type), values[j]] for j in range(count)])
             elif length <= cap:
                 out.append(self.ffi.buffer(a.pValue, length)[:])
             else:

@@ -83,7 +83,7 @@ static void test_get_attribute_value(void)
 	inner[1] = (CK_ATTRIBUTE){ CKA_KEY_TYPE, NULL, 0 };
 
 	/* mixed results: written, sensitive, a length query, invalid type, nested template */
-	reply("[17,[h\"0400000000000000\"," UNAVAILABLE ",5," UNAVAILABLE ",[h\"0400000000000000\",8]]]");
+	reply("[17,[h\"0400000000000000\"," UNAVAILABLE ",5," UNAVAILABLE ",[[0,h\"0400000000000000\"],[256,8]]]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_SENSITIVE);
 	CHECK_REQ("[25,1,2,[[0,8],[17,4],[3,nil],[2147483393,8],[" WRAP_TEMPLATE ",[[0,8],[256,nil]]]]]");
 	CHECK(t[0].ulValueLen == 8 && v0[0] == 4);
@@ -95,11 +95,11 @@ static void test_get_attribute_value(void)
 
 	/* per-attribute results come back with CKR_ATTRIBUTE_TYPE_INVALID and BUFFER_TOO_SMALL */
 	t[1].ulValueLen = sizeof v1;
-	reply("[18,[h\"0500000000000000\",h\"01\",5," UNAVAILABLE ",[h\"0400000000000000\",8]]]");
+	reply("[18,[h\"0500000000000000\",h\"01\",5," UNAVAILABLE ",[[0,h\"0400000000000000\"],[256,8]]]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_TYPE_INVALID);
 	CHECK(v0[0] == 5 && t[1].ulValueLen == 1 && v1[0] == 1);
 	t[0].ulValueLen = 8;
-	reply("[336,[" UNAVAILABLE ",h\"02\",5,3,[h\"0400000000000000\",8]]]");
+	reply("[336,[" UNAVAILABLE ",h\"02\",5,3,[[0,h\"0400000000000000\"],[256,8]]]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_BUFFER_TOO_SMALL);
 	CHECK(t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION && t[3].ulValueLen == 3);
 
@@ -112,13 +112,14 @@ static void test_get_attribute_value(void)
 	reply("[18,[" UNAVAILABLE "]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_ATTRIBUTE_TYPE_INVALID);
 	CHECK(q.ulValueLen == CK_UNAVAILABLE_INFORMATION);
-	/* inner values of a nested template */
-	inner[1] = (CK_ATTRIBUTE){ CKA_KEY_TYPE, i1, sizeof i1 };
+	/* inner values of a nested template, with the inner types the module wrote */
+	inner[1] = (CK_ATTRIBUTE){ 0, i1, sizeof i1 };
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
-	reply("[0,[[h\"0400000000000000\",h\"1f00000000000000\"]]]");
+	reply("[0,[[[0,h\"0400000000000000\"],[256,h\"1f00000000000000\"]]]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
-	CHECK_REQ("[25,1,2,[[" WRAP_TEMPLATE ",[[0,8],[256,8]]]]]");
-	CHECK(i1[0] == 0x1f && inner[1].ulValueLen == 8 && q.ulValueLen == sizeof inner);
+	CHECK_REQ("[25,1,2,[[" WRAP_TEMPLATE ",[[0,8],[0,8]]]]]");
+	CHECK(i1[0] == 0x1f && inner[1].type == CKA_KEY_TYPE && inner[1].ulValueLen == 8 &&
+	      q.ulValueLen == sizeof inner);
 	/* CKA_ALLOWED_MECHANISMS is bytes, not a template */
 	CK_BYTE mech[16];
 	CK_ATTRIBUTE am = { CKA_ALLOWED_MECHANISMS, mech, sizeof mech };
@@ -157,10 +158,10 @@ static void test_get_attribute_value(void)
 	reply("[0,[h\"00\"]]"); /* bytes where only a length can be */
 	CHECK_RV(C_GetAttributeValue(1, 2, &query, 1), CKR_DEVICE_ERROR);
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
-	reply("[0,[[h\"00\",8,8]]]"); /* three inner values for two inner attributes */
+	reply("[0,[[[0,h\"00\"],[1,8],[2,8]]]]"); /* three inner values for two inner attributes */
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	/* the object's template is shorter than the room given: ulValueLen says so */
-	reply("[0,[[h\"0400000000000000\"]]]");
+	reply("[0,[[[0,h\"0400000000000000\"]]]]");
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
 	CHECK(q.ulValueLen == sizeof(CK_ATTRIBUTE) && inner[0].ulValueLen == 8);
 	q.ulValueLen = sizeof inner;
