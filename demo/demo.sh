@@ -30,11 +30,11 @@ say "pkcs11-tool through p11p: a new key pair and a signature (written to the pr
 LABEL=demo-$(date +%s)
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN \
   --keypairgen --key-type EC:prime256v1 --label "$LABEL" --id "$(printf '%x' "$(date +%s)")"
-echo "p11p says hello" > "$STATE/message.txt"
+echo "p11p says hello" | openssl dgst -sha256 -binary > "$STATE/message.sha256"
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN --sign \
-  --mechanism ECDSA-SHA256 --label "$LABEL" --input-file "$STATE/message.txt" --output-file "$STATE/message.sig"
+  --mechanism ECDSA --label "$LABEL" --input-file "$STATE/message.sha256" --output-file "$STATE/message.sig"
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN --verify \
-  --mechanism ECDSA-SHA256 --label "$LABEL" --input-file "$STATE/message.txt" --signature-file "$STATE/message.sig"
+  --mechanism ECDSA --label "$LABEL" --input-file "$STATE/message.sha256" --signature-file "$STATE/message.sig"
 
 say "p11p status"
 p11p status --config "$CONFIG"

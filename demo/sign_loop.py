@@ -3,6 +3,7 @@ verifies every signature with the demo key's public half, printing one line a se
 exits after SECONDS, non-zero if any call failed or any signature did not verify.
     python3 demo/sign_loop.py CLIENT_SO TOKEN_LABEL PIN SECONDS PUBLIC_KEY_PEM"""
 
+import hashlib
 import sys
 import time
 
@@ -27,7 +28,8 @@ start = last = time.monotonic()
 while time.monotonic() - start < seconds:
     data = f"demo {ok}".encode()
     try:
-        sig = bytes(session.sign(key, data, P.Mechanism(P.CKM_ECDSA_SHA256)))
+        digest = hashlib.sha256(data).digest()  # SoftHSM2 2.6 signs digests (CKM_ECDSA)
+        sig = bytes(session.sign(key, digest, P.Mechanism(P.CKM_ECDSA)))
         r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
         public.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
         ok += 1

@@ -4,6 +4,7 @@ application killed mid-session, a daemon that is not there yet)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -29,45 +30,71 @@ def slot_of(label):
 """
 
 
+def pykcs11_script(body: str) -> str:
+    return PYKCS11_PRELUDE + textwrap.dedent(body)
+
+
 def _tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["pkcs11-tool", "--module", module, *args], capture_output=True,
                           text=True, timeout=120)
 
 
 def test_pkcs11_tool_test_same_as_direct(daemon: Daemon, softhsm) -> None:  # type: ignore[no-untyped-def]
-    for key in (["--key-type", "rsa:2048", "--label", "tool-rsa", "--id", "a1"],
-                ["--key-type", "EC:prime256v1", "--label", "tool-ec", "--id", "a2"]):
-        r = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--login", "--pin", USER_PIN,
-                  "--keypairgen", *key)
-        assert r.returncode == 0, r.stderr
-    direct = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--test", "--login", "--pin", USER_PIN)
-    proxied = _tool(str(CLIENT_SO), "--token-label", "signing", "--test", "--login", "--pin", USER_PIN)
-    assert direct.returncode == 0, direct.stdout + direct.stderr
-    assert proxied.returncode == 0, proxied.stdout + proxied.stderr
-    assert "No errors" in proxied.stdout
-
     def norm(text: str) -> list[str]:
-        # lines naming the slot or token differ by design (the group's label)
-        return [ln for ln in text.splitlines() if not re.search(r"slot|token|Using", ln, re.I)]
+        # Lines naming the slot or token differ by design (the group's label). Keys are
+        # listed in the order the SoftHSM2 instance found them on disk, which differs
+        # between a fresh process and the long-lived helper: compare them as a multiset.
+        lines = [re.sub(r"testing key \d+", "testing key", ln) for ln in text.splitlines()
+                 if not re.search(r"slot|token|Using", ln, re.I)]
+        return sorted(lines)
 
-    assert norm(proxied.stdout) == norm(direct.stdout)
+    def both() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        direct = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--test", "--login", "--pin", USER_PIN)
+        proxied = _tool(str(CLIENT_SO), "--token-label", "signing", "--test", "--login", "--pin", USER_PIN)
+        assert proxied.returncode == direct.returncode, proxied.stdout + proxied.stderr
+        assert norm(proxied.stdout) == norm(direct.stdout)
+        assert norm(proxied.stderr) == norm(direct.stderr)
+        return direct, proxied
+
+    r = _tool(str(SOFTHSM_SO), "--token-label", "tokA", "--login", "--pin", USER_PIN,
+              "--keypairgen", "--key-type", "EC:prime256v1", "--label", "tool-ec", "--id", "a2")
+    assert r.returncode == 0, r.stderr
+    direct, proxied = both()
+    assert direct.returncode == 0 and "No errors" in proxied.stdout
+    # (An RSA key makes pkcs11-tool try OAEP with SHA-256, which SoftHSM2 2.6 lacks; it
+    # aborts at the first RSA key, whose position depends on the instance's object order,
+    # so that run is not comparable line by line. RSA is covered by test_battery.)
 
 
 def test_pkcs11_tool_keygen_and_sign(daemon: Daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
     r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN,
               "--keypairgen", "--key-type", "EC:prime256v1", "--label", "tool-sign", "--id", "b1")
     assert r.returncode == 0, r.stderr
-    data = tmp_path / "data"
-    data.write_bytes(b"hello through p11p")
+    # SoftHSM2 2.6 signs with plain ECDSA: the input is the SHA-256 digest
+    message = b"hello through p11p"
+    data = tmp_path / "digest"
+    data.write_bytes(hashlib.sha256(message).digest())
     sig = tmp_path / "sig"
     r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN, "--sign",
-              "--mechanism", "ECDSA-SHA256", "--id", "b1", "--input-file", str(data),
+              "--mechanism", "ECDSA", "--id", "b1", "--input-file", str(data),
               "--output-file", str(sig))
     assert r.returncode == 0, r.stderr
     r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN, "--verify",
-              "--mechanism", "ECDSA-SHA256", "--id", "b1", "--input-file", str(data),
+              "--mechanism", "ECDSA", "--id", "b1", "--input-file", str(data),
               "--signature-file", str(sig))
     assert r.returncode == 0 and "Signature is valid" in r.stdout, r.stdout + r.stderr
+    # and independently: the public key read through p11p verifies the signature
+    r = _tool(str(CLIENT_SO), "--token-label", "signing", "--read-object", "--type", "pubkey",
+              "--id", "b1", "--output-file", str(tmp_path / "pub.der"))
+    assert r.returncode == 0, r.stderr
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    pub = serialization.load_der_public_key((tmp_path / "pub.der").read_bytes())
+    raw = sig.read_bytes()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")),
+               message, ec.ECDSA(hashes.SHA256()))
 
 
 def test_python_pkcs11_application(daemon: Daemon) -> None:
@@ -83,7 +110,8 @@ def test_python_pkcs11_application(daemon: Daemon) -> None:
             pub, priv = s.generate_keypair(KeyType.EC, store=False,
                 public_template={{pkcs11.Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")}})
             data = b"python-pkcs11 through p11p"
-            sig = priv.sign(data, mechanism=Mechanism.ECDSA_SHA256)
+            import hashlib
+            sig = priv.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
             point = pub[pkcs11.Attribute.EC_POINT]
             key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
             key.verify(encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")),
@@ -108,11 +136,11 @@ def test_two_applications_have_separate_logins(daemon: Daemon, pykcs11_p11p) -> 
     except P.PyKCS11Error as exc:
         assert exc.value == P.CKR_USER_ALREADY_LOGGED_IN
     assert s.getSessionInfo().state == P.CKS_RW_USER_FUNCTIONS
-    r = run_app(PYKCS11_PRELUDE + """
+    r = run_app(pykcs11_script("""
         s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION)
         print(s.getSessionInfo().state == P.CKS_RO_PUBLIC_SESSION,
               len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)])))
-        """)
+        """))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "0"]  # not logged in, sees no private key
     assert s.getSessionInfo().state == P.CKS_RW_USER_FUNCTIONS  # ours is untouched
@@ -151,7 +179,7 @@ def test_forked_child_uses_its_own_connection(daemon: Daemon) -> None:
 
 
 def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
-    app = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PYKCS11_PRELUDE + f"""
+    app = subprocess.Popen([sys.executable, "-c", pykcs11_script(f"""
         s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
         s.login({USER_PIN!r})
         s.generateRandom(8)
