@@ -46,7 +46,7 @@ class ClientConnection(asyncio.Protocol):
             self.pid, self.uid, self.gid = _CREDS.unpack(raw)
         except (OSError, AttributeError):
             log.warning("connection without peer credentials refused")
-            transport.abort()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
