@@ -130,7 +130,10 @@ static int get_value(CK_ATTRIBUTE *a, const msgpack_object *v, int depth)
 }
 
 /* A nested template's inner attributes come back as [type, value] each: the module
- * writes the inner types too. */
+ * writes the inner types too. The value is read by the type the application gave (the
+ * one the request described), so a reply can never make the client take an
+ * application's byte buffer for an array of attributes; the returned type is written
+ * after. */
 static int get_inner(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int depth)
 {
 	for (CK_ULONG i = 0; i < n; i++) {
@@ -140,9 +143,9 @@ static int get_inner(CK_ATTRIBUTE *t, CK_ULONG n, const msgpack_object *o, int d
 		if (pair->type != MSGPACK_OBJECT_ARRAY || pair->via.array.size != 2 ||
 		    p11p_obj_ulong(&pair->via.array.ptr[0], &type) != 0)
 			return -1;
-		t[i].type = type;
 		if (get_value(&t[i], &pair->via.array.ptr[1], depth) != 0)
 			return -1;
+		t[i].type = type;
 	}
 	return 0;
 }

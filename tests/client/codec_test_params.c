@@ -167,6 +167,21 @@ static void test_get_attribute_value(void)
 	q.ulValueLen = sizeof inner;
 	reply("[0,[h\"00\"]]"); /* bytes for a nested template */
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	reply("[0,[[[0]]]]"); /* an inner pair without its value */
+	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	reply("[0,[[[\"0\",8]]]]"); /* an inner type that is not an integer */
+	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	reply("[0,[[h\"0400000000000000\"]]]"); /* an inner value without its type */
+	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	/* a reply that calls an application's plain inner buffer a nested template: the
+	 * buffer (whose bytes would be garbage pointers) is never read as attributes */
+	CK_BYTE garbage[2 * sizeof(CK_ATTRIBUTE)];
+	CK_ATTRIBUTE plain_inner[1] = { { CKA_LABEL, garbage, sizeof garbage } };
+	memset(garbage, 0x41, sizeof garbage);
+	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, plain_inner, sizeof plain_inner };
+	reply("[0,[[[" WRAP_TEMPLATE ",[[0,h\"00\"]]]]]]");
+	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
 	q.pValue = NULL;
 	reply("[0,[[]]]"); /* inner values where the application asked for the count */
 	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
