@@ -1,5 +1,8 @@
 """Fixtures of the client tests: the built library (plain and ASan/UBSan), the codec
-test and the driver, and drivers started against a fake daemon's socket path."""
+test and the driver, and drivers started against a fake daemon's socket path.
+
+Imported by the test modules rather than kept in a conftest.py, so that this folder adds
+no second module named `conftest` to the suite."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from clientbuild import CODEC_SOURCES, CODEC_TEST_SOURCES, HERE, Driver, compile_c, make_libraries
+
+__all__ = ["client_libs", "client_bin", "codec_tests", "driver_exes", "sock", "variant",
+           "start_driver"]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from clientbuild import SANITIZER_ENV, sanitizer_report
+from clientfixtures import *  # noqa: F403  (the fixtures)
 
 
 @pytest.mark.parametrize("variant", ["plain", "asan"])

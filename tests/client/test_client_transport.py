@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from clientfixtures import *  # noqa: F403  (the fixtures)
 from fakedaemon import (
     FN_FINALIZE,
     FN_GET_SLOT_LIST,
