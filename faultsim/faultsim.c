@@ -206,10 +206,9 @@ int fs_before(int code, CK_RV *rv)
 			hang[0] = '\0';
 		pthread_mutex_unlock(&lock);
 	}
-	if (delay > 0)
-		sleep_ms(delay);
 	if (close)
 		close_all_sessions();
+	/* the slot is taken before the delay: a busy HSM is busy for the delay too */
 	pthread_mutex_lock(&lock);
 	while (rules.concurrency > 0 && in_flight >= rules.concurrency) {
 		struct timespec until;
@@ -225,6 +224,8 @@ int fs_before(int code, CK_RV *rv)
 	}
 	in_flight++;
 	pthread_mutex_unlock(&lock);
+	if (delay > 0)
+		sleep_ms(delay);
 	return 0;
 }
 
