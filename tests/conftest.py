@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, one_member_group
+from kit import CLIENT_SO, SOFTHSM_SO, Daemon, SoftHSM, Target, one_member_group
 
 
 @pytest.fixture(scope="session")
@@ -45,24 +44,6 @@ def pykcs11_direct(softhsm: SoftHSM):  # type: ignore[no-untyped-def]
     lib = PyKCS11.PyKCS11Lib()
     lib.load(str(SOFTHSM_SO))
     return lib
-
-
-class Target:
-    """One way to reach the token: SoftHSM2 directly or through p11p."""
-
-    def __init__(self, name: str, lib, slot: int, module: Path) -> None:  # type: ignore[no-untyped-def]
-        self.name, self.lib, self.slot, self.module = name, lib, slot, module
-
-    def session(self, login: bool = True):  # type: ignore[no-untyped-def]
-        import PyKCS11
-        s = self.lib.openSession(self.slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
-        if login:
-            try:
-                s.login(USER_PIN)
-            except PyKCS11.PyKCS11Error as exc:
-                if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
-                    raise
-        return s
 
 
 def _slot_with_label(lib, label: str) -> int:  # type: ignore[no-untyped-def]

@@ -168,3 +168,21 @@ def one_member_group(label: str, softhsm: SoftHSM, token: str, extra: str = "") 
         token = "{token}"
         env = {{ SOFTHSM2_CONF = "{softhsm.conf}" }}
         """
+
+
+class Target:
+    """One way to reach the token: SoftHSM2 directly or through p11p."""
+
+    def __init__(self, name: str, lib, slot: int, module: Path) -> None:  # type: ignore[no-untyped-def]
+        self.name, self.lib, self.slot, self.module = name, lib, slot, module
+
+    def session(self, login: bool = True):  # type: ignore[no-untyped-def]
+        import PyKCS11
+        s = self.lib.openSession(self.slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+        if login:
+            try:
+                s.login(USER_PIN)
+            except PyKCS11.PyKCS11Error as exc:
+                if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                    raise
+        return s

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import FaultApp
+from fskit import FaultApp
 
 
 def test_pass_through_without_rules(app: FaultApp) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HAGroup, WorkloadApp
+from hakit import HAGroup, WorkloadApp
 
 WORKLOADS = ["ecdsa", "rsa_multipart", "aes_cbc", "find", "created_key", "unwrapped_key",
              "private_attribute"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HERE, HAGroup, WorkloadApp
+from hakit import HERE, HAGroup, WorkloadApp
 from kit import CLIENT_SO, USER_PIN
 
 
@@ -22,15 +22,16 @@ from kit import CLIENT_SO, USER_PIN
     "C_Sign error rv=CKR_SESSION_HANDLE_INVALID count=1",
     "C_Sign error rv=CKR_SESSION_CLOSED count=1",
     "C_Sign error rv=CKR_USER_NOT_LOGGED_IN count=1",
-    "C_Sign error rv=CKR_OBJECT_HANDLE_INVALID count=1",
+    "C_SignInit error rv=CKR_OBJECT_HANDLE_INVALID count=1",
     "C_Sign close-sessions",
 ])
 def test_session_lost_is_invisible_on_one_member(ha_factory: Any, ha_keys: Path, rule: str) -> None:
     group: HAGroup = ha_factory("failover", ["hsmA"])
     app = WorkloadApp(group.daemon, ha_keys)
     try:
-        assert app.send("begin ecdsa") == "ready"
+        # the fault hits the first matching call: C_SignInit in "begin", C_Sign in "finish"
         group.set_rules("hsmA", rule + "\n")
+        assert app.send("begin ecdsa") == "ready"
         assert app.send("finish").startswith("ok")
         # and the application's login survived: a private object is still readable
         group.set_rules("hsmA", "")
@@ -40,7 +41,7 @@ def test_session_lost_is_invisible_on_one_member(ha_factory: Any, ha_keys: Path,
         app.close()
     log = group.daemon.log_text()
     assert "session lost:" in log
-    assert "C_Sign" in (group.faultlog.read_text() if group.faultlog.exists() else "")
+    assert rule.split()[0] in (group.faultlog.read_text() if group.faultlog.exists() else "")
     assert group.member("hsmA")["state"] == "OK"  # a lost session is not a failed member
 
 

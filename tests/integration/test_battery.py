@@ -7,10 +7,10 @@ import os
 
 import PyKCS11 as P
 import pytest
-from conftest import Target
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from kit import Target
 
 
 def _label(prefix: str) -> str:

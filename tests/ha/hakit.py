@@ -1,0 +1,111 @@
+"""HA test kit: a p11p group of members behind p11p-faultsim.so, and the workload
+application that drives it (the fixtures that make them are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kit import CLIENT_SO, FAULTSIM_SO, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, helper_pids
+
+HERE = Path(__file__).resolve().parent
+
+
+class HAGroup:
+    """A daemon with one group of members behind the fault module, and their rules."""
+
+    def __init__(self, root: Path, hsm: SoftHSM, policy: str, tokens: list[str],
+                 extra: str = "", rules: dict[str, str] | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.rules = {t: root / f"{t}.rules" for t in tokens}
+        self.faultlog = root / "faults.log"
+        members = ""
+        for t in tokens:
+            self.rules[t].write_text((rules or {}).get(t, ""))
+            members += f"""
+[[member]]
+name = "{t}"
+module = "{FAULTSIM_SO}"
+token = "{t}"
+env = {{ P11P_FAULTSIM_MODULE = "{SOFTHSM_SO}", P11P_FAULTSIM_RULES = "{self.rules[t]}", P11P_FAULTSIM_LOG = "{self.faultlog}", SOFTHSM2_CONF = "{hsm.conf}" }}
+"""
+        body = f"""
+label = "ha"
+policy = "{policy}"
+call_timeout = 1.5
+hold_timeout = 2
+{extra}
+[recovery]
+interval = 0.2
+attempts = 0
+{members}"""
+        self.daemon = Daemon(root, {"ha": body})
+
+    def set_rules(self, token: str, text: str) -> None:
+        tmp = self.rules[token].with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.rules[token])
+
+    def status(self) -> dict[str, Any]:
+        from p11p.daemon.cli import admin_request
+        path = self.daemon.socket.with_name(self.daemon.socket.name + ".admin")
+        return admin_request(path, {"cmd": "status"})
+
+    def member(self, name: str) -> dict[str, Any]:
+        (g,) = self.status()["groups"]
+        return next(m for m in g["members"] if m["name"] == name)
+
+    def wait_state(self, name: str, state: str, timeout: float = 20.0) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.member(name)["state"] == state:
+                return time.monotonic() - start
+            time.sleep(0.02)
+        raise AssertionError(f"{name} not {state} after {timeout}s: {self.member(name)}")
+
+    def app_helper(self, app_pid: int, member: str) -> int:
+        import re
+        found = re.findall(rf"pid={app_pid} member={member} helper pid=(\d+)", self.daemon.log_text())
+        assert found, "no helper logged for the application"
+        pid = int(found[-1])
+        assert pid in helper_pids(self.daemon.pid)
+        return pid
+
+
+class WorkloadApp:
+    def __init__(self, daemon: Daemon, keys: Path, label: str = "ha") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "workload_app.py"), str(CLIENT_SO), label, USER_PIN,
+             str(keys)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **daemon.env})
+        assert self.read() == "started"
+
+    def read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"application exited with {self.proc.wait()}")
+        return line.strip()
+
+    def send(self, text: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                self.proc.kill()
+                self.proc.wait()
+
+
