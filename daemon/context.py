@@ -47,6 +47,7 @@ class ApplicationContext:
         self.logins: dict[Group, tuple[int, bytes]] = {}
         self.logged_in: set[Member] = set()  # members where this context is logged in
         self.utility: dict[Member, int] = {}  # a member session for p11p's own look-ups
+        self._utility_locks: dict[Member, asyncio.Lock] = {}
         self.events: asyncio.Queue[int] = asyncio.Queue()
         self.finalized = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
@@ -83,6 +84,12 @@ class ApplicationContext:
         fut.set_result(helper)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
+
+    def utility_lock(self, member: Member) -> asyncio.Lock:
+        lock = self._utility_locks.get(member)
+        if lock is None:
+            lock = self._utility_locks[member] = asyncio.Lock()
+        return lock
 
     def has_helper(self, member: Member) -> bool:
         return member in self._helpers

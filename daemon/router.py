@@ -430,6 +430,17 @@ class Router:
         return vobj.real[member]
 
     async def _resolve(self, ctx: ApplicationContext, vobj: VirtualObject, member: Member) -> int:
+        # One find at a time on the utility session; whoever waited may find it done.
+        async with ctx.utility_lock(member):
+            real = vobj.real.get(member)
+            if real is not None:
+                return real
+            if member in vobj.missing:
+                raise KeyMissing
+            return await self._find_by_identity(ctx, vobj, member)
+
+    async def _find_by_identity(self, ctx: ApplicationContext, vobj: VirtualObject,
+                                member: Member) -> int:
         assert vobj.identity is not None
         real = await self.utility_session(ctx, member)
         reply = await self.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
