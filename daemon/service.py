@@ -158,7 +158,8 @@ class Daemon:
         moved = 0
         for ctx in list(self.contexts.values()):
             for vs in ctx.sessions.values():
-                if vs.member is member and vs.movable:
+                # sessions served elsewhere may keep an idle member session here too
+                if member in vs.real and (vs.member is not member or vs.movable):
                     await self.router.leave(ctx, vs, member)
                     moved += 1
             real = ctx.utility.pop(member, None)
