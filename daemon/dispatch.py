@@ -228,11 +228,8 @@ class Dispatcher:
 
     async def find_objects(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
-        find = vs.find
-        if find is not None and find.pending is not None and isinstance(req[2], int):
-            batch, find.pending = find.pending[:req[2]], find.pending[req[2]:]
-            find.returned += batch
-            return [OK, batch]
+        if vs.find is not None and vs.find.pending is not None:
+            return self.router.pending_batch(vs, req)
         return await self.router.call(ctx, vs, req)
 
     async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:

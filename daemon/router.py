@@ -144,6 +144,8 @@ class Router:
             try:
                 if write is None:
                     await self._prepare(ctx, vs, member)
+                    if shape.found is not None and vs.find is not None and vs.find.pending is not None:
+                        return self.pending_batch(vs, vreq)  # a find just replayed here
                 else:
                     await self._session_on(ctx, vs, member)
                 mreq = await self._translate(ctx, vs, member, shape, vreq)
@@ -348,6 +350,17 @@ class Router:
             if expected is not None and _digest(reply[1]) != expected:
                 return "a replayed update gave a different output"
         return ""
+
+    @staticmethod
+    def pending_batch(vs: VirtualSession, vreq: list[Any]) -> Reply:
+        """C_FindObjects answered from a replayed find's remaining results."""
+        find = vs.find
+        assert find is not None and find.pending is not None
+        if not isinstance(vreq[2], int):
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        batch, find.pending = find.pending[:vreq[2]], find.pending[vreq[2]:]
+        find.returned += batch
+        return [OK, batch]
 
     async def _replay_find(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                            find: FindState) -> None:

@@ -28,9 +28,11 @@ CKA_CLASS = CKA["CKA_CLASS"]
 CKA_ID = CKA["CKA_ID"]
 CKA_LABEL = CKA["CKA_LABEL"]
 CKA_KEY_TYPE = CKA["CKA_KEY_TYPE"]
+CKA_APPLICATION = CKA["CKA_APPLICATION"]
 # The attributes read once per newly seen object; caps cover usual ids and labels.
+# CKA_APPLICATION tells data objects apart (they have no CKA_ID or key type).
 IDENTITY_TEMPLATE = [[CKA_TOKEN, 1], [CKA_CLASS, 8], [CKA_ID, 256], [CKA_LABEL, 256],
-                     [CKA_KEY_TYPE, 8]]
+                     [CKA_KEY_TYPE, 8], [CKA_APPLICATION, 256]]
 
 
 def ulong_value(value: int) -> bytes:
@@ -39,12 +41,14 @@ def ulong_value(value: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ObjectIdentity:
-    """What makes 'the same object' on two members."""
+    """What makes 'the same object' on two members. Objects alike in all of these
+    cannot be told apart across members (documented limit)."""
 
     object_class: int | None
     object_id: bytes | None
     label: bytes | None
     key_type: int | None
+    application: bytes | None = None
 
     def template(self) -> list[list[Any]]:
         """A find template that selects this object (token objects only)."""
@@ -57,6 +61,8 @@ class ObjectIdentity:
             t.append([CKA_LABEL, self.label])
         if self.key_type is not None:
             t.append([CKA_KEY_TYPE, ulong_value(self.key_type)])
+        if self.application is not None:
+            t.append([CKA_APPLICATION, self.application])
         return t
 
 
@@ -71,7 +77,7 @@ def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity
     token = values[0]
     is_token = bool(token[0]) if isinstance(token, bytes) and len(token) == 1 else None
     return is_token, ObjectIdentity(ulong(values[1]), raw(values[2]), raw(values[3]),
-                                    ulong(values[4]))
+                                    ulong(values[4]), raw(values[5]))
 
 
 @dataclass(eq=False)
