@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 from p11p.daemon.errors import MemberUnavailable
@@ -40,6 +41,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._why = "helper exited"
+        self.stopping = False  # the daemon ended it: not a failure
+        self.on_death: Callable[[str], None] | None = None  # told when it dies by itself
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -116,6 +119,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self._fail(self._why)
         if not self.exited.done():
             self.exited.set_result(code or 0)
+        if not self.stopping and self.ready.done() and self.on_death is not None:
+            self.on_death(self._why)
 
     def _fail(self, why: str) -> None:
         self.alive = False
@@ -130,6 +135,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
                 fut.set_exception(error)
 
     def kill(self) -> None:
+        self.stopping = True
         if self._transport is not None and self._transport.get_returncode() is None:
             try:
                 self._transport.kill()
@@ -138,6 +144,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Finalizes the module (by closing stdin) and waits; kills past the time-out."""
+        self.stopping = True
         if self._stdin is not None and not self._stdin.is_closing():
             self._stdin.close()
         try:
@@ -181,7 +188,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
             return
         self._why = f"call exceeded call_timeout ({timeout:g} s); helper killed"
         log.warning("member=%s pid=%d %s", self.member, self.pid, self._why)
-        self._fail(self._why)
+        self._fail(self._why)  # the pending calls report the failure
         self.kill()
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -79,6 +80,7 @@ class Member:
         self._pool_size = pool_size
         self._max_frame = max_frame
         self._warm: list[HelperProcess] = []
+        self.on_helper_death: Callable[[Member, str], None] | None = None
         self._refill: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -101,8 +103,15 @@ class Member:
     # -- helpers ----------------------------------------------------------------------
 
     async def new_helper(self) -> HelperProcess:
-        return await HelperProcess.start(self.name, self.config.module, self.config.env,
-                                         self._max_frame)
+        helper = await HelperProcess.start(self.name, self.config.module, self.config.env,
+                                           self._max_frame)
+        helper.on_death = self._helper_died
+        return helper
+
+    def _helper_died(self, why: str) -> None:
+        """A helper exited by itself (crash, kill): the member is failed (DESIGN)."""
+        if self.on_helper_death is not None:
+            self.on_helper_death(self, why)
 
     async def take_helper(self) -> HelperProcess:
         """A started helper for one application context (warm if one is ready)."""

@@ -20,6 +20,7 @@ from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import DaemonConfig
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
+from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
@@ -56,6 +57,12 @@ class Daemon:
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
+        for group in self.groups:
+            for member in group.members:
+                member.on_helper_death = self._helper_died
+
+    def _helper_died(self, member: Member, why: str) -> None:
+        self.router.member_failed(member, MemberUnavailable(member.name, why), "(helper exit)")
 
     # -- start / stop -----------------------------------------------------------------
 
