@@ -63,8 +63,12 @@ class ApplicationContext:
         if fut is not None:
             if not fut.done():
                 return await asyncio.shield(fut)
-            if fut.exception() is None and fut.result().alive:
-                return fut.result()
+            if fut.exception() is None:
+                helper = fut.result()
+                if helper.alive:
+                    return helper
+                if not helper.stopping:  # it died by itself: the member failed
+                    raise MemberUnavailable(member.name, helper.why)
             self.forget_member(member)
         if self.closed:
             raise CKError(CKR["CKR_CRYPTOKI_NOT_INITIALIZED"])

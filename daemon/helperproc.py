@@ -160,13 +160,16 @@ class HelperProcess(asyncio.SubprocessProtocol):
     def send(self, request: list[Any]) -> asyncio.Future[list[Any]]:
         """Sends `[code, arg...]`; the future gives `[call_id, rv, out...]`."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        if not self.alive or self._stdin is None:
+        if not self.alive or self._stdin is None or self._stdin.is_closing():
             fut.set_exception(MemberUnavailable(self.member, self._why))
             return fut
         call_id = self._next_id
         self._next_id = call_id + 1 if call_id < 0x7FFFFFFF else 1
         self._pending[call_id] = fut
-        self._stdin.write(encode([call_id, *request]))
+        try:
+            self._stdin.write(encode([call_id, *request]))
+        except (RuntimeError, OSError) as exc:  # the pipe closed under us: it died
+            self._fail(f"helper pipe closed: {exc}")
         return fut
 
     async def call(self, request: list[Any], timeout: float | None) -> list[Any]:
@@ -190,6 +193,10 @@ class HelperProcess(asyncio.SubprocessProtocol):
         log.warning("member=%s pid=%d %s", self.member, self.pid, self._why)
         self._fail(self._why)  # the pending calls report the failure
         self.kill()
+
+    @property
+    def why(self) -> str:
+        return self._why
 
     @property
     def in_flight(self) -> int:
