@@ -28,13 +28,14 @@ pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN --list
 
 say "pkcs11-tool through p11p: a new key pair and a signature (written to the primary member)"
 LABEL=demo-$(date +%s)
+ID=$(printf '%x' "$(date +%s)")   # pkcs11-tool picks keys for --verify reliably by id
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN \
-  --keypairgen --key-type EC:prime256v1 --label "$LABEL" --id "$(printf '%x' "$(date +%s)")"
+  --keypairgen --key-type EC:prime256v1 --label "$LABEL" --id "$ID"
 echo "p11p says hello" | openssl dgst -sha256 -binary > "$STATE/message.sha256"
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN --sign \
-  --mechanism ECDSA --label "$LABEL" --input-file "$STATE/message.sha256" --output-file "$STATE/message.sig"
+  --mechanism ECDSA --id "$ID" --input-file "$STATE/message.sha256" --output-file "$STATE/message.sig"
 pkcs11-tool --module "$CLIENT" --token-label p11p-demo --login --pin $PIN --verify \
-  --mechanism ECDSA --label "$LABEL" --input-file "$STATE/message.sha256" --signature-file "$STATE/message.sig"
+  --mechanism ECDSA --id "$ID" --input-file "$STATE/message.sha256" --signature-file "$STATE/message.sig"
 
 say "p11p status"
 p11p status --config "$CONFIG"
