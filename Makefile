@@ -15,8 +15,8 @@ PYTEST_ARGS ?=
 all: build
 
 include client/build.mk
--include faultsim/build.mk
--include helper/build.mk
+include faultsim/build.mk
+include helper/build.mk
 -include bench/build.mk
 
 # Debian and Python packages that are missing get installed (quick when all are there).
@@ -27,14 +27,15 @@ deps:
 	@$(PYTHON) -c "import msgpack, uvloop, cffi, PyKCS11, pkcs11, pytest_asyncio, pytest_timeout, cryptography, hypothesis, ruff, mypy" 2>/dev/null || \
 	  { echo "installing Python packages"; $(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]' --config-settings editable_mode=strict; }
 
-build: deps $(BUILD)/p11p-client.so $(if $(wildcard faultsim/build.mk),$(BUILD)/p11p-faultsim.so) $(if $(wildcard helper/build.mk),helper-cffi)
+build: deps $(BUILD)/p11p-client.so $(BUILD)/asan/p11p-client.so $(BUILD)/p11p-faultsim.so helper-cffi
 	@$(PYTHON) -m pip install -q --root-user-action=ignore --no-deps -e . --config-settings editable_mode=strict
 	@command -v p11p >/dev/null || { echo "p11p is not on PATH"; exit 1; }
 
 # Generated files must be what their generators make now.
 gen-check:
 	$(PYTHON) protocol/gen_constants.py --check
-	@if [ -f client/gen.py ]; then $(PYTHON) client/gen.py --check; fi
+	$(PYTHON) client/gen.py --check
+	$(PYTHON) faultsim/gen.py --check
 
 lint:
 	ruff check daemon helper protocol tests client

@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, helper_pids, one_member_group, wait_for
+from kit import ASAN_CLIENT_SO, CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, helper_pids, one_member_group, wait_for
 
 
 def run_app(code: str, env: dict[str, str] | None = None, timeout: float = 60,
@@ -95,6 +95,20 @@ def test_pkcs11_tool_keygen_and_sign(daemon: Daemon, tmp_path) -> None:  # type:
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")),
                message, ec.ECDSA(hashes.SHA256()))
+
+
+def test_pkcs11_tool_on_the_sanitized_client(daemon: Daemon) -> None:
+    """A real application on the ASan/UBSan build of the client, against the real daemon."""
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    env = {**os.environ, "LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    for args in (["--list-slots"], ["--test", "--login", "--pin", USER_PIN],
+                 ["--generate-random", "64"]):
+        r = subprocess.run(["pkcs11-tool", "--module", str(ASAN_CLIENT_SO), "--token-label",
+                            "signing", *args], capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+        assert b"Sanitizer" not in r.stderr and b"runtime error" not in r.stderr
 
 
 def test_python_pkcs11_application(daemon: Daemon) -> None:
