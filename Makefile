@@ -10,7 +10,7 @@ DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-
                 openssl gcc make python3-dev swig
 PYTEST_ARGS ?=
 
-.PHONY: all build deps test demo clean lint gen-check pytest bench
+.PHONY: all build deps test demo clean lint gen-check pytest bench install
 
 all: build
 
@@ -18,6 +18,8 @@ include client/build.mk
 include faultsim/build.mk
 include helper/build.mk
 -include bench/build.mk
+-include fuzz/build.mk
+-include install.mk
 
 # Debian and Python packages that are missing get installed (quick when all are there).
 deps:
@@ -53,6 +55,10 @@ demo: build
 # Speed and footprint against the direct module and p11-kit's remoting (not in `make test`).
 bench: build $(BUILD)/p11bench
 	$(PYTHON) bench/run.py
+
+# Installs the client library, the fault module, a p11-kit module file and the units.
+install: build
+	$(MAKE) install-files
 
 clean:
 	rm -rf $(BUILD) *.egg-info
