@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.members import Member, MemberState
+from p11p.daemon.metrics import prometheus
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -62,6 +63,8 @@ class AdminServer:
         cmd = request.get("cmd")
         if cmd == "status":
             return self.daemon.status()
+        if cmd == "metrics":
+            return {"text": prometheus(self.daemon.groups)}
         if cmd in ("drain", "enable"):
             member = self._member(request)
             if member is None:

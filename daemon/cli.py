@@ -105,6 +105,9 @@ def admin_request(path: Path, request: dict[str, Any], timeout: float = 10.0) ->
 
 def cmd_status(args: argparse.Namespace) -> int:
     from p11p.daemon.admin import format_status
+    if args.prometheus:
+        print(admin_request(_admin_path(args), {"cmd": "metrics"})["text"], end="")
+        return 0
     status = admin_request(_admin_path(args), {"cmd": "status"})
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--admin-socket", help="the daemon's admin socket (else from --config)")
         if name == "status":
             p.add_argument("--json", action="store_true")
+            p.add_argument("--prometheus", action="store_true",
+                           help="counters in Prometheus text format")
         else:
             p.add_argument("action", choices=["drain", "enable"])
             p.add_argument("group")

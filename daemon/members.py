@@ -20,6 +20,7 @@ from typing import Any
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
 from p11p.daemon.helperproc import HelperProcess
+from p11p.daemon.metrics import GroupMetrics, MemberMetrics
 from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.spec import by_name
@@ -81,6 +82,7 @@ class Member:
         self._max_frame = max_frame
         self._warm: list[HelperProcess] = []
         self.on_helper_death: Callable[[Member, str], None] | None = None
+        self.metrics = MemberMetrics()
         self._refill: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -258,6 +260,7 @@ class Group:
         self.members = [Member(m, self, pool_size, max_frame) for m in config.members]
         self.rv_classes: dict[int, RvClass] = class_table(config.rv_classes)
         self._changed = asyncio.Event()
+        self.metrics = GroupMetrics()
 
     def notify(self) -> None:
         """Wakes calls held while no member was usable."""

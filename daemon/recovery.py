@@ -67,6 +67,7 @@ class Recovery:
             member.add_warm(helper)
             member.mark(MemberState.OK)
             member.health.attempt = 0
+            group.metrics.recoveries += 1
             log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
                         group.label, member.name, member.slot_id, attempt)
             group.compare_keysets()

@@ -115,11 +115,15 @@ class Router:
         helper = await ctx.helper(member)
         health = member.health
         health.calls_in_flight += 1
+        start = time.perf_counter()
+        rv = DEVICE_ERROR
         try:
             reply: Reply = await helper.call(request, member.group.config.call_timeout)
+            rv = reply[0]
         finally:
             health.calls_in_flight -= 1
             health.calls_served += 1
+            member.metrics.observe(time.perf_counter() - start, rv)
         return reply
 
     async def checked(self, ctx: ApplicationContext, member: Member, request: list[Any]) -> Reply:
@@ -325,9 +329,12 @@ class Router:
         if old is not None and old is not member and old.health.state is MemberState.DRAINING:
             await self._close_on(ctx, vs, old)
         if old is member:
+            vs.group.metrics.replays += 1
             log.warning("session rebuilt: %s on %s (replayed: %s)", vs.describe(), member.name,
                         ", ".join(replayed) or "nothing")
         elif old is not None and (not old.health.usable or replayed):
+            vs.group.metrics.failovers += 1
+            vs.group.metrics.replays += 1 if replayed else 0
             log.warning("session failed over: %s from %s to %s (replayed: %s)",
                         vs.describe(), old.name, member.name, ", ".join(replayed) or "nothing")
         if lost:

@@ -55,6 +55,12 @@ attempts = 0
         path = self.daemon.socket.with_name(self.daemon.socket.name + ".admin")
         return admin_request(path, {"cmd": "status"})
 
+    def prometheus(self) -> str:
+        r = subprocess.run([sys.executable, "-m", "p11p.daemon", "status", "--prometheus",
+                            "--config", str(self.daemon.config)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
     def member(self, name: str) -> dict[str, Any]:
         (g,) = self.status()["groups"]
         return next(m for m in g["members"] if m["name"] == name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -93,6 +94,11 @@ def test_both_members_down_hold_then_fail_then_recover(ha_factory: Any, ha_keys:
     assert states.index("FAILED") < states.index("RECOVERING") < len(states) - 1
     log = group.daemon.log_text()
     assert "group out of service: group=ha" in log and "group restored: group=ha" in log
+    metrics = group.prometheus()
+    assert re.search(r'p11p_member_errors_total\{group="ha",member="hsmA",rv="CKR_DEVICE_ERROR"\} [1-9]', metrics)
+    assert re.search(r'p11p_group_recoveries_total\{group="ha"\} [1-9]', metrics)
+    assert re.search(r'p11p_member_call_seconds_count\{group="ha",member="hsmB"\} [1-9]', metrics)
+    assert 'p11p_member_up{group="ha",member="hsmB",state="OK"} 1' in metrics
 
 
 def _load(group: HAGroup, threads: int, seconds: float) -> dict[str, Any]:
