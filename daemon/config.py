@@ -7,6 +7,7 @@ keys, so `_Locator` finds them in the text (tables, arrays of tables, keys).
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
@@ -70,6 +71,8 @@ class DaemonConfig:
     admin_socket: Path
     tokens_dir: Path
     log_level: str = "info"
+    socket_group: str | None = None
+    socket_mode: int = 0o660
     max_frame: int = 16 * 1024 * 1024
     helper_pool: int = 1
     context_grace: float = 5.0
@@ -268,7 +271,7 @@ def load(path: Path) -> DaemonConfig:
     raw = data.get("daemon", {})
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
-        "context_grace"})
+        "context_grace", "socket_group", "socket_mode"})
     base = path.parent
     socket = base / d.get("socket", str, "/run/p11p/p11p.sock")
     admin = d.get("admin_socket", str)
@@ -288,8 +291,24 @@ def load(path: Path) -> DaemonConfig:
             groups.append(group)
         if not groups and not errors:
             d.error("tokens_dir", f"no *.toml token files in {tokens_dir}")
+    group = d.get("socket_group", (str, int))
+    if group is not None:
+        try:
+            grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
+        except KeyError:
+            d.error("socket_group", f"no such group: {group}")
+            group = None
+    mode_text = d.get("socket_mode", str, "0660")
+    try:
+        mode = int(mode_text, 8)
+        if mode & ~0o777 or mode & 0o007:
+            raise ValueError
+    except ValueError:
+        d.error("socket_mode", f"expected an octal mode without access for others, got {mode_text!r}")
+        mode = 0o660
     config = DaemonConfig(
-        file=path, socket=socket,
+        file=path, socket=socket, socket_group=None if group is None else str(group),
+        socket_mode=mode,
         admin_socket=base / admin if admin else socket.with_name(socket.name + ".admin"),
         tokens_dir=tokens_dir,
         log_level=d.choice("log_level", ("debug", "info", "warning", "error"), "info"),

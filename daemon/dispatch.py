@@ -104,7 +104,10 @@ class Dispatcher:
 
     def group(self, ctx: ApplicationContext, slot: object) -> Group:
         group = self.daemon.slots.get(slot) if isinstance(slot, int) else None
-        if group is None or not self.daemon.allowed(ctx, group):
+        if group is not None and not self.daemon.allowed(ctx, group):
+            log.warning("access refused: uid=%d pid=%d slot=%s", ctx.uid, ctx.pid, slot)
+            group = None
+        if group is None:
             raise CKError(CKR_SLOT_ID_INVALID)
         return group
 

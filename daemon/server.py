@@ -78,7 +78,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(encode({"p11p": PROTOCOL_VERSION, "error": why}))
             self._drop(why)
             return False
-        refusal = self.daemon.admit(self.pid, self.uid)
+        refusal = self.daemon.admit(self.pid, self.uid, self.gid)
         if refusal:
             self.transport.write(encode({"p11p": PROTOCOL_VERSION, "error": refusal}))
             self._drop(refusal)

@@ -78,16 +78,28 @@ class Daemon:
                                                          sock=inherited)
         else:
             path = self.config.socket
-            path.parent.mkdir(parents=True, exist_ok=True)
+            gid = self._socket_gid()
+            # a directory of its own: only root and the socket's group get in
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             if path.exists() or path.is_symlink():
                 path.unlink()
             self._server = await loop.create_unix_server(lambda: ClientConnection(self),
                                                          path=str(path))
-            os.chmod(path, 0o660)
+            os.chmod(path, self.config.socket_mode)
+            if gid is not None:
+                os.chown(path.parent, -1, gid)
+                os.chmod(path.parent, 0o750)
+                os.chown(path, -1, gid)
         await self.admin.start()
         log.info("listening on %s; groups: %s", self.config.socket,
                  ", ".join(f"{g.label} (slot {g.slot_id}, {len(g.members)} members)"
                            for g in self.groups))
+
+    def _socket_gid(self) -> int | None:
+        name = self.config.socket_group
+        if name is None:
+            return None
+        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,8 +129,12 @@ class Daemon:
 
     # -- contexts ---------------------------------------------------------------------
 
-    def admit(self, pid: int, uid: int) -> str | None:
-        """A reason to refuse a new connection, or None."""
+    def admit(self, pid: int, uid: int, gid: int) -> str | None:
+        """A reason to refuse a new connection, or None. A client no group allows is
+        let in (it sees no slot) but logged."""
+        probe = ApplicationContext((pid, b""), uid, gid, pid, "", self.counter)
+        if self.groups and not any(self.allowed(probe, g) for g in self.groups):
+            log.warning("access refused: uid=%d pid=%d: no group allows this user", uid, pid)
         return None
 
     def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str) -> ApplicationContext:
