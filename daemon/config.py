@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p11p.daemon.uri import URIError
+from p11p.daemon.uri import parse as parse_uri
 from p11p.protocol.constants import CKR
 
 DEFAULT_CONFIG = Path("/etc/p11p/p11p.toml")
@@ -45,6 +47,9 @@ class MemberConfig:
     serial: str | None
     env: dict[str, str]
     weight: int = 1
+    manufacturer: str | None = None
+    model: str | None = None
+    slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +229,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     names: set[str] = set()
     for index, raw in enumerate(raw_members):
         mr = _Reader(loc, f"member[{index}]", raw, errors,
-                     {"name", "module", "token", "serial", "env", "weight"})
+                     {"name", "module", "token", "serial", "uri", "env", "weight"})
         name = mr.get("name", str, f"member{index}", required=True)
         if name in names:
             mr.error("name", f"duplicate member name {name!r}")
@@ -236,14 +241,26 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
             mr.error("module", f"no such file: {module}")
         token = mr.get("token", str)
         serial = mr.get("serial", str)
-        if token is None and serial is None:
-            mr.error(None, "needs 'token' (label) or 'serial'")
+        uri = mr.get("uri", str)
+        selected: dict[str, str] = {}
+        if uri is not None:
+            if token is not None or serial is not None:
+                mr.error("uri", "give either 'uri' or 'token'/'serial', not both")
+            try:
+                selected = parse_uri(uri)
+            except URIError as exc:
+                mr.error("uri", str(exc))
+            token, serial = selected.get("token"), selected.get("serial")
+        elif token is None and serial is None:
+            mr.error(None, "needs 'token' (label), 'serial' or 'uri'")
         env = mr.get("env", dict, {})
         if not all(isinstance(v, str) for v in env.values()):
             mr.error("env", "values must be strings")
             env = {}
+        slot = selected.get("slot-id")
         members.append(MemberConfig(name, module, token, serial, dict(env),
-                                    mr.integer("weight", 1, 1)))
+                                    mr.integer("weight", 1, 1), selected.get("manufacturer"),
+                                    selected.get("model"), int(slot) if slot else None))
     return GroupConfig(
         label=label, file=path, members=tuple(members),
         policy=top.choice("policy", POLICIES, "failover"),

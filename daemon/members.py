@@ -164,16 +164,26 @@ class Member:
         rv, slots = await helper.call([_GET_SLOT_LIST, 1, count], 10.0)
         if rv != CKR["CKR_OK"]:
             raise MemberUnavailable(self.name, f"C_GetSlotList: {rv_name(rv)}", rv)
-        want_label = _pad32(self.config.token) if self.config.token is not None else None
-        want_serial = self.config.serial
+        cfg = self.config
+        want_label = _pad32(cfg.token) if cfg.token is not None else None
         for slot in slots:
+            if cfg.slot is not None and slot != cfg.slot:
+                continue
             rv, info = await helper.call([_GET_TOKEN_INFO, slot, 0], 10.0)
             if rv != CKR["CKR_OK"]:
                 continue
-            label, serial = info[0], info[3].decode(errors="replace").strip()
+            label = info[0]
+
+            def text(raw: bytes) -> str:
+                return raw.decode(errors="replace").rstrip(" \0")
+
             if want_label is not None and label != want_label:
                 continue
-            if want_serial is not None and serial != want_serial:
+            if cfg.serial is not None and text(info[3]) != cfg.serial:
+                continue
+            if cfg.manufacturer is not None and text(info[1]) != cfg.manufacturer:
+                continue
+            if cfg.model is not None and text(info[2]) != cfg.model:
                 continue
             rv, mechs = await helper.call([_GET_MECH_LIST, slot, 4096], 10.0)
             self.mechanisms = mechs if rv == CKR["CKR_OK"] else []
@@ -181,7 +191,10 @@ class Member:
             self.token_label = label
             self.keyset = await self._read_keyset(helper, slot)
             return
-        what = f"label {self.config.token!r}" if want_label is not None else f"serial {want_serial!r}"
+        what = ", ".join(f"{k}={v!r}" for k, v in (("label", cfg.token), ("serial", cfg.serial),
+                                                    ("manufacturer", cfg.manufacturer),
+                                                    ("model", cfg.model), ("slot", cfg.slot))
+                         if v is not None)
         raise MemberUnavailable(self.name, f"no token with {what}", CKR["CKR_TOKEN_NOT_PRESENT"])
 
     async def _read_keyset(self, helper: HelperProcess, slot: int) -> frozenset[ObjectIdentity]:
