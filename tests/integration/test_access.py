@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from kit import CLIENT_SO, Daemon, SoftHSM, one_member_group
 
 USER, GROUP = "p11ptest-user", "p11ptest"

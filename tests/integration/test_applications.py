@@ -13,7 +13,16 @@ import sys
 import textwrap
 
 import pytest
-from kit import ASAN_CLIENT_SO, CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, helper_pids, one_member_group, wait_for
+from kit import (
+    ASAN_CLIENT_SO,
+    CLIENT_SO,
+    SOFTHSM_SO,
+    USER_PIN,
+    Daemon,
+    helper_pids,
+    one_member_group,
+    wait_for,
+)
 
 
 def run_app(code: str, env: dict[str, str] | None = None, timeout: float = 60,
