@@ -81,6 +81,10 @@ class DaemonConfig:
     max_frame: int = 16 * 1024 * 1024
     helper_pool: int = 1
     context_grace: float = 5.0
+    max_sessions_per_app: int = 1024
+    max_apps_per_uid: int = 64
+    max_calls_per_app: int = 64
+    max_helpers: int = 512
     groups: tuple[GroupConfig, ...] = ()
 
 
@@ -288,7 +292,8 @@ def load(path: Path) -> DaemonConfig:
     raw = data.get("daemon", {})
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
-        "context_grace", "socket_group", "socket_mode"})
+        "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
+        "max_apps_per_uid", "max_calls_per_app", "max_helpers"})
     base = path.parent
     socket = base / d.get("socket", str, "/run/p11p/p11p.sock")
     admin = d.get("admin_socket", str)
@@ -332,6 +337,10 @@ def load(path: Path) -> DaemonConfig:
         max_frame=d.integer("max_frame", 16 * 1024 * 1024, 4096),
         helper_pool=d.integer("helper_pool", 1, 0),
         context_grace=d.number("context_grace", 5.0),
+        max_sessions_per_app=d.integer("max_sessions_per_app", 1024, 1),
+        max_apps_per_uid=d.integer("max_apps_per_uid", 64, 1),
+        max_calls_per_app=d.integer("max_calls_per_app", 64, 1),
+        max_helpers=d.integer("max_helpers", 512, 1),
         groups=tuple(groups),
     )
     if errors:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.handles import HandleCounter, HandleTable
-from p11p.daemon.helperproc import HelperProcess
+from p11p.daemon.helperproc import HelperLimit, HelperProcess
 from p11p.daemon.virtual import ObjectIdentity, VirtualObject, VirtualSession
 from p11p.protocol.constants import CKR
 
@@ -51,6 +51,9 @@ class ApplicationContext:
         self.events: asyncio.Queue[int] = asyncio.Queue()
         self.finalized = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
+        self.in_flight = 0
+        self.over_limit: str | None = None  # why every call is refused
+        self.limit_logged: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
@@ -76,11 +79,13 @@ class ApplicationContext:
         self._helpers[member] = fut
         try:
             helper = await member.take_helper()
-        except MemberUnavailable as exc:
+        except (MemberUnavailable, HelperLimit) as exc:
             fut.set_exception(exc)
             fut.exception()
             if self._helpers.get(member) is fut:
                 del self._helpers[member]
+            if isinstance(exc, HelperLimit):
+                raise CKError(CKR["CKR_HOST_MEMORY"], "max_helpers reached") from None
             raise
         if self._helpers.get(member) is not fut or self.closed:
             await helper.stop()

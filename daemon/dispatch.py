@@ -33,6 +33,7 @@ CKR_ARGUMENTS_BAD = CKR["CKR_ARGUMENTS_BAD"]
 CKR_SLOT_ID_INVALID = CKR["CKR_SLOT_ID_INVALID"]
 CKR_BUFFER_TOO_SMALL = CKR["CKR_BUFFER_TOO_SMALL"]
 CKR_WRITE_PROTECTED = CKR["CKR_TOKEN_WRITE_PROTECTED"]
+CKR_HOST_MEMORY = CKR["CKR_HOST_MEMORY"]
 CKF_TOKEN_PRESENT = CKF["CKF_TOKEN_PRESENT"]
 CKF_DONT_BLOCK = CKF["CKF_DONT_BLOCK"]
 _CODE = {f.name: f.code for f in spec.functions()}
@@ -90,12 +91,28 @@ class Dispatcher:
             return [CKR_ARGUMENTS_BAD]
         if ctx.closed:
             return [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"]]
+        if ctx.over_limit is not None:
+            return [CKR_HOST_MEMORY]
+        limits = self.daemon.config
+        if ctx.in_flight >= limits.max_calls_per_app and code != _CODE["C_Finalize"]:
+            self.limit(ctx, "max_calls_per_app", limits.max_calls_per_app)
+            return [CKR_HOST_MEMORY]
+        ctx.in_flight += 1
         try:
             return await handler(ctx, request)
         except CKError as exc:
             if exc.args and str(exc) != "":
                 log.debug("%s %s: %s", ctx.name, spec.by_code()[code].name, exc)
             return [exc.rv]
+        finally:
+            ctx.in_flight -= 1
+
+    @staticmethod
+    def limit(ctx: ApplicationContext, name: str, value: int) -> None:
+        """One log line per application and limit."""
+        if name not in ctx.limit_logged:
+            ctx.limit_logged.add(name)
+            log.warning("limit reached: %s uid=%d: %s = %d", ctx.name, ctx.uid, name, value)
 
     async def session_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         return await self.router.call(ctx, ctx.sessions.get(req[1]), req)
@@ -167,6 +184,9 @@ class Dispatcher:
             return reply
         if not flags & CKF["CKF_SERIAL_SESSION"]:
             return [CKR["CKR_SESSION_PARALLEL_NOT_SUPPORTED"], None]
+        if len(ctx.sessions) >= self.daemon.config.max_sessions_per_app:
+            self.limit(ctx, "max_sessions_per_app", self.daemon.config.max_sessions_per_app)
+            return [CKR["CKR_SESSION_COUNT"], None]
         vs = await self.router.open_session(ctx, group, flags)
         return [OK, vs.handle]
 

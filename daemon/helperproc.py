@@ -26,8 +26,15 @@ START_TIMEOUT = 30.0
 PING = -1
 
 
+class HelperLimit(Exception):
+    """The daemon runs as many helpers as `max_helpers` allows."""
+
+
 class HelperProcess(asyncio.SubprocessProtocol):
     """A running helper for one member (and, once taken, one application context)."""
+
+    live = 0  # helpers started and not yet exited, daemon-wide
+    limit = 512  # [daemon] max_helpers
 
     def __init__(self, member: str, max_frame: int) -> None:
         self.member = member
@@ -49,6 +56,10 @@ class HelperProcess(asyncio.SubprocessProtocol):
     @classmethod
     async def start(cls, member: str, module: str, env: dict[str, str], max_frame: int,
                     timeout: float = START_TIMEOUT) -> HelperProcess:
+        if cls.live >= cls.limit:
+            log.warning("helper limit reached: %d helpers run (max_helpers); member=%s",
+                        cls.live, member)
+            raise HelperLimit(member)
         loop = asyncio.get_running_loop()
         full_env = dict(os.environ)
         full_env.update(env)
@@ -71,6 +82,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self._transport = cast(asyncio.SubprocessTransport, transport)
         self._stdin = cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
         self.alive = True
+        HelperProcess.live += 1
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         try:
@@ -118,6 +130,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
             self._why = f"helper exited with status {code}"
         self._fail(self._why)
         if not self.exited.done():
+            HelperProcess.live -= 1
             self.exited.set_result(code or 0)
         if not self.stopping and self.ready.done() and self.on_death is not None:
             self.on_death(self._why)

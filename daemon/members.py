@@ -19,7 +19,7 @@ from typing import Any
 
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
-from p11p.daemon.helperproc import HelperProcess
+from p11p.daemon.helperproc import HelperLimit, HelperProcess
 from p11p.daemon.metrics import GroupMetrics, MemberMetrics
 from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKR, rv_name
@@ -134,6 +134,8 @@ class Member:
         while len(self._warm) < self._pool_size and self.health.usable:
             try:
                 self._warm.append(await self.new_helper())
+            except HelperLimit:
+                return
             except MemberUnavailable as exc:
                 log.warning("group=%s member=%s warm helper failed: %s", self.group.label, self.name, exc)
                 return
@@ -231,6 +233,9 @@ class Member:
             except BaseException:
                 await helper.stop()
                 raise
+        except HelperLimit:
+            self.mark(MemberState.FAILED, CKR["CKR_HOST_MEMORY"], "max_helpers reached")
+            return
         except MemberUnavailable as exc:
             self.mark(MemberState.FAILED, exc.rv, str(exc))
             log.error("member failure detected: group=%s member=%s function=probe rv=%s (%s)",

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.helperproc import HelperLimit
 from p11p.daemon.members import Member, MemberState
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class Recovery:
                 except BaseException:
                     await helper.stop()
                     raise
+            except HelperLimit:
+                member.health.last_error = "max_helpers reached"
+                continue
             except MemberUnavailable as exc:
                 member.health.last_error = str(exc)
                 member.health.last_rv = exc.rv

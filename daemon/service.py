@@ -22,6 +22,7 @@ from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
+from p11p.daemon.helperproc import HelperProcess
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
 from p11p.daemon.router import Router
@@ -56,6 +57,7 @@ class Daemon:
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
+        HelperProcess.limit = config.max_helpers
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
         for group in self.groups:
             for member in group.members:
@@ -142,8 +144,13 @@ class Daemon:
         ctx = self.contexts.get(key)
         if ctx is None or ctx.closed:
             ctx = ApplicationContext(key, uid, gid, pid, prog, self.counter)
+            same_uid = sum(1 for c in self.contexts.values() if c.uid == uid and not c.over_limit)
             self.contexts[key] = ctx
             log.info("%s started (uid=%d prog=%s)", ctx.name, uid, prog or "?")
+            if same_uid >= self.config.max_apps_per_uid:
+                ctx.over_limit = "max_apps_per_uid"
+                log.warning("limit reached: %s uid=%d: max_apps_per_uid = %d; its calls get "
+                            "CKR_HOST_MEMORY", ctx.name, uid, self.config.max_apps_per_uid)
         if ctx.grace is not None:
             ctx.grace.cancel()
             ctx.grace = None
