@@ -63,6 +63,9 @@ class AdminServer:
         cmd = request.get("cmd")
         if cmd == "status":
             return self.daemon.status()
+        if cmd == "reload":
+            errors = await self.daemon.reload()
+            return {"ok": not errors, "errors": errors}
         if cmd == "metrics":
             return {"text": prometheus(self.daemon.groups)}
         if cmd in ("drain", "enable"):

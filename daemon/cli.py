@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p11p.daemon.config import DEFAULT_CONFIG, ConfigError, load
+from p11p.daemon.config import DEFAULT_CONFIG, ConfigError, admin_socket_of, load
 
 
 def _setup_logging(level: str) -> None:
@@ -80,7 +80,7 @@ def _admin_path(args: argparse.Namespace) -> Path:
     if args.admin_socket:
         return Path(args.admin_socket)
     try:
-        return load(Path(args.config)).admin_socket
+        return admin_socket_of(Path(args.config))  # the main file only: tokens.d may be mid-edit
     except ConfigError as exc:
         raise SystemExit("\n".join(exc.errors)) from None
 
@@ -123,6 +123,16 @@ def cmd_member(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = admin_request(_admin_path(args), {"cmd": "reload"}, timeout=120)
+    if not reply.get("ok"):
+        print("\n".join(reply.get("errors") or [reply.get("error", "reload failed")]), file=sys.stderr)
+        print("reload refused; the running configuration stays", file=sys.stderr)
+        return 1
+    print("reloaded")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="p11p", description="PKCS#11 proxy with HA across HSMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faultsim", help="put each member behind this p11p-faultsim.so")
     p.set_defaults(func=cmd_init_default)
     for name, func, text in (("status", cmd_status, "groups, members, sessions, load"),
-                             ("member", cmd_member, "drain or enable a member")):
+                             ("member", cmd_member, "drain or enable a member"),
+                             ("reload", cmd_reload, "re-read tokens.d (as SIGHUP does)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", default=str(DEFAULT_CONFIG))
         p.add_argument("--admin-socket", help="the daemon's admin socket (else from --config)")
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--json", action="store_true")
             p.add_argument("--prometheus", action="store_true",
                            help="counters in Prometheus text format")
-        else:
+        elif name == "member":
             p.add_argument("action", choices=["drain", "enable"])
             p.add_argument("group")
             p.add_argument("member")

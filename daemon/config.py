@@ -280,6 +280,19 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     )
 
 
+def admin_socket_of(path: Path) -> Path:
+    """The admin socket a main file names (without reading the token files)."""
+    path = path.resolve()
+    errors: list[str] = []
+    parsed = _parse(path, errors)
+    if parsed is None:
+        raise ConfigError(errors)
+    daemon = parsed[0].get("daemon", {})
+    socket = path.parent / str(daemon.get("socket", "/run/p11p/p11p.sock"))
+    admin = daemon.get("admin_socket")
+    return path.parent / str(admin) if admin else socket.with_name(socket.name + ".admin")
+
+
 def load(path: Path) -> DaemonConfig:
     """Reads and validates the main file and every token file; raises ConfigError."""
     path = path.resolve()

@@ -8,6 +8,7 @@ context id of its hello), and answers who may see which group.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import grp
 import logging
 import os
@@ -17,7 +18,7 @@ import socket
 from typing import Any
 
 from p11p.daemon.admin import AdminServer
-from p11p.daemon.config import DaemonConfig
+from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.errors import MemberUnavailable
@@ -57,6 +58,8 @@ class Daemon:
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
         self._stopping = asyncio.Event()
+        self._reloading = asyncio.Lock()
+        self._last_slot = len(self.groups) - 1
         HelperProcess.limit = config.max_helpers
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
         for group in self.groups:
@@ -107,6 +110,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self._stopping.wait()
         await self.stop()
 
@@ -176,6 +180,75 @@ class Daemon:
         if self.contexts.get(ctx.key) is ctx:
             del self.contexts[ctx.key]
         await ctx.close()
+
+    # -- reload -----------------------------------------------------------------------
+
+    async def reload(self) -> list[str]:
+        """Re-reads the token files. Groups whose file did not change keep their sessions;
+        changed or removed groups are retired (their sessions end); new groups start.
+        A configuration that does not validate is refused: the old one stays. Settings of
+        [daemon] itself (sockets, limits) need a restart."""
+        async with self._reloading:
+            try:
+                fresh = load(self.config.file)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s",
+                          "; ".join(exc.errors))
+                return exc.errors
+            old = {g.label: g for g in self.groups}
+            groups: list[Group] = []
+            started: list[Group] = []
+            for gc in fresh.groups:
+                prev = old.pop(gc.label, None)
+                if prev is not None and prev.config == gc:
+                    groups.append(prev)
+                    continue
+                slot = prev.slot_id if prev is not None else self._take_slot()
+                group = Group(gc, slot, self.config.helper_pool, self.config.max_frame)
+                for member in group.members:
+                    member.on_helper_death = self._helper_died
+                groups.append(group)
+                started.append(group)
+                if prev is not None:
+                    await self._retire(prev)
+                log.info("reload: group %s %s (slot %d)", gc.label,
+                         "changed" if prev is not None else "added", slot)
+            for prev in old.values():
+                await self._retire(prev)
+                log.info("reload: group %s removed (slot %d)", prev.label, prev.slot_id)
+            self.groups = sorted(groups, key=lambda g: g.slot_id)
+            self.slots = {g.slot_id: g for g in self.groups}
+            self.config = dataclasses.replace(self.config, groups=tuple(g.config for g in self.groups))
+            self._allowed_cache.clear()
+            await asyncio.gather(*(g.start() for g in started))
+            for group in started:
+                for member in group.members:
+                    if member.health.state is MemberState.FAILED:
+                        self.recovery.start(member)
+                self.slot_event(group)
+            log.info("reload done: %d groups", len(self.groups))
+            return []
+
+    def _take_slot(self) -> int:
+        slot = max([g.slot_id for g in self.groups] + [self._last_slot]) + 1
+        self._last_slot = slot
+        return slot
+
+    async def _retire(self, group: Group) -> None:
+        """Ends a group that left the configuration: its sessions and helpers go."""
+        for ctx in self.contexts.values():
+            for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
+                ctx.forget_session(vs)
+            ctx.logins.pop(group, None)
+            for member in group.members:
+                ctx.forget_member(member)
+        for member in group.members:
+            task = self.recovery.tasks.pop(member, None)
+            if task is not None:
+                task.cancel()
+            member.mark(MemberState.DISABLED)
+        self.slot_event(group)
+        await group.stop()
 
     # -- maintenance ------------------------------------------------------------------
 
