@@ -1,0 +1,81 @@
+"""The compiled Cryptoki extension (see build_cffi.py): found, checked, loaded.
+
+Importing this module loads it and exposes `ffi` and `lib`. It looks beside the helper's
+sources (where `make helper-cffi` puts it) and in the cache; a module whose compiled-in
+build key differs from what the current sources and headers would give is stale and is
+passed over. When none fits, it is built into the cache now (one log line), so a helper
+started from a fresh checkout still runs.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from p11p.helper import build_cffi
+from p11p.helper.errors import log
+
+MODULE = "p11p.helper._cryptoki"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("P11P_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "p11p")
+    return Path(base)
+
+
+def expected_key() -> str | None:
+    """The build key of the current sources; None when it cannot be worked out (no
+    Cryptoki headers on this machine): then any compiled module found is used."""
+    try:
+        return build_cffi.sources()[2]
+    except OSError:
+        return None
+
+
+def _load_file(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _key_of(module: ModuleType) -> str:
+    key: str = module.ffi.string(module.lib.p11p_build_key()).decode()
+    return key
+
+
+def load() -> tuple[Any, Any]:
+    """(ffi, lib) of a compiled module that matches the sources, building one if needed."""
+    key = expected_key()
+    name = build_cffi.extension_filename()
+    here = Path(__file__)
+    places = [here.parent, here.resolve().parent]  # installed; the sources (editable)
+    if key is not None:
+        places.append(cache_dir() / f"helper-{key}")
+    seen: set[Path] = set()
+    for place in places:
+        path = place / name
+        if path in seen or not path.exists():
+            continue
+        seen.add(path)
+        module = _load_file(path)
+        if key is None or _key_of(module) == key:
+            return module.ffi, module.lib
+        log.info("compiled module %s is stale; passed over", path)
+    if key is None:
+        raise RuntimeError(f"no compiled module {name} and no Cryptoki headers to build one")
+    target = cache_dir() / f"helper-{key}"
+    log.warning("compiled module missing or stale; building it into %s", target)
+    module = _load_file(build_cffi.build(target))
+    return module.ffi, module.lib
+
+
+ffi, lib = load()
