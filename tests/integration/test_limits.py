@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kit import CLIENT_SO, FAULTSIM_SO, ROOT, SOFTHSM_SO, Daemon, SoftHSM
 
 APP = f"""
