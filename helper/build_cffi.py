@@ -141,7 +141,7 @@ def sources() -> tuple[str, str, str]:
         p for p, _ in shims) + "\n"
     source = LOADER + "\n" + "\n".join(body for _, body in shims)
     digest = hashlib.sha256()
-    for part in (cdef, source, " ".join(COMPILE_ARGS), extension_filename(),
+    for part in (cdef, source, " ".join(COMPILE_ARGS), str(sysconfig.get_config_var("EXT_SUFFIX")),
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),
                  (Path(spec.HERE) / "p11p-extra.h").read_text()):
         digest.update(part.encode())
