@@ -179,3 +179,20 @@ def test_random_round_trip_time(helper: HelperLink, session: int) -> None:
     assert rv == 0 and len(data) == 32
     print(f"C_GenerateRandom(32) round trip through the helper: {per_call * 1e6:.0f} us")
     assert per_call < 0.005
+
+
+def test_functions_with_silent_arguments_reach_the_module(helper: HelperLink, session: int) -> None:
+    # C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, NULL): no slot event happened
+    assert helper.call(68, 1, 0) == [CKR["CKR_NO_EVENT"], None]
+    assert helper.call(66, session) == [CKR["CKR_FUNCTION_NOT_PARALLEL"]]
+    assert helper.call(67, session) == [CKR["CKR_FUNCTION_NOT_PARALLEL"]]
+
+
+def test_wrong_pin_then_right_pin(spawn: Spawn) -> None:
+    link = spawn()
+    slot = link.token_slot()
+    session = link.open_session(slot, login=False)
+    assert link.call(19, session, 1, b"0000wrong") == [CKR["CKR_PIN_INCORRECT"]]
+    assert link.call(19, session, 1, b"1234") == [CKR["CKR_OK"]]
+    assert link.call(20, session) == [CKR["CKR_OK"]]
+    assert not any("0000wrong" in line for line in link.stderr_lines)
