@@ -63,6 +63,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         loop = asyncio.get_running_loop()
         full_env = dict(os.environ)
         full_env.update(env)
+        full_env["P11P_MAX_FRAME"] = str(max_frame)  # the helper bounds its output buffers by it
         transport, proto = await loop.subprocess_exec(
             lambda: cls(member, max_frame), sys.executable, "-m", "p11p.helper", module,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
