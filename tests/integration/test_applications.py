@@ -120,6 +120,43 @@ def test_pkcs11_tool_on_the_sanitized_client(daemon: Daemon) -> None:
         assert b"Sanitizer" not in r.stderr and b"runtime error" not in r.stderr
 
 
+def test_openssl_pkcs11_engine(daemon: Daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """OpenSSL's pkcs11 engine through p11p: sign with a token key, verify with OpenSSL."""
+    r = _tool(str(CLIENT_SO), "--token-label", "signing", "--login", "--pin", USER_PIN,
+              "--keypairgen", "--key-type", "EC:prime256v1", "--label", "engine-key", "--id", "e1")
+    assert r.returncode == 0, r.stderr
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(textwrap.dedent(f"""
+        openssl_conf = init
+        [init]
+        engines = engines
+        [engines]
+        pkcs11 = pkcs11_section
+        [pkcs11_section]
+        engine_id = pkcs11
+        dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
+        MODULE_PATH = {CLIENT_SO}
+        init = 0
+        """))
+    env = {**os.environ, "OPENSSL_CONF": str(conf)}
+    data = tmp_path / "data"
+    data.write_bytes(b"signed by OpenSSL's engine through p11p")
+    key = f"pkcs11:token=signing;id=%e1;type=private;pin-value={USER_PIN}"
+    sig = tmp_path / "sig"
+    r = subprocess.run(["openssl", "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine",
+                        "-sign", key, "-out", str(sig), str(data)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pub = tmp_path / "pub.pem"
+    r = subprocess.run(["openssl", "pkey", "-engine", "pkcs11", "-inform", "engine", "-pubin", "-pubout",
+                        "-in", "pkcs11:token=signing;id=%e1;type=public", "-out", str(pub)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(pub), "-signature", str(sig),
+                        str(data)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Verified OK" in r.stdout, r.stdout + r.stderr
+
+
 def test_python_pkcs11_application(daemon: Daemon) -> None:
     r = run_app(f"""
         import pkcs11
