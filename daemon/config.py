@@ -20,6 +20,7 @@ from p11p.daemon.uri import parse as parse_uri
 from p11p.protocol.constants import CKR
 
 DEFAULT_CONFIG = Path("/etc/p11p/p11p.toml")
+DEFAULT_SOCKET = "/run/p11p/p11p.sock"
 POLICIES = ("failover", "balance")
 WRITE_POLICIES = ("primary", "refuse")
 RV_CLASSES = ("application", "session_lost", "member_failed")
@@ -280,6 +281,12 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     )
 
 
+def _sockets(base: Path, socket: str, admin: str | None) -> tuple[Path, Path]:
+    """The client and admin socket paths (relative ones from the main file's folder)."""
+    client = base / socket
+    return client, (base / admin if admin else client.with_name(client.name + ".admin"))
+
+
 def admin_socket_of(path: Path) -> Path:
     """The admin socket a main file names (without reading the token files)."""
     path = path.resolve()
@@ -288,9 +295,9 @@ def admin_socket_of(path: Path) -> Path:
     if parsed is None:
         raise ConfigError(errors)
     daemon = parsed[0].get("daemon", {})
-    socket = path.parent / str(daemon.get("socket", "/run/p11p/p11p.sock"))
     admin = daemon.get("admin_socket")
-    return path.parent / str(admin) if admin else socket.with_name(socket.name + ".admin")
+    return _sockets(path.parent, str(daemon.get("socket", DEFAULT_SOCKET)),
+                    str(admin) if admin else None)[1]
 
 
 def load(path: Path) -> DaemonConfig:
@@ -308,8 +315,8 @@ def load(path: Path) -> DaemonConfig:
         "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
         "max_apps_per_uid", "max_calls_per_app", "max_helpers"})
     base = path.parent
-    socket = base / d.get("socket", str, "/run/p11p/p11p.sock")
-    admin = d.get("admin_socket", str)
+    socket, admin_socket = _sockets(base, d.get("socket", str, DEFAULT_SOCKET),
+                                    d.get("admin_socket", str))
     tokens_dir = base / d.get("tokens_dir", str, "tokens.d")
     groups: list[GroupConfig] = []
     if not tokens_dir.is_dir():
@@ -343,8 +350,7 @@ def load(path: Path) -> DaemonConfig:
         mode = 0o660
     config = DaemonConfig(
         file=path, socket=socket, socket_group=None if group is None else str(group),
-        socket_mode=mode,
-        admin_socket=base / admin if admin else socket.with_name(socket.name + ".admin"),
+        socket_mode=mode, admin_socket=admin_socket,
         tokens_dir=tokens_dir,
         log_level=d.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         max_frame=d.integer("max_frame", 16 * 1024 * 1024, 4096),
