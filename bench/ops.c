@@ -1,0 +1,142 @@
+/* p11bench — the operations a run can time, one function per operation. Each checks
+ * every CK_RV and the size of what it got back. */
+#include <string.h>
+
+#include "ops.h"
+
+#define FAIL(fn) do { *what = (fn); return rv; } while (0)
+#define CALL(fn, args) do { rv = ctx->f->fn args; if (rv != CKR_OK) FAIL(#fn); } while (0)
+#define EXPECT(cond, fn) do { if (!(cond)) { *what = (fn); return BENCH_BAD_OUTPUT; } } while (0)
+
+static CK_RV op_random(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CALL(C_GenerateRandom, (ctx->session, ctx->output, 32));
+	return CKR_OK;
+}
+
+static CK_RV op_sha256(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_SHA256, NULL, 0 };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_DigestInit, (ctx->session, &mech));
+	CALL(C_Digest, (ctx->session, ctx->input, 1024, ctx->output, &len));
+	EXPECT(len == 32, "C_Digest");
+	return CKR_OK;
+}
+
+static void next_iv(bench_ctx *ctx, unsigned char *iv, size_t len)
+{
+	memset(iv, 0, len);
+	unsigned long long c = ++ctx->counter;
+	for (size_t i = 0; i < sizeof(c) && i < len; i++)
+		iv[len - 1 - i] = (unsigned char)(c >> (8 * i));
+}
+
+static CK_RV op_aes_gcm(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	unsigned char iv[12];
+	next_iv(ctx, iv, sizeof(iv));
+	CK_GCM_PARAMS params = { .pIv = iv, .ulIvLen = sizeof(iv), .ulIvBits = 96,
+				 .pAAD = NULL, .ulAADLen = 0, .ulTagBits = 128 };
+	CK_MECHANISM mech = { CKM_AES_GCM, &params, sizeof(params) };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_EncryptInit, (ctx->session, &mech, ctx->keys->aes));
+	CALL(C_Encrypt, (ctx->session, ctx->input, 1024, ctx->output, &len));
+	EXPECT(len == 1024 + 16, "C_Encrypt");
+	return CKR_OK;
+}
+
+static CK_RV op_aes_cbc(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	unsigned char iv[16];
+	next_iv(ctx, iv, sizeof(iv));
+	CK_MECHANISM mech = { CKM_AES_CBC, iv, sizeof(iv) };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_EncryptInit, (ctx->session, &mech, ctx->keys->aes));
+	CALL(C_Encrypt, (ctx->session, ctx->input, 1024, ctx->output, &len));
+	EXPECT(len == 1024, "C_Encrypt");
+	return CKR_OK;
+}
+
+static CK_RV op_ecdsa(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_SignInit, (ctx->session, &mech, ctx->keys->ec));
+	CALL(C_Sign, (ctx->session, ctx->input, 32, ctx->output, &len));
+	EXPECT(len == 64, "C_Sign");
+	return CKR_OK;
+}
+
+static CK_RV op_rsa(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_SignInit, (ctx->session, &mech, ctx->keys->rsa));
+	CALL(C_Sign, (ctx->session, ctx->input, 32, ctx->output, &len));
+	EXPECT(len == 256, "C_Sign");
+	return CKR_OK;
+}
+
+/* ECDSA the way many applications call it: ask the length with a NULL buffer first. */
+static CK_RV op_sign_twocall(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+	CK_ULONG len = 0;
+	CALL(C_SignInit, (ctx->session, &mech, ctx->keys->ec));
+	CALL(C_Sign, (ctx->session, ctx->input, 32, NULL, &len));
+	EXPECT(len >= 64 && len <= sizeof(ctx->output), "C_Sign(NULL)");
+	CALL(C_Sign, (ctx->session, ctx->input, 32, ctx->output, &len));
+	EXPECT(len == 64, "C_Sign");
+	return CKR_OK;
+}
+
+static CK_RV op_find(bench_ctx *ctx, const char **what)
+{
+	CK_OBJECT_HANDLE key;
+	CK_RV rv = bench_find_one(ctx->f, ctx->session, CKO_PRIVATE_KEY, BENCH_LABEL_EC, &key, what);
+	if (rv != CKR_OK)
+		return rv;
+	EXPECT(key != CK_INVALID_HANDLE, "C_FindObjects");
+	return CKR_OK;
+}
+
+void bench_ctx_reopen(bench_ctx *ctx)
+{
+	ctx->f->C_CloseSession(ctx->session); /* errors ignored: it may already be gone */
+	if (ctx->f->C_OpenSession(ctx->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
+				  &ctx->session) != CKR_OK)
+		ctx->session = CK_INVALID_HANDLE;
+}
+
+static const bench_op ops[] = {
+	{ "random-32", 0, op_random },
+	{ "sha256-1k", 0, op_sha256 },
+	{ "aes-gcm-1k", BENCH_KEY_AES, op_aes_gcm },
+	{ "aes-cbc-1k", BENCH_KEY_AES, op_aes_cbc },
+	{ "ecdsa-p256-sign", BENCH_KEY_EC, op_ecdsa },
+	{ "rsa2048-sign", BENCH_KEY_RSA, op_rsa },
+	{ "sign-twocall", BENCH_KEY_EC, op_sign_twocall },
+	{ "find", BENCH_KEY_EC, op_find },
+};
+
+const bench_op *bench_op_find(const char *name)
+{
+	for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++)
+		if (strcmp(ops[i].name, name) == 0)
+			return &ops[i];
+	return NULL;
+}
+
+const char *bench_op_names(void)
+{
+	return "random-32, sha256-1k, aes-gcm-1k, aes-cbc-1k, ecdsa-p256-sign, rsa2048-sign, "
+	       "sign-twocall, find";
+}

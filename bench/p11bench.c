@@ -1,0 +1,105 @@
+/* p11bench — PKCS#11 benchmark client: loads a module, finds a token by label, logs in,
+ * and times one operation over N threads with a session each; prints one JSON line.
+ * See bench/README.md. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "keys.h"
+#include "options.h"
+#include "report.h"
+#include "run.h"
+
+/* --hold: sessions kept open (logged in through the first) until stdin reaches EOF. */
+static int hold_sessions(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
+			 unsigned created)
+{
+	CK_SESSION_HANDLE *s = calloc((size_t)o->hold, sizeof(*s));
+	if (s == NULL) {
+		bench_report_failure(stdout, o, "out of memory", CKR_HOST_MEMORY);
+		return 1;
+	}
+	int opened = 0, status = 0;
+	for (; opened < o->hold; opened++) {
+		CK_RV rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
+					    &s[opened]);
+		if (rv != CKR_OK) {
+			bench_report_failure(stdout, o, "C_OpenSession", rv);
+			status = 1;
+			break;
+		}
+	}
+	if (status == 0) {
+		char fields[64];
+		snprintf(fields, sizeof(fields), "\"hold\":%d,\"pid\":%ld", opened, (long)getpid());
+		bench_report_status(stdout, o, created, fields);
+		char buf[256];
+		while (read(STDIN_FILENO, buf, sizeof(buf)) > 0)
+			;
+	}
+	for (int i = 0; i < opened; i++)
+		f->C_CloseSession(s[i]);
+	free(s);
+	return status;
+}
+
+static int timed_run(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
+		     const bench_op *op, const bench_keys *keys)
+{
+	bench_run_spec spec = { .f = f, .slot = slot, .keys = keys, .op = op,
+				.threads = o->threads, .seconds = o->seconds,
+				.warmup = o->warmup };
+	bench_run_result result;
+	if (bench_run(&spec, &result) != 0) {
+		bench_recorder_free(&result.all);
+		bench_report_failure(stdout, o, "could not run the threads", CKR_HOST_MEMORY);
+		return 1;
+	}
+	bench_report_run(stdout, o, &result, keys->created);
+	int ok = result.all.errors == 0 && result.all.ops > 0;
+	bench_recorder_free(&result.all);
+	return ok ? 0 : 3;
+}
+
+int main(int argc, char **argv)
+{
+	bench_options o;
+	if (bench_parse_options(argc, argv, &o) != 0)
+		return 2;
+	const bench_op *op = o.op ? bench_op_find(o.op) : NULL;
+	const char *what = NULL;
+	bench_module m;
+	CK_RV rv = bench_module_load(o.module, &m, &what);
+	if (rv != CKR_OK) {
+		bench_report_failure(stdout, &o, what, rv);
+		return 1;
+	}
+	int status = 1;
+	CK_SLOT_ID slot;
+	CK_SESSION_HANDLE main_session;
+	bench_keys keys = { 0 };
+	rv = bench_find_slot(m.f, o.token, &slot, &what);
+	if (rv == CKR_OK)
+		rv = bench_open_logged_in(m.f, slot, o.pin, &main_session, &what);
+	if (rv != CKR_OK) {
+		bench_report_failure(stdout, &o, what, rv);
+		goto out;
+	}
+	/* the main session stays open (and logged in) while the threads run */
+	unsigned need = (o.setup ? BENCH_KEY_ALL : 0) | (op ? op->keys : 0);
+	rv = bench_keys_get(m.f, main_session, need, o.setup, &keys, &what);
+	if (rv != CKR_OK) {
+		bench_report_failure(stdout, &o, what, rv);
+	} else if (o.hold > 0) {
+		status = hold_sessions(&o, m.f, slot, keys.created);
+	} else if (op != NULL) {
+		status = timed_run(&o, m.f, slot, op, &keys);
+	} else {
+		bench_report_status(stdout, &o, keys.created, "\"setup\":true");
+		status = 0;
+	}
+	m.f->C_CloseSession(main_session);
+out:
+	bench_module_unload(&m);
+	return status;
+}
