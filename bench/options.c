@@ -14,7 +14,8 @@ static void usage(const char *prog)
 		"          [--hold SESSIONS]\n"
 		"Prints one JSON line. Operations: %s.\n"
 		"--setup generates the keys that are missing (bench-aes, bench-ec, bench-rsa).\n"
-		"--hold opens SESSIONS sessions, prints a line, and keeps them until stdin closes.\n",
+		"--hold opens SESSIONS sessions (each used once), prints a line, and keeps them\n"
+		"until stdin closes.\n",
 		prog, bench_op_names());
 }
 

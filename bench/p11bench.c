@@ -10,23 +10,34 @@
 #include "report.h"
 #include "run.h"
 
-/* --hold: sessions kept open (logged in through the first) until stdin reaches EOF. */
+/* --hold: N sessions in all (the logged-in main one and N-1 more), each used once for
+ * C_GenerateRandom so that it is live at the token, kept until stdin reaches EOF. */
 static int hold_sessions(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
-			 unsigned created)
+			 CK_SESSION_HANDLE main_session, unsigned created)
 {
 	CK_SESSION_HANDLE *s = calloc((size_t)o->hold, sizeof(*s));
 	if (s == NULL) {
 		bench_report_failure(stdout, o, "out of memory", CKR_HOST_MEMORY);
 		return 1;
 	}
-	int opened = 0, status = 0;
-	for (; opened < o->hold; opened++) {
-		CK_RV rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
-					    &s[opened]);
+	s[0] = main_session;
+	int opened = 1, status = 0;
+	for (int i = 0; i < o->hold && status == 0; i++) {
+		CK_RV rv = CKR_OK;
+		const char *what = "C_OpenSession";
+		if (i > 0) {
+			rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
+					      &s[i]);
+			opened += rv == CKR_OK;
+		}
+		if (rv == CKR_OK) {
+			unsigned char random[16];
+			what = "C_GenerateRandom";
+			rv = f->C_GenerateRandom(s[i], random, sizeof(random));
+		}
 		if (rv != CKR_OK) {
-			bench_report_failure(stdout, o, "C_OpenSession", rv);
+			bench_report_failure(stdout, o, what, rv);
 			status = 1;
-			break;
 		}
 	}
 	if (status == 0) {
@@ -37,10 +48,18 @@ static int hold_sessions(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT
 		while (read(STDIN_FILENO, buf, sizeof(buf)) > 0)
 			;
 	}
-	for (int i = 0; i < opened; i++)
+	for (int i = 1; i < opened; i++)
 		f->C_CloseSession(s[i]);
 	free(s);
 	return status;
+}
+
+/* With --timeline, stderr says when the measured time begins, so that a driver can
+ * place events (a member failing) on the timeline. */
+static void say_measuring(void)
+{
+	fputs("p11bench: measuring\n", stderr);
+	fflush(stderr);
 }
 
 static int timed_run(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
@@ -48,7 +67,8 @@ static int timed_run(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID 
 {
 	bench_run_spec spec = { .f = f, .slot = slot, .keys = keys, .op = op,
 				.threads = o->threads, .seconds = o->seconds,
-				.warmup = o->warmup };
+				.warmup = o->warmup,
+				.on_measure = o->timeline ? say_measuring : NULL };
 	bench_run_result result;
 	if (bench_run(&spec, &result) != 0) {
 		bench_recorder_free(&result.all);
@@ -91,7 +111,7 @@ int main(int argc, char **argv)
 	if (rv != CKR_OK) {
 		bench_report_failure(stdout, &o, what, rv);
 	} else if (o.hold > 0) {
-		status = hold_sessions(&o, m.f, slot, keys.created);
+		status = hold_sessions(&o, m.f, slot, main_session, keys.created);
 	} else if (op != NULL) {
 		status = timed_run(&o, m.f, slot, op, &keys);
 	} else {

@@ -105,6 +105,14 @@ int bench_run(const bench_run_spec *spec, bench_run_result *result)
 	sh.go = 1;
 	pthread_cond_broadcast(&sh.changed);
 	pthread_mutex_unlock(&sh.lock);
+	if (!failed && spec->on_measure != NULL) {
+		double wait = sh.measure_from - now_s();
+		if (wait > 0) {
+			struct timespec ts = { (time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9) };
+			nanosleep(&ts, NULL);
+		}
+		spec->on_measure();
+	}
 	for (int i = 0; i < started; i++) {
 		pthread_join(workers[i].thread, NULL);
 		if (bench_recorder_merge(&result->all, &workers[i].rec) != 0)

@@ -13,6 +13,7 @@ typedef struct bench_run_spec {
 	int threads;
 	double seconds; /* measured time */
 	double warmup;  /* untimed time before it */
+	void (*on_measure)(void); /* when set: called as the measured time begins */
 } bench_run_spec;
 
 typedef struct bench_run_result {

@@ -1,0 +1,37 @@
+"""The benchmark works end to end: `bench/run.py --quick` writes results.json,
+results.md and chart.png, and p11bench measures SoftHSM2 directly and through p11p
+(one member, and two in balance) without a single error. Speed is not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark(tmp_path: Path) -> None:
+    subprocess.run(["make", "-s", "build/p11bench"], cwd=ROOT, check=True)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("results.json", "results.md", "chart.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["section_errors"] == {}, results["section_errors"]
+    runs = results["matrix"]["runs"]
+    for config in ("direct", "p11p", "p11p-balance"):
+        mine = [run for run in runs if run["config"] == config]
+        assert mine, f"no run for {config}"
+        for run in mine:
+            assert run["ok"] and run["errors"] == 0 and run["ops"] > 0, run
+    assert any(run["config"] == "p11-kit" and run.get("ops_per_s") is not None for run in runs)
+    assert results["failover"]["app_errors"] == 0
+    assert {t["status"] for t in results["targets"]} <= {"PASS", "FALLS SHORT", "NOT MEASURED"}
+    assert "| target |" in (tmp_path / "results.md").read_text()
