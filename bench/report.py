@@ -54,6 +54,10 @@ def _lat(run: dict | None) -> str:
     return f"{run['p50_us']:,.0f} / {run['p99_us']:,.0f}"
 
 
+def _load(avg: list[float] | None) -> str:
+    return f"{avg[0]:.2f}" if avg else "?"
+
+
 def _x(v: float | None) -> str:
     return f"{v:.2f}×" if v is not None else "—"
 
@@ -68,10 +72,15 @@ def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     m = results.get("matrix", {})
     configs = [c for c in CONFIGS if c in m.get("configs", [])]
+    repeat = f" · median of {m['repeat']} runs" if (m.get("repeat") or 1) > 1 else ""
     lines = ["# p11p benchmark", "",
              f"{meta.get('date', '')} · {meta.get('cpus', '?')} CPUs · {meta.get('kernel', '')} · "
              f"{m.get('seconds', '?')} s per run after {m.get('warmup', '?')} s warm-up"
-             f"{' · quick run' if meta.get('quick') else ''}", ""]
+             f"{repeat}"
+             f"{' · quick run' if meta.get('quick') else ''} · load average "
+             f"{_load(meta.get('load_average_start'))} at the start, "
+             f"{_load(meta.get('load_average_end'))} at the end · commit {meta.get('commit', '?')}",
+             ""]
     lines += ["## Targets", ""]
     lines += _table(["target", "wanted", "measured", "result"],
                     [[t["name"], t["target"], t["shown"], t["status"]]

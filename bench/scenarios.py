@@ -89,6 +89,7 @@ def failover(tokens: Tokens, root: Path, threads: int, seconds: float, times: tu
                     pass
             events.append({"t": time.monotonic() - t0, "what": f"{failing}: helpers killed",
                            "pids": killed})
+            events[-1]["member_state"] = _wait_state(group, failing, ("FAILED", "RECOVERING"), 1)
             stdout, _ = proc.communicate(timeout=seconds + 120)
         finally:
             if proc.poll() is None:
