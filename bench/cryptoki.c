@@ -35,13 +35,15 @@ CK_RV bench_module_load(const char *path, bench_module *m, const char **what)
 	return CKR_OK;
 }
 
-void bench_module_unload(bench_module *m)
+CK_RV bench_module_unload(bench_module *m)
 {
+	CK_RV rv = CKR_OK;
 	if (m->f != NULL)
-		m->f->C_Finalize(NULL);
+		rv = m->f->C_Finalize(NULL);
 	if (m->handle != NULL)
 		dlclose(m->handle);
 	memset(m, 0, sizeof(*m));
+	return rv;
 }
 
 static int label_is(const unsigned char padded[32], const char *label)

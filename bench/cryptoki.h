@@ -17,8 +17,8 @@ typedef struct bench_module {
  * On failure returns a CK_RV other than CKR_OK and names the failing step in `*what`. */
 CK_RV bench_module_load(const char *path, bench_module *m, const char **what);
 
-/* C_Finalize, then dlclose. */
-void bench_module_unload(bench_module *m);
+/* C_Finalize, then dlclose; returns what C_Finalize returned. */
+CK_RV bench_module_unload(bench_module *m);
 
 /* The slot whose token's label is `label` (space-padded in CK_TOKEN_INFO).
  * CKR_TOKEN_NOT_PRESENT when no token has it. */

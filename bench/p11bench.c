@@ -10,6 +10,13 @@
 #include "report.h"
 #include "run.h"
 
+/* A call that failed after the JSON line was printed: stderr, and exit status 3. */
+static void report_late(const char *what, CK_RV rv)
+{
+	char buf[32];
+	fprintf(stderr, "p11bench: %s: %s\n", what, bench_rv_name(rv, buf, sizeof(buf)));
+}
+
 /* --hold: N sessions in all (the logged-in main one and N-1 more), each used once for
  * C_GenerateRandom so that it is live at the token, kept until stdin reaches EOF. */
 static int hold_sessions(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
@@ -48,8 +55,13 @@ static int hold_sessions(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT
 		while (read(STDIN_FILENO, buf, sizeof(buf)) > 0)
 			;
 	}
-	for (int i = 1; i < opened; i++)
-		f->C_CloseSession(s[i]);
+	for (int i = 1; i < opened; i++) {
+		CK_RV rv = f->C_CloseSession(s[i]);
+		if (rv != CKR_OK && status == 0) {
+			report_late("C_CloseSession", rv);
+			status = 3;
+		}
+	}
 	free(s);
 	return status;
 }
@@ -118,8 +130,16 @@ int main(int argc, char **argv)
 		bench_report_status(stdout, &o, keys.created, "\"setup\":true");
 		status = 0;
 	}
-	m.f->C_CloseSession(main_session);
+	rv = m.f->C_CloseSession(main_session);
+	if (rv != CKR_OK) {
+		report_late("C_CloseSession", rv);
+		status = status ? status : 3;
+	}
 out:
-	bench_module_unload(&m);
+	rv = bench_module_unload(&m);
+	if (rv != CKR_OK) {
+		report_late("C_Finalize", rv);
+		status = status ? status : 3;
+	}
 	return status;
 }

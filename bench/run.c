@@ -67,8 +67,11 @@ static void *work(void *arg)
 		if (rv != CKR_OK)
 			bench_ctx_reopen(&w->ctx);
 	}
-	if (w->ctx.session != CK_INVALID_HANDLE)
-		spec->f->C_CloseSession(w->ctx.session);
+	if (w->ctx.session != CK_INVALID_HANDLE) {
+		rv = spec->f->C_CloseSession(w->ctx.session);
+		if (rv != CKR_OK)
+			bench_count_error(&w->rec, rv, "C_CloseSession");
+	}
 	return NULL;
 }
 

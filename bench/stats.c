@@ -79,6 +79,12 @@ void bench_record(bench_recorder *r, double at_s, uint64_t ns, CK_RV rv, const c
 	}
 }
 
+void bench_count_error(bench_recorder *r, CK_RV rv, const char *what)
+{
+	r->errors++;
+	count_error(r, what, rv, 1);
+}
+
 int bench_recorder_merge(bench_recorder *into, const bench_recorder *from)
 {
 	if (reserve(into, from->n) != 0)

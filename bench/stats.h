@@ -44,6 +44,9 @@ void bench_recorder_free(bench_recorder *r);
 /* One timed operation that ended `at_s` seconds into the run and took `ns`. */
 void bench_record(bench_recorder *r, double at_s, uint64_t ns, CK_RV rv, const char *what);
 
+/* A failed call outside the timed operations (closing the session at the end). */
+void bench_count_error(bench_recorder *r, CK_RV rv, const char *what);
+
 /* Adds everything `from` holds to `into`. */
 int bench_recorder_merge(bench_recorder *into, const bench_recorder *from);
 
