@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "call.h"
+#include "gen/codes.h"
 #include "link.h"
 
 void p11p_call_start(struct p11p_call *c, unsigned long code, unsigned nargs)
@@ -25,6 +26,10 @@ void p11p_call_run(struct p11p_call *c, unsigned nouts)
 	if (c->err)
 		return;
 	rv = p11p_roundtrip(c->code, c->req.data, c->req.size, &c->reply, &c->reply_len, &c->conn);
+	if (rv == P11P_RV_NO_DAEMON) {
+		c->offline = c->code == P11P_FN_C_GetSlotList;
+		rv = CKR_DEVICE_ERROR;
+	}
 	if (rv != CKR_OK)
 		p11p_fail(c, rv);
 	else
@@ -33,7 +38,7 @@ void p11p_call_run(struct p11p_call *c, unsigned nouts)
 
 CK_RV p11p_call_finish(struct p11p_call *c)
 {
-	CK_RV rv = c->err != CKR_OK ? c->err : c->rv;
+	CK_RV rv = c->offline ? CKR_OK : c->err != CKR_OK ? c->err : c->rv;
 
 	if (c->conn != NULL)
 		p11p_release(c->conn, !c->malformed);

@@ -397,6 +397,10 @@ void p11p_get_out_ulongs(struct p11p_call *c, CK_ULONG_PTR list, CK_ULONG_PTR pc
 	const msgpack_object *o;
 	CK_ULONG n;
 
+	if (c->offline) {
+		*pcount = 0;
+		return;
+	}
 	if (c->err)
 		return;
 	o = p11p_next_out(c);

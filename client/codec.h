@@ -39,6 +39,7 @@ struct p11p_call {
 	uint32_t nouts, next;
 	int malformed;              /* the reply broke the protocol */
 	void *conn;                 /* the connection, held while the reply is decoded */
+	int offline;                /* C_GetSlotList without a daemon: no slot, CKR_OK */
 };
 
 /* ---- buffers and reply parsing (codec.c) ---- */

@@ -19,6 +19,11 @@ void p11p_leave(void);
  * malformed while it is decoded drops its connection. */
 CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		     size_t *reply_len, void **conn);
+/* What p11p_roundtrip returns when nobody answers at the socket (no such file, nobody
+ * listening, not allowed to connect): the stubs turn it into CKR_DEVICE_ERROR, except
+ * C_GetSlotList, which lists no slot (as p11-kit's client does), so that loaders such as
+ * p11-kit-proxy.so keep working without the daemon. Never given to the application. */
+#define P11P_RV_NO_DAEMON (CKR_VENDOR_DEFINED | 0x70110001UL)
 /* Gives the connection of a round trip back; healthy 0 closes it. */
 void p11p_release(void *conn, int healthy);
 

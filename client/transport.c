@@ -1,5 +1,6 @@
 /* p11p client — the transport: connect, hello, frames, deadlines. Every failure is
- * CKR_DEVICE_ERROR (CKR_HOST_MEMORY when memory runs out); the caller drops the
+ * CKR_DEVICE_ERROR (CKR_HOST_MEMORY when memory runs out; P11P_RV_NO_DAEMON when
+ * connect finds nobody at the socket); the caller drops the
  * connection. Sockets are non-blocking and every wait is a poll() bounded by the
  * deadline, so a daemon that accepts and never answers cannot hang a call that has a
  * time-out. Sends use MSG_NOSIGNAL: a closed daemon never raises SIGPIPE in the
@@ -18,6 +19,7 @@
 
 #include "codec.h"
 #include "debug.h"
+#include "link.h"
 #include "transport.h"
 
 int64_t p11p_now_ms(void)
@@ -110,6 +112,12 @@ int p11p_socket_new(void)
 	return socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 }
 
+/* connect() errors that mean no daemon serves this process at the path */
+static int nobody_there(int err)
+{
+	return err == ENOENT || err == ECONNREFUSED || err == EACCES || err == ENOTDIR;
+}
+
 CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -137,13 +145,13 @@ CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 		}
 		if (errno != EINPROGRESS && errno != EINTR) {
 			p11p_debug("connect %s: %s", path, strerror(errno));
-			return CKR_DEVICE_ERROR;
+			return nobody_there(errno) ? P11P_RV_NO_DAEMON : CKR_DEVICE_ERROR;
 		}
 		if (wait_fd(fd, POLLOUT, deadline) != 0)
 			break;
 		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
 			p11p_debug("connect %s: %s", path, strerror(err));
-			return CKR_DEVICE_ERROR;
+			return nobody_there(err) ? P11P_RV_NO_DAEMON : CKR_DEVICE_ERROR;
 		}
 		return CKR_OK;
 	}
