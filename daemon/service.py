@@ -57,6 +57,9 @@ class Daemon:
         self.dispatcher = Dispatcher(self)
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
+        # the listening socket's path is ours to remove only when we bound it: an
+        # inherited one (p11p.socket) stays systemd's, listening across restarts
+        self._owns_socket_path = False
         self._stopping = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._last_slot = len(self.groups) - 1
@@ -95,6 +98,7 @@ class Daemon:
                 os.chown(path.parent, -1, gid)
                 os.chmod(path.parent, 0o750)
                 os.chown(path, -1, gid)
+            self._owns_socket_path = True
         await self.admin.start()
         log.info("listening on %s; groups: %s", self.config.socket,
                  ", ".join(f"{g.label} (slot {g.slot_id}, {len(g.members)} members)"
@@ -127,7 +131,7 @@ class Daemon:
                              return_exceptions=True)
         self.contexts.clear()
         await asyncio.gather(*(g.stop() for g in self.groups), return_exceptions=True)
-        if self._server is not None and self.config.socket.is_socket():
+        if self._owns_socket_path and self.config.socket.is_socket():
             try:
                 self.config.socket.unlink()
             except OSError:
