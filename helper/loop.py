@@ -1,19 +1,22 @@
-"""The helper's I/O loop: frames in on stdin, calls into a thread pool, replies out on
-stdout (protocol/README.md, "Helper link").
+"""The helper's I/O loop: frames in on stdin, module calls in worker threads, replies
+out on stdout (protocol/README.md, "Helper link").
 
-The main thread reads and decodes requests `[call_id, code, arg...]` and answers the
-helper's own codes (PING, C_Initialize, unknown codes, requests of the wrong shape) at
-once; every module call runs in a worker thread, which writes `[call_id, rv, out...]`
-under a lock, one write per frame, so replies come back in any order. C_Finalize, EOF
-or a frame that breaks the protocol ends the process: calls still running get a grace
-period, then the module is finalized.
+Workers take turns as the reader (leader/followers): the one that holds the reader's
+lock reads and decodes the next request `[call_id, code, arg...]`, hands the lock to a
+waiting worker (starting one when none waits, up to the thread limit) and then runs the
+call itself, so a request goes from the pipe into the module without a hop to another
+thread. The helper's own codes (PING, C_Initialize, unknown codes, requests of the wrong
+shape) are answered the same way. Replies are written under a lock, one write per
+frame, so they come back in any order. C_Finalize, EOF or a frame that breaks the
+protocol ends the process: calls still running get a grace period, then the module is
+finalized.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from typing import Any
 
 from p11p.helper.calls import Plan
@@ -44,13 +47,22 @@ class Server:
         self._plans = plans
         self._in_fd = in_fd
         self._out_fd = out_fd
-        self._max_request = max_request
         self._grace = finalize_grace
         self._pid = os.getpid()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="p11p-call")
         self._write_lock = threading.Lock()
         self._out_broken = False
-        # calls submitted and not yet answered (blocking ones apart): C_Finalize waits
+        # the reader's turn: its holder reads, decodes and takes the next request
+        self._reader = threading.Lock()
+        self._decoder = FrameDecoder(max_request)
+        self._frames: deque[Any] = deque()
+        # workers: started, waiting for the reader's turn; the thread limit
+        self._workers = threading.Lock()
+        self._started = 0
+        self._waiting = 0
+        self._max_threads = threads
+        self._status: int | None = None
+        self._done = threading.Event()
+        # calls taken and not yet answered (blocking ones apart): C_Finalize waits
         self._busy = 0
         self._idle = threading.Condition()
         self._ending = threading.Lock()
@@ -75,8 +87,49 @@ class Server:
 
     def serve(self) -> int:
         """Runs until C_Finalize, EOF or a protocol error; returns the exit status."""
-        decoder = FrameDecoder(self._max_request)
-        while True:
+        self._start_worker()
+        self._done.wait()
+        assert self._status is not None
+        return self._status
+
+    def _start_worker(self) -> None:
+        with self._workers:
+            self._started += 1
+            name = f"p11p-call_{self._started - 1}"
+        threading.Thread(target=self._worker, name=name, daemon=True).start()
+
+    def _stop(self, status: int) -> None:
+        if self._status is None:
+            self._status = status
+        self._done.set()
+
+    def _worker(self) -> None:
+        while not self._done.is_set():
+            with self._workers:
+                self._waiting += 1
+            with self._reader:
+                with self._workers:
+                    self._waiting -= 1
+                    spawn = self._waiting == 0 and self._started < self._max_threads
+                if self._done.is_set():
+                    return
+                frame, status = self._next_frame()
+            if status is not None:
+                self._stop(status)
+                return
+            # someone must read while this worker runs its call
+            if spawn:
+                self._start_worker()
+            status = self.dispatch(frame)
+            if status is not None:
+                self._stop(status)
+                return
+
+    def _next_frame(self) -> tuple[Any, int | None]:
+        """The next request, read if none is waiting; or an exit status (EOF, a frame
+        that breaks the protocol). Called with the reader's lock held."""
+        frames = self._frames
+        while not frames:
             try:
                 data = os.read(self._in_fd, READ_SIZE)
             except InterruptedError:
@@ -84,17 +137,14 @@ class Server:
             if not data:
                 log.info("end of input; finalizing the module")
                 self.finish()
-                return 0
+                return None, 0
             try:
-                frames = decoder.feed(data)
+                frames.extend(self._decoder.feed(data))
             except ProtocolError as exc:
                 log.error("protocol error from the daemon: %s; exiting", exc)
                 self.finish()
-                return 1
-            for frame in frames:
-                status = self.dispatch(frame)
-                if status is not None:
-                    return status
+                return None, 1
+        return frames.popleft(), None
 
     def dispatch(self, frame: Any) -> int | None:
         """Handles one request; an exit status when the helper must stop."""
@@ -114,7 +164,7 @@ class Server:
             if not plan.blocking:
                 with self._idle:
                     self._busy += 1
-            self._pool.submit(self._work, call_id, plan, frame[2:])
+            self._work(call_id, plan, frame[2:])
         elif code == PING:
             self.send([call_id, CKR_OK, self._pid])
         elif code == C_INITIALIZE:
@@ -130,7 +180,7 @@ class Server:
             self.send([call_id, CKR_FUNCTION_NOT_SUPPORTED])
         return None
 
-    # -- one call, in a worker thread ---------------------------------------------------
+    # -- one call, in the worker that read it ------------------------------------------
 
     def _work(self, call_id: int, plan: Plan, args: list[Any]) -> None:
         try:
@@ -157,7 +207,6 @@ class Server:
         finalizes the module; the C_Finalize return value. Once only: a second caller
         waits here until the process exits."""
         self._ending.acquire()
-        self._pool.shutdown(wait=False)
         with self._idle:
             if not self._idle.wait_for(lambda: self._busy == 0, self._grace):
                 log.warning("%d calls still running after %g s; finalizing anyway",
