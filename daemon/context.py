@@ -45,6 +45,10 @@ class ApplicationContext:
         # another member or after a member lost its sessions; dropped with the
         # context. Never logged.
         self.logins: dict[Group, tuple[int, bytes]] = {}
+        # C_FindObjectsInit results: (group, user type logged in or None, template) ->
+        # (expiry, the group's objects_generation, virtual handles); dispatch.find_init
+        self.find_cache: dict[tuple[Group, int | None, bytes],
+                              tuple[float, int, list[int]]] = {}
         self.logged_in: set[Member] = set()  # members where this context is logged in
         self.utility: dict[Member, int] = {}  # a member session for p11p's own look-ups
         self._utility_locks: dict[Member, asyncio.Lock] = {}

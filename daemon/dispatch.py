@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
 from p11p.daemon.members import Group
+from p11p.daemon.virtual import FindState
 from p11p.protocol import spec
 from p11p.protocol.constants import CKF, CKR
 
@@ -37,6 +40,13 @@ CKR_HOST_MEMORY = CKR["CKR_HOST_MEMORY"]
 CKF_TOKEN_PRESENT = CKF["CKF_TOKEN_PRESENT"]
 CKF_DONT_BLOCK = CKF["CKF_DONT_BLOCK"]
 _CODE = {f.name: f.code for f in spec.functions()}
+# Session calls that may create, change or destroy objects: each one ends the validity
+# of the group's cached find results (whatever its outcome).
+_OBJECT_WRITES = frozenset(_CODE[name] for name in (
+    "C_CreateObject", "C_CopyObject", "C_SetAttributeValue", "C_GenerateKey",
+    "C_GenerateKeyPair", "C_UnwrapKey", "C_DeriveKey"))
+FIND_BATCH = 256  # handles asked of the member per C_FindObjects when filling the cache
+FIND_CACHE_ENTRIES = 256  # per application context; past it the cache starts afresh
 
 
 def _pad(text: str, size: int) -> bytes:
@@ -67,7 +77,9 @@ class Dispatcher:
             "C_Logout": self.logout,
             "C_InitPIN": self.pin_write,
             "C_SetPIN": self.pin_write,
+            "C_FindObjectsInit": self.find_init,
             "C_FindObjects": self.find_objects,
+            "C_FindObjectsFinal": self.find_final,
             "C_DestroyObject": self.destroy_object,
             "C_WaitForSlotEvent": self.wait_for_slot_event,
         }
@@ -115,7 +127,13 @@ class Dispatcher:
             log.warning("limit reached: %s uid=%d: %s = %d", ctx.name, ctx.uid, name, value)
 
     async def session_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        return await self.router.call(ctx, ctx.sessions.get(req[1]), req)
+        vs = ctx.sessions.get(req[1])
+        if req[0] in _OBJECT_WRITES:
+            try:
+                return await self.router.call(ctx, vs, req)
+            finally:
+                vs.group.objects_changed()
+        return await self.router.call(ctx, vs, req)
 
     # -- slots ------------------------------------------------------------------------
 
@@ -171,7 +189,10 @@ class Dispatcher:
         group = self.group(ctx, req[1])
         if len(group.members) > 1:
             return [CKR_WRITE_PROTECTED]  # a PIN or token write on one member only
-        return await self.slot_call(ctx, req)
+        try:
+            return await self.slot_call(ctx, req)
+        finally:
+            group.objects_changed()
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -191,13 +212,21 @@ class Dispatcher:
         return [OK, vs.handle]
 
     async def close_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        await self.router.close_session(ctx, ctx.sessions.get(req[1]))
+        vs = ctx.sessions.get(req[1])
+        try:
+            await self.router.close_session(ctx, vs)
+        finally:
+            if vs.objects:  # its session objects are gone
+                vs.group.objects_changed()
         return [OK]
 
     async def close_all_sessions(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         group = self.group(ctx, req[1])
-        for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
-            await self.router.close_session(ctx, vs)
+        try:
+            for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
+                await self.router.close_session(ctx, vs)
+        finally:
+            group.objects_changed()
         return [OK]
 
     async def get_session_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
@@ -249,6 +278,62 @@ class Dispatcher:
 
     # -- objects ----------------------------------------------------------------------
 
+    async def find_init(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        """C_FindObjectsInit, answered from the context's find cache when the group has
+        `object_cache_ttl` > 0: the same template, with the same login state, within the
+        time-to-live and with no object written through p11p on the group since (any
+        application's write ends every cached result). A miss runs the whole find on the
+        member at once (init, all results, final) and keeps the results; the
+        application's C_FindObjects and C_FindObjectsFinal are then answered here, with
+        no call to the member. Objects created or destroyed behind p11p's back show
+        within the time-to-live."""
+        vs = ctx.sessions.get(req[1])
+        group = vs.group
+        ttl = group.config.object_cache_ttl
+        if vs.find is not None and vs.find.cached:
+            return [CKR["CKR_OPERATION_ACTIVE"]]
+        if ttl <= 0 or vs.find is not None:  # off; or a find is running: the member says
+            return await self.router.call(ctx, vs, req)
+        try:
+            login = ctx.logins.get(group)
+            key = (group, None if login is None else login[0], msgpack.packb(req[2]))
+        except (TypeError, ValueError, OverflowError):
+            return await self.router.call(ctx, vs, req)
+        now = time.monotonic()
+        generation = group.objects_generation
+        hit = ctx.find_cache.get(key)
+        if hit is not None and hit[0] > now and hit[1] == generation:
+            vs.find = FindState(req[2], pending=list(hit[2]), cached=True)
+            return [OK]
+        reply = await self.router.call(ctx, vs, req)
+        if reply[0] != OK:
+            return reply
+        found: list[int] = []
+        while True:
+            batch = await self.router.call(ctx, vs, [_CODE["C_FindObjects"], req[1], FIND_BATCH])
+            if batch[0] != OK:
+                await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], req[1]])
+                return [batch[0]]
+            found += batch[1]
+            if len(batch[1]) < FIND_BATCH:
+                break
+        final = await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], req[1]])
+        if final[0] != OK:
+            return [final[0]]
+        vs.find = FindState(req[2], pending=found, cached=True)
+        if group.objects_generation == generation:
+            if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
+                ctx.find_cache.clear()
+            ctx.find_cache[key] = (now + ttl, generation, list(found))
+        return [OK]
+
+    async def find_final(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        vs = ctx.sessions.get(req[1])
+        if vs.find is not None and vs.find.cached:
+            vs.find = None
+            return [OK]
+        return await self.router.call(ctx, vs, req)
+
     async def find_objects(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         if vs.find is not None and vs.find.pending is not None:
@@ -258,7 +343,10 @@ class Dispatcher:
     async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         vobj = ctx.objects.get(req[2])
-        reply = await self.router.call(ctx, vs, req)
+        try:
+            reply = await self.router.call(ctx, vs, req)
+        finally:
+            vs.group.objects_changed()
         if reply[0] == OK:
             ctx.forget_object(vobj)
         return reply

@@ -279,6 +279,13 @@ class Group:
         self.rv_classes: dict[int, RvClass] = class_table(config.rv_classes)
         self._changed = asyncio.Event()
         self.metrics = GroupMetrics()
+        # bumped by every call through p11p that may create, change or destroy an
+        # object on this group's members: cached find results of an older generation
+        # are not used (dispatch.py, find_init)
+        self.objects_generation = 0
+
+    def objects_changed(self) -> None:
+        self.objects_generation += 1
 
     def notify(self) -> None:
         """Wakes calls held while no member was usable."""

@@ -322,7 +322,7 @@ class Router:
                 del vs.ops[kind]
             else:
                 replayed.append(f"{kind}+{len(op.updates)} updates")
-        if vs.find is not None:
+        if vs.find is not None and not vs.find.cached:
             await self._replay_find(ctx, vs, member, vs.find)
             replayed.append(f"find ({len(vs.find.returned)} already returned)")
         vs.member = member

@@ -114,6 +114,8 @@ class FindState:
     template: Any
     returned: list[int] = field(default_factory=list)
     pending: list[int] | None = None  # after a replay: what is left, answered by p11p
+    # answered from the context's find cache: the member session has no find running
+    cached: bool = False
 
 
 @dataclass(eq=False)
