@@ -40,8 +40,10 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.member = member
         self.pid = 0
         self.alive = False
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # kept: asyncio.get_running_loop() costs a getpid() system call each time
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.exited: asyncio.Future[int] = self._loop.create_future()
         self._decoder = FrameDecoder(max_frame + 1024)
         self._pending: dict[int, asyncio.Future[list[Any]]] = {}
         self._next_id = 1
@@ -173,7 +175,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
 
     def send(self, request: list[Any]) -> asyncio.Future[list[Any]]:
         """Sends `[code, arg...]`; the future gives `[call_id, rv, out...]`."""
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
         if not self.alive or self._stdin is None or self._stdin.is_closing():
             fut.set_exception(MemberUnavailable(self.member, self._why))
             return fut
@@ -192,8 +194,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         if timeout is None:
             reply = await fut
         else:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(timeout, self._expire, fut, timeout)
+            timer = self._loop.call_later(timeout, self._expire, fut, timeout)
             try:
                 reply = await fut
             finally:

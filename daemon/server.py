@@ -37,6 +37,7 @@ class ClientConnection(asyncio.Protocol):
         self.pid = self.uid = self.gid = -1
         self._queue: deque[Any] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()  # once: each look-up costs a getpid()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -64,7 +65,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._queue.append(frame)
         if self._queue and (self._task is None or self._task.done()):
-            self._task = asyncio.ensure_future(self._serve())
+            self._task = self._loop.create_task(self._serve())
 
     def _hello(self, frame: Any) -> bool:
         ok = (isinstance(frame, dict) and frame.get("p11p") == PROTOCOL_VERSION

@@ -29,8 +29,7 @@ def encode(obj: Any) -> bytes:
 def decode_body(body: bytes | memoryview) -> Any:
     """The one msgpack object in a frame body (strict: bin stays bytes, no trailing data)."""
     try:
-        return msgpack.unpackb(
-body, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
         raise ProtocolError(f"malformed frame body: {exc}") from exc
 
@@ -47,6 +46,12 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Add received bytes; return the objects of every frame now complete."""
         buf = self._buf
+        if not buf and len(data) > HEADER_SIZE:
+            # the common case, one whole frame in one read: decoded in place, no copy
+            (size,) = _HEADER.unpack_from(data, 0)
+            if size + HEADER_SIZE == len(data) and size <= self.max_frame:
+                with memoryview(data) as view:
+                    return [decode_body(view[HEADER_SIZE:])]
         buf += data
         out: list[Any] = []
         pos = 0
