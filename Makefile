@@ -7,7 +7,7 @@ P11_CFLAGS := -I/usr/include/p11-kit-1 -Iprotocol
 CFLAGS_COMMON := -std=c11 -D_GNU_SOURCE -fPIC -Wall -Wextra -Werror -pthread $(P11_CFLAGS)
 CFLAGS ?= -O2 -g
 DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-pkcs11-openssl \
-                openssl gcc make python3-dev swig
+                openssl gcc make python3-dev swig gnutls-bin p11-kit-modules systemd util-linux
 PYTEST_ARGS ?=
 
 .PHONY: all build deps test demo clean lint gen-check pytest bench install
