@@ -13,6 +13,7 @@
 
 #include "codec.h"
 #include "debug.h"
+#include "find.h"
 #include "gen/codes.h"
 #include "link.h"
 #include "state.h"
@@ -153,6 +154,7 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 		s->idle = s->busy = NULL;
 		s->nidle = 0;
 		s->pid = getpid();
+		p11p_find_reset(); /* a forked child's copies of its parent's searches too */
 		atomic_store(&s->in_flight, 0);
 		atomic_store(&s->phase, P11P_READY);
 	}
@@ -201,6 +203,7 @@ CK_RV p11p_state_teardown(void)
 	while (atomic_load(&s->in_flight) > 0)
 		nanosleep(&pause, NULL);
 	p11p_pool_drop_all(s);
+	p11p_find_reset();
 	p11p_lock_destroy(&s->lock);
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->phase, P11P_UNINIT);

@@ -19,7 +19,7 @@ import msgpack
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
 from p11p.daemon.members import Group
-from p11p.daemon.virtual import FindState
+from p11p.daemon.virtual import FindState, VirtualSession
 from p11p.protocol import spec
 from p11p.protocol.constants import CKF, CKR
 
@@ -46,6 +46,10 @@ _OBJECT_WRITES = frozenset(_CODE[name] for name in (
     "C_CreateObject", "C_CopyObject", "C_SetAttributeValue", "C_GenerateKey",
     "C_GenerateKeyPair", "C_UnwrapKey", "C_DeriveKey"))
 FIND_BATCH = 256  # handles asked of the member per C_FindObjects when filling the cache
+# p11p's own code (protocol/README.md): C_FindObjectsInit with the whole result in the
+# reply, [FIND_ALL, session, template] -> [rv, handles or nil]
+FIND_ALL = 1001
+FIND_ALL_MAX = 65536  # results sent at once at most; past it the daemon keeps the search
 FIND_CACHE_ENTRIES = 256  # per application context; past it the cache starts afresh
 
 
@@ -93,6 +97,8 @@ class Dispatcher:
             else:
                 raise AssertionError(f"no handler for {fn.name}")
         self.arity = {fn.code: len(fn.wire_args) + 1 for fn in spec.functions()}
+        self.table[FIND_ALL] = self.find_all
+        self.arity[FIND_ALL] = 3
 
     async def dispatch(self, ctx: ApplicationContext, request: list[Any]) -> Reply:
         code = request[0]
@@ -114,7 +120,8 @@ class Dispatcher:
             return await handler(ctx, request)
         except CKError as exc:
             if exc.args and str(exc) != "":
-                log.debug("%s %s: %s", ctx.name, spec.by_code()[code].name, exc)
+                fn = spec.by_code().get(code)
+                log.debug("%s %s: %s", ctx.name, fn.name if fn else code, exc)
             return [exc.rv]
         finally:
             ctx.in_flight -= 1
@@ -216,8 +223,7 @@ class Dispatcher:
         try:
             await self.router.close_session(ctx, vs)
         finally:
-            if vs.objects:  # its session objects are gone
-                vs.group.objects_changed()
+            vs.group.objects_changed()  # the session objects it made are gone
         return [OK]
 
     async def close_all_sessions(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
@@ -279,53 +285,79 @@ class Dispatcher:
     # -- objects ----------------------------------------------------------------------
 
     async def find_init(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        """C_FindObjectsInit, answered from the context's find cache when the group has
-        `object_cache_ttl` > 0: the same template, with the same login state, within the
-        time-to-live and with no object written through p11p on the group since (any
-        application's write ends every cached result). A miss runs the whole find on the
-        member at once (init, all results, final) and keeps the results; the
-        application's C_FindObjects and C_FindObjectsFinal are then answered here, with
-        no call to the member. Objects created or destroyed behind p11p's back show
-        within the time-to-live."""
+        """C_FindObjectsInit of a client that asks for the results one batch at a time:
+        with `object_cache_ttl` > 0 the whole result is found at once (or taken from the
+        cache) and the batches are answered here (see `_found`)."""
         vs = ctx.sessions.get(req[1])
-        group = vs.group
-        ttl = group.config.object_cache_ttl
         if vs.find is not None and vs.find.cached:
             return [CKR["CKR_OPERATION_ACTIVE"]]
-        if ttl <= 0 or vs.find is not None:  # off; or a find is running: the member says
-            return await self.router.call(ctx, vs, req)
-        try:
-            login = ctx.logins.get(group)
-            key = (group, None if login is None else login[0], msgpack.packb(req[2]))
-        except (TypeError, ValueError, OverflowError):
-            return await self.router.call(ctx, vs, req)
+        if vs.group.config.object_cache_ttl <= 0 or vs.find is not None:
+            return await self.router.call(ctx, vs, req)  # off; or the member's find runs
+        found = await self._found(ctx, vs, req[2])
+        if isinstance(found, int):
+            return [found]
+        vs.find = FindState(req[2], pending=found, cached=True)
+        return [OK]
+
+    async def find_all(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        """FIND_ALL: C_FindObjectsInit whose reply carries every result, so the client
+        library answers C_FindObjects and C_FindObjectsFinal itself: one round trip per
+        look-up, and none to the member when the cache has it. The search is over on
+        this side; a result too large to send stays here as a search of the session."""
+        vs = ctx.sessions.get(req[1])
+        if vs.find is not None:
+            return [CKR["CKR_OPERATION_ACTIVE"], None]
+        found = await self._found(ctx, vs, req[2])
+        if isinstance(found, int):
+            return [found, None]
+        if len(found) > FIND_ALL_MAX:
+            vs.find = FindState(req[2], pending=found, cached=True)
+            return [OK, None]
+        return [OK, found]
+
+    async def _found(self, ctx: ApplicationContext, vs: VirtualSession,
+                     template: Any) -> list[int] | int:
+        """Every virtual handle a search with `template` finds, or the CK_RV that ended
+        it. From the context's find cache when the group has `object_cache_ttl` > 0:
+        the same template, the same login state, within the time-to-live, and no object
+        written through p11p on the group since (any application's write ends every
+        cached result). Otherwise the whole search runs on the member at once (init,
+        all results, final), and its result is kept. Objects created or destroyed behind
+        p11p's back show within the time-to-live."""
+        group = vs.group
+        ttl = group.config.object_cache_ttl
+        key = None
+        if ttl > 0:
+            try:
+                login = ctx.logins.get(group)
+                key = (group, None if login is None else login[0], msgpack.packb(template))
+            except (TypeError, ValueError, OverflowError):
+                key = None
         now = time.monotonic()
         generation = group.objects_generation
-        hit = ctx.find_cache.get(key)
+        hit = ctx.find_cache.get(key) if key is not None else None
         if hit is not None and hit[0] > now and hit[1] == generation:
-            vs.find = FindState(req[2], pending=list(hit[2]), cached=True)
-            return [OK]
-        reply = await self.router.call(ctx, vs, req)
+            return list(hit[2])
+        reply = await self.router.call(ctx, vs, [_CODE["C_FindObjectsInit"], vs.handle, template])
         if reply[0] != OK:
-            return reply
+            return int(reply[0])
         found: list[int] = []
         while True:
-            batch = await self.router.call(ctx, vs, [_CODE["C_FindObjects"], req[1], FIND_BATCH])
+            batch = await self.router.call(ctx, vs, [_CODE["C_FindObjects"], vs.handle, FIND_BATCH])
             if batch[0] != OK:
-                await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], req[1]])
-                return [batch[0]]
+                await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
+                return int(batch[0])
             found += batch[1]
             if len(batch[1]) < FIND_BATCH:
                 break
-        final = await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], req[1]])
+        final = await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
         if final[0] != OK:
-            return [final[0]]
-        vs.find = FindState(req[2], pending=found, cached=True)
-        if group.objects_generation == generation:
+            return int(final[0])
+        if key is not None and group.objects_generation == generation:
             if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
                 ctx.find_cache.clear()
             ctx.find_cache[key] = (now + ttl, generation, list(found))
-        return [OK]
+        return found
 
     async def find_final(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "codec_test.h"
+#include "find.h"
 
 int checks, failures;
 
@@ -259,17 +260,17 @@ static void test_out_lists(void)
 	CHECK_REQ("[8,1,2]");
 	CHECK(n == 2 && mechs[0] == CKM_AES_GCM && mechs[1] == CKM_AES_CCM);
 	reply("[0,[7,8]]");
-	CHECK_RV(C_FindObjects(1, objs, 4, &n), CKR_OK);
+	CHECK_RV(p11p_wire_C_FindObjects(1, objs, 4, &n), CKR_OK);
 	CHECK_REQ("[28,1,4]");
 	CHECK(n == 2 && objs[0] == 7 && objs[1] == 8 && objs[2] == 0);
 	reply("[0,[]]");
-	CHECK_RV(C_FindObjects(1, objs, 4, &n), CKR_OK);
+	CHECK_RV(p11p_wire_C_FindObjects(1, objs, 4, &n), CKR_OK);
 	CHECK(n == 0);
 	reply("[0,[1,2,3,4,5]]");
-	CHECK_RV(C_FindObjects(1, objs, 4, &n), CKR_DEVICE_ERROR);
-	CHECK_RV(C_FindObjects(1, objs, 4, NULL), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_FindObjects(1, objs, 4, &n), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_FindObjects(1, objs, 4, NULL), CKR_ARGUMENTS_BAD);
 	reply("[7]");
-	CHECK_RV(C_FindObjects(1, NULL, 4, &n), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_FindObjects(1, NULL, 4, &n), CKR_ARGUMENTS_BAD);
 	CHECK_REQ("[28,1,nil]");
 }
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "codec_test.h"
+#include "find.h"
 
 long fuzz_iterations;
 
@@ -140,7 +141,7 @@ static CK_RV fuzz_find(void)
 	CK_OBJECT_HANDLE h[3];
 	CK_ULONG n;
 
-	return C_FindObjects(1, h, 3, &n);
+	return p11p_wire_C_FindObjects(1, h, 3, &n);
 }
 
 static CK_RV fuzz_slots(void)

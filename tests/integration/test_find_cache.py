@@ -17,8 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from kit import CLIENT_SO, ROOT, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, one_member_group
+from kit import (
+    ASAN_CLIENT_SO,
+    CLIENT_SO,
+    ROOT,
+    SOFTHSM_SO,
+    USER_PIN,
+    Daemon,
+    SoftHSM,
+    one_member_group,
+)
 
 TTL = 2.0
 
@@ -64,6 +72,33 @@ for line in sys.stdin:
         print(hex(m.login(h, {USER_PIN.encode()!r})), flush=True)
     elif cmd == "logout":
         print(hex(m.C_Logout(h)), flush=True)
+    elif cmd == "many":
+        for i in range(int(arg[1])):
+            t, count, keep = template((CKA_CLASS, CKO_DATA), (CKA_TOKEN, False),
+                                      (CKA_PRIVATE, False), (CKA_LABEL, arg[0].encode()))
+            o = CK_ULONG()
+            assert m.C_CreateObject(h, t, count, C.byref(o)) == 0
+        print("0x0", flush=True)
+    elif cmd == "batches":  # the whole result, k handles at a time, on a second session
+        h2 = m.open_session(slot)
+        t, count, keep = template((CKA_LABEL, arg[0].encode()))
+        assert m.C_FindObjectsInit(h2, t, count) == 0
+        k, seen = int(arg[1]), []
+        out = (CK_ULONG * k)()
+        got = CK_ULONG()
+        while True:
+            assert m.C_FindObjects(h2, out, k, C.byref(got)) == 0
+            assert got.value <= k
+            if got.value == 0:
+                break
+            seen += list(out[:got.value])
+        zero = m.C_FindObjects(h2, None, 0, C.byref(got))  # a count of 0 asks for nothing
+        assert m.C_FindObjectsFinal(h2) == 0
+        assert m.C_CloseSession(h2) == 0
+        print(hex(zero), got.value, len(seen), len(set(seen)), flush=True)
+    elif cmd == "close":
+        print(hex(m.C_CloseSession(h)), flush=True)
+        h = m.open_session(slot)
     elif cmd == "rules":
         t, count, keep = template((CKA_LABEL, arg[0].encode()))
         first = m.C_FindObjectsInit(h, t, count)
@@ -76,21 +111,35 @@ for line in sys.stdin:
 """
 
 
+def sanitized() -> dict[str, str]:
+    """The environment that runs an application on the ASan/UBSan build of the client."""
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    return {"LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+
+
 class App:
     def __init__(self, module: Path, token: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(APP), str(module),
                                       token], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, **env})
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env})
 
     def ask(self, cmd: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline().strip()
-        assert answer, f"the application ended at {cmd!r}"
+        if not answer:
+            assert self.proc.stderr is not None
+            self.proc.wait(10)
+            raise AssertionError(f"the application ended at {cmd!r}: "
+                                 f"{self.proc.stderr.read()[-3000:]}")
         return answer
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Ends the application; its standard error."""
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
@@ -98,14 +147,18 @@ class App:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
 
 
 @pytest.fixture
 def cached(tmp_path: Path) -> Iterator[tuple[Daemon, SoftHSM]]:
     hsm = SoftHSM(tmp_path / "hsm")
     hsm.init_token("tokF")
-    d = Daemon(tmp_path / "p11p", {"cached": one_member_group(
-        "cached", hsm, "tokF", f"object_cache_ttl = {TTL}")})
+    hsm.init_token("tokG")
+    d = Daemon(tmp_path / "p11p", {
+        "cached": one_member_group("cached", hsm, "tokF", f"object_cache_ttl = {TTL}"),
+        "uncached": one_member_group("uncached", hsm, "tokG", "object_cache_ttl = 0")})
     d.start()
     yield d, hsm
     d.stop()
@@ -114,7 +167,7 @@ def cached(tmp_path: Path) -> Iterator[tuple[Daemon, SoftHSM]]:
 def member_calls(d: Daemon) -> int:
     out = subprocess.run(["p11p", "status", "--config", str(d.config), "--prometheus"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
-    m = re.search(r'^p11p_member_calls_total\{[^}]*\} (\d+)$', out, re.M)
+    m = re.search(r'^p11p_member_calls_total\{group="cached"[^}]*\} (\d+)$', out, re.M)
     assert m is not None, out
     return int(m.group(1))
 
@@ -164,3 +217,31 @@ def test_find_cache(cached: tuple[Daemon, SoftHSM]) -> None:
     finally:
         for a in (app, other, direct):
             a.close()
+
+
+@pytest.mark.parametrize("group, token", [("cached", "tokF"), ("uncached", "tokG")])
+def test_search_results_handed_out_by_the_library(cached: tuple[Daemon, SoftHSM], group: str,
+                                                  token: str) -> None:
+    """The client library holds a search's whole result (cached by the daemon or not):
+    C_FindObjects hands it out in the batches asked for, each object once; session
+    objects go with their session; the sanitized client finds nothing to complain of."""
+    d, hsm = cached
+    app = App(ASAN_CLIENT_SO, group, {**d.env, **sanitized()})
+    direct = App(SOFTHSM_SO, token, dict(hsm.env))
+    stderr = ""
+    try:
+        assert app.ask("many s 300") == "0x0"
+        for k in (1, 7, 256, 1000):
+            assert app.ask(f"batches s {k}") == "0x0 0 300 300"
+        assert app.ask("find s") == "0x0 64"  # C_FindObjects gives at most what was asked
+        assert app.ask("close") == "0x0"  # its session objects are gone
+        assert app.ask("batches s 50") == "0x0 0 0 0"
+        # a token object made behind p11p's back: shown at once when the cache is off
+        assert app.ask("find d") == "0x0 0"
+        assert direct.ask("login") == "0x0" and direct.ask("create d") == "0x0"
+        assert app.ask("find d") == ("0x0 1" if group == "uncached" else "0x0 0")
+        assert app.ask("rules s") == "0x0 0x90 0x0 0x91"
+    finally:
+        stderr = app.close()
+        direct.close()
+    assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-3000:]
