@@ -257,7 +257,9 @@ def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
         app.send_signal(signal.SIGKILL)
         app.wait()
         assert wait_for(lambda: helper not in helper_pids(daemon.pid), timeout=15)
-        assert re.search(rf"pid={app.pid} ended", daemon.log_text())
+        # the daemon logs the end once its helpers have stopped: just after
+        assert wait_for(lambda: re.search(rf"pid={app.pid} ended", daemon.log_text()) is not None,
+                        timeout=5), daemon.log_text()[-2000:]
     finally:
         if app.poll() is None:
             app.kill()
