@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
-from p11p.daemon.members import Group
+from p11p.daemon.members import Group, Member
+from p11p.daemon.policy import choose_member
 from p11p.daemon.virtual import FindState, VirtualSession
 from p11p.protocol import spec
 from p11p.protocol.constants import CKF, CKR
@@ -70,8 +71,8 @@ class Dispatcher:
             "C_GetSlotList": self.get_slot_list,
             "C_GetSlotInfo": self.get_slot_info,
             "C_GetTokenInfo": self.get_token_info,
-            "C_GetMechanismList": self.slot_call,
-            "C_GetMechanismInfo": self.slot_call,
+            "C_GetMechanismList": self.mechanism_call,
+            "C_GetMechanismInfo": self.mechanism_call,
             "C_InitToken": self.init_token,
             "C_OpenSession": self.open_session,
             "C_CloseSession": self.close_session,
@@ -190,6 +191,24 @@ class Dispatcher:
         if not group.present:
             return [CKR["CKR_TOKEN_NOT_PRESENT"]]
         _, reply = await self.router.group_call(ctx, group, req)
+        return reply
+
+    async def mechanism_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+        """C_GetMechanismList/Info, answered from what the serving member said before."""
+        group = self.group(ctx, req[1])
+        if not group.present:
+            return [CKR["CKR_TOKEN_NOT_PRESENT"]]
+        key = tuple(req[:1] + req[2:])
+        if not all(isinstance(a, int) or a is None for a in key):
+            return [CKR_ARGUMENTS_BAD]
+        serving = choose_member(group.members, "failover", None, True)
+        if isinstance(serving, Member):
+            known = serving.mechanism_answers.get(key)
+            if known is not None:
+                return known
+        member, reply = await self.router.group_call(ctx, group, req)
+        if reply[0] == OK:
+            member.mechanism_answers[key] = reply
         return reply
 
     async def init_token(self, ctx: ApplicationContext, req: list[Any]) -> Reply:

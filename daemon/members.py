@@ -83,6 +83,10 @@ class Member:
         self._warm: list[HelperProcess] = []
         self.on_helper_death: Callable[[Member, str], None] | None = None
         self.metrics = MemberMetrics()
+        # C_GetMechanismList/Info answers (CKR_OK) by request: a token's mechanisms do
+        # not change while it serves; forgotten when the member recovers (it may come
+        # back as another device)
+        self.mechanism_answers: dict[tuple[Any, ...], list[Any]] = {}
         self._refill: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:

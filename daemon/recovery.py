@@ -69,6 +69,7 @@ class Recovery:
                 return
             was_out = not group.present
             member.add_warm(helper)
+            member.mechanism_answers.clear()
             member.mark(MemberState.OK)
             member.health.attempt = 0
             group.metrics.recoveries += 1

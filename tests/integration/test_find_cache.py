@@ -1,4 +1,5 @@
-"""The find cache (`object_cache_ttl`): repeated look-ups are answered by the daemon
+"""What the daemon answers itself: mechanism information, and searches from the find
+cache (`object_cache_ttl`): repeated look-ups are answered by the daemon
 without a call to the member; a write through p11p, by any application, shows at once;
 a write behind p11p's back shows within the time-to-live; private objects show only once
 logged in; the find operation keeps its PKCS#11 rules (one at a time, ended by Final).
@@ -245,3 +246,25 @@ def test_search_results_handed_out_by_the_library(cached: tuple[Daemon, SoftHSM]
         stderr = app.close()
         direct.close()
     assert "Sanitizer" not in stderr and "runtime error" not in stderr, stderr[-3000:]
+
+
+def test_mechanisms_answered_by_the_daemon(cached: tuple[Daemon, SoftHSM]) -> None:
+    """C_GetMechanismList/Info: the member's answers, the same as the module's own, and
+    asked of the member once only."""
+    d, hsm = cached
+
+    def mechanisms(module: Path, token: str, env: dict[str, str]) -> str:
+        r = subprocess.run(["pkcs11-tool", "--module", str(module), "--token-label", token,
+                            "-M"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    direct = mechanisms(SOFTHSM_SO, "tokF", dict(hsm.env))
+    assert "ECDSA" in direct and "AES-GCM" in direct
+    assert mechanisms(CLIENT_SO, "cached", d.env) == direct
+    before = member_calls(d)
+    assert mechanisms(CLIENT_SO, "cached", d.env) == direct
+    # the second application's look-ups: none reached the member (C_GetTokenInfo aside;
+    # without the daemon's answers, one call per mechanism would)
+    assert member_calls(d) - before <= 1, member_calls(d) - before
