@@ -43,6 +43,8 @@ OK = CKR["CKR_OK"]
 DEVICE_ERROR = CKR["CKR_DEVICE_ERROR"]
 OBJECT_HANDLE_INVALID = CKR["CKR_OBJECT_HANDLE_INVALID"]
 WRITE_PROTECTED = CKR["CKR_TOKEN_WRITE_PROTECTED"]
+MECHANISM_PARAM_INVALID = CKR["CKR_MECHANISM_PARAM_INVALID"]
+ATTRIBUTE_VALUE_INVALID = CKR["CKR_ATTRIBUTE_VALUE_INVALID"]
 ALREADY_LOGGED_IN = CKR["CKR_USER_ALREADY_LOGGED_IN"]
 CODE = {f.name: f.code for f in spec.functions()}
 GENERATING = {"C_GenerateKey", "C_GenerateKeyPair"}
@@ -84,6 +86,36 @@ def _shape(fn: spec.Function) -> CallShape:
 
 
 SHAPES = {f.code: _shape(f) for f in spec.functions()}
+
+
+def _unsafe(shape: CallShape, vreq: list[Any]) -> CKError | None:
+    """Arguments that a module would read memory through, never passed on: a module
+    that crashes on them takes its helper down, and a helper that dies is a failed
+    member for every application. A mechanism of mechanisms.spec with a bin parameter
+    (the module would take its bytes for the structure and follow pointers in it), and
+    an input attribute with a NULL value and a non-zero length, at any depth (SoftHSM2
+    reads through it in C_CreateObject, C_GenerateKey, C_FindObjectsInit, ...)."""
+    if shape.mechanism is not None:
+        mech = vreq[shape.mechanism]
+        if (isinstance(mech, list) and len(mech) == 2 and isinstance(mech[1], bytes)
+                and isinstance(mech[0], int) and mech[0] in _STRUCTURED):
+            return CKError(MECHANISM_PARAM_INVALID, "a structured parameter sent as bytes")
+    stack = [vreq[i] for i in shape.templates]
+    while stack:
+        template = stack.pop()
+        if not isinstance(template, list):
+            continue
+        for attr in template:
+            if isinstance(attr, list) and len(attr) == 2:
+                value = attr[1]
+                if isinstance(value, int) and value != 0:
+                    return CKError(ATTRIBUTE_VALUE_INVALID, "an attribute value NULL with a length")
+                if isinstance(value, list):
+                    stack.append(value)
+    return None
+
+
+_STRUCTURED = frozenset(spec.mechanisms())
 
 
 class KeyMissing(Exception):
@@ -138,6 +170,9 @@ class Router:
 
     async def call(self, ctx: ApplicationContext, vs: VirtualSession, vreq: list[Any]) -> Reply:
         shape = SHAPES[vreq[0]]
+        unsafe = _unsafe(shape, vreq)
+        if unsafe is not None:
+            raise unsafe
         group = vs.group
         write = self._write_target(ctx, vs, shape, vreq)
         tries = 0
@@ -157,8 +192,13 @@ class Router:
                 cls = classify(reply[0], group.rv_classes, group in ctx.logins,
                                bool(shape.objects))
                 if cls is RvClass.MEMBER_FAILED:
-                    raise MemberUnavailable(member.name, f"{shape.fn.name} returned "
-                                            f"{rv_name(reply[0])}", reply[0])
+                    if not await self._still_serves(ctx, member):
+                        raise MemberUnavailable(member.name, f"{shape.fn.name} returned "
+                                                f"{rv_name(reply[0])}", reply[0])
+                    # the member answers: the code was this call's own result (modules
+                    # answer odd arguments with CKR_GENERAL_ERROR too), not a failure
+                    log.info("%s: %s returned %s on %s, which still serves: answered as is",
+                             vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
                 if cls is RvClass.SESSION_LOST:
                     log.warning("session lost: %s member=%s function=%s rv=%s; new session, "
                                 "login and replay", vs.describe(), member.name, shape.fn.name,
@@ -176,6 +216,19 @@ class Router:
             except KeyMissing:
                 if tries >= limit:
                     raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object") from None
+
+    async def _still_serves(self, ctx: ApplicationContext, member: Member) -> bool:
+        """Whether a member that answered a call with a member-failed code still answers
+        a plain question (C_GetTokenInfo of its slot, on the same helper). Without this
+        one application's odd arguments would take the member from everybody, and the
+        call, retried after recovery, again and again."""
+        if member.slot_id is None:
+            return False
+        try:
+            reply = await self.raw(ctx, member, [CODE["C_GetTokenInfo"], member.slot_id, 0])
+        except MemberUnavailable:
+            return False
+        return bool(reply[0] == OK)
 
     async def _place(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                      vreq: list[Any], write: str | None) -> Member:
