@@ -46,6 +46,7 @@ WRITE_PROTECTED = CKR["CKR_TOKEN_WRITE_PROTECTED"]
 MECHANISM_PARAM_INVALID = CKR["CKR_MECHANISM_PARAM_INVALID"]
 ATTRIBUTE_VALUE_INVALID = CKR["CKR_ATTRIBUTE_VALUE_INVALID"]
 ALREADY_LOGGED_IN = CKR["CKR_USER_ALREADY_LOGGED_IN"]
+GENERAL_ERROR = CKR["CKR_GENERAL_ERROR"]
 CODE = {f.name: f.code for f in spec.functions()}
 GENERATING = {"C_GenerateKey", "C_GenerateKeyPair"}
 CREATING = {"C_CreateObject", "C_CopyObject", "C_GenerateKey", "C_GenerateKeyPair",
@@ -177,9 +178,10 @@ class Router:
         write = self._write_target(ctx, vs, shape, vreq)
         tries = 0
         limit = 2 * len(group.members) + 2
+        spared: set[Member] = set()  # answered CKR_GENERAL_ERROR, and still serve
         while True:
             tries += 1
-            member = await self._place(ctx, vs, shape, vreq, write)
+            member = await self._place(ctx, vs, shape, vreq, write, spared)
             try:
                 if write is None:
                     await self._prepare(ctx, vs, member)
@@ -192,11 +194,24 @@ class Router:
                 cls = classify(reply[0], group.rv_classes, group in ctx.logins,
                                bool(shape.objects))
                 if cls is RvClass.MEMBER_FAILED:
-                    if not await self._still_serves(ctx, member):
+                    if reply[0] != GENERAL_ERROR or not await self._still_serves(ctx, member):
                         raise MemberUnavailable(member.name, f"{shape.fn.name} returned "
                                                 f"{rv_name(reply[0])}", reply[0])
-                    # the member answers: the code was this call's own result (modules
-                    # answer odd arguments with CKR_GENERAL_ERROR too), not a failure
+                    # CKR_GENERAL_ERROR from a member that still answers: modules give it
+                    # for odd arguments too, so the member is not failed (one application
+                    # could otherwise take it from everybody). The call is tried on
+                    # another member, which hides a hiccup; with none left, the
+                    # application gets the code.
+                    spared.add(member)
+                    if write is None and tries < limit and self._others(ctx, vs, shape, vreq,
+                                                                        spared):
+                        log.info("%s: %s returned %s on %s, which still serves: trying "
+                                 "another member", vs.describe(), shape.fn.name,
+                                 rv_name(reply[0]), member.name)
+                        # whatever the call left there (an operation it did not end) goes
+                        # with the member session; the next use opens a fresh one
+                        await self._close_on(ctx, vs, member)
+                        continue
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
                 if cls is RvClass.SESSION_LOST:
@@ -230,9 +245,18 @@ class Router:
             return False
         return bool(reply[0] == OK)
 
+    def _others(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                vreq: list[Any], spared: set[Member]) -> bool:
+        """Whether a usable member not in `spared` could take this call."""
+        allowed = self._allowed(ctx, shape, vreq, vs.group)
+        pool = vs.group.members if allowed is None else allowed
+        return any(m.health.usable and m not in spared for m in pool)
+
     async def _place(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                     vreq: list[Any], write: str | None) -> Member:
-        """The member for this call; waits up to hold_timeout when none is usable."""
+                     vreq: list[Any], write: str | None,
+                     spared: set[Member] | None = None) -> Member:
+        """The member for this call; waits up to hold_timeout when none is usable.
+        Members in `spared` answered this call already: another is taken."""
         group = vs.group
         deadline = 0.0
         while True:
@@ -246,6 +270,9 @@ class Router:
                 allowed = self._allowed(ctx, shape, vreq, group)
                 if allowed is not None and not allowed:
                     raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object")
+                if spared:
+                    allowed = [m for m in (group.members if allowed is None else allowed)
+                               if m not in spared]
                 member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
                                        vs.movable, allowed)
             if member is not None:

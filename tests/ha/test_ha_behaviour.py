@@ -186,3 +186,21 @@ print(m.C_GenerateKey(h, C.byref(mech), t, n, C.byref(k)))
 
     # primary: written on the first member only, never half on each; refuse: nowhere
     assert (holds("hsmA"), holds("hsmB")) == ((True, False) if policy == "primary" else (False, False))
+
+
+def test_general_error_of_a_member_that_still_serves(ha_factory: Any) -> None:
+    """CKR_GENERAL_ERROR from a member whose token still answers (modules give it for
+    odd arguments too): the member is not failed, and the call is served by another
+    member, so the application sees no error. CKR_DEVICE_ERROR still fails the member."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    before = group.member("hsmB")["calls_served"]
+    group.set_rules("hsmA", "C_Sign error rv=CKR_GENERAL_ERROR\n")
+    result = _load(group, 4, 2.0)
+    assert result["errors"] == 0 and result["ops"] > 0, result
+    assert group.member("hsmA")["state"] == "OK"
+    assert group.member("hsmB")["calls_served"] - before >= result["ops"]  # every C_Sign
+    assert "member failure detected" not in group.daemon.log_text()
+    group.set_rules("hsmA", "C_Sign error rv=CKR_DEVICE_ERROR count=1\n")
+    result = _load(group, 4, 2.0)
+    assert result["errors"] == 0 and result["ops"] > 0, result
+    assert "member failure detected: group=ha member=hsmA" in group.daemon.log_text()
