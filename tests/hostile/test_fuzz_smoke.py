@@ -1,0 +1,67 @@
+"""A few seconds of each fuzzer of `make fuzz` (fuzz/), so that a harness that no longer
+builds or runs is seen in `make test`. Skipped when the tools are not there: clang
+with libFuzzer for the client harness, atheris for the Python ones (`make fuzz`
+installs both)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kit import ROOT
+
+FUZZ = ROOT / "fuzz"
+ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "halt_on_error=1"}
+
+
+def _seeds(tmp: Path) -> Path:
+    subprocess.run([sys.executable, str(FUZZ / "seeds.py"), str(tmp / "corpus")], check=True,
+                   capture_output=True)
+    return tmp / "corpus"
+
+
+def _run(cmd: list[str], tmp: Path, timeout: float) -> str:
+    done = subprocess.run([*cmd, f"-artifact_prefix={tmp}/"], capture_output=True, text=True,
+                          env={**ENV, "P11P_FUZZ_WORKDIR": str(tmp / "work")}, cwd=ROOT,
+                          timeout=timeout)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    return out
+
+
+def test_client_reply_fuzzer_smoke(tmp_path: Path) -> None:
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("no clang here (make fuzz installs it)")
+    calls = tmp_path / "client_calls.c"
+    subprocess.run([sys.executable, str(FUZZ / "gen_client_calls.py"), str(calls)], check=True)
+    exe = tmp_path / "client_reply_fuzzer"
+    sources = [f"client/{n}.c" for n in ("codec", "codec_info", "codec_template", "codec_mech",
+                                         "call", "find", "lock", "transport", "debug")]
+    sources += ["client/gen/stubs.c", "client/gen/mech_params.c"]
+    build = subprocess.run(
+        [clang, "-std=c11", "-D_GNU_SOURCE", "-g", "-O1", "-pthread", "-I/usr/include/p11-kit-1",
+         "-Iprotocol", "-Iclient", "-Ifuzz", "-fsanitize=fuzzer,address,undefined",
+         "-fno-sanitize-recover=undefined", "-o", str(exe), "fuzz/client_reply_fuzzer.c",
+         str(calls), *sources, "-lmsgpackc"], cwd=ROOT, capture_output=True, text=True)
+    if build.returncode != 0 and "libclang_rt.fuzzer" in build.stderr:
+        pytest.skip("clang without libFuzzer here (make fuzz installs it)")
+    assert build.returncode == 0, build.stderr[-3000:]
+    corpus = _seeds(tmp_path)
+    out = _run([str(exe), "-runs=30000", "-max_len=4096", str(corpus / "client")], tmp_path, 120)
+    assert "Done 30000 runs" in out
+
+
+@pytest.mark.parametrize("target,runs", [("decoder", 3000), ("dispatch", 400)])
+def test_python_fuzzer_smoke(tmp_path: Path, target: str, runs: int) -> None:
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris is not installed here (make fuzz installs it)")
+    corpus = _seeds(tmp_path)
+    out = _run([sys.executable, str(FUZZ / f"fuzz_{target}.py"), f"-runs={runs}",
+                str(corpus / target)], tmp_path, 180)
+    assert f"Done {runs} runs" in out
