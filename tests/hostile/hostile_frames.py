@@ -328,7 +328,9 @@ MECH_TYPES = sorted(v for v in set(CKM.values()) if v not in SLOW_MECHS)
 @st.composite
 def mechanism(draw: st.DrawFn, known: Known) -> Any:
     structured = spec.mechanisms()
-    choice = draw(st.integers(0, 5))
+    choice = draw(st.integers(0, 6))
+    if choice == 6 and structured:  # a structure's bytes, pointers and all
+        return [draw(st.sampled_from(sorted(structured))), draw(st.binary(min_size=8, max_size=64))]
     if choice <= 1 and structured:
         mtype = draw(st.sampled_from(sorted(structured)))
         fields = structured[mtype].param.fields
