@@ -79,6 +79,13 @@ GOOD_CLIENT = textwrap.dedent("""
     """)
 
 
+class NoToken(Exception):
+    """The context's helper found no token: its SoftHSM2 started while another process
+    rewrote the token's files (a race in SoftHSM2's file store, seen without p11p too:
+    a process that starts while another fails a login or writes a token object may
+    find no token). That context is no use; a new one gets a new helper."""
+
+
 class GoodClient:
     """An application on p11p-client.so that signs and verifies whenever asked."""
 
@@ -139,6 +146,7 @@ class Arena:
         self.rvs: dict[int, int] = {}
         self.check_every = 10
         self.finalized = False
+        self.no_token = 0
         self._reanchor()
 
     # -- life -------------------------------------------------------------------------
@@ -190,10 +198,14 @@ class Arena:
         """A session of the example on `w`, logged in, with a few keys of every kind."""
         known = Known()
         reply = w.call([13, 0, 6, 0])  # C_OpenSession slot 0, RW | SERIAL
+        if reply[0] == CKR["CKR_SLOT_ID_INVALID"]:
+            raise NoToken()
         assert reply[0] == OK, reply
         h = reply[1]
         known.sessions.append(h)
         rv = w.call([19, h, 1, PIN.encode()])[0]  # C_Login CKU_USER
+        if rv == CKR["CKR_USER_PIN_NOT_INITIALIZED"]:
+            raise NoToken()
         assert rv in (OK, ALREADY_LOGGED_IN), rv
         true, false = b"\x01", b"\x00"
         aes = w.call([59, h, [CKM["CKM_AES_KEY_GEN"], None], [
@@ -291,9 +303,19 @@ class Arena:
         (with `run`, or `self.run`), close; then the daemon must live (and, now and
         then, serve the good client)."""
         self.finalized = False
-        with self.connect() as w:
-            known = self.prepare(w)
-            (run or self.run)(w, frames_of(known))
+        for _ in range(3):
+            with self.connect() as w:
+                try:
+                    known = self.prepare(w)
+                except NoToken:
+                    self.no_token += 1
+                    self.ctx = os.urandom(16)  # a new context, with a new helper
+                    self._reanchor()
+                    continue
+                (run or self.run)(w, frames_of(known))
+                break
+        else:
+            raise AssertionError("three helpers in a row found no token")
         if self.finalized:
             self._reanchor()  # holds the context that is current now
         assert self.anchor is not None
