@@ -235,7 +235,7 @@ class Arena:
     def _rsa(self, w: Wire, h: int) -> list[int]:
         """The token's RSA key pair (made once; again if an example destroyed it)."""
         label = [CKA["CKA_LABEL"], b"hostile-rsa"]
-        pair = []
+        pair: list[Any] = []
         for cls in ("CKO_PUBLIC_KEY", "CKO_PRIVATE_KEY"):
             found = w.call([1001, h, [label, [CKA["CKA_CLASS"], le(CKO[cls])]]])
             assert found[0] == OK, found

@@ -235,7 +235,7 @@ def _t(*pairs: tuple[str, Any]) -> list[list[Any]]:
 
 _TRUE, _FALSE = b"\x01", b"\x00"
 # Templates as applications write them; a mutation then breaks one thing in them.
-REAL_TEMPLATES = (
+REAL_TEMPLATES: tuple[list[list[Any]], ...] = (
     _t(("CKA_CLASS", CKO["CKO_SECRET_KEY"]), ("CKA_KEY_TYPE", CKK["CKK_AES"]),
        ("CKA_VALUE_LEN", 16), ("CKA_TOKEN", _FALSE), ("CKA_ENCRYPT", _TRUE),
        ("CKA_DECRYPT", _TRUE)),
@@ -287,7 +287,8 @@ def templates(depth: int = 3) -> st.SearchStrategy[list[Any]]:
 def get_attribute(draw: st.DrawFn, depth: int) -> list[Any]:
     """An element of a template_get request: [type, cap], nested [type, [[type, cap]]]."""
     atype = draw(attr_types())
-    options = [st.none(), st.integers(0, 300), st.sampled_from(EDGE_ULONGS)]
+    options: list[st.SearchStrategy[Any]] = [st.none(), st.integers(0, 300),
+                                             st.sampled_from(EDGE_ULONGS)]
     if depth > 0:
         options.append(st.lists(get_attribute(depth - 1), max_size=4))
     return [atype, draw(st.one_of(*options))]

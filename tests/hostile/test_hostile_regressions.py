@@ -45,7 +45,8 @@ def _request(fn: spec.Function, known: Known, template: list[Any]) -> list[Any]:
 @pytest.mark.parametrize("fn", TEMPLATE_FUNCTIONS + ["FIND_ALL"],
                          ids=lambda f: f if isinstance(f, str) else f.name)
 def test_null_attribute_value_with_length_is_refused(served: Arena, fn: Any, nested: bool) -> None:
-    poisoned = [[CKA["CKA_CLASS"], 8], [CKA["CKA_KEY_TYPE"], 8], [CKA["CKA_VALUE"], 16]]
+    poisoned: list[Any] = [[CKA["CKA_CLASS"], 8], [CKA["CKA_KEY_TYPE"], 8],
+                           [CKA["CKA_VALUE"], 16]]
     if nested:
         poisoned = [[CKA["CKA_CLASS"], le(CKO["CKO_SECRET_KEY"])],
                     [CKA["CKA_KEY_TYPE"], le(CKK["CKK_AES"])],
