@@ -579,9 +579,9 @@ def bad_hellos(draw: st.DrawFn) -> bytes:
                                       st.text(min_size=16, max_size=16), junk()))
     elif how == "pid":
         hello["pid"] = draw(st.one_of(st.text(max_size=4), st.floats(), st.binary(max_size=4),
-                                      st.lists(st.integers(), max_size=2)))
+                                      st.lists(st.integers(-(2**63), U64), max_size=2)))
     elif how == "prog":
-        hello["prog"] = draw(st.one_of(st.binary(max_size=8), st.integers(), st.none(),
+        hello["prog"] = draw(st.one_of(st.binary(max_size=8), st.integers(-(2**63), U64), st.none(),
                                        st.lists(st.text(max_size=2), max_size=2)))
     elif how == "missing":
         del hello[draw(st.sampled_from(["p11p", "ctx"]))]
