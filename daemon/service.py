@@ -41,7 +41,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not reaped yet) is gone for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 class Daemon:
@@ -172,7 +177,17 @@ class Daemon:
         if _pid_alive(ctx.pid) and self.config.context_grace > 0:
             loop = asyncio.get_running_loop()
             ctx.grace = loop.call_later(self.config.context_grace, self._expire, ctx)
+            # an application being killed closes its sockets before it is gone: look
+            # again shortly, so its context does not wait out the grace period
+            loop.call_later(0.2, self._recheck, ctx)
         else:
+            asyncio.ensure_future(self.end_context(ctx))
+
+    def _recheck(self, ctx: ApplicationContext) -> None:
+        if ctx.connections == 0 and not ctx.closed and ctx.grace is not None \
+                and not _pid_alive(ctx.pid):
+            ctx.grace.cancel()
+            ctx.grace = None
             asyncio.ensure_future(self.end_context(ctx))
 
     def _expire(self, ctx: ApplicationContext) -> None:
