@@ -114,6 +114,9 @@ class Server:
                 if self._done.is_set():
                     return
                 frame, status = self._next_frame()
+                if status is None:
+                    with self._idle:
+                        self._busy += 1
             if status is not None:
                 self._stop(status)
                 return
@@ -147,58 +150,66 @@ class Server:
         return frames.popleft(), None
 
     def dispatch(self, frame: Any) -> int | None:
-        """Handles one request; an exit status when the helper must stop."""
+        """Handles one request, counted as busy since it was taken (so a C_Finalize
+        read after it waits for it); an exit status when the helper must stop."""
         if (type(frame) is not list or not frame or type(frame[0]) is not int
                 or not 1 <= frame[0] <= CALL_ID_MAX):
+            self._release()
             log.error("request without a readable call id; exiting")
             self.finish()
             return 1
         call_id = frame[0]
         code = frame[1] if len(frame) > 1 else None
-        if type(code) is not int:
-            log.warning("call %d: request without a function code", call_id)
-            self.send([call_id, CKR_ARGUMENTS_BAD])
-            return None
-        plan = self._plans.get(code)
+        plan = self._plans.get(code) if type(code) is int else None
         if plan is not None:
-            if not plan.blocking:
-                with self._idle:
-                    self._busy += 1
-            self._work(call_id, plan, frame[2:])
-        elif code == PING:
-            self.send([call_id, CKR_OK, self._pid])
-        elif code == C_INITIALIZE:
-            self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED])
-        elif code == C_FINALIZE:
-            if len(frame) != 2:
-                self.send([call_id, CKR_ARGUMENTS_BAD])
-                return None
+            if plan.blocking:  # C_WaitForSlotEvent: C_Finalize does not wait for it
+                self._release()
+                self._work(call_id, plan, frame[2:])
+            else:
+                try:
+                    self._work(call_id, plan, frame[2:])
+                finally:
+                    self._release()
+            return None
+        if code == C_FINALIZE and len(frame) == 2:
+            self._release()
             rv = self.finish()
             self.send([call_id, rv])
             return 0
-        else:
-            self.send([call_id, CKR_FUNCTION_NOT_SUPPORTED])
+        try:
+            if type(code) is not int:
+                log.warning("call %d: request without a function code", call_id)
+                self.send([call_id, CKR_ARGUMENTS_BAD])
+            elif code == PING:
+                self.send([call_id, CKR_OK, self._pid])
+            elif code == C_INITIALIZE:
+                self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED])
+            elif code == C_FINALIZE:
+                self.send([call_id, CKR_ARGUMENTS_BAD])
+            else:
+                self.send([call_id, CKR_FUNCTION_NOT_SUPPORTED])
+        finally:
+            self._release()
         return None
+
+    def _release(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.notify_all()
 
     # -- one call, in the worker that read it ------------------------------------------
 
     def _work(self, call_id: int, plan: Plan, args: list[Any]) -> None:
         try:
-            try:
-                reply = plan.run(args)
-            except Exception as exc:
-                reply = [rv_for(exc, plan.name, plan.secret)]
-            reply.insert(0, call_id)
-            try:
-                self.send(reply)
-            except Exception as exc:  # an output that cannot be encoded
-                self.send([call_id, rv_for(exc, plan.name, plan.secret)])
-        finally:
-            if not plan.blocking:
-                with self._idle:
-                    self._busy -= 1
-                    if self._busy == 0:
-                        self._idle.notify_all()
+            reply = plan.run(args)
+        except Exception as exc:
+            reply = [rv_for(exc, plan.name, plan.secret)]
+        reply.insert(0, call_id)
+        try:
+            self.send(reply)
+        except Exception as exc:  # an output that cannot be encoded
+            self.send([call_id, rv_for(exc, plan.name, plan.secret)])
 
     # -- the end ------------------------------------------------------------------------
 
