@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -83,6 +84,7 @@ static void reload_locked(void)
 				fresh.rule[i].seen = rules.rule[j].seen;
 				fresh.rule[i].applied = rules.rule[j].applied;
 				fresh.rule[i].fired = rules.rule[j].fired;
+				fresh.rule[i].proc_in = rules.rule[j].proc_in;
 				rules.rule[j].text[0] = '\0'; /* each old rule carries over once */
 				break;
 			}
@@ -145,6 +147,42 @@ static void close_all_sessions(void)
 		fs_real->C_CloseAllSessions(slots[i]);
 }
 
+/* procs=N: whether this process is one of the first N processes to meet the rule. They
+ * are counted in the file RULES.procs-HASH (HASH of the rule's line), under flock; the
+ * decision is taken at the first matching call and kept. Called with the lock held. */
+static int counted_process_locked(struct fs_rule *r)
+{
+	char path[4096], buf[32];
+	unsigned long hash = 5381;
+	ssize_t got;
+	long seen;
+	int fd, len;
+
+	if (r->proc_in != 0)
+		return r->proc_in > 0;
+	r->proc_in = -1;
+	for (const char *c = r->text; *c != '\0'; c++)
+		hash = hash * 33 + (unsigned char)*c;
+	len = snprintf(path, sizeof path, "%s.procs-%08lx", rules_path, hash & 0xffffffffUL);
+	if (len < 0 || (size_t)len >= sizeof path)
+		return 0;
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return 0;
+	if (flock(fd, LOCK_EX) == 0) {
+		got = pread(fd, buf, sizeof buf - 1, 0);
+		buf[got > 0 ? got : 0] = '\0';
+		seen = strtol(buf, NULL, 10);
+		if (seen < r->procs) {
+			len = snprintf(buf, sizeof buf, "%ld\n", seen + 1);
+			if (pwrite(fd, buf, (size_t)len, 0) == len)
+				r->proc_in = 1;
+		}
+	}
+	close(fd); /* releases the flock */
+	return r->proc_in > 0;
+}
+
 int fs_before(int code, CK_RV *rv)
 {
 	long delay = 0;
@@ -157,6 +195,8 @@ int fs_before(int code, CK_RV *rv)
 		struct fs_rule *r = &rules.rule[i];
 
 		if (r->code != 0 && r->code != code)
+			continue;
+		if (r->procs > 0 && !counted_process_locked(r))
 			continue;
 		r->seen++;
 		if (r->seen <= r->after)

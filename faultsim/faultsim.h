@@ -36,8 +36,9 @@ struct fs_rule {
 	int code; /* 0: every function */
 	enum fs_action action;
 	CK_RV rv;
-	long ms, after, count, every;
+	long ms, after, count, every, procs;
 	long seen, applied; /* counters */
+	int proc_in;        /* procs=N: 0 not decided yet, 1 this process counts, -1 not */
 	int fired;          /* close-sessions: done for this appearance of the rule */
 	char text[160];     /* the line, to carry counters over a re-read */
 };

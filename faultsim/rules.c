@@ -1,7 +1,7 @@
 /* p11p-faultsim — the rules file: one rule a line, `#` starts a comment.
  *
  *   FUNCTION|*  error rv=NAME|NUMBER | delay ms=N | hang | crash | token-removed
- *               | close-sessions   [after=N] [count=N] [every=N]
+ *               | close-sessions   [after=N] [count=N] [every=N] [procs=N]
  *   concurrency N
  *
  * A malformed line is reported on stderr with its line number and skipped. */
@@ -129,6 +129,8 @@ static int parse_line(const char *path, int number_, char *line, struct fs_rule 
 			target = &rule->count;
 		else if (strcmp(word, "every") == 0)
 			target = &rule->every;
+		else if (strcmp(word, "procs") == 0)
+			target = &rule->procs;
 		if (target == NULL || number(eq, target) != 0) {
 			complain(path, number_, "bad option", word);
 			return -1;

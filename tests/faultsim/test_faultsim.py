@@ -40,6 +40,19 @@ def test_after_count_every(app: FaultApp) -> None:
     assert len(app.fired()) == 5
 
 
+def test_procs_counts_processes_not_calls(app: FaultApp) -> None:
+    """`procs=2`: the first two processes that meet the rule get it on every matching call,
+    the third never; a process that makes no matching call is not counted."""
+    app.set_rules("C_GenerateRandom error rv=CKR_GENERAL_ERROR procs=2\n")
+    code = "h = m.open_session(slot); print(*[rnd(h) for _ in range(3)])"
+    assert app.run("print('no call')").returncode == 0
+    runs = [app.run(code) for _ in range(3)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert [r.stdout.split() for r in runs] == [["5", "5", "5"], ["5", "5", "5"], ["0", "0", "0"]]
+    pids = {line.split()[1] for line in app.fired()}
+    assert len(app.fired()) == 6 and len(pids) == 2
+
+
 def test_delay_adds_latency(app: FaultApp) -> None:
     app.set_rules("C_GenerateRandom delay ms=150\n")
     r = app.run("""
