@@ -36,6 +36,7 @@ _FIND_INIT = by_name()["C_FindObjectsInit"].code
 _FIND = by_name()["C_FindObjects"].code
 _FIND_FINAL = by_name()["C_FindObjectsFinal"].code
 _GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
+_TOKEN_CHECKS = 3  # helpers started before a member is declared unavailable for a missing token
 
 
 class MemberState(Enum):
@@ -108,9 +109,30 @@ class Member:
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def new_helper(self) -> HelperProcess:
-        helper = await HelperProcess.start(self.name, self.config.module, self.config.env,
-                                           self._max_frame)
+    async def new_helper(self, probing: bool = False) -> HelperProcess:
+        """A started helper. Once the member's slot is known (not `probing`), one that
+        does not see the token there is replaced: a module instance can miss a token it
+        read while another instance was writing it (SoftHSM2's file store does), and
+        would answer that application CKR_SLOT_ID_INVALID for as long as it lives."""
+        for attempt in range(_TOKEN_CHECKS):
+            helper = await HelperProcess.start(self.name, self.config.module, self.config.env,
+                                               self._max_frame)
+            if probing or self.slot_id is None:
+                break
+            try:
+                rv, _ = await helper.call([_GET_TOKEN_INFO, self.slot_id, 0],
+                                          self.group.config.call_timeout)
+            except BaseException:
+                await helper.stop()
+                raise
+            if rv == CKR["CKR_OK"]:
+                break
+            await helper.stop()
+            log.warning("group=%s member=%s new helper does not see the token in slot %s: %s",
+                        self.group.label, self.name, self.slot_id, rv_name(rv))
+            if attempt + 1 == _TOKEN_CHECKS:
+                raise MemberUnavailable(self.name, f"C_GetTokenInfo: {rv_name(rv)}", rv)
+            await asyncio.sleep(0.05 * (attempt + 1))
         helper.on_death = self._helper_died
         return helper
 
@@ -231,7 +253,7 @@ class Member:
     async def start(self) -> None:
         """Probes the member with a first helper, which then joins the warm pool."""
         try:
-            helper = await self.new_helper()
+            helper = await self.new_helper(probing=True)
             try:
                 await self.probe(helper)
             except BaseException:

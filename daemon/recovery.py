@@ -49,7 +49,7 @@ class Recovery:
             member.health.attempt = attempt
             member.mark(MemberState.RECOVERING)
             try:
-                helper = await member.new_helper()
+                helper = await member.new_helper(probing=True)
                 try:
                     await member.probe(helper)
                 except BaseException:

@@ -19,7 +19,8 @@ class HAGroup:
     """A daemon with one group of members behind the fault module, and their rules."""
 
     def __init__(self, root: Path, hsm: SoftHSM, policy: str, tokens: list[str],
-                 extra: str = "", rules: dict[str, str] | None = None) -> None:
+                 extra: str = "", rules: dict[str, str] | None = None,
+                 daemon_extra: str = "") -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.rules = {t: root / f"{t}.rules" for t in tokens}
         self.faultlog = root / "faults.log"
@@ -43,7 +44,7 @@ hold_timeout = 2
 interval = 0.2
 attempts = 0
 {members}"""
-        self.daemon = Daemon(root, {"ha": body})
+        self.daemon = Daemon(root, {"ha": body}, daemon_extra)
 
     def set_rules(self, token: str, text: str) -> None:
         tmp = self.rules[token].with_suffix(".tmp")

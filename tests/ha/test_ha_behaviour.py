@@ -204,3 +204,26 @@ def test_general_error_of_a_member_that_still_serves(ha_factory: Any) -> None:
     result = _load(group, 4, 2.0)
     assert result["errors"] == 0 and result["ops"] > 0, result
     assert "member failure detected: group=ha member=hsmA" in group.daemon.log_text()
+
+
+def test_a_helper_that_does_not_see_the_token_is_never_handed_out(ha_factory: Any,
+                                                                   ha_keys: Path) -> None:
+    """A module instance can start without the token (SoftHSM2 misses one it reads while
+    another instance writes it) and would answer CKR_SLOT_ID_INVALID for its whole life.
+    The daemon checks each new helper and starts another: the application never sees it."""
+    group: HAGroup = ha_factory("failover", ["hsmA"], daemon_extra="helper_pool = 0\n")
+    first = WorkloadApp(group.daemon, ha_keys)  # takes the probe's helper: no warm one left
+    first.close()
+    group.set_rules("hsmA", "C_GetTokenInfo error rv=CKR_SLOT_ID_INVALID procs=1\n")
+    app = WorkloadApp(group.daemon, ha_keys)  # its C_GetTokenInfo would be the failing one
+    try:
+        assert app.send("begin ecdsa") == "ready"
+        assert app.send("finish").startswith("ok")
+        served_by = group.app_helper(app.proc.pid, "hsmA")
+    finally:
+        app.close()
+    fired = group.faultlog.read_text().splitlines()
+    assert len(fired) == 1 and "C_GetTokenInfo error" in fired[0], fired
+    assert f"pid={served_by} " not in fired[0]
+    assert "new helper does not see the token" in group.daemon.log_text()
+    assert group.member("hsmA")["state"] == "OK"
