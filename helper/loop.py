@@ -161,15 +161,9 @@ class Server:
         call_id = frame[0]
         code = frame[1] if len(frame) > 1 else None
         plan = self._plans.get(code) if type(code) is int else None
-        if plan is not None:
-            if plan.blocking:  # C_WaitForSlotEvent: C_Finalize does not wait for it
-                self._release()
-                self._work(call_id, plan, frame[2:])
-            else:
-                try:
-                    self._work(call_id, plan, frame[2:])
-                finally:
-                    self._release()
+        if plan is not None and plan.blocking:  # C_WaitForSlotEvent: C_Finalize does not wait
+            self._release()
+            self._work(call_id, plan, frame[2:])
             return None
         if code == C_FINALIZE and len(frame) == 2:
             self._release()
@@ -177,7 +171,9 @@ class Server:
             self.send([call_id, rv])
             return 0
         try:
-            if type(code) is not int:
+            if plan is not None:
+                self._work(call_id, plan, frame[2:])
+            elif type(code) is not int:
                 log.warning("call %d: request without a function code", call_id)
                 self.send([call_id, CKR_ARGUMENTS_BAD])
             elif code == PING:
