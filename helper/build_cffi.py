@@ -48,6 +48,17 @@ _PARAM_TYPES = {
 }
 _SILENT_ARGS = {"notify": ["NULL", "NULL"], "reserved": ["NULL"]}
 
+# The direct path (fast.c): served in C threads of their own.
+FAST_CDEF = """
+/* direct path (fast.c) */
+int p11p_fast_start(const char *name, size_t name_len, const unsigned char *token,
+                    unsigned int uid);
+unsigned long long p11p_fast_allow(unsigned long real);
+void p11p_fast_revoke(unsigned long long id);
+void p11p_fast_stop(int grace_ms);
+unsigned long long p11p_fast_served(void);
+"""
+
 LOADER = r"""
 #include <dlfcn.h>
 #include <stdio.h>
@@ -138,8 +149,9 @@ def sources() -> tuple[str, str, str]:
     spec = load_spec()
     shims = [_shim(f) for f in spec.functions() if f.name not in NOT_FORWARDED]
     cdef = (HERE / "cryptoki.cdef").read_text() + "\n/* call shims */\n" + "\n".join(
-        p for p, _ in shims) + "\n"
-    source = LOADER + "\n" + "\n".join(body for _, body in shims)
+        p for p, _ in shims) + "\n" + FAST_CDEF
+    source = LOADER + "\n" + "\n".join(body for _, body in shims) + "\n" + (
+        HERE / "fast.c").read_text()
     digest = hashlib.sha256()
     for part in (cdef, source, " ".join(COMPILE_ARGS), str(sysconfig.get_config_var("EXT_SUFFIX")),
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),

@@ -23,8 +23,10 @@ from p11p.helper.calls import Plan
 from p11p.helper.errors import (
     CKR_ARGUMENTS_BAD,
     CKR_CRYPTOKI_ALREADY_INITIALIZED,
+    CKR_FUNCTION_FAILED,
     CKR_FUNCTION_NOT_SUPPORTED,
     CKR_OK,
+    CKR_SESSION_COUNT,
     describe_rv,
     log,
     rv_for,
@@ -32,6 +34,13 @@ from p11p.helper.errors import (
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 
 PING = -1
+# The direct path (fast.c; protocol/README.md, "Direct path"), driven by the daemon:
+# [FAST_START, name, token, uid] -> [rv]; [FAST_ALLOW, session] -> [rv, id];
+# [FAST_REVOKE, id] -> [rv]; [FAST_SERVED] -> [rv, calls served so far]
+FAST_START = -2
+FAST_ALLOW = -3
+FAST_REVOKE = -4
+FAST_SERVED = -5
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CALL_ID_MAX = (1 << 64) - 1
@@ -178,6 +187,8 @@ class Server:
                 self.send([call_id, CKR_ARGUMENTS_BAD])
             elif code == PING:
                 self.send([call_id, CKR_OK, self._pid])
+            elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED):
+                self.send([call_id, *self._fast(code, frame[2:])])
             elif code == C_INITIALIZE:
                 self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED])
             elif code == C_FINALIZE:
@@ -193,6 +204,29 @@ class Server:
             self._busy -= 1
             if self._busy == 0:
                 self._idle.notify_all()
+
+    def _fast(self, code: int, args: list[Any]) -> list[Any]:
+        """The daemon's commands for the direct path."""
+        lib = self._lib
+        if code == FAST_START:
+            if (len(args) != 3 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
+                    or type(args[1]) is not bytes or len(args[1]) != 16
+                    or type(args[2]) is not int or not 0 <= args[2] < 1 << 32):
+                return [CKR_ARGUMENTS_BAD]
+            err = lib.p11p_fast_start(args[0], len(args[0]), args[1], args[2])
+            if err:
+                log.warning("direct path: cannot listen: %s", os.strerror(err))
+                return [CKR_FUNCTION_FAILED]
+            return [CKR_OK]
+        if code == FAST_SERVED:
+            return [CKR_OK, lib.p11p_fast_served()] if not args else [CKR_ARGUMENTS_BAD]
+        if len(args) != 1 or type(args[0]) is not int or not 0 <= args[0] < 1 << 64:
+            return [CKR_ARGUMENTS_BAD]
+        if code == FAST_ALLOW:
+            fast_id = lib.p11p_fast_allow(args[0])
+            return [CKR_OK, fast_id] if fast_id else [CKR_SESSION_COUNT]
+        lib.p11p_fast_revoke(args[0])
+        return [CKR_OK]
 
     # -- one call, in the worker that read it ------------------------------------------
 
@@ -218,6 +252,7 @@ class Server:
             if not self._idle.wait_for(lambda: self._busy == 0, self._grace):
                 log.warning("%d calls still running after %g s; finalizing anyway",
                             self._busy, self._grace)
+        self._lib.p11p_fast_stop(int(self._grace * 1000))
         rv: int = self._lib.p11p_C_Finalize()
         if rv != CKR_OK:
             log.warning("C_Finalize returned %s", describe_rv(rv))

@@ -1,0 +1,189 @@
+"""The helper's direct path (helper/fast.c), driven as the daemon drives it: start the
+listener, allow a member session, then calls straight on the socket as the client
+library makes them. Signatures verify; a revoked id is refused; a wrong token, a
+malformed or truncated frame closes that connection and nothing else (the helper still
+answers, on the pipe and on new connections)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from hashlib import sha256
+from typing import Any
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from helperfixtures import *  # noqa: F403  (the fixtures)
+from helperlink import FALSE, TRUE, HelperLink, template
+from p11p.protocol.constants import CKA, CKM, CKR
+
+FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
+SIGN_INIT, SIGN, GENERATE_KEY_PAIR, GENERATE_RANDOM, DIGEST_INIT = 43, 44, 60, 65, 28
+P256 = bytes.fromhex("06082a8648ce3d030107")
+
+
+class Fast:
+    """One helper with its listener started, a logged-in session allowed, an EC key."""
+
+    def __init__(self, helper: HelperLink) -> None:
+        self.helper = helper
+        self.name = b"p11p-direct-test-" + secrets.token_hex(6).encode()
+        self.token = secrets.token_bytes(16)
+        assert helper.call(FAST_START, self.name, self.token, os.getuid()) == [CKR["CKR_OK"]]
+        slot = helper.token_slot()
+        self.session = helper.open_session(slot)
+        pub, priv = helper.ok(GENERATE_KEY_PAIR, self.session, [CKM["CKM_EC_KEY_PAIR_GEN"], None],
+                              template(TOKEN=FALSE, EC_PARAMS=P256, VERIFY=TRUE),
+                              template(TOKEN=FALSE, PRIVATE=TRUE, SIGN=TRUE), 0, 0)
+        der = helper.get_attributes(self.session, pub, [CKA["CKA_EC_POINT"]])[CKA["CKA_EC_POINT"]]
+        self.public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), der[2:])
+        self.key = int(priv)
+        (self.id,) = helper.ok(FAST_ALLOW, self.session)
+
+    def connect(self, token: bytes | None = None) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(b"\0" + self.name)
+        s.sendall(self.token if token is None else token)
+        return s
+
+
+def call(s: socket.socket, *request: Any) -> list[Any]:
+    body = msgpack.packb(list(request), use_bin_type=True)
+    s.sendall(struct.pack(">I", len(body)) + body)
+    size = struct.unpack(">I", _recv(s, 4))[0]
+    reply: list[Any] = msgpack.unpackb(_recv(s, size), raw=False)
+    return reply
+
+
+def _recv(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def fast(spawn: Callable[..., HelperLink]) -> Iterator[Fast]:
+    yield Fast(spawn())
+
+
+def test_sign_and_random_on_the_direct_socket(fast: Fast) -> None:
+    with fast.connect() as s:
+        rv, data = call(s, GENERATE_RANDOM, fast.id, 48)
+        assert rv == 0 and len(data) == 48 and data != bytes(48)
+        for i in range(20):
+            digest = sha256(b"message %d" % i).digest()
+            assert call(s, SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], None], fast.key) == [0]
+            assert call(s, SIGN, fast.id, digest, None) == [0, 64]  # the length first
+            assert call(s, SIGN, fast.id, digest, 10) == [CKR["CKR_BUFFER_TOO_SMALL"], 64]
+            rv, sig = call(s, SIGN, fast.id, digest, 200)
+            assert rv == 0 and len(sig) == 64
+            der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                             int.from_bytes(sig[32:], "big"))
+            fast.public.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        # the operation ended: the module says so
+        assert call(s, SIGN, fast.id, b"x", 64) == [CKR["CKR_OPERATION_NOT_INITIALIZED"]]
+        # errors of the module come back as they are
+        assert call(s, SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], None], 0xdead) == [
+            CKR["CKR_OBJECT_HANDLE_INVALID"]]  # SoftHSM2 says so for a key handle
+        # functions the direct path does not serve
+        assert call(s, DIGEST_INIT, fast.id, [CKM["CKM_SHA256"], None]) == [
+            CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
+    rv, served = fast.helper.call(FAST_SERVED)
+    assert rv == 0 and served == 1 + 20 * 4 + 2
+
+
+def test_a_revoked_id_is_refused(fast: Fast) -> None:
+    with fast.connect() as s:
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+        assert fast.helper.call(FAST_REVOKE, fast.id) == [0]
+        assert call(s, GENERATE_RANDOM, fast.id, 8) == [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        assert call(s, GENERATE_RANDOM, 0, 8) == [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        (again,) = fast.helper.ok(FAST_ALLOW, fast.session)
+        assert again != fast.id  # never the same id twice
+        assert call(s, GENERATE_RANDOM, fast.id, 8) == [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        assert call(s, GENERATE_RANDOM, again, 8)[0] == 0
+
+
+@pytest.mark.parametrize("token", [b"", b"\0" * 15, b"\0" * 16, b"wrong token, 16b"])
+def test_a_connection_without_the_token_is_closed(fast: Fast, token: bytes) -> None:
+    with fast.connect(token) as s:
+        body = msgpack.packb([GENERATE_RANDOM, fast.id, 8])
+        try:
+            s.sendall(struct.pack(">I", len(body)) + body)
+            if len(token) < 16:
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed already
+        assert closed(s)
+    assert fast.helper.call(-1)[0] == 0
+
+
+@pytest.mark.parametrize("body", [
+    b"",                                            # no object
+    b"\x91\x41",                                    # [65]: no id
+    b"\x93\x41",                                    # truncated array
+    b"\x93\x41\xcf\x00\x00",                        # truncated integer
+    b"\x94\x2c\x01\xc6\xff\xff\xff\xff\x40",        # bin longer than the frame
+    b"\xde\x00\x01\x01\x01",                        # a map
+    b"\xc0",                                        # nil
+])
+def test_a_frame_that_does_not_parse_closes_the_connection(fast: Fast, body: bytes) -> None:
+    with fast.connect() as s:
+        s.sendall(struct.pack(">I", len(body)) + body)
+        answer = b""
+        try:
+            answer = s.recv(100)
+        except ConnectionResetError:
+            pass
+        if answer:  # an answer is an error answer, never a served call
+            reply = msgpack.unpackb(answer[4:], raw=False)
+            assert reply[0] != 0, reply
+    with fast.connect() as s:  # the helper serves on
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+
+
+def test_arguments_of_the_wrong_shape_get_an_error_answer(fast: Fast) -> None:
+    with fast.connect() as s:
+        bad = CKR["CKR_ARGUMENTS_BAD"]
+        assert call(s, GENERATE_RANDOM, fast.id, 8, 9) == [bad]
+        assert call(s, GENERATE_RANDOM, fast.id, 1 << 40) == [bad]
+        assert call(s, SIGN, fast.id, "text", 64) == [bad]
+        assert call(s, SIGN, fast.id, b"x", -1) == [bad]
+        assert call(s, SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], [1, 2]], fast.key) == [bad]
+        assert call(s, SIGN_INIT, fast.id, None, fast.key) == [bad]
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+
+
+def test_a_frame_over_the_limit_closes_the_connection(fast: Fast) -> None:
+    with fast.connect() as s:
+        s.sendall(struct.pack(">I", 64 << 20))
+        assert closed(s)
+
+
+def test_calls_after_finalize_are_refused(spawn: Callable[..., HelperLink]) -> None:
+    fast = Fast(spawn())
+    with fast.connect() as s:
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+        assert fast.helper.call(2) == [0]  # C_Finalize through the pipe
+        try:
+            reply = call(s, GENERATE_RANDOM, fast.id, 8)
+        except (ConnectionError, OSError):
+            reply = [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"]]  # the process is already gone
+        assert reply == [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"]]
