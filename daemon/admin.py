@@ -62,11 +62,13 @@ class AdminServer:
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
+            await self.daemon.direct.count_served()
             return self.daemon.status()
         if cmd == "reload":
             errors = await self.daemon.reload()
             return {"ok": not errors, "errors": errors}
         if cmd == "metrics":
+            await self.daemon.direct.count_served()
             return {"text": prometheus(self.daemon.groups)}
         if cmd in ("drain", "enable"):
             member = self._member(request)

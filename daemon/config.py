@@ -64,6 +64,7 @@ class GroupConfig:
     hold_timeout: float = 10.0
     replay_limit: int = 1 << 20
     object_cache_ttl: float = 5.0
+    direct_calls: bool = True
     recovery: Recovery = field(default_factory=Recovery)
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
@@ -206,7 +207,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     data, loc = parsed
     top = _Reader(loc, "", data, errors, {
         "label", "policy", "write_policy", "call_timeout", "hold_timeout", "replay_limit",
-        "object_cache_ttl", "recovery", "allow_users", "allow_groups", "rv_class", "member"})
+        "object_cache_ttl", "direct_calls", "recovery", "allow_users", "allow_groups", "rv_class", "member"})
     label = top.get("label", str, "", required=True)
     if label and len(label.encode()) > 32:
         top.error("label", "a token label has at most 32 bytes")
@@ -274,6 +275,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
         hold_timeout=top.number("hold_timeout", 10.0, 0),
         replay_limit=top.integer("replay_limit", 1 << 20),
         object_cache_ttl=top.number("object_cache_ttl", 5.0),
+        direct_calls=top.get("direct_calls", bool, True),
         recovery=recovery,
         allow_users=top.strings("allow_users"),
         allow_groups=top.strings("allow_groups"),

@@ -104,6 +104,10 @@ class ApplicationContext:
             lock = self._utility_locks[member] = asyncio.Lock()
         return lock
 
+    def live_helpers(self) -> list[tuple[Member, HelperProcess]]:
+        return [(m, f.result()) for m, f in self._helpers.items()
+                if f.done() and f.exception() is None and f.result().alive]
+
     def has_helper(self, member: Member) -> bool:
         return member in self._helpers
 
@@ -116,6 +120,8 @@ class ApplicationContext:
             fut.result().kill()
         for vs in self.sessions.values():
             vs.real.pop(member, None)
+            if vs.direct is not None and vs.direct.member is member:
+                vs.unbind()  # its helper is killed: nothing is served there any more
         for key in [k for k in self.by_real if k[0] is member]:
             self.by_real.pop(key).real.pop(member, None)
         self.logged_in.discard(member)
@@ -130,6 +136,7 @@ class ApplicationContext:
 
     def forget_session(self, vs: VirtualSession) -> None:
         """Drops a closed session and the session objects it made."""
+        vs.unbind()  # revoked already by whoever closed it, or its helpers go with it
         self.sessions.remove(vs.handle)
         for vobj in list(vs.objects):
             self.forget_object(vobj)
@@ -174,11 +181,18 @@ class ApplicationContext:
         self.finalized.set()
         self.logins.clear()
         for vs in self.sessions.values():
+            vs.unbind()
             self.sessions.remove(vs.handle)
         for vobj in self.objects.values():
             self.objects.remove(vobj.handle)
         self.by_real.clear()
         self.token_index.clear()
+        live = self.live_helpers()
+
+        async def count(member: Member, helper: HelperProcess) -> None:
+            member.health.calls_served += await helper.direct_served()
+
+        await asyncio.gather(*(count(m, h) for m, h in live))
         helpers = [f.result() for f in self._helpers.values()
                    if f.done() and f.exception() is None]
         self._helpers.clear()

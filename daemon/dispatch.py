@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 from p11p.daemon.context import ApplicationContext
+from p11p.daemon.direct import DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND
 from p11p.daemon.errors import CKError
 from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
@@ -100,6 +101,11 @@ class Dispatcher:
         self.arity = {fn.code: len(fn.wire_args) + 1 for fn in spec.functions()}
         self.table[FIND_ALL] = self.find_all
         self.arity[FIND_ALL] = 3
+        direct = daemon.direct
+        for code, handler, arity in ((DIRECT_BIND, direct.bind, 2), (DIRECT_KEY, direct.key, 3),
+                                     (DIRECT_UNBIND, direct.unbind, 3)):
+            self.table[code] = handler
+            self.arity[code] = arity
 
     async def dispatch(self, ctx: ApplicationContext, request: list[Any]) -> Reply:
         code = request[0]

@@ -21,6 +21,7 @@ from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 
 log = logging.getLogger("p11p.helper")
+FAST_SERVED = -5  # the helper's count of direct-path calls (helper/loop.py)
 
 START_TIMEOUT = 30.0
 PING = -1
@@ -52,6 +53,9 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self._why = "helper exited"
         self.stopping = False  # the daemon ended it: not a failure
         self.on_death: Callable[[str], None] | None = None  # told when it dies by itself
+        self.fast: tuple[bytes, bytes] | None = None  # direct path listening: (name, token)
+        self.fast_started: asyncio.Future[bool] | None = None  # its start, once
+        self.fast_served = 0  # its direct calls already added to the member's count
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -200,6 +204,21 @@ class HelperProcess(asyncio.SubprocessProtocol):
             finally:
                 timer.cancel()
         return reply[1:]
+
+    async def direct_served(self) -> int:
+        """Calls served on the direct path since the last time asked (0 when it does
+        not listen, or is gone)."""
+        if self.fast is None or not self.alive:
+            return 0
+        try:
+            reply = await self.call([FAST_SERVED], 5.0)
+        except MemberUnavailable:
+            return 0
+        if reply[0] != 0 or not isinstance(reply[1], int) or reply[1] < self.fast_served:
+            return 0
+        delta = reply[1] - self.fast_served
+        self.fast_served = reply[1]
+        return delta
 
     def _expire(self, fut: asyncio.Future[list[Any]], timeout: float) -> None:
         if fut.done():

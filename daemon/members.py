@@ -55,6 +55,7 @@ class MemberHealth:
     since: float = field(default_factory=time.monotonic)
     attempt: int = 0
     calls_served: int = 0
+    bound: int = 0  # sessions bound to the direct path (daemon/direct.py)
     calls_in_flight: int = 0
 
     @property
@@ -105,7 +106,9 @@ class Member:
 
     @property
     def load(self) -> float:
-        return self.health.calls_in_flight / self.config.weight
+        # a session bound to the direct path counts as one call always in flight: its
+        # calls do not pass here
+        return (self.health.calls_in_flight + self.health.bound) / self.config.weight
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -288,6 +291,7 @@ class Member:
             "name": self.name, "state": h.state.value, "slot": self.slot_id,
             "last_rv": rv_name(h.last_rv) if h.last_rv is not None else None,
             "last_error": h.last_error, "calls_served": h.calls_served,
+            "direct_sessions": h.bound,
             "calls_in_flight": h.calls_in_flight, "attempt": h.attempt,
             "attempts": self.group.config.recovery.attempts,
         }

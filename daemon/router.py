@@ -386,6 +386,8 @@ class Router:
         if present:
             return
         old = vs.member
+        if vs.direct is not None:
+            await self.daemon.direct.revoke(vs)  # it moves, or its member session was lost
         lost: list[str] = []
         replayed: list[str] = []
         for vobj in list(vs.objects):
@@ -473,7 +475,13 @@ class Router:
         if vs.member is member:
             vs.member = None
 
+    async def forget_real(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """Closes the session's member session on `member`; the next use opens another."""
+        await self._close_on(ctx, vs, member)
+
     async def _close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        if vs.direct is not None and vs.direct.member is member:
+            await self.daemon.direct.revoke(vs)
         real = vs.real.pop(member, None)
         if real is not None and ctx.has_helper(member):
             try:
@@ -686,6 +694,9 @@ class Router:
     async def reset_member(self, ctx: ApplicationContext, member: Member) -> None:
         """After a session-lost code: close what is left of this context's sessions on
         the member (as the HSM did) and forget them; they are rebuilt on next use."""
+        for vs in list(ctx.sessions.values()):
+            if vs.direct is not None and vs.direct.member is member:
+                await self.daemon.direct.revoke(vs)
         if ctx.has_helper(member) and member.slot_id is not None:
             try:
                 await self.raw(ctx, member, [CODE["C_CloseAllSessions"], member.slot_id])

@@ -20,6 +20,7 @@ from typing import Any
 from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
+from p11p.daemon.direct import Direct
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
@@ -58,6 +59,7 @@ class Daemon:
         self.contexts: dict[tuple[int, bytes], ApplicationContext] = {}
         self.counter = HandleCounter()
         self.router = Router(self)
+        self.direct = Direct(self.router)
         self.recovery = Recovery(self)
         self.dispatcher = Dispatcher(self)
         self.admin = AdminServer(self)

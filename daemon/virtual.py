@@ -20,6 +20,7 @@ from p11p.protocol.constants import CKA
 
 if TYPE_CHECKING:
     from p11p.daemon.context import ApplicationContext
+    from p11p.daemon.direct import Binding
     from p11p.daemon.members import Group, Member
 
 _ULONG = struct.Struct("=Q")
@@ -129,6 +130,19 @@ class VirtualSession:
     ops: dict[str, Operation] = field(default_factory=dict)
     find: FindState | None = None
     objects: set[VirtualObject] = field(default_factory=set)
+    direct: Binding | None = None  # bound to its member session for direct calls
+
+    def bind(self, binding: Binding) -> None:
+        self.direct = binding
+        binding.member.health.bound += 1
+
+    def unbind(self) -> Binding | None:
+        """Ends the binding (the caller revokes it at the helper when that lives)."""
+        binding = self.direct
+        if binding is not None:
+            self.direct = None
+            binding.member.health.bound -= 1
+        return binding
 
     @property
     def movable(self) -> bool:

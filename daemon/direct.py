@@ -1,0 +1,194 @@
+"""The direct path: hot calls of a bound session go from the client library straight to
+its helper (helper/fast.c), without the daemon in between (protocol/README.md,
+"Direct path").
+
+The daemon stays the one place with policy. It binds a virtual session to the member
+session it placed it on (DIRECT_BIND), answers which member handle a virtual key has
+there (DIRECT_KEY), and revokes the binding whenever that member session stops being
+the virtual session's: closed, reset, moved, or its helper gone. A revoked or failing
+binding sends the client back here (DIRECT_UNBIND), where the call runs with the usual
+failover and replay; the client replays the one operation init it sent directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
+from p11p.protocol.constants import CKR
+
+if TYPE_CHECKING:
+    from p11p.daemon.context import ApplicationContext
+    from p11p.daemon.helperproc import HelperProcess
+    from p11p.daemon.members import Member
+    from p11p.daemon.router import Router
+    from p11p.daemon.virtual import VirtualSession
+
+log = logging.getLogger("p11p.direct")
+
+# p11p's own codes (protocol/README.md):
+# [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...]]]
+# [DIRECT_KEY, session, object] -> [rv, member handle]
+# [DIRECT_UNBIND, session, why] -> [rv]
+DIRECT_BIND = 1002
+DIRECT_KEY = 1003
+DIRECT_UNBIND = 1004
+UNBIND_RETURNED = 0   # a direct call returned a code of the fallback list
+UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
+UNBIND_BROKEN = 2     # the connection to the helper broke
+UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout
+UNBIND_WHY = (UNBIND_RETURNED, UNBIND_LEAVING, UNBIND_BROKEN, UNBIND_TIMEOUT)
+# The helper's own codes for the direct path (helper/loop.py).
+FAST_START = -2
+FAST_ALLOW = -3
+FAST_REVOKE = -4
+
+OK = CKR["CKR_OK"]
+# Codes a direct call hands back to the daemon besides the group's session-lost and
+# member-failed classes: the ones whose class depends on the daemon's view, and the
+# helper's own refusals (a revoked binding, a module being finalized).
+ALWAYS_FALLBACK = frozenset({
+    *CONDITIONAL_SESSION_LOST, CKR["CKR_SESSION_HANDLE_INVALID"], CKR["CKR_KEY_HANDLE_INVALID"],
+    CKR["CKR_CRYPTOKI_NOT_INITIALIZED"], CKR["CKR_SESSION_CLOSED"],
+})
+
+
+@dataclass(eq=False)
+class Binding:
+    member: Member
+    real: int
+    helper: HelperProcess
+    fast_id: int
+
+
+class Direct:
+    """DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND, and revocation."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def bind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        vs = ctx.sessions.get(req[1])
+        group = vs.group
+        if not group.config.direct_calls:
+            return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
+        if vs.ops or vs.find is not None:
+            return [CKR["CKR_OPERATION_ACTIVE"]]
+        await self.revoke(vs)
+        await self.router.call_prepare(ctx, vs)  # placed, opened, logged in
+        member = vs.member
+        if member is None or member.slot_id is None or member not in vs.real:
+            return [CKR["CKR_FUNCTION_FAILED"]]
+        real = vs.real[member]
+        timeout = group.config.call_timeout
+        try:
+            helper = await ctx.helper(member)
+            if not await self._listening(helper, ctx.uid, timeout):
+                return [CKR["CKR_FUNCTION_FAILED"]]
+            reply = await helper.call([FAST_ALLOW, real], timeout)
+        except MemberUnavailable as exc:
+            self.router.member_failed(member, exc, "DIRECT_BIND")
+            return [CKR["CKR_FUNCTION_FAILED"]]
+        if reply[0] != OK:
+            return [reply[0]]
+        binding = Binding(member, real, helper, reply[1])
+        if vs.member is not member or vs.real.get(member) != real or not helper.alive:
+            await self._revoke(binding)  # the session moved meanwhile
+            return [CKR["CKR_FUNCTION_FAILED"]]
+        vs.bind(binding)
+        fallback = sorted(ALWAYS_FALLBACK | {
+            rv for rv, cls in group.rv_classes.items()
+            if cls in (RvClass.SESSION_LOST, RvClass.MEMBER_FAILED)})
+        assert helper.fast is not None
+        name, token = helper.fast
+        return [OK, [name, token, binding.fast_id, max(1, int(timeout * 1000)),
+                     group.slot_id, fallback]]
+
+    @staticmethod
+    async def _listening(helper: HelperProcess, uid: int, timeout: float) -> bool:
+        """Starts the helper's listener once (sessions bound at the same time wait for
+        the one start, and get the same name and token)."""
+        if helper.fast_started is None:
+            helper.fast_started = asyncio.get_running_loop().create_future()
+            name = f"p11p-direct-{secrets.token_hex(12)}".encode()
+            token = secrets.token_bytes(16)
+            ok = False
+            try:
+                reply = await helper.call([FAST_START, name, token, uid], timeout)
+                ok = reply[0] == OK
+                if ok:
+                    helper.fast = (name, token)
+            finally:
+                helper.fast_started.set_result(ok)
+        return await asyncio.shield(helper.fast_started)
+
+    async def key(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        vs = ctx.sessions.get(req[1])
+        binding = vs.direct
+        if binding is None:
+            return [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        vobj = ctx.objects.get(req[2])
+        from p11p.daemon.router import KeyMissing
+        try:
+            real = await self.router.ensure_object(ctx, vs, vobj, binding.member)
+        except KeyMissing:
+            return [CKR["CKR_KEY_HANDLE_INVALID"]]
+        except MemberUnavailable as exc:
+            self.router.member_failed(binding.member, exc, "DIRECT_KEY")
+            return [CKR["CKR_DEVICE_ERROR"]]
+        vobj.used = True
+        return [OK, real]
+
+    async def unbind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        vs = ctx.sessions.get(req[1])
+        why = req[2]
+        if why not in UNBIND_WHY:
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        binding = vs.direct
+        if binding is None:
+            return [OK]
+        member = binding.member
+        if why == UNBIND_TIMEOUT:
+            log.warning("%s: a direct call on %s exceeded call_timeout", vs.describe(),
+                        member.name)
+            binding.helper.kill()
+            vs.unbind()
+            self.router.member_failed(member, MemberUnavailable(
+                member.name, "a direct call exceeded call_timeout"), "direct call")
+            return [OK]
+        await self.revoke(vs)
+        if why == UNBIND_RETURNED and not vs.objects:
+            # what the failed call left in the member session goes with it; the next
+            # call opens a fresh one (session objects would be lost: kept then)
+            await self.router.forget_real(ctx, vs, member)
+        return [OK]
+
+    async def revoke(self, vs: VirtualSession) -> None:
+        """The session's binding ends: its direct calls are refused from now on."""
+        binding = vs.unbind()
+        if binding is not None:
+            await self._revoke(binding)
+
+    async def _revoke(self, binding: Binding) -> None:
+        helper = binding.helper
+        if not helper.alive:
+            return
+        try:
+            await helper.call([FAST_REVOKE, binding.fast_id], binding.member.group.config.call_timeout)
+        except MemberUnavailable:
+            pass  # gone: nothing is served any more
+        except CKError:
+            pass
+
+    async def count_served(self) -> None:
+        """Adds the calls the helpers served on the direct path to their members'
+        counts (for status and metrics)."""
+        async def one(member: Member, helper: HelperProcess) -> None:
+            member.health.calls_served += await helper.direct_served()
+
+        await asyncio.gather(*(one(m, h) for ctx in list(self.router.daemon.contexts.values())
+                               for m, h in ctx.live_helpers() if h.fast is not None))
