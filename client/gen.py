@@ -31,7 +31,10 @@ HAND_WRITTEN = {"C_Finalize"}
 # Functions whose entry point is written by hand (find.c) around the generated stub,
 # which is then named p11p_wire_<name> and is not exported: searches are answered in
 # the library when the daemon sent the whole result at once.
-WRAPPED = {"C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"}
+WRAPPED = {"C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal",
+           # direct.c: the direct path to the helper, and what ends a session's binding
+           "C_GenerateRandom", "C_SignInit", "C_Sign", "C_SignUpdate", "C_SignFinal",
+           "C_CloseSession", "C_CloseAllSessions", "C_DestroyObject"}
 
 
 def load_spec() -> ModuleType:
@@ -136,7 +139,8 @@ def gen_stubs(spec: ModuleType) -> str:
     out = [header("functions.spec", "the stubs of every Cryptoki function that travels.\n"
                   " * Each stub puts its arguments by kind, makes one round trip and gets its\n"
                   " * outputs by kind; the helpers are in client/codec*.c."),
-           '#include "../call.h"', '#include "../find.h"', '#include "codes.h"', ""]
+           '#include "../call.h"', '#include "../direct.h"', '#include "../find.h"',
+           '#include "codes.h"', ""]
     for fn in spec.functions():
         if fn.local or fn.name in HAND_WRITTEN:
             continue

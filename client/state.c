@@ -13,6 +13,7 @@
 
 #include "codec.h"
 #include "debug.h"
+#include "direct.h"
 #include "find.h"
 #include "gen/codes.h"
 #include "link.h"
@@ -47,6 +48,7 @@ void p11p_leave(void)
 static void forget_connections(struct p11p_state *s)
 {
 	p11p_pool_drop_all(s); /* close() only: the parent keeps its connections */
+	p11p_direct_reset();
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->in_flight, 0);
 	atomic_store(&s->phase, P11P_UNINIT);
@@ -155,6 +157,8 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 		s->nidle = 0;
 		s->pid = getpid();
 		p11p_find_reset(); /* a forked child's copies of its parent's searches too */
+		p11p_direct_reset();
+		p11p_direct_setup();
 		atomic_store(&s->in_flight, 0);
 		atomic_store(&s->phase, P11P_READY);
 	}
@@ -204,6 +208,7 @@ CK_RV p11p_state_teardown(void)
 		nanosleep(&pause, NULL);
 	p11p_pool_drop_all(s);
 	p11p_find_reset();
+	p11p_direct_reset();
 	p11p_lock_destroy(&s->lock);
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->phase, P11P_UNINIT);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "codec_test.h"
+#include "direct.h"
 #include "find.h"
 
 int checks, failures;
@@ -53,9 +54,9 @@ static void test_scalars(void)
 	CK_ULONG n = 0;
 
 	reply("[0]");
-	CHECK_RV(C_CloseAllSessions(5), CKR_OK);
+	CHECK_RV(p11p_wire_C_CloseAllSessions(5), CKR_OK);
 	CHECK_REQ("[15,5]");
-	CHECK_RV(C_CloseAllSessions(~0UL), CKR_OK);
+	CHECK_RV(p11p_wire_C_CloseAllSessions(~0UL), CKR_OK);
 	CHECK_REQ("[15,18446744073709551615]");
 	/* bbool: any true value travels as 1 */
 	reply("[0,0]");
@@ -65,7 +66,7 @@ static void test_scalars(void)
 	CHECK_REQ("[5,0,nil]");
 	/* the module's rv comes back unchanged */
 	reply("[179]");
-	CHECK_RV(C_CloseAllSessions(1), CKR_SESSION_HANDLE_INVALID);
+	CHECK_RV(p11p_wire_C_CloseAllSessions(1), CKR_SESSION_HANDLE_INVALID);
 }
 
 static void test_bytes(void)
@@ -103,20 +104,20 @@ static void test_out_bytes(void)
 	/* length query: NULL buffer travels as nil, the length comes back */
 	len = 99;
 	reply("[0,256]");
-	CHECK_RV(C_Sign(1, in, 3, NULL, &len), CKR_OK);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, NULL, &len), CKR_OK);
 	CHECK_REQ("[44,1,h\"010203\",nil]");
 	CHECK(len == 256);
 	/* a buffer travels as its capacity; the data comes back */
 	len = sizeof out;
 	memset(out, 0, sizeof out);
 	reply("[0,h\"aabbcc\"]");
-	CHECK_RV(C_Sign(1, in, 3, out, &len), CKR_OK);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, out, &len), CKR_OK);
 	CHECK_REQ("[44,1,h\"010203\",8]");
 	CHECK(len == 3 && out[0] == 0xaa && out[2] == 0xcc && out[3] == 0);
 	/* too small: the needed length */
 	len = 2;
 	reply("[336,64]");
-	CHECK_RV(C_Sign(1, in, 3, out, &len), CKR_BUFFER_TOO_SMALL);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, out, &len), CKR_BUFFER_TOO_SMALL);
 	CHECK_REQ("[44,1,h\"010203\",2]");
 	CHECK(len == 64);
 	/* a non-NULL zero-capacity buffer is capacity 0, never a length query */
@@ -132,14 +133,14 @@ static void test_out_bytes(void)
 	/* an error leaves the output alone, whatever came with it */
 	len = 8;
 	reply("[33,\"junk\"]");
-	CHECK_RV(C_Sign(1, in, 3, out, &len), CKR_DATA_LEN_RANGE);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, out, &len), CKR_DATA_LEN_RANGE);
 	CHECK(len == 8);
 	reply("[33]");
-	CHECK_RV(C_Sign(1, in, 3, out, &len), CKR_DATA_LEN_RANGE);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, out, &len), CKR_DATA_LEN_RANGE);
 	/* a NULL length pointer is refused here: there is nothing to send */
 	fake_roundtrips = 0;
-	CHECK_RV(C_Sign(1, in, 3, out, NULL), CKR_ARGUMENTS_BAD);
-	CHECK_RV(C_Sign(1, in, 3, NULL, NULL), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, out, NULL), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_Sign(1, in, 3, NULL, NULL), CKR_ARGUMENTS_BAD);
 	CHECK(fake_roundtrips == 0);
 	/* the other out_bytes functions */
 	len = sizeof out;
@@ -156,22 +157,22 @@ static void test_out_random(void)
 	CK_BYTE buf[4] = { 0x5a, 0x5a, 0x5a, 0x5a };
 
 	reply("[0,h\"01020304\"]");
-	CHECK_RV(C_GenerateRandom(1, buf, 4), CKR_OK);
+	CHECK_RV(p11p_wire_C_GenerateRandom(1, buf, 4), CKR_OK);
 	CHECK_REQ("[65,1,4]");
 	CHECK(buf[0] == 1 && buf[3] == 4);
 	reply("[0,h\"\"]");
 	buf[0] = 0x5a;
-	CHECK_RV(C_GenerateRandom(1, buf, 0), CKR_OK);
+	CHECK_RV(p11p_wire_C_GenerateRandom(1, buf, 0), CKR_OK);
 	CHECK_REQ("[65,1,0]");
 	CHECK(buf[0] == 0x5a);
 	reply("[7]");
-	CHECK_RV(C_GenerateRandom(1, NULL, 4), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_GenerateRandom(1, NULL, 4), CKR_ARGUMENTS_BAD);
 	CHECK_REQ("[65,1,nil]");
 	/* fewer or more bytes than asked: malformed */
 	reply("[0,h\"0102\"]");
-	CHECK_RV(C_GenerateRandom(1, buf, 4), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GenerateRandom(1, buf, 4), CKR_DEVICE_ERROR);
 	reply("[0,h\"0102030405\"]");
-	CHECK_RV(C_GenerateRandom(1, buf, 4), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GenerateRandom(1, buf, 4), CKR_DEVICE_ERROR);
 }
 
 static void test_out_handles(void)
@@ -358,15 +359,15 @@ static void test_local_checks(void)
 	/* not initialised: refused before anything is encoded, whatever the arguments */
 	fake_initialized = 0;
 	fake_roundtrips = 0;
-	CHECK_RV(C_Sign(1, NULL, 0, out, NULL), CKR_CRYPTOKI_NOT_INITIALIZED);
-	CHECK_RV(C_CloseAllSessions(1), CKR_CRYPTOKI_NOT_INITIALIZED);
+	CHECK_RV(p11p_wire_C_Sign(1, NULL, 0, out, NULL), CKR_CRYPTOKI_NOT_INITIALIZED);
+	CHECK_RV(p11p_wire_C_CloseAllSessions(1), CKR_CRYPTOKI_NOT_INITIALIZED);
 	CHECK(fake_roundtrips == 0);
 	fake_initialized = 1;
 	/* the round trip's own failure is the call's result */
 	fake_transport_rv = CKR_DEVICE_ERROR;
-	CHECK_RV(C_Sign(1, NULL, 0, out, &len), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_Sign(1, NULL, 0, out, &len), CKR_DEVICE_ERROR);
 	fake_transport_rv = CKR_CRYPTOKI_NOT_INITIALIZED;
-	CHECK_RV(C_Sign(1, NULL, 0, out, &len), CKR_CRYPTOKI_NOT_INITIALIZED);
+	CHECK_RV(p11p_wire_C_Sign(1, NULL, 0, out, &len), CKR_CRYPTOKI_NOT_INITIALIZED);
 	fake_transport_rv = CKR_OK;
 	CHECK(len == 4);
 }

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "codec_test.h"
+#include "direct.h"
 #include "find.h"
 
 long fuzz_iterations;
@@ -15,7 +16,7 @@ static CK_RV sign(void)
 	CK_BYTE out[16];
 	CK_ULONG len = sizeof out;
 
-	return C_Sign(1, (CK_BYTE_PTR) "d", 1, out, &len);
+	return p11p_wire_C_Sign(1, (CK_BYTE_PTR) "d", 1, out, &len);
 }
 
 static void test_bad_msgpack(void)
@@ -53,7 +54,7 @@ static void test_bad_msgpack(void)
 		msgpack_sbuffer_clear(&fake_reply);
 		msgpack_sbuffer_write(&fake_reply, full.data, n);
 		len = sizeof out;
-		CHECK_RV(C_Sign(1, NULL, 0, out, &len), CKR_DEVICE_ERROR);
+		CHECK_RV(p11p_wire_C_Sign(1, NULL, 0, out, &len), CKR_DEVICE_ERROR);
 	}
 	msgpack_sbuffer_destroy(&full);
 
@@ -112,7 +113,7 @@ static CK_RV fuzz_sign(void)
 	CK_BYTE out[16];
 	CK_ULONG len = sizeof out;
 
-	return C_Sign(1, NULL, 0, out, &len);
+	return p11p_wire_C_Sign(1, NULL, 0, out, &len);
 }
 
 static CK_RV fuzz_get_attributes(void)
@@ -156,7 +157,7 @@ static CK_RV fuzz_random(void)
 {
 	CK_BYTE r[5];
 
-	return C_GenerateRandom(1, r, sizeof r);
+	return p11p_wire_C_GenerateRandom(1, r, sizeof r);
 }
 
 static CK_RV fuzz_keypair(void)

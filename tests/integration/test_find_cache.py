@@ -27,6 +27,7 @@ from kit import (
     Daemon,
     SoftHSM,
     one_member_group,
+    sanitized,
 )
 
 TTL = 2.0
@@ -110,14 +111,6 @@ for line in sys.stdin:
         after = m.C_FindObjects(h, out, 4, C.byref(got))
         print(hex(first), hex(again), hex(end), hex(after), flush=True)
 """
-
-
-def sanitized() -> dict[str, str]:
-    """The environment that runs an application on the ASan/UBSan build of the client."""
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    return {"LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
 
 
 class App:

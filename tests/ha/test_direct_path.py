@@ -1,0 +1,239 @@
+"""The direct path (daemon/direct.py, helper/fast.c, client/direct.c): a session that
+makes hot calls is bound to its member session, and C_GenerateRandom, C_SignInit and
+C_Sign go from the client library straight to the helper. These tests check that the
+calls really go that way, that the answers are right (signatures verify), and that the
+daemon's guarantees hold on it: a failing, hanging or drained member loses nothing, and
+the helper's socket serves nobody but the bound application."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hakit import HAGroup
+from kit import ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, sanitized
+
+# N threads, each with its own session, sign with the imported ECDSA key (and draw
+# random bytes) for S seconds; every signature is verified. One JSON line at the end.
+APP = textwrap.dedent(f"""
+    import ctypes as C, json, os, sys, threading, time
+    sys.path.insert(0, {str(ROOT / "tests")!r})
+    from ckraw import CK_ULONG, CKA, CKM, Module, mechanism, template
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+    module, threads, seconds, keys = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    public = serialization.load_pem_public_key(json.load(open(keys))["ec_public"].encode())
+    m = Module(module)
+    assert m.initialize() == 0
+    def label(s):
+        info = (C.c_ubyte * 512)()
+        assert m.C_GetTokenInfo(s, info) == 0
+        return bytes(info[:32]).rstrip()
+    slot = next(s for s in m.slots() if label(s) == b"ha")
+    base = m.open_session(slot)
+    assert m.login(base, {USER_PIN.encode()!r}) == 0
+    t, n, keep = template((CKA["CKA_LABEL"], b"ha-ec"), (CKA["CKA_CLASS"], 3))
+    assert m.C_FindObjectsInit(base, t, n) == 0
+    out, count = (CK_ULONG * 2)(), CK_ULONG()
+    assert m.C_FindObjects(base, out, 2, C.byref(count)) == 0 and count.value == 1
+    m.C_FindObjectsFinal(base)
+    key = out[0]
+    ops, errors, slowest = [0] * threads, [], [0.0]
+    stop = time.monotonic() + seconds
+    def worker(i):
+        h = m.open_session(slot)
+        mech, _ = mechanism(CKM["CKM_ECDSA"])
+        rnd = (C.c_ubyte * 32)()
+        while time.monotonic() < stop:
+            digest = os.urandom(32)
+            start = time.monotonic()
+            rv = m.C_GenerateRandom(h, rnd, 32)
+            if rv == 0:
+                rv = m.C_SignInit(h, C.byref(mech), key)
+            if rv == 0:
+                ln = CK_ULONG(0)
+                rv = m.C_Sign(h, digest, 32, None, C.byref(ln))  # the length first
+                if rv == 0 and ln.value != 64:
+                    rv = -1
+            if rv == 0:
+                sig = (C.c_ubyte * 64)()
+                rv = m.C_Sign(h, digest, 32, sig, C.byref(ln))
+            slowest[0] = max(slowest[0], time.monotonic() - start)
+            if rv != 0:
+                errors.append(hex(rv))
+                continue
+            r, s = int.from_bytes(bytes(sig[:32]), "big"), int.from_bytes(bytes(sig[32:64]), "big")
+            try:
+                public.verify(encode_dss_signature(r, s), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+            except Exception:
+                errors.append("bad signature")
+                continue
+            ops[i] += 1
+        assert m.C_CloseSession(h) == 0
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    print(json.dumps({{"ops": sum(ops), "errors": len(errors), "first_errors": errors[:5],
+                      "slowest": slowest[0]}}), flush=True)
+    assert m.C_Finalize(None) == 0
+""")
+
+
+def _run(group: HAGroup, keys: Path, threads: int, seconds: float,
+         env: dict[str, str] | None = None, module: Path = CLIENT_SO) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-c", APP, str(module), str(threads), str(seconds),
+                        str(keys)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **group.daemon.env, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+def _in_background(group: HAGroup, keys: Path, threads: int, seconds: float,
+                   result: dict[str, Any], sanitize: bool = False) -> threading.Thread:
+    kw: dict[str, Any] = {"env": sanitized(), "module": ASAN_CLIENT_SO} if sanitize else {}
+    runner = threading.Thread(target=lambda: result.update(_run(group, keys, threads, seconds,
+                                                                 **kw)))
+    runner.start()
+    return runner
+
+
+def _served(group: HAGroup) -> int:
+    return sum(m["calls_served"] for m in group.status()["groups"][0]["members"])
+
+
+def test_hot_calls_of_a_bound_session_go_straight_to_the_helper(ha_factory: Any,
+                                                                 ha_keys: Path) -> None:
+    """Four member calls per round (random, init, length, sign): through the daemon
+    before the binding, straight to the helper after it, and counted either way; with
+    P11P_DIRECT=0 the daemon carries them all. Every signature verifies."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    before = _served(group)
+    direct = _run(group, ha_keys, 2, 1.5)
+    assert direct["errors"] == 0 and direct["ops"] > 50, direct
+    served = _served(group) - before
+    assert served >= 4 * direct["ops"], (served, direct)  # direct calls are counted too
+    before = _served(group)
+    via_daemon = _run(group, ha_keys, 2, 1.5, env={"P11P_DIRECT": "0"})
+    assert via_daemon["errors"] == 0 and via_daemon["ops"] > 20, via_daemon
+    # Without the direct path every member call waits for the daemon's event loop; with
+    # it the same load does several times more rounds.
+    assert direct["ops"] > 2 * via_daemon["ops"], (direct, via_daemon)
+    assert _served(group) - before >= 4 * via_daemon["ops"]
+
+
+def test_a_member_that_fails_under_direct_calls_loses_nothing(ha_factory: Any,
+                                                              ha_keys: Path) -> None:
+    """CKR_DEVICE_ERROR from the member on a direct C_Sign: the sessions come back
+    through the daemon, which fails them over with their sign operation replayed. The
+    application (on the ASan/UBSan build of the client) sees no error; every signature
+    verifies."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 4, 4.0, result, sanitize=True)
+    time.sleep(1.5)
+    assert group.member("hsmA")["sessions"] > 0
+    group.set_rules("hsmA", "C_Sign error rv=CKR_DEVICE_ERROR\n")
+    group.wait_state("hsmA", "FAILED", timeout=5)
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 50, result
+    assert "C_Sign error" in group.faultlog.read_text()
+    assert "member failure detected: group=ha member=hsmA" in group.daemon.log_text()
+
+
+def test_a_hung_direct_call_ends_at_call_timeout_and_fails_over(ha_factory: Any,
+                                                                ha_keys: Path) -> None:
+    """A member that hangs in C_Sign: the client gives the direct call call_timeout
+    (1.5 s here), then the daemon kills that helper and the call runs on the other
+    member. No error; the slowest round is about call_timeout, not the hang."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 2, 5.0, result)
+    time.sleep(1.5)
+    group.set_rules("hsmA", "C_Sign hang\n")
+    group.wait_state("hsmA", "FAILED", timeout=8)
+    group.set_rules("hsmA", "")
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 20, result
+    assert 1.0 < result["slowest"] < 4.0, result
+    assert "exceeded call_timeout" in group.daemon.log_text()
+
+
+def test_drain_revokes_the_bindings_of_the_member(ha_factory: Any, ha_keys: Path) -> None:
+    """Draining a member ends the bindings of its sessions: their next direct call is
+    refused by the helper and the session moves. After the drain, a rule that would fail
+    every C_Sign on the drained member never fires, while the load goes on."""
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 4, 5.0, result)
+    time.sleep(1.5)
+    assert group.member("hsmA")["sessions"] > 0
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "drain", "ha", "hsmA",
+                        "--config", str(group.daemon.config)], capture_output=True, text=True)
+    assert r.returncode == 0 and "DRAINING" in r.stdout, r.stdout + r.stderr
+    time.sleep(0.5)
+    group.set_rules("hsmA", "C_Sign error rv=CKR_DEVICE_ERROR\nC_GenerateRandom error rv=CKR_DEVICE_ERROR\n")
+    served_b = group.member("hsmB")["calls_served"]
+    time.sleep(1.5)
+    assert group.member("hsmB")["calls_served"] > served_b + 100  # the load goes on, on B
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 50, result
+    fired = group.faultlog.read_text() if group.faultlog.exists() else ""
+    assert "C_Sign error" not in fired and "C_GenerateRandom error" not in fired, fired
+    assert group.member("hsmA")["sessions"] == 0
+
+
+def _direct_names() -> set[str]:
+    names = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        path = line.split()[-1] if len(line.split()) >= 8 else ""
+        if path.startswith("@p11p-direct-"):
+            names.add(path[1:])
+    return names
+
+
+def test_the_helper_socket_serves_only_the_bound_application(ha_factory: Any,
+                                                            ha_keys: Path) -> None:
+    """The helper listens on an abstract socket: a connection without the daemon's token
+    for that application is closed before anything is read from it, whatever it sends."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    before = _direct_names()
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 1, 3.0, result)
+    deadline = time.monotonic() + 10
+    names: set[str] = set()
+    while time.monotonic() < deadline and not names:
+        names = _direct_names() - before
+        time.sleep(0.05)
+    assert names, "no direct-path listener appeared"
+    name = sorted(names)[0]
+    # [44 C_Sign, id 4097, data, capacity 64]: a well-formed request with a wrong token
+    frame = bytes([0x94, 44, 0xcd, 0x10, 0x01, 0xc4, 1, 0, 64])
+    for hello in (bytes(16), os.urandom(16), b"", b"\x00" * 15):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect("\0" + name)
+            try:
+                s.sendall(hello + len(frame).to_bytes(4, "big") + frame)
+                if len(hello) < 16:
+                    s.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed already
+            try:
+                answer = s.recv(100)
+            except ConnectionResetError:  # closed with our frame unread
+                answer = b""
+            assert answer == b"", hello  # closed, no answer
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 0, result
