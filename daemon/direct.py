@@ -40,7 +40,7 @@ DIRECT_UNBIND = 1004
 UNBIND_RETURNED = 0   # a direct call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
 UNBIND_BROKEN = 2     # the connection to the helper broke
-UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout
+UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout: its helper is killed
 UNBIND_WHY = (UNBIND_RETURNED, UNBIND_LEAVING, UNBIND_BROKEN, UNBIND_TIMEOUT)
 # The helper's own codes for the direct path (helper/loop.py).
 FAST_START = -2
@@ -153,12 +153,15 @@ class Direct:
             return [OK]
         member = binding.member
         if why == UNBIND_TIMEOUT:
-            log.warning("%s: a direct call on %s exceeded call_timeout", vs.describe(),
-                        member.name)
-            binding.helper.kill()
+            # This application's helper is stuck in the call: it goes, with what the
+            # application had on the member. The member is failed only on the daemon's
+            # own evidence (its next call there times out too): one application's word
+            # does not take a member from everybody.
+            log.warning("%s: a direct call on %s exceeded call_timeout; that helper is "
+                        "killed", vs.describe(), member.name)
             vs.unbind()
-            self.router.member_failed(member, MemberUnavailable(
-                member.name, "a direct call exceeded call_timeout"), "direct call")
+            binding.helper.kill()
+            ctx.forget_member(member)
             return [OK]
         await self.revoke(vs)
         if why == UNBIND_RETURNED and not vs.objects:

@@ -46,6 +46,8 @@ WRITE_PROTECTED = CKR["CKR_TOKEN_WRITE_PROTECTED"]
 MECHANISM_PARAM_INVALID = CKR["CKR_MECHANISM_PARAM_INVALID"]
 ATTRIBUTE_VALUE_INVALID = CKR["CKR_ATTRIBUTE_VALUE_INVALID"]
 ALREADY_LOGGED_IN = CKR["CKR_USER_ALREADY_LOGGED_IN"]
+SESSION_HANDLE_INVALID = CKR["CKR_SESSION_HANDLE_INVALID"]
+SESSION_CLOSED = CKR["CKR_SESSION_CLOSED"]
 GENERAL_ERROR = CKR["CKR_GENERAL_ERROR"]
 CODE = {f.name: f.code for f in spec.functions()}
 GENERATING = {"C_GenerateKey", "C_GenerateKeyPair"}
@@ -121,6 +123,15 @@ _STRUCTURED = frozenset(spec.mechanisms())
 
 class KeyMissing(Exception):
     """A token object is not on this member (its key set differs)."""
+
+
+class SessionVanished(CKError):
+    """A member session just opened was gone when it was logged in (its helper was
+    replaced meanwhile: the member failed and recovered under a concurrent call). The
+    call is placed again; where it is not, it is CKR_DEVICE_ERROR as before."""
+
+    def __init__(self) -> None:
+        super().__init__(DEVICE_ERROR, "the member session vanished before its login")
 
 
 def _digest(data: Any) -> bytes | None:
@@ -231,6 +242,9 @@ class Router:
             except KeyMissing:
                 if tries >= limit:
                     raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object") from None
+            except SessionVanished:
+                if tries >= limit:
+                    raise
 
     async def _still_serves(self, ctx: ApplicationContext, member: Member) -> bool:
         """Whether a member that answered a call with a member-failed code still answers
@@ -351,7 +365,12 @@ class Router:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
             vs.real[member] = real
-        await self._login_on(ctx, vs.group, member, real)
+        try:
+            await self._login_on(ctx, vs.group, member, real)
+        except SessionVanished:
+            if vs.real.get(member) == real:
+                del vs.real[member]
+            raise
         return real
 
     async def _login_on(self, ctx: ApplicationContext, group: Group, member: Member, real: int) -> None:
@@ -359,6 +378,8 @@ class Router:
         if login is None or member in ctx.logged_in:
             return
         reply = await self.checked(ctx, member, [CODE["C_Login"], real, login[0], login[1]])
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+            raise SessionVanished
         if reply[0] not in (OK, ALREADY_LOGGED_IN):
             log.error("session potentially not recoverable: %s member=%s: login failed with %s",
                       ctx.name, member.name, rv_name(reply[0]))
@@ -374,7 +395,12 @@ class Router:
                 raise CKError(reply[0])
             real = ctx.utility[member] = reply[1]
         group = member.group
-        await self._login_on(ctx, group, member, real)
+        try:
+            await self._login_on(ctx, group, member, real)
+        except SessionVanished:
+            if ctx.utility.get(member) == real:
+                del ctx.utility[member]
+            raise
         return real
 
     async def _prepare(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
@@ -761,6 +787,9 @@ class Router:
                 self.member_failed(member, exc, "C_OpenSession")
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR) from None
+            except SessionVanished:
+                if tries >= limit:
+                    raise
 
     async def close_session(self, ctx: ApplicationContext, vs: VirtualSession) -> None:
         for member in list(vs.real):

@@ -56,20 +56,20 @@ APP = textwrap.dedent(f"""
         while time.monotonic() < stop:
             digest = os.urandom(32)
             start = time.monotonic()
-            rv = m.C_GenerateRandom(h, rnd, 32)
+            what, rv = "C_GenerateRandom", m.C_GenerateRandom(h, rnd, 32)
             if rv == 0:
-                rv = m.C_SignInit(h, C.byref(mech), key)
+                what, rv = "C_SignInit", m.C_SignInit(h, C.byref(mech), key)
             if rv == 0:
                 ln = CK_ULONG(0)
-                rv = m.C_Sign(h, digest, 32, None, C.byref(ln))  # the length first
+                what, rv = "C_Sign length", m.C_Sign(h, digest, 32, None, C.byref(ln))
                 if rv == 0 and ln.value != 64:
                     rv = -1
             if rv == 0:
                 sig = (C.c_ubyte * 64)()
-                rv = m.C_Sign(h, digest, 32, sig, C.byref(ln))
+                what, rv = "C_Sign", m.C_Sign(h, digest, 32, sig, C.byref(ln))
             slowest[0] = max(slowest[0], time.monotonic() - start)
             if rv != 0:
-                errors.append(hex(rv))
+                errors.append(f"{{what}} {{rv:#x}}")
                 continue
             r, s = int.from_bytes(bytes(sig[:32]), "big"), int.from_bytes(bytes(sig[32:64]), "big")
             try:
