@@ -187,12 +187,7 @@ class ApplicationContext:
             self.objects.remove(vobj.handle)
         self.by_real.clear()
         self.token_index.clear()
-        live = self.live_helpers()
-
-        async def count(member: Member, helper: HelperProcess) -> None:
-            member.health.calls_served += await helper.direct_served()
-
-        await asyncio.gather(*(count(m, h) for m, h in live))
+        await asyncio.gather(*(h.count_direct(m.health) for m, h in self.live_helpers()))
         helpers = [f.result() for f in self._helpers.values()
                    if f.done() and f.exception() is None]
         self._helpers.clear()

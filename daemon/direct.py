@@ -190,8 +190,6 @@ class Direct:
     async def count_served(self) -> None:
         """Adds the calls the helpers served on the direct path to their members'
         counts (for status and metrics)."""
-        async def one(member: Member, helper: HelperProcess) -> None:
-            member.health.calls_served += await helper.direct_served()
-
-        await asyncio.gather(*(one(m, h) for ctx in list(self.router.daemon.contexts.values())
+        await asyncio.gather(*(h.count_direct(m.health)
+                               for ctx in list(self.router.daemon.contexts.values())
                                for m, h in ctx.live_helpers() if h.fast is not None))

@@ -14,11 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from p11p.daemon.errors import MemberUnavailable
 from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
+
+if TYPE_CHECKING:
+    from p11p.daemon.members import MemberHealth
 
 log = logging.getLogger("p11p.helper")
 FAST_SERVED = -5  # the helper's count of direct-path calls (helper/loop.py)
@@ -204,6 +207,12 @@ class HelperProcess(asyncio.SubprocessProtocol):
             finally:
                 timer.cancel()
         return reply[1:]
+
+    async def count_direct(self, health: MemberHealth) -> None:
+        """Adds the calls served on the direct path since the last count to `health`."""
+        served = await self.direct_served()
+        health.calls_served += served
+        health.direct_served += served
 
     async def direct_served(self) -> int:
         """Calls served on the direct path since the last time asked (0 when it does

@@ -56,6 +56,7 @@ class MemberHealth:
     attempt: int = 0
     calls_served: int = 0
     bound: int = 0  # sessions bound to the direct path (daemon/direct.py)
+    direct_served: int = 0  # of calls_served, those served on the direct path
     calls_in_flight: int = 0
 
     @property
@@ -291,7 +292,7 @@ class Member:
             "name": self.name, "state": h.state.value, "slot": self.slot_id,
             "last_rv": rv_name(h.last_rv) if h.last_rv is not None else None,
             "last_error": h.last_error, "calls_served": h.calls_served,
-            "direct_sessions": h.bound,
+            "direct_sessions": h.bound, "direct_calls_served": h.direct_served,
             "calls_in_flight": h.calls_in_flight, "attempt": h.attempt,
             "attempts": self.group.config.recovery.attempts,
         }
