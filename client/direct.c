@@ -29,6 +29,9 @@ enum { OP_NONE, OP_DIRECT, OP_DAEMON };
 /* Why a session is unbound (daemon/direct.py) */
 enum { WHY_RETURNED = 0, WHY_LEAVING = 1, WHY_BROKEN = 2, WHY_TIMEOUT = 3 };
 
+/* An endpoint's name, token, time-out and fallback list are set when it is made and
+ * never change (a helper's listener keeps its name for life), so a call reads them
+ * without the lock; its idle connections are under the lock. */
 struct ep {
 	struct ep *next;
 	char name[101];
@@ -219,7 +222,7 @@ static int is_fallback(const struct ep *ep, CK_RV rv)
 }
 
 /* A connection to the endpoint: an idle one, or a new one that has sent the token. */
-static int ep_take(struct ep *ep, int64_t deadline)
+static int ep_take(struct ep *ep)
 {
 	struct sockaddr_un addr;
 	int fd = -1;
@@ -247,7 +250,6 @@ static int ep_take(struct ep *ep, int64_t deadline)
 		close(fd);
 		return -1;
 	}
-	(void)deadline;
 	return fd;
 }
 
@@ -264,27 +266,46 @@ static void ep_give(struct ep *ep, int fd)
 		close(fd);
 }
 
-/* Under the lock: the endpoint of this name (made, or its settings refreshed). */
-static struct ep *ep_get(const char *name, size_t name_len, const unsigned char *token,
-			 int timeout_ms)
+/* Under the lock: the endpoint of this name, or a new one made from the DIRECT_BIND
+ * reply's fields (f: name, token, ..., [rv...]). */
+static struct ep *ep_get(const msgpack_object *f, int timeout_ms)
 {
+	const msgpack_object *rvs = &f[5];
 	struct ep *ep;
+	CK_RV rv;
 
 	for (ep = eps; ep != NULL; ep = ep->next)
-		if (ep->name_len == name_len && memcmp(ep->name, name, name_len) == 0)
-			break;
-	if (ep == NULL) {
-		ep = calloc(1, sizeof *ep);
-		if (ep == NULL)
-			return NULL;
-		memcpy(ep->name, name, name_len);
-		ep->name_len = name_len;
-		ep->next = eps;
-		eps = ep;
-	}
-	memcpy(ep->token, token, TOKEN);
+		if (ep->name_len == f[0].via.bin.size &&
+		    memcmp(ep->name, f[0].via.bin.ptr, ep->name_len) == 0)
+			return ep;
+	ep = calloc(1, sizeof *ep);
+	if (ep == NULL)
+		return NULL;
+	memcpy(ep->name, f[0].via.bin.ptr, f[0].via.bin.size);
+	ep->name_len = f[0].via.bin.size;
+	memcpy(ep->token, f[1].via.bin.ptr, TOKEN);
 	ep->timeout_ms = timeout_ms;
+	for (uint32_t i = 0; i < rvs->via.array.size; i++)
+		if (p11p_obj_ulong(&rvs->via.array.ptr[i], &rv) == 0)
+			ep->fallback[ep->nfallback++] = rv;
+	ep->next = eps;
+	eps = ep;
 	return ep;
+}
+
+/* Its helper is gone or broke a connection: the idle connections go too. */
+static void ep_broken(struct ep *ep)
+{
+	int fds[EP_IDLE];
+	unsigned n = 0;
+
+	if (!lock())
+		return;
+	while (ep->nidle > 0)
+		fds[n++] = ep->idle[--ep->nidle];
+	unlock();
+	while (n > 0)
+		close(fds[--n]);
 }
 
 /* ---- one direct call ---- */
@@ -299,7 +320,7 @@ static int direct_run(struct p11p_call *c, const struct bound *b, unsigned nouts
 
 	if (c->err)
 		return 0; /* a local error (bad arguments): answered as the stub would */
-	fd = ep_take(b->ep, deadline);
+	fd = ep_take(b->ep);
 	if (fd < 0) {
 		*why = WHY_BROKEN;
 		return 1;
@@ -312,6 +333,8 @@ static int direct_run(struct p11p_call *c, const struct bound *b, unsigned nouts
 	if (rv != CKR_OK || c->err) {
 		close(fd);
 		*why = deadline >= 0 && p11p_now_ms() >= deadline ? WHY_TIMEOUT : WHY_BROKEN;
+		if (*why == WHY_BROKEN)
+			ep_broken(b->ep);
 		return 1;
 	}
 	ep_give(b->ep, fd);
@@ -385,7 +408,7 @@ static void unbind(CK_SESSION_HANDLE h, int why)
 static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct bound *b)
 {
 	const msgpack_object *f;
-	CK_ULONG id, timeout, slot, rv;
+	CK_ULONG id, timeout, slot;
 	struct sess *s;
 	struct ep *ep;
 	int ret = -1;
@@ -402,13 +425,8 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct bou
 	if (!lock())
 		return -1;
 	s = lookup(h);
-	ep = s != NULL ? ep_get(f[0].via.bin.ptr, f[0].via.bin.size,
-				(const unsigned char *)f[1].via.bin.ptr, (int)timeout) : NULL;
+	ep = s != NULL ? ep_get(f, (int)timeout) : NULL;
 	if (ep != NULL) {
-		ep->nfallback = 0;
-		for (uint32_t i = 0; i < f[5].via.array.size; i++)
-			if (p11p_obj_ulong(&f[5].via.array.ptr[i], &rv) == 0)
-				ep->fallback[ep->nfallback++] = rv;
 		s->ep = b->ep = ep;
 		s->id = b->id = id;
 		s->slot = slot;
