@@ -30,6 +30,7 @@
 #define FAST_MAX_FRAME (16u << 20)
 #define FAST_MAX_OUTPUT (16u << 20)
 #define FAST_HELLO_MS 2000
+#define FAST_MAX_CONNS 64                /* connections at once: calls in flight, at most */
 
 /* Function codes (protocol/functions.spec). */
 #define FN_SIGN_INIT 43
@@ -42,6 +43,7 @@ static struct {
 	int listening, stopping;
 	unsigned long busy;              /* calls inside the module */
 	unsigned long long served;       /* calls answered by the module, ever */
+	unsigned conns;                  /* connections open */
 	uid_t uid;
 	unsigned char token[FAST_TOKEN];
 	uint64_t generation;
@@ -476,6 +478,9 @@ out:
 	free(c->in);
 	free(c->out.buf);
 	free(c);
+	pthread_mutex_lock(&fast.lock);
+	fast.conns--;
+	pthread_mutex_unlock(&fast.lock);
 	return NULL;
 }
 
@@ -511,16 +516,22 @@ static void *accept_main(void *arg)
 		struct ucred cred;
 		socklen_t clen = sizeof cred;
 		struct conn *c = NULL;
-		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
-		    cred.uid != fast.uid || (c = calloc(1, sizeof *c)) == NULL) {
-			close(fd);
-			continue;
-		}
-		c->fd = fd;
-		c->module = p11p_module;
-		if (start_thread(conn_main, c) != 0) {
+		int full;
+		pthread_mutex_lock(&fast.lock);
+		full = fast.conns >= FAST_MAX_CONNS;
+		if (!full)
+			fast.conns++;
+		pthread_mutex_unlock(&fast.lock);
+		if (full || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
+		    cred.uid != fast.uid || (c = calloc(1, sizeof *c)) == NULL ||
+		    (c->fd = fd, c->module = p11p_module, start_thread(conn_main, c) != 0)) {
 			close(fd);
 			free(c);
+			if (!full) {
+				pthread_mutex_lock(&fast.lock);
+				fast.conns--;
+				pthread_mutex_unlock(&fast.lock);
+			}
 		}
 	}
 }

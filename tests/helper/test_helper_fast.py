@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from hashlib import sha256
 from typing import Any
@@ -187,3 +188,31 @@ def test_calls_after_finalize_are_refused(spawn: Callable[..., HelperLink]) -> N
         except (ConnectionError, OSError):
             reply = [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"]]  # the process is already gone
         assert reply == [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"]]
+
+
+def test_at_most_64_connections_at_once(fast: Fast) -> None:
+    """An application cannot flood its member past the helper's connection limit: the
+    65th connection is closed (its client goes through the daemon and its limits)."""
+    held = [fast.connect() for _ in range(64)]
+    try:
+        for s in held[:3]:
+            assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+        try:
+            with fast.connect() as extra:
+                assert closed(extra)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed before the token was even sent
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the helper sees the close a moment later
+            try:
+                with fast.connect() as again:
+                    if call(again, GENERATE_RANDOM, fast.id, 8)[0] == 0:
+                        break
+            except (ConnectionError, OSError):
+                pass  # refused: the helper has not seen the close yet
+            assert time.monotonic() < deadline, "no connection served after one closed"
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
