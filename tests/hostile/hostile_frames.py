@@ -23,6 +23,7 @@ from p11p.protocol.constants import CKA, CKF, CKK, CKM, CKO
 U64 = 2**64 - 1
 HEADER = struct.Struct(">I")
 FIND_ALL = 1001  # p11p's own code (protocol/README.md)
+DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND = 1002, 1003, 1004  # the direct path's codes
 NESTED = (CKA["CKA_WRAP_TEMPLATE"], CKA["CKA_UNWRAP_TEMPLATE"], CKA["CKA_DERIVE_TEMPLATE"])
 # Sizes of keys and parameters to generate: kept small, so that no example asks the
 # token for minutes of work (a 16384-bit RSA key, a 4096-bit DH prime).
@@ -430,6 +431,21 @@ def find_all(known: Known) -> st.SearchStrategy[list[Any]]:
                      st.one_of(templates(), templates(), st.none(), st.integers(0, 9))).map(list)
 
 
+def direct(known: Known) -> st.SearchStrategy[list[Any]]:
+    """The direct path's codes: [1002, session], [1003, session, object],
+    [1004, session, why], with handles and arguments good or bad."""
+    session = st.one_of(handles(known.sessions), bad_ints(), junk())
+    return st.one_of(
+        st.tuples(st.just(DIRECT_BIND), session),
+        st.tuples(st.just(DIRECT_KEY), session,
+                  st.one_of(handles(known.objects), bad_ints(), junk())),
+        st.tuples(st.just(DIRECT_UNBIND), session,
+                  st.one_of(st.integers(-2, 5), bad_ints(), junk())),
+        st.lists(st.one_of(st.sampled_from([DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND]), junk()),
+                 max_size=5),
+    ).map(list)
+
+
 def requests(known: Known) -> st.SearchStrategy[list[Any]]:
     """A request of any function that travels (FIND_ALL included), well formed or
     mutated."""
@@ -437,8 +453,11 @@ def requests(known: Known) -> st.SearchStrategy[list[Any]]:
 
     @st.composite
     def one(draw: st.DrawFn) -> list[Any]:
-        if draw(st.integers(0, 9)) == 0:
+        pick = draw(st.integers(0, 19))
+        if pick < 2:
             req: list[Any] = draw(find_all(known))
+        elif pick == 2:
+            req = draw(direct(known))
         else:
             req = draw(well_formed(draw(fns), known))
         if draw(st.booleans()):
