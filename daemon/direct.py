@@ -70,6 +70,7 @@ class Direct:
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        self._moving: set[asyncio.Task[None]] = set()
 
     async def bind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
         vs = ctx.sessions.get(req[1])
@@ -169,6 +170,36 @@ class Direct:
             # call opens a fresh one (session objects would be lost: kept then)
             await self.router.forget_real(ctx, vs, member)
         return [OK]
+
+    def member_back(self, member: Member) -> None:
+        """A member is back in service (recovered, enabled after a drain). Bound
+        sessions do not pass through the policy between their calls, so those the policy
+        would now place elsewhere are unbound (and their member sessions closed): their
+        next calls go through the daemon, which places them, and they bind again there.
+        `failover`: sessions bound to members after this one; `balance`: all others."""
+        group = member.group
+        order = group.members.index(member)
+
+        def elsewhere(bound: Member) -> bool:
+            if group.config.policy == "failover":
+                return group.members.index(bound) > order
+            return bound is not member
+
+        for ctx in list(self.router.daemon.contexts.values()):
+            for vs in list(ctx.sessions.values()):
+                if vs.group is group and vs.direct is not None and elsewhere(vs.direct.member):
+                    task = asyncio.get_running_loop().create_task(self._move(ctx, vs))
+                    self._moving.add(task)
+                    task.add_done_callback(self._moving.discard)
+
+    async def _move(self, ctx: ApplicationContext, vs: VirtualSession) -> None:
+        binding = vs.direct
+        if binding is None:
+            return
+        await self.revoke(vs)
+        # a direct operation it may have left there goes with the member session
+        if not vs.objects and vs.real.get(binding.member) == binding.real and not ctx.closed:
+            await self.router.forget_real(ctx, vs, binding.member)
 
     async def revoke(self, vs: VirtualSession) -> None:
         """The session's binding ends: its direct calls are refused from now on."""

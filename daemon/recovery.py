@@ -76,6 +76,7 @@ class Recovery:
             log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
                         group.label, member.name, member.slot_id, attempt)
             group.compare_keysets()
+            self.daemon.direct.member_back(member)
             if was_out:
                 log.warning("group restored: group=%s", group.label)
                 self.daemon.slot_event(group)

@@ -299,6 +299,7 @@ class Daemon:
         if state is MemberState.DRAINING:
             member.mark(MemberState.OK)
             member.group.notify()
+            self.direct.member_back(member)
         elif state in (MemberState.DISABLED, MemberState.FAILED):
             member.mark(MemberState.FAILED)
             self.recovery.start(member, at_once=True)

@@ -241,3 +241,29 @@ def test_the_helper_socket_serves_only_the_bound_application(ha_factory: Any,
             assert answer == b"", hello  # closed, no answer
     runner.join()
     assert result["errors"] == 0 and result["ops"] > 0, result
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_bound_sessions_fail_back_when_the_first_member_recovers(ha_factory: Any,
+                                                                 ha_keys: Path) -> None:
+    """Policy failover: while hsmA is down the sessions bind on hsmB; once hsmA is back
+    they are unbound there and bind on hsmA again (the policy's choice), losing nothing."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 2, 8.0, result)
+    _wait(lambda: group.member("hsmA")["direct_sessions"] == 2, 5, "never bound on hsmA")
+    group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+    group.wait_state("hsmA", "FAILED", timeout=5)
+    _wait(lambda: group.member("hsmB")["direct_sessions"] == 2, 5, "never bound on hsmB")
+    group.set_rules("hsmA", "")
+    group.wait_state("hsmA", "OK", timeout=10)
+    _wait(lambda: group.member("hsmA")["direct_sessions"] == 2
+          and group.member("hsmB")["direct_sessions"] == 0, 5, "no fail-back to hsmA")
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 50, result
