@@ -441,8 +441,9 @@ def direct(known: Known) -> st.SearchStrategy[list[Any]]:
                   st.one_of(handles(known.objects), bad_ints(), junk())),
         st.tuples(st.just(DIRECT_UNBIND), session,
                   st.one_of(st.integers(-2, 5), bad_ints(), junk())),
+        # not empty: an empty request is a protocol error (the connection is closed)
         st.lists(st.one_of(st.sampled_from([DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND]), junk()),
-                 max_size=5),
+                 min_size=1, max_size=5),
     ).map(list)
 
 
