@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
+from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START
 from p11p.protocol.constants import CKR
 
 if TYPE_CHECKING:
@@ -42,10 +43,6 @@ UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
 UNBIND_BROKEN = 2     # the connection to the helper broke
 UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout: its helper is killed
 UNBIND_WHY = (UNBIND_RETURNED, UNBIND_LEAVING, UNBIND_BROKEN, UNBIND_TIMEOUT)
-# The helper's own codes for the direct path (helper/loop.py).
-FAST_START = -2
-FAST_ALLOW = -3
-FAST_REVOKE = -4
 
 OK = CKR["CKR_OK"]
 # Codes a direct call hands back to the daemon besides the group's session-lost and

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     from p11p.daemon.members import MemberHealth
 
 log = logging.getLogger("p11p.helper")
-FAST_SERVED = -5  # the helper's count of direct-path calls (helper/loop.py)
 
 START_TIMEOUT = 30.0
 PING = -1
+# The helper's own codes for the direct path (helper/loop.py, helper/fast.c)
+FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
 
 
 class HelperLimit(Exception):
