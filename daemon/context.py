@@ -79,22 +79,35 @@ class ApplicationContext:
             self.forget_member(member)
         if self.closed:
             raise CKError(CKR["CKR_CRYPTOKI_NOT_INITIALIZED"])
-        fut = asyncio.get_running_loop().create_future()
-        self._helpers[member] = fut
+        starting: asyncio.Future[HelperProcess] = asyncio.get_running_loop().create_future()
+        self._helpers[member] = starting
+
+        def fail(exc: Exception) -> None:
+            # every caller waiting on this start gets the failure: none waits forever
+            if not starting.done():
+                starting.set_exception(exc)
+                starting.exception()
+            if self._helpers.get(member) is starting:
+                del self._helpers[member]
+
         try:
             helper = await member.take_helper()
         except (MemberUnavailable, HelperLimit) as exc:
-            fut.set_exception(exc)
-            fut.exception()
-            if self._helpers.get(member) is fut:
-                del self._helpers[member]
+            fail(exc)
             if isinstance(exc, HelperLimit):
                 raise CKError(CKR["CKR_HOST_MEMORY"], "max_helpers reached") from None
             raise
-        if self._helpers.get(member) is not fut or self.closed:
+        except BaseException:  # cancelled (its application went away), or a bug
+            fail(MemberUnavailable(member.name, "helper start interrupted"))
+            raise
+        if self._helpers.get(member) is not starting or self.closed:
+            # forgotten while it started (the member failed meanwhile, or the context
+            # ended): it goes, and so do the calls that waited for it
+            replaced = MemberUnavailable(member.name, "helper replaced while starting")
+            fail(replaced)
             await helper.stop()
-            raise MemberUnavailable(member.name, "helper replaced while starting")
-        fut.set_result(helper)
+            raise replaced
+        starting.set_result(helper)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
 
