@@ -673,17 +673,23 @@ P11P_EXPORT CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG
 	return rv;
 }
 
+/* Multi-part operations run through the daemon, which replays their updates: a sign
+ * operation begun on the direct path moves there first. */
+static CK_RV multi_part_on_daemon(CK_SESSION_HANDLE h)
+{
+	CK_MECHANISM_TYPE mech;
+	CK_OBJECT_HANDLE key;
+
+	return sign_state(h, &mech, &key) == OP_DIRECT ? sign_to_daemon(h, WHY_LEAVING) : CKR_OK;
+}
+
 P11P_EXPORT CK_RV C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
 {
-	CK_MECHANISM_TYPE mech = 0;
-	CK_OBJECT_HANDLE key = 0;
 	CK_RV rv = p11p_enter();
 
 	if (rv != CKR_OK)
 		return rv;
-	/* multi-part operations run through the daemon, which replays their updates */
-	if (sign_state(hSession, &mech, &key) == OP_DIRECT)
-		rv = sign_to_daemon(hSession, WHY_LEAVING);
+	rv = multi_part_on_daemon(hSession);
 	if (rv == CKR_OK) {
 		rv = p11p_wire_C_SignUpdate(hSession, pPart, ulPartLen);
 		if (rv != CKR_OK)
@@ -696,14 +702,11 @@ P11P_EXPORT CK_RV C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK
 P11P_EXPORT CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature,
 			      CK_ULONG_PTR pulSignatureLen)
 {
-	CK_MECHANISM_TYPE mech = 0;
-	CK_OBJECT_HANDLE key = 0;
 	CK_RV rv = p11p_enter();
 
 	if (rv != CKR_OK)
 		return rv;
-	if (sign_state(hSession, &mech, &key) == OP_DIRECT)
-		rv = sign_to_daemon(hSession, WHY_LEAVING);
+	rv = multi_part_on_daemon(hSession);
 	if (rv == CKR_OK) {
 		rv = p11p_wire_C_SignFinal(hSession, pSignature, pulSignatureLen);
 		sign_done(hSession, rv, pSignature);
