@@ -4,7 +4,8 @@
 HELPER_EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 HELPER_CFFI := helper/_cryptoki$(HELPER_EXT_SUFFIX)
 HELPER_CFFI_INPUTS := helper/build_cffi.py helper/cryptoki.cdef protocol/functions.spec \
-                      protocol/spec.py protocol/p11p-extra.h helper/fast.c
+                      protocol/spec.py protocol/p11p-extra.h helper/fast.c \
+                      protocol/mechanisms.spec
 
 .PHONY: helper-cffi
 helper-cffi: $(HELPER_CFFI)

@@ -57,6 +57,8 @@ unsigned long long p11p_fast_allow(unsigned long real);
 void p11p_fast_revoke(unsigned long long id);
 void p11p_fast_stop(int grace_ms);
 unsigned long long p11p_fast_served(void);
+unsigned long long p11p_fast_stuck(void);
+int p11p_structured_mechanism(unsigned long type);
 """
 
 LOADER = r"""
@@ -144,6 +146,16 @@ def _shim(fn: object) -> tuple[str, str]:
     return proto + ";", f"{proto}\n{{\n\treturn p11p_module->{name}({', '.join(call)});\n}}\n"
 
 
+def structured_mechanisms(spec: ModuleType) -> str:
+    """C: whether a mechanism's parameter is a structure (protocol/mechanisms.spec), the
+    same set the daemon's router._unsafe and the helper's mechanisms.py use: such a
+    parameter sent as raw bytes is refused on both planes."""
+    cases = "".join(f"\tcase {value:#x}UL: /* {m.name} */\n"
+                    for value, m in sorted(spec.mechanisms().items()))
+    return ("int p11p_structured_mechanism(unsigned long type)\n{\n\tswitch (type) {\n"
+            f"{cases}\t\treturn 1;\n\tdefault:\n\t\treturn 0;\n\t}}\n}}\n")
+
+
 def sources() -> tuple[str, str, str]:
     """(cdef, C source, build key) of the extension."""
     spec = load_spec()
@@ -151,7 +163,7 @@ def sources() -> tuple[str, str, str]:
     cdef = (HERE / "cryptoki.cdef").read_text() + "\n/* call shims */\n" + "\n".join(
         p for p, _ in shims) + "\n" + FAST_CDEF
     source = LOADER + "\n" + "\n".join(body for _, body in shims) + "\n" + (
-        HERE / "fast.c").read_text()
+        structured_mechanisms(spec)) + "\n" + (HERE / "fast.c").read_text()
     digest = hashlib.sha256()
     for part in (cdef, source, " ".join(COMPILE_ARGS), str(sysconfig.get_config_var("EXT_SUFFIX")),
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),

@@ -31,6 +31,15 @@ class BadArguments(Exception):
     argument and what was wrong, never the value."""
 
 
+class Refused(Exception):
+    """Arguments the module is never given, answered with a CK_RV of their own (the
+    same as the daemon's router._unsafe and the direct path's fast.c answer)."""
+
+    def __init__(self, rv: int, why: str) -> None:
+        super().__init__(why)
+        self.rv = rv
+
+
 class TooLarge(Exception):
     """An output the helper will not allocate: it could not travel back in one frame."""
 
@@ -42,6 +51,9 @@ def rv_for(exc: BaseException, function: str, secret: bool) -> int:
     if isinstance(exc, BadArguments):
         log.warning("%s: bad arguments: %s", function, exc)
         return CKR_ARGUMENTS_BAD
+    if isinstance(exc, Refused):
+        log.warning("%s: refused: %s", function, exc)
+        return exc.rv
     if isinstance(exc, TooLarge):
         log.warning("%s: %s", function, exc)
         return CKR_HOST_MEMORY

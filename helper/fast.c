@@ -9,7 +9,12 @@
  * session handle goes. Revoking the id (the daemon moved or closed the session) makes
  * every later call with it answer CKR_SESSION_HANDLE_INVALID, which sends the client
  * back to the daemon. Requests are decoded by hand, strictly, for exactly the shapes
- * served here; anything else is CKR_FUNCTION_NOT_SUPPORTED or closes the connection. */
+ * served here; anything else is CKR_FUNCTION_NOT_SUPPORTED or closes the connection.
+ * Arguments get the daemon path's checks (DESIGN, invariant 5): a mechanism of
+ * protocol/mechanisms.spec, whose parameter is a structure, sent with raw bytes is
+ * CKR_MECHANISM_PARAM_INVALID (p11p_structured_mechanism() is generated from that file
+ * by build_cffi.py), as router._unsafe answers it. The daemon asks how long the oldest
+ * call has been inside the module (p11p_fast_stuck) when a client says one hung. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -44,6 +49,7 @@ static struct {
 	unsigned long busy;              /* calls inside the module */
 	unsigned long long served;       /* calls answered by the module, ever */
 	unsigned conns;                  /* connections open */
+	uint64_t since[FAST_MAX_CONNS];  /* when each call inside the module entered (ms), 0: free */
 	uid_t uid;
 	unsigned char token[FAST_TOKEN];
 	uint64_t generation;
@@ -80,9 +86,18 @@ void p11p_fast_revoke(unsigned long long id)
 	pthread_mutex_unlock(&fast.lock);
 }
 
-/* Counts a call in (its member session into *real), or refuses it: unknown id, or the
- * module is being finalized. */
-static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real)
+static uint64_t now_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u + 1u; /* never 0 */
+}
+
+/* Counts a call in (its member session into *real, its place among the calls inside
+ * the module into *slot), or refuses it: unknown id, or the module is being
+ * finalized. */
+static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real, unsigned *slot)
 {
 	unsigned i = (unsigned)(id & (FAST_IDS - 1));
 	CK_RV rv = CKR_SESSION_HANDLE_INVALID;
@@ -93,15 +108,39 @@ static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real)
 	} else if (id != 0 && fast.ids[i].id == id) {
 		*real = fast.ids[i].real;
 		fast.busy++;
+		*slot = FAST_MAX_CONNS;
+		for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
+			if (fast.since[k] == 0) {  /* one call per connection: always one free */
+				fast.since[k] = now_ms();
+				*slot = k;
+				break;
+			}
+		}
 		rv = CKR_OK;
 	}
 	pthread_mutex_unlock(&fast.lock);
 	return rv;
 }
 
-static void leave(void)
+/* Milliseconds the oldest call inside the module has been there; 0: none. */
+unsigned long long p11p_fast_stuck(void)
+{
+	uint64_t oldest = 0, now = now_ms();
+
+	pthread_mutex_lock(&fast.lock);
+	for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
+		if (fast.since[k] != 0 && (oldest == 0 || fast.since[k] < oldest))
+			oldest = fast.since[k];
+	}
+	pthread_mutex_unlock(&fast.lock);
+	return oldest != 0 && now > oldest ? now - oldest : 0;
+}
+
+static void leave(unsigned slot)
 {
 	pthread_mutex_lock(&fast.lock);
+	if (slot < FAST_MAX_CONNS)
+		fast.since[slot] = 0;
 	fast.served++;
 	if (--fast.busy == 0)
 		pthread_cond_broadcast(&fast.idle);
@@ -334,6 +373,9 @@ static int sign_init(struct conn *c, struct rd *r, CK_SESSION_HANDLE s)
 	key = rd_uint(r);
 	if (r->bad || r->p != r->end)
 		return reply_rv(c, CKR_ARGUMENTS_BAD);
+	/* the module would take the bytes for its structure and follow pointers in them */
+	if (m.pParameter != NULL && p11p_structured_mechanism(m.mechanism))
+		return reply_rv(c, CKR_MECHANISM_PARAM_INVALID);
 	return reply_rv(c, c->module->C_SignInit(s, &m, key));
 }
 
@@ -380,6 +422,7 @@ static int serve_one(struct conn *c, const uint8_t *body, size_t len)
 	uint64_t code = rd_uint(&r), id = rd_uint(&r);
 	CK_SESSION_HANDLE s = 0;
 	CK_RV rv;
+	unsigned slot = FAST_MAX_CONNS;
 	int ret;
 
 	if (r.bad || n < 2)
@@ -389,7 +432,7 @@ static int serve_one(struct conn *c, const uint8_t *body, size_t len)
 	if ((code == FN_SIGN_INIT && n != 4) || (code == FN_SIGN && n != 4) ||
 	    (code == FN_GENERATE_RANDOM && n != 3))
 		return reply_rv(c, CKR_ARGUMENTS_BAD);
-	rv = enter(id, &s);
+	rv = enter(id, &s, &slot);
 	if (rv != CKR_OK)
 		return reply_rv(c, rv);
 	if (code == FN_GENERATE_RANDOM)
@@ -398,7 +441,7 @@ static int serve_one(struct conn *c, const uint8_t *body, size_t len)
 		ret = sign_init(c, &r, s);
 	else
 		ret = sign(c, &r, s);
-	leave();
+	leave(slot);
 	return ret;
 }
 

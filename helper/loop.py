@@ -36,11 +36,13 @@ from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 PING = -1
 # The direct path (fast.c; protocol/README.md, "Direct path"), driven by the daemon:
 # [FAST_START, name, token, uid] -> [rv]; [FAST_ALLOW, session] -> [rv, id];
-# [FAST_REVOKE, id] -> [rv]; [FAST_SERVED] -> [rv, calls served so far]
+# [FAST_REVOKE, id] -> [rv]; [FAST_SERVED] -> [rv, calls served so far];
+# [FAST_STUCK] -> [rv, ms the oldest direct call has been inside the module, 0: none]
 FAST_START = -2
 FAST_ALLOW = -3
 FAST_REVOKE = -4
 FAST_SERVED = -5
+FAST_STUCK = -6
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CALL_ID_MAX = (1 << 64) - 1
@@ -187,7 +189,7 @@ class Server:
                 self.send([call_id, CKR_ARGUMENTS_BAD])
             elif code == PING:
                 self.send([call_id, CKR_OK, self._pid])
-            elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED):
+            elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK):
                 self.send([call_id, *self._fast(code, frame[2:])])
             elif code == C_INITIALIZE:
                 self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED])
@@ -220,6 +222,8 @@ class Server:
             return [CKR_OK]
         if code == FAST_SERVED:
             return [CKR_OK, lib.p11p_fast_served()] if not args else [CKR_ARGUMENTS_BAD]
+        if code == FAST_STUCK:
+            return [CKR_OK, lib.p11p_fast_stuck()] if not args else [CKR_ARGUMENTS_BAD]
         if len(args) != 1 or type(args[0]) is not int or not 0 <= args[0] < 1 << 64:
             return [CKR_ARGUMENTS_BAD]
         if code == FAST_ALLOW:

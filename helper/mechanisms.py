@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from p11p.helper.errors import BadArguments
+from p11p.helper.errors import BadArguments, Refused
 from p11p.helper.ffi import ffi
 from p11p.helper.kinds import BYTES, NULL, Converter, ulong
 from p11p.protocol import spec
+from p11p.protocol.constants import CKR
 
 MECHANISM_P = ffi.typeof("CK_MECHANISM *")
 # Builds one parameter structure from its wire fields: (pointer, size, buffers to keep).
@@ -105,6 +106,8 @@ def put_mechanism(v: Any, cargs: list[Any]) -> Any:
     m.mechanism = ulong(mtype, "a mechanism type")
     keep: Any = None
     if type(param) is bytes:
+        if mtype in BUILDERS:  # the module would follow pointers in these bytes
+            raise Refused(CKR["CKR_MECHANISM_PARAM_INVALID"], "a structured parameter sent as bytes")
         keep = ffi.from_buffer(BYTES, param)
         m.pParameter = keep
         m.ulParameterLen = len(param)
