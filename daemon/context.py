@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon import budget
 from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.handles import HandleCounter, HandleTable
-from p11p.daemon.helperproc import HelperLimit, HelperProcess
+from p11p.daemon.helperproc import CallTimedOut, HelperLimit, HelperProcess
 from p11p.daemon.virtual import ObjectIdentity, VirtualObject, VirtualSession
 from p11p.protocol.constants import CKR
 
@@ -58,18 +60,35 @@ class ApplicationContext:
         self.in_flight = 0
         self.over_limit: str | None = None  # why every call is refused
         self.limit_logged: set[str] = set()
+        # virtual session handle -> (arrival, when it was reported) of a direct call that
+        # outlived call_timeout on a member found hung: the call the client sends here
+        # next, at once, continues it (the same deadline; direct.py, budget.py)
+        self.carried: dict[int, tuple[float, float]] = {}
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def helper(self, member: Member) -> HelperProcess:
-        """This context's helper for `member`, started (or taken warm) on first use."""
+    async def helper(self, member: Member, deadline: float | None = None) -> HelperProcess:
+        """This context's helper for `member`, started (or taken warm) on first use.
+        `deadline` (monotonic): the application call's; a start that outlives it is
+        killed and raises CallTimedOut, and so does waiting for another call's start."""
         fut = self._helpers.get(member)
         if fut is not None:
             if not fut.done():
-                return await asyncio.shield(fut)
+                if deadline is None:
+                    return await asyncio.shield(fut)
+                given = deadline - time.monotonic()
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), max(0.0, given))
+                except TimeoutError:
+                    if not budget.fair(given, member.group):
+                        raise budget.CallExpired() from None
+                    raise CallTimedOut(member.name, "helper start outlived call_timeout") from None
+                except budget.CallExpired:
+                    # the call that started it ran out of time, not the member: start anew
+                    return await self.helper(member, deadline)
             if fut.exception() is None:
                 helper = fut.result()
                 if helper.alive:
@@ -91,8 +110,8 @@ class ApplicationContext:
                 del self._helpers[member]
 
         try:
-            helper = await member.take_helper()
-        except (MemberUnavailable, HelperLimit) as exc:
+            helper = await member.take_helper(deadline)
+        except (MemberUnavailable, HelperLimit, budget.CallExpired) as exc:
             fail(exc)
             if isinstance(exc, HelperLimit):
                 raise CKError(CKR["CKR_HOST_MEMORY"], "max_helpers reached") from None
@@ -150,6 +169,7 @@ class ApplicationContext:
     def forget_session(self, vs: VirtualSession) -> None:
         """Drops a closed session and the session objects it made."""
         vs.unbind()  # revoked already by whoever closed it, or its helpers go with it
+        self.carried.pop(vs.handle, None)
         self.sessions.remove(vs.handle)
         for vobj in list(vs.objects):
             self.forget_object(vobj)
@@ -168,12 +188,19 @@ class ApplicationContext:
         if vobj.is_token and vobj.identity is not None:
             self.token_index.setdefault((group, vobj.identity), vobj)
 
+    def unregister(self, vobj: VirtualObject, member: Member) -> None:
+        """`vobj` has no handle on `member` any more (looked up again when needed)."""
+        real = vobj.real.pop(member, None)
+        if real is not None and self.by_real.get((member, real)) is vobj:
+            del self.by_real[(member, real)]
+
     def new_object(self) -> VirtualObject:
         vobj = VirtualObject()
         vobj.handle = self.objects.add(vobj)
         return vobj
 
     def forget_object(self, vobj: VirtualObject) -> None:
+        vobj.destroyed = True  # other objects' recipes may still name it as their source
         self.objects.remove(vobj.handle)
         for member, real in vobj.real.items():
             if self.by_real.get((member, real)) is vobj:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon import budget
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
-from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START
+from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
 from p11p.protocol.constants import CKR
 
 if TYPE_CHECKING:
@@ -43,6 +45,10 @@ UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
 UNBIND_BROKEN = 2     # the connection to the helper broke
 UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout: its helper is killed
 UNBIND_WHY = (UNBIND_RETURNED, UNBIND_LEAVING, UNBIND_BROKEN, UNBIND_TIMEOUT)
+# A direct call in flight this long (a share of call_timeout) confirms the client's
+# UNBIND_TIMEOUT: the client's clock started a little before the helper's.
+HUNG_SHARE = 0.9
+STUCK_QUERY = 1.0  # seconds the helper has to answer how long its oldest call runs
 
 OK = CKR["CKR_OK"]
 # Codes a direct call hands back to the daemon besides the group's session-lost and
@@ -83,11 +89,12 @@ class Direct:
             return [CKR["CKR_FUNCTION_FAILED"]]
         real = vs.real[member]
         timeout = group.config.call_timeout
+        deadline = budget.current().deadline(group)
         try:
-            helper = await ctx.helper(member)
-            if not await self._listening(helper, ctx.uid, timeout):
+            helper = await ctx.helper(member, deadline)
+            if not await self._listening(helper, ctx.uid, deadline - time.monotonic()):
                 return [CKR["CKR_FUNCTION_FAILED"]]
-            reply = await helper.call([FAST_ALLOW, real], timeout)
+            reply = await helper.call([FAST_ALLOW, real], deadline - time.monotonic())
         except MemberUnavailable as exc:
             self.router.member_failed(member, exc, "DIRECT_BIND")
             return [CKR["CKR_FUNCTION_FAILED"]]
@@ -150,23 +157,47 @@ class Direct:
         if binding is None:
             return [OK]
         member = binding.member
-        if why == UNBIND_TIMEOUT:
-            # This application's helper is stuck in the call: it goes, with what the
-            # application had on the member. The member is failed only on the daemon's
-            # own evidence (its next call there times out too): one application's word
-            # does not take a member from everybody.
-            log.warning("%s: a direct call on %s exceeded call_timeout; that helper is "
-                        "killed", vs.describe(), member.name)
-            vs.unbind()
-            binding.helper.kill()
-            ctx.forget_member(member)
+        if why == UNBIND_TIMEOUT and await self._hung(ctx, vs, binding):
             return [OK]
         await self.revoke(vs)
-        if why == UNBIND_RETURNED and not vs.objects:
-            # what the failed call left in the member session goes with it; the next
-            # call opens a fresh one (session objects would be lost: kept then)
+        if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects:
+            # what the failed (or late) call left in the member session goes with it;
+            # the next call opens a fresh one (session objects would be lost: kept then)
             await self.router.forget_real(ctx, vs, member)
         return [OK]
+
+    async def _hung(self, ctx: ApplicationContext, vs: VirtualSession, binding: Binding) -> bool:
+        """A client says a direct call outlived call_timeout. Its word alone fails no
+        member (DESIGN, invariant 3): the helper is asked how long its oldest direct
+        call has been inside the module. Confirmed (or no answer from the helper within
+        its own time-out), the member is hung: it is failed as a daemon call's time-out
+        would fail it (helpers killed, recovery), and the call the client sends here
+        next continues the timed-out one (its deadline, budget.py). Not confirmed:
+        False, and the binding just ends."""
+        member, helper = binding.member, binding.helper
+        group = member.group
+        timeout = group.config.call_timeout
+        vs.unbind()
+        if not helper.alive:
+            return False  # gone already (the member failed meanwhile, or was reset)
+        try:
+            stuck = await helper.direct_stuck(min(STUCK_QUERY, timeout))
+        except CallTimedOut:
+            stuck = timeout  # its own pipe is stuck too
+        except MemberUnavailable:
+            return False
+        if stuck < HUNG_SHARE * timeout:
+            log.info("%s: the client timed a direct call out on %s, whose helper has none "
+                     "in flight that long; the binding ends", vs.describe(), member.name)
+            await self._revoke(binding)
+            return False
+        why = f"a direct call exceeded call_timeout ({timeout:g} s); helper killed"
+        log.warning("%s: %s on %s", vs.describe(), why, member.name)
+        now = time.monotonic()
+        ctx.carried[vs.handle] = (now - stuck, now)
+        helper.kill()
+        self.router.member_failed(member, CallTimedOut(member.name, why), "(direct call)")
+        return True
 
     def member_back(self, member: Member) -> None:
         """A member is back in service (recovered, enabled after a drain). Bound
@@ -208,8 +239,11 @@ class Direct:
         helper = binding.helper
         if not helper.alive:
             return
+        group = binding.member.group
         try:
-            await helper.call([FAST_REVOKE, binding.fast_id], binding.member.group.config.call_timeout)
+            # a command of the helper, not of the module: a helper that cannot answer
+            # it within the call's deadline is stuck, and killed
+            await helper.call([FAST_REVOKE, binding.fast_id], max(0.05, budget.remaining(group)))
         except MemberUnavailable:
             pass  # gone: nothing is served any more
         except CKError:

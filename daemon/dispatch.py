@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.direct import DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND
 from p11p.daemon.errors import CKError
@@ -44,13 +45,13 @@ CKF_DONT_BLOCK = CKF["CKF_DONT_BLOCK"]
 _CODE = {f.name: f.code for f in spec.functions()}
 # Session calls that may create, change or destroy objects: each one ends the validity
 # of the group's cached find results (whatever its outcome).
-_OBJECT_WRITES = frozenset(_CODE[name] for name in (
-    "C_CreateObject", "C_CopyObject", "C_SetAttributeValue", "C_GenerateKey",
-    "C_GenerateKeyPair", "C_UnwrapKey", "C_DeriveKey"))
+# (C_DestroyObject has its own handler, which does it too.)
+_OBJECT_WRITES = frozenset(f.code for f in spec.functions()
+                           if f.writes in spec.CREATES or f.writes == "set")
 FIND_BATCH = 256  # handles asked of the member per C_FindObjects when filling the cache
 # p11p's own code (protocol/README.md): C_FindObjectsInit with the whole result in the
 # reply, [FIND_ALL, session, template] -> [rv, handles or nil]
-FIND_ALL = 1001
+FIND_ALL = spec.own_codes()["FIND_ALL"].code
 FIND_ALL_MAX = 65536  # results sent at once at most; past it the daemon keeps the search
 FIND_CACHE_ENTRIES = 256  # per application context; past it the cache starts afresh
 
@@ -100,7 +101,7 @@ class Dispatcher:
                 raise AssertionError(f"no handler for {fn.name}")
         self.arity = {fn.code: len(fn.wire_args) + 1 for fn in spec.functions()}
         self.table[FIND_ALL] = self.find_all
-        self.arity[FIND_ALL] = 3
+        self.arity[FIND_ALL] = len(spec.own_codes()["FIND_ALL"].wire_args) + 1
         direct = daemon.direct
         for code, handler, arity in ((DIRECT_BIND, direct.bind, 2), (DIRECT_KEY, direct.key, 3),
                                      (DIRECT_UNBIND, direct.unbind, 3)):
@@ -123,6 +124,7 @@ class Dispatcher:
             self.limit(ctx, "max_calls_per_app", limits.max_calls_per_app)
             return [CKR_HOST_MEMORY]
         ctx.in_flight += 1
+        deadline = budget.begin()  # one deadline per application call (budget.py)
         try:
             return await handler(ctx, request)
         except CKError as exc:
@@ -132,6 +134,7 @@ class Dispatcher:
             return [exc.rv]
         finally:
             ctx.in_flight -= 1
+            budget.end(deadline)
 
     @staticmethod
     def limit(ctx: ApplicationContext, name: str, value: int) -> None:
@@ -221,6 +224,13 @@ class Dispatcher:
         group = self.group(ctx, req[1])
         if len(group.members) > 1:
             return [CKR_WRITE_PROTECTED]  # a PIN or token write on one member only
+        member = group.members[0]
+        if member.config.token is not None and isinstance(req[3], bytes):
+            # the member keeps the label its configuration finds it by (applications see
+            # the group's label anyway)
+            req = [*req[:3], member.token_label]
+            log.info("%s C_InitToken: group=%s member=%s keeps its label %r", ctx.name,
+                     group.label, member.name, member.config.token)
         try:
             return await self.slot_call(ctx, req)
         finally:
@@ -400,6 +410,9 @@ class Dispatcher:
     async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         vobj = ctx.objects.get(req[2])
+        if vobj.lost:  # a session object that could not be remade: nowhere to destroy
+            ctx.forget_object(vobj)
+            return [OK]
         try:
             reply = await self.router.call(ctx, vs, req)
         finally:

@@ -25,14 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.helper")
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 30.0  # a start outside an application call (warm pool, recovery)
 PING = -1
 # The helper's own codes for the direct path (helper/loop.py, helper/fast.c)
-FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
+FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = -2, -3, -4, -5, -6
 
 
 class HelperLimit(Exception):
     """The daemon runs as many helpers as `max_helpers` allows."""
+
+
+class CallTimedOut(MemberUnavailable):
+    """A member call (or a helper's start) outlived its deadline; the helper is killed.
+    The member is failed by it (DESIGN: a hang is the member's own health)."""
 
 
 class HelperProcess(asyncio.SubprocessProtocol):
@@ -66,6 +71,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
     @classmethod
     async def start(cls, member: str, module: str, env: dict[str, str], max_frame: int,
                     timeout: float = START_TIMEOUT) -> HelperProcess:
+        """A helper whose module is loaded and initialized within `timeout`; past it
+        (or when the start is cancelled) the process is killed: none is left behind."""
         if cls.live >= cls.limit:
             log.warning("helper limit reached: %d helpers run (max_helpers); member=%s",
                         cls.live, member)
@@ -80,12 +87,13 @@ class HelperProcess(asyncio.SubprocessProtocol):
             env=full_env, start_new_session=True)
         proto.pid = transport.get_pid()
         try:
-            await asyncio.wait_for(asyncio.shield(proto.ready), timeout)
-        except (TimeoutError, MemberUnavailable) as exc:
+            await asyncio.wait_for(asyncio.shield(proto.ready), max(0.0, timeout))
+        except TimeoutError:
             proto.kill()
-            if isinstance(exc, MemberUnavailable):
-                raise
-            raise MemberUnavailable(member, f"helper did not start in {timeout:.0f} s") from None
+            raise CallTimedOut(member, f"helper did not start in {timeout:.3g} s") from None
+        except BaseException:  # the module failed to load, or the start was cancelled
+            proto.kill()
+            raise
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,10 +154,10 @@ class HelperProcess(asyncio.SubprocessProtocol):
         if not self.stopping and self.ready.done() and self.on_death is not None:
             self.on_death(self._why)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, kind: type[MemberUnavailable] = MemberUnavailable) -> None:
         self.alive = False
         self._why = why
-        error = MemberUnavailable(self.member, why)
+        error = kind(self.member, why)
         if not self.ready.done():
             self.ready.set_exception(error)
             self.ready.exception()  # mark retrieved
@@ -197,7 +205,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
         return fut
 
     async def call(self, request: list[Any], timeout: float | None) -> list[Any]:
-        """One call; returns `[rv, out...]`. Past `timeout` the helper is killed."""
+        """One call; returns `[rv, out...]`. Past `timeout` the helper is killed
+        (CallTimedOut)."""
         fut = self.send(request)
         if timeout is None:
             reply = await fut
@@ -233,10 +242,18 @@ class HelperProcess(asyncio.SubprocessProtocol):
     def _expire(self, fut: asyncio.Future[list[Any]], timeout: float) -> None:
         if fut.done():
             return
-        self._why = f"call exceeded call_timeout ({timeout:g} s); helper killed"
+        self._why = f"call exceeded call_timeout ({timeout:.3g} s); helper killed"
         log.warning("member=%s pid=%d %s", self.member, self.pid, self._why)
-        self._fail(self._why)  # the pending calls report the failure
+        self._fail(self._why, CallTimedOut)  # the pending calls report the failure
         self.kill()
+
+    async def direct_stuck(self, timeout: float) -> float:
+        """Seconds the oldest direct call in flight has been inside the module (0: none).
+        CallTimedOut when the helper does not answer within `timeout`."""
+        reply = await self.call([FAST_STUCK], timeout)
+        if reply[0] != 0 or not isinstance(reply[1], int):
+            return 0.0
+        return float(reply[1]) / 1000.0
 
     @property
     def why(self) -> str:

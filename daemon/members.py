@@ -10,6 +10,7 @@ order and its virtual slot id.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from p11p.daemon import budget
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
-from p11p.daemon.helperproc import HelperLimit, HelperProcess
+from p11p.daemon.helperproc import START_TIMEOUT, CallTimedOut, HelperLimit, HelperProcess
 from p11p.daemon.metrics import GroupMetrics, MemberMetrics
 from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKR, rv_name
@@ -84,6 +86,7 @@ class Member:
         self._pool_size = pool_size
         self._max_frame = max_frame
         self._warm: list[HelperProcess] = []
+        self._pool_epoch = 0  # bumped when the pool is discarded: older starts do not join
         self.on_helper_death: Callable[[Member, str], None] | None = None
         self.metrics = MemberMetrics()
         # C_GetMechanismList/Info answers (CKR_OK) by request: a token's mechanisms do
@@ -113,19 +116,35 @@ class Member:
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def new_helper(self, probing: bool = False) -> HelperProcess:
+    async def new_helper(self, probing: bool = False,
+                         deadline: float | None = None) -> HelperProcess:
         """A started helper. Once the member's slot is known (not `probing`), one that
         does not see the token there is replaced: a module instance can miss a token it
         read while another instance was writing it (SoftHSM2's file store does), and
-        would answer that application CKR_SLOT_ID_INVALID for as long as it lives."""
+        would answer that application CKR_SLOT_ID_INVALID for as long as it lives.
+        `deadline` (monotonic): the application call's, which every wait here draws
+        from (DESIGN, invariant 2); without one, START_TIMEOUT and call_timeout."""
+        def left(default: float) -> float:
+            return default if deadline is None else deadline - time.monotonic()
+
         for attempt in range(_TOKEN_CHECKS):
-            helper = await HelperProcess.start(self.name, self.config.module, self.config.env,
-                                               self._max_frame)
+            given = left(START_TIMEOUT)
+            if given <= 0:
+                raise budget.CallExpired()
+            try:
+                helper = await HelperProcess.start(self.name, self.config.module,
+                                                   self.config.env, self._max_frame, given)
+            except CallTimedOut:
+                if deadline is not None and not budget.fair(given, self.group):
+                    raise budget.CallExpired() from None  # the call's time, not the member's
+                raise
+            log.debug("group=%s member=%s new helper pid=%d%s", self.group.label, self.name,
+                      helper.pid, " (probe)" if probing else "")
             if probing or self.slot_id is None:
                 break
             try:
                 rv, _ = await helper.call([_GET_TOKEN_INFO, self.slot_id, 0],
-                                          self.group.config.call_timeout)
+                                          left(self.group.config.call_timeout))
             except BaseException:
                 await helper.stop()
                 raise
@@ -145,38 +164,55 @@ class Member:
         if self.on_helper_death is not None:
             self.on_helper_death(self, why)
 
-    async def take_helper(self) -> HelperProcess:
-        """A started helper for one application context (warm if one is ready)."""
+    async def take_helper(self, deadline: float | None = None) -> HelperProcess:
+        """A started helper for one application context (warm if one is ready),
+        started within `deadline` (the application call's) when none is."""
         while self._warm:
             helper = self._warm.pop()
             if helper.alive:
                 self._schedule_refill()
                 return helper
-        helper = await self.new_helper()
+        helper = await self.new_helper(deadline=deadline)
         self._schedule_refill()
         return helper
 
     def _schedule_refill(self) -> None:
         if self._pool_size and (self._refill is None or self._refill.done()):
-            self._refill = asyncio.create_task(self._fill_pool())
+            # a task of its own, outside the application call that scheduled it (whose
+            # deadline it must not take along)
+            self._refill = asyncio.get_running_loop().create_task(
+                self._fill_pool(), context=contextvars.Context())
 
     async def _fill_pool(self) -> None:
         while len(self._warm) < self._pool_size and self.health.usable:
+            epoch = self._pool_epoch
             try:
-                self._warm.append(await self.new_helper())
+                helper = await self.new_helper()
             except HelperLimit:
                 return
             except MemberUnavailable as exc:
                 log.warning("group=%s member=%s warm helper failed: %s", self.group.label, self.name, exc)
                 return
+            if epoch != self._pool_epoch or not self.health.usable \
+                    or len(self._warm) >= self._pool_size:
+                # the member failed while it started (and may be back already): its pool
+                # was discarded, and this helper, started before, would stay there
+                # beyond the pool's size, as many as the member failed (invariant 4)
+                await helper.stop()
+                return
+            self._warm.append(helper)
 
     def discard_pool(self) -> None:
         """Drops the warm helpers (their module instance may be broken too)."""
+        self._pool_epoch += 1
         warm, self._warm = self._warm, []
         for helper in warm:
             helper.kill()
 
     def add_warm(self, helper: HelperProcess) -> None:
+        """A helper of the member's new module instance (recovery's probe) is the pool;
+        helpers started before go."""
+        self.discard_pool()
         self._warm.append(helper)
         self._schedule_refill()
 
@@ -285,6 +321,8 @@ class Member:
             h.last_rv = rv
         if why:
             h.last_error = why
+        elif state is MemberState.OK:  # back in service: the old error is history (logs)
+            h.last_rv, h.last_error = None, ""
 
     def status(self) -> dict[str, Any]:
         h = self.health

@@ -17,11 +17,21 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable, RvClass
+from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.members import Group, Member, MemberState
-from p11p.daemon.policy import Operation, choose_member, classify, operation_change
+from p11p.daemon.policy import (
+    INIT,
+    Operation,
+    choose_member,
+    classify,
+    operation_change,
+    operation_kind,
+)
 from p11p.daemon.virtual import (
+    CKA_CLASS,
     CKA_TOKEN,
     IDENTITY_TEMPLATE,
     FindState,
@@ -31,7 +41,7 @@ from p11p.daemon.virtual import (
     identity_from_values,
 )
 from p11p.protocol import spec
-from p11p.protocol.constants import CKR, rv_name
+from p11p.protocol.constants import CKA, CKR, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -50,10 +60,10 @@ SESSION_HANDLE_INVALID = CKR["CKR_SESSION_HANDLE_INVALID"]
 SESSION_CLOSED = CKR["CKR_SESSION_CLOSED"]
 GENERAL_ERROR = CKR["CKR_GENERAL_ERROR"]
 CODE = {f.name: f.code for f in spec.functions()}
-GENERATING = {"C_GenerateKey", "C_GenerateKeyPair"}
-CREATING = {"C_CreateObject", "C_CopyObject", "C_GenerateKey", "C_GenerateKeyPair",
-            "C_UnwrapKey", "C_DeriveKey"}
-MODIFYING = {"C_DestroyObject", "C_SetAttributeValue"}
+# From functions.spec's @writes flags.
+GENERATING = frozenset(f.name for f in spec.functions() if f.writes == "generate")
+CREATING = frozenset(f.name for f in spec.functions() if f.writes in spec.CREATES)
+MODIFYING = frozenset(f.name for f in spec.functions() if f.writes in ("destroy", "set"))
 _MECH_OBJECT_FIELDS = {
     m.value: [i for i, f in enumerate(m.param.fields) if f.kind == "object"]
     for m in spec.mechanisms().values() if any(f.kind == "object" for f in m.param.fields)
@@ -66,8 +76,10 @@ class CallShape:
 
     fn: spec.Function
     objects: tuple[int, ...]  # request positions of object handles
+    object_rvs: tuple[int, ...]  # per object handle, the CK_RV of an unknown one (its role)
     mechanism: int | None  # request position of the mechanism
     templates: tuple[int, ...]  # request positions of input templates
+    templates_get: tuple[int, ...]  # request positions of templates to read
     data: int | None  # request position of the first bytes input
     out_bytes: int | None  # request position of an out_bytes capacity
     created: tuple[int, ...]  # reply positions of new object handles
@@ -82,8 +94,11 @@ def _shape(fn: spec.Function) -> CallShape:
         return next((i for i, a in req if a.kind == kind), None)
 
     return CallShape(
-        fn, tuple(i for i, a in req if a.kind == "object"), first("mechanism"),
-        tuple(i for i, a in req if a.kind == "template"), first("bytes"), first("out_bytes"),
+        fn, tuple(i for i, a in req if a.kind == "object"),
+        tuple(CKR[spec.HANDLE_ROLES[a.role]] for _, a in req if a.kind == "object"),
+        first("mechanism"),
+        tuple(i for i, a in req if a.kind == "template"),
+        tuple(i for i, a in req if a.kind == "template_get"), first("bytes"), first("out_bytes"),
         tuple(j for j, a in outs if a.kind == "out_object"),
         next((j for j, a in outs if a.kind == "out_objects"), None))
 
@@ -134,6 +149,23 @@ class SessionVanished(CKError):
         super().__init__(DEVICE_ERROR, "the member session vanished before its login")
 
 
+# Calls on an object that show nothing of a random key's bits (a C_CopyObject copy
+# depends on its source through its recipe instead), and the attributes that do.
+_NOT_A_USE = frozenset(f.name for f in spec.functions()
+                       if f.writes in ("copy", "destroy", "set") or f.reads)
+_REVEALING = frozenset(CKA[n] for n in (
+    "CKA_VALUE", "CKA_CHECK_VALUE", "CKA_MODULUS", "CKA_PUBLIC_EXPONENT", "CKA_EC_POINT",
+    "CKA_PUBLIC_KEY_INFO", "CKA_PRIVATE_EXPONENT", "CKA_PRIME_1", "CKA_PRIME_2"))
+
+
+def _reveals(shape: CallShape, vreq: list[Any]) -> bool:
+    """Whether a successful call shows the bits of the objects it names."""
+    if shape.fn.reads:  # reading the value attributes shows the bits
+        return any(isinstance(a, list) and a and a[0] in _REVEALING
+                   for i in shape.templates_get for a in (vreq[i] or []) if isinstance(vreq[i], list))
+    return shape.fn.name not in _NOT_A_USE
+
+
 def _digest(data: Any) -> bytes | None:
     return hashlib.blake2b(data, digest_size=16).digest() if isinstance(data, bytes) else None
 
@@ -155,15 +187,28 @@ class Router:
     # -- one call on one member ------------------------------------------------------
 
     async def raw(self, ctx: ApplicationContext, member: Member, request: list[Any]) -> Reply:
-        """One call through the context's helper; MemberUnavailable when it cannot run."""
-        helper = await ctx.helper(member)
+        """One call through the context's helper; MemberUnavailable when it cannot run.
+        The helper's start and the call draw from the application call's deadline
+        (budget.py): past it the helper is killed (CallTimedOut)."""
+        deadline = budget.current().deadline(member.group)
+        if deadline <= time.monotonic():
+            raise budget.CallExpired()
+        helper = await ctx.helper(member, deadline)
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise budget.CallExpired()
         health = member.health
         health.calls_in_flight += 1
         start = time.perf_counter()
         rv = DEVICE_ERROR
         try:
-            reply: Reply = await helper.call(request, member.group.config.call_timeout)
+            reply: Reply = await helper.call(request, timeout)
             rv = reply[0]
+        except MemberUnavailable as exc:
+            exc.function = exc.function or spec.by_code()[request[0]].name
+            if isinstance(exc, CallTimedOut) and not budget.fair(timeout, member.group):
+                raise budget.CallExpired() from None  # killed, but not the member's failure
+            raise
         finally:
             health.calls_in_flight -= 1
             health.calls_served += 1
@@ -175,7 +220,8 @@ class Router:
         reply = await self.raw(ctx, member, request)
         if member.group.rv_classes.get(reply[0]) is RvClass.MEMBER_FAILED:
             name = spec.by_code()[request[0]].name
-            raise MemberUnavailable(member.name, f"{name} returned {rv_name(reply[0])}", reply[0])
+            raise MemberUnavailable(member.name, f"{name} returned {rv_name(reply[0])}", reply[0],
+                                    function=name)
         return reply
 
     # -- the session call path -------------------------------------------------------
@@ -185,7 +231,12 @@ class Router:
         unsafe = _unsafe(shape, vreq)
         if unsafe is not None:
             raise unsafe
+        self._lookup(ctx, vs, shape, vreq)
         group = vs.group
+        deadline = budget.current()
+        carried = ctx.carried.pop(vs.handle, None) if ctx.carried else None
+        if carried is not None:  # the rest of a direct call whose member hung
+            deadline.carried(carried, group)
         write = self._write_target(ctx, vs, shape, vreq)
         tries = 0
         limit = 2 * len(group.members) + 2
@@ -226,17 +277,22 @@ class Router:
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
                 if cls is RvClass.SESSION_LOST:
+                    if tries >= limit:
+                        return reply
+                    if reply[0] == OBJECT_HANDLE_INVALID and await self._objects_lost(
+                            ctx, vs, member, shape, vreq):
+                        continue
                     log.warning("session lost: %s member=%s function=%s rv=%s; new session, "
                                 "login and replay", vs.describe(), member.name, shape.fn.name,
                                 rv_name(reply[0]))
-                    if tries >= limit:
-                        return reply
                     await self.reset_member(ctx, member)
                     continue
                 await self._record(ctx, vs, member, shape, vreq, reply)
                 return reply
             except MemberUnavailable as exc:
                 self.member_failed(member, exc, shape.fn.name)
+                if isinstance(exc, CallTimedOut):
+                    deadline.member_timed_out(group)
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR, "no member could serve the call") from None
             except KeyMissing:
@@ -245,6 +301,52 @@ class Router:
             except SessionVanished:
                 if tries >= limit:
                     raise
+
+    def _lookup(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                vreq: list[Any]) -> None:
+        """The call's object handles exist (else the CK_RV of their role), none of them
+        is a lost session object, and the call does not continue a lost operation."""
+        for i, invalid in zip(shape.objects, shape.object_rvs, strict=True):
+            vobj = ctx.objects.find(vreq[i]) if isinstance(vreq[i], int) else None
+            if vobj is None:
+                raise CKError(invalid)
+            if vobj.lost:
+                raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
+        kind = operation_kind(shape.fn.name)
+        if kind is not None and kind in vs.lost:
+            why = vs.lost.pop(kind)
+            if shape.fn.name not in INIT:  # a new operation of the kind starts afresh
+                raise CKError(DEVICE_ERROR, f"{kind} operation lost: {why}")
+
+    async def _objects_lost(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                            shape: CallShape, vreq: list[Any]) -> bool:
+        """After CKR_OBJECT_HANDLE_INVALID for objects the daemon knows on `member`: asks
+        the member about each, and forgets the member handles it no longer has (they are
+        found again by identity, or remade, when the call is tried again). An object
+        deleted behind p11p's back costs that object only: the member's other sessions
+        and objects stay. False when the member session itself is gone."""
+        real_session = vs.real.get(member)
+        if real_session is None:
+            return False
+        handles = [vreq[i] for i in shape.objects] + self._mechanism_objects(vreq, shape)
+        for handle in handles:
+            vobj = ctx.objects.find(handle) if isinstance(handle, int) else None
+            real = vobj.real.get(member) if vobj is not None else None
+            if vobj is None or real is None:
+                continue
+            reply = await self.checked(ctx, member, [CODE["C_GetAttributeValue"], real_session,
+                                                     real, [[CKA_CLASS, 8]]])
+            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+                return False
+            if reply[0] == OBJECT_HANDLE_INVALID:
+                ctx.unregister(vobj, member)
+                log.warning("object handle lost: %s member=%s function=%s object=%s: looked "
+                            "up again", vs.describe(), member.name, shape.fn.name, vobj.handle)
+            else:
+                log.warning("object handle refused: %s member=%s function=%s object=%s: the "
+                            "member still has it; tried again", vs.describe(), member.name,
+                            shape.fn.name, vobj.handle)
+        return True
 
     async def _still_serves(self, ctx: ApplicationContext, member: Member) -> bool:
         """Whether a member that answered a call with a member-failed code still answers
@@ -269,10 +371,12 @@ class Router:
     async def _place(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                      vreq: list[Any], write: str | None,
                      spared: set[Member] | None = None) -> Member:
-        """The member for this call; waits up to hold_timeout when none is usable.
-        Members in `spared` answered this call already: another is taken."""
+        """The member for this call; waits up to hold_timeout when none is usable (the
+        time held is added to the call's deadline). Members in `spared` answered this
+        call already: another is taken."""
         group = vs.group
         deadline = 0.0
+        held_from = 0.0
         while True:
             member: Member | None
             if write == "primary":
@@ -290,10 +394,13 @@ class Router:
                 member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
                                        vs.movable, allowed)
             if member is not None:
+                if held_from:
+                    budget.current().held(group, time.monotonic() - held_from)
                 return member
             now = time.monotonic()
             if not deadline:
-                deadline = now + group.config.hold_timeout
+                deadline = budget.current().hold_until(group)
+                held_from = now
                 log.info("holding call: %s function=%s: no member of the group is usable",
                          vs.describe(), shape.fn.name)
             if now >= deadline:
@@ -314,6 +421,16 @@ class Router:
                 allowed = [m for m in allowed if m in vobj.real]
             allowed = [m for m in allowed if m not in vobj.missing]
         return allowed
+
+    def _named_objects(self, ctx: ApplicationContext, shape: CallShape,
+                       vreq: list[Any]) -> dict[int, VirtualObject]:
+        """The objects a request names (handles and mechanism parameters), by handle."""
+        named: dict[int, VirtualObject] = {}
+        for handle in [vreq[i] for i in shape.objects] + self._mechanism_objects(vreq, shape):
+            vobj = ctx.objects.find(handle) if isinstance(handle, int) else None
+            if vobj is not None:
+                named[handle] = vobj
+        return named
 
     @staticmethod
     def _mechanism_objects(vreq: list[Any], shape: CallShape) -> list[Any]:
@@ -336,7 +453,7 @@ class Router:
         write = None
         if name in CREATING:
             token = any(_template_sets_token(vreq[i]) for i in shape.templates)
-            if name == "C_CopyObject":
+            if shape.fn.writes == "copy":
                 source = ctx.objects.get(vreq[shape.objects[0]])
                 explicit = _template_sets_token(vreq[shape.templates[0]])
                 token = explicit is True or (explicit is None and bool(source.is_token))
@@ -417,17 +534,19 @@ class Router:
         lost: list[str] = []
         replayed: list[str] = []
         for vobj in list(vs.objects):
-            if member not in vobj.real:
+            if member not in vobj.real and not vobj.lost:
                 try:
                     await self.ensure_object(ctx, vs, vobj, member)
                     replayed.append("object")
-                except CKError as exc:
-                    lost.append(f"session object {vobj.handle}: {exc}")
+                except (CKError, KeyMissing) as exc:
+                    vobj.lost = str(exc) or "its source is on no member"
+                    lost.append(f"session object {vobj.handle}: {vobj.lost}")
         for kind, op in list(vs.ops.items()):
             why = op.why if not op.replayable else await self._replay_operation(ctx, vs, member, op)
             if why:
                 lost.append(f"{kind} operation: {why}")
                 del vs.ops[kind]
+                vs.lost[kind] = why
             else:
                 replayed.append(f"{kind}+{len(op.updates)} updates")
         if vs.find is not None and not vs.find.cached:
@@ -446,9 +565,9 @@ class Router:
             log.warning("session failed over: %s from %s to %s (replayed: %s)",
                         vs.describe(), old.name, member.name, ", ".join(replayed) or "nothing")
         if lost:
+            # once: what was lost answers CKR_DEVICE_ERROR where it is used next
             log.error("session potentially not recoverable: %s on %s: %s", vs.describe(),
                       member.name, "; ".join(lost))
-            raise CKError(DEVICE_ERROR, "session state lost")
 
     async def _replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                                 op: Operation) -> str:
@@ -514,16 +633,41 @@ class Router:
                 await self.raw(ctx, member, [CODE["C_CloseSession"], real])
             except MemberUnavailable:
                 pass
+            self.closed_on(ctx, member)
+
+    async def close_utility(self, ctx: ApplicationContext, member: Member) -> None:
+        """Closes p11p's own member session of this context on `member`, if any."""
+        real = ctx.utility.pop(member, None)
+        if real is not None and ctx.has_helper(member):
+            try:
+                await self.raw(ctx, member, [CODE["C_CloseSession"], real])
+            except MemberUnavailable:
+                pass
+            self.closed_on(ctx, member)
+
+    @staticmethod
+    def closed_on(ctx: ApplicationContext, member: Member) -> None:
+        """A member session of `ctx` on `member` was closed: when it was the last one,
+        the module has logged the application out there (PKCS#11 §5.6), and the next
+        member session there logs in again."""
+        if ctx.sessions_on(member) == 0:
+            ctx.logged_in.discard(member)
 
     # -- handles ----------------------------------------------------------------------
 
     async def _translate(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                         shape: CallShape, vreq: list[Any]) -> list[Any]:
+                         shape: CallShape, vreq: list[Any],
+                         sources: dict[int, VirtualObject] | None = None) -> list[Any]:
+        """The member's form of a request: its session and object handles there (made
+        when missing). `sources`: a recipe's objects, destroyed ones included."""
+        def lookup(handle: Any) -> VirtualObject:
+            found = sources.get(handle) if sources is not None else None
+            return found if found is not None else ctx.objects.get(handle)
+
         mreq = list(vreq)
         mreq[1] = vs.real[member]
         for i in shape.objects:
-            vobj = ctx.objects.get(vreq[i])
-            vobj.used = True
+            vobj = lookup(vreq[i])
             mreq[i] = await self.ensure_object(ctx, vs, vobj, member)
         if shape.mechanism is not None:
             handles = self._mechanism_objects(vreq, shape)
@@ -531,8 +675,7 @@ class Router:
                 mech = vreq[shape.mechanism]
                 params = list(mech[1])
                 for k in _MECH_OBJECT_FIELDS[mech[0]]:
-                    vobj = ctx.objects.get(params[k])
-                    vobj.used = True
+                    vobj = lookup(params[k])
                     params[k] = await self.ensure_object(ctx, vs, vobj, member)
                 mreq[shape.mechanism] = [mech[0], params]
         return mreq
@@ -554,13 +697,25 @@ class Router:
         owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
         await self._session_on(ctx, owner, member)
         shape = SHAPES[recipe.request[0]]
-        reply = await self.checked(ctx, member, await self._translate(ctx, owner, member, shape,
-                                                                      recipe.request))
+        reply = await self.checked(ctx, member, await self._translate(
+            ctx, owner, member, shape, recipe.request, recipe.sources))
         if reply[0] != OK:
             raise CKError(OBJECT_HANDLE_INVALID, f"remaking a session object: {rv_name(reply[0])}")
         for j, made in zip(shape.created, recipe.outputs, strict=False):
             if made is not None and isinstance(reply[j], int):
                 ctx.register(made, member, reply[j], vs.group)
+                for edit in made.edits:
+                    done = await self.checked(ctx, member, [CODE["C_SetAttributeValue"],
+                                                            owner.real[member], reply[j], edit])
+                    if done[0] != OK:
+                        raise CKError(OBJECT_HANDLE_INVALID,
+                                      f"remaking a session object's attributes: {rv_name(done[0])}")
+        for src in recipe.sources.values():
+            # a source the application destroyed was remade for this only: it goes again
+            if src.destroyed and member in src.real:
+                real = src.real[member]
+                ctx.unregister(src, member)
+                await self.raw(ctx, member, [CODE["C_DestroyObject"], owner.real[member], real])
         return vobj.real[member]
 
     async def _resolve(self, ctx: ApplicationContext, vobj: VirtualObject, member: Member) -> int:
@@ -626,6 +781,14 @@ class Router:
                       shape: CallShape, vreq: list[Any], reply: Reply) -> None:
         rv = reply[0]
         name = shape.fn.name
+        named = self._named_objects(ctx, shape, vreq)
+        if rv == OK and _reveals(shape, vreq):
+            for vobj in named.values():
+                vobj.used = True  # its bits have shown: a random key is not remade now
+        if rv == OK and shape.fn.writes == "set":
+            for vobj in named.values():
+                if not vobj.is_token:
+                    vobj.edits.append(vreq[3])  # made again with the object
         if rv == OK and shape.created:
             made: list[VirtualObject | None] = []
             for j in shape.created:
@@ -635,7 +798,7 @@ class Router:
                     made.append(vobj)
                 else:
                     made.append(None)
-            recipe = Recipe(list(vreq), made, name in GENERATING)
+            recipe = Recipe(list(vreq), made, name in GENERATING, named)
             for new in made:
                 if new is None:
                     continue
@@ -651,9 +814,9 @@ class Router:
             reply[shape.found] = handles
             if vs.find is not None:
                 vs.find.returned += handles
-        if name == "C_FindObjectsInit" and rv == OK:
+        if shape.fn.op_kind == "find" and shape.fn.op_role == "init" and rv == OK:
             vs.find = FindState(vreq[2])
-        elif name == "C_FindObjectsFinal" and rv == OK:
+        elif shape.fn.op_kind == "find" and shape.fn.op_role == "final" and rv == OK:
             vs.find = None
         self._record_operation(vs, shape, vreq, reply)
         if vs.member is not None and vs.member.health.state is MemberState.DRAINING and vs.movable:
@@ -708,8 +871,9 @@ class Router:
             return
         group = member.group
         member.mark(MemberState.FAILED, exc.rv, str(exc))
-        log.error("member failure detected: group=%s member=%s slot=%s function=%s rv=%s (%s)",
-                  group.label, member.name, member.slot_id, function, rv_name(exc.rv), exc)
+        log.error("member failure detected: group=%s member=%s slot=%s function=%s call=%s "
+                  "rv=%s (%s)", group.label, member.name, member.slot_id,
+                  exc.function or function, function, rv_name(exc.rv), exc)
         member.discard_pool()
         if not group.present:
             log.error("group out of service: group=%s: no usable member", group.label)
@@ -742,16 +906,22 @@ class Router:
         """A call that names the slot, on the serving member, with failover and hold."""
         tries = 0
         deadline = 0.0
+        held_from = 0.0
+        call = budget.current()
         while True:
             member = choose_member(group.members, "failover", None, True)
             if member is None:
                 now = time.monotonic()
                 if not deadline:
-                    deadline = now + group.config.hold_timeout
+                    deadline = call.hold_until(group)
+                    held_from = now
                 if now >= deadline:
                     raise CKError(DEVICE_ERROR, "no usable member within hold_timeout")
                 await group.wait_change(deadline - now)
                 continue
+            if held_from:
+                call.held(group, time.monotonic() - held_from)
+                deadline = held_from = 0.0
             assert isinstance(member, Member)
             mreq = list(request)
             mreq[slot_index] = member.slot_id
@@ -760,6 +930,8 @@ class Router:
                 return member, await self.checked(ctx, member, mreq)
             except MemberUnavailable as exc:
                 self.member_failed(member, exc, spec.by_code()[request[0]].name)
+                if isinstance(exc, CallTimedOut):
+                    call.member_timed_out(group)
                 if tries > 2 * len(group.members) + 1:
                     raise CKError(DEVICE_ERROR) from None
 
@@ -785,6 +957,8 @@ class Router:
                 return
             except MemberUnavailable as exc:
                 self.member_failed(member, exc, "C_OpenSession")
+                if isinstance(exc, CallTimedOut):
+                    budget.current().member_timed_out(vs.group)
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR) from None
             except SessionVanished:

@@ -29,7 +29,7 @@ class _SlowMember:
         self.release = asyncio.Event()
         self.helper = _Helper()
 
-    async def take_helper(self) -> _Helper:
+    async def take_helper(self, deadline: float | None = None) -> _Helper:
         await self.release.wait()
         return self.helper
 
@@ -61,3 +61,34 @@ async def test_callers_waiting_on_a_cancelled_start_are_told() -> None:
     first.cancel()  # its application went away
     with pytest.raises(MemberUnavailable):
         await asyncio.wait_for(waiting, 5)
+
+
+@pytest.mark.asyncio
+async def test_a_helper_start_and_its_waiters_draw_from_the_call_deadline() -> None:
+    """A start that never ends (a hung C_Initialize): the caller that started it and a
+    caller waiting for it both get CallTimedOut at their call's deadline, not later."""
+    import time
+    from types import SimpleNamespace
+
+    from p11p.daemon.helperproc import CallTimedOut
+    ctx = ApplicationContext((1, b"0123456789abcdef"), 0, 0, 1, "test", HandleCounter())
+    member: Any = _SlowMember()
+    seen: list[float | None] = []
+
+    async def hung_take(deadline: float | None = None) -> _Helper:
+        seen.append(deadline)
+        assert deadline is not None
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # the start's own time-out
+        raise CallTimedOut(member.name, "helper did not start")
+
+    member.take_helper = hung_take
+    member.group = SimpleNamespace(config=SimpleNamespace(call_timeout=0.3, hold_timeout=1.0))
+    start = time.monotonic()
+    first = asyncio.create_task(ctx.helper(member, start + 0.3))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(ctx.helper(member, start + 0.2))
+    for task in (waiting, first):
+        with pytest.raises(CallTimedOut):
+            await asyncio.wait_for(task, 5)
+    assert time.monotonic() - start < 1.0
+    assert seen == [start + 0.3]

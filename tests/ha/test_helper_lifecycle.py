@@ -1,0 +1,158 @@
+"""Helper processes and member hangs (DESIGN invariants 2 and 4): a hung member costs a
+call about call_timeout, whichever plane carries it; a member that fails on and off under
+load leaves no helper behind once its application has ended (the warm pool only)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hakit import HAGroup, WorkloadApp
+from kit import helper_pids, wait_for
+from test_direct_path import _run
+
+FLAPS = [
+    "* error rv=CKR_DEVICE_ERROR\n",
+    "C_Sign crash\n",
+    "C_GenerateRandom error rv=CKR_DEVICE_ERROR\n",
+    "C_SignInit crash\n",
+    "* error rv=CKR_TOKEN_NOT_PRESENT\n",
+    "C_OpenSession crash\n",
+]
+
+
+def _flap(group: HAGroup, token: str, stop: threading.Event) -> None:
+    i = 0
+    while not stop.is_set():
+        group.set_rules(token, FLAPS[i % len(FLAPS)])
+        time.sleep(0.35)
+        group.set_rules(token, "")
+        time.sleep(0.35)
+        i += 1
+
+
+def _pool(group: HAGroup, size: int) -> bool:
+    return len(helper_pids(group.daemon.pid)) == size
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_flapping_member_leaves_no_helper_behind(ha_factory: Any, ha_keys: Path,
+                                                   direct: str) -> None:
+    """hsmA fails and comes back every 0.7 s (error codes, crashes) while an application
+    signs on four threads; twice. After each run, once the application has ended and the
+    member is back, the daemon runs its warm pool only: one helper per member."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    assert wait_for(lambda: _pool(group, 2), 10), helper_pids(group.daemon.pid)
+    baseline = len(helper_pids(group.daemon.pid))
+    counts = []
+    for _ in range(2):
+        result: dict[str, Any] = {}
+        stop = threading.Event()
+        flapper = threading.Thread(target=_flap, args=(group, "hsmA", stop))
+        runner = _background(group, ha_keys, 4, 6.0, direct, result)
+        time.sleep(0.5)
+        flapper.start()
+        runner.join()
+        stop.set()
+        flapper.join()
+        group.set_rules("hsmA", "")
+        assert result.get("ops", 0) > 20, result
+        group.wait_state("hsmA", "OK", timeout=15)
+        wait_for(lambda: _pool(group, baseline), 15)
+        counts.append(len(helper_pids(group.daemon.pid)))
+        print(f"direct={direct}: helpers after a flapping run: {counts[-1]} (baseline {baseline})")
+    assert counts == [baseline, baseline], (counts, baseline, _whence(group))
+
+
+def _whence(group: HAGroup) -> list[str]:
+    """What the daemon's log says of the helpers that run now (for a failure message)."""
+    text = group.daemon.log_text().splitlines()
+    return [line for pid in helper_pids(group.daemon.pid) for line in text
+            if f"pid={pid}" in line or f"pid {pid}" in line][:40]
+
+
+def _background(group: HAGroup, keys: Path, threads: int, seconds: float, direct: str,
+                result: dict[str, Any]) -> threading.Thread:
+    runner = threading.Thread(target=lambda: result.update(
+        _run(group, keys, threads, seconds, env={"P11P_DIRECT": direct})))
+    runner.start()
+    return runner
+
+
+def _set_timeout(group: HAGroup, direct: str) -> None:
+    """hakit's groups have call_timeout 1.5: this test's numbers are for 2 s. With
+    `direct` "0" the group's direct path is off too (direct_calls = false)."""
+    path = group.daemon.config.parent / "tokens.d" / "ha.toml"
+    off = "\ndirect_calls = false" if direct == "0" else ""
+    text = path.read_text().replace("call_timeout = 1.5", "call_timeout = 2" + off)
+    path.write_text(text)
+    group.daemon.stop()
+    group.daemon.start()
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_hung_member_costs_a_call_about_call_timeout(ha_factory: Any, ha_keys: Path,
+                                                       direct: str) -> None:
+    """call_timeout = 2, hold_timeout = 2: every function of hsmA hangs (a new helper's
+    C_Initialize too). The signatures go on on hsmB, the slowest round taking about
+    call_timeout, never the 30 s of a helper start; direct path on and off. Then hsmB
+    hangs too: the call fails with CKR_DEVICE_ERROR within hold_timeout + call_timeout."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    _set_timeout(group, direct)
+    try:
+        result: dict[str, Any] = {}
+        runner = _background(group, ha_keys, 2, 6.0, direct, result)
+        time.sleep(1.5)
+        group.set_rules("hsmA", "* hang\n")
+        runner.join()
+        assert result["errors"] == 0 and result["ops"] > 20, result
+        print(f"direct={direct}: one member hung: slowest round {result['slowest']:.2f} s")
+        assert result["slowest"] < 2.0 + 1.0, result
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING"), group.member("hsmA")
+        app = WorkloadApp(group.daemon, ha_keys)
+        try:
+            assert app.send("begin ecdsa") == "ready"
+            group.set_rules("hsmB", "* hang\n")
+            start = time.monotonic()
+            reply = app.send("finish")
+            took = time.monotonic() - start
+            print(f"direct={direct}: both members hung: {reply} after {took:.2f} s")
+            assert reply.startswith("error") and "0x30" in reply, reply  # CKR_DEVICE_ERROR
+            assert took < 2.0 + 2.0 + 1.0, took  # hold_timeout + call_timeout (+ slack)
+        finally:
+            for t in ("hsmA", "hsmB"):
+                group.set_rules(t, "")
+            app.close()
+    finally:
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "")
+
+
+def test_a_helper_start_on_a_hung_member_draws_from_the_call(ha_factory: Any,
+                                                             ha_keys: Path) -> None:
+    """No warm pool (helper_pool = 0): an application that starts while every function
+    of hsmA hangs needs a new helper there, whose C_Initialize hangs. The start draws
+    from the call's deadline (call_timeout = 1.5), fails hsmA, and the application is
+    served by hsmB: it is up within call_timeout and a little, not a 30 s start."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"], daemon_extra="helper_pool = 0\n")
+    try:
+        WorkloadApp(group.daemon, ha_keys).close()  # takes the probe's helper, the last warm one
+        group.set_rules("hsmA", "* hang\n")
+        start = time.monotonic()
+        app = WorkloadApp(group.daemon, ha_keys)
+        try:
+            took = time.monotonic() - start
+            print(f"application up in {took:.2f} s with a hung member and no warm helper")
+            assert took < 1.5 + 1.5, took
+            assert app.send("begin ecdsa") == "ready"
+            assert app.send("finish").startswith("ok")
+        finally:
+            group.set_rules("hsmA", "")
+            app.close()
+        assert group.member("hsmA")["state"] != "OK" or "helper did not start" in \
+            group.daemon.log_text()
+    finally:
+        group.set_rules("hsmA", "")
