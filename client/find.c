@@ -7,6 +7,7 @@
 
 #include "call.h"
 #include "find.h"
+#include "gen/codes.h"
 #include "link.h"
 #include "state.h"
 

@@ -7,11 +7,10 @@
 
 #include "p11p-extra.h"
 
-/* p11p's own function code: [1001, session, template] -> [rv, handles or nil]. On
- * CKR_OK with handles, the search is complete and over on the daemon's side; nil: the
- * daemon keeps the search (C_FindObjects and C_FindObjectsFinal travel). Any other rv
- * is C_FindObjectsInit's. */
-#define P11P_FN_FIND_ALL 1001
+/* p11p's own function code P11P_FN_FIND_ALL (gen/codes.h, from functions.spec):
+ * [FIND_ALL, session, template] -> [rv, handles or nil]. On CKR_OK with handles, the
+ * search is complete and over on the daemon's side; nil: the daemon keeps the search
+ * (C_FindObjects and C_FindObjectsFinal travel). Any other rv is C_FindObjectsInit's. */
 
 CK_RV p11p_wire_C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
 				  CK_ULONG ulCount);

@@ -89,7 +89,17 @@ def header(source: str, purpose: str) -> str:
 
 
 def arg_text(arg) -> str:  # type: ignore[no-untyped-def]
-    return f"{arg.kind}:{','.join(arg.cnames)}"
+    role = f"={arg.role}" if arg.role not in ("", "object") else ""
+    return f"{arg.kind}:{','.join(arg.cnames)}{role}"
+
+
+def meaning_text(fn) -> str:  # type: ignore[no-untyped-def]
+    """A function's flags from functions.spec, as written there."""
+    flags = [f"@op={fn.op_kind}:{fn.op_role}"] if fn.op_kind else []
+    flags += [f"@writes={fn.writes}"] if fn.writes else []
+    flags += [f"@{fn.login}"] if fn.login else []
+    flags += [f"@{name}" for name in ("opaque", "reads", "blocks") if getattr(fn, name)]
+    return " ".join(f"`{f}`" for f in flags) or "–"
 
 
 def params(fn) -> str:  # type: ignore[no-untyped-def]
@@ -107,7 +117,12 @@ def gen_codes(spec: ModuleType) -> str:
              "#ifndef P11P_GEN_CODES_H", "#define P11P_GEN_CODES_H", ""]
     for fn in spec.functions():
         lines.append(f"#define P11P_FN_{fn.name} {fn.code}")
-    lines += ["", f"#define P11P_FN_COUNT {len(spec.functions())}", "", "#endif", ""]
+    lines += ["", f"#define P11P_FN_COUNT {len(spec.functions())}", "",
+              "/* p11p's own codes on the client link (protocol/README.md). */"]
+    for fn in spec.own_codes().values():
+        if fn.code > 0:
+            lines.append(f"#define P11P_FN_{fn.name} {fn.code}")
+    lines += ["", "#endif", ""]
     return "\n".join(lines)
 
 
@@ -212,11 +227,11 @@ def gen_mech_params(spec: ModuleType) -> str:
 
 
 def gen_readme_table(spec: ModuleType) -> str:
-    rows = ["| code | function | arguments |", "| ---: | --- | --- |"]
-    for fn in spec.functions():
+    rows = ["| code | function | meaning | arguments |", "| ---: | --- | --- | --- |"]
+    for fn in (*spec.functions(), *spec.own_codes().values()):
         name = f"`{fn.name}`" + (" (local)" if fn.local else "")
         args = " ".join(f"`{arg_text(a)}`" for a in fn.args) or "–"
-        rows.append(f"| {fn.code} | {name} | {args} |")
+        rows.append(f"| {fn.code} | {name} | {meaning_text(fn)} | {args} |")
     return "\n".join(rows)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, RvClass
+from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
 OK = CKR["CKR_OK"]
@@ -61,25 +62,19 @@ def classify(rv: int, table: dict[int, RvClass], logged_in: bool, object_known: 
 
 # -- operations --------------------------------------------------------------------
 
-INIT = {
-    "C_EncryptInit": "encrypt", "C_DecryptInit": "decrypt", "C_DigestInit": "digest",
-    "C_SignInit": "sign", "C_SignRecoverInit": "sign_recover", "C_VerifyInit": "verify",
-    "C_VerifyRecoverInit": "verify_recover",
-}
-UPDATE = {
-    "C_EncryptUpdate": "encrypt", "C_DecryptUpdate": "decrypt", "C_DigestUpdate": "digest",
-    "C_SignUpdate": "sign", "C_VerifyUpdate": "verify",
-}
+# From functions.spec's @op and @opaque flags (finds are kept apart, in FindState).
+_OPS = [f for f in spec.functions() if f.op_kind and f.op_kind != "find" and not f.opaque]
+INIT = {f.name: f.op_kind for f in _OPS if f.op_role == "init"}
+UPDATE = {f.name: f.op_kind for f in _OPS if f.op_role == "update"}
 # Calls that end their operation unless they were a length query or got BUFFER_TOO_SMALL.
-FINISH = {
-    "C_Encrypt": "encrypt", "C_EncryptFinal": "encrypt", "C_Decrypt": "decrypt",
-    "C_DecryptFinal": "decrypt", "C_Digest": "digest", "C_DigestFinal": "digest",
-    "C_Sign": "sign", "C_SignFinal": "sign", "C_SignRecover": "sign_recover",
-    "C_Verify": "verify", "C_VerifyFinal": "verify", "C_VerifyRecover": "verify_recover",
-}
+FINISH = {f.name: f.op_kind for f in _OPS if f.op_role in ("final", "oneshot")}
 # Calls whose effect p11p does not record: they make the active operations unreplayable.
-OPAQUE = {"C_DigestKey", "C_DigestEncryptUpdate", "C_DecryptDigestUpdate",
-          "C_SignEncryptUpdate", "C_DecryptVerifyUpdate", "C_SetOperationState"}
+OPAQUE = frozenset(f.name for f in spec.functions() if f.opaque)
+
+
+def operation_kind(name: str) -> str | None:
+    """The kind of operation (encrypt, sign, ...) a call starts, continues or ends."""
+    return INIT.get(name) or UPDATE.get(name) or FINISH.get(name)
 
 
 @dataclass

@@ -33,6 +33,17 @@ ALL_KINDS = IN_KINDS | OUT_KINDS | INOUT_KINDS | SILENT_KINDS
 
 FIELD_KINDS = frozenset({"ulong", "bbool", "bytes", "fixed16", "fixed8", "object"})
 
+# Roles of object handles (`object:hKey=key`), each with the CK_RV an unknown handle in
+# that role gets (PKCS#11 v2.40, as SoftHSM2 answers). An `object` without a role is an
+# object.
+HANDLE_ROLES = {
+    "object": "CKR_OBJECT_HANDLE_INVALID",
+    "key": "CKR_KEY_HANDLE_INVALID",
+    "base_key": "CKR_KEY_HANDLE_INVALID",
+    "wrapping_key": "CKR_WRAPPING_KEY_HANDLE_INVALID",
+    "unwrapping_key": "CKR_UNWRAPPING_KEY_HANDLE_INVALID",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Arg:
@@ -40,6 +51,7 @@ class Arg:
 
     kind: str
     cnames: tuple[str, ...]
+    role: str = ""  # for object handles: a key of HANDLE_ROLES
 
     @property
     def travels(self) -> bool:
@@ -52,12 +64,20 @@ class Arg:
 
 @dataclass(frozen=True, slots=True)
 class Function:
-    """One Cryptoki function: its wire code, name and arguments."""
+    """One Cryptoki function (or one of p11p's own codes): its wire code, name,
+    arguments, and what it means (functions.spec, "Line format")."""
 
     code: int
     name: str
     local: bool
     args: tuple[Arg, ...]
+    op_kind: str = ""  # the operation it belongs to (encrypt, sign, find, ...)
+    op_role: str = ""  # init, update, final or oneshot
+    opaque: bool = False  # its effect on operations is not recorded (not replayable)
+    writes: str = ""  # what it writes to the token (create, copy, ..., destroy, set)
+    login: str = ""  # "login" or "logout"
+    blocks: bool = False  # may wait for an outside event as long as it likes
+    reads: bool = False  # reads an object's attributes
 
     @property
     def wire_args(self) -> tuple[Arg, ...]:
@@ -111,27 +131,82 @@ def _lines(path: Path) -> list[tuple[int, list[str]]]:
 
 def _split_arg(path: Path, number: int, word: str, kinds: frozenset[str]) -> tuple[str, tuple[str, ...]]:
     kind, sep, names = word.partition(":")
-    if not sep or kind not in kinds or not names:
+    if not sep or kind not in kinds or not names or "=" in names:
         raise SpecError(f"{path}:{number}: bad argument {word!r}")
     return kind, tuple(names.split(","))
+
+
+def _function_arg(path: Path, number: int, word: str) -> Arg:
+    """`KIND:CNAME[,CNAME]` or, for an object handle, `object:CNAME=ROLE`."""
+    word, _, role = word.partition("=")
+    kind, names = _split_arg(path, number, word, ALL_KINDS)
+    if kind == "object":
+        role = role or "object"
+        if role not in HANDLE_ROLES:
+            raise SpecError(f"{path}:{number}: unknown handle role {role!r}")
+    elif role:
+        raise SpecError(f"{path}:{number}: a role is for object handles only: {word!r}")
+    return Arg(kind, names, role)
+
+
+OP_ROLES = frozenset({"init", "update", "final", "oneshot"})
+WRITES = frozenset({"create", "copy", "generate", "unwrap", "derive", "destroy", "set", "token",
+                    "pin"})
+# the writes that make a new object
+CREATES = frozenset({"create", "copy", "generate", "unwrap", "derive"})
+
+
+def _function(path: Path, number: int, code: str, name: str, rest: list[str]) -> Function:
+    meaning: dict[str, object] = {}
+    for flag in (w for w in rest if w.startswith("@")):
+        key, _, value = flag[1:].partition("=")
+        if key == "op":
+            kind, _, role = value.partition(":")
+            if not kind or role not in OP_ROLES:
+                raise SpecError(f"{path}:{number}: bad operation flag {flag!r}")
+            meaning["op_kind"], meaning["op_role"] = kind, role
+        elif key == "writes" and value in WRITES:
+            meaning["writes"] = value
+        elif key in ("login", "logout") and not value:
+            meaning["login"] = key
+        elif key in ("opaque", "blocks", "reads") and not value:
+            meaning[key] = True
+        elif key != "local" or value:
+            raise SpecError(f"{path}:{number}: unknown flag {flag!r}")
+    args = tuple(_function_arg(path, number, w) for w in rest if not w.startswith("@"))
+    try:
+        return Function(int(code), name, "@local" in rest, args, **meaning)  # type: ignore[arg-type]
+    except ValueError:
+        raise SpecError(f"{path}:{number}: bad code {code!r}") from None
+
+
+def _parse() -> tuple[tuple[Function, ...], tuple[Function, ...]]:
+    path = HERE / "functions.spec"
+    cryptoki, own = [], []
+    for number, words in _lines(path):
+        if words[0] == "p11p":
+            own.append(_function(path, number, words[1], words[2], words[3:]))
+        else:
+            cryptoki.append(_function(path, number, words[0], words[1], words[2:]))
+    codes = [f.code for f in cryptoki]
+    if codes != list(range(1, len(cryptoki) + 1)):
+        raise SpecError(f"{path}: function codes must be 1..N in order")
+    if any(0 <= f.code <= len(cryptoki) for f in own) or len({f.code for f in own}) < len(own):
+        raise SpecError(f"{path}: p11p's own codes must be unique and outside 0..N")
+    return tuple(cryptoki), tuple(own)
 
 
 @cache
 def functions() -> tuple[Function, ...]:
     """All Cryptoki functions, in code order."""
-    path = HERE / "functions.spec"
-    result = []
-    for number, words in _lines(path):
-        code, name, *rest = words
-        local = "@local" in rest
-        args = tuple(
-            Arg(*_split_arg(path, number, w, ALL_KINDS)) for w in rest if not w.startswith("@")
-        )
-        result.append(Function(int(code), name, local, args))
-    codes = [f.code for f in result]
-    if codes != list(range(1, len(result) + 1)):
-        raise SpecError(f"{path}: function codes must be 1..N in order")
-    return tuple(result)
+    return _parse()[0]
+
+
+@cache
+def own_codes() -> dict[str, Function]:
+    """p11p's own codes by name: FIND_ALL and the direct path's on the client link
+    (over 1000), the helper's direct-path controls on its pipe (negative)."""
+    return {f.name: f for f in _parse()[1]}
 
 
 @cache

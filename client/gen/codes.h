@@ -75,4 +75,10 @@
 
 #define P11P_FN_COUNT 68
 
+/* p11p's own codes on the client link (protocol/README.md). */
+#define P11P_FN_FIND_ALL 1001
+#define P11P_FN_DIRECT_BIND 1002
+#define P11P_FN_DIRECT_KEY 1003
+#define P11P_FN_DIRECT_UNBIND 1004
+
 #endif

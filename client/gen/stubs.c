@@ -479,7 +479,7 @@ P11P_EXPORT CK_RV C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, 
 	return p11p_call_finish(&c);
 }
 
-/* 41 C_DigestKey: session:hSession object:hKey */
+/* 41 C_DigestKey: session:hSession object:hKey=key */
 P11P_EXPORT CK_RV C_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey)
 {
 	struct p11p_call c;
@@ -749,7 +749,7 @@ P11P_EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR
 	return p11p_call_finish(&c);
 }
 
-/* 61 C_WrapKey: session:hSession mechanism:pMechanism object:hWrappingKey object:hKey out_bytes:pWrappedKey,pulWrappedKeyLen */
+/* 61 C_WrapKey: session:hSession mechanism:pMechanism object:hWrappingKey=wrapping_key object:hKey=key out_bytes:pWrappedKey,pulWrappedKeyLen */
 P11P_EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hWrappingKey, CK_OBJECT_HANDLE hKey, CK_BYTE_PTR pWrappedKey, CK_ULONG_PTR pulWrappedKeyLen)
 {
 	struct p11p_call c;
@@ -765,7 +765,7 @@ P11P_EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechan
 	return p11p_call_finish(&c);
 }
 
-/* 62 C_UnwrapKey: session:hSession mechanism:pMechanism object:hUnwrappingKey bytes:pWrappedKey,ulWrappedKeyLen template:pTemplate,ulAttributeCount out_object:phKey */
+/* 62 C_UnwrapKey: session:hSession mechanism:pMechanism object:hUnwrappingKey=unwrapping_key bytes:pWrappedKey,ulWrappedKeyLen template:pTemplate,ulAttributeCount out_object:phKey */
 P11P_EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hUnwrappingKey, CK_BYTE_PTR pWrappedKey, CK_ULONG ulWrappedKeyLen, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey)
 {
 	struct p11p_call c;
@@ -782,7 +782,7 @@ P11P_EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
 	return p11p_call_finish(&c);
 }
 
-/* 63 C_DeriveKey: session:hSession mechanism:pMechanism object:hBaseKey template:pTemplate,ulAttributeCount out_object:phKey */
+/* 63 C_DeriveKey: session:hSession mechanism:pMechanism object:hBaseKey=base_key template:pTemplate,ulAttributeCount out_object:phKey */
 P11P_EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hBaseKey, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey)
 {
 	struct p11p_call c;
