@@ -287,6 +287,10 @@ class Dispatcher:
             ctx.logins[vs.group] = (user, pin)
             if vs.member is not None:
                 ctx.logged_in.add(vs.member)
+            # the application's other member sessions are logged in too, as all its
+            # sessions on a token are (invariant 1): a session that stays on another
+            # member (an operation running there) must not see itself logged out
+            await self.router.login_everywhere(ctx, vs.group)
         return reply
 
     async def logout(self, ctx: ApplicationContext, req: list[Any]) -> Reply:

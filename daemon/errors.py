@@ -23,10 +23,12 @@ class CKError(Exception):
 class MemberUnavailable(Exception):
     """A member cannot serve a call: its helper died, hung, or the module failed."""
 
-    def __init__(self, member: str, why: str, rv: int = CKR["CKR_DEVICE_ERROR"]) -> None:
+    def __init__(self, member: str, why: str, rv: int = CKR["CKR_DEVICE_ERROR"],
+                 function: str = "") -> None:
         super().__init__(f"member {member}: {why}")
         self.member = member
         self.rv = rv
+        self.function = function  # the member call that failed, when known
 
 
 class RvClass(Enum):

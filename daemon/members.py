@@ -142,11 +142,14 @@ class Member:
                       helper.pid, " (probe)" if probing else "")
             if probing or self.slot_id is None:
                 break
+            given = left(self.group.config.call_timeout)
             try:
-                rv, _ = await helper.call([_GET_TOKEN_INFO, self.slot_id, 0],
-                                          left(self.group.config.call_timeout))
-            except BaseException:
+                rv, _ = await helper.call([_GET_TOKEN_INFO, self.slot_id, 0], given)
+            except BaseException as exc:
                 await helper.stop()
+                if isinstance(exc, CallTimedOut) and deadline is not None \
+                        and not budget.fair(given, self.group):
+                    raise budget.CallExpired() from None
                 raise
             if rv == CKR["CKR_OK"]:
                 break

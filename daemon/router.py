@@ -503,6 +503,24 @@ class Router:
             raise CKError(DEVICE_ERROR, "login on another member failed")
         ctx.logged_in.add(member)
 
+    async def login_everywhere(self, ctx: ApplicationContext, group: Group) -> None:
+        """Logs the application in on every member where it has member sessions and is
+        not logged in yet (after its C_Login on one of them)."""
+        for member in group.members:
+            if member in ctx.logged_in or not member.health.usable:
+                continue
+            real = next((vs.real[member] for vs in ctx.sessions.values()
+                         if vs.group is group and member in vs.real), ctx.utility.get(member))
+            if real is None:
+                continue
+            try:
+                await self._login_on(ctx, group, member, real)
+            except MemberUnavailable as exc:
+                self.member_failed(member, exc, "C_Login")
+            except CKError as exc:  # it is logged in when it next serves, or the error shows then
+                log.info("%s member=%s: login after the application's failed: %s", ctx.name,
+                         member.name, exc)
+
     async def utility_session(self, ctx: ApplicationContext, member: Member) -> int:
         real = ctx.utility.get(member)
         if real is None:

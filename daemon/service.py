@@ -29,10 +29,8 @@ from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
-from p11p.protocol.spec import by_name
 
 log = logging.getLogger("p11p.daemon")
-CLOSE_SESSION = by_name()["C_CloseSession"].code
 
 
 def _pid_alive(pid: int) -> bool:
@@ -286,12 +284,7 @@ class Daemon:
                 if member in vs.real and (vs.member is not member or vs.movable):
                     await self.router.leave(ctx, vs, member)
                     moved += 1
-            real = ctx.utility.pop(member, None)
-            if real is not None and ctx.has_helper(member):
-                try:
-                    await self.router.raw(ctx, member, [CLOSE_SESSION, real])
-                except Exception:
-                    pass
+            await self.router.close_utility(ctx, member)
         return moved
 
     def enable(self, member: Member) -> None:

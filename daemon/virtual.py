@@ -83,11 +83,28 @@ def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity
 
 @dataclass(eq=False)
 class Recipe:
-    """The call that made session objects, to make them again on another member."""
+    """The call that made session objects, to make them again on another member.
+
+    `sources` are the objects the call named (key, base key, unwrapping key, object to
+    copy), kept even after the application destroys them: a copy whose source is gone
+    is remade by remaking the source for the moment. `roots` are the random recipes
+    (C_GenerateKey/Pair) this one depends on, itself included when it is one: once an
+    object made from one of them has been used, remaking it would give other bits, so
+    none of them is remade any more."""
 
     request: list[Any]  # virtual form
     outputs: list[VirtualObject | None]  # per output of the call, the object it made
-    generated: bool  # a key generated at random: only remade while unused
+    generated: bool  # a key generated at random
+    sources: dict[int, VirtualObject] = field(default_factory=dict)  # virtual handle ->
+    roots: list[Recipe] = field(default_factory=list)
+    used: bool = False  # (a random recipe) an object depending on it was used
+
+    def __post_init__(self) -> None:
+        roots = [self] if self.generated else []
+        for src in self.sources.values():
+            if src.recipe is not None:
+                roots += [r for r in src.recipe.roots if r not in roots]
+        self.roots = roots
 
 
 @dataclass(eq=False)
@@ -98,16 +115,32 @@ class VirtualObject:
     real: dict[Member, int] = field(default_factory=dict)
     owner: VirtualSession | None = None  # the session that made a session object
     recipe: Recipe | None = None
-    used: bool = False
     home: Member | None = None  # a token object written under write_policy "primary"
     missing: set[Member] = field(default_factory=set)  # members known not to hold it
+    destroyed: bool = False  # by the application; kept only as another recipe's source
+    lost: str = ""  # why a session object could not be remade: its uses fail
+    edits: list[Any] = field(default_factory=list)  # C_SetAttributeValue templates since made
+    _used: bool = False
+
+    @property
+    def used(self) -> bool:
+        """A call that named it succeeded (its bits have shown)."""
+        return self._used
+
+    @used.setter
+    def used(self, value: bool) -> None:
+        self._used = value
+        if value and self.recipe is not None:
+            for root in self.recipe.roots:
+                root.used = True
 
     @property
     def replayable(self) -> bool:
+        """Can be made again on another member, with the same bits."""
         r = self.recipe
-        if r is None:
+        if r is None or any(root.used for root in r.roots):
             return False
-        return not r.generated or not any(o is not None and o.used for o in r.outputs)
+        return all(src.is_token or src.replayable for src in r.sources.values())
 
 
 @dataclass
@@ -131,6 +164,9 @@ class VirtualSession:
     find: FindState | None = None
     objects: set[VirtualObject] = field(default_factory=set)
     direct: Binding | None = None  # bound to its member session for direct calls
+    # operations that could not be rebuilt on another member (kind -> why): the next
+    # call of that operation gets CKR_DEVICE_ERROR; a new init starts afresh
+    lost: dict[str, str] = field(default_factory=dict)
 
     def bind(self, binding: Binding) -> None:
         self.direct = binding
@@ -147,7 +183,7 @@ class VirtualSession:
     @property
     def movable(self) -> bool:
         """May run its next call on another member (balance, drain, failback)."""
-        return not self.ops and self.find is None and not self.objects
+        return not self.ops and self.find is None and all(o.lost for o in self.objects)
 
     def describe(self) -> str:
         return f"{self.context.name} session={self.handle} group={self.group.label}"

@@ -3,9 +3,11 @@ application that drives it (the fixtures that make them are in conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -116,3 +118,61 @@ class WorkloadApp:
                 self.proc.wait()
 
 
+
+
+class PyApp:
+    """An application process running PyKCS11 on p11p-client.so (tests/ha/pyapp.py):
+    `run(code)` runs Python statements there and returns what `_` ended as (repr), or
+    raises CKRError with the CK_RV that PyKCS11 raised."""
+
+    def __init__(self, daemon: Daemon | None, module: Path = CLIENT_SO,
+                 env: dict[str, str] | None = None) -> None:
+        """Through `daemon`; or, with daemon None, on `module` directly (with `env`)."""
+        extra = daemon.env if daemon is not None else (env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "pyapp.py"), str(module)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env={**os.environ, **extra})
+        assert self._read() == {"value": "started"}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"application exited with {self.proc.wait()}")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def run(self, code: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "rv" in out:
+            raise CKRError(out["rv"])
+        if "error" in out:
+            raise AssertionError(out["error"])
+        return str(out["value"])
+
+    def rv(self, code: str) -> int:
+        """The CK_RV the statements ended with (0 when they ran through)."""
+        try:
+            self.run(code)
+        except CKRError as exc:
+            return exc.rv
+        return 0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class CKRError(Exception):
+    def __init__(self, rv: int) -> None:
+        super().__init__(f"CK_RV {rv:#x}")
+        self.rv = rv

@@ -1,0 +1,286 @@
+"""Lifecycles of the virtual token that broke its promise (issue 12), each driven by a
+real application (PyKCS11 through p11p-client.so) on SoftHSM2 members, with faults from
+p11p-faultsim.so: logins across member sessions that come and go, session keys across a
+failover, objects deleted behind p11p's back, session state that cannot be rebuilt,
+handle roles, and what the daemon says about it (log lines, status)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hakit import HAGroup, PyApp
+from kit import SOFTHSM_SO, USER_PIN
+from p11p.protocol.constants import CKR
+
+OPEN = f"""
+slot = lib.getSlotList(tokenPresent=True)[0]
+RW = P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION
+def privs(s):
+    return len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)]))
+def aes(s, **extra):
+    t = [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES), (P.CKA_VALUE_LEN, 32),
+         (P.CKA_TOKEN, False), (P.CKA_ENCRYPT, True), (P.CKA_DECRYPT, True),
+         (P.CKA_EXTRACTABLE, True)]
+    return s.generateKey(t + list(extra.items()), P.Mechanism(P.CKM_AES_KEY_GEN))
+ECB = P.Mechanism(P.CKM_AES_ECB)
+DATA = bytes(range(32))
+s0 = lib.openSession(slot, RW)
+s0.login("{USER_PIN}")
+"""
+
+
+def _admin(group: HAGroup, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", *args,
+                        "--config", str(group.daemon.config)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_balance_keeps_the_login_on_every_member_session(ha_factory: Any) -> None:
+    """An application logged in on one session opens fresh sessions one after another
+    while another application keeps the first member busy: each of them sees the
+    private keys. (The module logs the application out of a member when its last
+    session there closes; the daemon must know.)"""
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    group.set_rules("hsmA", "* delay ms=5\n")
+    app, busy = PyApp(group.daemon), PyApp(group.daemon)
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        busy.run(OPEN)
+        while not stop.is_set():
+            busy.run("_ = [s0.generateRandom(16) for _ in range(20)]")
+
+    runner = threading.Thread(target=keep_busy)
+    try:
+        app.run(OPEN)
+        runner.start()
+        time.sleep(0.5)
+        seen = [int(app.run("s = lib.openSession(slot, RW); _ = privs(s); s.closeSession()"))
+                for _ in range(30)]
+        assert seen == [2] * 30, seen
+        served = {m: group.member(m)["calls_served"] for m in ("hsmA", "hsmB")}
+        assert min(served.values()) > 0, served  # both members served the sessions
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(30)
+        app.close()
+        busy.close()
+
+
+def test_drain_and_enable_keep_the_login(ha_factory: Any) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + "_ = privs(s0)")
+        _admin(group, "drain", "ha", "hsmA")
+        assert app.run("_ = privs(s0)") == "2"
+        assert app.run("s = lib.openSession(slot, RW); _ = privs(s); s.closeSession()") == "2"
+        _admin(group, "enable", "ha", "hsmA")
+        for _ in range(3):  # new sessions go back to hsmA, where the login was dropped
+            assert app.run("s = lib.openSession(slot, RW); _ = privs(s); s.closeSession()") == "2"
+        assert app.run("_ = privs(s0)") == "2"
+        assert group.member("hsmA")["sessions"] >= 0
+    finally:
+        app.close()
+
+
+def test_an_unused_generated_key_is_remade_after_a_failover(ha_factory: Any) -> None:
+    """The call that meets the failure does not count as a use of the key."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + "k = aes(s0)")
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        ct = app.run("ct = bytes(s0.encrypt(k, DATA, ECB)); _ = ct.hex()")
+        assert app.run("_ = bytes(s0.decrypt(k, ct, ECB)) == DATA") == "True"
+        assert len(bytes.fromhex(ct.strip("'"))) == 32
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+    finally:
+        app.close()
+    log = group.daemon.log_text()
+    assert "session failed over" in log
+    assert "not recoverable" not in log
+
+
+def test_an_object_deleted_behind_the_daemon_costs_only_that_object(ha_factory: Any) -> None:
+    """Another application deletes a token object this one holds a handle of: using the
+    handle gets CKR_OBJECT_HANDLE_INVALID (as on the token itself), and nothing else
+    of this application on that member is touched: a used session key in another
+    session still decrypts what it encrypted."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    app, other = PyApp(group.daemon), PyApp(group.daemon)
+    try:
+        app.run(OPEN + """
+k = aes(s0)
+ct = bytes(s0.encrypt(k, DATA, ECB))
+s1 = lib.openSession(slot, RW)
+doomed = s1.createObject([(P.CKA_CLASS, P.CKO_DATA), (P.CKA_TOKEN, True),
+                          (P.CKA_LABEL, "doomed-{0}"), (P.CKA_VALUE, b"v")])
+_ = s1.getAttributeValue(doomed, [P.CKA_VALUE])
+""".replace("{0}", str(id(app))))
+        other.run(OPEN + f"""
+(o,) = s0.findObjects([(P.CKA_LABEL, "doomed-{id(app)}")])
+s0.destroyObject(o)
+""")
+        assert app.rv("s1.getAttributeValue(doomed, [P.CKA_VALUE])") == \
+            CKR["CKR_OBJECT_HANDLE_INVALID"]
+        assert app.run("_ = bytes(s0.decrypt(k, ct, ECB)) == DATA") == "True"
+        assert app.run("_ = len(s1.generateRandom(8))") == "8"
+    finally:
+        app.close()
+        other.close()
+    assert "not recoverable" not in group.daemon.log_text()
+
+
+def test_lost_session_state_costs_one_error_where_it_is_used(ha_factory: Any) -> None:
+    """A used generated key cannot be remade on another member: the session goes on
+    (calls that do not need the key succeed), the key answers CKR_DEVICE_ERROR where it
+    is used, and the loss is logged once."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + "k = aes(s0); ct = bytes(s0.encrypt(k, DATA, ECB))")
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = len(s0.generateRandom(8))") == "8"
+        assert app.rv("s0.encrypt(k, DATA, ECB)") == CKR["CKR_DEVICE_ERROR"]
+        assert app.run("_ = len(s0.generateRandom(8))") == "8"
+        assert app.run("_ = privs(s0)") == "2"
+        assert app.rv("s0.destroyObject(k)") == 0
+        assert app.rv("s0.encrypt(k, DATA, ECB)") == CKR["CKR_OBJECT_HANDLE_INVALID"]
+    finally:
+        app.close()
+    log = group.daemon.log_text()
+    assert len(re.findall("not recoverable", log)) == 1, log
+
+
+def test_a_copy_whose_source_was_destroyed_is_remade(ha_factory: Any) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + """
+src = s0.createObject([(P.CKA_CLASS, P.CKO_DATA), (P.CKA_TOKEN, False),
+                       (P.CKA_LABEL, "src"), (P.CKA_VALUE, b"payload")])
+t, n, keep = ckraw.template((P.CKA_LABEL, b"copy"))
+out = ckraw.CK_ULONG()
+assert R.C_CopyObject(H(s0), src.value(), t, n, ckraw.C.byref(out)) == 0
+copy = P.CK_OBJECT_HANDLE(s0)
+copy.assign(out.value)
+s0.destroyObject(src)
+""")
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = bytes(s0.getAttributeValue(copy, [P.CKA_VALUE])[0])") == \
+            repr(b"payload")
+        assert app.run("_ = s0.getAttributeValue(copy, [P.CKA_LABEL])[0]") == repr("copy")
+        assert app.rv("s0.getAttributeValue(src, [P.CKA_VALUE])") == \
+            CKR["CKR_OBJECT_HANDLE_INVALID"]
+    finally:
+        app.close()
+    assert "not recoverable" not in group.daemon.log_text()
+
+
+HANDLE_ROLES = f"""
+import ctypes as C
+slot = lib.getSlotList(tokenPresent=True)[0]
+s = lib.openSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+s.login("{USER_PIN}")
+h = H(s)
+bad = 0x7ffff0
+m, keep_m = ckraw.mechanism(P.CKM_SHA256)
+d = H(lib.openSession(slot, P.CKF_SERIAL_SESSION))  # the digest may stay active there
+assert R.C_DigestInit(d, C.byref(m)) == 0
+codes = [R.C_DigestKey(d, bad)]
+(kek,) = s.findObjects([(P.CKA_LABEL, "ha-kek")])
+(aes,) = s.findObjects([(P.CKA_LABEL, "ha-aes")])
+w, keep_w = ckraw.mechanism(P.CKM_AES_KEY_WRAP_PAD)
+n = ckraw.CK_ULONG(512)
+buf = (C.c_ubyte * 512)()
+codes.append(R.C_WrapKey(h, C.byref(w), bad, aes.value(), buf, C.byref(n)))
+n.value = 512
+codes.append(R.C_WrapKey(h, C.byref(w), kek.value(), bad, buf, C.byref(n)))
+t, cnt, keep_t = ckraw.template((P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
+                                (P.CKA_TOKEN, False))
+out = ckraw.CK_ULONG()
+codes.append(R.C_UnwrapKey(h, C.byref(w), bad, buf, 40, t, cnt, C.byref(out)))
+_ = codes
+"""
+
+
+def test_key_handle_roles_answer_as_the_token_does(ha_factory: Any, ha_tokens: Any) -> None:
+    """An unknown handle in a key role gets that role's *_HANDLE_INVALID, the same
+    codes SoftHSM2 gives when used directly (pkcs11test's DigestKeyInvalid)."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    direct, app = PyApp(None, SOFTHSM_SO, ha_tokens.env), PyApp(group.daemon)
+    try:
+        want = direct.run(HANDLE_ROLES)
+        got = app.run(HANDLE_ROLES)
+    finally:
+        direct.close()
+        app.close()
+    expected = [CKR["CKR_KEY_HANDLE_INVALID"], CKR["CKR_WRAPPING_KEY_HANDLE_INVALID"],
+                CKR["CKR_KEY_HANDLE_INVALID"], CKR["CKR_UNWRAPPING_KEY_HANDLE_INVALID"]]
+    assert want == str(expected)
+    assert got == want
+
+
+def test_failure_lines_name_the_member_call_and_status_forgets_old_errors(
+        ha_factory: Any) -> None:
+    """The session leaves hsmA (C_SignInit fails); on hsmB its C_OpenSession fails: the
+    line for hsmB names C_OpenSession, during the application's C_SignInit. Once both
+    are back, status shows no last error."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB", "hsmC"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + '(key,) = s0.findObjects([(P.CKA_LABEL, "ha-ec")])')
+        group.set_rules("hsmA", "C_SignInit error rv=CKR_DEVICE_ERROR\n")
+        group.set_rules("hsmB", "C_OpenSession error rv=CKR_DEVICE_ERROR count=1 procs=1\n")
+        assert app.run("_ = len(s0.sign(key, DATA, P.Mechanism(P.CKM_ECDSA)))") == "64"
+        group.set_rules("hsmA", "")
+        for name in ("hsmA", "hsmB"):
+            group.wait_state(name, "OK")
+            assert group.member(name)["last_error"] == "", group.member(name)
+    finally:
+        app.close()
+    lines = [ln for ln in group.daemon.log_text().splitlines() if "member failure detected" in ln]
+    line_b = next(ln for ln in lines if "member=hsmB" in ln)
+    assert "function=C_OpenSession" in line_b and "call=C_SignInit" in line_b, line_b
+    line_a = next(ln for ln in lines if "member=hsmA" in ln)
+    assert "function=C_SignInit" in line_a, line_a
+
+
+@pytest.mark.parametrize("policy", ["failover"])
+def test_init_token_through_p11p_keeps_the_member_findable(tmp_path: Path, policy: str) -> None:
+    """C_InitToken with a new label re-initialises the member's token, but the member
+    keeps the label its configuration names, so the next daemon start finds it."""
+    from kit import SO_PIN, Daemon, SoftHSM, one_member_group
+    hsm = SoftHSM(tmp_path / "hsm")
+    hsm.init_token("fresh")
+    daemon = Daemon(tmp_path / "d", {"t": one_member_group("virt", hsm, "fresh")})
+    daemon.start()
+    try:
+        app = PyApp(daemon)
+        try:
+            app.run(f'slot = lib.getSlotList(tokenPresent=True)[0]\n'
+                    f'lib.initToken(slot, "{SO_PIN}", "renamed")')
+            assert app.run("_ = lib.getTokenInfo(slot).label.strip()") == repr("virt")
+        finally:
+            app.close()
+    finally:
+        daemon.stop()
+    daemon.start()
+    try:
+        app = PyApp(daemon)
+        try:
+            assert app.run("_ = len(lib.getSlotList(tokenPresent=True))") == "1"
+        finally:
+            app.close()
+    finally:
+        daemon.stop()
