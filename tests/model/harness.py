@@ -1,0 +1,747 @@
+"""The differential harness: the same steps through p11p and on one SoftHSM2 token used
+directly, every result compared.
+
+Two applications (two processes each side, tests/model/worker.py) run the steps of a
+sequence; member events (faultsim rules, helper kills, hangs, drain/enable, recovery) go
+to p11p's members between the steps. A step is a plain dict, so a failing sequence
+prints as a list of dicts and replays as one (test_model.py keeps the shrunk ones).
+
+Every CK_RV must be equal, every deterministic output equal, every random output
+verified. The differences p11p documents are allowed in one place only: `Documented`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "ha"))
+from hakit import HAGroup  # noqa: E402
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids  # noqa: E402
+from p11p.protocol.constants import CKR, RV_NAMES  # noqa: E402
+
+OK = CKR["CKR_OK"]
+REF_TOKEN = "ref"
+MEMBERS = ("hsmA", "hsmB", "hsmC")
+APPS = 2
+REPLY_TIMEOUT = 30.0
+# attributes whose value is key material: random for generated keys
+MATERIAL = {"CKA_VALUE", "CKA_EC_POINT", "CKA_MODULUS", "CKA_PUBLIC_EXPONENT", "CKA_CHECK_VALUE"}
+NONDET_MECHS = {"CKM_ECDSA"}
+
+
+class Discrepancy(AssertionError):
+    """p11p and the token used directly disagree (or p11p broke a stated bound)."""
+
+    signature = ""  # what a shrunk sequence must still show: the check, the call, the codes
+
+
+class HarnessError(RuntimeError):
+    """The harness itself failed: not a finding about p11p."""
+
+
+def rv_name(rv: Any) -> str:
+    return RV_NAMES.get(rv, hex(rv)) if isinstance(rv, int) else str(rv)
+
+
+# -- worker processes -------------------------------------------------------------------
+
+class WorkerProc:
+    """One application process (worker.py) on one module."""
+
+    def __init__(self, module: Path, label: str, env: dict[str, str], name: str) -> None:
+        self.module, self.label, self.env, self.name = module, label, env, name
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "worker.py"), str(self.module), self.label],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **self.env})
+        self.pid = int(json.loads(self._readline(30.0))["ready"])
+
+    def _readline(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"{self.name}: no reply within {timeout}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise HarnessError(f"{self.name}: the worker exited with {self.proc.wait()}")
+        return line
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
+        reply: dict[str, Any] = json.loads(self._readline(timeout))
+        if "crash" in reply:
+            raise HarnessError(f"{self.name}: {reply['crash']}")
+        return reply
+
+    def call(self, cmd: dict[str, Any], timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
+        self.send(cmd)
+        return self.recv(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write('{"op": "quit"}\n')
+                proc.stdin.flush()
+                proc.wait(5)
+            except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
+                proc.kill()
+                proc.wait()
+
+
+# -- the environment: tokens, a daemon, the applications ---------------------------------
+
+def make_keys(path: Path) -> Path:
+    """keys.json in the format tests/ha/import_keys.py reads."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(65537, 2048)
+
+    def pem(k: Any) -> str:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()).decode()
+
+    def pub(k: Any) -> str:
+        return k.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    keys = {"ec_private": pem(ec_key), "ec_public": pub(ec_key), "rsa_private": pem(rsa_key),
+            "rsa_public": pub(rsa_key), "aes": os.urandom(32).hex(), "kek": os.urandom(32).hex(),
+            "secret": os.urandom(24).hex(), "find_values": [os.urandom(8).hex() for _ in range(6)]}
+    path.write_text(json.dumps(keys))
+    return path
+
+
+def make_tokens(root: Path) -> tuple[SoftHSM, Path]:
+    """The members hsmA..hsmC and the reference token, holding the same imported keys."""
+    keys = make_keys(root / "keys.json")
+    hsm = SoftHSM(root / "softhsm")
+    for label in (*MEMBERS, REF_TOKEN):
+        hsm.init_token(label)
+        subprocess.run([sys.executable, str(HERE.parent / "ha" / "import_keys.py"), str(SOFTHSM_SO),
+                        label, USER_PIN, str(keys)], env={**os.environ, **hsm.env}, check=True)
+    return hsm, keys
+
+
+class Env:
+    """A p11p group of members behind the fault module, two applications on it, and
+    their twins on the reference token."""
+
+    def __init__(self, root: Path, hsm: SoftHSM, keys: Path, policy: str, members: int) -> None:
+        self.policy = policy
+        self.members = list(MEMBERS[:members])
+        self.keys = json.loads(keys.read_text())
+        self.group = HAGroup(root, hsm, policy, self.members)
+        self.group.daemon.start()
+        self.call_timeout, self.hold_timeout = 1.5, 2.0  # HAGroup's
+        self.p11p = [WorkerProc(CLIENT_SO, "ha", self.group.daemon.env, f"p11p-app{i}")
+                     for i in range(APPS)]
+        self.ref = [WorkerProc(SOFTHSM_SO, REF_TOKEN, hsm.env, f"ref-app{i}")
+                    for i in range(APPS)]
+        self.serial = 0
+        self.hang_timers: list[threading.Timer] = []
+        self.rules: dict[str, list[str]] = {m: [] for m in self.members}
+
+    def close(self) -> None:
+        for t in self.hang_timers:
+            t.cancel()
+        for w in self.p11p + self.ref:
+            w.stop()
+        self.group.daemon.stop()
+
+    # -- member events --------------------------------------------------------------------
+
+    def write_rules(self, member: str) -> None:
+        # `procs=1` rules count their processes in files beside the rules: a new rule
+        # counts again
+        for f in self.group.rules[member].parent.glob(f"{member}.rules.procs-*"):
+            f.unlink(missing_ok=True)
+        self.group.set_rules(member, "".join(line + "\n" for line in self.rules[member]))
+
+    def admin(self, cmd: str, member: str) -> dict[str, Any]:
+        from p11p.daemon.cli import admin_request
+        path = self.group.daemon.socket.with_name(self.group.daemon.socket.name + ".admin")
+        return admin_request(path, {"cmd": cmd, "group": "ha", "member": member}, timeout=30)
+
+    def states(self) -> dict[str, str]:
+        (g,) = self.group.status()["groups"]
+        return {m["name"]: m["state"] for m in g["members"]}
+
+    def wait_all_ok(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(s == "OK" for s in self.states().values()):
+                return
+            time.sleep(0.05)
+        raise HarnessError(f"members not back in service after {timeout}s: {self.states()}")
+
+    def clear_faults(self) -> None:
+        for t in self.hang_timers:
+            t.cancel()
+        self.hang_timers.clear()
+        for m in self.members:
+            self.rules[m] = []
+            self.write_rules(m)
+            if self.states().get(m) in ("DRAINING", "DISABLED", "DRAINED"):
+                self.admin("enable", m)
+
+    def unique(self) -> str:
+        """An option that makes a rule's line new, so faultsim starts its counters again."""
+        self.serial += 1
+        return f"after={'0' * (self.serial % 16 + 1)}"
+
+    def event(self, ev: dict[str, Any]) -> None:
+        kind, m = ev["ev"], ev.get("m", "")
+        if kind == "error":
+            # the member's next call(s), in one process (faultsim counts per process)
+            self.rules[m] = [f"{ev['fn']} error rv={ev['rv']} count={ev['count']} procs=1 "
+                             f"{self.unique()}"]
+            self.write_rules(m)
+        elif kind == "down":
+            self.rules[m] = [f"* error rv=CKR_DEVICE_ERROR {self.unique()}"]
+            self.write_rules(m)
+        elif kind == "up":
+            self.rules[m] = []
+            self.write_rules(m)
+        elif kind == "reset":
+            self.rules[m] = [f"* close-sessions {self.unique()}"]
+            self.write_rules(m)
+        elif kind == "hang":
+            line = f"{ev.get('fn', '*')} hang {self.unique()}"
+            self.rules[m] = [line]
+            self.write_rules(m)
+
+            def unhang(member: str = m, line: str = line) -> None:
+                if line in self.rules[member]:
+                    self.rules[member].remove(line)
+                    self.write_rules(member)
+            t = threading.Timer(self.call_timeout + 0.5, unhang)
+            t.daemon = True
+            t.start()
+            self.hang_timers.append(t)
+        elif kind == "kill":
+            pid = self.app_helper(self.p11p[ev["app"]].pid, m)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        elif kind in ("drain", "enable"):
+            reply = self.admin(kind, m)
+            if "error" in reply:
+                raise HarnessError(f"{kind} {m}: {reply}")
+        elif kind == "settle":
+            self.settle(set(ev.get("exempt", [])))
+        else:
+            raise HarnessError(f"unknown event {ev}")
+
+    def settle(self, exempt: set[str], timeout: float = 20.0) -> None:
+        """Waits until every member but `exempt` (held out on purpose) is in service."""
+        for t in self.hang_timers:
+            t.join(10)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.states()
+            if all(s == "OK" or m in exempt for m, s in states.items()):
+                return
+            time.sleep(0.05)
+        raise HarnessError(f"members not recovered after {timeout}s: {self.states()}")
+
+    def app_helper(self, app_pid: int, member: str) -> int | None:
+        import re
+        found = re.findall(rf"pid={app_pid} member={member} helper pid=(\d+)",
+                           self.group.daemon.log_text())
+        alive = set(helper_pids(self.group.daemon.pid))
+        for pid in reversed([int(p) for p in found]):
+            if pid in alive:
+                return pid
+        return None
+
+
+# -- the model ------------------------------------------------------------------------
+
+@dataclass
+class Obj:
+    kind: str              # data, aes, hmac, ecpub, rsapub, ecpriv, rsapriv, gaes, gecpub, gecpriv
+    token: bool
+    owner: str | None      # the session that made a session object
+    random: bool = False   # made from random material (generated, or from such a key)
+    used: bool = False
+    app: int = 0
+    private: bool = True   # CKA_PRIVATE (the model takes true unless a template says false)
+
+
+@dataclass
+class Session:
+    rw: bool
+    ops: dict[str, str] = field(default_factory=dict)  # fn -> key name ('' for digest)
+    finding: bool = False
+    diverged: bool = False  # a documented difference happened on it: only closed from now
+
+
+IMPORTED = {  # name a find gives an imported object -> kind
+    "3/ha-ec//T": "ecpriv", "3/ha-rsa//T": "rsapriv", "4/ha-aes//T": "haes",
+    "4/ha-kek//T": "kek", "0/ha-secret//T": "secret",
+    **{f"0/ha-find/find-{i}/T": "find" for i in range(6)},
+}
+
+
+class Documented:
+    """The differences between p11p and the token used directly that p11p documents:
+    the only ones this harness lets pass. Each names the text that documents it."""
+
+    @staticmethod
+    def unreplayable_session_state(runner: Runner, app: int, step: dict[str, Any],
+                                   p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README "What it is": p11p "replays operation state when a member fails";
+        DESIGN.md "Failure handling", Replay: session objects are rebuilt from their
+        recipes, "a generated key only until it has been used", and "what cannot be
+        replayed marks the session unrecoverable" (the call gets CKR_DEVICE_ERROR,
+        router: "session state lost"). Allowed only on a session that holds a used
+        object made of random material when a member event happened since its use."""
+        if p.get("rv") != CKR["CKR_DEVICE_ERROR"] or r.get("rv") == p.get("rv"):
+            return False
+        s = step.get("s")
+        tainted = runner.tainted[app]
+        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
+        owners = {runner.objs[app][n].owner for n in names if n in runner.objs[app]}
+        return s in tainted or bool(owners & tainted)
+
+
+class Runner:
+    """Runs steps on both sides and compares them; keeps the model the generator asks."""
+
+    def __init__(self, env: Env, verbose: bool = False) -> None:
+        self.env = env
+        self.verbose = verbose
+        self.log: list[dict[str, Any]] = []
+        self.calls = 0
+        self.examples = -1
+        self.kinds: Counter[str] = Counter()
+        self.reset(first=True)
+
+    # -- between examples -----------------------------------------------------------------
+
+    def reset(self, first: bool = False) -> None:
+        env = self.env
+        self.examples += 1
+        env.clear_faults()
+        env.wait_all_ok()
+        made_token_objects = first or getattr(self, "token_made", False)
+        for w in env.p11p + env.ref:
+            try:
+                w.call({"op": "finalize"}, timeout=10)  # CKR_CRYPTOKI_NOT_INITIALIZED is fine
+            except (TimeoutError, HarnessError):
+                w.restart()
+        if made_token_objects:
+            env.ref[0].call({"op": "init"})
+            env.ref[0].call({"op": "cleanup", "pin": USER_PIN})
+            env.ref[0].call({"op": "finalize"})
+        for w in env.p11p + env.ref:
+            reply = w.call({"op": "init"})
+            if reply["rv"] != OK or not reply["slot_found"]:
+                raise HarnessError(f"{w.name}: C_Initialize {reply}")
+        self.sessions: list[dict[str, Session]] = [{} for _ in range(APPS)]
+        self.objs: list[dict[str, Obj]] = [{} for _ in range(APPS)]
+        self.logged_in = [False] * APPS
+        self.values: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # id -> (p11p, ref, meta)
+        self.finds: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
+        self.tainted: list[set[str]] = [set() for _ in range(APPS)]
+        # handles of private objects the application had when it was logged out (the
+        # token direct makes them invalid; a find after login gives new ones)
+        self.stale: list[set[str]] = [set() for _ in range(APPS)]
+        self.homes: dict[str, str] = {}   # token object made through p11p -> its member
+        self.down: set[str] = set()       # members a persistent error holds out
+        self.hung: set[str] = set()       # members hung (until a settle)
+        self.drained: set[str] = set()
+        self.events = 0
+        self.token_made = False
+        self.counter = 0
+        self.made: dict[str, Obj] = {}  # every object the model made, by name
+        self.log = []
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    # -- one step ------------------------------------------------------------------------
+
+    def run(self, step: dict[str, Any]) -> None:
+        self.log.append(step)
+        self.kinds[step.get("ev") or step["op"]] += 1
+        if self.verbose:
+            print("  step", json.dumps(step), flush=True)
+        if "ev" in step:
+            self.apply_event(step)
+            return
+        app = step["app"]
+        cmd = {k: v for k, v in step.items() if k not in ("app", "id")}
+        pcmd, rcmd = self.resolve(cmd, 0), self.resolve(cmd, 1)
+        if step["op"] in ("create", "genkey", "genpair", "copy", "unwrap", "derive") \
+                and self.is_token_write(step):
+            self.note_home(step)
+        start = time.monotonic()
+        self.env.p11p[app].send(pcmd)
+        self.env.ref[app].send(rcmd)
+        try:
+            p = self.env.p11p[app].recv()
+        except TimeoutError:
+            self.env.p11p[app].restart()
+            self.env.p11p[app].call({"op": "init"})
+            raise Discrepancy(f"p11p gave no reply within {REPLY_TIMEOUT}s") from None
+        took = time.monotonic() - start
+        r = self.env.ref[app].recv()
+        self.calls += 1
+        self.compare(app, step, p, r, took)
+        self.update(app, step, p, r)
+
+    def resolve(self, cmd: dict[str, Any], side: int) -> dict[str, Any]:
+        """Data a step takes from an earlier output: each side its own."""
+        out = dict(cmd)
+        for k, v in cmd.items():
+            if isinstance(v, dict) and "ref" in v:
+                raw = bytes.fromhex(self.values[v["ref"]][side])
+                if v.get("flip") and raw:
+                    raw = bytes([raw[0] ^ 1]) + raw[1:]
+                out[k] = raw.hex()
+        return out
+
+    def is_token_write(self, step: dict[str, Any]) -> bool:
+        templates = [step.get("t") or [], step.get("priv_t") or [], step.get("pub_t") or []]
+        if any(["CKA_TOKEN", True] in t for t in templates):
+            return True
+        if step["op"] == "copy":
+            src = self.objs[step["app"]].get(step["src"])
+            return bool(src and src.token) and ["CKA_TOKEN", False] not in step["t"]
+        return False
+
+    def note_home(self, step: dict[str, Any]) -> None:
+        states = self.env.states()
+        home = next((m for m in self.env.members if states[m] == "OK"), None)
+        for name in (step.get("o"), step.get("pub"), step.get("priv")):
+            if name and home:
+                self.homes[name] = home
+        self.token_made = True
+
+    # -- comparing -------------------------------------------------------------------------
+
+    def fail(self, app: int, step: dict[str, Any], p: dict[str, Any], r: dict[str, Any],
+             why: str) -> None:
+        exc = Discrepancy(f"{why}\n  step: {json.dumps(step)}\n  p11p:   {self.show(p)}\n"
+                          f"  direct: {self.show(r)}")
+        exc.signature = (f"{why.split(':')[0]} {step.get('op')} {step.get('fn', '')} "
+                         f"{rv_name(p.get('rv'))} {rv_name(r.get('rv'))}")
+        raise exc
+
+    @staticmethod
+    def show(reply: dict[str, Any]) -> str:
+        return json.dumps({k: (rv_name(v) if k in ("rv", "qrv", "rv2") else v)
+                           for k, v in reply.items()})
+
+    def random_inputs(self, app: int, step: dict[str, Any]) -> bool:
+        for k in ("k", "wk", "uk", "base", "src", "o"):
+            obj = self.objs[app].get(step.get(k, ""))
+            if obj is not None and obj.random and k != "o":
+                return True
+        if step.get("op") == "getattr":
+            obj = self.objs[app].get(step["o"])
+            return bool(obj and obj.random)
+        # data taken from an earlier output that was random on one side
+        return any(isinstance(v, dict) and "ref" in v and
+                   self.values[v["ref"]][0] != self.values[v["ref"]][1] for v in step.values())
+
+    def compare(self, app: int, step: dict[str, Any], p: dict[str, Any], r: dict[str, Any],
+                took: float) -> None:
+        limit = self.env.call_timeout + self.env.hold_timeout + 1.0
+        if took > limit:
+            self.fail(app, step, p, r, f"the call took {took:.1f}s (call_timeout "
+                      f"{self.env.call_timeout}s, hold_timeout {self.env.hold_timeout}s)")
+        for key in ("rv", "qrv", "rv2"):
+            if p.get(key) != r.get(key):
+                if key == "rv" and Documented.unreplayable_session_state(self, app, step, p, r):
+                    self.diverge(app, step["s"])
+                    return
+                self.fail(app, step, p, r, f"{key} differs")
+        op = step["op"]
+        nondet = self.random_inputs(app, step) or step.get("mech", {}).get("m") in NONDET_MECHS
+        if "out" in p or "out" in r:
+            po, ro = p.get("out", ""), r.get("out", "")
+            if nondet:
+                if len(po) != len(ro):
+                    self.fail(app, step, p, r, "output lengths differ")
+            elif po != ro:
+                self.fail(app, step, p, r, "outputs differ")
+            if step.get("mech", {}).get("m") == "CKM_ECDSA" and op in ("oneshot", "final"):
+                self.check_ecdsa(app, step, p, r)
+        for key in ("qlen", "state", "flags", "len", "lens"):
+            if p.get(key) != r.get(key):
+                if key == "qlen" and nondet:
+                    continue
+                self.fail(app, step, p, r, f"{key} differs")
+        if "values" in p:
+            for i, a in enumerate(step["a"]):
+                pv, rv = p["values"][i], r["values"][i]
+                if a in MATERIAL and self.random_inputs(app, step):
+                    same = (pv is None) == (rv is None) and len(pv or "") == len(rv or "")
+                else:
+                    same = pv == rv
+                if not same:
+                    self.fail(app, step, p, r, f"{a} differs")
+        if op == "find":
+            pf, rf = p.get("found", []), r.get("found", [])
+            if len(pf) != len(rf):
+                self.fail(app, step, p, r, "find: numbers of objects differ")
+            acc = self.finds.setdefault((app, step["s"]), ([], []))
+            acc[0].extend(pf)
+            acc[1].extend(rf)
+            # the order of a search's result is the token's (PKCS#11 sets none): the whole
+            # result is compared as a set once it is complete
+            if len(pf) < step["max"] and sorted(acc[0]) != sorted(acc[1]):
+                self.fail(app, step, p, r, f"find: results differ: p11p {sorted(acc[0])} "
+                          f"direct {sorted(acc[1])}")
+        if op == "find_final":
+            acc = self.finds.pop((app, step["s"]), ([], []))
+            if sorted(acc[0]) != sorted(acc[1]):
+                self.fail(app, step, p, r, f"find: results differ: p11p {sorted(acc[0])} "
+                          f"direct {sorted(acc[1])}")
+
+    def check_ecdsa(self, app: int, step: dict[str, Any], p: dict[str, Any],
+                    r: dict[str, Any]) -> None:
+        """A signature by the imported EC key verifies with its public key (both sides)."""
+        key = step.get("k") or self.sessions[app][step["s"]].ops.get("Sign", "")
+        obj = self.objs[app].get(key)
+        if obj is None or obj.kind != "ecpriv" or "data" not in step or p.get("rv") != OK:
+            return
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, utils
+        pub = serialization.load_pem_public_key(self.env.keys["ec_public"].encode())
+        data = bytes.fromhex(step["data"])
+        for side, reply in (("p11p", p), ("direct", r)):
+            sig = bytes.fromhex(reply["out"])
+            der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                             int.from_bytes(sig[32:], "big"))
+            try:
+                pub.verify(der, data, ec.ECDSA(utils.Prehashed(hashes.SHA256())))  # type: ignore[union-attr,call-arg]
+            except (InvalidSignature, ValueError):
+                self.fail(app, step, p, r, f"the {side} ECDSA signature does not verify")
+
+    def diverge(self, app: int, s: str) -> None:
+        sess = self.sessions[app].get(s)
+        if sess is not None:
+            sess.diverged = True
+        for name in [n for n, o in self.objs[app].items() if o.owner in self.tainted[app]]:
+            del self.objs[app][name]
+
+    # -- the model after a step -------------------------------------------------------------
+
+    def update(self, app: int, step: dict[str, Any], p: dict[str, Any], r: dict[str, Any]) -> None:
+        op, ok = step["op"], p.get("rv") == OK and r.get("rv") == OK
+        sessions, objs = self.sessions[app], self.objs[app]
+        if "id" in step and "out" in p and "out" in r:
+            self.values[step["id"]] = (p["out"], r["out"], dict(step))
+        if not ok:
+            if op in ("update", "final", "oneshot") and step.get("fn") in sessions.get(
+                    step.get("s", ""), Session(True)).ops:
+                # a failed part ends the operation (PKCS#11), except a too-short buffer
+                if p.get("rv") != CKR["CKR_BUFFER_TOO_SMALL"]:
+                    sessions[step["s"]].ops.pop(step["fn"], None)
+            return
+        s = step.get("s")
+        if op == "open":
+            sessions[s] = Session(step.get("rw", True))
+        elif op == "close":
+            sessions.pop(s, None)
+            self.drop_session_objects(app, {s})
+            if not sessions:
+                self.logged_out(app)
+        elif op == "closeall":
+            self.drop_session_objects(app, set(sessions))
+            sessions.clear()
+            self.logged_out(app)
+        elif op == "login":
+            self.logged_in[app] = True
+        elif op == "logout":
+            self.logged_out(app)
+        elif op == "find_init":
+            sessions[s].finding = True
+        elif op == "find":
+            for name in p.get("found", []):
+                self.stale[app].discard(name)
+                if name in objs:
+                    continue
+                if name in IMPORTED:
+                    objs[name] = Obj(IMPORTED[name], True, None, app=app,
+                                     private=IMPORTED[name] != "find")
+                elif name.startswith("m-"):
+                    made = self.made.get(name)
+                    if made is not None:
+                        objs[name] = Obj(made.kind, True, None, made.random, app=app)
+        elif op == "find_final":
+            sessions[s].finding = False
+        elif op in ("create", "genkey", "copy", "unwrap", "derive"):
+            token = self.is_token_write(step)
+            src = [objs.get(step.get(k, "")) for k in ("src", "uk", "base", "k")]
+            random = op == "genkey" or any(o is not None and o.random for o in src) or (
+                op == "unwrap" and isinstance(step.get("data"), dict))
+            kind = step.get("kind", "data")
+            if op == "copy" and step["src"] in objs:
+                kind = objs[step["src"]].kind
+            private = ["CKA_PRIVATE", False] not in (step.get("t") or [])
+            if op == "copy" and step["src"] in objs:
+                private = objs[step["src"]].private
+            obj = Obj(kind, token, None if token else s, random, app=app, private=private)
+            objs[step["o"]] = obj
+            self.made[step["o"]] = obj
+        elif op == "genpair":
+            token = self.is_token_write(step)
+            for name, kind in ((step["pub"], "gecpub"), (step["priv"], "gecpriv")):
+                obj = Obj(kind, token, None if token else s, True, app=app)
+                objs[name] = self.made[name] = obj
+        elif op == "destroy":
+            objs.pop(step["o"], None)
+            self.homes.pop(step["o"], None)
+            for other in self.objs:
+                other.pop(step["o"], None)
+        elif op == "opinit":
+            sessions[s].ops[step["fn"]] = step.get("k", "")
+            self.mark_used(app, step.get("k"))
+        elif op in ("oneshot", "final"):
+            key = sessions[s].ops.pop(step["fn"], None)
+            self.mark_used(app, key)
+        elif op in ("wrap",):
+            self.mark_used(app, step.get("wk"))
+            self.mark_used(app, step.get("k"))
+        elif op == "digestkey":
+            self.mark_used(app, step.get("k"))
+
+    def logged_out(self, app: int) -> None:
+        self.logged_in[app] = False
+        self.stale[app] |= {n for n, o in self.objs[app].items() if o.private}
+
+    def mark_used(self, app: int, name: str | None) -> None:
+        obj = self.objs[app].get(name or "")
+        if obj is not None and obj.random and not obj.token:
+            obj.used = True
+
+    def drop_session_objects(self, app: int, sessions: set[str]) -> None:
+        for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:
+            del self.objs[app][name]
+        self.tainted[app] -= sessions
+        for s in sessions:
+            self.finds.pop((app, s), None)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def apply_event(self, ev: dict[str, Any]) -> None:
+        kind, m = ev["ev"], ev.get("m")
+        if kind == "settle":
+            ev = {**ev, "exempt": sorted(self.down | self.drained)}
+        self.env.event(ev)
+        if kind == "down":
+            self.down.add(m)  # type: ignore[arg-type]
+        elif kind == "hang":
+            self.hung.add(m)  # type: ignore[arg-type]
+        elif kind == "up":
+            self.down.discard(m)  # type: ignore[arg-type]
+        elif kind == "drain":
+            self.drained.add(m)  # type: ignore[arg-type]
+        elif kind == "enable":
+            self.drained.discard(m)  # type: ignore[arg-type]
+        elif kind == "settle":
+            self.hung.clear()
+        if kind not in ("settle", "enable", "up"):
+            self.events += 1
+            # sessions holding used objects of random material may lose them (Documented)
+            for app in range(APPS):
+                for o in self.objs[app].values():
+                    if o.used and o.owner is not None:
+                        self.tainted[app].add(o.owner)
+
+    def out_of_service(self) -> set[str]:
+        return self.down | self.hung | self.drained
+
+    def may_hit(self, m: str) -> bool:
+        """A transient fault: never on a member holding a token object written through
+        p11p (write_policy "primary" writes to one member: README, Limits)."""
+        return m not in self.homes.values()
+
+    def may_take_down(self, m: str) -> bool:
+        """At least one member stays in service, and no member holding a token object
+        written through p11p (write_policy "primary": README, Limits) is touched."""
+        if m in self.homes.values():
+            return False
+        return len(self.out_of_service() | {m}) < len(self.env.members)
+
+
+def replay(env: Env, steps: list[dict[str, Any]], verbose: bool = True) -> Runner:
+    """Runs a kept sequence from a fresh start (the regression tests)."""
+    runner = Runner(env, verbose=verbose)
+    for step in steps:
+        runner.run(step)
+    return runner
+
+
+def failure_of(env: Env, steps: list[dict[str, Any]]) -> str | None:
+    """The first line of the discrepancy a sequence meets from a fresh start, or None."""
+    try:
+        replay(env, steps, verbose=False)
+    except Discrepancy as exc:
+        return exc.signature or str(exc).splitlines()[0]
+    except HarnessError:
+        return None
+    return None
+
+
+def shrink(env: Env, steps: list[dict[str, Any]], why: str, budget: float) -> list[dict[str, Any]]:
+    """Delta debugging over the steps: the shortest sequence found within `budget`
+    seconds that still meets the same discrepancy (same first line)."""
+    deadline = time.monotonic() + budget
+    steps = list(steps)
+    # the failing step is the last one that ran; what follows it never ran
+    n = 2
+    while len(steps) >= 2 and time.monotonic() < deadline:
+        chunk = max(len(steps) // n, 1)
+        removed = False
+        for start in range(len(steps) - 1 - chunk, -1, -chunk) if chunk < len(steps) else []:
+            if time.monotonic() >= deadline:
+                break
+            candidate = steps[:start] + steps[start + chunk:]
+            if failure_of(env, candidate) == why:
+                steps, removed = candidate, True
+                break
+        if removed:
+            n = max(n - 1, 2)
+        elif chunk == 1:
+            break
+        else:
+            n = min(n * 2, len(steps))
+    return steps
