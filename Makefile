@@ -10,7 +10,7 @@ DEB_PACKAGES := softhsm2 opensc libp11-kit-dev p11-kit libmsgpack-dev libengine-
                 openssl gcc make python3-dev swig gnutls-bin p11-kit-modules systemd util-linux
 PYTEST_ARGS ?=
 
-.PHONY: all build deps test demo clean lint gen-check pytest bench install
+.PHONY: all build deps test demo clean lint gen-check pytest bench install soak
 
 all: build
 
@@ -51,6 +51,12 @@ test: build gen-check lint pytest
 
 demo: build
 	@bash demo/demo.sh
+
+# Model-based differential tests (tests/model) with random seeds for SOAK_MINUTES minutes,
+# split between the policies; stops at the first discrepancy with its shrunk sequence.
+SOAK_MINUTES ?= 30
+soak: build
+	$(PYTHON) tests/model/soak.py --minutes $(SOAK_MINUTES)
 
 # Speed and footprint against the direct module and p11-kit's remoting (not in `make test`).
 bench: build $(BUILD)/p11bench

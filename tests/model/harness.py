@@ -467,9 +467,13 @@ class Runner:
                            for k, v in reply.items()})
 
     def random_inputs(self, app: int, step: dict[str, Any]) -> bool:
-        for k in ("k", "wk", "uk", "base", "src", "o"):
-            obj = self.objs[app].get(step.get(k, ""))
-            if obj is not None and obj.random and k != "o":
+        keys = [step.get(k, "") for k in ("k", "wk", "uk", "base", "src")]
+        sess = self.sessions[app].get(step.get("s", ""))
+        if step["op"] in ("oneshot", "update", "final") and sess is not None:
+            keys.append(sess.ops.get(step["fn"], ""))  # the key of the operation it goes on
+        for k in keys:
+            obj = self.objs[app].get(k)
+            if obj is not None and obj.random:
                 return True
         if step.get("op") == "getattr":
             obj = self.objs[app].get(step["o"])
@@ -642,6 +646,9 @@ class Runner:
             self.mark_used(app, step.get("k"))
         elif op == "digestkey":
             self.mark_used(app, step.get("k"))
+            key = objs.get(step.get("k", ""))
+            if key is not None and key.random and "Digest" in sessions[s].ops:
+                sessions[s].ops["Digest"] = step["k"]  # the digest depends on it now
 
     def logged_out(self, app: int) -> None:
         self.logged_in[app] = False

@@ -107,3 +107,18 @@ def test_an_active_find_blocks_other_operations(model_env: Env) -> None:
         {"app": 0, "op": "find_init", "s": "s1", "t": [["CKA_LABEL", "68612d616573"]]},
         {"app": 0, "op": "opinit", "s": "s1", "fn": "Digest", "mech": {"m": "CKM_SHA256"}},
     ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: after a member reset (faultsim "
+                   "close-sessions: the module forgets sessions and logins) a new session of "
+                   "the logged-in application is not logged in on that member: its find "
+                   "returns only public objects")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_new_session_after_a_member_reset_finds_private_objects(model_env: Env) -> None:
+    replay(model_env, [
+        OPEN_S1, LOGIN_S1,
+        {"ev": "reset", "m": "hsmA"},
+        {"app": 0, "op": "open", "s": "s18", "rw": True},
+        {"app": 0, "op": "find_init", "s": "s18", "t": []},
+        {"app": 0, "op": "find", "s": "s18", "max": 32},
+    ])
