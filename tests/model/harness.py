@@ -586,11 +586,11 @@ class Runner:
             sessions.pop(s, None)
             self.drop_session_objects(app, {s})
             if not sessions:
-                self.logged_out(app)
+                self.logged_out(app, every_handle=True)
         elif op == "closeall":
             self.drop_session_objects(app, set(sessions))
             sessions.clear()
-            self.logged_out(app)
+            self.logged_out(app, every_handle=True)
         elif op == "login":
             self.logged_in[app] = True
         elif op == "logout":
@@ -650,9 +650,11 @@ class Runner:
             if key is not None and key.random and "Digest" in sessions[s].ops:
                 sessions[s].ops["Digest"] = step["k"]  # the digest depends on it now
 
-    def logged_out(self, app: int) -> None:
+    def logged_out(self, app: int, every_handle: bool = False) -> None:
+        """A logout makes the handles of private objects stale on the token; the last
+        session's end makes every handle stale (SoftHSM2 forgets the slot's handles)."""
         self.logged_in[app] = False
-        self.stale[app] |= {n for n, o in self.objs[app].items() if o.private}
+        self.stale[app] |= {n for n, o in self.objs[app].items() if o.private or every_handle}
 
     def mark_used(self, app: int, name: str | None) -> None:
         obj = self.objs[app].get(name or "")
