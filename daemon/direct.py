@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from p11p.daemon import budget
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
 from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
+from p11p.daemon.shapes import KeyMissing
 from p11p.protocol.constants import CKR
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class Direct:
         if vs.ops or vs.find is not None:
             return [CKR["CKR_OPERATION_ACTIVE"]]
         await self.revoke(vs)
-        await self.router.call_prepare(ctx, vs)  # placed, opened, logged in
+        await self.router.bind.call_prepare(ctx, vs)  # placed, opened, logged in
         member = vs.member
         if member is None or member.slot_id is None or member not in vs.real:
             return [CKR["CKR_FUNCTION_FAILED"]]
@@ -96,7 +97,7 @@ class Direct:
                 return [CKR["CKR_FUNCTION_FAILED"]]
             reply = await helper.call([FAST_ALLOW, real], deadline - time.monotonic())
         except MemberUnavailable as exc:
-            self.router.member_failed(member, exc, "DIRECT_BIND")
+            self.router.failures.member_failed(member, exc, "DIRECT_BIND")
             return [CKR["CKR_FUNCTION_FAILED"]]
         if reply[0] != OK:
             return [reply[0]]
@@ -137,13 +138,12 @@ class Direct:
         if binding is None:
             return [CKR["CKR_SESSION_HANDLE_INVALID"]]
         vobj = ctx.objects.get(req[2])
-        from p11p.daemon.router import KeyMissing
         try:
-            real = await self.router.ensure_object(ctx, vs, vobj, binding.member)
+            real = await self.router.resolve.ensure_object(ctx, vs, vobj, binding.member)
         except KeyMissing:
             return [CKR["CKR_KEY_HANDLE_INVALID"]]
         except MemberUnavailable as exc:
-            self.router.member_failed(binding.member, exc, "DIRECT_KEY")
+            self.router.failures.member_failed(binding.member, exc, "DIRECT_KEY")
             return [CKR["CKR_DEVICE_ERROR"]]
         vobj.used = True
         return [OK, real]
@@ -163,7 +163,7 @@ class Direct:
         if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects:
             # what the failed (or late) call left in the member session goes with it;
             # the next call opens a fresh one (session objects would be lost: kept then)
-            await self.router.forget_real(ctx, vs, member)
+            await self.router.bind.forget_real(ctx, vs, member)
         return [OK]
 
     async def _hung(self, ctx: ApplicationContext, vs: VirtualSession, binding: Binding) -> bool:
@@ -196,7 +196,7 @@ class Direct:
         now = time.monotonic()
         ctx.carried[vs.handle] = (now - stuck, now)
         helper.kill()
-        self.router.member_failed(member, CallTimedOut(member.name, why), "(direct call)")
+        self.router.failures.member_failed(member, CallTimedOut(member.name, why), "(direct call)")
         return True
 
     def member_back(self, member: Member) -> None:
@@ -227,7 +227,7 @@ class Direct:
         await self.revoke(vs)
         # a direct operation it may have left there goes with the member session
         if not vs.objects and vs.real.get(binding.member) == binding.real and not ctx.closed:
-            await self.router.forget_real(ctx, vs, binding.member)
+            await self.router.bind.forget_real(ctx, vs, binding.member)
 
     async def revoke(self, vs: VirtualSession) -> None:
         """The session's binding ends: its direct calls are refused from now on."""

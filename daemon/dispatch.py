@@ -250,13 +250,13 @@ class Dispatcher:
         if len(ctx.sessions) >= self.daemon.config.max_sessions_per_app:
             self.limit(ctx, "max_sessions_per_app", self.daemon.config.max_sessions_per_app)
             return [CKR["CKR_SESSION_COUNT"], None]
-        vs = await self.router.open_session(ctx, group, flags)
+        vs = await self.router.bind.open_session(ctx, group, flags)
         return [OK, vs.handle]
 
     async def close_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         try:
-            await self.router.close_session(ctx, vs)
+            await self.router.bind.close_session(ctx, vs)
         finally:
             vs.group.objects_changed()  # the session objects it made are gone
         return [OK]
@@ -265,7 +265,7 @@ class Dispatcher:
         group = self.group(ctx, req[1])
         try:
             for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
-                await self.router.close_session(ctx, vs)
+                await self.router.bind.close_session(ctx, vs)
         finally:
             group.objects_changed()
         return [OK]
@@ -290,7 +290,7 @@ class Dispatcher:
             # the application's other member sessions are logged in too, as all its
             # sessions on a token are (invariant 1): a session that stays on another
             # member (an operation running there) must not see itself logged out
-            await self.router.login_everywhere(ctx, vs.group)
+            await self.router.bind.login_everywhere(ctx, vs.group)
         return reply
 
     async def logout(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
@@ -304,7 +304,7 @@ class Dispatcher:
                                  if member in s.real), ctx.utility.get(member))
                     if real is not None:
                         try:
-                            await self.router.raw(ctx, member, [req[0], real])
+                            await self.router.link.raw(ctx, member, [req[0], real])
                         except Exception:  # the member is failing; its login goes with it
                             log.debug("%s logout on %s failed", ctx.name, member.name)
                 ctx.logged_in.discard(member)
@@ -408,7 +408,7 @@ class Dispatcher:
     async def find_objects(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
         vs = ctx.sessions.get(req[1])
         if vs.find is not None and vs.find.pending is not None:
-            return self.router.pending_batch(vs, req)
+            return self.router.bind.pending_batch(vs, req)
         return await self.router.call(ctx, vs, req)
 
     async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:

@@ -75,7 +75,7 @@ class Daemon:
                 member.on_helper_death = self._helper_died
 
     def _helper_died(self, member: Member, why: str) -> None:
-        self.router.member_failed(member, MemberUnavailable(member.name, why), "(helper exit)")
+        self.router.failures.member_failed(member, MemberUnavailable(member.name, why), "(helper exit)")
 
     # -- start / stop -----------------------------------------------------------------
 
@@ -282,9 +282,9 @@ class Daemon:
             for vs in ctx.sessions.values():
                 # sessions served elsewhere may keep an idle member session here too
                 if member in vs.real and (vs.member is not member or vs.movable):
-                    await self.router.leave(ctx, vs, member)
+                    await self.router.bind.leave(ctx, vs, member)
                     moved += 1
-            await self.router.close_utility(ctx, member)
+            await self.router.bind.close_utility(ctx, member)
         return moved
 
     def enable(self, member: Member) -> None:

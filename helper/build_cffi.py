@@ -148,7 +148,7 @@ def _shim(fn: object) -> tuple[str, str]:
 
 def structured_mechanisms(spec: ModuleType) -> str:
     """C: whether a mechanism's parameter is a structure (protocol/mechanisms.spec), the
-    same set the daemon's router._unsafe and the helper's mechanisms.py use: such a
+    same set the daemon's shapes.unsafe_arguments and the helper's mechanisms.py use: such a
     parameter sent as raw bytes is refused on both planes."""
     cases = "".join(f"\tcase {value:#x}UL: /* {m.name} */\n"
                     for value, m in sorted(spec.mechanisms().items()))

@@ -13,7 +13,7 @@
  * Arguments get the daemon path's checks (DESIGN, invariant 5): a mechanism of
  * protocol/mechanisms.spec, whose parameter is a structure, sent with raw bytes is
  * CKR_MECHANISM_PARAM_INVALID (p11p_structured_mechanism() is generated from that file
- * by build_cffi.py), as router._unsafe answers it. The daemon asks how long the oldest
+ * by build_cffi.py), as shapes.unsafe_arguments answers it. The daemon asks how long the oldest
  * call has been inside the module (p11p_fast_stuck) when a client says one hung. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

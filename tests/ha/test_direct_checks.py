@@ -1,6 +1,6 @@
 """Both planes apply the same argument checks (DESIGN, invariant 5): a C_SignInit whose
 mechanism has a structured parameter (protocol/mechanisms.spec) sent as raw bytes is
-refused with CKR_MECHANISM_PARAM_INVALID by the daemon (router._unsafe) and by the
+refused with CKR_MECHANISM_PARAM_INVALID by the daemon (shapes.unsafe_arguments) and by the
 helper's direct path (fast.c), and the module never sees it: the member stays OK.
 
 The requests are made by hand, as a hostile application would: through the daemon's

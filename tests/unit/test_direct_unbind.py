@@ -37,9 +37,12 @@ class _Helper:
 
 
 class _Router:
+    """The router's failures and bind stages, as far as the direct path uses them."""
+
     def __init__(self) -> None:
         self.failed: list[Any] = []
         self.forgotten: list[Any] = []
+        self.failures = self.bind = self
 
     def member_failed(self, member: Any, exc: Exception, function: str) -> None:
         self.failed.append((member, exc))

@@ -132,8 +132,8 @@ class LoginMachine(RuleBasedStateMachine):
         for ctx in self.apps:
             for vs in ctx.sessions.values():
                 if m in vs.real and (vs.member is not m or vs.movable):
-                    self.run(self.d.router.leave(ctx, vs, m))
-            self.run(self.d.router.close_utility(ctx, m))
+                    self.run(self.d.router.bind.leave(ctx, vs, m))
+            self.run(self.d.router.bind.close_utility(ctx, m))
 
     @rule(member=st.integers(0, 2))
     def fail(self, member: int) -> None:
@@ -142,7 +142,7 @@ class LoginMachine(RuleBasedStateMachine):
         if m.health.state is not MemberState.OK or sum(
                 x.health.state is MemberState.OK for x in self.d.group.members) < 2:
             return
-        self.d.router.member_failed(m, MemberUnavailable(m.name, "test"), "test")
+        self.d.router.failures.member_failed(m, MemberUnavailable(m.name, "test"), "test")
         for pid, ctx in ((1, self.apps[0]), (2, self.apps[1])):
             helper = self.d.helpers[(pid, m.name)] = type(self.d.helpers[(pid, m.name)])(
                 self.d.tokens[m.name])

@@ -1,0 +1,277 @@
+"""The bind stage: the virtual session on a member, ready for its call: the member
+session opened, the application logged in (invariant 1: on every member session that
+serves it; a member's login ends with the application's last member session there),
+and what the session had elsewhere replayed: session objects from their recipes, the
+active operations with their updates, an open find. What cannot be rebuilt is marked
+lost, logged once, and answers CKR_DEVICE_ERROR where it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from p11p.daemon import budget
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.errors import CKError, MemberUnavailable
+from p11p.daemon.helperproc import CallTimedOut
+from p11p.daemon.members import Group, Member, MemberState
+from p11p.daemon.policy import Operation
+from p11p.daemon.shapes import (
+    ALREADY_LOGGED_IN,
+    CODE,
+    DEVICE_ERROR,
+    OK,
+    SESSION_CLOSED,
+    SESSION_HANDLE_INVALID,
+    SHAPES,
+    KeyMissing,
+    Reply,
+    SessionVanished,
+    digest,
+)
+from p11p.daemon.virtual import FindState, VirtualSession
+from p11p.protocol.constants import CKR, rv_name
+
+if TYPE_CHECKING:
+    from p11p.daemon.router import Router
+
+log = logging.getLogger("p11p.ha")
+
+
+class SessionBuilder:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def session_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> int:
+        real = vs.real.get(member)
+        if real is None:
+            reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
+                                                     vs.flags, 0])
+            if reply[0] != OK:
+                raise CKError(reply[0], f"re-opening the session on {member.name}")
+            real = reply[1]
+            vs.real[member] = real
+        try:
+            await self.login_on(ctx, vs.group, member, real)
+        except SessionVanished:
+            if vs.real.get(member) == real:
+                del vs.real[member]
+            raise
+        return real
+
+    async def login_on(self, ctx: ApplicationContext, group: Group, member: Member, real: int) -> None:
+        login = ctx.logins.get(group)
+        if login is None or member in ctx.logged_in:
+            return
+        reply = await self.r.link.checked(ctx, member, [CODE["C_Login"], real, login[0], login[1]])
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+            raise SessionVanished
+        if reply[0] not in (OK, ALREADY_LOGGED_IN):
+            log.error("session potentially not recoverable: %s member=%s: login failed with %s",
+                      ctx.name, member.name, rv_name(reply[0]))
+            raise CKError(DEVICE_ERROR, "login on another member failed")
+        ctx.logged_in.add(member)
+
+    async def login_everywhere(self, ctx: ApplicationContext, group: Group) -> None:
+        """Logs the application in on every member where it has member sessions and is
+        not logged in yet (after its C_Login on one of them)."""
+        for member in group.members:
+            if member in ctx.logged_in or not member.health.usable:
+                continue
+            real = next((vs.real[member] for vs in ctx.sessions.values()
+                         if vs.group is group and member in vs.real), ctx.utility.get(member))
+            if real is None:
+                continue
+            try:
+                await self.login_on(ctx, group, member, real)
+            except MemberUnavailable as exc:
+                self.r.failures.member_failed(member, exc, "C_Login")
+            except CKError as exc:  # it is logged in when it next serves, or the error shows then
+                log.info("%s member=%s: login after the application's failed: %s", ctx.name,
+                         member.name, exc)
+
+    async def utility_session(self, ctx: ApplicationContext, member: Member) -> int:
+        real = ctx.utility.get(member)
+        if real is None:
+            reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
+                                                     4, 0])  # CKF_SERIAL_SESSION
+            if reply[0] != OK:
+                raise CKError(reply[0])
+            real = ctx.utility[member] = reply[1]
+        group = member.group
+        try:
+            await self.login_on(ctx, group, member, real)
+        except SessionVanished:
+            if ctx.utility.get(member) == real:
+                del ctx.utility[member]
+            raise
+        return real
+
+    async def prepare(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """The session on `member`, with everything it had elsewhere replayed."""
+        # The state is there only if the session's member session survived: a member
+        # that failed and recovered, or lost our sessions, needs the replay too.
+        present = vs.member is member and member in vs.real
+        await self.session_on(ctx, vs, member)
+        if present:
+            return
+        old = vs.member
+        if vs.direct is not None:
+            await self.r.daemon.direct.revoke(vs)  # it moves, or its member session was lost
+        lost: list[str] = []
+        replayed: list[str] = []
+        for vobj in list(vs.objects):
+            if member not in vobj.real and not vobj.lost:
+                try:
+                    await self.r.resolve.ensure_object(ctx, vs, vobj, member)
+                    replayed.append("object")
+                except (CKError, KeyMissing) as exc:
+                    vobj.lost = str(exc) or "its source is on no member"
+                    lost.append(f"session object {vobj.handle}: {vobj.lost}")
+        for kind, op in list(vs.ops.items()):
+            why = op.why if not op.replayable else await self.replay_operation(ctx, vs, member, op)
+            if why:
+                lost.append(f"{kind} operation: {why}")
+                del vs.ops[kind]
+                vs.lost[kind] = why
+            else:
+                replayed.append(f"{kind}+{len(op.updates)} updates")
+        if vs.find is not None and not vs.find.cached:
+            await self.replay_find(ctx, vs, member, vs.find)
+            replayed.append(f"find ({len(vs.find.returned)} already returned)")
+        vs.member = member
+        if old is not None and old is not member and old.health.state is MemberState.DRAINING:
+            await self.close_on(ctx, vs, old)
+        if old is member:
+            vs.group.metrics.replays += 1
+            log.warning("session rebuilt: %s on %s (replayed: %s)", vs.describe(), member.name,
+                        ", ".join(replayed) or "nothing")
+        elif old is not None and (not old.health.usable or replayed):
+            vs.group.metrics.failovers += 1
+            vs.group.metrics.replays += 1 if replayed else 0
+            log.warning("session failed over: %s from %s to %s (replayed: %s)",
+                        vs.describe(), old.name, member.name, ", ".join(replayed) or "nothing")
+        if lost:
+            # once: what was lost answers CKR_DEVICE_ERROR where it is used next
+            log.error("session potentially not recoverable: %s on %s: %s", vs.describe(),
+                      member.name, "; ".join(lost))
+
+    async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                                op: Operation) -> str:
+        """Replays an operation's init and updates; returns why it failed, or ''."""
+        reply = await self.r.link.checked(ctx, member, await self.r.resolve.translate(
+            ctx, vs, member, SHAPES[op.init[0]], op.init))
+        if reply[0] != OK:
+            return f"init returned {rv_name(reply[0])}"
+        for ureq, expected in op.updates:
+            reply = await self.r.link.checked(ctx, member, await self.r.resolve.translate(
+                ctx, vs, member, SHAPES[ureq[0]], ureq))
+            if reply[0] != OK:
+                return f"update returned {rv_name(reply[0])}"
+            if expected is not None and digest(reply[1]) != expected:
+                return "a replayed update gave a different output"
+        return ""
+
+    @staticmethod
+    def pending_batch(vs: VirtualSession, vreq: list[Any]) -> Reply:
+        """C_FindObjects answered from a replayed find's remaining results."""
+        find = vs.find
+        assert find is not None and find.pending is not None
+        if not isinstance(vreq[2], int):
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        batch, find.pending = find.pending[:vreq[2]], find.pending[vreq[2]:]
+        find.returned += batch
+        return [OK, batch]
+
+    async def replay_find(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                           find: FindState) -> None:
+        real = vs.real[member]
+        reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real, find.template])
+        if reply[0] != OK:
+            raise CKError(reply[0], "replaying a find")
+        found: list[int] = []
+        while True:
+            reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjects"], real, 256])
+            if reply[0] != OK:
+                raise CKError(reply[0], "replaying a find")
+            if not reply[1]:
+                break
+            for h in reply[1]:
+                found.append((await self.r.resolve.object_from(ctx, vs, member, h, created=False)).handle)
+        done = set(find.returned)
+        find.pending = [h for h in found if h not in done]
+
+    async def leave(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """A movable session leaves `member` (drain): it is placed anew at its next call."""
+        await self.close_on(ctx, vs, member)
+        if vs.member is member:
+            vs.member = None
+
+    async def forget_real(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """Closes the session's member session on `member`; the next use opens another."""
+        await self.close_on(ctx, vs, member)
+
+    async def close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        if vs.direct is not None and vs.direct.member is member:
+            await self.r.daemon.direct.revoke(vs)
+        real = vs.real.pop(member, None)
+        if real is not None and ctx.has_helper(member):
+            try:
+                await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
+            except MemberUnavailable:
+                pass
+            self.closed_on(ctx, member)
+
+    async def close_utility(self, ctx: ApplicationContext, member: Member) -> None:
+        """Closes p11p's own member session of this context on `member`, if any."""
+        real = ctx.utility.pop(member, None)
+        if real is not None and ctx.has_helper(member):
+            try:
+                await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
+            except MemberUnavailable:
+                pass
+            self.closed_on(ctx, member)
+
+    @staticmethod
+    def closed_on(ctx: ApplicationContext, member: Member) -> None:
+        """A member session of `ctx` on `member` was closed: when it was the last one,
+        the module has logged the application out there (PKCS#11 §5.6), and the next
+        member session there logs in again."""
+        if ctx.sessions_on(member) == 0:
+            ctx.logged_in.discard(member)
+
+    async def open_session(self, ctx: ApplicationContext, group: Group, flags: int) -> VirtualSession:
+        vs = ctx.add_session(group, flags)
+        try:
+            await self.call_prepare(ctx, vs)
+        except BaseException:
+            ctx.forget_session(vs)
+            raise
+        return vs
+
+    async def call_prepare(self, ctx: ApplicationContext, vs: VirtualSession) -> None:
+        """Places a new session on a member and opens it there (with failover)."""
+        tries = 0
+        limit = 2 * len(vs.group.members) + 2
+        shape = SHAPES[CODE["C_OpenSession"]]
+        while True:
+            tries += 1
+            member = await self.r.place.place(ctx, vs, shape, [], None)
+            try:
+                await self.prepare(ctx, vs, member)
+                return
+            except MemberUnavailable as exc:
+                self.r.failures.member_failed(member, exc, "C_OpenSession")
+                if isinstance(exc, CallTimedOut):
+                    budget.current().member_timed_out(vs.group)
+                if tries >= limit:
+                    raise CKError(DEVICE_ERROR) from None
+            except SessionVanished:
+                if tries >= limit:
+                    raise
+
+    async def close_session(self, ctx: ApplicationContext, vs: VirtualSession) -> None:
+        for member in list(vs.real):
+            await self.close_on(ctx, vs, member)
+        ctx.forget_session(vs)

@@ -1,0 +1,63 @@
+"""Member failure and session loss: a failed member leaves rotation everywhere and its
+recovery starts (once); a lost member session resets what the application had on that
+member, to be rebuilt with replay at its next use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.members import Member, MemberState
+from p11p.daemon.shapes import CODE
+from p11p.protocol.constants import rv_name
+
+if TYPE_CHECKING:
+    from p11p.daemon.router import Router
+
+log = logging.getLogger("p11p.ha")
+
+
+class Failures:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    def member_failed(self, member: Member, exc: MemberUnavailable, function: str) -> None:
+        """Takes a member out of rotation and starts its recovery (once)."""
+        daemon = self.r.daemon
+        for ctx in list(daemon.contexts.values()):
+            ctx.forget_member(member)
+        if member.health.state in (MemberState.FAILED, MemberState.RECOVERING,
+                                   MemberState.DISABLED):
+            return
+        group = member.group
+        member.mark(MemberState.FAILED, exc.rv, str(exc))
+        log.error("member failure detected: group=%s member=%s slot=%s function=%s call=%s "
+                  "rv=%s (%s)", group.label, member.name, member.slot_id,
+                  exc.function or function, function, rv_name(exc.rv), exc)
+        member.discard_pool()
+        if not group.present:
+            log.error("group out of service: group=%s: no usable member", group.label)
+            daemon.slot_event(group)
+        group.notify()
+        daemon.recovery.start(member)
+
+    async def reset_member(self, ctx: ApplicationContext, member: Member) -> None:
+        """After a session-lost code: close what is left of this context's sessions on
+        the member (as the HSM did) and forget them; they are rebuilt on next use."""
+        for vs in list(ctx.sessions.values()):
+            if vs.direct is not None and vs.direct.member is member:
+                await self.r.daemon.direct.revoke(vs)
+        if ctx.has_helper(member) and member.slot_id is not None:
+            try:
+                await self.r.link.raw(ctx, member, [CODE["C_CloseAllSessions"], member.slot_id])
+            except MemberUnavailable:
+                pass
+        for vs in ctx.sessions.values():
+            vs.real.pop(member, None)  # rebuilt (with replay) on next use
+        for key in [k for k in ctx.by_real if k[0] is member]:
+            ctx.by_real.pop(key).real.pop(member, None)
+        ctx.logged_in.discard(member)
+        ctx.utility.pop(member, None)

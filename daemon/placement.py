@@ -1,0 +1,126 @@
+"""The place stage: which member serves a call (policy.choose_member over the members
+that hold its objects), a token write's member under the group's write_policy, and the
+hold while no member of the group is in service (hold_timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from p11p.daemon import budget
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.errors import CKError
+from p11p.daemon.members import Group, Member
+from p11p.daemon.policy import choose_member
+from p11p.daemon.shapes import (
+    CREATING,
+    DEVICE_ERROR,
+    MODIFYING,
+    OBJECT_HANDLE_INVALID,
+    WRITE_PROTECTED,
+    CallShape,
+    template_sets_token,
+)
+from p11p.daemon.virtual import VirtualSession
+
+if TYPE_CHECKING:
+    from p11p.daemon.router import Router
+
+log = logging.getLogger("p11p.ha")
+
+
+class Placement:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def place(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                     vreq: list[Any], write: str | None,
+                     spared: set[Member] | None = None) -> Member:
+        """The member for this call; waits up to hold_timeout when none is usable (the
+        time held is added to the call's deadline). Members in `spared` answered this
+        call already: another is taken."""
+        group = vs.group
+        deadline = 0.0
+        held_from = 0.0
+        while True:
+            member: Member | None
+            if write == "primary":
+                member = group.primary()
+            elif write is not None:
+                home = ctx.objects.get(vreq[shape.objects[0]]).home
+                member = home if home is not None and home.health.usable else None
+            else:
+                allowed = self.allowed(ctx, shape, vreq, group)
+                if allowed is not None and not allowed:
+                    raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object")
+                if spared:
+                    allowed = [m for m in (group.members if allowed is None else allowed)
+                               if m not in spared]
+                member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
+                                       vs.movable, allowed)
+            if member is not None:
+                if held_from:
+                    budget.current().held(group, time.monotonic() - held_from)
+                return member
+            now = time.monotonic()
+            if not deadline:
+                deadline = budget.current().hold_until(group)
+                held_from = now
+                log.info("holding call: %s function=%s: no member of the group is usable",
+                         vs.describe(), shape.fn.name)
+            if now >= deadline:
+                raise CKError(DEVICE_ERROR, "no usable member within hold_timeout")
+            await group.wait_change(deadline - now)
+
+    def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
+                 group: Group) -> list[Member] | None:
+        objs = [ctx.objects.get(vreq[i]) for i in shape.objects]
+        objs += [ctx.objects.get(h) for h in self.r.resolve.mechanism_objects(vreq, shape)]
+        if not objs:
+            return None
+        allowed = list(group.members)
+        for vobj in objs:
+            if vobj.home is not None:
+                allowed = [m for m in allowed if m is vobj.home]
+            elif vobj.is_token is False and not vobj.replayable:
+                allowed = [m for m in allowed if m in vobj.real]
+            allowed = [m for m in allowed if m not in vobj.missing]
+        return allowed
+
+    def others(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                vreq: list[Any], spared: set[Member]) -> bool:
+        """Whether a usable member not in `spared` could take this call."""
+        allowed = self.allowed(ctx, shape, vreq, vs.group)
+        pool = vs.group.members if allowed is None else allowed
+        return any(m.health.usable and m not in spared for m in pool)
+
+    def write_target(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                      vreq: list[Any]) -> str | None:
+        """None for an ordinary call; 'primary' or 'home' for a token object write in a
+        group of several members (write_policy); refused writes raise."""
+        group = vs.group
+        if len(group.members) < 2:
+            return None
+        name = shape.fn.name
+        write = None
+        if name in CREATING:
+            token = any(template_sets_token(vreq[i]) for i in shape.templates)
+            if shape.fn.writes == "copy":
+                source = ctx.objects.get(vreq[shape.objects[0]])
+                explicit = template_sets_token(vreq[shape.templates[0]])
+                token = explicit is True or (explicit is None and bool(source.is_token))
+            write = "primary" if token else None
+        elif name in MODIFYING:
+            vobj = ctx.objects.get(vreq[shape.objects[0]])
+            if vobj.is_token:
+                if vobj.home is None:
+                    log.warning("token object write refused: %s function=%s: the object is on "
+                                "several members and p11p does not write partially",
+                                vs.describe(), name)
+                    raise CKError(WRITE_PROTECTED)
+                write = "home"
+        if write is not None and group.config.write_policy == "refuse":
+            raise CKError(WRITE_PROTECTED)
+        return write

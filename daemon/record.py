@@ -1,0 +1,108 @@
+"""The record stage: what a call changed, kept so the session can be rebuilt elsewhere:
+objects it made (with their recipes and sources), the handles a find returned, the
+operations it started, continued or ended (with update data up to replay_limit), and
+which random keys have shown their bits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.members import Member, MemberState
+from p11p.daemon.policy import Operation, operation_change
+from p11p.daemon.shapes import GENERATING, OK, CallShape, Reply, digest, reveals
+from p11p.daemon.virtual import FindState, Recipe, VirtualObject, VirtualSession
+
+if TYPE_CHECKING:
+    from p11p.daemon.router import Router
+
+log = logging.getLogger("p11p.ha")
+
+
+class Recorder:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def record(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                      shape: CallShape, vreq: list[Any], reply: Reply) -> None:
+        rv = reply[0]
+        name = shape.fn.name
+        named = self.r.resolve.named_objects(ctx, shape, vreq)
+        if rv == OK and reveals(shape, vreq):
+            for vobj in named.values():
+                vobj.used = True  # its bits have shown: a random key is not remade now
+        if rv == OK and shape.fn.writes == "set":
+            for vobj in named.values():
+                if not vobj.is_token:
+                    vobj.edits.append(vreq[3])  # made again with the object
+        if rv == OK and shape.created:
+            made: list[VirtualObject | None] = []
+            for j in shape.created:
+                if isinstance(reply[j], int):
+                    vobj = await self.r.resolve.object_from(ctx, vs, member, reply[j], created=True)
+                    reply[j] = vobj.handle
+                    made.append(vobj)
+                else:
+                    made.append(None)
+            recipe = Recipe(list(vreq), made, name in GENERATING, named)
+            for new in made:
+                if new is None:
+                    continue
+                if new.is_token:
+                    if len(vs.group.members) > 1:
+                        new.home = member
+                else:
+                    new.recipe, new.owner = recipe, vs
+                    vs.objects.add(new)
+        if shape.found is not None and rv == OK and isinstance(reply[shape.found], list):
+            handles = [(await self.r.resolve.object_from(ctx, vs, member, h, created=False)).handle
+                       for h in reply[shape.found]]
+            reply[shape.found] = handles
+            if vs.find is not None:
+                vs.find.returned += handles
+        if shape.fn.op_kind == "find" and shape.fn.op_role == "init" and rv == OK:
+            vs.find = FindState(vreq[2])
+        elif shape.fn.op_kind == "find" and shape.fn.op_role == "final" and rv == OK:
+            vs.find = None
+        self.record_operation(vs, shape, vreq, reply)
+        if vs.member is not None and vs.member.health.state is MemberState.DRAINING and vs.movable:
+            await self.r.bind.close_on(ctx, vs, vs.member)
+            vs.member = None
+
+    def record_operation(self, vs: VirtualSession, shape: CallShape, vreq: list[Any],
+                          reply: Reply) -> None:
+        requested = shape.out_bytes is None or vreq[shape.out_bytes] is not None
+        change = operation_change(shape.fn.name, reply[0], requested)
+        if change.start is not None:
+            vs.ops[change.start] = Operation(list(vreq))
+        elif change.update is not None and requested:
+            op = vs.ops.get(change.update)
+            if op is None or not op.replayable:
+                return
+            data = vreq[shape.data] if shape.data is not None else b""
+            size = len(data) if isinstance(data, bytes) else 0
+            op.size += size
+            limit = vs.group.config.replay_limit
+            if op.size > limit:
+                op.replayable, op.updates = False, []
+                op.why = f"update data over replay_limit ({limit} bytes)"
+                log.warning("session potentially not recoverable: %s: %s operation: %s",
+                            vs.describe(), change.update, op.why)
+                return
+            ureq = list(vreq)
+            out = None
+            if shape.out_bytes is not None:
+                out = reply[1]
+                ureq[shape.out_bytes] = (len(out) if isinstance(out, bytes) else 0) + 256
+            op.updates.append((ureq, digest(out)))
+        elif change.end is not None:
+            vs.ops.pop(change.end, None)
+        elif change.opaque:
+            for kind, op in vs.ops.items():
+                if op.replayable:
+                    op.replayable, op.updates = False, []
+                    op.why = f"{shape.fn.name} is not replayed by p11p"
+                    log.warning("session potentially not recoverable: %s: %s operation: %s",
+                                vs.describe(), kind, op.why)

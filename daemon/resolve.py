@@ -1,0 +1,231 @@
+"""The resolve stage: virtual object handles to a member's. Unknown handles get the code
+of their role; token objects are found by identity on each member (and remembered),
+session objects made again from their recipes; an object a member no longer has is
+looked up again without touching the member's other sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from p11p.daemon.context import ApplicationContext
+from p11p.daemon.errors import CKError
+from p11p.daemon.members import Member
+from p11p.daemon.policy import INIT, operation_kind
+from p11p.daemon.shapes import (
+    CODE,
+    DEVICE_ERROR,
+    MECH_OBJECT_FIELDS,
+    OBJECT_HANDLE_INVALID,
+    OK,
+    SESSION_CLOSED,
+    SESSION_HANDLE_INVALID,
+    SHAPES,
+    CallShape,
+    KeyMissing,
+)
+from p11p.daemon.virtual import (
+    CKA_CLASS,
+    IDENTITY_TEMPLATE,
+    VirtualObject,
+    VirtualSession,
+    identity_from_values,
+)
+from p11p.protocol.constants import rv_name
+
+if TYPE_CHECKING:
+    from p11p.daemon.router import Router
+
+log = logging.getLogger("p11p.ha")
+
+
+class HandleResolver:
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    def lookup(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                vreq: list[Any]) -> None:
+        """The call's object handles exist (else the CK_RV of their role), none of them
+        is a lost session object, and the call does not continue a lost operation."""
+        for i, invalid in zip(shape.objects, shape.object_rvs, strict=True):
+            vobj = ctx.objects.find(vreq[i]) if isinstance(vreq[i], int) else None
+            if vobj is None:
+                raise CKError(invalid)
+            if vobj.lost:
+                raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
+        kind = operation_kind(shape.fn.name)
+        if kind is not None and kind in vs.lost:
+            why = vs.lost.pop(kind)
+            if shape.fn.name not in INIT:  # a new operation of the kind starts afresh
+                raise CKError(DEVICE_ERROR, f"{kind} operation lost: {why}")
+
+    async def objects_lost(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                            shape: CallShape, vreq: list[Any]) -> bool:
+        """After CKR_OBJECT_HANDLE_INVALID for objects the daemon knows on `member`: asks
+        the member about each, and forgets the member handles it no longer has (they are
+        found again by identity, or remade, when the call is tried again). An object
+        deleted behind p11p's back costs that object only: the member's other sessions
+        and objects stay. False when the member session itself is gone."""
+        real_session = vs.real.get(member)
+        if real_session is None:
+            return False
+        handles = [vreq[i] for i in shape.objects] + self.mechanism_objects(vreq, shape)
+        for handle in handles:
+            vobj = ctx.objects.find(handle) if isinstance(handle, int) else None
+            real = vobj.real.get(member) if vobj is not None else None
+            if vobj is None or real is None:
+                continue
+            reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], real_session,
+                                                     real, [[CKA_CLASS, 8]]])
+            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+                return False
+            if reply[0] == OBJECT_HANDLE_INVALID:
+                ctx.unregister(vobj, member)
+                log.warning("object handle lost: %s member=%s function=%s object=%s: looked "
+                            "up again", vs.describe(), member.name, shape.fn.name, vobj.handle)
+            else:
+                log.warning("object handle refused: %s member=%s function=%s object=%s: the "
+                            "member still has it; tried again", vs.describe(), member.name,
+                            shape.fn.name, vobj.handle)
+        return True
+
+    def named_objects(self, ctx: ApplicationContext, shape: CallShape,
+                       vreq: list[Any]) -> dict[int, VirtualObject]:
+        """The objects a request names (handles and mechanism parameters), by handle."""
+        named: dict[int, VirtualObject] = {}
+        for handle in [vreq[i] for i in shape.objects] + self.mechanism_objects(vreq, shape):
+            vobj = ctx.objects.find(handle) if isinstance(handle, int) else None
+            if vobj is not None:
+                named[handle] = vobj
+        return named
+
+    @staticmethod
+    def mechanism_objects(vreq: list[Any], shape: CallShape) -> list[Any]:
+        if shape.mechanism is None:
+            return []
+        mech = vreq[shape.mechanism]
+        if not (isinstance(mech, list) and len(mech) == 2 and isinstance(mech[1], list)):
+            return []
+        fields = MECH_OBJECT_FIELDS.get(mech[0]) if isinstance(mech[0], int) else None
+        return [mech[1][k] for k in fields or () if k < len(mech[1])]
+
+    async def translate(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                         shape: CallShape, vreq: list[Any],
+                         sources: dict[int, VirtualObject] | None = None) -> list[Any]:
+        """The member's form of a request: its session and object handles there (made
+        when missing). `sources`: a recipe's objects, destroyed ones included."""
+        def lookup(handle: Any) -> VirtualObject:
+            found = sources.get(handle) if sources is not None else None
+            return found if found is not None else ctx.objects.get(handle)
+
+        mreq = list(vreq)
+        mreq[1] = vs.real[member]
+        for i in shape.objects:
+            vobj = lookup(vreq[i])
+            mreq[i] = await self.ensure_object(ctx, vs, vobj, member)
+        if shape.mechanism is not None:
+            handles = self.mechanism_objects(vreq, shape)
+            if handles:
+                mech = vreq[shape.mechanism]
+                params = list(mech[1])
+                for k in MECH_OBJECT_FIELDS[mech[0]]:
+                    vobj = lookup(params[k])
+                    params[k] = await self.ensure_object(ctx, vs, vobj, member)
+                mreq[shape.mechanism] = [mech[0], params]
+        return mreq
+
+    async def ensure_object(self, ctx: ApplicationContext, vs: VirtualSession,
+                            vobj: VirtualObject, member: Member) -> int:
+        """The object's handle on `member`: found by identity (token objects) or made
+        again from its recipe (session objects)."""
+        real = vobj.real.get(member)
+        if real is not None:
+            return real
+        if member in vobj.missing or (vobj.home is not None and vobj.home is not member):
+            raise KeyMissing
+        if vobj.is_token and vobj.identity is not None:
+            return await self.resolve(ctx, vobj, member)
+        if not vobj.replayable or vobj.recipe is None:
+            raise CKError(OBJECT_HANDLE_INVALID, "session object cannot be remade")
+        recipe = vobj.recipe
+        owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
+        await self.r.bind.session_on(ctx, owner, member)
+        shape = SHAPES[recipe.request[0]]
+        reply = await self.r.link.checked(ctx, member, await self.translate(
+            ctx, owner, member, shape, recipe.request, recipe.sources))
+        if reply[0] != OK:
+            raise CKError(OBJECT_HANDLE_INVALID, f"remaking a session object: {rv_name(reply[0])}")
+        for j, made in zip(shape.created, recipe.outputs, strict=False):
+            if made is not None and isinstance(reply[j], int):
+                ctx.register(made, member, reply[j], vs.group)
+                for edit in made.edits:
+                    done = await self.r.link.checked(ctx, member, [CODE["C_SetAttributeValue"],
+                                                            owner.real[member], reply[j], edit])
+                    if done[0] != OK:
+                        raise CKError(OBJECT_HANDLE_INVALID,
+                                      f"remaking a session object's attributes: {rv_name(done[0])}")
+        for src in recipe.sources.values():
+            # a source the application destroyed was remade for this only: it goes again
+            if src.destroyed and member in src.real:
+                real = src.real[member]
+                ctx.unregister(src, member)
+                await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"], owner.real[member], real])
+        return vobj.real[member]
+
+    async def resolve(self, ctx: ApplicationContext, vobj: VirtualObject, member: Member) -> int:
+        # One find at a time on the utility session; whoever waited may find it done.
+        async with ctx.utility_lock(member):
+            real = vobj.real.get(member)
+            if real is not None:
+                return real
+            if member in vobj.missing:
+                raise KeyMissing
+            return await self.find_by_identity(ctx, vobj, member)
+
+    async def find_by_identity(self, ctx: ApplicationContext, vobj: VirtualObject,
+                                member: Member) -> int:
+        assert vobj.identity is not None
+        real = await self.r.bind.utility_session(ctx, member)
+        reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
+                                                 vobj.identity.template()])
+        if reply[0] != OK:
+            raise CKError(reply[0], "looking up a key")
+        try:
+            reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjects"], real, 2])
+        finally:
+            await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
+        found = reply[1] if reply[0] == OK and isinstance(reply[1], list) else []
+        if len(found) != 1:
+            vobj.missing.add(member)
+            log.warning("key sets differ: group=%s member=%s %s object %s (label=%r id=%s)",
+                        member.group.label, member.name, "lacks" if not found else "has several of",
+                        vobj.handle, vobj.identity.label,
+                        vobj.identity.object_id.hex() if vobj.identity.object_id else None)
+            raise KeyMissing
+        ctx.register(vobj, member, found[0], member.group)
+        return int(found[0])
+
+    async def object_from(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                          real: int, created: bool) -> VirtualObject:
+        """The virtual object for a member handle, registering it when new."""
+        vobj = ctx.by_real.get((member, real))
+        if vobj is not None and not created:
+            return vobj
+        if vobj is not None:  # the module reused a handle for a new object
+            vobj.real.pop(member, None)
+            del ctx.by_real[(member, real)]
+        reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], vs.real[member],
+                                                 real, IDENTITY_TEMPLATE])
+        is_token, identity = None, None
+        if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):
+            is_token, identity = identity_from_values(reply[1])
+        if not created and is_token and identity is not None:
+            known = ctx.token_index.get((vs.group, identity))
+            if known is not None and member not in known.real:
+                ctx.register(known, member, real, vs.group)
+                return known
+        vobj = ctx.new_object()
+        vobj.is_token, vobj.identity = is_token, identity
+        ctx.register(vobj, member, real, vs.group)
+        return vobj
