@@ -1,0 +1,55 @@
+"""A helper whose start does not finish (the module hangs in C_Initialize) is never left
+behind (DESIGN, invariant 4), and its start draws from the time it is given (invariant
+2): past it, or when the start is cancelled (its application went away), the process is
+killed. daemon/helperproc.py's HelperProcess.start, with the real helper and the fault
+module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+from kit import FAULTSIM_SO, SOFTHSM_SO, children, wait_for
+from p11p.daemon.helperproc import CallTimedOut, HelperProcess
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    rules = tmp_path / "rules"
+    rules.write_text("C_Initialize hang\n")
+    return {"P11P_FAULTSIM_MODULE": str(SOFTHSM_SO), "P11P_FAULTSIM_RULES": str(rules)}
+
+
+def _helpers() -> list[int]:
+    return [p for p in children(os.getpid())
+            if b"p11p.helper" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+async def test_a_start_past_its_time_is_killed(tmp_path: Path) -> None:
+    before = set(_helpers())
+    start = time.monotonic()
+    with pytest.raises(CallTimedOut):
+        await HelperProcess.start("m", str(FAULTSIM_SO), _env(tmp_path), 1 << 20, 1.0)
+    assert time.monotonic() - start < 3.0
+    assert wait_for(lambda: not set(_helpers()) - before, 5), _helpers()
+
+
+async def test_a_cancelled_start_is_killed(tmp_path: Path) -> None:
+    before = set(_helpers())
+    task = asyncio.create_task(
+        HelperProcess.start("m", str(FAULTSIM_SO), _env(tmp_path), 1 << 20, 30.0))
+    deadline = time.monotonic() + 10
+    while not set(_helpers()) - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert set(_helpers()) - before, "the helper never started"
+    await asyncio.sleep(0.5)  # inside C_Initialize, hung
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):  # the loop reaps it
+        if not set(_helpers()) - before:
+            break
+        await asyncio.sleep(0.05)
+    assert not set(_helpers()) - before, _helpers()
