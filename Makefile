@@ -36,6 +36,7 @@ build: deps $(BUILD)/p11p-client.so $(BUILD)/asan/p11p-client.so $(BUILD)/p11p-f
 # Generated files must be what their generators make now.
 gen-check:
 	$(PYTHON) protocol/gen_constants.py --check
+	$(PYTHON) protocol/gen_requests.py --check
 	$(PYTHON) client/gen.py --check
 	$(PYTHON) faultsim/gen.py --check
 

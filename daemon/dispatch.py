@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 from p11p.daemon import budget
+from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.direct import DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND
 from p11p.daemon.errors import CKError
@@ -32,7 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.dispatch")
 
 Reply = list[Any]
-Handler = Callable[[ApplicationContext, list[Any]], Awaitable[Reply]]
+Handler = Callable[[ApplicationContext, Any], Awaitable[Reply]]  # (context, typed request)
+
+
+def _on_frame(handler: Callable[[ApplicationContext, list[Any]], Awaitable[Reply]]) -> Handler:
+    """A handler of the request frame itself (the direct path's, in direct.py)."""
+    async def on_typed(ctx: ApplicationContext, req: R.Request) -> Reply:
+        return await handler(ctx, req.frame)
+    return on_typed
 
 OK = CKR["CKR_OK"]
 CKR_ARGUMENTS_BAD = CKR["CKR_ARGUMENTS_BAD"]
@@ -103,10 +111,11 @@ class Dispatcher:
         self.table[FIND_ALL] = self.find_all
         self.arity[FIND_ALL] = len(spec.own_codes()["FIND_ALL"].wire_args) + 1
         direct = daemon.direct
-        for code, handler, arity in ((DIRECT_BIND, direct.bind, 2), (DIRECT_KEY, direct.key, 3),
-                                     (DIRECT_UNBIND, direct.unbind, 3)):
-            self.table[code] = handler
-            self.arity[code] = arity
+        own = {f.code: f for f in spec.own_codes().values()}
+        for code, frame_handler in ((DIRECT_BIND, direct.bind), (DIRECT_KEY, direct.key),
+                                    (DIRECT_UNBIND, direct.unbind)):
+            self.table[code] = _on_frame(frame_handler)
+            self.arity[code] = len(own[code].wire_args) + 1
 
     async def dispatch(self, ctx: ApplicationContext, request: list[Any]) -> Reply:
         code = request[0]
@@ -126,7 +135,7 @@ class Dispatcher:
         ctx.in_flight += 1
         deadline = budget.begin()  # one deadline per application call (budget.py)
         try:
-            return await handler(ctx, request)
+            return await handler(ctx, R.decode(request))  # the types checked (admit)
         except CKError as exc:
             if exc.args and str(exc) != "":
                 fn = spec.by_code().get(code)
@@ -143,14 +152,14 @@ class Dispatcher:
             ctx.limit_logged.add(name)
             log.warning("limit reached: %s uid=%d: %s = %d", ctx.name, ctx.uid, name, value)
 
-    async def session_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        if req[0] in _OBJECT_WRITES:
+    async def session_call(self, ctx: ApplicationContext, req: R.Request) -> Reply:
+        vs = ctx.sessions.get(req.frame[1])
+        if req.CODE in _OBJECT_WRITES:
             try:
-                return await self.router.call(ctx, vs, req)
+                return await self.router.call(ctx, vs, req.frame)
             finally:
                 vs.group.objects_changed()
-        return await self.router.call(ctx, vs, req)
+        return await self.router.call(ctx, vs, req.frame)
 
     # -- slots ------------------------------------------------------------------------
 
@@ -163,31 +172,29 @@ class Dispatcher:
             raise CKError(CKR_SLOT_ID_INVALID)
         return group
 
-    async def get_slot_list(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        _, token_present, cap = req
+    async def get_slot_list(self, ctx: ApplicationContext, req: R.C_GetSlotList) -> Reply:
+        cap = req.slot_list
         slots = [g.slot_id for g in self.daemon.groups
-                 if self.daemon.allowed(ctx, g) and (not token_present or g.present)]
+                 if self.daemon.allowed(ctx, g) and (not req.token_present or g.present)]
         if cap is None:
             return [OK, len(slots)]
-        if not isinstance(cap, int):
-            return [CKR_ARGUMENTS_BAD]
         if cap < len(slots):
             return [CKR_BUFFER_TOO_SMALL, len(slots)]
         return [OK, slots]
 
-    async def get_slot_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
-        if req[2] is None:
+    async def get_slot_info(self, ctx: ApplicationContext, req: R.C_GetSlotInfo) -> Reply:
+        group = self.group(ctx, req.slot_id)
+        if req.info is None:
             return [CKR_ARGUMENTS_BAD]
         flags = CKF_TOKEN_PRESENT if group.present else 0
         return [OK, [_pad(f"p11p group {group.label}", 64), _pad("p11p", 32), flags,
                      [0, 1], [0, 1]]]
 
-    async def get_token_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
+    async def get_token_info(self, ctx: ApplicationContext, req: R.C_GetTokenInfo) -> Reply:
+        group = self.group(ctx, req.slot_id)
         if not group.present:
             return [CKR["CKR_TOKEN_NOT_PRESENT"]]
-        _, reply = await self.router.group_call(ctx, group, req)
+        _, reply = await self.router.group_call(ctx, group, req.frame)
         if reply[0] == OK and isinstance(reply[1], list) and len(reply[1]) > 3:
             reply[1][0] = group.label_bytes
             if len(group.members) > 1:  # one serial for the group, whichever member answers
@@ -195,40 +202,39 @@ class Dispatcher:
                 reply[1][3] = serial
         return reply
 
-    async def slot_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
+    async def slot_call(self, ctx: ApplicationContext, req: R.Request) -> Reply:
+        group = self.group(ctx, req.frame[1])
         if not group.present:
             return [CKR["CKR_TOKEN_NOT_PRESENT"]]
-        _, reply = await self.router.group_call(ctx, group, req)
+        _, reply = await self.router.group_call(ctx, group, req.frame)
         return reply
 
-    async def mechanism_call(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def mechanism_call(self, ctx: ApplicationContext, req: R.Request) -> Reply:
         """C_GetMechanismList/Info, answered from what the serving member said before."""
-        group = self.group(ctx, req[1])
+        group = self.group(ctx, req.frame[1])
         if not group.present:
             return [CKR["CKR_TOKEN_NOT_PRESENT"]]
-        key = tuple(req[:1] + req[2:])
-        if not all(isinstance(a, int) or a is None for a in key):
-            return [CKR_ARGUMENTS_BAD]
+        key = tuple(req.frame[:1] + req.frame[2:])  # the types are checked (requests.py)
         serving = choose_member(group.members, "failover", None, True)
         if isinstance(serving, Member):
             known = serving.mechanism_answers.get(key)
             if known is not None:
                 return known
-        member, reply = await self.router.group_call(ctx, group, req)
+        member, reply = await self.router.group_call(ctx, group, req.frame)
         if reply[0] == OK:
             member.mechanism_answers[key] = reply
         return reply
 
-    async def init_token(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
+    async def init_token(self, ctx: ApplicationContext, req: R.C_InitToken) -> Reply:
+        group = self.group(ctx, req.slot_id)
         if len(group.members) > 1:
             return [CKR_WRITE_PROTECTED]  # a PIN or token write on one member only
         member = group.members[0]
-        if member.config.token is not None and isinstance(req[3], bytes):
+        if member.config.token is not None and req.label is not None:
             # the member keeps the label its configuration finds it by (applications see
             # the group's label anyway)
-            req = [*req[:3], member.token_label]
+            req = R.C_InitToken([*req.frame[:3], member.token_label], req.slot_id, req.pin,
+                                member.token_label)
             log.info("%s C_InitToken: group=%s member=%s keeps its label %r", ctx.name,
                      group.label, member.name, member.config.token)
         try:
@@ -238,12 +244,12 @@ class Dispatcher:
 
     # -- sessions ---------------------------------------------------------------------
 
-    async def open_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
-        flags = req[2]
-        if req[3] is None or not isinstance(flags, int):
-            # let the module answer a NULL handle pointer (or bad flags) itself
-            _, reply = await self.router.group_call(ctx, group, req)
+    async def open_session(self, ctx: ApplicationContext, req: R.C_OpenSession) -> Reply:
+        group = self.group(ctx, req.slot_id)
+        flags = req.flags
+        if req.session is None:
+            # let the module answer a NULL handle pointer itself
+            _, reply = await self.router.group_call(ctx, group, req.frame)
             return reply
         if not flags & CKF["CKF_SERIAL_SESSION"]:
             return [CKR["CKR_SESSION_PARALLEL_NOT_SUPPORTED"], None]
@@ -253,16 +259,16 @@ class Dispatcher:
         vs = await self.router.bind.open_session(ctx, group, flags)
         return [OK, vs.handle]
 
-    async def close_session(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
+    async def close_session(self, ctx: ApplicationContext, req: R.C_CloseSession) -> Reply:
+        vs = ctx.sessions.get(req.session)
         try:
             await self.router.bind.close_session(ctx, vs)
         finally:
             vs.group.objects_changed()  # the session objects it made are gone
         return [OK]
 
-    async def close_all_sessions(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        group = self.group(ctx, req[1])
+    async def close_all_sessions(self, ctx: ApplicationContext, req: R.C_CloseAllSessions) -> Reply:
+        group = self.group(ctx, req.slot_id)
         try:
             for vs in [vs for vs in ctx.sessions.values() if vs.group is group]:
                 await self.router.bind.close_session(ctx, vs)
@@ -270,21 +276,20 @@ class Dispatcher:
             group.objects_changed()
         return [OK]
 
-    async def get_session_info(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        reply = await self.router.call(ctx, vs, req)
+    async def get_session_info(self, ctx: ApplicationContext, req: R.C_GetSessionInfo) -> Reply:
+        vs = ctx.sessions.get(req.session)
+        reply = await self.router.call(ctx, vs, req.frame)
         if reply[0] == OK and isinstance(reply[1], list) and reply[1]:
             reply[1][0] = vs.group.slot_id
         return reply
 
     # -- login ------------------------------------------------------------------------
 
-    async def login(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        user, pin = req[2], req[3]
-        reply = await self.router.call(ctx, vs, req)
-        if reply[0] == OK and isinstance(user, int) and isinstance(pin, bytes):
-            ctx.logins[vs.group] = (user, pin)
+    async def login(self, ctx: ApplicationContext, req: R.C_Login) -> Reply:
+        vs = ctx.sessions.get(req.session)
+        reply = await self.router.call(ctx, vs, req.frame)
+        if reply[0] == OK and isinstance(req.pin, bytes):
+            ctx.logins[vs.group] = (req.user_type, req.pin)
             if vs.member is not None:
                 ctx.logged_in.add(vs.member)
             # the application's other member sessions are logged in too, as all its
@@ -293,9 +298,9 @@ class Dispatcher:
             await self.router.bind.login_everywhere(ctx, vs.group)
         return reply
 
-    async def logout(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        reply = await self.router.call(ctx, vs, req)
+    async def logout(self, ctx: ApplicationContext, req: R.C_Logout) -> Reply:
+        vs = ctx.sessions.get(req.session)
+        reply = await self.router.call(ctx, vs, req.frame)
         if reply[0] == OK:
             ctx.logins.pop(vs.group, None)
             for member in vs.group.members:
@@ -304,53 +309,53 @@ class Dispatcher:
                                  if member in s.real), ctx.utility.get(member))
                     if real is not None:
                         try:
-                            await self.router.link.raw(ctx, member, [req[0], real])
+                            await self.router.link.raw(ctx, member, [req.CODE, real])
                         except Exception:  # the member is failing; its login goes with it
                             log.debug("%s logout on %s failed", ctx.name, member.name)
                 ctx.logged_in.discard(member)
         return reply
 
-    async def pin_write(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
+    async def pin_write(self, ctx: ApplicationContext, req: R.C_InitPIN | R.C_SetPIN) -> Reply:
+        vs = ctx.sessions.get(req.session)
         if len(vs.group.members) > 1:
             return [CKR_WRITE_PROTECTED]  # a PIN on one member only would break failover
-        reply = await self.router.call(ctx, vs, req)
+        reply = await self.router.call(ctx, vs, req.frame)
         login = ctx.logins.get(vs.group)
-        if reply[0] == OK and req[0] == _CODE["C_SetPIN"] and login is not None \
-                and isinstance(req[3], bytes):
-            ctx.logins[vs.group] = (login[0], req[3])
+        if reply[0] == OK and isinstance(req, R.C_SetPIN) and login is not None \
+                and isinstance(req.new_pin, bytes):
+            ctx.logins[vs.group] = (login[0], req.new_pin)
         return reply
 
     # -- objects ----------------------------------------------------------------------
 
-    async def find_init(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def find_init(self, ctx: ApplicationContext, req: R.C_FindObjectsInit) -> Reply:
         """C_FindObjectsInit of a client that asks for the results one batch at a time:
         with `object_cache_ttl` > 0 the whole result is found at once (or taken from the
         cache) and the batches are answered here (see `_found`)."""
-        vs = ctx.sessions.get(req[1])
+        vs = ctx.sessions.get(req.session)
         if vs.find is not None and vs.find.cached:
             return [CKR["CKR_OPERATION_ACTIVE"]]
         if vs.group.config.object_cache_ttl <= 0 or vs.find is not None:
-            return await self.router.call(ctx, vs, req)  # off; or the member's find runs
-        found = await self._found(ctx, vs, req[2])
+            return await self.router.call(ctx, vs, req.frame)  # off; or the member's find runs
+        found = await self._found(ctx, vs, req.template)
         if isinstance(found, int):
             return [found]
-        vs.find = FindState(req[2], pending=found, cached=True)
+        vs.find = FindState(req.template, pending=found, cached=True)
         return [OK]
 
-    async def find_all(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def find_all(self, ctx: ApplicationContext, req: R.FIND_ALL) -> Reply:
         """FIND_ALL: C_FindObjectsInit whose reply carries every result, so the client
         library answers C_FindObjects and C_FindObjectsFinal itself: one round trip per
         look-up, and none to the member when the cache has it. The search is over on
         this side; a result too large to send stays here as a search of the session."""
-        vs = ctx.sessions.get(req[1])
+        vs = ctx.sessions.get(req.session)
         if vs.find is not None:
             return [CKR["CKR_OPERATION_ACTIVE"], None]
-        found = await self._found(ctx, vs, req[2])
+        found = await self._found(ctx, vs, req.template)
         if isinstance(found, int):
             return [found, None]
         if len(found) > FIND_ALL_MAX:
-            vs.find = FindState(req[2], pending=found, cached=True)
+            vs.find = FindState(req.template, pending=found, cached=True)
             return [OK, None]
         return [OK, found]
 
@@ -398,27 +403,27 @@ class Dispatcher:
             ctx.find_cache[key] = (now + ttl, generation, list(found))
         return found
 
-    async def find_final(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
+    async def find_final(self, ctx: ApplicationContext, req: R.C_FindObjectsFinal) -> Reply:
+        vs = ctx.sessions.get(req.session)
         if vs.find is not None and vs.find.cached:
             vs.find = None
             return [OK]
-        return await self.router.call(ctx, vs, req)
+        return await self.router.call(ctx, vs, req.frame)
 
-    async def find_objects(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
+    async def find_objects(self, ctx: ApplicationContext, req: R.C_FindObjects) -> Reply:
+        vs = ctx.sessions.get(req.session)
         if vs.find is not None and vs.find.pending is not None:
-            return self.router.bind.pending_batch(vs, req)
-        return await self.router.call(ctx, vs, req)
+            return self.router.bind.pending_batch(vs, req.frame)
+        return await self.router.call(ctx, vs, req.frame)
 
-    async def destroy_object(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        vs = ctx.sessions.get(req[1])
-        vobj = ctx.objects.get(req[2])
+    async def destroy_object(self, ctx: ApplicationContext, req: R.C_DestroyObject) -> Reply:
+        vs = ctx.sessions.get(req.session)
+        vobj = ctx.objects.get(req.object)
         if vobj.lost:  # a session object that could not be remade: nowhere to destroy
             ctx.forget_object(vobj)
             return [OK]
         try:
-            reply = await self.router.call(ctx, vs, req)
+            reply = await self.router.call(ctx, vs, req.frame)
         finally:
             vs.group.objects_changed()
         if reply[0] == OK:
@@ -427,15 +432,12 @@ class Dispatcher:
 
     # -- the rest ---------------------------------------------------------------------
 
-    async def finalize(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def finalize(self, ctx: ApplicationContext, req: R.Request) -> Reply:
         await self.daemon.end_context(ctx)
         return [OK]
 
-    async def wait_for_slot_event(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
-        flags = req[1]
-        if not isinstance(flags, int):
-            return [CKR_ARGUMENTS_BAD]
-        if flags & CKF_DONT_BLOCK:
+    async def wait_for_slot_event(self, ctx: ApplicationContext, req: R.C_WaitForSlotEvent) -> Reply:
+        if req.flags & CKF_DONT_BLOCK:
             try:
                 return [OK, ctx.events.get_nowait()]
             except asyncio.QueueEmpty:
@@ -452,5 +454,5 @@ class Dispatcher:
             return [OK, event.result()]
         return [CKR["CKR_CRYPTOKI_NOT_INITIALIZED"], None]
 
-    async def not_supported(self, ctx: ApplicationContext, req: list[Any]) -> Reply:
+    async def not_supported(self, ctx: ApplicationContext, req: R.Request) -> Reply:
         return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
