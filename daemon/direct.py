@@ -91,6 +91,12 @@ class Direct:
         real = vs.real[member]
         timeout = group.config.call_timeout
         deadline = budget.current().deadline(group)
+        left = deadline - time.monotonic()
+        if not budget.fair(left, group):
+            # the call's time went on its placement: no bind now (the client goes on
+            # through the daemon, and asks again later); a helper command given only the
+            # rest would fail the member for the call's time, not its own
+            return [CKR["CKR_FUNCTION_FAILED"]]
         try:
             helper = await ctx.helper(member, deadline)
             if not await self._listening(helper, ctx.uid, deadline - time.monotonic()):
