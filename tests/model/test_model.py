@@ -13,8 +13,8 @@ import time
 from harness import Env
 from machine import run_machine
 
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "12"))
-STEPS = int(os.environ.get("MODEL_STEPS", "40"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "25"))
+STEPS = int(os.environ.get("MODEL_STEPS", "50"))
 SHRINK_SECONDS = float(os.environ.get("MODEL_SHRINK_SECONDS", "120"))
 
 
