@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
 log = logging.getLogger("p11p.ha")
+# CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS, CKS_RW_SO_FUNCTIONS
+LOGGED_IN_STATES = frozenset({1, 3, 4})
 
 
 class SessionBuilder:
@@ -52,6 +54,7 @@ class SessionBuilder:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
             vs.real[member] = real
+            await self.check_login(ctx, member, real)
         try:
             await self.login_on(ctx, vs.group, member, real)
         except SessionVanished:
@@ -59,6 +62,20 @@ class SessionBuilder:
                 del vs.real[member]
             raise
         return real
+
+    async def check_login(self, ctx: ApplicationContext, member: Member, real: int) -> None:
+        """A member session just opened where the application is believed logged in: the
+        module may have lost its login since (an HSM reset closes every session, and the
+        daemon hears of it only when an old session is used). Its state says; a lost
+        login is logged in again before the session serves."""
+        if member not in ctx.logged_in:
+            return
+        reply = await self.r.link.checked(ctx, member, [CODE["C_GetSessionInfo"], real, 0])
+        info = reply[1] if reply[0] == OK and len(reply) > 1 else None
+        if isinstance(info, list) and len(info) > 1 and info[1] not in LOGGED_IN_STATES:
+            log.warning("login lost: %s member=%s: the module no longer has the application "
+                        "logged in (a reset?); logging in again", ctx.name, member.name)
+            ctx.logged_in.discard(member)
 
     async def login_on(self, ctx: ApplicationContext, group: Group, member: Member, real: int) -> None:
         login = ctx.logins.get(group)
@@ -99,6 +116,7 @@ class SessionBuilder:
             if reply[0] != OK:
                 raise CKError(reply[0])
             real = ctx.utility[member] = reply[1]
+            await self.check_login(ctx, member, real)
         group = member.group
         try:
             await self.login_on(ctx, group, member, real)

@@ -175,14 +175,26 @@ class ApplicationContext:
             self.forget_object(vobj)
         vs.objects.clear()
         if not any(s.group is vs.group for s in self.sessions.values()):
-            # all sessions on the token closed: the application is logged out (§5.6)
+            # all sessions on the token closed: the application is logged out (§5.6),
+            # and its object handles there end (as the token's own do)
             self.logins.pop(vs.group, None)
             for member in vs.group.members:
                 self.logged_in.discard(member)
+            self.forget_objects(vs.group)
+
+    def forget_objects(self, group: Group, private_only: bool = False) -> None:
+        """Ends the application's handles of objects on `group` (all, or the private
+        ones when it logs out: a token makes them unreachable; the objects stay)."""
+        for vobj in self.objects.values():
+            if vobj.group is group and (vobj.private or not private_only):
+                self.forget_object(vobj)
+        # cached search results name those handles
+        self.find_cache = {k: v for k, v in self.find_cache.items() if k[0] is not group}
 
     # -- objects ----------------------------------------------------------------------
 
     def register(self, vobj: VirtualObject, member: Member, real: int, group: Group) -> None:
+        vobj.group = group
         vobj.real[member] = real
         self.by_real[(member, real)] = vobj
         if vobj.is_token and vobj.identity is not None:
@@ -200,7 +212,8 @@ class ApplicationContext:
         return vobj
 
     def forget_object(self, vobj: VirtualObject) -> None:
-        vobj.destroyed = True  # other objects' recipes may still name it as their source
+        if not vobj.is_token:  # other objects' recipes may still name it as their source
+            vobj.destroyed = True
         self.objects.remove(vobj.handle)
         for member, real in vobj.real.items():
             if self.by_real.get((member, real)) is vobj:

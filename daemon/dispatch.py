@@ -303,6 +303,7 @@ class Dispatcher:
         reply = await self.router.call(ctx, vs, req.frame)
         if reply[0] == OK:
             ctx.logins.pop(vs.group, None)
+            ctx.forget_objects(vs.group, private_only=True)  # as the token's handles end
             for member in vs.group.members:
                 if member is not vs.member and member in ctx.logged_in:
                     real = next((s.real[member] for s in ctx.sessions.values()

@@ -84,17 +84,21 @@ class Placement:
         for vobj in objs:
             if vobj.home is not None:
                 allowed = [m for m in allowed if m is vobj.home]
-            elif vobj.is_token is False and not vobj.replayable:
+            elif vobj.is_token is False and (not vobj.replayable or vobj.random_held()):
+                # made at random and held by a member in service: calls go there (made
+                # again elsewhere it would be another key under the same handle)
                 allowed = [m for m in allowed if m in vobj.real]
             allowed = [m for m in allowed if m not in vobj.missing]
         return allowed
 
     def others(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                 vreq: list[Any], spared: set[Member]) -> bool:
-        """Whether a usable member not in `spared` could take this call."""
+        """Whether a member not in `spared` could take this call now (a draining member
+        serves the sessions it has, and takes no other: with it alone left, the call
+        answers as is)."""
         allowed = self.allowed(ctx, shape, vreq, vs.group)
         pool = vs.group.members if allowed is None else allowed
-        return any(m.health.usable and m not in spared for m in pool)
+        return any(m.placeable and m not in spared for m in pool)
 
     def write_target(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                       vreq: list[Any]) -> str | None:

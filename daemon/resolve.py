@@ -31,6 +31,7 @@ from p11p.daemon.virtual import (
     VirtualObject,
     VirtualSession,
     identity_from_values,
+    private_from_values,
 )
 from p11p.protocol.constants import rv_name
 
@@ -148,6 +149,8 @@ class HandleResolver:
             return await self.resolve(ctx, vobj, member)
         if not vobj.replayable or vobj.recipe is None:
             raise CKError(OBJECT_HANDLE_INVALID, "session object cannot be remade")
+        if vobj.random_held():
+            raise KeyMissing  # its member serves it; remade here it would be another key
         recipe = vobj.recipe
         owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
         await self.r.bind.session_on(ctx, owner, member)
@@ -167,7 +170,7 @@ class HandleResolver:
                                       f"remaking a session object's attributes: {rv_name(done[0])}")
         for src in recipe.sources.values():
             # a source the application destroyed was remade for this only: it goes again
-            if src.destroyed and member in src.real:
+            if src.destroyed and not src.is_token and member in src.real:
                 real = src.real[member]
                 ctx.unregister(src, member)
                 await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"], owner.real[member], real])
@@ -217,15 +220,16 @@ class HandleResolver:
             del ctx.by_real[(member, real)]
         reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], vs.real[member],
                                                  real, IDENTITY_TEMPLATE])
-        is_token, identity = None, None
+        is_token, identity, private = None, None, None
         if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):
             is_token, identity = identity_from_values(reply[1])
+            private = private_from_values(reply[1])
         if not created and is_token and identity is not None:
             known = ctx.token_index.get((vs.group, identity))
             if known is not None and member not in known.real:
                 ctx.register(known, member, real, vs.group)
                 return known
         vobj = ctx.new_object()
-        vobj.is_token, vobj.identity = is_token, identity
+        vobj.is_token, vobj.identity, vobj.private = is_token, identity, private
         ctx.register(vobj, member, real, vs.group)
         return vobj

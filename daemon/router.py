@@ -79,9 +79,15 @@ class Router:
         tries = 0
         limit = 2 * len(group.members) + 2
         spared: set[Member] = set()  # answered CKR_GENERAL_ERROR, and still serve
+        answered: Reply | None = None  # that answer, while another member is tried
         while True:
             tries += 1
-            member = await self.place.place(ctx, vs, shape, vreq, write, spared)
+            try:
+                member = await self.place.place(ctx, vs, shape, vreq, write, spared)
+            except CKError:
+                if answered is not None:  # no other member can take it after all
+                    return answered
+                raise
             try:
                 if write is None:
                     await self.bind.prepare(ctx, vs, member)
@@ -103,6 +109,7 @@ class Router:
                     # another member, which hides a hiccup; with none left, the
                     # application gets the code.
                     spared.add(member)
+                    answered = reply
                     if write is None and tries < limit and self.place.others(ctx, vs, shape, vreq,
                                                                         spared):
                         log.info("%s: %s returned %s on %s, which still serves: trying "
@@ -135,10 +142,16 @@ class Router:
                     raise CKError(DEVICE_ERROR, "no member could serve the call") from None
             except KeyMissing:
                 if tries >= limit:
+                    if answered is not None:
+                        return answered
                     raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object") from None
             except SessionVanished:
                 if tries >= limit:
                     raise
+            except CKError:
+                if answered is not None:  # the member tried next could not take the call
+                    return answered
+                raise
 
     async def group_call(self, ctx: ApplicationContext, group: Group, request: list[Any],
                          slot_index: int = 1) -> tuple[Member, Reply]:

@@ -30,10 +30,11 @@ CKA_ID = CKA["CKA_ID"]
 CKA_LABEL = CKA["CKA_LABEL"]
 CKA_KEY_TYPE = CKA["CKA_KEY_TYPE"]
 CKA_APPLICATION = CKA["CKA_APPLICATION"]
+CKA_PRIVATE = CKA["CKA_PRIVATE"]
 # The attributes read once per newly seen object; caps cover usual ids and labels.
 # CKA_APPLICATION tells data objects apart (they have no CKA_ID or key type).
 IDENTITY_TEMPLATE = [[CKA_TOKEN, 1], [CKA_CLASS, 8], [CKA_ID, 256], [CKA_LABEL, 256],
-                     [CKA_KEY_TYPE, 8], [CKA_APPLICATION, 256]]
+                     [CKA_KEY_TYPE, 8], [CKA_APPLICATION, 256], [CKA_PRIVATE, 1]]
 
 
 def ulong_value(value: int) -> bytes:
@@ -67,6 +68,15 @@ class ObjectIdentity:
         return t
 
 
+def _flag(v: Any) -> bool | None:
+    return bool(v[0]) if isinstance(v, bytes) and len(v) == 1 else None
+
+
+def private_from_values(values: list[Any]) -> bool | None:
+    """CKA_PRIVATE from a reply to IDENTITY_TEMPLATE (not part of the identity)."""
+    return _flag(values[6]) if len(values) > 6 else None
+
+
 def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity]:
     """Reads (token flag, identity) from a reply to IDENTITY_TEMPLATE."""
     def ulong(v: Any) -> int | None:
@@ -75,8 +85,7 @@ def identity_from_values(values: list[Any]) -> tuple[bool | None, ObjectIdentity
     def raw(v: Any) -> bytes | None:
         return v if isinstance(v, bytes) else None
 
-    token = values[0]
-    is_token = bool(token[0]) if isinstance(token, bytes) and len(token) == 1 else None
+    is_token = _flag(values[0])
     return is_token, ObjectIdentity(ulong(values[1]), raw(values[2]), raw(values[3]),
                                     ulong(values[4]), raw(values[5]))
 
@@ -117,7 +126,9 @@ class VirtualObject:
     recipe: Recipe | None = None
     home: Member | None = None  # a token object written under write_policy "primary"
     missing: set[Member] = field(default_factory=set)  # members known not to hold it
-    destroyed: bool = False  # by the application; kept only as another recipe's source
+    group: Group | None = None  # the token it is on (set when a member handle is known)
+    private: bool | None = None  # CKA_PRIVATE: its handle ends when the application logs out
+    destroyed: bool = False  # (session object) by the application; kept as a recipe source
     lost: str = ""  # why a session object could not be remade: its uses fail
     edits: list[Any] = field(default_factory=list)  # C_SetAttributeValue templates since made
     _used: bool = False
@@ -133,6 +144,11 @@ class VirtualObject:
         if value and self.recipe is not None:
             for root in self.recipe.roots:
                 root.used = True
+
+    def random_held(self) -> bool:
+        """Made from a random key, and held by a member still in service."""
+        return bool(self.recipe is not None and self.recipe.roots
+                    and any(m.health.usable for m in self.real))
 
     @property
     def replayable(self) -> bool:

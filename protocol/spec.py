@@ -34,12 +34,13 @@ ALL_KINDS = IN_KINDS | OUT_KINDS | INOUT_KINDS | SILENT_KINDS
 FIELD_KINDS = frozenset({"ulong", "bbool", "bytes", "fixed16", "fixed8", "object"})
 
 # Roles of object handles (`object:hKey=key`), each with the CK_RV an unknown handle in
-# that role gets (PKCS#11 v2.40, as SoftHSM2 answers). An `object` without a role is an
-# object.
+# that role gets, as the reference token (SoftHSM2) answers it: C_DeriveKey's base key,
+# like the key of an operation's init, is an object to it. An `object` without a role is
+# an object.
 HANDLE_ROLES = {
     "object": "CKR_OBJECT_HANDLE_INVALID",
     "key": "CKR_KEY_HANDLE_INVALID",
-    "base_key": "CKR_KEY_HANDLE_INVALID",
+    "base_key": "CKR_OBJECT_HANDLE_INVALID",
     "wrapping_key": "CKR_WRAPPING_KEY_HANDLE_INVALID",
     "unwrapping_key": "CKR_UNWRAPPING_KEY_HANDLE_INVALID",
 }

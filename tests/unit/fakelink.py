@@ -161,7 +161,7 @@ class FakeHelper:
         if o is None or (o.private and not self.logged_in):
             return [CKR["CKR_OBJECT_HANDLE_INVALID"], None]
         known = {CKA["CKA_TOKEN"]: b"\x01", CKA["CKA_CLASS"]: ulong(o.object_class),
-                 CKA["CKA_LABEL"]: o.label}
+                 CKA["CKA_LABEL"]: o.label, CKA["CKA_PRIVATE"]: bytes([o.private])}
         return [OK, [known.get(t) for t, _ in template]]
 
     def C_GenerateRandom(self, h: int, n: int) -> list[Any]:
