@@ -304,6 +304,7 @@ class Session:
     rw: bool
     ops: dict[str, str] = field(default_factory=dict)  # fn -> key name ('' for digest)
     finding: bool = False
+    find_stale: bool = False  # its search began before a logout (its handles are stale)
     diverged: bool = False  # a documented difference happened on it: only closed from now
 
 
@@ -622,7 +623,7 @@ class Runner:
         elif op == "logout":
             self.logged_out(app)
         elif op == "find_init":
-            sessions[s].finding = True
+            sessions[s].finding, sessions[s].find_stale = True, False
         elif op == "find":
             for name in p.get("found", []):
                 self.stale[app].discard(name)
@@ -634,9 +635,10 @@ class Runner:
                 elif name.startswith("m-"):
                     made = self.made.get(name)
                     if made is not None:
-                        objs[name] = Obj(made.kind, True, None, made.random, app=app)
+                        objs[name] = Obj(made.kind, True, None, made.random, app=made.app,
+                                         private=made.private)
         elif op == "find_final":
-            sessions[s].finding = False
+            sessions[s].finding = sessions[s].find_stale = False
         elif op in ("create", "genkey", "copy", "unwrap", "derive"):
             token = self.is_token_write(step)
             src = [objs.get(step.get(k, "")) for k in ("src", "uk", "base", "k")]
@@ -681,6 +683,8 @@ class Runner:
         session's end makes every handle stale (SoftHSM2 forgets the slot's handles)."""
         self.logged_in[app] = False
         self.stale[app] |= {n for n, o in self.objs[app].items() if o.private or every_handle}
+        for sess in self.sessions[app].values():
+            sess.find_stale = sess.finding
 
     def mark_used(self, app: int, name: str | None) -> None:
         obj = self.objs[app].get(name or "")

@@ -57,6 +57,10 @@ KNOWN = {
     "find_is_no_operation": "test_an_active_find_blocks_other_operations",
     "login_lost_on_reset": "test_new_session_after_a_member_reset_finds_private_objects",
     # SoftHSM2 answers CKR_GENERAL_ERROR for a bad unwrap or bad padding
+    "foreign_token_write": "test_token_object_written_by_another_application",
+    # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
+    # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
+    "find_across_logout": "(none: see the report of issue 12)",
     "general_error_retried": "test_general_error_with_one_member_in_service, "
                              "test_general_error_of_a_decrypt_retried_elsewhere, "
                              "test_general_error_of_an_unwrap_retried_elsewhere",
@@ -122,11 +126,12 @@ class ModelMachine(RuleBasedStateMachine):
         return str(data.draw(st.sampled_from(sorted(names)), label="session"))
 
     def obj(self, data: Any, app: int, kinds: tuple[str, ...] | None = None,
-            made: bool = False, gone: bool = True) -> str:
+            made: bool = False, gone: bool = True, write: bool = False) -> str:
         stale = self.r.stale[app] if avoid("stale_handle") else set()
         names = sorted(n for n, o in self.r.objs[app].items()
                        if (kinds is None or o.kind in kinds) and (not made or n.startswith("m-"))
-                       and n not in stale)
+                       and n not in stale and not (
+                           write and o.token and o.app != app and avoid("foreign_token_write")))
         if not gone and not names:
             return None  # type: ignore[return-value]
         if not names or (gone and data.draw(st.integers(0, 11), label="gone?") == 11):
@@ -215,6 +220,9 @@ class ModelMachine(RuleBasedStateMachine):
     def find_next(self, data: Any) -> None:
         app = self.app(data)
         s = self.session(data, app)
+        sess = self.r.sessions[app].get(s or "")
+        if sess is not None and sess.find_stale and avoid("find_across_logout"):
+            return
         if s is not None:
             self.step(app=app, op="find", s=s, max=data.draw(st.integers(1, 4), label="max"))
 
@@ -244,7 +252,7 @@ class ModelMachine(RuleBasedStateMachine):
         s = self.session(data, app)
         if s is None:
             return
-        o = self.obj(data, app, made=True)
+        o = self.obj(data, app, made=True, write=True)
         self.step(app=app, op="setattr", s=s, o=o,
                   t=[["CKA_APPLICATION", h(data.draw(st.sampled_from(["x", "yy"]), label="app-attr"))]])
 
@@ -334,7 +342,7 @@ class ModelMachine(RuleBasedStateMachine):
         app = self.app(data)
         s = self.session(data, app)
         if s is not None:
-            self.step(app=app, op="destroy", s=s, o=self.obj(data, app, made=True))
+            self.step(app=app, op="destroy", s=s, o=self.obj(data, app, made=True, write=True))
 
     # -- operations -----------------------------------------------------------------------
 

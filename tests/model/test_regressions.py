@@ -223,3 +223,24 @@ def test_general_error_of_an_unwrap_retried_elsewhere(model_env: Env) -> None:
              ["CKA_EXTRACTABLE", True], ["CKA_SENSITIVE", False]]},
         unwrap("m-9"), unwrap("m-17"),
     ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a token object one application wrote "
+                   "through p11p, found by another, cannot be modified by it: "
+                   "CKR_TOKEN_WRITE_PROTECTED (p11p takes it for an object on several "
+                   "members), also in a read-only session where the token says "
+                   "CKR_SESSION_READ_ONLY")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+@pytest.mark.parametrize("rw", [False, True])
+def test_token_object_written_by_another_application(model_env: Env, rw: bool) -> None:
+    """Found by the bounded run under failover (6 of 46 steps, read-only session)."""
+    replay(model_env, [
+        {"app": 0, "op": "open", "s": "s3", "rw": True},
+        {"app": 1, "op": "open", "s": "s4", "rw": rw},
+        {"app": 0, "op": "create", "s": "s3", "o": "m-12", "kind": "data", "t": [
+            ["CKA_TOKEN", True], ["CKA_LABEL", "6d2d3132"], ["CKA_CLASS", 0],
+            ["CKA_PRIVATE", False], ["CKA_VALUE", "0102"]]},
+        {"app": 1, "op": "find_init", "s": "s4", "t": []},
+        {"app": 1, "op": "find", "s": "s4", "max": 32},
+        {"app": 1, "op": "setattr", "s": "s4", "o": "m-12", "t": [["CKA_APPLICATION", "78"]]},
+    ])
