@@ -49,7 +49,7 @@ class SessionBuilder:
         real = vs.real.get(member)
         if real is None:
             reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
-                                                     vs.flags, 0])
+                                                            vs.flags, 0])
             if reply[0] != OK:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
@@ -112,7 +112,7 @@ class SessionBuilder:
         real = ctx.utility.get(member)
         if real is None:
             reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
-                                                     4, 0])  # CKF_SERIAL_SESSION
+                                                            4, 0])  # CKF_SERIAL_SESSION
             if reply[0] != OK:
                 raise CKError(reply[0])
             real = ctx.utility[member] = reply[1]
@@ -176,7 +176,7 @@ class SessionBuilder:
                       member.name, "; ".join(lost))
 
     async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                                op: Operation) -> str:
+                               op: Operation) -> str:
         """Replays an operation's init and updates; returns why it failed, or ''."""
         reply = await self.r.link.checked(ctx, member, await self.r.resolve.translate(
             ctx, vs, member, SHAPES[op.init[0]], op.init))
@@ -203,7 +203,7 @@ class SessionBuilder:
         return [OK, batch]
 
     async def replay_find(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                           find: FindState) -> None:
+                          find: FindState) -> None:
         real = vs.real[member]
         reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real, find.template])
         if reply[0] != OK:

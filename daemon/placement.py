@@ -36,8 +36,8 @@ class Placement:
         self.r = router
 
     async def place(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                     vreq: list[Any], write: str | None,
-                     spared: set[Member] | None = None) -> Member:
+                    vreq: list[Any], write: str | None,
+                    spared: set[Member] | None = None) -> Member:
         """The member for this call; waits up to hold_timeout when none is usable (the
         time held is added to the call's deadline). Members in `spared` answered this
         call already: another is taken."""
@@ -75,7 +75,7 @@ class Placement:
             await group.wait_change(deadline - now)
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
-                 group: Group) -> list[Member] | None:
+                group: Group) -> list[Member] | None:
         objs = [ctx.objects.get(vreq[i]) for i in shape.objects]
         objs += [ctx.objects.get(h) for h in self.r.resolve.mechanism_objects(vreq, shape)]
         if not objs:
@@ -92,7 +92,7 @@ class Placement:
         return allowed
 
     def others(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                vreq: list[Any], spared: set[Member]) -> bool:
+               vreq: list[Any], spared: set[Member]) -> bool:
         """Whether a member not in `spared` could take this call now (a draining member
         serves the sessions it has, and takes no other: with it alone left, the call
         answers as is)."""
@@ -101,7 +101,7 @@ class Placement:
         return any(m.placeable and m not in spared for m in pool)
 
     def write_target(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                      vreq: list[Any]) -> str | None:
+                     vreq: list[Any]) -> str | None:
         """None for an ordinary call; 'primary' or 'home' for a token object write in a
         group of several members (write_policy); refused writes raise."""
         group = vs.group

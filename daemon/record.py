@@ -26,7 +26,7 @@ class Recorder:
         self.r = router
 
     async def record(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                      shape: CallShape, vreq: list[Any], reply: Reply) -> None:
+                     shape: CallShape, vreq: list[Any], reply: Reply) -> None:
         rv = reply[0]
         name = shape.fn.name
         named = self.r.resolve.named_objects(ctx, shape, vreq)
@@ -72,7 +72,7 @@ class Recorder:
             vs.member = None
 
     def record_operation(self, vs: VirtualSession, shape: CallShape, vreq: list[Any],
-                          reply: Reply) -> None:
+                         reply: Reply) -> None:
         requested = shape.out_bytes is None or vreq[shape.out_bytes] is not None
         change = operation_change(shape.fn.name, reply[0], requested)
         if change.start is not None:

@@ -46,7 +46,7 @@ class HandleResolver:
         self.r = router
 
     def lookup(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                vreq: list[Any]) -> None:
+               vreq: list[Any]) -> None:
         """The call's object handles exist (else the CK_RV of their role), none of them
         is a lost session object, and the call does not continue a lost operation."""
         for i, invalid in zip(shape.objects, shape.object_rvs, strict=True):
@@ -62,7 +62,7 @@ class HandleResolver:
                 raise CKError(DEVICE_ERROR, f"{kind} operation lost: {why}")
 
     async def objects_lost(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                            shape: CallShape, vreq: list[Any]) -> bool:
+                           shape: CallShape, vreq: list[Any]) -> bool:
         """After CKR_OBJECT_HANDLE_INVALID for objects the daemon knows on `member`: asks
         the member about each, and forgets the member handles it no longer has (they are
         found again by identity, or remade, when the call is tried again). An object
@@ -78,7 +78,7 @@ class HandleResolver:
             if vobj is None or real is None:
                 continue
             reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], real_session,
-                                                     real, [[CKA_CLASS, 8]]])
+                                                            real, [[CKA_CLASS, 8]]])
             if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
                 return False
             if reply[0] == OBJECT_HANDLE_INVALID:
@@ -92,7 +92,7 @@ class HandleResolver:
         return True
 
     def named_objects(self, ctx: ApplicationContext, shape: CallShape,
-                       vreq: list[Any]) -> dict[int, VirtualObject]:
+                      vreq: list[Any]) -> dict[int, VirtualObject]:
         """The objects a request names (handles and mechanism parameters), by handle."""
         named: dict[int, VirtualObject] = {}
         for handle in [vreq[i] for i in shape.objects] + self.mechanism_objects(vreq, shape):
@@ -112,8 +112,8 @@ class HandleResolver:
         return [mech[1][k] for k in fields or () if k < len(mech[1])]
 
     async def translate(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
-                         shape: CallShape, vreq: list[Any],
-                         sources: dict[int, VirtualObject] | None = None) -> list[Any]:
+                        shape: CallShape, vreq: list[Any],
+                        sources: dict[int, VirtualObject] | None = None) -> list[Any]:
         """The member's form of a request: its session and object handles there (made
         when missing). `sources`: a recipe's objects, destroyed ones included."""
         def lookup(handle: Any) -> VirtualObject:
@@ -164,7 +164,7 @@ class HandleResolver:
                 ctx.register(made, member, reply[j], vs.group)
                 for edit in made.edits:
                     done = await self.r.link.checked(ctx, member, [CODE["C_SetAttributeValue"],
-                                                            owner.real[member], reply[j], edit])
+                                                                   owner.real[member], reply[j], edit])
                     if done[0] != OK:
                         raise CKError(OBJECT_HANDLE_INVALID,
                                       f"remaking a session object's attributes: {rv_name(done[0])}")
@@ -187,11 +187,11 @@ class HandleResolver:
             return await self.find_by_identity(ctx, vobj, member)
 
     async def find_by_identity(self, ctx: ApplicationContext, vobj: VirtualObject,
-                                member: Member) -> int:
+                               member: Member) -> int:
         assert vobj.identity is not None
         real = await self.r.bind.utility_session(ctx, member)
         reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
-                                                 vobj.identity.template()])
+                                                        vobj.identity.template()])
         if reply[0] != OK:
             raise CKError(reply[0], "looking up a key")
         try:
@@ -219,7 +219,7 @@ class HandleResolver:
             vobj.real.pop(member, None)
             del ctx.by_real[(member, real)]
         reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], vs.real[member],
-                                                 real, IDENTITY_TEMPLATE])
+                                                        real, IDENTITY_TEMPLATE])
         is_token, identity, private = None, None, None
         if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):
             is_token, identity = identity_from_values(reply[1])

@@ -111,7 +111,7 @@ class Router:
                     spared.add(member)
                     answered = reply
                     if write is None and tries < limit and self.place.others(ctx, vs, shape, vreq,
-                                                                        spared):
+                                                                             spared):
                         log.info("%s: %s returned %s on %s, which still serves: trying "
                                  "another member", vs.describe(), shape.fn.name,
                                  rv_name(reply[0]), member.name)
