@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from harness import MEMBERS, Discrepancy, Env, Runner, replay, shrink
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -56,8 +57,11 @@ KNOWN = {
                     "test_object_handle_after_the_last_session_closed",
     "find_is_no_operation": "test_an_active_find_blocks_other_operations",
     "login_lost_on_reset": "test_new_session_after_a_member_reset_finds_private_objects",
+    "used_generated_key_failover": "test_used_generated_key_after_a_failover",
     # SoftHSM2 answers CKR_GENERAL_ERROR for a bad unwrap or bad padding
-    "foreign_token_write": "test_token_object_written_by_another_application",
+    "foreign_token_write": "test_token_object_written_by_another_application, "
+                           "test_token_object_found_again_by_its_writer",
+    "token_copy_destroy": "test_destroy_a_token_copy_of_a_session_object",
     # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
     # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
     "find_across_logout": "(none: see the report of issue 12)",
@@ -131,7 +135,9 @@ class ModelMachine(RuleBasedStateMachine):
         names = sorted(n for n, o in self.r.objs[app].items()
                        if (kinds is None or o.kind in kinds) and (not made or n.startswith("m-"))
                        and n not in stale and not (
-                           write and o.token and o.app != app and avoid("foreign_token_write")))
+                           write and o.token and (o.app != app or o.found)
+                           and avoid("foreign_token_write"))
+                       and not (write and o.token and o.copied and avoid("token_copy_destroy")))
         if not gone and not names:
             return None  # type: ignore[return-value]
         if not names or (gone and data.draw(st.integers(0, 11), label="gone?") == 11):
@@ -473,8 +479,10 @@ class ModelMachine(RuleBasedStateMachine):
         if s is None or self.busy(app, s):
             return
         self.step(app=app, op="opinit", s=s, fn="Digest", mech={"m": "CKM_SHA256"})
-        self.step(app=app, op="digestkey", s=s,
-                  k=self.obj(data, app, gone=True))
+        k = self.obj(data, app, gone=not avoid("unknown_key_checked_first"))
+        if k is None:
+            return
+        self.step(app=app, op="digestkey", s=s, k=k)
         self.step(app=app, op="final", s=s, fn="Digest", id=self.r.fresh("v"))
 
     def wrap(self, data: Any) -> None:
@@ -551,6 +559,9 @@ class ModelMachine(RuleBasedStateMachine):
                  "settle"] + (["hang"] if type(self).hangs else [])
         kind = data.draw(st.sampled_from(kinds), label="event")
         m = data.draw(st.sampled_from(members), label="member")
+        if kind not in ("up", "enable", "settle") and r.used_random_objects() \
+                and avoid("used_generated_key_failover"):
+            return
         if kind == "error" and r.may_hit(m):
             rv = data.draw(st.sampled_from(ERROR_RVS), label="rv")
             fns = OBJECT_FNS if rv == "CKR_OBJECT_HANDLE_INVALID" else ERROR_FNS
@@ -591,9 +602,20 @@ def run_machine(env: Env, examples: int, steps: int, derandomize: bool, hangs: b
                  suppress_health_check=list(HealthCheck))
     try:
         run_state_machine_as_test(machine, settings=s)
-    except Discrepancy as exc:
-        log = list(runner.log)
+    except Exception as raised:  # a Discrepancy, or hypothesis's FlakyFailure around one
+        if runner.failure is None and isinstance(raised, FlakyStrategyDefinition):
+            # the model follows p11p's results, which timing may change (placement under
+            # balance, a find beside a write): hypothesis then finds an example it
+            # re-ran drawing differently. Not a finding; the steps so far were compared.
+            print(f"\n(hypothesis stopped early: {str(raised).splitlines()[0]})", flush=True)
+            return runner
+        if runner.failure is None:
+            raise
+        log, exc = runner.failure
         why = exc.signature or str(exc).splitlines()[0]
+        if not isinstance(raised, Discrepancy):
+            print(f"\n(the discrepancy did not come back when hypothesis ran the sequence "
+                  f"again: {type(raised).__name__})", flush=True)
         print(f"\ndiscrepancy after {len(log)} steps ({env.policy}, "
               f"{len(env.members)} members): {exc}\n{format_steps(log)}\nshrinking...",
               flush=True)

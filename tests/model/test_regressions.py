@@ -244,3 +244,68 @@ def test_token_object_written_by_another_application(model_env: Env, rw: bool) -
         {"app": 1, "op": "find", "s": "s4", "max": 32},
         {"app": 1, "op": "setattr", "s": "s4", "o": "m-12", "t": [["CKA_APPLICATION", "78"]]},
     ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a session whose generated key was used "
+                   "(C_SignInit) fails over: the next call gets CKR_OBJECT_HANDLE_INVALID, "
+                   "neither the token's answer (CKR_OPERATION_ACTIVE) nor the documented "
+                   "unrecoverable session's CKR_DEVICE_ERROR")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_used_generated_key_after_a_failover(model_env: Env) -> None:
+    """Found by the bounded run under failover (6 of 16 steps)."""
+    init = {"app": 0, "op": "opinit", "s": "s1", "fn": "Sign", "mech": {"m": "CKM_ECDSA"},
+            "k": "m-6"}
+    replay(model_env, [
+        OPEN_S1, LOGIN_S1,
+        {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
+         "mech": {"m": "CKM_EC_KEY_PAIR_GEN"},
+         "pub_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d35"],
+                   ["CKA_EC_PARAMS", "06082a8648ce3d030107"], ["CKA_VERIFY", True]],
+         "priv_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d36"], ["CKA_SIGN", True],
+                    ["CKA_PRIVATE", True], ["CKA_SENSITIVE", True]]},
+        init, {"ev": "down", "m": "hsmA"}, init,
+    ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a token object an application wrote, "
+                   "found again after its sessions closed, cannot be destroyed: "
+                   "CKR_TOKEN_WRITE_PROTECTED (p11p takes it for an object on several "
+                   "members)")
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_token_object_found_again_by_its_writer(model_env: Env) -> None:
+    """Found by the bounded run under balance (10 of 39 steps)."""
+    replay(model_env, [
+        {"app": 1, "op": "open", "s": "s2", "rw": True},
+        {"app": 1, "op": "login", "s": "s2", "pin": "1234"},
+        {"app": 1, "op": "genkey", "s": "s2", "o": "m-6", "kind": "gaes",
+         "mech": {"m": "CKM_AES_KEY_GEN"}, "t": [
+             ["CKA_TOKEN", True], ["CKA_LABEL", "6d2d36"], ["CKA_CLASS", 4],
+             ["CKA_KEY_TYPE", 31], ["CKA_VALUE_LEN", 32], ["CKA_ENCRYPT", True],
+             ["CKA_DECRYPT", True], ["CKA_EXTRACTABLE", True], ["CKA_SENSITIVE", False]]},
+        {"app": 1, "op": "closeall"},
+        {"app": 1, "op": "open", "s": "s11", "rw": True},
+        {"app": 1, "op": "login", "s": "s11", "pin": "1234"},
+        {"app": 1, "op": "find_init", "s": "s11", "t": []},
+        {"app": 1, "op": "find", "s": "s11", "max": 32},
+        {"app": 1, "op": "destroy", "s": "s11", "o": "m-6"},
+    ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a token copy (C_CopyObject with "
+                   "CKA_TOKEN true) of a session object cannot be destroyed: "
+                   "CKR_FUNCTION_FAILED through p11p, CKR_OK directly")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_destroy_a_token_copy_of_a_session_object(model_env: Env) -> None:
+    """Found by the bounded run under failover (4 of 25 steps)."""
+    replay(model_env, [
+        OPEN_S1,
+        {"app": 0, "op": "create", "s": "s1", "o": "m-2", "kind": "ecpub", "t": [
+            ["CKA_TOKEN", False], ["CKA_LABEL", "6d2d32"], ["CKA_CLASS", 2], ["CKA_KEY_TYPE", 3],
+            ["CKA_EC_PARAMS", "06082a8648ce3d030107"],
+            ["CKA_EC_POINT", "0441041cd0f26503ae24c843ddd7a6535917e379ffeac5a50c9a03427cf08b948a"
+                             "70ab440bde3648bd56d065ea4ba8cb23917e61bce11c617826da8aad7dffa71e3a3e"],
+            ["CKA_VERIFY", True]]},
+        {"app": 0, "op": "copy", "s": "s1", "src": "m-2", "o": "m-6",
+         "t": [["CKA_LABEL", "6d2d36"], ["CKA_TOKEN", True]]},
+        {"app": 0, "op": "destroy", "s": "s1", "o": "m-6"},
+    ])
