@@ -144,6 +144,8 @@ class SessionBuilder:
                 try:
                     await self.r.resolve.ensure_object(ctx, vs, vobj, member)
                     replayed.append("object")
+                except (SessionVanished, budget.CallExpired):
+                    raise  # not the object's fault: the call is placed again, or ends
                 except (CKError, KeyMissing) as exc:
                     vobj.lost = str(exc) or "its source is on no member"
                     lost.append(f"session object {vobj.handle}: {vobj.lost}")
@@ -178,8 +180,13 @@ class SessionBuilder:
     async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                                op: Operation) -> str:
         """Replays an operation's init and updates; returns why it failed, or ''."""
-        reply = await self.r.link.checked(ctx, member, await self.r.resolve.translate(
-            ctx, vs, member, SHAPES[op.init[0]], op.init))
+        try:
+            init = await self.r.resolve.translate(ctx, vs, member, SHAPES[op.init[0]], op.init)
+        except (SessionVanished, budget.CallExpired):
+            raise
+        except (CKError, KeyMissing) as exc:  # its key is lost, or on no member
+            return f"its key: {exc or 'on no member'}"
+        reply = await self.r.link.checked(ctx, member, init)
         if reply[0] != OK:
             return f"init returned {rv_name(reply[0])}"
         for ureq, expected in op.updates:

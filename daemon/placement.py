@@ -11,24 +11,29 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError
-from p11p.daemon.members import Group, Member
+from p11p.daemon.errors import CKError, MemberUnavailable
+from p11p.daemon.members import Member
 from p11p.daemon.policy import choose_member
 from p11p.daemon.shapes import (
     CREATING,
     DEVICE_ERROR,
     MODIFYING,
     OBJECT_HANDLE_INVALID,
+    SHAPES,
     WRITE_PROTECTED,
     CallShape,
+    KeyMissing,
     template_sets_token,
 )
-from p11p.daemon.virtual import VirtualSession
+from p11p.daemon.virtual import VirtualObject, VirtualSession
+from p11p.protocol.constants import CKF, CKR
 
 if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
 log = logging.getLogger("p11p.ha")
+CKF_RW_SESSION = CKF["CKF_RW_SESSION"]
+SESSION_READ_ONLY = CKR["CKR_SESSION_READ_ONLY"]
 
 
 class Placement:
@@ -52,9 +57,9 @@ class Placement:
                 home = ctx.objects.get(vreq[shape.objects[0]]).home
                 member = home if home is not None and home.health.usable else None
             else:
-                allowed = self.allowed(ctx, shape, vreq, group)
+                allowed = self.allowed(ctx, shape, vreq, vs)
                 if allowed is not None and not allowed:
-                    raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object")
+                    self.unreachable(ctx, vs, shape, vreq)
                 if spared:
                     allowed = [m for m in (group.members if allowed is None else allowed)
                                if m not in spared]
@@ -74,13 +79,23 @@ class Placement:
                 raise CKError(DEVICE_ERROR, "no usable member within hold_timeout")
             await group.wait_change(deadline - now)
 
+    def needed(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+               vreq: list[Any]) -> list[VirtualObject]:
+        """The objects a call needs on its member: those it names, and the keys of the
+        session's active operations (they are replayed where the session goes)."""
+        objs = list(self.r.resolve.named_objects(ctx, shape, vreq).values())
+        for op in vs.ops.values():
+            init = SHAPES[op.init[0]]
+            objs += self.r.resolve.named_objects(ctx, init, op.init).values()
+        return objs
+
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
-                group: Group) -> list[Member] | None:
-        objs = [ctx.objects.get(vreq[i]) for i in shape.objects]
-        objs += [ctx.objects.get(h) for h in self.r.resolve.mechanism_objects(vreq, shape)]
+                vs: VirtualSession) -> list[Member] | None:
+        """The members that hold (or can make) every object the call needs; None: any."""
+        objs = self.needed(ctx, vs, shape, vreq)
         if not objs:
             return None
-        allowed = list(group.members)
+        allowed = list(vs.group.members)
         for vobj in objs:
             if vobj.home is not None:
                 allowed = [m for m in allowed if m is vobj.home]
@@ -91,17 +106,34 @@ class Placement:
             allowed = [m for m in allowed if m not in vobj.missing]
         return allowed
 
+    def unreachable(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                    vreq: list[Any]) -> None:
+        """No member can take the call: a session object it needs that was made at random
+        and used, and whose member is out of service, is lost (CKR_DEVICE_ERROR, logged
+        once; README); otherwise an object is on no member (CKR_OBJECT_HANDLE_INVALID)."""
+        lost = [o for o in self.needed(ctx, vs, shape, vreq)
+                if o.is_token is False and not o.replayable
+                and not any(m.health.usable for m in o.real)]
+        for vobj in lost:
+            if not vobj.lost:
+                vobj.lost = "made at random and used; its member is out of service"
+                log.error("session potentially not recoverable: %s: session object %s: %s",
+                          vs.describe(), vobj.handle, vobj.lost)
+        if lost:
+            raise CKError(DEVICE_ERROR, "a session object it needs is lost")
+        raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object")
+
     def others(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                vreq: list[Any], spared: set[Member]) -> bool:
         """Whether a member not in `spared` could take this call now (a draining member
         serves the sessions it has, and takes no other: with it alone left, the call
         answers as is)."""
-        allowed = self.allowed(ctx, shape, vreq, vs.group)
+        allowed = self.allowed(ctx, shape, vreq, vs)
         pool = vs.group.members if allowed is None else allowed
         return any(m.placeable and m not in spared for m in pool)
 
-    def write_target(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                     vreq: list[Any]) -> str | None:
+    async def write_target(self, ctx: ApplicationContext, vs: VirtualSession,
+                           shape: CallShape, vreq: list[Any]) -> str | None:
         """None for an ordinary call; 'primary' or 'home' for a token object write in a
         group of several members (write_policy); refused writes raise."""
         group = vs.group
@@ -119,7 +151,9 @@ class Placement:
         elif name in MODIFYING:
             vobj = ctx.objects.get(vreq[shape.objects[0]])
             if vobj.is_token:
-                if vobj.home is None:
+                if not vs.flags & CKF_RW_SESSION:
+                    raise CKError(SESSION_READ_ONLY)  # the token's answer, before any other
+                if vobj.home is None and not await self.find_home(ctx, vs, vobj):
                     log.warning("token object write refused: %s function=%s: the object is on "
                                 "several members and p11p does not write partially",
                                 vs.describe(), name)
@@ -128,3 +162,27 @@ class Placement:
         if write is not None and group.config.write_policy == "refuse":
             raise CKError(WRITE_PROTECTED)
         return write
+
+    async def find_home(self, ctx: ApplicationContext, vs: VirtualSession,
+                        vobj: VirtualObject) -> bool:
+        """Whether a token object is held by exactly one member in service, which then
+        becomes its home (it was written through p11p by another application, or behind
+        p11p's back): a write there is no partial write."""
+        if vobj.identity is None:
+            return False
+        holders = []
+        for member in vs.group.members:
+            if not member.health.usable:
+                return False  # what a member out of service holds is not known
+            try:
+                await self.r.resolve.ensure_object(ctx, vs, vobj, member)
+            except KeyMissing:
+                continue
+            except MemberUnavailable as exc:
+                self.r.failures.member_failed(member, exc, vs.describe())
+                return False
+            holders.append(member)
+        if len(holders) != 1:
+            return False
+        vobj.home = holders[0]
+        return True

@@ -24,6 +24,7 @@ from p11p.daemon.shapes import (
     SHAPES,
     CallShape,
     KeyMissing,
+    SessionVanished,
 )
 from p11p.daemon.virtual import (
     CKA_CLASS,
@@ -55,6 +56,12 @@ class HandleResolver:
                 raise CKError(invalid)
             if vobj.lost:
                 raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
+        self.lost_operation(vs, shape)
+
+    @staticmethod
+    def lost_operation(vs: VirtualSession, shape: CallShape) -> None:
+        """A call that continues an operation its session lost (on a failover) gets
+        CKR_DEVICE_ERROR, once; an init of that kind starts afresh."""
         kind = operation_kind(shape.fn.name)
         if kind is not None and kind in vs.lost:
             why = vs.lost.pop(kind)
@@ -143,6 +150,8 @@ class HandleResolver:
         real = vobj.real.get(member)
         if real is not None:
             return real
+        if vobj.lost:
+            raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
         if member in vobj.missing or (vobj.home is not None and vobj.home is not member):
             raise KeyMissing
         if vobj.is_token and vobj.identity is not None:
@@ -189,9 +198,17 @@ class HandleResolver:
     async def find_by_identity(self, ctx: ApplicationContext, vobj: VirtualObject,
                                member: Member) -> int:
         assert vobj.identity is not None
-        real = await self.r.bind.utility_session(ctx, member)
-        reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
-                                                        vobj.identity.template()])
+        for _ in range(2):
+            real = await self.r.bind.utility_session(ctx, member)
+            reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
+                                                            vobj.identity.template()])
+            if reply[0] not in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+                break
+            # the member lost p11p's own session too (a reset): a fresh one, once
+            if ctx.utility.get(member) == real:
+                del ctx.utility[member]
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+            raise SessionVanished
         if reply[0] != OK:
             raise CKError(reply[0], "looking up a key")
         try:

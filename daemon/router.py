@@ -75,7 +75,7 @@ class Router:
         carried = ctx.carried.pop(vs.handle, None) if ctx.carried else None
         if carried is not None:  # the rest of a direct call whose member hung
             deadline.carried(carried, group)
-        write = self.place.write_target(ctx, vs, shape, vreq)
+        write = await self.place.write_target(ctx, vs, shape, vreq)
         tries = 0
         limit = 2 * len(group.members) + 2
         spared: set[Member] = set()  # answered CKR_GENERAL_ERROR, and still serve
@@ -91,6 +91,7 @@ class Router:
             try:
                 if write is None:
                     await self.bind.prepare(ctx, vs, member)
+                    self.resolve.lost_operation(vs, shape)  # lost just now, in the move
                     if shape.found is not None and vs.find is not None and vs.find.pending is not None:
                         return self.bind.pending_batch(vs, vreq)  # a find just replayed here
                 else:
