@@ -662,7 +662,10 @@ class Runner:
         elif op == "find_init":
             sessions[s].finding, sessions[s].find_stale = True, False
         elif op == "find":
-            for name in p.get("found", []):
+            both = set(r.get("found", []))
+            # a part of a search may hold other objects on each side (the order is the
+            # token's): only what both returned is known to both applications
+            for name in [n for n in p.get("found", []) if n in both]:
                 if name in self.stale[app] and name in objs:
                     objs[name].found = True  # a new handle, from a search
                 self.stale[app].discard(name)

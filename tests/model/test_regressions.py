@@ -3,7 +3,8 @@ plain replays. Each runs from a fresh start on the policy it was found with.
 
 Those marked xfail(strict=True) show a discrepancy whose fix is not in yet: when it
 lands the test passes, strict xfail fails, and the mark (and the entry in
-machine.KNOWN that steers the generator around it) goes."""
+machine.KNOWN that steers the generator around it) goes. The unmarked ones failed when
+found and pass since the daemon's fixes (issue 12)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ AES_TEMPLATE = [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d32"], ["CKA_CLASS", 4],
                 ["CKA_EXTRACTABLE", True], ["CKA_SENSITIVE", False]]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: C_DeriveKey on an unknown base key: p11p "
-                   "answers CKR_KEY_HANDLE_INVALID itself, SoftHSM2 directly "
-                   "CKR_OBJECT_HANDLE_INVALID")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_derive_with_unknown_base_key(model_env: Env) -> None:
     replay(model_env, [
@@ -44,9 +42,6 @@ def aes_key(name: str, token: bool) -> dict[str, object]:
 LOGIN_S1 = {"app": 0, "op": "login", "s": "s1", "pin": "1234"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a private token object's handle stays "
-                   "valid through p11p after the application was logged out; SoftHSM2 "
-                   "directly: CKR_OBJECT_HANDLE_INVALID")
 @pytest.mark.parametrize("model_env", ["balance", "failover"], indirect=True)
 def test_private_object_handle_after_logout(model_env: Env) -> None:
     replay(model_env, [
@@ -58,9 +53,6 @@ def test_private_object_handle_after_logout(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: object handles stay valid through p11p "
-                   "after the application's last session closed; SoftHSM2 directly forgets "
-                   "them (CKR_OBJECT_HANDLE_INVALID)")
 @pytest.mark.parametrize("model_env", ["balance", "failover"], indirect=True)
 def test_object_handle_after_the_last_session_closed(model_env: Env) -> None:
     """Found by make soak under balance (6 of 48 steps); under balance also as a
@@ -129,10 +121,6 @@ def test_an_active_find_blocks_other_operations(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: after a member reset (faultsim "
-                   "close-sessions: the module forgets sessions and logins) a new session of "
-                   "the logged-in application is not logged in on that member: its find "
-                   "returns only public objects")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_new_session_after_a_member_reset_finds_private_objects(model_env: Env) -> None:
     replay(model_env, [
@@ -144,10 +132,6 @@ def test_new_session_after_a_member_reset_finds_private_objects(model_env: Env) 
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: CKR_GENERAL_ERROR retried: with one "
-                   "member in service (the other drained), a call its member answers with "
-                   "CKR_GENERAL_ERROR gets CKR_DEVICE_ERROR; README: with no other member "
-                   "the application gets the code")
 @pytest.mark.parametrize("model_env", ["balance", "failover"], indirect=True)
 def test_general_error_with_one_member_in_service(model_env: Env) -> None:
     """Found by make soak under failover (5 of 28 steps, with a generated key); an
@@ -180,10 +164,6 @@ def test_generated_pair_used_on_two_members(model_env: Env) -> None:
     replay(model_env, steps)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: CKR_GENERAL_ERROR retried: a decrypt its "
-                   "member answers with CKR_GENERAL_ERROR (bad padding) is retried on a "
-                   "member without the token key and the application gets "
-                   "CKR_OBJECT_HANDLE_INVALID instead of CKR_GENERAL_ERROR")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_general_error_of_a_decrypt_retried_elsewhere(model_env: Env) -> None:
     """Found by the bounded run under balance (7 of 60 steps), no member event."""
@@ -201,10 +181,6 @@ def test_general_error_of_a_decrypt_retried_elsewhere(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: CKR_GENERAL_ERROR retried: an unwrap its "
-                   "member answers with CKR_GENERAL_ERROR is retried on a member without the "
-                   "(used, generated) unwrapping key and the application gets "
-                   "CKR_UNWRAPPING_KEY_HANDLE_INVALID instead of CKR_GENERAL_ERROR")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_general_error_of_an_unwrap_retried_elsewhere(model_env: Env) -> None:
     """Found by the bounded run under failover (5 of 40 steps), no member event."""
@@ -225,11 +201,6 @@ def test_general_error_of_an_unwrap_retried_elsewhere(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a token object one application wrote "
-                   "through p11p, found by another, cannot be modified by it: "
-                   "CKR_TOKEN_WRITE_PROTECTED (p11p takes it for an object on several "
-                   "members), also in a read-only session where the token says "
-                   "CKR_SESSION_READ_ONLY")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 @pytest.mark.parametrize("rw", [False, True])
 def test_token_object_written_by_another_application(model_env: Env, rw: bool) -> None:
@@ -246,10 +217,6 @@ def test_token_object_written_by_another_application(model_env: Env, rw: bool) -
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a session whose generated key was used "
-                   "(C_SignInit) fails over: the next call gets CKR_OBJECT_HANDLE_INVALID, "
-                   "neither the token's answer (CKR_OPERATION_ACTIVE) nor the documented "
-                   "unrecoverable session's CKR_DEVICE_ERROR")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_used_generated_key_after_a_failover(model_env: Env) -> None:
     """Found by the bounded run under failover (6 of 16 steps)."""
@@ -267,10 +234,6 @@ def test_used_generated_key_after_a_failover(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a token object an application wrote, "
-                   "found again after its sessions closed, cannot be destroyed: "
-                   "CKR_TOKEN_WRITE_PROTECTED (p11p takes it for an object on several "
-                   "members)")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_token_object_found_again_by_its_writer(model_env: Env) -> None:
     """Found by the bounded run under balance (10 of 39 steps)."""
@@ -291,9 +254,6 @@ def test_token_object_found_again_by_its_writer(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a token copy (C_CopyObject with "
-                   "CKA_TOKEN true) of a session object cannot be destroyed: "
-                   "CKR_FUNCTION_FAILED through p11p, CKR_OK directly")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_destroy_a_token_copy_of_a_session_object(model_env: Env) -> None:
     """Found by the bounded run under failover (4 of 25 steps)."""
@@ -308,4 +268,23 @@ def test_destroy_a_token_copy_of_a_session_object(model_env: Env) -> None:
         {"app": 0, "op": "copy", "s": "s1", "src": "m-2", "o": "m-6",
          "t": [["CKA_LABEL", "6d2d36"], ["CKA_TOKEN", True]]},
         {"app": 0, "op": "destroy", "s": "s1", "o": "m-6"},
+    ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a member's CKR_SESSION_CLOSED (session "
+                   "lost) on a C_DestroyObject of a token object another application wrote "
+                   "reaches the application instead of a new session and a retry")
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_session_closed_of_a_member_reaches_the_application(model_env: Env) -> None:
+    """Found by the bounded run under balance (7 of 58 steps)."""
+    replay(model_env, [
+        {"app": 1, "op": "open", "s": "s40", "rw": True},
+        {"app": 0, "op": "open", "s": "s42", "rw": True},
+        {"ev": "error", "m": "hsmB", "fn": "*", "rv": "CKR_SESSION_CLOSED", "count": 1},
+        {"app": 1, "op": "create", "s": "s40", "o": "m-50", "kind": "data", "t": [
+            ["CKA_TOKEN", True], ["CKA_LABEL", "6d2d3530"], ["CKA_CLASS", 0],
+            ["CKA_PRIVATE", False], ["CKA_VALUE", "a90c"]]},
+        {"app": 0, "op": "find_init", "s": "s42", "t": []},
+        {"app": 0, "op": "find", "s": "s42", "max": 32},
+        {"app": 0, "op": "destroy", "s": "s42", "o": "m-50"},
     ])
