@@ -372,6 +372,7 @@ class Run:
         self.load_start = 0.0
         self.saved: dict[Path, bytes] = {}
         self.rng = random.Random(args.seed)
+        self.code = "?"
         wanted = args.faults.split(",") if args.faults else [n for n, _ in FAULTS]
         unknown = set(wanted) - {n for n, _ in FAULTS}
         if unknown:
@@ -386,6 +387,8 @@ class Run:
     def setup(self) -> None:
         from hakit import HAGroup
         self.log(f"work directory {self.root}")
+        self.code = code_version()
+        self.log(f"daemon code: {self.code}")
         self.keys = self.root / "keys.json"
         make_keys(self.keys)
         hsm = SoftHSM(self.root / "softhsm")
@@ -491,6 +494,7 @@ class Run:
             # never both at once: the other member is in service before this one fails
             start = time.monotonic()
             while not self.stop.is_set() and self.state(other) != "OK":
+                self.repair()  # a crash may empty a token file a little after its fault
                 time.sleep(0.05)
             waited = time.monotonic() - start
             self.waits.append(waited)
@@ -610,6 +614,7 @@ class Run:
               f"{self.args.apps} signer apps x {self.args.threads} threads + session churn"
               f"{'' if self.args.no_cycler else ' + context-churn app'} ===")
         print(f"work directory: {self.root}")
+        print(f"daemon code: {self.code}")
         print(f"{'':28}{'idle':>10}{'first min':>12}{'last min':>12}{'after':>10}")
         rows = [("helpers (count)", "helpers", 1, "{:.1f}"), ("helper RSS total (MiB)", "rss", 1024, "{:.1f}"),
                 ("helper RSS per helper (MiB)", "rss_per", 1024, "{:.2f}"),
@@ -723,6 +728,22 @@ def episodes(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         k = f"{e['what']} {e['rv']}"
         ep["codes"][k] = ep["codes"].get(k, 0) + 1
     return out
+
+
+def code_version() -> str:
+    """The commit the daemon runs, and which of its files differ from it (the daemon
+    runs the work tree: a long run is only as good as what it ran)."""
+    root = HERE.parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "daemon", "helper",
+                                "client", "protocol", "faultsim"], cwd=root, text=True,
+                               capture_output=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = [ln[3:] for ln in dirty if ln.strip()]
+    return f"{head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else " (clean)")
 
 
 def fmt_t(t: float) -> str:
