@@ -244,8 +244,8 @@ class SessionBuilder:
         if real is not None and ctx.has_helper(member):
             try:
                 await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
-            except MemberUnavailable:
-                pass
+            except (MemberUnavailable, budget.CallExpired):
+                pass  # its member failed, or no time was left: the session goes with it
             self.closed_on(ctx, member)
 
     async def close_utility(self, ctx: ApplicationContext, member: Member) -> None:
@@ -254,8 +254,8 @@ class SessionBuilder:
         if real is not None and ctx.has_helper(member):
             try:
                 await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
-            except MemberUnavailable:
-                pass
+            except (MemberUnavailable, budget.CallExpired):
+                pass  # its member failed, or no time was left: the session goes with it
             self.closed_on(ctx, member)
 
     @staticmethod

@@ -71,6 +71,13 @@ class Recorder:
             await self.r.bind.close_on(ctx, vs, vs.member)
             vs.member = None
 
+    @staticmethod
+    def ended(vs: VirtualSession, shape: CallShape) -> None:
+        """A call that continues or ends an operation got an error from p11p itself."""
+        fn = shape.fn
+        if fn.op_kind and fn.op_role in ("update", "final", "oneshot") and not fn.opaque:
+            vs.ops.pop(fn.op_kind, None)
+
     def record_operation(self, vs: VirtualSession, shape: CallShape, vreq: list[Any],
                          reply: Reply) -> None:
         requested = shape.out_bytes is None or vreq[shape.out_bytes] is not None

@@ -37,6 +37,7 @@ from p11p.daemon.shapes import (
     GENERAL_ERROR,
     OBJECT_HANDLE_INVALID,
     SHAPES,
+    CallShape,
     KeyMissing,
     Reply,
     SessionVanished,
@@ -44,12 +45,13 @@ from p11p.daemon.shapes import (
 )
 from p11p.daemon.virtual import VirtualSession
 from p11p.protocol import spec
-from p11p.protocol.constants import rv_name
+from p11p.protocol.constants import CKR, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
 
 log = logging.getLogger("p11p.ha")
+OPERATION_ACTIVE = CKR["CKR_OPERATION_ACTIVE"]
 
 
 class Router:
@@ -66,6 +68,16 @@ class Router:
 
     async def call(self, ctx: ApplicationContext, vs: VirtualSession, vreq: list[Any]) -> Reply:
         shape = SHAPES[vreq[0]]
+        try:
+            return await self._call(ctx, vs, shape, vreq)
+        except CKError:
+            # an error p11p answers ends the operation the call continued, as the
+            # token's own error would (PKCS#11 §5.2): it is not replayed any more
+            self.record.ended(vs, shape)
+            raise
+
+    async def _call(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                    vreq: list[Any]) -> Reply:
         unsafe = unsafe_arguments(shape, vreq)
         if unsafe is not None:
             raise unsafe
@@ -122,6 +134,16 @@ class Router:
                         continue
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
+                if (reply[0] == OPERATION_ACTIVE and shape.fn.op_role == "init" and not vs.ops
+                        and vs.find is None and vs.direct is None and tries < limit
+                        and all(o.replayable or o.lost for o in vs.objects)):
+                    # no operation of the session is active in p11p's view: the member
+                    # session kept one that an error p11p answered ended (the member never
+                    # heard of it); a fresh member session takes the call
+                    log.warning("stale operation: %s member=%s function=%s: the member "
+                                "session is replaced", vs.describe(), member.name, shape.fn.name)
+                    await self.bind.forget_real(ctx, vs, member)
+                    continue
                 if cls is RvClass.SESSION_LOST:
                     if tries >= limit:
                         return reply

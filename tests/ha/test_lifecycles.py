@@ -284,3 +284,39 @@ def test_init_token_through_p11p_keeps_the_member_findable(tmp_path: Path, polic
             app.close()
     finally:
         daemon.stop()
+
+
+SIGN_RAW = """
+import ctypes as C
+h = H(s0)
+(key,) = s0.findObjects([(P.CKA_LABEL, "ha-ec"), (P.CKA_CLASS, P.CKO_PRIVATE_KEY)])
+mech, keep = ckraw.mechanism(P.CKM_ECDSA)
+def sign_init():
+    return R.C_SignInit(h, C.byref(mech), key.value())
+def sign():
+    n = ckraw.CK_ULONG(256)
+    buf = (C.c_ubyte * 256)()
+    return R.C_Sign(h, DATA, len(DATA), buf, C.byref(n)), n.value
+"""
+
+
+def test_an_error_p11p_answers_ends_the_operation(ha_factory: Any) -> None:
+    """Both members fail a C_Sign: the application gets CKR_DEVICE_ERROR, which ends its
+    signature operation (PKCS#11 §5.2). Once a member is back, the next C_SignInit
+    starts a new one (it got CKR_OPERATION_ACTIVE for ever: the old operation was
+    replayed on every member the session moved to)."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + SIGN_RAW)
+        assert app.run("_ = sign_init()") == "0"
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "C_Sign error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = sign()[0]") == str(CKR["CKR_DEVICE_ERROR"])
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "")
+        group.wait_state("hsmA", "OK")
+        assert app.run("_ = sign_init()") == "0"
+        assert app.run("_ = sign()") == "(0, 64)"
+    finally:
+        app.close()
