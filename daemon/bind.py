@@ -50,6 +50,8 @@ class SessionBuilder:
         if real is None:
             reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
                                                             vs.flags, 0])
+            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+                raise SessionVanished  # the member lost its sessions meanwhile: again
             if reply[0] != OK:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
@@ -113,6 +115,8 @@ class SessionBuilder:
         if real is None:
             reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
                                                             4, 0])  # CKF_SERIAL_SESSION
+            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+                raise SessionVanished
             if reply[0] != OK:
                 raise CKError(reply[0])
             real = ctx.utility[member] = reply[1]

@@ -23,6 +23,7 @@ from p11p.daemon.shapes import (
     WRITE_PROTECTED,
     CallShape,
     KeyMissing,
+    SessionVanished,
     template_sets_token,
 )
 from p11p.daemon.virtual import VirtualObject, VirtualSession
@@ -175,7 +176,10 @@ class Placement:
             if not member.health.usable:
                 return False  # what a member out of service holds is not known
             try:
-                await self.r.resolve.ensure_object(ctx, vs, vobj, member)
+                try:
+                    await self.r.resolve.ensure_object(ctx, vs, vobj, member)
+                except SessionVanished:  # the member lost p11p's session: once more
+                    await self.r.resolve.ensure_object(ctx, vs, vobj, member)
             except KeyMissing:
                 continue
             except MemberUnavailable as exc:
