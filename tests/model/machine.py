@@ -53,6 +53,7 @@ AVOID_KNOWN = os.environ.get("MODEL_AVOID_KNOWN", "1") != "0"
 KNOWN = {
     "unknown_key_checked_first": "test_unknown_key_while_a_find_is_active",
     "find_is_no_operation": "test_an_active_find_blocks_other_operations",
+    "unused_generated_key_failover": "test_unused_generated_key_after_a_drain",
     "session_closed_returned": "test_session_closed_of_a_member_reaches_the_application",
     # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
     # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
@@ -548,8 +549,8 @@ class ModelMachine(RuleBasedStateMachine):
                  "settle"] + (["hang"] if type(self).hangs else [])
         kind = data.draw(st.sampled_from(kinds), label="event")
         m = data.draw(st.sampled_from(members), label="member")
-        if kind not in ("up", "enable", "settle") and r.used_random_objects() \
-                and avoid("used_generated_key_failover"):
+        if kind not in ("up", "enable", "settle") and avoid("unused_generated_key_failover") \
+                and any(o.random and o.owner is not None for objs in r.objs for o in objs.values()):
             return
         if kind == "error" and r.may_hit(m):
             rv = data.draw(st.sampled_from(ERROR_RVS), label="rv")

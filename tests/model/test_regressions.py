@@ -288,3 +288,25 @@ def test_session_closed_of_a_member_reaches_the_application(model_env: Env) -> N
         {"app": 0, "op": "find", "s": "s42", "max": 32},
         {"app": 0, "op": "destroy", "s": "s42", "o": "m-50"},
     ])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: a generated session key pair never used, "
+                   "after a drain: C_VerifyInit with its public key in another session gets "
+                   "CKR_DEVICE_ERROR (directly CKR_OPERATION_ACTIVE: a digest is active)")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_unused_generated_key_after_a_drain(model_env: Env) -> None:
+    """Found by the bounded run under failover (7 of 27 steps)."""
+    replay(model_env, [
+        OPEN_S1, LOGIN_S1,
+        {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
+         "mech": {"m": "CKM_EC_KEY_PAIR_GEN"},
+         "pub_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d35"],
+                   ["CKA_EC_PARAMS", "06082a8648ce3d030107"], ["CKA_VERIFY", True]],
+         "priv_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d36"], ["CKA_SIGN", True],
+                    ["CKA_PRIVATE", True], ["CKA_SENSITIVE", True]]},
+        {"app": 0, "op": "open", "s": "s2", "rw": True},
+        {"ev": "drain", "m": "hsmA"},
+        {"app": 0, "op": "opinit", "s": "s2", "fn": "Digest", "mech": {"m": "CKM_SHA256"}},
+        {"app": 0, "op": "opinit", "s": "s2", "fn": "Verify", "mech": {"m": "CKM_ECDSA"},
+         "k": "m-5"},
+    ])
