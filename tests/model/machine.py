@@ -55,7 +55,6 @@ KNOWN = {
     "find_is_no_operation": "test_an_active_find_blocks_other_operations",
     "unused_generated_key_failover": "test_unused_generated_key_after_a_drain",
     "login_lost_on_reset": "test_login_after_a_member_reset_and_the_last_session_closed",
-    "session_closed_returned": "test_session_closed_of_a_member_reaches_the_application",
     # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
     # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
     "find_across_logout": "(none: see the report of issue 12)",

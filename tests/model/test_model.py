@@ -13,7 +13,7 @@ import time
 from harness import Env
 from machine import run_machine
 
-EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("MODEL_STEPS", "50"))
 SHRINK_SECONDS = float(os.environ.get("MODEL_SHRINK_SECONDS", "120"))
 

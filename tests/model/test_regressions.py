@@ -271,9 +271,6 @@ def test_destroy_a_token_copy_of_a_session_object(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a member's CKR_SESSION_CLOSED (session "
-                   "lost) on a C_DestroyObject of a token object another application wrote "
-                   "reaches the application instead of a new session and a retry")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_session_closed_of_a_member_reaches_the_application(model_env: Env) -> None:
     """Found by the bounded run under balance (7 of 58 steps)."""
