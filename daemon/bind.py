@@ -304,3 +304,8 @@ class SessionBuilder:
         for member in list(vs.real):
             await self.close_on(ctx, vs, member)
         ctx.forget_session(vs)
+        if not any(s.group is vs.group for s in ctx.sessions.values()):
+            # the application's last session on the token: p11p's own member sessions
+            # go too, or they would keep it logged in there (§5.6)
+            for member in vs.group.members:
+                await self.close_utility(ctx, member)
