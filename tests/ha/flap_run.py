@@ -686,8 +686,8 @@ class Run:
         line repeated with another time only once)."""
         lines = self.group.daemon.log_text().splitlines()
         for t in times:
-            lo, hi = fmt_t(t - 1.5), fmt_t(t + 0.5)
-            near = [ln for ln in lines if lo <= ln[11:23].replace(",", ".") <= hi]
+            lo, hi = fmt_dt(t - 1.5), fmt_dt(t + 0.5)  # as the daemon logs: date, time
+            near = [ln for ln in lines if lo <= ln[:23].replace(",", ".") <= hi]
             seen: set[str] = set()
             shown = []
             for ln in near:
@@ -744,6 +744,11 @@ def code_version() -> str:
         return "unknown (no git)"
     changed = [ln[3:] for ln in dirty if ln.strip()]
     return f"{head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else " (clean)")
+
+
+def fmt_dt(t: float) -> str:
+    """YYYY-MM-DD HH:MM:SS.mmm, local time."""
+    return time.strftime("%Y-%m-%d ", time.localtime(t)) + fmt_t(t)
 
 
 def fmt_t(t: float) -> str:
