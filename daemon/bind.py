@@ -245,7 +245,11 @@ class SessionBuilder:
         if vs.direct is not None and vs.direct.member is member:
             await self.r.daemon.direct.revoke(vs)
         real = vs.real.pop(member, None)
-        if real is not None and ctx.has_helper(member):
+        if real is None:
+            return
+        for vobj in vs.objects:  # its session objects end with the member session
+            ctx.unregister(vobj, member)
+        if ctx.has_helper(member):
             try:
                 await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
             except (MemberUnavailable, budget.CallExpired):

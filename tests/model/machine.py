@@ -54,7 +54,6 @@ KNOWN = {
     "unknown_key_checked_first": "test_unknown_key_while_a_find_is_active",
     "find_is_no_operation": "test_an_active_find_blocks_other_operations",
     "unused_generated_key_failover": "test_unused_generated_key_after_a_drain",
-    "login_lost_on_reset": "test_login_after_a_member_reset_and_the_last_session_closed",
     # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
     # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
     "find_across_logout": "(none: see the report of issue 12)",

@@ -309,10 +309,6 @@ def test_unused_generated_key_after_a_drain(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: after a member reset (close-sessions) "
-                   "and the application's last session closed, C_Login in a new session "
-                   "gets CKR_USER_ALREADY_LOGGED_IN through p11p (the daemon still thinks "
-                   "it logged in); directly CKR_OK")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_login_after_a_member_reset_and_the_last_session_closed(model_env: Env) -> None:
     """Found by the bounded run under failover (8 of 34 steps)."""
@@ -324,4 +320,24 @@ def test_login_after_a_member_reset_and_the_last_session_closed(model_env: Env) 
         {"app": 0, "op": "close", "s": "s1"},
         {"app": 0, "op": "open", "s": "s2", "rw": True},
         {"app": 0, "op": "login", "s": "s2", "pin": "1234"},
+    ])
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_session_objects_end_with_a_member_session_closed_after_general_error(
+        model_env: Env) -> None:
+    """Found by make soak under failover (5 of 28 steps): an unwrap of junk is
+    CKR_GENERAL_ERROR on hsmA; p11p closes that member session and tries hsmB (same
+    answer). The second unwrap went back to hsmA with the session key's old handle there,
+    which died with the closed member session: CKR_UNWRAPPING_KEY_HANDLE_INVALID."""
+    unwrap = {"app": 0, "op": "unwrap", "s": "s1", "mech": {"m": "CKM_AES_KEY_WRAP"},
+              "uk": "m-1", "data": "00" * 24, "kind": "aes", "t": [
+                  ["CKA_TOKEN", False], ["CKA_CLASS", 4], ["CKA_KEY_TYPE", 31],
+                  ["CKA_ENCRYPT", True], ["CKA_DECRYPT", True], ["CKA_EXTRACTABLE", True],
+                  ["CKA_SENSITIVE", False]]}
+    key = aes_key("m-1", token=False)
+    key["t"] = [a for a in key["t"] if a[0] != "CKA_VALUE"] + [["CKA_VALUE", "c6" * 16]]  # type: ignore[union-attr]
+    replay(model_env, [
+        {"app": 0, "op": "open", "s": "s1", "rw": False}, LOGIN_S1, key,
+        {**unwrap, "o": "m-2"}, {**unwrap, "o": "m-3"},
     ])
