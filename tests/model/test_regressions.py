@@ -67,11 +67,10 @@ def test_object_handle_after_the_last_session_closed(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: an unknown key handle is refused by p11p "
-                   "(CKR_OBJECT_HANDLE_INVALID) before the token's own checks: SoftHSM2 "
-                   "directly answers CKR_OPERATION_ACTIVE while a find is active")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_unknown_key_while_a_find_is_active(model_env: Env) -> None:
+    """A documented difference (README, "a search is answered by p11p"): passes through
+    Documented.search_in_progress, and fails if p11p differs in any other way."""
     replay(model_env, [
         OPEN_S1,
         {"app": 0, "op": "find_init", "s": "s1", "t": []},
@@ -109,11 +108,9 @@ def test_unwrap_key_with_unknown_unwrapping_key(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: p11p answers a search from its cache and "
-                   "the member's find is over, so an operation starts beside an active "
-                   "find; SoftHSM2 directly: CKR_OPERATION_ACTIVE")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_an_active_find_blocks_other_operations(model_env: Env) -> None:
+    """A documented difference, as above."""
     replay(model_env, [
         OPEN_S1,
         {"app": 0, "op": "find_init", "s": "s1", "t": [["CKA_LABEL", "68612d616573"]]},
