@@ -109,12 +109,18 @@ class ApplicationContext:
             if self._helpers.get(member) is starting:
                 del self._helpers[member]
 
+        left = None if deadline is None else deadline - time.monotonic()
         try:
             helper = await member.take_helper(deadline)
         except (MemberUnavailable, HelperLimit, budget.CallExpired) as exc:
             fail(exc)
             if isinstance(exc, HelperLimit):
                 raise CKError(CKR["CKR_HOST_MEMORY"], "max_helpers reached") from None
+            if isinstance(exc, CallTimedOut) and left is not None \
+                    and not budget.fair(left, member.group):
+                # the call had too little time left for a start: its own end, not the
+                # member's failure (invariant 3)
+                raise budget.CallExpired() from None
             raise
         except BaseException:  # cancelled (its application went away), or a bug
             fail(MemberUnavailable(member.name, "helper start interrupted"))

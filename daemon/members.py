@@ -38,6 +38,7 @@ _FIND_INIT = by_name()["C_FindObjectsInit"].code
 _FIND = by_name()["C_FindObjects"].code
 _FIND_FINAL = by_name()["C_FindObjectsFinal"].code
 _GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
+_POOL_TRIES, _POOL_RETRY = 5, 1.0  # warm-pool starts that fail, and the pause between
 _TOKEN_CHECKS = 3  # helpers started before a member is declared unavailable for a missing token
 
 
@@ -187,6 +188,7 @@ class Member:
                 self._fill_pool(), context=contextvars.Context())
 
     async def _fill_pool(self) -> None:
+        failures = 0
         while len(self._warm) < self._pool_size and self.health.usable:
             epoch = self._pool_epoch
             try:
@@ -194,8 +196,13 @@ class Member:
             except HelperLimit:
                 return
             except MemberUnavailable as exc:
-                log.warning("group=%s member=%s warm helper failed: %s", self.group.label, self.name, exc)
-                return
+                failures += 1
+                log.warning("group=%s member=%s warm helper failed (%d): %s", self.group.label,
+                            self.name, failures, exc)
+                if failures >= _POOL_TRIES:
+                    return  # the member's health decides now; recovery refills it
+                await asyncio.sleep(_POOL_RETRY)
+                continue
             if epoch != self._pool_epoch or not self.health.usable \
                     or len(self._warm) >= self._pool_size:
                 # the member failed while it started (and may be back already): its pool

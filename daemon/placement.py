@@ -66,6 +66,10 @@ class Placement:
                                if m not in spared]
                 member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
                                        vs.movable, allowed)
+                if member is None and allowed:
+                    # what the call needs is held only by members that take no new work
+                    # (draining): one of them serves it, as it serves the work it has
+                    member = next((m for m in allowed if m.health.usable), None)
             if member is not None:
                 if held_from:
                     budget.current().held(group, time.monotonic() - held_from)

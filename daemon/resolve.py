@@ -34,12 +34,14 @@ from p11p.daemon.virtual import (
     identity_from_values,
     private_from_values,
 )
-from p11p.protocol.constants import rv_name
+from p11p.protocol.constants import CKR, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
 log = logging.getLogger("p11p.ha")
+OPERATION_ACTIVE = CKR["CKR_OPERATION_ACTIVE"]
+OPERATION_NOT_INITIALIZED = CKR["CKR_OPERATION_NOT_INITIALIZED"]
 
 
 class HandleResolver:
@@ -53,10 +55,22 @@ class HandleResolver:
         for i, invalid in zip(shape.objects, shape.object_rvs, strict=True):
             vobj = ctx.objects.find(vreq[i]) if isinstance(vreq[i], int) else None
             if vobj is None:
+                self.session_state_first(vs, shape)
                 raise CKError(invalid)
             if vobj.lost:
                 raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
         self.lost_operation(vs, shape)
+
+    @staticmethod
+    def session_state_first(vs: VirtualSession, shape: CallShape) -> None:
+        """Before an unknown handle, what the session's operations say, in the order the
+        token checks them: an init while an operation is active is CKR_OPERATION_ACTIVE,
+        a call of an operation that is not active CKR_OPERATION_NOT_INITIALIZED."""
+        fn = shape.fn
+        if fn.op_role == "init" and fn.op_kind != "find" and (vs.ops or vs.find is not None):
+            raise CKError(OPERATION_ACTIVE)
+        if fn.op_kind and fn.op_role != "init" and fn.op_kind not in vs.ops:
+            raise CKError(OPERATION_NOT_INITIALIZED)
 
     @staticmethod
     def lost_operation(vs: VirtualSession, shape: CallShape) -> None:
@@ -128,7 +142,10 @@ class HandleResolver:
             return found if found is not None else ctx.objects.get(handle)
 
         mreq = list(vreq)
-        mreq[1] = vs.real[member]
+        real_session = vs.real.get(member)
+        if real_session is None:  # reset by a concurrent call of the application
+            raise SessionVanished
+        mreq[1] = real_session
         for i in shape.objects:
             vobj = lookup(vreq[i])
             mreq[i] = await self.ensure_object(ctx, vs, vobj, member)

@@ -25,7 +25,6 @@ from p11p.daemon.bind import SessionBuilder
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable, RvClass
 from p11p.daemon.failures import Failures
-from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.link import MemberLink
 from p11p.daemon.members import Group, Member
 from p11p.daemon.placement import Placement
@@ -159,8 +158,9 @@ class Router:
                 return reply
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, shape.fn.name)
-                if isinstance(exc, CallTimedOut):
-                    deadline.member_timed_out(group)
+                # its member failed under it (hung, or its helper killed by another
+                # call's time-out): the call gets the failover grace to run elsewhere
+                deadline.member_timed_out(group)
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR, "no member could serve the call") from None
             except KeyMissing:
@@ -205,7 +205,6 @@ class Router:
                 return member, await self.link.checked(ctx, member, mreq)
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, spec.by_code()[request[0]].name)
-                if isinstance(exc, CallTimedOut):
-                    call.member_timed_out(group)
+                call.member_timed_out(group)  # the failover grace, as in call()
                 if tries > 2 * len(group.members) + 1:
                     raise CKError(DEVICE_ERROR) from None
