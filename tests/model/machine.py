@@ -51,7 +51,6 @@ DATA_SIZES = [0, 16, 32, 32, 48, 20]
 # (or an entry removed when its fix lands) lets it meet them again.
 AVOID_KNOWN = os.environ.get("MODEL_AVOID_KNOWN", "1") != "0"
 KNOWN = {
-    "unused_generated_key_failover": "test_unused_generated_key_after_a_drain",
     # seen once in the bounded run (a read held for hold_timeout, CKR_DEVICE_ERROR), not
     # reproduced alone: no regression test yet, MODEL_AVOID_KNOWN=0 meets it again
     "find_across_logout": "(none: see the report of issue 12)",

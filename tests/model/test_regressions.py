@@ -148,11 +148,6 @@ def test_general_error_with_one_member_in_service(model_env: Env) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12: a session EC key pair generated while "
-                   "members hang; its private key signs in another session, and the "
-                   "signature does not verify with a copy of its public key through p11p "
-                   "(the pair was generated again on another member?); directly it "
-                   "verifies. Timing-dependent: fails in about 2 of 3 replays")
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
 def test_generated_pair_used_on_two_members(model_env: Env) -> None:
     """Found by make soak under balance (56 steps; shrinking it did not keep the failure
@@ -284,9 +279,6 @@ def test_session_closed_of_a_member_reaches_the_application(model_env: Env) -> N
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a generated session key pair never used, "
-                   "after a drain: C_VerifyInit with its public key in another session gets "
-                   "CKR_DEVICE_ERROR (directly CKR_OPERATION_ACTIVE: a digest is active)")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_unused_generated_key_after_a_drain(model_env: Env) -> None:
     """Found by the bounded run under failover (7 of 27 steps)."""
