@@ -3,7 +3,6 @@ p11p-faultsim.so, grouped by a p11p daemon (hakit.py has the classes)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,31 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hakit import HERE, HAGroup
+from hakit import HERE, HAGroup, make_keys
 from kit import SOFTHSM_SO, USER_PIN, SoftHSM
 
 
 @pytest.fixture(scope="session")
 def ha_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    rsa_key = rsa.generate_private_key(65537, 2048)
-
-    def pem(k: Any) -> str:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption()).decode()
-
-    def pub(k: Any) -> str:
-        return k.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-    keys = {"ec_private": pem(ec_key), "ec_public": pub(ec_key), "rsa_private": pem(rsa_key),
-            "rsa_public": pub(rsa_key), "aes": os.urandom(32).hex(), "kek": os.urandom(32).hex(),
-            "secret": os.urandom(24).hex(), "find_values": [os.urandom(8).hex() for _ in range(6)]}
-    path = tmp_path_factory.mktemp("keys") / "keys.json"
-    path.write_text(json.dumps(keys))
-    return path
+    return make_keys(tmp_path_factory.mktemp("keys") / "keys.json")
 
 
 @pytest.fixture(scope="session")

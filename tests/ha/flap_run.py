@@ -61,6 +61,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from ckraw import CK_ULONG, CKA, CKM, Module, mechanism, template  # noqa: E402
+from hakit import make_keys  # noqa: E402
 from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, children, helper_pids  # noqa: E402
 
 CKR_USER_ALREADY_LOGGED_IN = 0x100
@@ -302,27 +303,6 @@ def run_cycler(name: str, keys: dict[str, Any], seconds: float) -> None:
 
 
 # -- the run (this file run without --app) -----------------------------------------------
-
-
-def make_keys(path: Path) -> None:
-    """The keys import_keys.py imports, as tests/ha/conftest.py's ha_keys makes them."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    rsa_key = rsa.generate_private_key(65537, 2048)
-
-    def pem(k: Any) -> str:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption()).decode()
-
-    def pub(k: Any) -> str:
-        return k.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-    keys = {"ec_private": pem(ec_key), "ec_public": pub(ec_key), "rsa_private": pem(rsa_key),
-            "rsa_public": pub(rsa_key), "aes": os.urandom(32).hex(), "kek": os.urandom(32).hex(),
-            "secret": os.urandom(24).hex(), "find_values": [os.urandom(8).hex() for _ in range(6)]}
-    path.write_text(json.dumps(keys))
 
 
 def mem_kb(pid: int) -> tuple[int, int]:

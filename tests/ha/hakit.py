@@ -120,6 +120,29 @@ class WorkloadApp:
 
 
 
+def make_keys(path: Path) -> Path:
+    """keys.json as tests/ha/import_keys.py reads it: fresh EC, RSA and AES keys and
+    values, the same for every token they are imported into."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(65537, 2048)
+
+    def pem(k: Any) -> str:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()).decode()
+
+    def pub(k: Any) -> str:
+        return k.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    keys = {"ec_private": pem(ec_key), "ec_public": pub(ec_key), "rsa_private": pem(rsa_key),
+            "rsa_public": pub(rsa_key), "aes": os.urandom(32).hex(), "kek": os.urandom(32).hex(),
+            "secret": os.urandom(24).hex(), "find_values": [os.urandom(8).hex() for _ in range(6)]}
+    path.write_text(json.dumps(keys))
+    return path
+
+
 class PyApp:
     """An application process running PyKCS11 on p11p-client.so (tests/ha/pyapp.py):
     `run(code)` runs Python statements there and returns what `_` ended as (repr), or

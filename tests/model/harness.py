@@ -27,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "ha"))
-from hakit import HAGroup  # noqa: E402
+from hakit import HAGroup, make_keys  # noqa: E402
 from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids  # noqa: E402
 from p11p.protocol.constants import CKR, RV_NAMES  # noqa: E402
 
@@ -117,28 +117,6 @@ class WorkerProc:
 
 
 # -- the environment: tokens, a daemon, the applications ---------------------------------
-
-def make_keys(path: Path) -> Path:
-    """keys.json in the format tests/ha/import_keys.py reads."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    rsa_key = rsa.generate_private_key(65537, 2048)
-
-    def pem(k: Any) -> str:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption()).decode()
-
-    def pub(k: Any) -> str:
-        return k.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
-    keys = {"ec_private": pem(ec_key), "ec_public": pub(ec_key), "rsa_private": pem(rsa_key),
-            "rsa_public": pub(rsa_key), "aes": os.urandom(32).hex(), "kek": os.urandom(32).hex(),
-            "secret": os.urandom(24).hex(), "find_values": [os.urandom(8).hex() for _ in range(6)]}
-    path.write_text(json.dumps(keys))
-    return path
-
 
 def make_tokens(root: Path) -> tuple[SoftHSM, Path]:
     """The members hsmA..hsmC and the reference token, holding the same imported keys."""
