@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from harness import Env, replay
+from harness import Discrepancy, Env, replay
 
 HERE = Path(__file__).resolve().parent
 
@@ -330,3 +330,16 @@ def test_session_objects_end_with_a_member_session_closed_after_general_error(
         {"app": 0, "op": "open", "s": "s1", "rw": False}, LOGIN_S1, key,
         {**unwrap, "o": "m-2"}, {**unwrap, "o": "m-3"},
     ])
+
+
+
+@pytest.mark.xfail(strict=True, raises=Discrepancy,
+                   reason="issue 12: under balance an application's session objects are on the "
+                   "members their sessions are on: a search in one session does not see those "
+                   "made in another session on another member (SoftHSM2 directly: every "
+                   "session object of the application)")
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_sees_the_session_objects_of_other_sessions(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 67 steps)."""
+    name = "search_sees_the_session_objects_of_other_sessions.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
