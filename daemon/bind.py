@@ -29,6 +29,7 @@ from p11p.daemon.shapes import (
     Reply,
     SessionVanished,
     digest,
+    member_session,
 )
 from p11p.daemon.virtual import FindState, VirtualSession
 from p11p.protocol.constants import CKR, rv_name
@@ -215,7 +216,7 @@ class SessionBuilder:
 
     async def replay_find(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                           find: FindState) -> None:
-        real = vs.real[member]
+        real = member_session(vs.real, member)
         reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real, find.template])
         if reply[0] != OK:
             raise CKError(reply[0], "replaying a find")

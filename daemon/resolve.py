@@ -25,6 +25,7 @@ from p11p.daemon.shapes import (
     CallShape,
     KeyMissing,
     SessionVanished,
+    member_session,
 )
 from p11p.daemon.virtual import (
     CKA_CLASS,
@@ -142,10 +143,7 @@ class HandleResolver:
             return found if found is not None else ctx.objects.get(handle)
 
         mreq = list(vreq)
-        real_session = vs.real.get(member)
-        if real_session is None:  # reset by a concurrent call of the application
-            raise SessionVanished
-        mreq[1] = real_session
+        mreq[1] = member_session(vs.real, member)  # gone if a concurrent call reset it
         for i in shape.objects:
             vobj = lookup(vreq[i])
             mreq[i] = await self.ensure_object(ctx, vs, vobj, member)
@@ -189,8 +187,9 @@ class HandleResolver:
             if made is not None and isinstance(reply[j], int):
                 ctx.register(made, member, reply[j], vs.group)
                 for edit in made.edits:
-                    done = await self.r.link.checked(ctx, member, [CODE["C_SetAttributeValue"],
-                                                                   owner.real[member], reply[j], edit])
+                    done = await self.r.link.checked(ctx, member, [
+                        CODE["C_SetAttributeValue"], member_session(owner.real, member), reply[j],
+                        edit])
                     if done[0] != OK:
                         raise CKError(OBJECT_HANDLE_INVALID,
                                       f"remaking a session object's attributes: {rv_name(done[0])}")
@@ -199,8 +198,9 @@ class HandleResolver:
             if src.destroyed and not src.is_token and member in src.real:
                 real = src.real[member]
                 ctx.unregister(src, member)
-                await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"], owner.real[member], real])
-        return vobj.real[member]
+                await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"],
+                                                    member_session(owner.real, member), real])
+        return member_session(vobj.real, member)
 
     async def resolve(self, ctx: ApplicationContext, vobj: VirtualObject, member: Member) -> int:
         # One find at a time on the utility session; whoever waited may find it done.
@@ -252,7 +252,8 @@ class HandleResolver:
         if vobj is not None:  # the module reused a handle for a new object
             vobj.real.pop(member, None)
             del ctx.by_real[(member, real)]
-        reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"], vs.real[member],
+        reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"],
+                                                        member_session(vs.real, member),
                                                         real, IDENTITY_TEMPLATE])
         is_token, identity, private = None, None, None
         if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):

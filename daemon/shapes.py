@@ -119,6 +119,16 @@ class SessionVanished(CKError):
         super().__init__(DEVICE_ERROR, "the member session vanished before its login")
 
 
+def member_session(real: dict[Any, int], member: Any) -> int:
+    """The member session in `real` (a session's, or an object's handle there), which a
+    concurrent failure of the member (its helper gone) may have taken away meanwhile:
+    then the call is placed again."""
+    handle = real.get(member)
+    if handle is None:
+        raise SessionVanished
+    return handle
+
+
 # Calls on an object that show nothing of a random key's bits (a C_CopyObject copy
 # depends on its source through its recipe instead), and the attributes that do.
 _NOT_A_USE = frozenset(f.name for f in spec.functions()

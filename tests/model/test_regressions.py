@@ -343,3 +343,12 @@ def test_search_sees_the_session_objects_of_other_sessions(model_env: Env) -> No
     """Found by make soak under balance (8 of 67 steps)."""
     name = "search_sees_the_session_objects_of_other_sessions.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_find_after_a_helper_killed_under_it(model_env: Env) -> None:
+    """Found by the bounded run in make test (balance, 9 of 10 steps): an application's
+    helper killed while its search read the member's results: the daemon looked up the
+    found handles in a member session that was gone (KeyError: CKR_FUNCTION_FAILED)."""
+    name = "find_after_a_helper_killed_under_it.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
