@@ -511,7 +511,8 @@ class Runner:
             keys.append(sess.ops.get(step["fn"], ""))  # the key of the operation it goes on
             keys.append(sess.last.get(step["fn"], ("", ""))[0])
         for k in keys:
-            obj = self.objs[app].get(k)
+            # a key destroyed since its operation began is no longer in objs: made has it
+            obj = self.objs[app].get(k) or self.made.get(k)
             if obj is not None and obj.random:
                 return True
         if step.get("op") == "getattr":

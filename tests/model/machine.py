@@ -79,6 +79,7 @@ class ModelMachine(RuleBasedStateMachine):
     runner: Runner      # set by make_machine
     events = True       # member events on
     hangs = True        # hangs cost call_timeout each: the bounded run may leave them out
+    kills = True        # helper kills race the daemon's notice of the death: soak only
 
     def __init__(self) -> None:
         super().__init__()
@@ -541,8 +542,9 @@ class ModelMachine(RuleBasedStateMachine):
             return
         r = self.r
         members = [m for m in MEMBERS if m in r.env.members]
-        kinds = ["error", "error", "error", "kill", "reset", "down", "up", "drain", "enable",
-                 "settle"] + (["hang"] if type(self).hangs else [])
+        kinds = ["error", "error", "error", "reset", "down", "up", "drain", "enable",
+                 "settle"] + (["hang"] if type(self).hangs else []) + (
+                     ["kill"] if type(self).kills else [])
         kind = data.draw(st.sampled_from(kinds), label="event")
         m = data.draw(st.sampled_from(members), label="member")
         if kind not in ("up", "enable", "settle") and avoid("unused_generated_key_failover") \
@@ -572,18 +574,20 @@ class ModelMachine(RuleBasedStateMachine):
             self.step(ev="settle")
 
 
-def make_machine(runner: Runner, events: bool = True, hangs: bool = True) -> type[ModelMachine]:
-    return type("Model", (ModelMachine,), {"runner": runner, "events": events, "hangs": hangs})
+def make_machine(runner: Runner, events: bool = True, hangs: bool = True,
+                 kills: bool = True) -> type[ModelMachine]:
+    return type("Model", (ModelMachine,), {"runner": runner, "events": events, "hangs": hangs,
+                                            "kills": kills})
 
 
 def run_machine(env: Env, examples: int, steps: int, derandomize: bool, hangs: bool,
-                shrink_seconds: float = 120.0) -> Runner:
+                shrink_seconds: float = 120.0, kills: bool = True) -> Runner:
     """Runs the machine; on a discrepancy, shrinks the sequence that met it (delta
     debugging over the recorded steps, within shrink_seconds: hypothesis's own shrinker
     re-runs whole examples against real tokens and takes many minutes) and raises it
     with the shrunk sequence, ready to paste into test_regressions.py."""
     runner = Runner(env)
-    machine = make_machine(runner, hangs=hangs)
+    machine = make_machine(runner, hangs=hangs, kills=kills)
     s = settings(max_examples=examples, stateful_step_count=steps, derandomize=derandomize,
                  database=None, deadline=None, print_blob=False,
                  phases=[Phase.explicit, Phase.generate],

@@ -20,8 +20,10 @@ SHRINK_SECONDS = float(os.environ.get("MODEL_SHRINK_SECONDS", "120"))
 
 def test_generated_sequences(model_env: Env) -> None:
     start = time.monotonic()
+    # hangs and helper kills are left to make soak: a kill races the daemon's notice of
+    # the helper's death, and a race found here would fail make test by chance
     runner = run_machine(model_env, EXAMPLES, STEPS, derandomize=True, hangs=False,
-                         shrink_seconds=SHRINK_SECONDS)
+                         shrink_seconds=SHRINK_SECONDS, kills=False)
     print(f"\n{model_env.policy}: {runner.examples} sequences, {runner.calls} calls, "
           f"{runner.allowed} documented differences, "
           f"{time.monotonic() - start:.1f}s\n  {dict(sorted(runner.kinds.items()))}")
