@@ -136,6 +136,19 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def zombies(pid: int) -> list[int]:
+    """Children of `pid` that exited and were not reaped (a helper killed, forgotten)."""
+    dead = []
+    for child in children(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            dead.append(child)
+    return dead
+
+
 def helper_pids(daemon_pid: int) -> list[int]:
     pids = []
     for pid in children(daemon_pid):

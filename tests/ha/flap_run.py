@@ -62,7 +62,7 @@ sys.path.insert(0, str(HERE))
 
 from ckraw import CK_ULONG, CKA, CKM, Module, mechanism, template  # noqa: E402
 from hakit import make_keys  # noqa: E402
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, children, helper_pids  # noqa: E402
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids, zombies  # noqa: E402
 
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 MEMBERS = ["hsmA", "hsmB"]
@@ -317,18 +317,6 @@ def mem_kb(pid: int) -> tuple[int, int]:
     except (OSError, ValueError):
         return 0, 0
     return rss, pss
-
-
-def zombies(pid: int) -> list[int]:
-    out = []
-    for child in children(pid):
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z":
-            out.append(child)
-    return out
 
 
 class Run:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hakit import HERE, HAGroup, WorkloadApp
-from kit import SOFTHSM_SO, USER_PIN, SoftHSM, children, helper_pids, wait_for
+from kit import SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids, wait_for, zombies
 from test_direct_path import _run
 
 FLAPS = [
@@ -94,22 +94,9 @@ def test_a_flapping_member_leaves_no_helper_behind(own_group: HAGroup, ha_keys: 
         group.wait_state("hsmA", "OK", timeout=15)
         wait_for(lambda: _pool(group, baseline), 15)
         counts.append(len(helper_pids(group.daemon.pid)))
-        assert wait_for(lambda: not _zombies(group.daemon.pid), 5), _zombies(group.daemon.pid)
+        assert wait_for(lambda: not zombies(group.daemon.pid), 5), zombies(group.daemon.pid)
         print(f"direct={direct}: helpers after a flapping run: {counts[-1]} (baseline {baseline})")
     assert counts == [baseline, baseline], (counts, baseline, _whence(group))
-
-
-def _zombies(pid: int) -> list[int]:
-    """Children of `pid` that exited and were not reaped (a helper killed, forgotten)."""
-    dead = []
-    for child in children(pid):
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z":
-            dead.append(child)
-    return dead
 
 
 def _whence(group: HAGroup) -> list[str]:
