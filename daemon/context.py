@@ -224,6 +224,9 @@ class ApplicationContext:
         for member, real in vobj.real.items():
             if self.by_real.get((member, real)) is vobj:
                 del self.by_real[(member, real)]
+        # its member handles end with it: as a recipe's source it is made again (and
+        # destroyed after) where a copy of it is remade
+        vobj.real.clear()
         for key in [k for k, v in self.token_index.items() if v is vobj]:
             del self.token_index[key]
         if vobj.owner is not None:
