@@ -331,12 +331,14 @@ class Dispatcher:
 
     async def find_init(self, ctx: ApplicationContext, req: R.C_FindObjectsInit) -> Reply:
         """C_FindObjectsInit of a client that asks for the results one batch at a time:
-        with `object_cache_ttl` > 0 the whole result is found at once (or taken from the
-        cache) and the batches are answered here (see `_found`)."""
+        with `object_cache_ttl` > 0, or session objects of the application on several
+        members, the whole result is found at once (or taken from the cache) and the
+        batches are answered here (see `_found`)."""
         vs = ctx.sessions.get(req.session)
         if vs.find is not None and vs.find.cached:
             return [CKR["CKR_OPERATION_ACTIVE"]]
-        if vs.group.config.object_cache_ttl <= 0 or vs.find is not None:
+        if vs.find is not None or (vs.group.config.object_cache_ttl <= 0 and (
+                len(vs.group.members) < 2 or not self.router.resolve.scattered(ctx, vs, None))):
             return await self.router.call(ctx, vs, req.frame)  # off; or the member's find runs
         found = await self._found(ctx, vs, req.template)
         if isinstance(found, int):
@@ -367,7 +369,8 @@ class Dispatcher:
         the same template, the same login state, within the time-to-live, and no object
         written through p11p on the group since (any application's write ends every
         cached result). Otherwise the whole search runs on the member at once (init,
-        all results, final), and its result is kept. Objects created or destroyed behind
+        all results, final), with the application's session objects held by other
+        members added, and its result is kept. Objects created or destroyed behind
         p11p's back show within the time-to-live."""
         group = vs.group
         ttl = group.config.object_cache_ttl
@@ -395,9 +398,12 @@ class Dispatcher:
             found += batch[1]
             if len(batch[1]) < FIND_BATCH:
                 break
+        searched = vs.member
         final = await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
         if final[0] != OK:
             return int(final[0])
+        if len(group.members) > 1:
+            found += await self.router.resolve.found_elsewhere(ctx, vs, template, searched)
         if key is not None and group.objects_generation == generation:
             if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
                 ctx.find_cache.clear()
@@ -423,12 +429,15 @@ class Dispatcher:
         if vobj.lost:  # a session object that could not be remade: nowhere to destroy
             ctx.forget_object(vobj)
             return [OK]
+        copies = dict(vobj.real) if vobj.is_token is False else {}
         try:
             reply = await self.router.call(ctx, vs, req.frame)
         finally:
             vs.group.objects_changed()
         if reply[0] == OK:
             ctx.forget_object(vobj)
+            if copies:
+                await self.router.resolve.drop_copies(ctx, vs, copies, vs.member)
         return reply
 
     # -- the rest ---------------------------------------------------------------------

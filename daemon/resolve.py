@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError
+from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.members import Member
 from p11p.daemon.policy import INIT, operation_kind
 from p11p.daemon.shapes import (
@@ -242,6 +242,65 @@ class HandleResolver:
             raise KeyMissing
         ctx.register(vobj, member, found[0], member.group)
         return int(found[0])
+
+    def scattered(self, ctx: ApplicationContext, vs: VirtualSession,
+                  searched: Member | None) -> dict[Member, dict[int, VirtualObject]]:
+        """The application's session objects on vs's token that `searched` does not
+        hold, by a member in service that does (its handle there -> the object)."""
+        out: dict[Member, dict[int, VirtualObject]] = {}
+        for vobj in ctx.objects.values():
+            if vobj.is_token is not False or vobj.group is not vs.group or vobj.lost \
+                    or searched in vobj.real:
+                continue
+            holder = next((m for m in vobj.real if m.health.usable), None)
+            if holder is not None:
+                out.setdefault(holder, {})[vobj.real[holder]] = vobj
+        return out
+
+    async def found_elsewhere(self, ctx: ApplicationContext, vs: VirtualSession,
+                              template: Any, searched: Member | None) -> list[int]:
+        """The virtual handles of the application's session objects on members other
+        than `searched` that a search with `template` finds there. PKCS#11 shows a
+        session object to every session of the application; under balance those
+        sessions are on several members, and so are the objects they made."""
+        found: list[int] = []
+        for member, held in self.scattered(ctx, vs, searched).items():
+            try:
+                async with ctx.utility_lock(member):
+                    real = await self.r.bind.utility_session(ctx, member)
+                    reply = await self.r.link.checked(
+                        ctx, member, [CODE["C_FindObjectsInit"], real, template])
+                    if reply[0] != OK:
+                        continue
+                    try:
+                        reply = await self.r.link.checked(
+                            ctx, member, [CODE["C_FindObjects"], real, len(held) + 256])
+                    finally:
+                        await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
+            except SessionVanished:
+                continue  # the member lost this application's sessions, and their objects
+            except MemberUnavailable as exc:
+                self.r.failures.member_failed(member, exc, vs.describe())
+                continue
+            if reply[0] == OK and isinstance(reply[1], list):
+                found += [held[h].handle for h in reply[1] if h in held]
+        return found
+
+    async def drop_copies(self, ctx: ApplicationContext, vs: VirtualSession,
+                          copies: dict[Member, int], served: Member | None) -> None:
+        """A session object the application destroyed (on `served`) goes from the other
+        members where p11p made it again: left there, a search would find it."""
+        for member, real in copies.items():
+            if member is served or not member.health.usable:
+                continue
+            try:
+                async with ctx.utility_lock(member):
+                    session = await self.r.bind.utility_session(ctx, member)
+                    await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"], session, real])
+            except SessionVanished:
+                continue  # the member lost this application's sessions, and the copy
+            except MemberUnavailable as exc:
+                self.r.failures.member_failed(member, exc, vs.describe())
 
     async def object_from(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                           real: int, created: bool) -> VirtualObject:

@@ -187,6 +187,40 @@ s0.destroyObject(src)
     assert "not recoverable" not in group.daemon.log_text()
 
 
+def test_every_session_sees_the_session_objects_of_the_others(ha_factory: Any) -> None:
+    """Under balance an application's sessions are on several members, and the session
+    objects they make with them; PKCS#11 shows each to every session of the application.
+    Drain steers the two sessions that make them onto different members."""
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"], extra="object_cache_ttl = 0")
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + """
+def data(s, label, private):
+    return s.createObject([(P.CKA_CLASS, P.CKO_DATA), (P.CKA_TOKEN, False),
+                           (P.CKA_PRIVATE, private), (P.CKA_LABEL, label),
+                           (P.CKA_VALUE, label.encode())])
+def labels(s):
+    found = s.findObjects([(P.CKA_CLASS, P.CKO_DATA), (P.CKA_TOKEN, False)])
+    return sorted(s.getAttributeValue(o, [P.CKA_LABEL])[0] for o in found)
+""")
+        _admin(group, "drain", "ha", "hsmA")
+        app.run("s1 = lib.openSession(slot, RW); d1 = data(s1, 'd1', True)")
+        _admin(group, "enable", "ha", "hsmA")
+        _admin(group, "drain", "ha", "hsmB")
+        app.run("s2 = lib.openSession(slot, RW); d2 = data(s2, 'd2', False)")
+        _admin(group, "enable", "ha", "hsmB")
+        for s in ("s0", "s1", "s2"):
+            assert app.run(f"_ = labels({s})") == repr(["d1", "d2"]), s
+        # one search among several objects on each member, by label
+        assert app.run("_ = len(s1.findObjects([(P.CKA_LABEL, 'd2')]))") == "1"
+        app.run("s2.destroyObject(d2)")
+        assert app.run("_ = labels(s1)") == repr(["d1"])
+        app.run("s1.logout()")  # the private one ends with the login
+        assert app.run("_ = labels(s2)") == repr([])
+    finally:
+        app.close()
+
+
 HANDLE_ROLES = f"""
 import ctypes as C
 slot = lib.getSlotList(tokenPresent=True)[0]
