@@ -191,11 +191,11 @@ class SessionBuilder:
             raise
         except (CKError, KeyMissing) as exc:  # its key is lost, or on no member
             return f"its key: {exc or 'on no member'}"
-        reply = await self.r.link.checked(ctx, member, init)
+        reply = await self.r.link.replayed(ctx, member, init)
         if reply[0] != OK:
             return f"init returned {rv_name(reply[0])}"
         for ureq, expected in op.updates:
-            reply = await self.r.link.checked(ctx, member, await self.r.resolve.translate(
+            reply = await self.r.link.replayed(ctx, member, await self.r.resolve.translate(
                 ctx, vs, member, SHAPES[ureq[0]], ureq))
             if reply[0] != OK:
                 return f"update returned {rv_name(reply[0])}"

@@ -14,7 +14,15 @@ from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import MemberUnavailable, RvClass
 from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.members import Member
-from p11p.daemon.shapes import CODE, DEVICE_ERROR, OK, Reply
+from p11p.daemon.shapes import (
+    CODE,
+    DEVICE_ERROR,
+    OK,
+    SESSION_CLOSED,
+    SESSION_HANDLE_INVALID,
+    Reply,
+    SessionVanished,
+)
 from p11p.protocol import spec
 from p11p.protocol.constants import rv_name
 
@@ -32,7 +40,7 @@ class MemberLink:
         """One call through the context's helper; MemberUnavailable when it cannot run.
         The helper's start and the call draw from the application call's deadline
         (budget.py): past it the helper is killed (CallTimedOut)."""
-        deadline = budget.current().deadline(member.group)
+        deadline = budget.current().member_deadline(member.group)
         if deadline <= time.monotonic():
             raise budget.CallExpired()
         helper = await ctx.helper(member, deadline)
@@ -64,6 +72,20 @@ class MemberLink:
             name = spec.by_code()[request[0]].name
             raise MemberUnavailable(member.name, f"{name} returned {rv_name(reply[0])}", reply[0],
                                     function=name)
+        return reply
+
+    async def replayed(self, ctx: ApplicationContext, member: Member, request: list[Any]) -> Reply:
+        """`checked`, for a call that rebuilds state on a member (an object made again,
+        an operation replayed): a member that lost the application's sessions meanwhile
+        is reset and SessionVanished raised, so the call is placed again; the state it
+        was rebuilding is not lost for it."""
+        reply = await self.checked(ctx, member, request)
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+            log.warning("session lost: %s member=%s function=%s rv=%s while rebuilding a "
+                        "session; new session, login and replay", ctx.name, member.name,
+                        spec.by_code()[request[0]].name, rv_name(reply[0]))
+            await self.r.failures.reset_member(ctx, member)
+            raise SessionVanished
         return reply
 
     async def still_serves(self, ctx: ApplicationContext, member: Member) -> bool:

@@ -179,7 +179,7 @@ class HandleResolver:
         owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
         await self.r.bind.session_on(ctx, owner, member)
         shape = SHAPES[recipe.request[0]]
-        reply = await self.r.link.checked(ctx, member, await self.translate(
+        reply = await self.r.link.replayed(ctx, member, await self.translate(
             ctx, owner, member, shape, recipe.request, recipe.sources))
         if reply[0] != OK:
             raise CKError(OBJECT_HANDLE_INVALID, f"remaking a session object: {rv_name(reply[0])}")
@@ -187,7 +187,7 @@ class HandleResolver:
             if made is not None and isinstance(reply[j], int):
                 ctx.register(made, member, reply[j], vs.group)
                 for edit in made.edits:
-                    done = await self.r.link.checked(ctx, member, [
+                    done = await self.r.link.replayed(ctx, member, [
                         CODE["C_SetAttributeValue"], member_session(owner.real, member), reply[j],
                         edit])
                     if done[0] != OK:

@@ -357,3 +357,13 @@ def test_copy_of_a_copy_after_lost_sessions(model_env: Env) -> None:
     sessions (CKR_SESSION_HANDLE_INVALID twice): CKR_DEVICE_ERROR, SoftHSM2 CKR_OK."""
     name = "copy_of_a_copy_after_lost_sessions.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_derive_beside_a_length_query(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 39 steps): a derive with a template the
+    token refuses, in a session whose decryption waits after a length query, on a member
+    that had answered CKR_SESSION_CLOSED once: CKR_DEVICE_ERROR, SoftHSM2
+    CKR_ATTRIBUTE_VALUE_INVALID."""
+    name = "derive_beside_a_length_query.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
