@@ -7,10 +7,11 @@ member call, retries) draws from it. Two things move it:
 - holding: while no member of the group is in service the call waits up to
   `hold_timeout`, and the time held is added to its deadline; the call's life never
   exceeds arrival + call_timeout + hold_timeout;
-- a member that outlived the deadline (its helper killed, the member failed): the call
-  may still run on another member for a short grace, a fraction of call_timeout, so a
-  hung member costs a call about call_timeout and not an error (within the same
-  limit).
+- failing over: in a group of several members, a member call (or a helper's start) may
+  take call_timeout less FAILOVER_SHARE of it; past that the member counts as hung (its
+  helper killed, the member failed) and the call has the rest to run on another member.
+  So a hung member costs a call at most call_timeout, and a call that meets one is
+  answered within it. A group of one member gives its member the whole budget.
 
 The budget travels in a context variable: the router's methods, the context's helper
 start and the direct path read it without every signature in between naming it. Code
@@ -30,8 +31,9 @@ from p11p.protocol.constants import CKR
 if TYPE_CHECKING:
     from p11p.daemon.members import Group
 
-# the part of call_timeout a call gets on another member after one outlived its deadline
-FAILOVER_SHARE = 0.5
+# In a group of several members, the part of call_timeout kept for running a call on
+# another member after its first member outlived the rest (hung).
+FAILOVER_SHARE = 1 / 3
 # A member call (or helper start) that outlives the call's deadline fails the member when
 # it was given at least this part of call_timeout: one that got only the rest of a call
 # that spent its time elsewhere says nothing about the member (DESIGN, invariant 3), and
@@ -52,13 +54,13 @@ class CallExpired(CKError):
 class CallBudget:
     """The deadline of one application call."""
 
-    __slots__ = ("arrival", "_at", "_limit", "_graced")
+    __slots__ = ("arrival", "_at", "_limit", "_failed_over")
 
     def __init__(self, arrival: float | None = None) -> None:
         self.arrival = time.monotonic() if arrival is None else arrival
         self._at: float | None = None
         self._limit: float | None = None
-        self._graced = False
+        self._failed_over = False
 
     def _fix(self, group: Group) -> float:
         if self._at is None:
@@ -86,22 +88,29 @@ class CallBudget:
         assert self._at is not None and self._limit is not None
         self._at = min(self._at + seconds, self._limit)
 
+    def member_deadline(self, group: Group) -> float:
+        """The monotonic time a member call (or helper start) must be answered by: in a
+        group of several members, before the call's own deadline by FAILOVER_SHARE of
+        call_timeout, until a member has timed out in this call (or when that would
+        leave the member less than FAIR_SHARE: no hang could be told then)."""
+        at = self.deadline(group)
+        if self._failed_over or len(group.members) < 2:
+            return at
+        cut = at - FAILOVER_SHARE * group.config.call_timeout
+        if cut - time.monotonic() < FAIR_SHARE * group.config.call_timeout:
+            return at  # a call that spent its time elsewhere: its member gets the rest
+        return cut
+
     def member_timed_out(self, group: Group) -> None:
-        """A member outlived the call's deadline and is failed: a short grace (once) to
-        run the call on another member."""
-        self._fix(group)
-        assert self._at is not None and self._limit is not None
-        if self._graced:
-            return
-        self._graced = True
-        grace = time.monotonic() + FAILOVER_SHARE * group.config.call_timeout
-        self._at = max(self._at, min(grace, self._limit))
+        """A member outlived its part of the call and is failed: the call's other
+        members get the rest, up to the call's own deadline."""
+        self._failed_over = True
 
     def carried(self, carried: tuple[float, float], group: Group) -> None:
         """The call may be the continuation of one that began at `carried[0]` (a direct
-        call that outlived call_timeout, reported at `carried[1]`, whose member was found
+        call that outlived its member's part of call_timeout, reported at `carried[1]`, whose member was found
         hung): if it came at once (the client sends it right after its report), the same
-        deadline, with the grace of a member time-out."""
+        deadline, its first member timed out."""
         arrival, reported = carried
         if self.arrival - reported > CARRY_WINDOW:
             return
@@ -132,6 +141,15 @@ def current() -> CallBudget:
 
 def remaining(group: Group) -> float:
     return current().remaining(group)
+
+
+def member_limit(group: Group) -> float:
+    """Seconds a member may take on one call before it counts as hung (the direct
+    path's clients time their calls with it)."""
+    cfg = group.config
+    if len(group.members) < 2:
+        return float(cfg.call_timeout)
+    return float(cfg.call_timeout * (1 - FAILOVER_SHARE))
 
 
 def fair(given: float, group: Group) -> bool:

@@ -89,8 +89,8 @@ class Direct:
         if member is None or member.slot_id is None or member not in vs.real:
             return [CKR["CKR_FUNCTION_FAILED"]]
         real = vs.real[member]
-        timeout = group.config.call_timeout
-        deadline = budget.current().deadline(group)
+        timeout = budget.member_limit(group)  # the client's limit on a direct call
+        deadline = budget.current().member_deadline(group)
         left = deadline - time.monotonic()
         if not budget.fair(left, group):
             # the call's time went on its placement: no bind now (the client goes on
@@ -182,7 +182,7 @@ class Direct:
         False, and the binding just ends."""
         member, helper = binding.member, binding.helper
         group = member.group
-        timeout = group.config.call_timeout
+        timeout = budget.member_limit(group)
         vs.unbind()
         if not helper.alive:
             return False  # gone already (the member failed meanwhile, or was reset)
@@ -197,7 +197,7 @@ class Direct:
                      "in flight that long; the binding ends", vs.describe(), member.name)
             await self._revoke(binding)
             return False
-        why = f"a direct call exceeded call_timeout ({timeout:g} s); helper killed"
+        why = f"a direct call exceeded its member's part of call_timeout ({timeout:.3g} s); helper killed"
         log.warning("%s: %s on %s", vs.describe(), why, member.name)
         now = time.monotonic()
         ctx.carried[vs.handle] = (now - stuck, now)

@@ -159,7 +159,7 @@ class Router:
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, shape.fn.name)
                 # its member failed under it (hung, or its helper killed by another
-                # call's time-out): the call gets the failover grace to run elsewhere
+                # call's time-out): the call has the rest of its time to run elsewhere
                 deadline.member_timed_out(group)
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR, "no member could serve the call") from None
@@ -205,6 +205,6 @@ class Router:
                 return member, await self.link.checked(ctx, member, mreq)
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, spec.by_code()[request[0]].name)
-                call.member_timed_out(group)  # the failover grace, as in call()
+                call.member_timed_out(group)  # the rest of the call for another, as in call()
                 if tries > 2 * len(group.members) + 1:
                     raise CKError(DEVICE_ERROR) from None

@@ -53,21 +53,24 @@ APP = textwrap.dedent(f"""
         h = m.open_session(slot)
         mech, _ = mechanism(CKM["CKM_ECDSA"])
         rnd = (C.c_ubyte * 32)()
+        def timed(fn, *args):  # the slowest single call of the run
+            start = time.monotonic()
+            rv = fn(*args)
+            slowest[0] = max(slowest[0], time.monotonic() - start)
+            return rv
         while time.monotonic() < stop:
             digest = os.urandom(32)
-            start = time.monotonic()
-            what, rv = "C_GenerateRandom", m.C_GenerateRandom(h, rnd, 32)
+            what, rv = "C_GenerateRandom", timed(m.C_GenerateRandom, h, rnd, 32)
             if rv == 0:
-                what, rv = "C_SignInit", m.C_SignInit(h, C.byref(mech), key)
+                what, rv = "C_SignInit", timed(m.C_SignInit, h, C.byref(mech), key)
             if rv == 0:
                 ln = CK_ULONG(0)
-                what, rv = "C_Sign length", m.C_Sign(h, digest, 32, None, C.byref(ln))
+                what, rv = "C_Sign length", timed(m.C_Sign, h, digest, 32, None, C.byref(ln))
                 if rv == 0 and ln.value != 64:
                     rv = -1
             if rv == 0:
                 sig = (C.c_ubyte * 64)()
-                what, rv = "C_Sign", m.C_Sign(h, digest, 32, sig, C.byref(ln))
-            slowest[0] = max(slowest[0], time.monotonic() - start)
+                what, rv = "C_Sign", timed(m.C_Sign, h, digest, 32, sig, C.byref(ln))
             if rv != 0:
                 errors.append(f"{{what}} {{rv:#x}}")
                 continue
@@ -158,9 +161,9 @@ def test_a_member_that_fails_under_direct_calls_loses_nothing(ha_factory: Any,
 
 def test_a_hung_direct_call_ends_at_call_timeout_and_fails_over(ha_factory: Any,
                                                                 ha_keys: Path) -> None:
-    """A member that hangs in C_Sign: the client gives the direct call call_timeout
-    (1.5 s here), then the daemon kills that helper and the call runs on the other
-    member. No error; the slowest round is about call_timeout, not the hang."""
+    """A member that hangs in C_Sign: the client gives the direct call the member's part
+    of call_timeout (2/3 of 1.5 s here), then the daemon kills that helper and the call
+    runs on the other member in the rest. No error; no call over call_timeout."""
     group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
     result: dict[str, Any] = {}
     runner = _in_background(group, ha_keys, 2, 5.0, result)
@@ -170,8 +173,8 @@ def test_a_hung_direct_call_ends_at_call_timeout_and_fails_over(ha_factory: Any,
     group.set_rules("hsmA", "")
     runner.join()
     assert result["errors"] == 0 and result["ops"] > 20, result
-    assert 1.0 < result["slowest"] < 4.0, result
-    assert "exceeded call_timeout" in group.daemon.log_text()
+    assert 0.9 < result["slowest"] <= 1.5, result
+    assert "exceeded its member's part of call_timeout" in group.daemon.log_text()
 
 
 def test_drain_revokes_the_bindings_of_the_member(ha_factory: Any, ha_keys: Path) -> None:

@@ -126,12 +126,12 @@ def _set_timeout(group: HAGroup, direct: str) -> None:
 
 
 @pytest.mark.parametrize("direct", ["1", "0"])
-def test_a_hung_member_costs_a_call_about_call_timeout(ha_factory: Any, ha_keys: Path,
-                                                       direct: str) -> None:
+def test_a_hung_member_costs_a_call_at_most_call_timeout(ha_factory: Any, ha_keys: Path,
+                                                         direct: str) -> None:
     """call_timeout = 2, hold_timeout = 2: every function of hsmA hangs (a new helper's
-    C_Initialize too). The signatures go on on hsmB, the slowest round taking about
-    call_timeout, never the 30 s of a helper start; direct path on and off. Then hsmB
-    hangs too: the call fails with CKR_DEVICE_ERROR within hold_timeout + call_timeout."""
+    C_Initialize too). The signatures go on on hsmB, no call taking over call_timeout,
+    never the 30 s of a helper start; direct path on and off. Then hsmB hangs too: the
+    call fails with CKR_DEVICE_ERROR within hold_timeout + call_timeout."""
     group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
     _set_timeout(group, direct)
     try:
@@ -141,8 +141,8 @@ def test_a_hung_member_costs_a_call_about_call_timeout(ha_factory: Any, ha_keys:
         group.set_rules("hsmA", "* hang\n")
         runner.join()
         assert result["errors"] == 0 and result["ops"] > 20, result
-        print(f"direct={direct}: one member hung: slowest round {result['slowest']:.2f} s")
-        assert result["slowest"] < 2.0 + 1.0, result
+        print(f"direct={direct}: one member hung: slowest call {result['slowest']:.2f} s")
+        assert result["slowest"] <= 2.0, result
         assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING"), group.member("hsmA")
         app = WorkloadApp(group.daemon, ha_keys)
         try:
