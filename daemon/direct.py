@@ -23,6 +23,7 @@ from p11p.daemon import budget
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
 from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
 from p11p.daemon.shapes import KeyMissing
+from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
 if TYPE_CHECKING:
@@ -38,9 +39,9 @@ log = logging.getLogger("p11p.direct")
 # [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...]]]
 # [DIRECT_KEY, session, object] -> [rv, member handle]
 # [DIRECT_UNBIND, session, why] -> [rv]
-DIRECT_BIND = 1002
-DIRECT_KEY = 1003
-DIRECT_UNBIND = 1004
+DIRECT_BIND = spec.own_codes()["DIRECT_BIND"].code
+DIRECT_KEY = spec.own_codes()["DIRECT_KEY"].code
+DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
 UNBIND_RETURNED = 0   # a direct call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
 UNBIND_BROKEN = 2     # the connection to the helper broke

@@ -19,7 +19,6 @@ import msgpack
 from p11p.daemon import budget
 from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.direct import DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND
 from p11p.daemon.errors import CKError
 from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
@@ -76,46 +75,24 @@ class Dispatcher:
         self.daemon = daemon
         self.router = daemon.router
         self.table: dict[int, Handler] = {}
-        special: dict[str, Handler] = {
-            "C_Finalize": self.finalize,
-            "C_GetSlotList": self.get_slot_list,
-            "C_GetSlotInfo": self.get_slot_info,
-            "C_GetTokenInfo": self.get_token_info,
-            "C_GetMechanismList": self.mechanism_call,
-            "C_GetMechanismInfo": self.mechanism_call,
-            "C_InitToken": self.init_token,
-            "C_OpenSession": self.open_session,
-            "C_CloseSession": self.close_session,
-            "C_CloseAllSessions": self.close_all_sessions,
-            "C_GetSessionInfo": self.get_session_info,
-            "C_Login": self.login,
-            "C_Logout": self.logout,
-            "C_InitPIN": self.pin_write,
-            "C_SetPIN": self.pin_write,
-            "C_FindObjectsInit": self.find_init,
-            "C_FindObjects": self.find_objects,
-            "C_FindObjectsFinal": self.find_final,
-            "C_DestroyObject": self.destroy_object,
-            "C_WaitForSlotEvent": self.wait_for_slot_event,
-        }
-        for fn in spec.functions():
-            if fn.name in special:
-                self.table[fn.code] = special[fn.name]
+        direct = daemon.direct
+        self.direct_bind = _on_frame(direct.bind)
+        self.direct_key = _on_frame(direct.key)
+        self.direct_unbind = _on_frame(direct.unbind)
+        # functions.spec names the handler of each call the daemon answers itself
+        # (@daemon=...); other calls on a session go through the router
+        for fn in (*spec.functions(), *spec.own_codes().values()):
+            if fn.daemon:
+                self.table[fn.code] = getattr(self, fn.daemon)
             elif fn.local:
                 self.table[fn.code] = self.not_supported
-            elif fn.wire_args and fn.wire_args[0].kind == "session":
+            elif fn.code > 0 and fn.wire_args and fn.wire_args[0].kind == "session":
                 self.table[fn.code] = self.session_call
-            else:
+            elif fn.code > 0:
                 raise AssertionError(f"no handler for {fn.name}")
-        self.arity = {fn.code: len(fn.wire_args) + 1 for fn in spec.functions()}
-        self.table[FIND_ALL] = self.find_all
-        self.arity[FIND_ALL] = len(spec.own_codes()["FIND_ALL"].wire_args) + 1
-        direct = daemon.direct
-        own = {f.code: f for f in spec.own_codes().values()}
-        for code, frame_handler in ((DIRECT_BIND, direct.bind), (DIRECT_KEY, direct.key),
-                                    (DIRECT_UNBIND, direct.unbind)):
-            self.table[code] = _on_frame(frame_handler)
-            self.arity[code] = len(own[code].wire_args) + 1
+        self.arity = {fn.code: len(fn.wire_args) + 1
+                      for fn in (*spec.functions(), *spec.own_codes().values())
+                      if fn.code in self.table}
 
     async def dispatch(self, ctx: ApplicationContext, request: list[Any]) -> Reply:
         code = request[0]

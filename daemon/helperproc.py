@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from p11p.daemon.errors import MemberUnavailable
 from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
+from p11p.protocol.spec import own_codes
 
 if TYPE_CHECKING:
     from p11p.daemon.members import MemberHealth
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.helper")
 
 START_TIMEOUT = 30.0  # a start outside an application call (warm pool, recovery)
-PING = -1
+_OWN = own_codes()
+PING = _OWN["PING"].code
 # The helper's own codes for the direct path (helper/loop.py, helper/fast.c)
-FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = -2, -3, -4, -5, -6
+FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
+    _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
 
 
 class HelperLimit(Exception):

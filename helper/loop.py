@@ -32,17 +32,19 @@ from p11p.helper.errors import (
     rv_for,
 )
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
+from p11p.protocol.spec import own_codes
 
-PING = -1
+_OWN = own_codes()
+PING = _OWN["PING"].code
 # The direct path (fast.c; protocol/README.md, "Direct path"), driven by the daemon:
 # [FAST_START, name, token, uid] -> [rv]; [FAST_ALLOW, session] -> [rv, id];
 # [FAST_REVOKE, id] -> [rv]; [FAST_SERVED] -> [rv, calls served so far];
 # [FAST_STUCK] -> [rv, ms the oldest direct call has been inside the module, 0: none]
-FAST_START = -2
-FAST_ALLOW = -3
-FAST_REVOKE = -4
-FAST_SERVED = -5
-FAST_STUCK = -6
+FAST_START = _OWN["FAST_START"].code
+FAST_ALLOW = _OWN["FAST_ALLOW"].code
+FAST_REVOKE = _OWN["FAST_REVOKE"].code
+FAST_SERVED = _OWN["FAST_SERVED"].code
+FAST_STUCK = _OWN["FAST_STUCK"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CALL_ID_MAX = (1 << 64) - 1

@@ -79,6 +79,9 @@ class Function:
     login: str = ""  # "login" or "logout"
     blocks: bool = False  # may wait for an outside event as long as it likes
     reads: bool = False  # reads an object's attributes
+    daemon: str = ""  # the daemon's own handler (a Dispatcher method), else the router's
+    client: str = ""  # "hand": the client's entry point is hand-written; "wrapped": it
+    #                   wraps the generated stub (p11p_wire_NAME)
 
     @property
     def wire_args(self) -> tuple[Arg, ...]:
@@ -172,6 +175,10 @@ def _function(path: Path, number: int, code: str, name: str, rest: list[str]) ->
             meaning["login"] = key
         elif key in ("opaque", "blocks", "reads") and not value:
             meaning[key] = True
+        elif key == "daemon" and value.isidentifier():
+            meaning["daemon"] = value
+        elif key == "client" and value in ("hand", "wrapped"):
+            meaning["client"] = value
         elif key != "local" or value:
             raise SpecError(f"{path}:{number}: unknown flag {flag!r}")
     args = tuple(_function_arg(path, number, w) for w in rest if not w.startswith("@"))

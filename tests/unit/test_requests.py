@@ -48,3 +48,24 @@ def test_a_wrong_wire_type_is_arguments_bad(frame: list[Any]) -> None:
     with pytest.raises(CKError) as err:
         R.decode(frame)
     assert err.value.rv == CKR["CKR_ARGUMENTS_BAD"]
+
+
+def test_the_spec_names_every_handler_of_the_daemon_and_the_client() -> None:
+    """functions.spec's @daemon= names a Dispatcher method (the dispatcher's table is
+    made from it: no list of function names in the daemon), @client= how the client
+    library's entry point is written (client/gen.py makes its stubs from it)."""
+    from p11p.daemon.dispatch import Dispatcher
+    fns = (*spec.functions(), *spec.own_codes().values())
+    named = {f.name: f.daemon for f in fns if f.daemon}
+    assert named["C_Login"] == "login" and named["FIND_ALL"] == "find_all"
+    assert all(callable(getattr(Dispatcher, h, None)) or h.startswith("direct_")
+               for h in named.values()), named
+    assert {f.name for f in fns if f.client == "hand"} == {"C_Finalize"}
+    assert "C_Sign" in {f.name for f in fns if f.client == "wrapped"}
+
+
+@pytest.mark.parametrize("flag", ["@daemon=no-such", "@client=other", "@daemon"])
+def test_a_bad_handler_flag_names_the_file_and_line(flag: str) -> None:
+    from pathlib import Path
+    with pytest.raises(spec.SpecError, match=r"functions\.spec:7: unknown flag"):
+        spec._function(Path("functions.spec"), 7, "99", "C_X", [flag, "session:hSession"])
