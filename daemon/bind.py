@@ -160,6 +160,7 @@ class SessionBuilder:
                 lost.append(f"{kind} operation: {why}")
                 del vs.ops[kind]
                 vs.lost[kind] = why
+                vs.stale.add(kind)  # its init may have run here before the replay stopped
             else:
                 replayed.append(f"{kind}+{len(op.updates)} updates")
         if vs.find is not None and not vs.find.cached:
@@ -238,11 +239,8 @@ class SessionBuilder:
         if vs.member is member:
             vs.member = None
 
-    async def forget_real(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
-        """Closes the session's member session on `member`; the next use opens another."""
-        await self.close_on(ctx, vs, member)
-
     async def close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
+        """Closes the session's member session on `member`; the next use opens another."""
         if vs.direct is not None and vs.direct.member is member:
             await self.r.daemon.direct.revoke(vs)
         real = vs.real.pop(member, None)

@@ -170,7 +170,7 @@ class Direct:
         if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects:
             # what the failed (or late) call left in the member session goes with it;
             # the next call opens a fresh one (session objects would be lost: kept then)
-            await self.router.bind.forget_real(ctx, vs, member)
+            await self.router.bind.close_on(ctx, vs, member)
         return [OK]
 
     async def _hung(self, ctx: ApplicationContext, vs: VirtualSession, binding: Binding) -> bool:
@@ -234,7 +234,7 @@ class Direct:
         await self.revoke(vs)
         # a direct operation it may have left there goes with the member session
         if not vs.objects and vs.real.get(binding.member) == binding.real and not ctx.closed:
-            await self.router.bind.forget_real(ctx, vs, binding.member)
+            await self.router.bind.close_on(ctx, vs, binding.member)
 
     async def revoke(self, vs: VirtualSession) -> None:
         """The session's binding ends: its direct calls are refused from now on."""

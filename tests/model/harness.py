@@ -450,6 +450,8 @@ class Runner:
             raise Discrepancy(f"p11p gave no reply within {REPLY_TIMEOUT}s") from None
         took = time.monotonic() - start
         r = self.env.ref[app].recv()
+        if self.verbose:
+            print("    p11p", self.show(p), " direct", self.show(r), flush=True)
         self.calls += 1
         self.compare(app, step, p, r, took)
         self.update(app, step, p, r)

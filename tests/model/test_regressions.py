@@ -367,3 +367,10 @@ def test_derive_beside_a_length_query(model_env: Env) -> None:
     CKR_ATTRIBUTE_VALUE_INVALID."""
     name = "derive_beside_a_length_query.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_verify_init_after_a_refused_final(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 66 steps, no member event)."""
+    name = "verify_init_after_a_refused_final.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))

@@ -47,7 +47,7 @@ class _Router:
     def member_failed(self, member: Any, exc: Exception, function: str) -> None:
         self.failed.append((member, exc))
 
-    async def forget_real(self, ctx: Any, vs: Any, member: Any) -> None:
+    async def close_on(self, ctx: Any, vs: Any, member: Any) -> None:
         self.forgotten.append(member)
 
 
