@@ -160,7 +160,6 @@ class SessionBuilder:
                 lost.append(f"{kind} operation: {why}")
                 del vs.ops[kind]
                 vs.lost[kind] = why
-                vs.stale.add(kind)  # its init may have run here before the replay stopped
             else:
                 replayed.append(f"{kind}+{len(op.updates)} updates")
         if vs.find is not None and not vs.find.cached:

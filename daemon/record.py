@@ -76,8 +76,7 @@ class Recorder:
         """A call that continues or ends an operation got an error from p11p itself."""
         fn = shape.fn
         if fn.op_kind and fn.op_role in ("update", "final", "oneshot") and not fn.opaque:
-            if vs.ops.pop(fn.op_kind, None) is not None:
-                vs.stale.add(fn.op_kind)
+            vs.ops.pop(fn.op_kind, None)
 
     def record_operation(self, vs: VirtualSession, shape: CallShape, vreq: list[Any],
                          reply: Reply) -> None:
@@ -85,7 +84,6 @@ class Recorder:
         change = operation_change(shape.fn.name, reply[0], requested)
         if change.start is not None:
             vs.ops[change.start] = Operation(list(vreq))
-            vs.stale.discard(change.start)
         elif change.update is not None and requested:
             op = vs.ops.get(change.update)
             if op is None or not op.replayable:

@@ -134,14 +134,14 @@ class Router:
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
                 if (reply[0] == OPERATION_ACTIVE and shape.fn.op_role == "init" and not vs.ops
-                        and shape.fn.op_kind in vs.stale
                         and vs.find is None and vs.direct is None and tries < limit
                         and all(o.replayable or o.lost for o in vs.objects)):
                     # no operation of the session is active in p11p's view: the member
                     # session kept one that an error p11p answered ended (the member never
-                    # heard of it); a fresh member session takes the call. (An operation
-                    # the member itself answered an error for is the member's to end: its
-                    # CKR_OPERATION_ACTIVE stands, as the token used directly says it.)
+                    # heard of it), or one the member kept after it refused its final
+                    # (PKCS#11 §5.2: the final ends it; SoftHSM2 keeps a single-part
+                    # operation whose C_SignFinal it refused); a fresh member session
+                    # takes the call
                     log.warning("stale operation: %s member=%s function=%s: the member "
                                 "session is replaced", vs.describe(), member.name, shape.fn.name)
                     await self.bind.close_on(ctx, vs, member)

@@ -183,10 +183,6 @@ class VirtualSession:
     # operations that could not be rebuilt on another member (kind -> why): the next
     # call of that operation gets CKR_DEVICE_ERROR; a new init starts afresh
     lost: dict[str, str] = field(default_factory=dict)
-    # operation kinds p11p ended while the member session may still run them (an error
-    # p11p answered, a replay that stopped half-way): a member's CKR_OPERATION_ACTIVE
-    # on the next init of such a kind is stale, and a fresh member session takes it
-    stale: set[str] = field(default_factory=set)
 
     def bind(self, binding: Binding) -> None:
         self.direct = binding

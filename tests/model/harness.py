@@ -292,6 +292,7 @@ class Session:
     finding: bool = False
     find_stale: bool = False  # its search began before a logout (its handles are stale)
     diverged: bool = False  # a documented difference happened on it: only closed from now
+    refused_end: bool = False  # a failed part ended an operation (the token may keep it)
 
 
 IMPORTED = {  # name a find gives an imported object -> kind
@@ -333,7 +334,22 @@ class Documented:
         if p.get("rv") != CKR["CKR_GENERAL_ERROR"] or not runner.general_errors:
             return False
         serving = [m for m in runner.env.members if m not in runner.out_of_service()]
-        return len(serving) < 2
+        # README: a session key generated at random stays on the member that made it
+        # while that member serves: a call that needs it has no other member
+        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src")}
+        held = [runner.objs[app][n] for n in names if n in runner.objs[app]]
+        return len(serving) < 2 or any(o.random and not o.token for o in held)
+
+    @staticmethod
+    def operation_kept_after_a_refused_end(runner: Runner, app: int, step: dict[str, Any],
+                                           p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: "a call that continues or ends an operation and fails ends it
+        (PKCS#11 §5.2) [...] SoftHSM2 keeps some [...]". Allowed where the token used
+        directly answers CKR_OPERATION_ACTIVE in a session where a refused part ended an
+        operation."""
+        sess = runner.sessions[app].get(step.get("s", ""))
+        return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and sess is not None
+                and sess.refused_end)
 
 
     @staticmethod
@@ -545,6 +561,10 @@ class Runner:
                         self, app, step, p, r):
                     self.allowed += 1
                     return
+                if key == "rv" and Documented.operation_kept_after_a_refused_end(
+                        self, app, step, p, r):
+                    self.diverge(app, step["s"])
+                    return
                 if key == "rv" and Documented.search_in_progress(self, app, step, p, r):
                     self.diverge(app, step["s"])  # an operation may run on p11p's side
                     return
@@ -643,6 +663,7 @@ class Runner:
                 # a failed part ends the operation (PKCS#11), except a too-short buffer
                 if p.get("rv") != CKR["CKR_BUFFER_TOO_SMALL"]:
                     sessions[step["s"]].ops.pop(step["fn"], None)
+                    sessions[step["s"]].refused_end = True
             return
         s = step.get("s")
         if op == "open":

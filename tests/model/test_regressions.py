@@ -371,6 +371,24 @@ def test_derive_beside_a_length_query(model_env: Env) -> None:
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_verify_init_after_a_refused_final(model_env: Env) -> None:
-    """Found by make soak under failover (5 of 66 steps, no member event)."""
+    """Found by make soak under failover (5 of 66 steps, no member event): SoftHSM2 keeps
+    an ECDSA verification whose C_VerifyFinal it refused; p11p ends it (README)."""
     name = "verify_init_after_a_refused_final.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_init_after_a_refused_sign_final(model_env: Env) -> None:
+    """Found by make soak under balance (6 of 34 steps): the same with C_SignFinal, and
+    an unknown key handle at the next init (p11p: CKR_OBJECT_HANDLE_INVALID, SoftHSM2:
+    CKR_OPERATION_ACTIVE; README)."""
+    name = "init_after_a_refused_sign_final.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_general_error_beside_a_generated_key(model_env: Env) -> None:
+    """Found by make soak under failover (6 of 38 steps): CKR_GENERAL_ERROR twice from
+    the member holding a generated key: the key cannot go elsewhere (README)."""
+    name = "general_error_beside_a_generated_key.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
