@@ -72,11 +72,12 @@ def installed_at(destdir: Path, target: Path) -> tuple[Path, Path]:
 
 def in_namespace(binds: list[tuple[Path, Path]], argv: list[str]) -> list[str]:
     """`argv` run in a private mount namespace where each (source, target) directory is
-    bind-mounted; nothing leaks to the machine's mounts."""
+    bind-mounted, in order, with what is mounted under it (so a bind may carry earlier
+    ones); nothing leaks to the machine's mounts."""
     script = []
     args: list[str] = []
     for source, target in binds:
-        script.append(f'mount --bind "${{{len(args) + 1}}}" "${{{len(args) + 2}}}" &&')
+        script.append(f'mount --rbind "${{{len(args) + 1}}}" "${{{len(args) + 2}}}" &&')
         args += [str(source), str(target)]
     script.append(f'shift {len(args)} && exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " ".join(script),
@@ -121,3 +122,82 @@ def connects(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+# -- user p11p ---------------------------------------------------------------------------
+
+
+class ServiceUser:
+    """User and group `name`, as packaging/p11p.sysusers makes them: made here with
+    useradd when missing, and removed by `remove()` only if made here."""
+
+    def __init__(self, name: str = "p11p") -> None:
+        self.name = name
+        self.made_user = self.made_group = False
+        if _getent("passwd", name) is None:
+            ensure_command("useradd", "passwd")
+            self.made_group = _getent("group", name) is None
+            group = ["--user-group"] if self.made_group else ["--gid", name]
+            subprocess.run(["useradd", "--system", *group, "--home-dir", "/var/lib/p11p",
+                            "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                           capture_output=True, text=True, timeout=30, check=True)
+            self.made_user = True
+        self.uid, self.gid = int(_getent("passwd", name)[2]), int(_getent("group", name)[2])
+
+    def remove(self) -> None:
+        if self.made_user:
+            subprocess.run(["userdel", self.name], capture_output=True, timeout=30, check=True)
+        if self.made_group and _getent("group", self.name) is not None:
+            subprocess.run(["groupdel", self.name], capture_output=True, timeout=30, check=True)
+
+
+def _getent(database: str, name: str) -> list[str] | None:
+    out = subprocess.run(["getent", database, name], capture_output=True, text=True)
+    return out.stdout.strip().split(":") if out.returncode == 0 else None
+
+
+def as_user(user: str, argv: list[str]) -> list[str]:
+    """`argv` run as `user`, with its group and supplementary groups, nothing else kept."""
+    return ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--", *argv]
+
+
+def interpreter_binds(user: ServiceUser, scratch: Path) -> list[tuple[Path, Path]]:
+    """Binds (for in_namespace) that let `user` run this interpreter when it lives under
+    a home directory others may not enter (pyenv's /root/.pyenv): that directory is
+    shown as `scratch`, which holds only the interpreter's tree. Empty when not needed."""
+    prefix = Path(os.path.realpath(sys.base_prefix))
+    for closed in [*reversed(prefix.parents), prefix][1:]:
+        if not os.stat(closed).st_mode & 0o001:
+            break
+    else:
+        return []
+    inner = closed / prefix.relative_to(closed).parts[0]
+    scratch.mkdir(mode=0o755, parents=True, exist_ok=True)
+    (scratch / inner.name).mkdir(exist_ok=True)
+    return [(inner, scratch / inner.name), (scratch, closed)]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants alive now."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += parents.get(current, [])
+    return tree
+
+
+def uids_of(pid: int) -> tuple[int, ...]:
+    """Real, effective, saved and filesystem uid of `pid` (/proc/PID/status Uid:)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(field) for field in line.split()[1:])
+    raise AssertionError(f"no Uid: line for {pid}")

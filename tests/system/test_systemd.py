@@ -1,6 +1,7 @@
 """systemd: the units pass `systemd-analyze verify`; the daemon serves a real client
 through a socket inherited from `systemd-socket-activate`; READY=1 reaches
-$NOTIFY_SOCKET only once the client socket accepts and the members were probed.
+$NOTIFY_SOCKET only once the client socket accepts and the members were probed; the
+daemon and its helpers run as user p11p, laid out as the units and `make install` do.
 
 No systemd runs here as PID 1: `systemd-analyze verify` and `systemd-socket-activate`
 work without it. Every process a test starts is stopped by its PID.
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +30,18 @@ from kit import (
     SoftHSM,
     one_member_group,
 )
-from syskit import NotifyListener, connects, ensure_command, make_install
+from syskit import (
+    NotifyListener,
+    ServiceUser,
+    as_user,
+    connects,
+    ensure_command,
+    in_namespace,
+    interpreter_binds,
+    make_install,
+    process_tree,
+    uids_of,
+)
 
 pytestmark = pytest.mark.timeout(30, func_only=True)
 
@@ -114,10 +129,19 @@ def test_units_say_what_the_issue_asks(systemd_tools: None) -> None:
         assert service[f"Service.{key}"] == [value], key
     assert service["Service.ExecStart"][0].split()[0] == UNIT_EXEC
     assert "p11p.socket" in service["Unit.Requires"][0]
+    # least privilege: user p11p, its state directory its own and closed to the group
+    assert service["Service.User"] == ["p11p"] and service["Service.Group"] == ["p11p"]
+    assert service["Service.StateDirectory"] == ["p11p"]
+    assert service["Service.StateDirectoryMode"] == ["0700"]
+    assert service["Service.ReadWritePaths"] == ["/run/p11p"]
     sock = unit_settings(UNITS / "p11p.socket")
     from p11p.daemon.config import DEFAULT_SOCKET
     assert sock["Socket.ListenStream"] == [DEFAULT_SOCKET]
     assert sock["Socket.SocketMode"] == ["0660"]
+    assert sock["Socket.SocketGroup"] == ["p11p"]
+    # /run/p11p: the daemon (user p11p) writes its admin socket there, the group only enters
+    assert sock["Socket.DirectoryMode"] == ["0750"]
+    assert sock["Socket.ExecStartPost"] == ["/bin/chown p11p:p11p /run/p11p"]
     assert sock["Socket.Accept"] == ["no"]  # one daemon, handed the listening socket
     skeleton = (ROOT / "packaging" / "p11p.toml").read_text()
     assert f'socket     = "{DEFAULT_SOCKET}"' in skeleton
@@ -130,8 +154,10 @@ def test_installed_units_pass_verify(systemd_tools: None, tmp_path: Path) -> Non
     make_install(dest, "PREFIX=/opt/p11p-test")
     unitdir = dest / "opt/p11p-test/lib/systemd/system"
     service = unitdir / "p11p.service"
-    assert unit_settings(service)["Service.ExecStart"][0].startswith(
+    settings = unit_settings(service)
+    assert settings["Service.ExecStart"][0].startswith(
         "/opt/p11p-test/bin/p11p daemon --config /etc/p11p/p11p.toml")
+    assert settings["Service.User"] == ["p11p"] and settings["Service.Group"] == ["p11p"]
     assert "file:///opt/p11p-test/share/doc/p11p/README.md" in service.read_text()
     assert (dest / "opt/p11p-test/share/doc/p11p/README.md").is_file()
     launcher = dest / "opt/p11p-test/bin/p11p"
@@ -279,3 +305,140 @@ def test_ready_only_once_listening_and_members_probed(systemd_tools: None, softh
     finally:
         assert daemon.stop() == 0, daemon.log_text()
         notify.close()
+
+
+# -- the daemon as user p11p -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def p11p_user() -> Iterator[ServiceUser]:
+    """User p11p, made for these tests when the machine has none (and removed after)."""
+    ensure_command("setpriv", "util-linux")
+    user = ServiceUser("p11p")
+    try:
+        yield user
+    finally:
+        user.remove()
+
+
+def as_client(gid: int, argv: list[str]) -> list[str]:
+    """`argv` run as user nobody with group `gid` besides its own: an application that
+    may use the socket, and nothing else of p11p's."""
+    return ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--groups", str(gid), "--",
+            *argv]
+
+
+def stop_tree(pids: list[int], daemon: subprocess.Popen[bytes], uid: int) -> int | None:
+    """SIGTERM to the daemon, then SIGKILL to whatever of `pids` is left (still `uid`'s:
+    not a PID used again since)."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    for pid in pids:
+        try:
+            if uids_of(pid)[0] == uid:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, AssertionError):
+            pass
+    return daemon.returncode
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_daemon_and_helpers_run_as_user_p11p(systemd_tools: None,
+                                             p11p_user: ServiceUser) -> None:
+    """The production layout in a scratch directory: state/ is /var/lib/p11p (p11p's,
+    0700), etc/ is /etc/p11p (root:p11p, 2750, files 0640), run/ is /run/p11p
+    (p11p:p11p, 0750, as p11p.socket's ExecStartPost leaves it). `p11p init-default`,
+    run as p11p, makes the SoftHSM2 tokens; systemd-socket-activate (root) holds the
+    client socket (root:p11p, 0660) and execs the daemon as p11p. An application of
+    another user, in group p11p, is served; the daemon and every helper run as p11p;
+    the admin socket is root's and p11p's only."""
+    user = p11p_user
+    work = Path(tempfile.mkdtemp(prefix="p11p-user-"))  # pytest's tmp_path is root's, 0700
+    pids: list[int] = []
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        work.chmod(0o755)
+        state, etc, run = work / "state", work / "etc", work / "run"
+        for path, uid, mode in ((state, user.uid, 0o700), (etc, 0, 0o2750),
+                                (etc / "tokens.d", 0, 0o2750), (run, user.uid, 0o750)):
+            path.mkdir()
+            os.chown(path, uid, user.gid)
+            path.chmod(mode)
+        binds = interpreter_binds(user, work / "interpreter")
+        python = [sys.executable, "-m", "p11p.daemon"]
+        probe = subprocess.run(in_namespace(binds, as_user("p11p", [*python, "--help"])),
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode:
+            pytest.skip(f"user p11p cannot run {sys.executable} with p11p: {probe.stderr}")
+
+        made = subprocess.run(
+            in_namespace(binds, as_user("p11p", [*python, "init-default", "--state-dir",
+                                                 str(state / "demo")])),
+            capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stdout + made.stderr
+        token_files = [p for p in (state / "demo" / "softhsm" / "tokens").rglob("*")]
+        assert token_files and {p.stat().st_uid for p in token_files} == {user.uid}
+
+        sock = run / "p11p.sock"
+        (etc / "p11p.toml").write_text(f'[daemon]\nsocket = "{sock}"\ntokens_dir = "tokens.d"\n')
+        shutil.copy(state / "demo" / "tokens.d" / "demo.toml", etc / "tokens.d" / "demo.toml")
+        for path in (etc / "p11p.toml", etc / "tokens.d" / "demo.toml"):
+            os.chown(path, 0, user.gid)
+            path.chmod(0o640)
+
+        log = work / "daemon.log"
+        argv = ["systemd-socket-activate", "--listen", str(sock), "--fdname=p11p", "-E", "PATH",
+                *as_user("p11p", [*python, "daemon", "--config", str(etc / "p11p.toml"),
+                                  "--log-level", "debug"])]
+        with open(log, "ab") as out:
+            daemon = subprocess.Popen(in_namespace(binds, argv), stdout=out, stderr=out,
+                                      start_new_session=True)
+        assert wait_until(lambda: "Listening on" in log.read_text(), 10), log.read_text()
+        os.chown(sock, 0, user.gid)  # SocketGroup=p11p, SocketMode=0660
+        sock.chmod(0o660)
+
+        env = {**os.environ, "P11P_SOCKET": str(sock)}
+        slots = subprocess.run(as_client(user.gid, ["pkcs11-tool", "--module", str(CLIENT_SO),
+                                                    "-L"]),
+                               env=env, capture_output=True, text=True, timeout=30)
+        assert slots.returncode == 0, slots.stdout + slots.stderr + log.read_text()
+        assert "token label        : p11p-demo" in slots.stdout, slots.stdout
+        random = subprocess.run(as_client(user.gid, ["pkcs11-tool", "--module", str(CLIENT_SO),
+                                                     "--generate-random", "32"]),
+                                env=env, capture_output=True, timeout=30)
+        assert random.returncode == 0 and len(random.stdout) == 32, \
+            random.stderr.decode() + log.read_text()
+
+        pids = process_tree(daemon.pid)
+        helpers = [pid for pid in pids
+                   if b"p11p.helper" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert helpers, f"no helper among {pids}"
+        assert os.path.realpath(f"/proc/{daemon.pid}/exe") == os.path.realpath(sys.executable)
+        assert {pid: uids_of(pid) for pid in pids} == \
+            {pid: (user.uid,) * 4 for pid in pids}
+
+        admin = run / "p11p.sock.admin"
+        info = admin.stat()
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_uid == user.uid
+        from p11p.daemon.cli import admin_request
+        status = admin_request(admin, {"cmd": "status"})  # root may
+        assert [m["state"] for g in status["groups"] for m in g["members"]] == ["OK", "OK"]
+        if os.path.exists("/usr/bin/python3"):  # an application of group p11p may not
+            refused = subprocess.run(as_client(user.gid, [
+                "/usr/bin/python3", "-c", "import socket, sys; "
+                "socket.socket(socket.AF_UNIX).connect(sys.argv[1])", str(admin)]),
+                capture_output=True, text=True, timeout=30)
+            assert refused.returncode and "PermissionError" in refused.stderr, refused.stderr
+        stopped, daemon = daemon, None
+        assert stop_tree(pids, stopped, user.uid) == 0, log.read_text()
+        assert sock.is_socket()  # systemd's, left for the next start
+    finally:
+        if daemon is not None:
+            stop_tree(pids or process_tree(daemon.pid), daemon, user.uid)
+        shutil.rmtree(work)
