@@ -107,5 +107,12 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  {m['name']:<16} {state:<28} {m['sessions']:>8} "
                          f"{m['calls_in_flight']:>9} {m['calls_served']:>8}  "
                          f"{m['last_error'] or '-'}")
+            probe = m.get("probe")
+            if probe is not None or m.get("held_out"):
+                seen = "-" if probe is None else (
+                    f"{probe['ago']:.1f} s ago, {probe['latency_ms']:.1f} ms, "
+                    + ("OK" if probe["ok"] else f"failed: {probe['error']}"))
+                held = f"; held out {m['held_out']:.1f} s more" if m.get("held_out") else ""
+                lines.append(f"  {'':<16} last probe: {seen}{held}")
     lines.append(f"applications: {len(status['contexts'])}")
     return "\n".join(lines)

@@ -38,6 +38,19 @@ class ConfigError(Exception):
 class Recovery:
     interval: float = 5.0
     attempts: int = 0  # 0: forever
+    # a member that fails again within this long of its return is held out twice as
+    # long as the last time (from `interval`), up to this
+    max_interval: float = 300.0
+
+
+PROBES = ("token-info", "sign")
+
+
+@dataclass(frozen=True)
+class Health:
+    interval: float = 10.0  # seconds between probes of each member in service; 0: off
+    probe: str = "token-info"  # C_GetTokenInfo and a member session; or "sign"
+    probe_key: str | None = None  # with "sign": the label of a key usable without login
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class GroupConfig:
     object_cache_ttl: float = 5.0
     direct_calls: bool = True
     recovery: Recovery = field(default_factory=Recovery)
+    health: Health = field(default_factory=Health)
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
     rv_classes: dict[int, str] = field(default_factory=dict)
@@ -87,6 +101,8 @@ class DaemonConfig:
     max_apps_per_uid: int = 64
     max_calls_per_app: int = 64
     max_helpers: int = 512
+    audit_log: str | None = None  # a file's absolute path, or "journal" (daemon/audit.py)
+    audit_interval: float = 60.0  # seconds between writes of the key-use counts
     groups: tuple[GroupConfig, ...] = ()
 
 
@@ -207,17 +223,33 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     data, loc = parsed
     top = _Reader(loc, "", data, errors, {
         "label", "policy", "write_policy", "call_timeout", "hold_timeout", "replay_limit",
-        "object_cache_ttl", "direct_calls", "recovery", "allow_users", "allow_groups", "rv_class", "member"})
+        "object_cache_ttl", "direct_calls", "recovery", "health", "allow_users", "allow_groups",
+        "rv_class", "member"})
     label = top.get("label", str, "", required=True)
     if label and len(label.encode()) > 32:
         top.error("label", "a token label has at most 32 bytes")
     rec = data.get("recovery", {})
     recovery = Recovery()
     if isinstance(rec, dict):
-        rr = _Reader(loc, "recovery", rec, errors, {"interval", "attempts"})
-        recovery = Recovery(rr.number("interval", 5.0, 0.01), rr.integer("attempts", 0))
+        rr = _Reader(loc, "recovery", rec, errors, {"interval", "attempts", "max_interval"})
+        recovery = Recovery(rr.number("interval", 5.0, 0.01), rr.integer("attempts", 0),
+                            rr.number("max_interval", 300.0, 0.01))
+        if recovery.max_interval < recovery.interval:
+            rr.error("max_interval", "must be at least [recovery] interval")
     else:
         top.error("recovery", "expected a table")
+    raw_health = data.get("health", {})
+    health = Health()
+    if isinstance(raw_health, dict):
+        hr = _Reader(loc, "health", raw_health, errors, {"interval", "probe", "probe_key"})
+        health = Health(hr.number("interval", 10.0, 0), hr.choice("probe", PROBES, "token-info"),
+                        hr.get("probe_key", str))
+        if health.probe == "sign" and not health.probe_key:
+            hr.error("probe_key", 'probe = "sign" needs probe_key (the label of the key)')
+        elif health.probe != "sign" and health.probe_key is not None:
+            hr.error("probe_key", 'only with probe = "sign"')
+    else:
+        top.error("health", "expected a table")
     rv_classes: dict[int, str] = {}
     raw_classes = top.get("rv_class", dict, {})
     for name, cls in raw_classes.items():
@@ -277,6 +309,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
         object_cache_ttl=top.number("object_cache_ttl", 5.0),
         direct_calls=top.get("direct_calls", bool, True),
         recovery=recovery,
+        health=health,
         allow_users=top.strings("allow_users"),
         allow_groups=top.strings("allow_groups"),
         rv_classes=rv_classes,
@@ -302,6 +335,31 @@ def admin_socket_of(path: Path) -> Path:
                     str(admin) if admin else None)[1]
 
 
+def _audit_log(d: _Reader, base: Path) -> str | None:
+    """[daemon] audit_log: "journal", or a file (relative to the main file's folder)
+    that the daemon can create or append to."""
+    value: str | None = d.get("audit_log", str)
+    if value is None or value == "journal":
+        return value
+    if not value:
+        d.error("audit_log", 'expected a file path or "journal"')
+        return None
+    path = base / value
+    if path.exists():
+        problem = None if path.is_file() else "not a regular file"
+        if problem is None and not os.access(path, os.W_OK):
+            problem = "not writable"
+    elif not path.parent.is_dir():
+        problem = f"no such directory: {path.parent}"
+    else:
+        problem = None if os.access(path.parent, os.W_OK | os.X_OK) else \
+            f"cannot create a file in {path.parent}"
+    if problem is not None:
+        d.error("audit_log", f"{path}: {problem}")
+        return None
+    return str(path)
+
+
 def load(path: Path) -> DaemonConfig:
     """Reads and validates the main file and every token file; raises ConfigError."""
     path = path.resolve()
@@ -315,7 +373,7 @@ def load(path: Path) -> DaemonConfig:
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
         "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
-        "max_apps_per_uid", "max_calls_per_app", "max_helpers"})
+        "max_apps_per_uid", "max_calls_per_app", "max_helpers", "audit_log", "audit_interval"})
     base = path.parent
     socket, admin_socket = _sockets(base, d.get("socket", str, DEFAULT_SOCKET),
                                     d.get("admin_socket", str))
@@ -362,6 +420,8 @@ def load(path: Path) -> DaemonConfig:
         max_apps_per_uid=d.integer("max_apps_per_uid", 64, 1),
         max_calls_per_app=d.integer("max_calls_per_app", 64, 1),
         max_helpers=d.integer("max_helpers", 512, 1),
+        audit_log=_audit_log(d, base),
+        audit_interval=d.number("audit_interval", 60.0, 0.1),
         groups=tuple(groups),
     )
     if errors:

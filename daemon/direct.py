@@ -153,6 +153,7 @@ class Direct:
             self.router.failures.member_failed(binding.member, exc, "DIRECT_KEY")
             return [CKR["CKR_DEVICE_ERROR"]]
         vobj.used = True
+        self.router.daemon.audit.direct_key(ctx, vs, vobj)
         return [OK, real]
 
     async def unbind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:

@@ -265,6 +265,7 @@ class Dispatcher:
     async def login(self, ctx: ApplicationContext, req: R.C_Login) -> Reply:
         vs = ctx.sessions.get(req.session)
         reply = await self.router.call(ctx, vs, req.frame)
+        self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])  # never the PIN
         if reply[0] == OK and isinstance(req.pin, bytes):
             ctx.logins[vs.group] = (req.user_type, req.pin)
             if vs.member is not None:
@@ -278,6 +279,7 @@ class Dispatcher:
     async def logout(self, ctx: ApplicationContext, req: R.C_Logout) -> Reply:
         vs = ctx.sessions.get(req.session)
         reply = await self.router.call(ctx, vs, req.frame)
+        self.daemon.audit.logout(ctx, vs.group, reply[0])
         if reply[0] == OK:
             ctx.logins.pop(vs.group, None)
             ctx.forget_objects(vs.group, private_only=True)  # as the token's handles end
@@ -412,6 +414,7 @@ class Dispatcher:
         finally:
             vs.group.objects_changed()
         if reply[0] == OK:
+            self.daemon.audit.destroyed(ctx, vs.group, vobj, vs.member)  # before its handles go
             ctx.forget_object(vobj)
             if copies:
                 await self.router.resolve.drop_copies(ctx, vs, copies, vs.member)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.health import hold_out
 from p11p.daemon.members import Member, MemberState
 from p11p.daemon.shapes import CODE
 from p11p.protocol.constants import rv_name
@@ -38,6 +39,7 @@ class Failures:
                   "rv=%s (%s)", group.label, member.name, member.slot_id,
                   exc.function or function, function, rv_name(exc.rv), exc)
         member.discard_pool()
+        hold_out(member)
         if not group.present:
             log.error("group out of service: group=%s: no usable member", group.label)
             daemon.slot_event(group)

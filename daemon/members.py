@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from p11p.daemon import budget
+from p11p.daemon import audit, budget
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
 from p11p.daemon.helperproc import START_TIMEOUT, CallTimedOut, HelperLimit, HelperProcess
@@ -61,6 +61,14 @@ class MemberHealth:
     bound: int = 0  # sessions bound to the direct path (daemon/direct.py)
     direct_served: int = 0  # of calls_served, those served on the direct path
     calls_in_flight: int = 0
+    # health probes (daemon/health.py): the last one's time (monotonic), latency,
+    # outcome; and the hold-out of a member that fails again soon after it returned
+    probe_at: float | None = None
+    probe_latency: float = 0.0
+    probe_error: str = ""
+    returned_at: float | None = None  # when recovery last put it back in service
+    holdout: float = 0.0  # its last hold-out (seconds); doubles while it flaps
+    held_until: float = 0.0  # recovery does not put it back before (monotonic)
 
     @property
     def usable(self) -> bool:
@@ -212,6 +220,25 @@ class Member:
                 return
             self._warm.append(helper)
 
+    async def borrow_helper(self) -> tuple[HelperProcess, int]:
+        """A warm helper (else a new one) for p11p's own use (a health probe), and the
+        pool's epoch, to give it back with give_back."""
+        epoch = self._pool_epoch
+        while self._warm:
+            helper = self._warm.pop()
+            if helper.alive:
+                return helper, epoch
+        return await self.new_helper(), epoch
+
+    def give_back(self, helper: HelperProcess, epoch: int) -> None:
+        """A borrowed helper back into the warm pool, or stopped when the pool is full
+        or was discarded meanwhile (the member failed: its module instance may be broken)."""
+        if helper.alive and self.health.usable and epoch == self._pool_epoch \
+                and len(self._warm) < self._pool_size:
+            self._warm.append(helper)
+        else:
+            asyncio.get_running_loop().create_task(helper.stop(), context=contextvars.Context())
+
     def discard_pool(self) -> None:
         """Drops the warm helpers (their module instance may be broken too)."""
         self._pool_epoch += 1
@@ -325,6 +352,7 @@ class Member:
 
     def mark(self, state: MemberState, rv: int | None = None, why: str = "") -> None:
         h = self.health
+        audit.installed().member_state(self, h.state, state, rv, why)
         h.state = state
         h.since = time.monotonic()
         if rv is not None:
@@ -336,6 +364,7 @@ class Member:
 
     def status(self) -> dict[str, Any]:
         h = self.health
+        now = time.monotonic()
         return {
             "name": self.name, "state": h.state.value, "slot": self.slot_id,
             "last_rv": rv_name(h.last_rv) if h.last_rv is not None else None,
@@ -343,6 +372,10 @@ class Member:
             "direct_sessions": h.bound, "direct_calls_served": h.direct_served,
             "calls_in_flight": h.calls_in_flight, "attempt": h.attempt,
             "attempts": self.group.config.recovery.attempts,
+            "probe": None if h.probe_at is None else {
+                "ago": round(now - h.probe_at, 3), "latency_ms": round(h.probe_latency * 1000, 3),
+                "ok": not h.probe_error, "error": h.probe_error},
+            "held_out": round(max(0.0, h.held_until - now), 3),
         }
 
 

@@ -46,6 +46,7 @@ class Recorder:
                     made.append(vobj)
                 else:
                     made.append(None)
+            self.r.daemon.audit.created(ctx, vs.group, name, made, member, named.values())
             recipe = Recipe(list(vreq), made, name in GENERATING, named)
             for new in made:
                 if new is None:
@@ -84,6 +85,7 @@ class Recorder:
         change = operation_change(shape.fn.name, reply[0], requested)
         if change.start is not None:
             vs.ops[change.start] = Operation(list(vreq))
+            self.r.daemon.audit.operation(vs, change.start, shape, vreq)  # a key used
         elif change.update is not None and requested:
             op = vs.ops.get(change.update)
             if op is None or not op.replayable:

@@ -2,16 +2,19 @@
 
 Every `recovery.interval` the task starts a fresh helper (so C_Finalize/C_Initialize
 happen in a new process), finds the token, reads its key set and compares it with the
-group's, and puts the member back in rotation. It gives up after `recovery.attempts`
-tries (0: never). Application contexts get new helpers for the member as they use it.
+group's, runs the group's health probe (health.py) when probes are on, and puts the
+member back in rotation; not before its hold-out, when it failed again soon after it
+last returned. It gives up after `recovery.attempts` tries (0: never). Application contexts get new helpers for the member as they use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
+from p11p.daemon import health
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.helperproc import HelperLimit
 from p11p.daemon.members import Member, MemberState
@@ -42,7 +45,12 @@ class Recovery:
         cfg = group.config.recovery
         attempt = 0
         while cfg.attempts == 0 or attempt < cfg.attempts:
-            await asyncio.sleep(0 if at_once and not attempt else cfg.interval)
+            # a member that failed again soon after it returned is held out longer
+            # (health.hold_out); `p11p member enable` (at_once) does not wait for it
+            wait = 0 if at_once and not attempt else cfg.interval
+            if not at_once:
+                wait = max(wait, member.health.held_until - time.monotonic())
+            await asyncio.sleep(wait)
             if member.health.state in (MemberState.DISABLED, MemberState.OK):
                 return
             attempt += 1
@@ -52,6 +60,9 @@ class Recovery:
                 helper = await member.new_helper(probing=True)
                 try:
                     await member.probe(helper)
+                    if group.config.health.interval > 0:  # the probe the member fails by
+                        member.health.probe_latency = await health.probe(member, helper)
+                        member.health.probe_at, member.health.probe_error = time.monotonic(), ""
                 except BaseException:
                     await helper.stop()
                     raise
@@ -72,6 +83,7 @@ class Recovery:
             member.mechanism_answers.clear()
             member.mark(MemberState.OK)
             member.health.attempt = 0
+            member.health.returned_at = time.monotonic()
             group.metrics.recoveries += 1
             log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
                         group.label, member.name, member.slot_id, attempt)

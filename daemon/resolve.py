@@ -186,6 +186,7 @@ class HandleResolver:
         for j, made in zip(shape.created, recipe.outputs, strict=False):
             if made is not None and isinstance(reply[j], int):
                 ctx.register(made, member, reply[j], vs.group)
+                self.r.daemon.audit.replicated(ctx, vs.group, made, member)
                 for edit in made.edits:
                     done = await self.r.link.replayed(ctx, member, [
                         CODE["C_SetAttributeValue"], member_session(owner.real, member), reply[j],

@@ -17,6 +17,7 @@ import signal
 import socket
 from typing import Any
 
+from p11p.daemon import audit
 from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
@@ -24,6 +25,7 @@ from p11p.daemon.direct import Direct
 from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
+from p11p.daemon.health import HealthMonitor
 from p11p.daemon.helperproc import HelperProcess
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
@@ -51,6 +53,8 @@ def _pid_alive(pid: int) -> bool:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.audit = audit.Audit.create(config)  # first: a log it cannot open stops the start
+        audit.install(self.audit)
         self.groups = [Group(g, slot, config.helper_pool, config.max_frame)
                        for slot, g in enumerate(config.groups)]
         self.slots = {g.slot_id: g for g in self.groups}
@@ -59,6 +63,7 @@ class Daemon:
         self.router = Router(self)
         self.direct = Direct(self.router)
         self.recovery = Recovery(self)
+        self.health = HealthMonitor(self)
         self.dispatcher = Dispatcher(self)
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
@@ -105,6 +110,8 @@ class Daemon:
                 os.chown(path, -1, gid)
             self._owns_socket_path = True
         await self.admin.start()
+        self.health.start()
+        self.audit.start()
         log.info("listening on %s; groups: %s", self.config.socket,
                  ", ".join(f"{g.label} (slot {g.slot_id}, {len(g.members)} members)"
                            for g in self.groups))
@@ -130,12 +137,14 @@ class Daemon:
         log.info("stopping")
         if self._server is not None:
             self._server.close()
+        await self.health.stop()
         await self.recovery.stop()
         await self.admin.stop()
         await asyncio.gather(*(c.close() for c in list(self.contexts.values())),
                              return_exceptions=True)
         self.contexts.clear()
         await asyncio.gather(*(g.stop() for g in self.groups), return_exceptions=True)
+        self.audit.close()
         if self._owns_socket_path and self.config.socket.is_socket():
             try:
                 self.config.socket.unlink()
@@ -199,6 +208,7 @@ class Daemon:
         if self.contexts.get(ctx.key) is ctx:
             del self.contexts[ctx.key]
         await ctx.close()
+        self.audit.app_ended(ctx)  # its key-use counts, and what is buffered
 
     # -- reload -----------------------------------------------------------------------
 
@@ -245,6 +255,8 @@ class Daemon:
                     if member.health.state is MemberState.FAILED:
                         self.recovery.start(member)
                 self.slot_event(group)
+            await self.health.stop()  # the probes follow the groups as they are now
+            self.health.start()
             log.info("reload done: %d groups", len(self.groups))
             return []
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p11p.daemon.audit import Audit
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.dispatch import Dispatcher
@@ -217,6 +218,7 @@ class FakeDaemon:
         self.config = _Limits()
         self.direct = _Direct()
         self.recovery = _Recovery()
+        self.audit = Audit()  # the null one (daemon/audit.py)
         self.counter = HandleCounter()
         self.router = Router(self)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]

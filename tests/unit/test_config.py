@@ -82,3 +82,27 @@ def test_label_too_long(tmp_path: Path) -> None:
     path = write(tmp_path, {"a": f'label = "{"x" * 33}"\n[[member]]\nname="a"\nmodule="{MODULE}"\ntoken="t"\n'})
     with pytest.raises(ConfigError, match=r"a.toml:1: label: a token label has at most 32 bytes"):
         load(path)
+
+
+def test_health_probes_and_hold_out(tmp_path: Path) -> None:
+    member = f'[[member]]\nname = "x"\nmodule = "{MODULE}"\ntoken = "t"\n'
+    path = write(tmp_path, {"a": 'label = "a"\n[health]\ninterval = 2\nprobe = "sign"\n'
+                                 'probe_key = "k"\n[recovery]\nmax_interval = 60\n' + member})
+    group = load(path).groups[0]
+    assert (group.health.interval, group.health.probe, group.health.probe_key) == (2.0, "sign", "k")
+    assert group.recovery.max_interval == 60.0
+    (tmp_path / "d").mkdir()
+    (tmp_path / "bad").mkdir()
+    default = load(write(tmp_path / "d", {"a": 'label = "a"\n' + member})).groups[0]
+    assert (default.health.interval, default.health.probe) == (10.0, "token-info")
+    bad = write(tmp_path / "bad", {"a": 'label = "a"\n[health]\nprobe = "sign"\n'
+                                        'interval = -1\n[recovery]\ninterval = 5\n'
+                                        'max_interval = 1\n' + member,
+                                   "b": 'label = "b"\n[health]\nprobe = "ping"\n' + member})
+    with pytest.raises(ConfigError) as err:
+        load(bad)
+    text = "\n".join(err.value.errors)
+    assert "a.toml:2: health.probe_key: probe = \"sign\" needs probe_key" in text
+    assert "a.toml:4: health.interval: must be at least 0" in text
+    assert "a.toml:7: recovery.max_interval: must be at least [recovery] interval" in text
+    assert "b.toml:3: health.probe: must be one of" in text
