@@ -184,6 +184,13 @@ class HandleResolver:
         if reply[0] != OK:
             raise CKError(OBJECT_HANDLE_INVALID, f"remaking a session object: {rv_name(reply[0])}")
         for j, made in zip(shape.created, recipe.outputs, strict=False):
+            if made is not None and isinstance(reply[j], int) and made.destroyed \
+                    and made is not vobj:
+                # the other half of a key pair the application destroyed: made again
+                # with the half it keeps, it goes at once (a search would find it)
+                await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"],
+                                                    member_session(owner.real, member), reply[j]])
+                continue
             if made is not None and isinstance(reply[j], int):
                 ctx.register(made, member, reply[j], vs.group)
                 self.r.daemon.audit.replicated(ctx, vs.group, made, member)

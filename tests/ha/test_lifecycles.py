@@ -221,6 +221,32 @@ def labels(s):
         app.close()
 
 
+def test_a_destroyed_half_of_a_key_pair_stays_destroyed_after_a_failover(
+        ha_factory: Any) -> None:
+    """A session key pair whose public half the application destroyed: after a failover
+    the private half is made again on the other member (with a public half, which goes
+    at once): a search finds the private key only (found by make soak under balance)."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"], extra="object_cache_ttl = 0")
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + """
+pub, priv = s0.generateKeyPair(
+    [(P.CKA_TOKEN, False), (P.CKA_LABEL, "half"), (P.CKA_VERIFY, True),
+     (P.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107"))],
+    [(P.CKA_TOKEN, False), (P.CKA_LABEL, "half"), (P.CKA_SIGN, True), (P.CKA_PRIVATE, True)],
+    P.Mechanism(P.CKM_EC_KEY_PAIR_GEN))
+s0.destroyObject(pub)
+""")
+        assert app.run("_ = len(s0.findObjects([(P.CKA_LABEL, 'half')]))") == "1"
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = [int(s0.getAttributeValue(o, [P.CKA_CLASS])[0]) "
+                       "for o in s0.findObjects([(P.CKA_LABEL, 'half')])]") == "[3]"
+        assert group.member("hsmA")["state"] != "OK"
+    finally:
+        group.set_rules("hsmA", "")
+        app.close()
+
+
 HANDLE_ROLES = f"""
 import ctypes as C
 slot = lib.getSlotList(tokenPresent=True)[0]
