@@ -1,4 +1,5 @@
-"""The admin socket: status, and member drain/enable for maintenance.
+"""The admin socket: status, member drain/enable for maintenance, reload, and the
+group's token objects per member (`p11p keys`).
 
 One JSON object per line each way, on an AF_UNIX socket only root (the daemon's user)
 can open (mode 0600). `p11p status` and `p11p member ...` are its clients.
@@ -12,6 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon.keys import list_keys
 from p11p.daemon.members import Member, MemberState
 from p11p.daemon.metrics import prometheus
 
@@ -70,6 +72,10 @@ class AdminServer:
         if cmd == "metrics":
             await self.daemon.direct.count_served()
             return {"text": prometheus(self.daemon.groups)}
+        if cmd == "keys":
+            pin = request.get("pin")
+            return await list_keys(self.daemon, str(request.get("group")),
+                                   pin if isinstance(pin, str) else None)
         if cmd in ("drain", "enable"):
             member = self._member(request)
             if member is None:

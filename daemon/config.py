@@ -22,7 +22,7 @@ from p11p.protocol.constants import CKR
 DEFAULT_CONFIG = Path("/etc/p11p/p11p.toml")
 DEFAULT_SOCKET = "/run/p11p/p11p.sock"
 POLICIES = ("failover", "balance")
-WRITE_POLICIES = ("primary", "refuse")
+WRITE_POLICIES = ("primary", "refuse", "all")
 RV_CLASSES = ("application", "session_lost", "member_failed")
 
 
@@ -83,6 +83,9 @@ class GroupConfig:
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
     rv_classes: dict[int, str] = field(default_factory=dict)
+    # write_policy = "all": the label of an AES key on every member (CKA_WRAP, CKA_UNWRAP)
+    # that a generated token key is wrapped with on its member and unwrapped on the others
+    replicate_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     top = _Reader(loc, "", data, errors, {
         "label", "policy", "write_policy", "call_timeout", "hold_timeout", "replay_limit",
         "object_cache_ttl", "direct_calls", "recovery", "health", "allow_users", "allow_groups",
-        "rv_class", "member"})
+        "rv_class", "member", "replicate_with"})
     label = top.get("label", str, "", required=True)
     if label and len(label.encode()) > 32:
         top.error("label", "a token label has at most 32 bytes")
@@ -299,10 +302,15 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
         members.append(MemberConfig(name, module, token, serial, dict(env),
                                     mr.integer("weight", 1, 1), selected.get("manufacturer"),
                                     selected.get("model"), int(slot) if slot else None))
+    write_policy = top.choice("write_policy", WRITE_POLICIES, "primary")
+    replicate_with = top.get("replicate_with", str)
+    if replicate_with is not None and write_policy != "all":
+        top.error("replicate_with", 'only with write_policy = "all"')
     return GroupConfig(
         label=label, file=path, members=tuple(members),
         policy=top.choice("policy", POLICIES, "failover"),
-        write_policy=top.choice("write_policy", WRITE_POLICIES, "primary"),
+        write_policy=write_policy,
+        replicate_with=replicate_with,
         call_timeout=top.number("call_timeout", 30.0, 0.01),
         hold_timeout=top.number("hold_timeout", 10.0, 0),
         replay_limit=top.integer("replay_limit", 1 << 20),

@@ -395,6 +395,9 @@ class Group:
         # object on this group's members: cached find results of an older generation
         # are not used (dispatch.py, find_init)
         self.objects_generation = 0
+        # write_policy = "all": token objects destroyed through p11p while a member was
+        # out of service, destroyed there too when it returns (sync.py)
+        self.destroyed_while_out: dict[Member, set[ObjectIdentity]] = {}
 
     def objects_changed(self) -> None:
         self.objects_generation += 1

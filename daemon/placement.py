@@ -139,8 +139,8 @@ class Placement:
 
     async def write_target(self, ctx: ApplicationContext, vs: VirtualSession,
                            shape: CallShape, vreq: list[Any]) -> str | None:
-        """None for an ordinary call; 'primary' or 'home' for a token object write in a
-        group of several members (write_policy); refused writes raise."""
+        """None for an ordinary call; 'primary', 'home' or 'all' for a token object write
+        in a group of several members (write_policy); refused writes raise."""
         group = vs.group
         if len(group.members) < 2:
             return None
@@ -158,6 +158,8 @@ class Placement:
             if vobj.is_token:
                 if not vs.flags & CKF_RW_SESSION:
                     raise CKError(SESSION_READ_ONLY)  # the token's answer, before any other
+                if group.config.write_policy == "all":
+                    return "all"  # every member that holds it (replicate.py)
                 if vobj.home is None and not await self.find_home(ctx, vs, vobj):
                     log.warning("token object write refused: %s function=%s: the object is on "
                                 "several members and p11p does not write partially",
@@ -166,6 +168,8 @@ class Placement:
                 write = "home"
         if write is not None and group.config.write_policy == "refuse":
             raise CKError(WRITE_PROTECTED)
+        if write is not None and group.config.write_policy == "all":
+            return "all"  # every member in service (replicate.py)
         return write
 
     async def find_home(self, ctx: ApplicationContext, vs: VirtualSession,

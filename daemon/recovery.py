@@ -63,6 +63,7 @@ class Recovery:
                     if group.config.health.interval > 0:  # the probe the member fails by
                         member.health.probe_latency = await health.probe(member, helper)
                         member.health.probe_at, member.health.probe_error = time.monotonic(), ""
+                    await self.daemon.sync.sync(member, helper)  # write_policy = "all"
                 except BaseException:
                     await helper.stop()
                     raise

@@ -30,6 +30,7 @@ from p11p.daemon.members import Group, Member
 from p11p.daemon.placement import Placement
 from p11p.daemon.policy import choose_member, classify
 from p11p.daemon.record import Recorder
+from p11p.daemon.replicate import Replicator
 from p11p.daemon.resolve import HandleResolver
 from p11p.daemon.shapes import (
     DEVICE_ERROR,
@@ -64,6 +65,7 @@ class Router:
         self.resolve = HandleResolver(self)
         self.record = Recorder(self)
         self.failures = Failures(self)
+        self.replicate = Replicator(self)
 
     async def call(self, ctx: ApplicationContext, vs: VirtualSession, vreq: list[Any]) -> Reply:
         shape = SHAPES[vreq[0]]
@@ -87,6 +89,8 @@ class Router:
         if carried is not None:  # the rest of a direct call whose member hung
             deadline.carried(carried, group)
         write = await self.place.write_target(ctx, vs, shape, vreq)
+        if write == "all":
+            return await self.replicate.call(ctx, vs, shape, vreq)
         tries = 0
         limit = 2 * len(group.members) + 2
         spared: set[Member] = set()  # answered CKR_GENERAL_ERROR, and still serve

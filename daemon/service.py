@@ -31,6 +31,7 @@ from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
+from p11p.daemon.sync import Sync
 
 log = logging.getLogger("p11p.daemon")
 
@@ -64,6 +65,7 @@ class Daemon:
         self.direct = Direct(self.router)
         self.recovery = Recovery(self)
         self.health = HealthMonitor(self)
+        self.sync = Sync(self)
         self.dispatcher = Dispatcher(self)
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
