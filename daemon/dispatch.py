@@ -274,6 +274,7 @@ class Dispatcher:
             # sessions on a token are (invariant 1): a session that stays on another
             # member (an operation running there) must not see itself logged out
             await self.router.bind.login_everywhere(ctx, vs.group)
+            self.daemon.sync.logged_in(vs.group)  # members back while nobody was logged in
         return reply
 
     async def logout(self, ctx: ApplicationContext, req: R.C_Logout) -> Reply:

@@ -8,18 +8,22 @@ service and unwrapping them here (their attributes read there), public keys, dat
 objects and certificates from their attributes; what was destroyed through p11p while
 it was out goes. Private objects are seen only logged in: with a PIN held in memory by
 an application logged in to the group, both members are logged in for the comparison
-(and out again); with none, only public objects are compared, and the log says so.
+(and out again); with none, only public objects are compared, the log says so, and
+the private ones are compared at the next login of an application to the group.
 What cannot be copied (a key that is not extractable) is logged; `p11p keys` shows it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import struct
 from typing import TYPE_CHECKING, Any
 
-from p11p.daemon.helperproc import HelperProcess
-from p11p.daemon.members import Member
+from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.helperproc import HelperLimit, HelperProcess
+from p11p.daemon.members import Group, Member
 from p11p.daemon.replicate import GENERATION_ONLY, PUBLIC_PARTS, WRAP_MECHANISM
 from p11p.daemon.virtual import IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKA, CKO, CKR, CKU, rv_name
@@ -99,6 +103,34 @@ class Side:
 class Sync:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        # members that returned while no application was logged in: their private
+        # objects are compared at the next login to the group
+        self.pending: set[Member] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def logged_in(self, group: Group) -> None:
+        """An application logged in to `group`: members waiting for a login are compared
+        again, in the background (they serve meanwhile, as they did)."""
+        for member in [m for m in self.pending if m.group is group and m.health.usable]:
+            self.pending.discard(member)
+            task = asyncio.get_running_loop().create_task(self._later(member),
+                                                          context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _later(self, member: Member) -> None:
+        try:
+            helper, epoch = await member.borrow_helper()
+        except (MemberUnavailable, HelperLimit):
+            self.pending.add(member)
+            return
+        try:
+            await self.sync(member, helper)
+        except MemberUnavailable as exc:
+            log.warning("key sets not compared: group=%s member=%s: %s", member.group.label,
+                        member.name, exc)
+        finally:
+            member.give_back(helper, epoch)
 
     def login(self, member: Member) -> tuple[int, bytes] | None:
         """A PIN an application logged in to the group holds in memory (never logged)."""
@@ -124,9 +156,10 @@ class Sync:
                             "on both members", group.label, member.name)
                 return
             if login is None:
+                self.pending.add(member)
                 log.warning("key sets compared without login: group=%s member=%s: private "
-                            "objects are compared when an application is logged in as it "
-                            "returns", group.label, member.name)
+                            "objects are compared at the next login of an application",
+                            group.label, member.name)
             await self.bring_up(group.label, a, b)
         finally:
             await a.close(login is not None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hakit import HERE, CKRError, HAGroup, PyApp
-from kit import SOFTHSM_SO, USER_PIN, SoftHSM
+from kit import SOFTHSM_SO, USER_PIN, SoftHSM, wait_for
 from p11p.protocol.constants import CKR
 
 APP = f"""
@@ -234,3 +234,33 @@ k = s.generateKey([(P.CKA_TOKEN, True), (P.CKA_LABEL, "only-on-a"), (P.CKA_VALUE
         direct.close()
     assert _keys(group, "--pin", "-", stdin=USER_PIN + "\n").returncode == 0
     assert USER_PIN not in group.daemon.log_text()
+
+
+def test_private_keys_follow_at_the_next_login(group: HAGroup, all_tokens: SoftHSM) -> None:
+    """hsmB returns while no application is logged in: only public objects can be
+    compared then. The next application that logs in brings the private key over."""
+    app = PyApp(group.daemon)
+    try:
+        group.set_rules("hsmB", "* error rv=CKR_DEVICE_ERROR\n")
+        group.wait_state("hsmB", "FAILED", timeout=15)
+        app.run(APP + "pair('late', True)")
+    finally:
+        app.close()
+    group.set_rules("hsmB", "")
+    group.wait_state("hsmB", "OK", timeout=15)
+    assert sorted(c for c, _ in on_token(all_tokens, "hsmB", "late")) == [2]  # public only
+    later = PyApp(group.daemon)
+    try:
+        later.run(APP)
+        assert wait_for(lambda: sorted(c for c, _ in on_token(all_tokens, "hsmB", "late"))
+                        == [2, 3], 10)
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert later.run("_ = signs('late')") == "True"
+        group.set_rules("hsmA", "")
+        group.wait_state("hsmA", "OK", timeout=15)
+        later.run("s.destroyObject(one('late', P.CKO_PRIVATE_KEY)); "
+                  "s.destroyObject(one('late', P.CKO_PUBLIC_KEY))")
+    finally:
+        for t in ("hsmA", "hsmB"):
+            group.set_rules(t, "")
+        later.close()
