@@ -121,6 +121,7 @@ class Replicator:
             for member, handles in made.items():
                 if member is not first:
                     ctx.register(vobj, member, handles[k], group)
+                    self.r.daemon.audit.replicated(ctx, group, vobj, member)
         return reply
 
     async def everywhere(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
