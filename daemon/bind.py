@@ -268,9 +268,13 @@ class SessionBuilder:
     def closed_on(ctx: ApplicationContext, member: Member) -> None:
         """A member session of `ctx` on `member` was closed: when it was the last one,
         the module has logged the application out there (PKCS#11 §5.6), and the next
-        member session there logs in again."""
+        member session there logs in again; and its object handles there may have
+        ended with it (SoftHSM2 drops every handle of the slot): token objects are
+        looked up again by identity, session objects went with their sessions."""
         if ctx.sessions_on(member) == 0:
             ctx.logged_in.discard(member)
+            for vobj in [v for (m, _), v in ctx.by_real.items() if m is member]:
+                ctx.unregister(vobj, member)
 
     async def open_session(self, ctx: ApplicationContext, group: Group, flags: int) -> VirtualSession:
         vs = ctx.add_session(group, flags)

@@ -64,6 +64,8 @@ class Placement:
                 if spared:
                     allowed = [m for m in (group.members if allowed is None else allowed)
                                if m not in spared]
+                    if not allowed:  # the others lack what it needs: its answer stands
+                        raise CKError(DEVICE_ERROR, "no other member can take the call")
                 member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
                                        vs.movable, allowed)
                 if member is None and allowed:

@@ -392,3 +392,12 @@ def test_general_error_beside_a_generated_key(model_env: Env) -> None:
     the member holding a generated key: the key cannot go elsewhere (README)."""
     name = "general_error_beside_a_generated_key.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_digest_key_of_a_token_object_on_one_member(model_env: Env) -> None:
+    """Found by make soak under balance (12 of 72 steps): C_DigestKey of a token object
+    another application wrote (on the primary only, write_policy primary), in a session
+    on another member: CKR_KEY_HANDLE_INVALID, SoftHSM2 CKR_OK."""
+    name = "digest_key_of_a_token_object_on_one_member.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
