@@ -178,12 +178,16 @@ class HealthMonitor:
 
 
 def hold_out(member: Member) -> None:
-    """A member failed: when it had returned within `max_interval`, it is held out twice
-    as long as last time; otherwise for `interval` (recovery's first attempt)."""
+    """A member failed: when it had returned within `max_interval` and another member
+    serves, it is held out twice as long as last time; otherwise for `interval`
+    (recovery's first attempt)."""
     h = member.health
     rec = member.group.config.recovery
     now = time.monotonic()
-    flapping = h.returned_at is not None and now - h.returned_at < rec.max_interval
+    # a group with no other member in service takes its member back as soon as it
+    # answers: holding it out would hold the whole token out
+    others = any(m is not member and m.health.usable for m in member.group.members)
+    flapping = others and h.returned_at is not None and now - h.returned_at < rec.max_interval
     h.holdout = min(max(2 * h.holdout, 2 * rec.interval), rec.max_interval) if flapping \
         else rec.interval
     h.held_until = now + h.holdout

@@ -45,6 +45,7 @@ hold_timeout = 2
 [recovery]
 interval = 0.2
 attempts = 0
+max_interval = 2
 {members}"""
         self.daemon = Daemon(root, {"ha": body}, daemon_extra)
 

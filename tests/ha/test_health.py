@@ -58,9 +58,9 @@ def group_of(tmp_path: Path, probe_tokens: SoftHSM) -> Iterator[Any]:
     def make(health: str, recovery: str = "") -> HAGroup:
         g = HAGroup(tmp_path / f"g{len(made)}", probe_tokens, "failover", ["hsmA", "hsmB"],
                     extra=f"[health]\n{health}\n")
-        if recovery:  # hakit's [recovery] table, with more keys
+        if recovery:  # hakit's [recovery] table, with another max_interval
             path = g.daemon.config.parent / "tokens.d" / "ha.toml"
-            path.write_text(path.read_text().replace("[recovery]\n", f"[recovery]\n{recovery}\n"))
+            path.write_text(path.read_text().replace("max_interval = 2\n", f"{recovery}\n"))
         made.append(g)
         g.daemon.start()
         return g
