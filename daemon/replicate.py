@@ -155,6 +155,8 @@ class Replicator:
             except KeyMissing:
                 raise Refused(CKR["CKR_OBJECT_HANDLE_INVALID"],
                               f"member {member.name} lacks an object the call names") from None
+            except CKError as exc:  # a session object it names cannot be made there
+                raise Refused(exc.rv, f"on member {member.name}: {exc}") from None
             reply = await self.r.link.checked(ctx, member, mreq)
             if reply[0] != OK:
                 raise Refused(reply[0], f"{shape.fn.name} on member {member.name} returned "
