@@ -248,20 +248,24 @@ class SessionBuilder:
         for vobj in vs.objects:  # its session objects end with the member session
             ctx.unregister(vobj, member)
         if ctx.has_helper(member):
-            try:
-                await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
-            except (MemberUnavailable, budget.CallExpired):
-                pass  # its member failed, or no time was left: the session goes with it
+            await self._close(ctx, member, real)
             self.closed_on(ctx, member)
+
+    async def _close(self, ctx: ApplicationContext, member: Member, real: int) -> None:
+        """C_CloseSession of a member session. A member-failed answer fails the member:
+        the session (and the login it holds) must not stay behind in its module."""
+        try:
+            await self.r.link.checked(ctx, member, [CODE["C_CloseSession"], real])
+        except MemberUnavailable as exc:
+            self.r.failures.member_failed(member, exc, "C_CloseSession")
+        except budget.CallExpired:
+            pass  # no time was left: the session goes with the context's helper
 
     async def close_utility(self, ctx: ApplicationContext, member: Member) -> None:
         """Closes p11p's own member session of this context on `member`, if any."""
         real = ctx.utility.pop(member, None)
         if real is not None and ctx.has_helper(member):
-            try:
-                await self.r.link.raw(ctx, member, [CODE["C_CloseSession"], real])
-            except (MemberUnavailable, budget.CallExpired):
-                pass  # its member failed, or no time was left: the session goes with it
+            await self._close(ctx, member, real)
             self.closed_on(ctx, member)
 
     @staticmethod

@@ -39,6 +39,8 @@ REPLY_TIMEOUT = 30.0
 # attributes whose value is key material: random for generated keys
 MATERIAL = {"CKA_VALUE", "CKA_EC_POINT", "CKA_MODULUS", "CKA_PUBLIC_EXPONENT", "CKA_CHECK_VALUE"}
 NONDET_MECHS = {"CKM_ECDSA"}
+MEMBER_FAILED_RVS = {"CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_DEVICE_MEMORY",
+                     "CKR_TOKEN_NOT_PRESENT"}
 
 
 class Discrepancy(AssertionError):
@@ -341,6 +343,16 @@ class Documented:
         return len(serving) < 2 or any(o.random and not o.token for o in held)
 
     @staticmethod
+    def a_hang_and_another_failure(runner: Runner, app: int, step: dict[str, Any],
+                                   p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: "A call that meets a hung member spends two thirds of
+        call_timeout there; when the member it then runs on fails too, it ends with
+        CKR_DEVICE_ERROR." Allowed while a member is hung and a member-failed code rule
+        was put on another (since the last settle)."""
+        return (p.get("rv") == CKR["CKR_DEVICE_ERROR"] and bool(runner.hung)
+                and runner.failing_errors)
+
+    @staticmethod
     def operation_kept_after_a_refused_end(runner: Runner, app: int, step: dict[str, Any],
                                            p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "a call that continues or ends an operation and fails ends it
@@ -426,6 +438,7 @@ class Runner:
         self.down: set[str] = set()       # members a persistent error holds out
         self.hung: set[str] = set()       # members hung (until a settle)
         self.general_errors = False       # a CKR_GENERAL_ERROR rule put (until a settle)
+        self.failing_errors = False       # a member-failed code rule put (until a settle)
         self.allowed = 0                  # steps a Documented difference let pass
         self.drained: set[str] = set()
         self.events = 0
@@ -573,6 +586,10 @@ class Runner:
                 if key == "rv" and Documented.general_error_with_no_other_member(
                         self, app, step, p, r):
                     self.allowed += 1
+                    return
+                if key in ("rv", "qrv") and Documented.a_hang_and_another_failure(
+                        self, app, step, p, r):
+                    self.diverge(app, step["s"])  # what the call did on the token is unknown
                     return
                 if key == "rv" and self.padding_by_chance(app, step, p, r):
                     self.allowed += 1
@@ -799,8 +816,11 @@ class Runner:
         elif kind == "settle":
             self.hung.clear()
             self.general_errors = False
+            self.failing_errors = False
         elif kind == "error" and ev.get("rv") == "CKR_GENERAL_ERROR":
             self.general_errors = True
+        elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS:
+            self.failing_errors = True
         if kind not in ("settle", "enable", "up"):
             self.events += 1
             # sessions holding used objects of random material may lose them (Documented)

@@ -401,3 +401,20 @@ def test_digest_key_of_a_token_object_on_one_member(model_env: Env) -> None:
     on another member: CKR_KEY_HANDLE_INVALID, SoftHSM2 CKR_OK."""
     name = "digest_key_of_a_token_object_on_one_member.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_login_after_device_removed(model_env: Env) -> None:
+    """Found by make soak under balance (6 of 29 steps): a member answered
+    CKR_DEVICE_REMOVED once; the application closed its session, opened another and
+    logged in: CKR_USER_ALREADY_LOGGED_IN, SoftHSM2 CKR_OK."""
+    name = "login_after_device_removed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_wrap_with_a_hung_standby(model_env: Env) -> None:
+    """Found by make soak under failover (6 of 37 steps): the standby hung, the primary
+    failing C_WrapKey twice: CKR_DEVICE_ERROR, SoftHSM2 CKR_OK."""
+    name = "wrap_with_a_hung_standby.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
