@@ -5,14 +5,18 @@
  * threads run concurrently on as many connections. The caller keeps the connection
  * until the reply is decoded (p11p_release). A connection that failed in any way (I/O,
  * time-out, a reply that breaks the protocol) is closed; the next call makes a new one
- * (that is how the client reconnects to a restarted daemon). */
+ * (that is how the client reconnects to a restarted daemon). A connection that cannot
+ * be made at all is told once per process (notice.c). */
+#include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "debug.h"
 #include "gen/codes.h"
 #include "link.h"
+#include "notice.h"
 #include "state.h"
 
 static void list_push(struct p11p_conn **head, struct p11p_conn *c)
@@ -105,6 +109,8 @@ static int give_back(struct p11p_state *s, struct p11p_conn *conn, int healthy)
 static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 {
 	struct p11p_conn *conn;
+	char why_text[128];
+	const char *why;
 	int64_t deadline;
 	CK_RV rv;
 
@@ -139,8 +145,12 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 
 	deadline = p11p_deadline(s->hello_timeout_ms);
 	rv = p11p_socket_connect(conn->fd, s->socket_path, deadline);
-	if (rv == CKR_OK)
+	if (rv != CKR_OK) {
+		why = strerror_r(errno, why_text, sizeof why_text);
+	} else {
 		rv = p11p_hello(conn->fd, s->ctx, deadline);
+		why = "it accepted the connection, but the hello failed";
+	}
 	if (rv == CKR_OK) {
 		/* C_Finalize may have come while we connected: shutdown() does nothing to a
 		 * socket that was not connected yet, so look again. */
@@ -151,7 +161,10 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 	}
 	if (rv != CKR_OK) {
 		if (give_back(s, conn, 0))
-			rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+			return CKR_CRYPTOKI_NOT_INITIALIZED;
+		if (rv != CKR_HOST_MEMORY)
+			p11p_notice_unreachable(s->socket_path[0] ? s->socket_path
+						: "$P11P_SOCKET", why);
 		return rv;
 	}
 	p11p_debug("new connection");

@@ -1,6 +1,6 @@
 /* p11p client — the transport: connect, hello, frames, deadlines. Every failure is
  * CKR_DEVICE_ERROR (CKR_HOST_MEMORY when memory runs out; P11P_RV_NO_DAEMON when
- * connect finds nobody at the socket); the caller drops the
+ * connect finds nobody at the socket, with errno saying why); the caller drops the
  * connection. Sockets are non-blocking and every wait is a poll() bounded by the
  * deadline, so a daemon that accepts and never answers cannot hang a call that has a
  * time-out. Sends use MSG_NOSIGNAL: a closed daemon never raises SIGPIPE in the
@@ -118,15 +118,21 @@ static int nobody_there(int err)
 	return err == ENOENT || err == ECONNREFUSED || err == EACCES || err == ENOTDIR;
 }
 
+/* A failed connect: its code, with errno set to err for the caller's message. */
+static CK_RV connect_failed(const char *path, int err)
+{
+	p11p_debug("connect %s: %s", path, strerror(err));
+	errno = err;
+	return nobody_there(err) ? P11P_RV_NO_DAEMON : CKR_DEVICE_ERROR;
+}
+
 CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	size_t n = strlen(path);
 
-	if (n == 0 || n >= sizeof sa.sun_path) {
-		p11p_debug("socket path too long or empty");
-		return CKR_DEVICE_ERROR;
-	}
+	if (n == 0 || n >= sizeof sa.sun_path)
+		return connect_failed("(empty or too long)", ENAMETOOLONG);
 	memcpy(sa.sun_path, path, n);
 	for (;;) {
 		int err = 0;
@@ -143,20 +149,17 @@ CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 			nanosleep(&pause, NULL);
 			continue;
 		}
-		if (errno != EINPROGRESS && errno != EINTR) {
-			p11p_debug("connect %s: %s", path, strerror(errno));
-			return nobody_there(errno) ? P11P_RV_NO_DAEMON : CKR_DEVICE_ERROR;
-		}
+		if (errno != EINPROGRESS && errno != EINTR)
+			return connect_failed(path, errno);
 		if (wait_fd(fd, POLLOUT, deadline) != 0)
 			break;
-		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
-			p11p_debug("connect %s: %s", path, strerror(err));
-			return nobody_there(err) ? P11P_RV_NO_DAEMON : CKR_DEVICE_ERROR;
-		}
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+			return connect_failed(path, errno);
+		if (err != 0)
+			return connect_failed(path, err);
 		return CKR_OK;
 	}
-	p11p_debug("connect %s: time-out", path);
-	return CKR_DEVICE_ERROR;
+	return connect_failed(path, ETIMEDOUT);
 }
 
 CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)

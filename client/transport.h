@@ -18,6 +18,8 @@ int64_t p11p_deadline(int timeout_ms);
 
 /* A new non-blocking, close-on-exec AF_UNIX stream socket, or -1. */
 int p11p_socket_new(void);
+/* CKR_OK, or on failure (errno says why) P11P_RV_NO_DAEMON when nobody serves the path,
+ * else CKR_DEVICE_ERROR. */
 CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline);
 CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadline);
 /* Sends a frame whose first 4 bytes are left for the header (filled here). */

@@ -1,4 +1,4 @@
-"""The `p11p` command: daemon, check-config, status, member drain/enable."""
+"""The `p11p` command: daemon, check-config, status, member drain/enable, reload, doctor."""
 
 from __future__ import annotations
 
@@ -133,6 +133,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from p11p.daemon.keys import format_keys
+    request: dict[str, Any] = {"cmd": "keys", "group": args.group}
+    if args.pin is not None:  # to C_Login only: never shown or logged
+        request["pin"] = sys.stdin.readline().rstrip("\n") if args.pin == "-" else args.pin
+    reply = admin_request(_admin_path(args), request, timeout=120)
+    if "error" in reply:
+        print(f"p11p: {reply['error']}", file=sys.stderr)
+        return 2
+    text, differ = format_keys(reply)
+    print(text)
+    return 1 if differ else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from p11p.daemon import doctor
+    pin = args.pin
+    if pin == "-":
+        pin = sys.stdin.readline().rstrip("\n")
+    return doctor.run(args.config, pin, args.module, args.admin_socket)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="p11p", description="PKCS#11 proxy with HA across HSMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_init_default)
     for name, func, text in (("status", cmd_status, "groups, members, sessions, load"),
                              ("member", cmd_member, "drain or enable a member"),
+                             ("keys", cmd_keys, "a group's token objects and the members "
+                              "holding each; exit 1 when members differ"),
                              ("reload", cmd_reload, "re-read tokens.d (as SIGHUP does)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -161,7 +185,20 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("action", choices=["drain", "enable"])
             p.add_argument("group")
             p.add_argument("member")
+        elif name == "keys":
+            p.add_argument("group")
+            p.add_argument("--pin", help="log in to see private objects too ('-': read it "
+                           "from stdin)")
         p.set_defaults(func=func)
+    p = sub.add_parser("doctor", help="check what applications need, in order: "
+                       "configuration, socket, daemon, groups, a test operation")
+    p.add_argument("--config", help=f"default: {DEFAULT_CONFIG} when present")
+    p.add_argument("--admin-socket", help="the daemon's admin socket (else from --config)")
+    p.add_argument("--module", help="the client library to test with (default: the build "
+                   "or installed p11p-client.so)")
+    p.add_argument("--pin", help="also log in with this user PIN ('-': read it from stdin); "
+                   "used for C_Login only, never shown")
+    p.set_defaults(func=cmd_doctor)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
