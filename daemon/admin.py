@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import os
+import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.keys import list_keys
@@ -122,3 +124,22 @@ def format_status(status: dict[str, Any]) -> str:
                 lines.append(f"  {'':<16} last probe: {seen}{held}")
     lines.append(f"applications: {len(status['contexts'])}")
     return "\n".join(lines)
+
+
+def exchange(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request on the admin socket, from a command (`p11p status`, `p11p doctor`);
+    OSError or ValueError when it does not work."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ValueError("not a JSON object")
+    return reply

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,21 +85,14 @@ def _admin_path(args: argparse.Namespace) -> Path:
 
 
 def admin_request(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            raise SystemExit(f"p11p: cannot reach the daemon at {path}: {exc.strerror}") from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+    from p11p.daemon.admin import exchange
+    try:
+        return exchange(path, request, timeout)
+    except OSError as exc:
+        raise SystemExit(f"p11p: cannot reach the daemon at {path}: "
+                         f"{exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"p11p: the daemon at {path} answered badly: {exc}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

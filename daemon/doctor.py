@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
-import json
 import os
 import pwd
 import socket
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from p11p.daemon.admin import exchange
 from p11p.daemon.config import DEFAULT_CONFIG, DEFAULT_SOCKET, ConfigError, DaemonConfig, load
 from p11p.protocol.constants import CKR, rv_name
 
@@ -197,20 +197,7 @@ def admin_socket(path: str, config: DaemonConfig | None, given: str | None) -> P
 
 def ask_admin(path: Path, request: dict[str, Any]) -> dict[str, Any]:
     """One request on the admin socket; OSError or ValueError when it does not work."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(ADMIN_TIMEOUT)
-        sock.connect(str(path))
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply = json.loads(data)
-    if not isinstance(reply, dict):
-        raise ValueError("not a JSON object")
-    return reply
+    return exchange(path, request, ADMIN_TIMEOUT)
 
 
 def check_daemon(r: Report, admin: Path, config: DaemonConfig | None) -> dict[str, Any] | None:

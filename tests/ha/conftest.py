@@ -3,16 +3,13 @@ p11p-faultsim.so, grouped by a p11p daemon (hakit.py has the classes)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hakit import HERE, HAGroup, make_keys
-from kit import SOFTHSM_SO, USER_PIN, SoftHSM
+from hakit import HAGroup, ha_softhsm, make_keys
+from kit import SoftHSM
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +19,7 @@ def ha_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ha_tokens(tmp_path_factory: pytest.TempPathFactory, ha_keys: Path) -> SoftHSM:
-    hsm = SoftHSM(tmp_path_factory.mktemp("ha-softhsm"))
-    for label in ("hsmA", "hsmB", "hsmC"):
-        hsm.init_token(label)
-        subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
-                        USER_PIN, str(ha_keys)], env={**os.environ, **hsm.env}, check=True)
-    return hsm
+    return ha_softhsm(tmp_path_factory.mktemp("ha-softhsm"), ha_keys, ("hsmA", "hsmB", "hsmC"))
 
 
 @pytest.fixture

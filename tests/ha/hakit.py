@@ -121,6 +121,16 @@ class WorkloadApp:
 
 
 
+def ha_softhsm(root: Path, keys: Path, labels: tuple[str, ...]) -> SoftHSM:
+    """SoftHSM2 tokens with these labels, each holding the keys of `keys` (keys.json)."""
+    hsm = SoftHSM(root)
+    for label in labels:
+        hsm.init_token(label)
+        subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
+                        USER_PIN, str(keys)], env={**os.environ, **hsm.env}, check=True)
+    return hsm
+
+
 def make_keys(path: Path) -> Path:
     """keys.json as tests/ha/import_keys.py reads it: fresh EC, RSA and AES keys and
     values, the same for every token they are imported into."""

@@ -5,7 +5,6 @@ back and fails again; `p11p status` shows the last probe and the hold-out."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hakit import HERE, HAGroup, PyApp
+from hakit import HAGroup, PyApp, ha_softhsm
 from kit import SOFTHSM_SO, USER_PIN, SoftHSM, wait_for
 from test_direct_path import _run
 
@@ -38,11 +37,8 @@ _ = 1
 def probe_tokens(tmp_path_factory: pytest.TempPathFactory, ha_keys: Path) -> SoftHSM:
     """Tokens of their own (the probe key is one more token object), with the usual keys
     and a secret key usable without login, labelled ha-probe."""
-    hsm = SoftHSM(tmp_path_factory.mktemp("health-softhsm"))
+    hsm = ha_softhsm(tmp_path_factory.mktemp("health-softhsm"), ha_keys, ("hsmA", "hsmB"))
     for label in ("hsmA", "hsmB"):
-        hsm.init_token(label)
-        subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
-                        USER_PIN, str(ha_keys)], env={**os.environ, **hsm.env}, check=True)
         app = PyApp(None, SOFTHSM_SO, env=hsm.env)
         try:
             app.run(f"LABEL = {label!r}\n" + PROBE_KEY)

@@ -6,7 +6,6 @@ member's code and left nowhere. Each token is checked directly (SoftHSM2, no p11
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hakit import HERE, CKRError, HAGroup, PyApp
+from hakit import CKRError, HAGroup, PyApp, ha_softhsm
 from kit import SOFTHSM_SO, USER_PIN, SoftHSM, wait_for
 from p11p.protocol.constants import CKR
 
@@ -63,12 +62,7 @@ s.logout()
 
 @pytest.fixture(scope="module")
 def all_tokens(tmp_path_factory: pytest.TempPathFactory, ha_keys: Path) -> SoftHSM:
-    hsm = SoftHSM(tmp_path_factory.mktemp("write-all-softhsm"))
-    for label in ("hsmA", "hsmB"):
-        hsm.init_token(label)
-        subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
-                        USER_PIN, str(ha_keys)], env={**os.environ, **hsm.env}, check=True)
-    return hsm
+    return ha_softhsm(tmp_path_factory.mktemp("write-all-softhsm"), ha_keys, ("hsmA", "hsmB"))
 
 
 @pytest.fixture
