@@ -54,6 +54,12 @@ class Placement:
             member: Member | None
             if write == "primary":
                 member = group.primary()
+                allowed = self.allowed(ctx, shape, vreq, vs)
+                if allowed is not None and member not in allowed:
+                    # what it copies (a key made at random) is on another member only:
+                    # the token object is written there, which becomes its home
+                    member = next((m for m in allowed if m.placeable), None) or next(
+                        (m for m in allowed if m.health.usable), None)
             elif write is not None:
                 home = ctx.objects.get(vreq[shape.objects[0]]).home
                 member = home if home is not None and home.health.usable else None

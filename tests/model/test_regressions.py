@@ -418,3 +418,13 @@ def test_wrap_with_a_hung_standby(model_env: Env) -> None:
     failing C_WrapKey twice: CKR_DEVICE_ERROR, SoftHSM2 CKR_OK."""
     name = "wrap_with_a_hung_standby.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_token_copy_of_a_key_on_the_standby(model_env: Env) -> None:
+    """Found by make soak under failover (7 of 56 steps): a session key pair generated on
+    hsmB while hsmA was drained; hsmA back, a token copy of the private key in a new
+    session: CKR_OBJECT_HANDLE_INVALID (the write went to the primary, which cannot
+    have the key), SoftHSM2 CKR_OK."""
+    name = "token_copy_of_a_key_on_the_standby.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
