@@ -416,6 +416,8 @@ class Dispatcher:
             vs.group.objects_changed()
         if reply[0] == OK:
             self.daemon.audit.destroyed(ctx, vs.group, vobj, vs.member)  # before its handles go
+            if vobj.is_token and vobj.identity is not None:
+                vs.group.homes.pop(vobj.identity, None)
             ctx.forget_object(vobj)
             if copies:
                 await self.router.resolve.drop_copies(ctx, vs, copies, vs.member)

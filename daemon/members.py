@@ -398,6 +398,9 @@ class Group:
         # write_policy = "all": token objects destroyed through p11p while a member was
         # out of service, destroyed there too when it returns (sync.py)
         self.destroyed_while_out: dict[Member, set[ObjectIdentity]] = {}
+        # token objects written through p11p to one member (write_policy "primary"), by
+        # identity: every application's handle of them writes there (placement.py)
+        self.homes: dict[ObjectIdentity, Member] = {}
 
     def objects_changed(self) -> None:
         self.objects_generation += 1

@@ -187,6 +187,10 @@ class Placement:
         p11p's back): a write there is no partial write."""
         if vobj.identity is None:
             return False
+        known = vs.group.homes.get(vobj.identity)
+        if known is not None and known.health.usable:
+            vobj.home = known  # written through p11p there, by another application
+            return True
         holders = []
         for member in vs.group.members:
             if not member.health.usable:

@@ -54,6 +54,8 @@ class Recorder:
                 if new.is_token:
                     if len(vs.group.members) > 1:
                         new.home = member
+                        if new.identity is not None:
+                            vs.group.homes[new.identity] = member
                 else:
                     new.recipe, new.owner = recipe, vs
                     vs.objects.add(new)

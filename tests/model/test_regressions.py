@@ -428,3 +428,13 @@ def test_token_copy_of_a_key_on_the_standby(model_env: Env) -> None:
     have the key), SoftHSM2 CKR_OK."""
     name = "token_copy_of_a_key_on_the_standby.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_set_attribute_of_a_key_another_application_wrote(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 69 steps): a token key pair one application
+    generated (on the primary: write_policy primary), changed by another while a member
+    was out: CKR_TOKEN_WRITE_PROTECTED (p11p could not tell where the key is), SoftHSM2
+    CKR_ATTRIBUTE_TYPE_INVALID. The group knows where it wrote the key."""
+    name = "set_attribute_of_a_key_another_application_wrote.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
