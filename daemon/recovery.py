@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from p11p.daemon import health
 from p11p.daemon.errors import MemberUnavailable
-from p11p.daemon.helperproc import HelperLimit
+from p11p.daemon.helperproc import HelperLimit, HelperProcess
 from p11p.daemon.members import Member, MemberState
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Recovery:
                     if group.config.health.interval > 0:  # the probe the member fails by
                         member.health.probe_latency = await health.probe(member, helper)
                         member.health.probe_at, member.health.probe_error = time.monotonic(), ""
-                    await self.daemon.sync.sync(member, helper)  # write_policy = "all"
+                    complete = await self.daemon.sync.sync(member, helper)  # write_policy all
                 except BaseException:
                     await helper.stop()
                     raise
@@ -79,23 +79,36 @@ class Recovery:
             if member.health.state is not MemberState.RECOVERING:  # disabled meanwhile
                 await helper.stop()
                 return
-            was_out = not group.present
-            member.add_warm(helper)
-            member.mechanism_answers.clear()
-            member.mark(MemberState.OK)
-            member.health.attempt = 0
-            member.health.returned_at = time.monotonic()
-            group.metrics.recoveries += 1
-            log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
-                        group.label, member.name, member.slot_id, attempt)
-            group.compare_keysets()
-            self.daemon.direct.member_back(member)
-            if was_out:
-                log.warning("group restored: group=%s", group.label)
-                self.daemon.slot_event(group)
-            group.notify()
+            if not complete:
+                # its private objects are compared at the next login (sync.py): it takes
+                # no call before
+                await helper.stop()
+                member.health.last_error = ("waiting for an application to log in: private "
+                                            "objects to compare (write_policy all)")
+                return
+            self.put_back(member, helper, attempt)
             return
         member.mark(MemberState.DISABLED)
         log.error("member recovery gave up: group=%s member=%s after %d attempts; "
                   "'p11p member enable' puts it back",
                   group.label, member.name, attempt)
+
+    def put_back(self, member: Member, helper: HelperProcess, attempt: int) -> None:
+        """The member returns to service, `helper` (its new module instance) as its warm
+        pool."""
+        group = member.group
+        was_out = not group.present
+        member.add_warm(helper)
+        member.mechanism_answers.clear()
+        member.mark(MemberState.OK)
+        member.health.attempt = 0
+        member.health.returned_at = time.monotonic()
+        group.metrics.recoveries += 1
+        log.warning("member recovered: group=%s member=%s slot=%s after %d attempt(s)",
+                    group.label, member.name, member.slot_id, attempt)
+        group.compare_keysets()
+        self.daemon.direct.member_back(member)
+        if was_out:
+            log.warning("group restored: group=%s", group.label)
+            self.daemon.slot_event(group)
+        group.notify()

@@ -9,7 +9,8 @@ objects and certificates from their attributes; what was destroyed through p11p 
 it was out goes. Private objects are seen only logged in: with a PIN held in memory by
 an application logged in to the group, both members are logged in for the comparison
 (and out again); with none, only public objects are compared, the log says so, and
-the private ones are compared at the next login of an application to the group.
+the member stays out of service until an application logs in to the group: then the
+private ones are compared and it returns.
 What cannot be copied (a key that is not extractable) is logged; `p11p keys` shows it.
 """
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.helperproc import HelperLimit, HelperProcess
-from p11p.daemon.members import Group, Member
+from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.replicate import GENERATION_ONLY, PUBLIC_PARTS, WRAP_MECHANISM
 from p11p.daemon.virtual import IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
 from p11p.protocol.constants import CKA, CKO, CKR, CKU, rv_name
@@ -109,9 +110,10 @@ class Sync:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def logged_in(self, group: Group) -> None:
-        """An application logged in to `group`: members waiting for a login are compared
-        again, in the background (they serve meanwhile, as they did)."""
-        for member in [m for m in self.pending if m.group is group and m.health.usable]:
+        """An application logged in to `group`: members waiting for a login (out of
+        service) are compared again, in the background, and return."""
+        for member in [m for m in self.pending if m.group is group
+                       and m.health.state is MemberState.RECOVERING]:
             self.pending.discard(member)
             task = asyncio.get_running_loop().create_task(self._later(member),
                                                           context=contextvars.Context())
@@ -120,17 +122,24 @@ class Sync:
 
     async def _later(self, member: Member) -> None:
         try:
-            helper, epoch = await member.borrow_helper()
-        except (MemberUnavailable, HelperLimit):
-            self.pending.add(member)
+            helper = await member.new_helper()
+        except (MemberUnavailable, HelperLimit) as exc:
+            log.warning("key sets not compared: group=%s member=%s: %s", member.group.label,
+                        member.name, exc)
+            self.daemon.recovery.start(member)  # it tries again, and waits again
             return
         try:
-            await self.sync(member, helper)
+            complete = await self.sync(member, helper)
         except MemberUnavailable as exc:
             log.warning("key sets not compared: group=%s member=%s: %s", member.group.label,
                         member.name, exc)
-        finally:
-            member.give_back(helper, epoch)
+            complete = False
+        if complete and member.health.state is MemberState.RECOVERING:
+            self.daemon.recovery.put_back(member, helper, member.health.attempt)
+            return
+        await helper.stop()
+        if member.health.state is MemberState.RECOVERING:
+            self.daemon.recovery.start(member)
 
     def login(self, member: Member) -> tuple[int, bytes] | None:
         """A PIN an application logged in to the group holds in memory (never logged)."""
@@ -140,13 +149,15 @@ class Sync:
                 return login
         return None
 
-    async def sync(self, member: Member, helper: HelperProcess) -> None:
+    async def sync(self, member: Member, helper: HelperProcess) -> bool:
+        """Brings `member` up to date; False when its private objects could not be
+        compared (no login held): it then waits out of service for the next login."""
         group = member.group
         if group.config.write_policy != "all":
-            return
+            return True
         ref = next((m for m in group.members if m is not member and m.health.usable), None)
         if ref is None:
-            return
+            return True  # nothing to compare with: it is the token now
         login = self.login(member)
         ref_helper, epoch = await ref.borrow_helper()
         a, b = Side(ref, ref_helper), Side(member, helper)
@@ -154,13 +165,15 @@ class Sync:
             if not (await a.open(login) and await b.open(login)):
                 log.warning("key sets not compared: group=%s member=%s: no session (or login) "
                             "on both members", group.label, member.name)
-                return
+                return False
+            await self.bring_up(group.label, a, b)
             if login is None:
                 self.pending.add(member)
-                log.warning("key sets compared without login: group=%s member=%s: private "
-                            "objects are compared at the next login of an application",
-                            group.label, member.name)
-            await self.bring_up(group.label, a, b)
+                log.warning("member waits for a login: group=%s member=%s: public objects "
+                            "compared; private ones are compared, and it returns, when an "
+                            "application logs in", group.label, member.name)
+                return False
+            return True
         finally:
             await a.close(login is not None)
             await b.close(login is not None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,9 @@ k = s.generateKey([(P.CKA_TOKEN, True), (P.CKA_LABEL, "only-on-a"), (P.CKA_VALUE
 
 
 def test_private_keys_follow_at_the_next_login(group: HAGroup, all_tokens: SoftHSM) -> None:
-    """hsmB returns while no application is logged in: only public objects can be
-    compared then. The next application that logs in brings the private key over."""
+    """hsmB answers again while no application is logged in: only public objects can be
+    compared then, and it stays out of service. The next application that logs in
+    brings the private key over, and hsmB returns."""
     app = PyApp(group.daemon)
     try:
         group.set_rules("hsmB", "* error rv=CKR_DEVICE_ERROR\n")
@@ -241,13 +243,16 @@ def test_private_keys_follow_at_the_next_login(group: HAGroup, all_tokens: SoftH
     finally:
         app.close()
     group.set_rules("hsmB", "")
-    group.wait_state("hsmB", "OK", timeout=15)
+    assert wait_for(lambda: "member waits for a login: group=ha member=hsmB"
+                    in group.daemon.log_text(), 15)
     assert sorted(c for c, _ in on_token(all_tokens, "hsmB", "late")) == [2]  # public only
+    time.sleep(1)  # recovery does not put it back meanwhile
+    assert group.member("hsmB")["state"] == "RECOVERING", group.member("hsmB")
     later = PyApp(group.daemon)
     try:
         later.run(APP)
-        assert wait_for(lambda: sorted(c for c, _ in on_token(all_tokens, "hsmB", "late"))
-                        == [2, 3], 10)
+        group.wait_state("hsmB", "OK", timeout=15)
+        assert sorted(c for c, _ in on_token(all_tokens, "hsmB", "late")) == [2, 3]
         group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
         assert later.run("_ = signs('late')") == "True"
         group.set_rules("hsmA", "")
