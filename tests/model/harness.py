@@ -376,6 +376,14 @@ class Documented:
                 and sess is not None and sess.finding)
 
     @staticmethod
+    def lost_session_objects(runner: Runner, app: int) -> set[str]:
+        """README, Limits: a session object that cannot be remade on the new member
+        "answers CKR_DEVICE_ERROR whenever it is named [...]; searches no longer find
+        it". The session objects of sessions that may have lost state (as
+        unreplayable_session_state): a search may miss them."""
+        return {n for n, o in runner.objs[app].items() if o.owner in runner.tainted[app]}
+
+    @staticmethod
     def token_object_on_one_member(runner: Runner, p11p: list[str],
                                    direct: list[str]) -> list[str]:
         """README, Configuration: write_policy = "primary" writes a token object in a
@@ -633,7 +641,9 @@ class Runner:
                     self.fail(app, step, p, r, f"{a} differs")
         if op == "find":
             pf, rf = p.get("found", []), r.get("found", [])
-            if len(pf) != len(rf) and not self.homes:
+            lost = Documented.lost_session_objects(self, app)
+            if len([n for n in rf if n not in lost]) != len([n for n in pf if n not in lost]) \
+                    and not self.homes:
                 self.fail(app, step, p, r, "find: numbers of objects differ")
             acc = self.finds.setdefault((app, step["s"]), ([], []))
             acc[0].extend(pf)
@@ -648,6 +658,8 @@ class Runner:
     def compare_found(self, app: int, step: dict[str, Any], p: dict[str, Any],
                       r: dict[str, Any], acc: tuple[list[str], list[str]]) -> None:
         direct = Documented.token_object_on_one_member(self, acc[0], acc[1])
+        lost = Documented.lost_session_objects(self, app)
+        direct = [n for n in direct if n not in lost or n in acc[0]]
         if sorted(acc[0]) != sorted(direct):
             self.fail(app, step, p, r, f"find: results differ: p11p {sorted(acc[0])} "
                       f"direct {sorted(acc[1])}")
