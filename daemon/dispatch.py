@@ -24,7 +24,7 @@ from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
 from p11p.daemon.virtual import FindState, VirtualSession
 from p11p.protocol import spec
-from p11p.protocol.constants import CKF, CKR
+from p11p.protocol.constants import CKF, CKR, CKU
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -59,6 +59,7 @@ FIND_BATCH = 256  # handles asked of the member per C_FindObjects when filling t
 # p11p's own code (protocol/README.md): C_FindObjectsInit with the whole result in the
 # reply, [FIND_ALL, session, template] -> [rv, handles or nil]
 FIND_ALL = spec.own_codes()["FIND_ALL"].code
+CKU_CONTEXT_SPECIFIC = CKU["CKU_CONTEXT_SPECIFIC"]
 FIND_ALL_MAX = 65536  # results sent at once at most; past it the daemon keeps the search
 FIND_CACHE_ENTRIES = 256  # per application context; past it the cache starts afresh
 
@@ -264,6 +265,14 @@ class Dispatcher:
 
     async def login(self, ctx: ApplicationContext, req: R.C_Login) -> Reply:
         vs = ctx.sessions.get(req.session)
+        login = ctx.logins.get(vs.group)
+        if login is not None and req.user_type != CKU_CONTEXT_SPECIFIC:
+            # the application is logged in to the token (the virtual token's state: a
+            # member session may be fresh and not yet logged in)
+            reply = [CKR["CKR_USER_ALREADY_LOGGED_IN"] if login[0] == req.user_type
+                     else CKR["CKR_USER_ANOTHER_ALREADY_LOGGED_IN"]]
+            self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])
+            return reply
         reply = await self.router.call(ctx, vs, req.frame)
         self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])  # never the PIN
         if reply[0] == OK and isinstance(req.pin, bytes):

@@ -438,3 +438,13 @@ def test_set_attribute_of_a_key_another_application_wrote(model_env: Env) -> Non
     CKR_ATTRIBUTE_TYPE_INVALID. The group knows where it wrote the key."""
     name = "set_attribute_of_a_key_another_application_wrote.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_second_login_after_a_general_error(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 46 steps): a login that hsmB refused once
+    (CKR_GENERAL_ERROR), hsmA draining: the application gets the code (documented); the
+    harness let it pass but left the reference application logged in, and the next
+    login differed. The reference is logged out now, as the application is."""
+    name = "second_login_after_a_general_error.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
