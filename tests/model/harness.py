@@ -384,6 +384,16 @@ class Documented:
         return {n for n, o in runner.objs[app].items() if o.owner in runner.tainted[app]}
 
     @staticmethod
+    def token_objects_of_the_other_application(runner: Runner, app: int) -> set[str]:
+        """Not p11p's difference but the reference's: SoftHSM2 used directly by two
+        processes shows one process a token object the other just made only once its
+        object store is read again (seen for private keys). Through p11p the object is
+        found (PKCS#11: token objects are every application's). A search through p11p
+        may find such objects where the reference does not."""
+        other = 1 - app
+        return {n for n, o in runner.objs[other].items() if o.token and o.app == other}
+
+    @staticmethod
     def token_object_on_one_member(runner: Runner, p11p: list[str],
                                    direct: list[str]) -> list[str]:
         """README, Configuration: write_policy = "primary" writes a token object in a
@@ -645,6 +655,7 @@ class Runner:
         if op == "find":
             pf, rf = p.get("found", []), r.get("found", [])
             lost = Documented.lost_session_objects(self, app)
+            lost |= Documented.token_objects_of_the_other_application(self, app)
             if len([n for n in rf if n not in lost]) != len([n for n in pf if n not in lost]) \
                     and not self.homes:
                 self.fail(app, step, p, r, "find: numbers of objects differ")
@@ -663,7 +674,9 @@ class Runner:
         direct = Documented.token_object_on_one_member(self, acc[0], acc[1])
         lost = Documented.lost_session_objects(self, app)
         direct = [n for n in direct if n not in lost or n in acc[0]]
-        if sorted(acc[0]) != sorted(direct):
+        other = Documented.token_objects_of_the_other_application(self, app)
+        found = [n for n in acc[0] if n not in other or n in direct]
+        if sorted(found) != sorted(direct):
             self.fail(app, step, p, r, f"find: results differ: p11p {sorted(acc[0])} "
                       f"direct {sorted(acc[1])}")
 
