@@ -327,7 +327,8 @@ class Dispatcher:
         if vs.find is not None and vs.find.cached:
             return [CKR["CKR_OPERATION_ACTIVE"]]
         if vs.find is not None or (vs.group.config.object_cache_ttl <= 0 and (
-                len(vs.group.members) < 2 or not self.router.resolve.scattered(ctx, vs, None))):
+                len(vs.group.members) < 2 or not (self.router.resolve.scattered(ctx, vs, None)
+                                                  or self.router.resolve.orphans(ctx, vs)))):
             return await self.router.call(ctx, vs, req.frame)  # off; or the member's find runs
         found = await self._found(ctx, vs, req.template)
         if isinstance(found, int):

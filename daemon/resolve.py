@@ -265,6 +265,13 @@ class HandleResolver:
                 out.setdefault(holder, {})[vobj.real[holder]] = vobj
         return out
 
+    def orphans(self, ctx: ApplicationContext, vs: VirtualSession) -> dict[int, VirtualObject]:
+        """The application's session objects on vs's token that no member in service
+        holds (theirs failed) and that can be made again."""
+        return {vobj.handle: vobj for vobj in ctx.objects.values()
+                if vobj.is_token is False and vobj.group is vs.group and not vobj.lost
+                and vobj.replayable and not any(m.health.usable for m in vobj.real)}
+
     async def found_elsewhere(self, ctx: ApplicationContext, vs: VirtualSession,
                               template: Any, searched: Member | None) -> list[int]:
         """The virtual handles of the application's session objects on members other
@@ -274,25 +281,56 @@ class HandleResolver:
         found: list[int] = []
         for member, held in self.scattered(ctx, vs, searched).items():
             try:
-                async with ctx.utility_lock(member):
-                    real = await self.r.bind.utility_session(ctx, member)
-                    reply = await self.r.link.checked(
-                        ctx, member, [CODE["C_FindObjectsInit"], real, template])
-                    if reply[0] != OK:
-                        continue
-                    try:
-                        reply = await self.r.link.checked(
-                            ctx, member, [CODE["C_FindObjects"], real, len(held) + 256])
-                    finally:
-                        await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
-            except SessionVanished:
-                continue  # the member lost this application's sessions, and their objects
-            except MemberUnavailable as exc:
-                self.r.failures.member_failed(member, exc, vs.describe())
+                handles = await self.search_on(ctx, member, template, len(held))
+            except (SessionVanished, MemberUnavailable) as exc:
+                if isinstance(exc, MemberUnavailable):
+                    self.r.failures.member_failed(member, exc, vs.describe())
+                # its objects are gone from there: those that can be made again are made
+                # on the searched member, and looked for there
+                found += await self.found_moved(ctx, vs, template, searched, held)
                 continue
-            if reply[0] == OK and isinstance(reply[1], list):
-                found += [held[h].handle for h in reply[1] if h in held]
+            found += [held[h].handle for h in handles if h in held]
+        orphans = self.orphans(ctx, vs)
+        if orphans:
+            found += await self.found_moved(ctx, vs, template, searched, orphans)
         return found
+
+    async def search_on(self, ctx: ApplicationContext, member: Member, template: Any,
+                        expected: int) -> list[int]:
+        """A search on the context's own member session on `member`."""
+        async with ctx.utility_lock(member):
+            real = await self.r.bind.utility_session(ctx, member)
+            reply = await self.r.link.checked(ctx, member,
+                                              [CODE["C_FindObjectsInit"], real, template])
+            if reply[0] != OK:
+                return []
+            try:
+                reply = await self.r.link.checked(
+                    ctx, member, [CODE["C_FindObjects"], real, expected + 256])
+            finally:
+                await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
+        return list(reply[1]) if reply[0] == OK and isinstance(reply[1], list) else []
+
+    async def found_moved(self, ctx: ApplicationContext, vs: VirtualSession, template: Any,
+                          searched: Member | None,
+                          held: dict[int, VirtualObject]) -> list[int]:
+        if searched is None:
+            return []
+        moved: dict[int, VirtualObject] = {}
+        for vobj in held.values():
+            if vobj.lost or not vobj.replayable:
+                continue
+            try:
+                moved[await self.ensure_object(ctx, vs, vobj, searched)] = vobj
+            except (CKError, KeyMissing, SessionVanished):
+                continue
+        if not moved:
+            return []
+        try:
+            handles = await self.search_on(ctx, searched, template, len(moved))
+        except (SessionVanished, MemberUnavailable):
+            return []
+        return [moved[h].handle for h in handles if h in moved]
 
     async def drop_copies(self, ctx: ApplicationContext, vs: VirtualSession,
                           copies: dict[Member, int], served: Member | None) -> None:

@@ -457,3 +457,12 @@ def test_search_finds_the_other_applications_new_key(model_env: Env) -> None:
     (the reference's view lags: Documented.token_objects_of_the_other_application)."""
     name = "search_finds_the_other_applications_new_key.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_while_the_objects_member_hangs(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 23 steps): a session object on hsmB, which
+    hangs; a search in another session, on another member, missed it (it can be made
+    again: now it is, on the searched member, and found)."""
+    name = "search_while_the_objects_member_hangs.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
