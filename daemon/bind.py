@@ -152,6 +152,8 @@ class SessionBuilder:
                 except (SessionVanished, budget.CallExpired):
                     raise  # not the object's fault: the call is placed again, or ends
                 except (CKError, KeyMissing) as exc:
+                    if isinstance(exc, KeyMissing) and vobj.random_held():
+                        continue  # made at random, it stays on its member: calls go there
                     vobj.lost = str(exc) or "its source is on no member"
                     lost.append(f"session object {vobj.handle}: {vobj.lost}")
         for kind, op in list(vs.ops.items()):

@@ -466,3 +466,13 @@ def test_search_while_the_objects_member_hangs(model_env: Env) -> None:
     again: now it is, on the searched member, and found)."""
     name = "search_while_the_objects_member_hangs.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_encrypt_init_after_a_refused_verify(model_env: Env) -> None:
+    """Found by make soak under failover (11 of 70 steps, no member event): a session
+    moved to the member of a token key lost its key generated at random on the other
+    member (marked lost: CKR_DEVICE_ERROR at its next use, SoftHSM2 CKR_OK). It stays
+    where it is, and calls naming it go there."""
+    name = "encrypt_init_after_a_refused_verify.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
