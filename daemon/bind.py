@@ -240,6 +240,14 @@ class SessionBuilder:
         if vs.member is member:
             vs.member = None
 
+    @staticmethod
+    def rebuildable(vs: VirtualSession) -> bool:
+        """Whether the session's member session can be closed at will: what it holds (its
+        session objects, operations, search) can all be made again elsewhere. A member
+        session that holds more is closed only when the member lost it anyway."""
+        return (vs.find is None and all(op.replayable for op in vs.ops.values())
+                and all(o.replayable or o.lost for o in vs.objects))
+
     async def close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
         """Closes the session's member session on `member`; the next use opens another."""
         if vs.direct is not None and vs.direct.member is member:

@@ -126,8 +126,8 @@ class Router:
                     # application gets the code.
                     spared.add(member)
                     answered = reply
-                    if write is None and tries < limit and self.place.others(ctx, vs, shape, vreq,
-                                                                             spared):
+                    if write is None and tries < limit and self.bind.rebuildable(vs) \
+                            and self.place.others(ctx, vs, shape, vreq, spared):
                         log.info("%s: %s returned %s on %s, which still serves: trying "
                                  "another member", vs.describe(), shape.fn.name,
                                  rv_name(reply[0]), member.name)
@@ -138,8 +138,7 @@ class Router:
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
                 if (reply[0] == OPERATION_ACTIVE and shape.fn.op_role == "init" and not vs.ops
-                        and vs.find is None and vs.direct is None and tries < limit
-                        and all(o.replayable or o.lost for o in vs.objects)):
+                        and vs.direct is None and tries < limit and self.bind.rebuildable(vs)):
                     # no operation of the session is active in p11p's view: the member
                     # session kept one that an error p11p answered ended (the member never
                     # heard of it), or one the member kept after it refused its final

@@ -340,7 +340,12 @@ class Documented:
         # while that member serves: a call that needs it has no other member
         names = {step.get(k) for k in ("k", "wk", "uk", "base", "src")}
         held = [runner.objs[app][n] for n in names if n in runner.objs[app]]
-        return len(serving) < 2 or any(o.random and not o.token for o in held)
+        # README: nor is a session moved that holds what cannot be made again (a used
+        # generated key, an operation p11p does not replay): it stays where it is
+        sess = runner.sessions[app].get(step.get("s", ""))
+        stuck = sess is not None and (bool(sess.ops) or any(
+            o.owner == step.get("s") and o.random and o.used for o in runner.objs[app].values()))
+        return len(serving) < 2 or stuck or any(o.random and not o.token for o in held)
 
     @staticmethod
     def a_hang_and_another_failure(runner: Runner, app: int, step: dict[str, Any],

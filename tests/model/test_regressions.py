@@ -476,3 +476,22 @@ def test_encrypt_init_after_a_refused_verify(model_env: Env) -> None:
     where it is, and calls naming it go there."""
     name = "encrypt_init_after_a_refused_verify.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_general_error_retry_keeps_a_used_key(model_env: Env) -> None:
+    """Found by make soak under failover (7 of 63 steps, no member event): an unwrap the
+    member refused with CKR_GENERAL_ERROR was tried on the other member, closing the
+    member session that held a used generated key (lost: CKR_DEVICE_ERROR at the next
+    unwrap, SoftHSM2 CKR_OK). A session that holds what cannot be made again stays."""
+    name = "general_error_retry_keeps_a_used_key.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_general_error_retry_keeps_the_operation(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 65 steps, no member event): the same with
+    a digest that C_DigestKey made unreplayable: it was gone (CKR_OK at the next init,
+    SoftHSM2 CKR_OPERATION_ACTIVE)."""
+    name = "general_error_retry_keeps_the_operation.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
