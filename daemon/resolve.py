@@ -357,9 +357,12 @@ class HandleResolver:
         if vobj is not None:  # the module reused a handle for a new object
             vobj.real.pop(member, None)
             del ctx.by_real[(member, real)]
-        reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"],
-                                                        member_session(vs.real, member),
-                                                        real, IDENTITY_TEMPLATE])
+        for _ in range(3):  # a passing refusal must not leave the object without identity
+            reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"],
+                                                            member_session(vs.real, member),
+                                                            real, IDENTITY_TEMPLATE])
+            if reply[0] == OK:
+                break
         is_token, identity, private = None, None, None
         if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):
             is_token, identity = identity_from_values(reply[1])

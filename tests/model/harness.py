@@ -576,6 +576,13 @@ class Runner:
         return any(isinstance(v, dict) and "ref" in v and
                    self.values[v["ref"]][0] != self.values[v["ref"]][1] for v in step.values())
 
+    def align_login(self, app: int, step: dict[str, Any], p: dict[str, Any],
+                    r: dict[str, Any]) -> None:
+        """After a documented difference on a login that p11p refused: the application
+        is not logged in through p11p, so its twin is logged out too."""
+        if step["op"] == "login" and r.get("rv") == OK and p.get("rv") != OK:
+            self.env.ref[app].call({"op": "logout", "s": step["s"]})
+
     def padding_by_chance(self, app: int, step: dict[str, Any], p: dict[str, Any],
                           r: dict[str, Any]) -> bool:
         """Not a difference: a CKM_AES_CBC_PAD decryption whose key or data differ on the
@@ -609,13 +616,12 @@ class Runner:
                 if key == "rv" and Documented.general_error_with_no_other_member(
                         self, app, step, p, r):
                     self.allowed += 1
-                    if step["op"] == "login" and r.get("rv") == OK:
-                        # the application is not logged in through p11p: neither is its twin
-                        self.env.ref[app].call({"op": "logout", "s": step["s"]})
+                    self.align_login(app, step, p, r)
                     return
                 if key in ("rv", "qrv") and Documented.a_hang_and_another_failure(
                         self, app, step, p, r):
                     self.diverge(app, step["s"])  # what the call did on the token is unknown
+                    self.align_login(app, step, p, r)
                     return
                 if key == "rv" and self.padding_by_chance(app, step, p, r):
                     self.allowed += 1

@@ -495,3 +495,22 @@ def test_general_error_retry_keeps_the_operation(model_env: Env) -> None:
     SoftHSM2 CKR_OPERATION_ACTIVE)."""
     name = "general_error_retry_keeps_the_operation.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_create_after_a_login_a_hang_refused(model_env: Env) -> None:
+    """Found by make soak under failover (6 of 27 steps): a login that met a hung standby
+    and a failing primary ended CKR_DEVICE_ERROR (documented); the reference stayed
+    logged in and the next private object differed. The reference follows now."""
+    name = "create_after_a_login_a_hang_refused.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_while_identity_reads_are_refused(model_env: Env) -> None:
+    """Found by make soak under balance (5 of 15 steps): C_GetAttributeValue refused
+    twice (CKR_USER_NOT_LOGGED_IN) while p11p read a found object's identity: the
+    object, without identity, could not be found again after the session reset
+    (CKR_OBJECT_HANDLE_INVALID). The read is tried again."""
+    name = "search_while_identity_reads_are_refused.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
