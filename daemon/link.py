@@ -40,8 +40,9 @@ class MemberLink:
         """One call through the context's helper; MemberUnavailable when it cannot run.
         The helper's start and the call draw from the application call's deadline
         (budget.py): past it the helper is killed (CallTimedOut)."""
+        begun = time.monotonic()
         deadline = budget.current().member_deadline(member.group)
-        if deadline <= time.monotonic():
+        if deadline <= begun:
             raise budget.CallExpired()
         helper = await ctx.helper(member, deadline)
         timeout = deadline - time.monotonic()
@@ -56,7 +57,9 @@ class MemberLink:
             rv = reply[0]
         except MemberUnavailable as exc:
             exc.function = exc.function or spec.by_code()[request[0]].name
-            if isinstance(exc, CallTimedOut) and not budget.fair(timeout, member.group):
+            # the member had the time since this call came to it, its helper's start
+            # included: a hung start followed by a short call is the member's failure
+            if isinstance(exc, CallTimedOut) and not budget.fair(deadline - begun, member.group):
                 raise budget.CallExpired() from None  # killed, but not the member's failure
             raise
         finally:
