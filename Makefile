@@ -45,7 +45,7 @@ lint:
 	mypy -p p11p.daemon -p p11p.protocol -p p11p.helper
 
 pytest:
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTHON) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 # The whole suite. Exits non-zero on any failure, and when no test ran (pytest's 5).
 test: build gen-check lint pytest

@@ -40,8 +40,8 @@ FULL = dict(ops=ALL_OPS, threads=[1, 2, 8], seconds=3.0, warmup=0.5, modeled_mem
             modeled_seconds=5.0, failover_seconds=10.0, failover_times=(2.0, 4.5, 7.0),
             apps=10, sessions=100)
 QUICK = dict(ops=["random-32", "aes-gcm-1k", "ecdsa-p256-sign", "find"], threads=[1],
-             seconds=0.3, warmup=0.1, modeled_members=[1, 2], modeled_seconds=1.0,
-             failover_seconds=4.0, failover_times=(1.0, 2.0, 2.5), apps=2, sessions=20)
+             seconds=0.3, warmup=0.1, modeled_members=[1, 2], modeled_seconds=0.6,
+             failover_seconds=3.0, failover_times=(0.8, 1.5, 2.0), apps=2, sessions=20)
 
 
 def main() -> int:

@@ -82,7 +82,7 @@ def test_a_flapping_member_leaves_no_helper_behind(own_group: HAGroup, ha_keys: 
         result: dict[str, Any] = {}
         stop = threading.Event()
         flapper = threading.Thread(target=_flap, args=(group, "hsmA", stop))
-        runner = _background(group, ha_keys, 4, 6.0, direct, result)
+        runner = _background(group, ha_keys, 4, 4.5, direct, result)
         time.sleep(0.5)
         flapper.start()
         runner.join()
@@ -136,7 +136,7 @@ def test_a_hung_member_costs_a_call_at_most_call_timeout(ha_factory: Any, ha_key
     _set_timeout(group, direct)
     try:
         result: dict[str, Any] = {}
-        runner = _background(group, ha_keys, 2, 6.0, direct, result)
+        runner = _background(group, ha_keys, 2, 4.5, direct, result)
         time.sleep(1.5)
         group.set_rules("hsmA", "* hang\n")
         runner.join()
