@@ -17,6 +17,12 @@ from harness import Env, replay
 HERE = Path(__file__).resolve().parent
 
 OPEN_S1 = {"app": 0, "op": "open", "s": "s1", "rw": True}
+GENPAIR_S1 = {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
+              "mech": {"m": "CKM_EC_KEY_PAIR_GEN"},
+              "pub_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d35"],
+                        ["CKA_EC_PARAMS", "06082a8648ce3d030107"], ["CKA_VERIFY", True]],
+              "priv_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d36"], ["CKA_SIGN", True],
+                         ["CKA_PRIVATE", True], ["CKA_SENSITIVE", True]]}
 AES_TEMPLATE = [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d32"], ["CKA_CLASS", 4],
                 ["CKA_KEY_TYPE", 31], ["CKA_ENCRYPT", True], ["CKA_DECRYPT", True],
                 ["CKA_EXTRACTABLE", True], ["CKA_SENSITIVE", False]]
@@ -216,12 +222,7 @@ def test_used_generated_key_after_a_failover(model_env: Env) -> None:
             "k": "m-6"}
     replay(model_env, [
         OPEN_S1, LOGIN_S1,
-        {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
-         "mech": {"m": "CKM_EC_KEY_PAIR_GEN"},
-         "pub_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d35"],
-                   ["CKA_EC_PARAMS", "06082a8648ce3d030107"], ["CKA_VERIFY", True]],
-         "priv_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d36"], ["CKA_SIGN", True],
-                    ["CKA_PRIVATE", True], ["CKA_SENSITIVE", True]]},
+        GENPAIR_S1,
         init, {"ev": "down", "m": "hsmA"}, init,
     ])
 
@@ -284,12 +285,7 @@ def test_unused_generated_key_after_a_drain(model_env: Env) -> None:
     """Found by the bounded run under failover (7 of 27 steps)."""
     replay(model_env, [
         OPEN_S1, LOGIN_S1,
-        {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
-         "mech": {"m": "CKM_EC_KEY_PAIR_GEN"},
-         "pub_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d35"],
-                   ["CKA_EC_PARAMS", "06082a8648ce3d030107"], ["CKA_VERIFY", True]],
-         "priv_t": [["CKA_TOKEN", False], ["CKA_LABEL", "6d2d36"], ["CKA_SIGN", True],
-                    ["CKA_PRIVATE", True], ["CKA_SENSITIVE", True]]},
+        GENPAIR_S1,
         {"app": 0, "op": "open", "s": "s2", "rw": True},
         {"ev": "drain", "m": "hsmA"},
         {"app": 0, "op": "opinit", "s": "s2", "fn": "Digest", "mech": {"m": "CKM_SHA256"}},
