@@ -394,6 +394,7 @@ class Dispatcher:
             return int(final[0])
         if len(group.members) > 1:
             found += await self.router.resolve.found_elsewhere(ctx, vs, template, searched)
+        found = list(dict.fromkeys(found))  # an object once, however many copies a member has
         if key is not None and group.objects_generation == generation:
             if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
                 ctx.find_cache.clear()

@@ -13,7 +13,7 @@ from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.health import hold_out
 from p11p.daemon.members import Member, MemberState
 from p11p.daemon.shapes import CODE
-from p11p.protocol.constants import rv_name
+from p11p.protocol.constants import CKR, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.router import Router
@@ -54,9 +54,18 @@ class Failures:
                 await self.r.daemon.direct.revoke(vs)
         if ctx.has_helper(member) and member.slot_id is not None:
             try:
-                await self.r.link.raw(ctx, member, [CODE["C_CloseAllSessions"], member.slot_id])
+                reply = await self.r.link.raw(ctx, member,
+                                              [CODE["C_CloseAllSessions"], member.slot_id])
             except MemberUnavailable:
                 pass
+            else:
+                if reply[0] != CKR["CKR_OK"]:
+                    # the module kept them (and their objects, which the rebuild makes
+                    # again): its helper goes, and the module with it
+                    log.warning("%s member=%s C_CloseAllSessions returned %s: the helper "
+                                "is replaced", ctx.name, member.name, rv_name(reply[0]))
+                    ctx.forget_member(member)
+                    return
         for vs in ctx.sessions.values():
             vs.real.pop(member, None)  # rebuilt (with replay) on next use
         for key in [k for k in ctx.by_real if k[0] is member]:

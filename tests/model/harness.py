@@ -386,7 +386,8 @@ class Documented:
         "answers CKR_DEVICE_ERROR whenever it is named [...]; searches no longer find
         it". The session objects of sessions that may have lost state (as
         unreplayable_session_state): a search may miss them."""
-        return {n for n, o in runner.objs[app].items() if o.owner in runner.tainted[app]}
+        return runner.lost[app] | {n for n, o in runner.objs[app].items()
+                                   if o.owner in runner.tainted[app]}
 
     @staticmethod
     def token_objects_of_the_other_application(runner: Runner, app: int) -> set[str]:
@@ -454,6 +455,7 @@ class Runner:
         self.values: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # id -> (p11p, ref, meta)
         self.finds: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
         self.tainted: list[set[str]] = [set() for _ in range(APPS)]
+        self.lost: list[set[str]] = [set() for _ in range(APPS)]  # Documented lost
         # handles of private objects the application had when it was logged out (the
         # token direct makes them invalid; a find after login gives new ones)
         self.stale: list[set[str]] = [set() for _ in range(APPS)]
@@ -718,7 +720,8 @@ class Runner:
         if sess is not None:
             sess.diverged = True
         for name in [n for n, o in self.objs[app].items() if o.owner in self.tainted[app]]:
-            del self.objs[app][name]
+            del self.objs[app][name]  # the generator names them no more
+            self.lost[app].add(name)  # the reference still has them; a search may not
 
     # -- the model after a step -------------------------------------------------------------
 

@@ -510,3 +510,21 @@ def test_search_while_identity_reads_are_refused(model_env: Env) -> None:
     (CKR_OBJECT_HANDLE_INVALID). The read is tried again."""
     name = "search_while_identity_reads_are_refused.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_find_after_refused_reads(model_env: Env) -> None:
+    """Found by make soak under failover (6 of 30 steps): two calls of the member
+    refused (CKR_USER_NOT_LOGGED_IN) during a search of a session object the application
+    created: p11p returned the object twice."""
+    name = "find_after_refused_reads.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_find_after_a_reset_under_an_operation(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 69 steps): a member reset while a session
+    held an active decryption with a generated session key; the key, moved with its
+    session, was missing from a new session's search."""
+    name = "find_after_a_reset_under_an_operation.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
