@@ -265,7 +265,16 @@ class SessionBuilder:
         """C_CloseSession of a member session. A member-failed answer fails the member:
         the session (and the login it holds) must not stay behind in its module."""
         try:
-            await self.r.link.checked(ctx, member, [CODE["C_CloseSession"], real])
+            for _ in range(2):
+                reply = await self.r.link.checked(ctx, member, [CODE["C_CloseSession"], real])
+                if reply[0] in (OK, SESSION_HANDLE_INVALID):
+                    return
+            # refused twice: the session, its login and its objects would stay in the
+            # module (a search would find them, the next session be logged in): the
+            # context's helper goes, and the module's state with it
+            log.warning("%s member=%s C_CloseSession returned %s: the helper is replaced",
+                        ctx.name, member.name, rv_name(reply[0]))
+            ctx.forget_member(member)
         except MemberUnavailable as exc:
             self.r.failures.member_failed(member, exc, "C_CloseSession")
         except budget.CallExpired:

@@ -99,8 +99,18 @@ class Placement:
         objs = list(self.r.resolve.named_objects(ctx, shape, vreq).values())
         for op in vs.ops.values():
             init = SHAPES[op.init[0]]
-            objs += self.r.resolve.named_objects(ctx, init, op.init).values()
+            # a key made at random whose member left is lost for the operation (which is
+            # lost where the session goes, README), not for the call
+            objs += [o for o in self.r.resolve.named_objects(ctx, init, op.init).values()
+                     if not self.gone(o)]
         return objs
+
+    @staticmethod
+    def gone(vobj: VirtualObject) -> bool:
+        """A session object made at random and used, whose members are all out of
+        service: it cannot be made again anywhere."""
+        return (vobj.is_token is False and not vobj.replayable
+                and not any(m.health.usable for m in vobj.real))
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession) -> list[Member] | None:
@@ -124,9 +134,7 @@ class Placement:
         """No member can take the call: a session object it needs that was made at random
         and used, and whose member is out of service, is lost (CKR_DEVICE_ERROR, logged
         once; README); otherwise an object is on no member (CKR_OBJECT_HANDLE_INVALID)."""
-        lost = [o for o in self.needed(ctx, vs, shape, vreq)
-                if o.is_token is False and not o.replayable
-                and not any(m.health.usable for m in o.real)]
+        lost = [o for o in self.needed(ctx, vs, shape, vreq) if self.gone(o)]
         for vobj in lost:
             if not vobj.lost:
                 vobj.lost = "made at random and used; its member is out of service"

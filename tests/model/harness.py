@@ -322,6 +322,9 @@ class Documented:
         s = step.get("s")
         tainted = runner.tainted[app]
         names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
+        sess = runner.sessions[app].get(s or "")
+        if sess is not None:  # the keys of its operations (replayed where it goes)
+            names |= set(sess.ops.values())
         owners = {runner.objs[app][n].owner for n in names if n in runner.objs[app]}
         return s in tainted or bool(owners & tainted)
 
@@ -830,6 +833,8 @@ class Runner:
         obj = self.objs[app].get(name or "")
         if obj is not None and obj.random and not obj.token:
             obj.used = True
+            if obj.owner is not None and (any(self.env.rules.values()) or self.out_of_service()):
+                self.tainted[app].add(obj.owner)  # a fault armed before its use may hit it
 
     def drop_session_objects(self, app: int, sessions: set[str]) -> None:
         for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:

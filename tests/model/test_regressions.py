@@ -528,3 +528,29 @@ def test_find_after_a_reset_under_an_operation(model_env: Env) -> None:
     session, was missing from a new session's search."""
     name = "find_after_a_reset_under_an_operation.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_create_after_a_refused_close(model_env: Env) -> None:
+    """Found by make soak under failover (6 of 28 steps): the application's last session
+    closed while its member answered CKR_SESSION_CLOSED; p11p kept the application logged
+    in (PKCS#11: the last session's end logs it out)."""
+    name = "create_after_a_refused_close.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_copy_with_a_sign_init_beside(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 34 steps): C_CopyObject refused once
+    (CKR_TOKEN_NOT_PRESENT) in a session with a signature begun: CKR_DEVICE_ERROR."""
+    name = "copy_with_a_sign_init_beside.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_login_after_refused_closes(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 38 steps): C_CloseAllSessions while a
+    member was down and the other refused every close (CKR_SESSION_CLOSED): the next
+    C_Login got CKR_USER_ALREADY_LOGGED_IN (the application's last session was gone)."""
+    name = "login_after_refused_closes.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
