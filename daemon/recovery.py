@@ -42,9 +42,11 @@ class Recovery:
 
     async def _run(self, member: Member, at_once: bool) -> None:
         group = member.group
-        cfg = group.config.recovery
         attempt = 0
-        while cfg.attempts == 0 or attempt < cfg.attempts:
+        while True:
+            cfg = group.config.recovery  # as it is now: a reload applies at the next attempt
+            if cfg.attempts and attempt >= cfg.attempts:
+                break
             # a member that failed again soon after it returned is held out longer
             # (health.hold_out); `p11p member enable` (at_once) does not wait for it
             wait = 0 if at_once and not attempt else cfg.interval

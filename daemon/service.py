@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any
 
-from p11p.daemon import audit
+from p11p.daemon import audit, reconfig
 from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
@@ -79,9 +79,9 @@ class Daemon:
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
         for group in self.groups:
             for member in group.members:
-                member.on_helper_death = self._helper_died
+                member.on_helper_death = self.member_helper_died
 
-    def _helper_died(self, member: Member, why: str) -> None:
+    def member_helper_died(self, member: Member, why: str) -> None:
         self.router.failures.member_failed(member, MemberUnavailable(member.name, why), "(helper exit)")
 
     # -- start / stop -----------------------------------------------------------------
@@ -215,8 +215,9 @@ class Daemon:
     # -- reload -----------------------------------------------------------------------
 
     async def reload(self) -> list[str]:
-        """Re-reads the token files. Groups whose file did not change keep their sessions;
-        changed or removed groups are retired (their sessions end); new groups start.
+        """Re-reads the token files. A changed group is changed in place and keeps its
+        sessions (reconfig.py); removed groups are retired (their sessions end); new
+        groups start.
         A configuration that does not validate is refused: the old one stays. Settings of
         [daemon] itself (sockets, limits) need a restart."""
         async with self._reloading:
@@ -231,19 +232,20 @@ class Daemon:
             started: list[Group] = []
             for gc in fresh.groups:
                 prev = old.pop(gc.label, None)
-                if prev is not None and prev.config == gc:
+                if prev is not None:
+                    if prev.config != gc:  # applied in place: its sessions go on
+                        changes = await reconfig.apply(self, prev, gc)
+                        log.info("reload: group %s changed (slot %d): %s", gc.label,
+                                 prev.slot_id, ", ".join(changes) or "formatting only")
                     groups.append(prev)
                     continue
-                slot = prev.slot_id if prev is not None else self._take_slot()
+                slot = self._take_slot()
                 group = Group(gc, slot, self.config.helper_pool, self.config.max_frame)
                 for member in group.members:
-                    member.on_helper_death = self._helper_died
+                    member.on_helper_death = self.member_helper_died
                 groups.append(group)
                 started.append(group)
-                if prev is not None:
-                    await self._retire(prev)
-                log.info("reload: group %s %s (slot %d)", gc.label,
-                         "changed" if prev is not None else "added", slot)
+                log.info("reload: group %s added (slot %d)", gc.label, slot)
             for prev in old.values():
                 await self._retire(prev)
                 log.info("reload: group %s removed (slot %d)", prev.label, prev.slot_id)
