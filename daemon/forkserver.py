@@ -72,6 +72,8 @@ async def spawn(member: str, module: str, env: dict[str, str], timeout: float
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     server = _servers.get((member, frozenset(env.items())))
+    if server is not None and server.loop is not loop:  # of an event loop that has ended
+        server = None
     if server is None:
         server = ForkServer(member, env)
         _servers[server.key] = server
@@ -100,7 +102,7 @@ class ForkServer:
         self.key = (member, frozenset(env.items()))
         self.pid = 0
         self.starting: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._exited: asyncio.Future[int | None] = self._loop.create_future()
         self._link: socket.socket | None = None

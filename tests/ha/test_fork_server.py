@@ -121,7 +121,7 @@ def test_a_killed_fork_server_is_started_again(ha_factory: Any, ha_keys: Path) -
         server = _parent(helper)
         os.kill(server, signal.SIGKILL)
         assert wait_for(lambda: not _alive(helper), 5)
-        assert wait_for(lambda: "fork server pid=%d ended" % server in group.daemon.log_text(), 5)
+        assert wait_for(lambda: f"fork server pid={server} ended" in group.daemon.log_text(), 5)
         assert app.run("_ = signs()") == "True"
         group.wait_state("hsmA", "OK", timeout=15)
         assert wait_for(lambda: len(fork_server_pids(group.daemon.pid)) == 2, 10)
