@@ -89,6 +89,7 @@ def test_a_forked_helper_signs_and_verifies(ha_factory: Any, ha_keys: Path) -> N
             assert app.run("_ = signs()") == "True"
         helper = group.app_helper(app.proc.pid, "hsmA")
         assert _parent(helper) in servers
+        assert all(len(os.listdir(f"/proc/{s}/task")) == 1 for s in servers)  # no thread
         assert os.getsid(helper) == helper  # a session of its own, as before
         assert not any(b"p11p.helper" in Path(f"/proc/{p}/cmdline").read_bytes()
                        for p in children(group.daemon.pid) if p not in servers)
