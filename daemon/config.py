@@ -99,6 +99,7 @@ class DaemonConfig:
     socket_mode: int = 0o660
     max_frame: int = 16 * 1024 * 1024
     helper_pool: int = 1
+    fork_server: bool = True  # helpers forked by a fork server per member (daemon/forkserver.py)
     context_grace: float = 5.0
     max_sessions_per_app: int = 1024
     max_apps_per_uid: int = 64
@@ -380,7 +381,7 @@ def load(path: Path) -> DaemonConfig:
     raw = data.get("daemon", {})
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
-        "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
+        "fork_server", "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
         "max_apps_per_uid", "max_calls_per_app", "max_helpers", "audit_log", "audit_interval"})
     base = path.parent
     socket, admin_socket = _sockets(base, d.get("socket", str, DEFAULT_SOCKET),
@@ -423,6 +424,7 @@ def load(path: Path) -> DaemonConfig:
         log_level=d.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         max_frame=d.integer("max_frame", 16 * 1024 * 1024, 4096),
         helper_pool=d.integer("helper_pool", 1, 0),
+        fork_server=d.get("fork_server", bool, True),
         context_grace=d.number("context_grace", 5.0),
         max_sessions_per_app=d.integer("max_sessions_per_app", 1024, 1),
         max_apps_per_uid=d.integer("max_apps_per_uid", 64, 1),

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from p11p.daemon import forkserver
 from p11p.daemon.errors import MemberUnavailable
 from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
@@ -81,16 +82,27 @@ class HelperProcess(asyncio.SubprocessProtocol):
                         cls.live, member)
             raise HelperLimit(member)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         full_env = dict(os.environ)
         full_env.update(env)
         full_env["P11P_MAX_FRAME"] = str(max_frame)  # the helper bounds its output buffers by it
-        transport, proto = await loop.subprocess_exec(
-            lambda: cls(member, max_frame), sys.executable, "-m", "p11p.helper", module,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-            env=full_env, start_new_session=True)
-        proto.pid = transport.get_pid()
         try:
-            await asyncio.wait_for(asyncio.shield(proto.ready), max(0.0, timeout))
+            forked = await forkserver.spawn(member, module, full_env, timeout)
+        except TimeoutError:
+            raise CallTimedOut(member, f"helper did not start in {timeout:.3g} s") from None
+        if forked is None:  # no fork server: a process of its own
+            transport, proto = await loop.subprocess_exec(
+                lambda: cls(member, max_frame), sys.executable, "-m", "p11p.helper", module,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+                env=full_env, start_new_session=True)
+            proto.pid = transport.get_pid()
+        else:
+            child, in_w, out_r = forked
+            proto = cls(member, max_frame)
+            await child.connect(proto, in_w, out_r)
+            proto.pid = child.get_pid()
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.ready), max(0.0, deadline - loop.time()))
         except TimeoutError:
             proto.kill()
             raise CallTimedOut(member, f"helper did not start in {timeout:.3g} s") from None

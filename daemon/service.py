@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any
 
-from p11p.daemon import audit, reconfig
+from p11p.daemon import audit, forkserver, reconfig
 from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
@@ -76,6 +76,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._last_slot = len(self.groups) - 1
         HelperProcess.limit = config.max_helpers
+        forkserver.enabled = config.fork_server
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
         for group in self.groups:
             for member in group.members:
@@ -146,6 +147,7 @@ class Daemon:
                              return_exceptions=True)
         self.contexts.clear()
         await asyncio.gather(*(g.stop() for g in self.groups), return_exceptions=True)
+        await forkserver.close_all()
         self.audit.close()
         if self._owns_socket_path and self.config.socket.is_socket():
             try:

@@ -47,6 +47,13 @@ def main(argv: list[str]) -> int:
         log.error("usage: python3 -m p11p.helper MODULE_PATH")
         _ready(out_fd, CKR_GENERAL_ERROR, "usage: python3 -m p11p.helper MODULE_PATH")
         return 2
+    return run(module_path, in_fd, out_fd)
+
+
+def run(module_path: str, in_fd: int, out_fd: int) -> int:
+    """Loads and initializes the module, writes the ready frame, serves calls until the
+    daemon ends the link; the exit status. Also the body of a helper forked by the fork
+    server (forkserver.py), which has imported everything up to the module already."""
     try:
         from p11p.helper import calls, settings
         from p11p.helper.ffi import ffi, lib

@@ -137,9 +137,10 @@ def children(pid: int) -> list[int]:
 
 
 def zombies(pid: int) -> list[int]:
-    """Children of `pid` that exited and were not reaped (a helper killed, forgotten)."""
+    """Children of `pid` (and of its fork servers) that exited and were not reaped (a
+    helper killed, forgotten)."""
     dead = []
-    for child in children(pid):
+    for child in children(pid) + [c for s in fork_server_pids(pid) for c in children(s)]:
         try:
             state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
@@ -149,16 +150,29 @@ def zombies(pid: int) -> list[int]:
     return dead
 
 
+def fork_server_pids(daemon_pid: int) -> list[int]:
+    """The daemon's fork servers (daemon/forkserver.py), one per member."""
+    return [pid for pid in children(daemon_pid) if b"p11p.helper.forkserver" in _cmdline(pid)]
+
+
 def helper_pids(daemon_pid: int) -> list[int]:
+    """The daemon's helpers: its children (started as processes of their own) and its
+    fork servers' children."""
     pids = []
     for pid in children(daemon_pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"p11p.helper" in cmd:
+        cmd = _cmdline(pid)
+        if b"p11p.helper.forkserver" in cmd:
+            pids.extend(children(pid))
+        elif b"p11p.helper" in cmd:
             pids.append(pid)
     return pids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def sanitized() -> dict[str, str]:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from kit import FAULTSIM_SO, SOFTHSM_SO, children, wait_for
+from kit import FAULTSIM_SO, SOFTHSM_SO, helper_pids, wait_for
+from p11p.daemon import forkserver
 from p11p.daemon.helperproc import CallTimedOut, HelperProcess
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["forked", "own-process"])
+async def fork_server(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Each test with helpers forked by a fork server and with helpers of their own."""
+    forkserver.enabled = request.param
+    yield
+    await forkserver.close_all()
+    forkserver.enabled = True
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -23,8 +34,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _helpers() -> list[int]:
-    return [p for p in children(os.getpid())
-            if b"p11p.helper" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return helper_pids(os.getpid())
 
 
 async def test_a_start_past_its_time_is_killed(tmp_path: Path) -> None:

@@ -1,0 +1,245 @@
+"""`python3 -m p11p.helper.forkserver DAEMON_PID MEMBER`: a member's fork server.
+
+The daemon starts one per member, with the environment a helper of that member gets. It
+imports what a helper needs up to the vendor module (the interpreter, msgpack, cffi, the
+compiled extension, the call table, the I/O loop) once, then forks a helper per request:
+a new application costs a fork, not an interpreter start. The vendor module is loaded
+and initialized only after the fork, in the child, with the request's environment: vendor
+code never runs here, so a module that crashes takes its helper only. No thread runs
+here (the helper's worker threads and fast.c's start in the child), and nothing is read
+from the environment that a child's environment could change but the call table's
+output bound, which the daemon keeps right by starting another server when a member's
+environment changes.
+
+The link is fd 0 at start: one end of an AF_UNIX SOCK_SEQPACKET pair, one msgpack
+message per packet (daemon/forkserver.py is the other end):
+
+  server -> daemon   [0, pid]                                ready
+  daemon -> server   [n, module, env] + fds (stdin, stdout)  fork helper n (n > 0)
+  server -> daemon   [n, pid] + fd (a pidfd of it)           forked; it writes its
+                                                             ready frame [0, rv, pid]
+  server -> daemon   [n, 0, message]                         not forked
+  server -> daemon   [-1, pid, status]                       a helper ended (waitpid)
+
+The helpers' frames travel over the pipes passed with their request, as a helper
+started as a process of its own. Each helper has a session of its own and dies with
+this process (PR_SET_PDEATHSIG); this process dies with the daemon: at the link's EOF
+(or SIGTERM, sent when the daemon dies) it waits up to END_GRACE for its helpers, whose
+stdin closed with the daemon, to finalize their modules, and leaves.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgpack
+from p11p.helper import __main__ as helper_main
+from p11p.helper import calls, settings  # noqa: F401  (imported once, for the children)
+from p11p.helper.errors import log, setup_logging
+from p11p.helper.ffi import lib
+from p11p.helper.loop import Server  # noqa: F401  (imported once, for the children)
+
+END_GRACE = 5.0  # seconds the helpers get to end after the daemon did
+MAX_MESSAGE = 1 << 20
+ENDED = -1
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(sig: int, parent: int) -> None:
+    """`sig` when the parent ends; ends now when it already has (the race of a fork)."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class ForkServer:
+    """The request loop: forks helpers, reaps them, reports their ends."""
+
+    def __init__(self, link: socket.socket, member: str) -> None:
+        self.link = link
+        self.member = member
+        self.children: set[int] = set()
+        self.ending_at: float | None = None  # the daemon ended: leave by this time
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        self._wake_w = wake_w
+        # handlers only so that the signals reach the wake-up pipe; handled in the loop
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+
+    def serve(self) -> int:
+        self._send([0, os.getpid()])
+        while True:
+            if self.ending_at is not None and not self.children:
+                return 0
+            timeout = None
+            if self.ending_at is not None:
+                timeout = self.ending_at - time.monotonic()
+                if timeout <= 0:
+                    log.warning("fork server: %d helpers still run %.3g s after the daemon "
+                                "ended; they are killed with it", len(self.children), END_GRACE)
+                    return 0
+            watched = [self._wake_r] if self.ending_at is not None \
+                else [self.link.fileno(), self._wake_r]
+            ready, _, _ = select.select(watched, [], [], timeout)
+            if self._wake_r in ready:
+                self._signalled()
+            if self.link.fileno() in ready:
+                self._request()
+
+    def _signalled(self) -> None:
+        try:
+            signals = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            signals = b""
+        if signal.SIGTERM in signals:
+            self._end("SIGTERM")
+        self._reap()
+
+    def _end(self, why: str) -> None:
+        if self.ending_at is None:
+            log.info("fork server: the daemon ended (%s); %d helpers run", why, len(self.children))
+            self.ending_at = time.monotonic() + END_GRACE
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send([ENDED, pid, status])
+
+    def _request(self) -> None:
+        fds = array.array("i")
+        try:
+            data, ancdata, flags, _ = self.link.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+        except ConnectionResetError:
+            data, ancdata, flags = b"", [], 0
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+        try:
+            if not data:
+                self._end("its link closed")
+                return
+            try:
+                message = msgpack.unpackb(data) if not flags & socket.MSG_TRUNC else None
+            except Exception:  # any packet that does not decode is malformed
+                message = None
+            if not (isinstance(message, list) and len(message) == 3
+                    and isinstance(message[0], int) and message[0] > 0
+                    and isinstance(message[1], str) and isinstance(message[2], dict)
+                    and len(fds) == 2):
+                log.error("fork server: malformed request; ignored")
+                if isinstance(message, list) and message and isinstance(message[0], int):
+                    self._send([message[0], 0, "malformed fork request"])
+                return
+            self._fork(message[0], message[1], message[2], fds[0], fds[1])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _fork(self, number: int, module: str, env: dict[str, str], in_fd: int,
+              out_fd: int) -> None:
+        if self.ending_at is not None:
+            self._send([number, 0, "fork server is ending"])
+            return
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self._send([number, 0, f"fork: {exc}"])
+            return
+        if pid == 0:
+            self._child(parent, module, env, in_fd, out_fd)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)  # not reaped yet: the pid is still this child's
+        try:
+            self._send([number, pid], [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def _child(self, parent: int, module: str, env: dict[str, str], in_fd: int,
+               out_fd: int) -> None:
+        """The helper, from the fork on: never returns."""
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()  # a session of its own, as a helper started by the daemon has
+            _die_with_parent(signal.SIGKILL, parent)
+            keep = {0, 1, 2, in_fd, out_fd}
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                if fd not in keep:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # the directory's own fd, closed already
+            self.link.detach()
+            os.environ.clear()
+            os.environ.update(env)  # the member's, before its module reads it
+            log.handlers.clear()
+            setup_logging(module)
+            status = helper_main.run(module, in_fd, out_fd)
+        except BaseException as exc:  # nothing of the server's loop may run on here
+            try:
+                log.error("forked helper failed before serving: %r", exc)
+            finally:
+                status = 1
+        finally:
+            helper_main._exit(status)
+
+    def _send(self, message: list[Any], fds: list[int] | None = None) -> None:
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            self.link.sendmsg([msgpack.packb(message)], ancdata)
+        except OSError:  # the daemon is gone: the loop sees the link's EOF
+            pass
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python3 -m p11p.helper.forkserver DAEMON_PID MEMBER", file=sys.stderr)
+        return 2
+    daemon, member = int(argv[1]), argv[2]
+    _die_with_parent(signal.SIGTERM, daemon)
+    logging.basicConfig()  # nothing logs through the root logger; the helper's is set up
+    setup_logging("")
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter(
+            f"p11p-forkserver[%(process)d] member={member} %(levelname)s %(message)s"))
+    # the link is fd 0; fd 0 becomes /dev/null and fd 1 stderr, as in a helper
+    link = socket.socket(fileno=os.dup(0))
+    link.setblocking(True)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    assert lib is not None
+    gc.collect()
+    gc.freeze()  # what is here now stays in pages the helpers share with this process
+    return ForkServer(link, member).serve()
+
+
+if __name__ == "__main__":
+    helper_main._exit(main(sys.argv))

@@ -1,0 +1,208 @@
+"""Helpers forked by a fork server per member (daemon/forkserver.py, helper/forkserver.py):
+they serve as helpers started anew did, their deaths are seen, a fork server that dies
+is started again, nothing outlives the daemon, each member's environment is its own,
+and a module that does not load is reported as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hakit import HERE, HAGroup, PyApp
+from kit import (
+    FAULTSIM_SO,
+    SOFTHSM_SO,
+    USER_PIN,
+    Daemon,
+    SoftHSM,
+    children,
+    fork_server_pids,
+    helper_pids,
+    wait_for,
+)
+
+# PyKCS11 through p11p-client.so: an ECDSA signature (of a SHA-256 digest) on the token, verified on the token
+# with a session public key made from keys.json, and by `cryptography`
+APP = f"""
+import json
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+keys = json.load(open({{keys!r}}))
+public = serialization.load_pem_public_key(keys["ec_public"].encode())
+point = public.public_bytes(serialization.Encoding.X962,
+                            serialization.PublicFormat.UncompressedPoint)
+slot = lib.getSlotList(tokenPresent=True)[0]
+s = lib.openSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+s.login({USER_PIN!r})
+priv = s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_LABEL, "ha-ec")])[0]
+pub = s.createObject([(P.CKA_CLASS, P.CKO_PUBLIC_KEY), (P.CKA_KEY_TYPE, P.CKK_EC),
+                      (P.CKA_TOKEN, False), (P.CKA_VERIFY, True),
+                      (P.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")),
+                      (P.CKA_EC_POINT, bytes([4, len(point)]) + point)])
+
+def signs(data=b"forked"):
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    data = digest.finalize()
+    mech = P.Mechanism(P.CKM_ECDSA)
+    sig = bytes(s.sign(priv, data, mech))
+    r, t = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    public.verify(encode_dss_signature(r, t), data, ec.ECDSA(Prehashed(hashes.SHA256())))
+    return s.verify(pub, data, sig, mech)
+"""
+
+
+def _app(group: HAGroup, keys: Path) -> PyApp:
+    app = PyApp(group.daemon)
+    app.run(APP.format(keys=str(keys)))
+    return app
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_forked_helper_signs_and_verifies(ha_factory: Any, ha_keys: Path) -> None:
+    """Each member has a fork server; the application's helpers are its children, in
+    sessions of their own, and sign and verify through PyKCS11."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    servers = fork_server_pids(group.daemon.pid)
+    assert len(servers) == 2, servers
+    app = _app(group, ha_keys)
+    try:
+        for _ in range(3):
+            assert app.run("_ = signs()") == "True"
+        helper = group.app_helper(app.proc.pid, "hsmA")
+        assert _parent(helper) in servers
+        assert all(len(os.listdir(f"/proc/{s}/task")) == 1 for s in servers)  # no thread
+        assert os.getsid(helper) == helper  # a session of its own, as before
+        assert not any(b"p11p.helper" in Path(f"/proc/{p}/cmdline").read_bytes()
+                       for p in children(group.daemon.pid) if p not in servers)
+    finally:
+        app.close()
+
+
+def test_a_killed_forked_helper_fails_its_member_over(ha_factory: Any, ha_keys: Path) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = _app(group, ha_keys)
+    try:
+        assert app.run("_ = signs()") == "True"
+        os.kill(group.app_helper(app.proc.pid, "hsmA"), signal.SIGKILL)
+        assert wait_for(lambda: "helper killed by SIGKILL" in group.daemon.log_text(), 5), \
+            group.daemon.log_text()[-3000:]
+        assert app.run("_ = signs()") == "True"  # on hsmB, or on hsmA recovered
+        group.wait_state("hsmA", "OK", timeout=15)
+        assert app.run("_ = signs()") == "True"
+    finally:
+        app.close()
+
+
+def test_a_killed_fork_server_is_started_again(ha_factory: Any, ha_keys: Path) -> None:
+    """SIGKILL to hsmA's fork server: its helpers go with it (hsmA fails, and recovers);
+    the next helper start forks from a new one; applications are served throughout."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = _app(group, ha_keys)
+    try:
+        helper = group.app_helper(app.proc.pid, "hsmA")
+        server = _parent(helper)
+        os.kill(server, signal.SIGKILL)
+        assert wait_for(lambda: not _alive(helper), 5)
+        assert wait_for(lambda: f"fork server pid={server} ended" in group.daemon.log_text(), 5)
+        assert app.run("_ = signs()") == "True"
+        group.wait_state("hsmA", "OK", timeout=15)
+        assert wait_for(lambda: len(fork_server_pids(group.daemon.pid)) == 2, 10)
+        assert server not in fork_server_pids(group.daemon.pid)
+        other = _app(group, ha_keys)
+        try:
+            assert other.run("_ = signs()") == "True"
+            assert _parent(group.app_helper(other.proc.pid, "hsmA")) != server
+        finally:
+            other.close()
+    finally:
+        app.close()
+
+
+def test_nothing_outlives_a_killed_daemon(ha_factory: Any, ha_keys: Path) -> None:
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    apps = [_app(group, ha_keys) for _ in range(2)]
+    try:
+        for app in apps:
+            assert app.run("_ = signs()") == "True"
+        pids = fork_server_pids(group.daemon.pid) + helper_pids(group.daemon.pid)
+        assert len(pids) >= 2 + 4, pids  # two servers, a helper per member and application
+        group.daemon.kill()
+        assert wait_for(lambda: not any(_alive(p) for p in pids), 10), \
+            [p for p in pids if _alive(p)]
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_each_member_sees_its_own_environment(tmp_path: Path, ha_keys: Path) -> None:
+    """Two members, each with a SoftHSM2 configuration holding only its own token: the
+    environment a forked helper's module reads is its member's."""
+    members = ""
+    for label in ("envA", "envB"):
+        hsm = SoftHSM(tmp_path / label)
+        hsm.init_token(label)
+        subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
+                        USER_PIN, str(ha_keys)], env={**os.environ, **hsm.env}, check=True)
+        members += (f'[[member]]\nname = "{label}"\nmodule = "{SOFTHSM_SO}"\n'
+                    f'token = "{label}"\nenv = {{ SOFTHSM2_CONF = "{hsm.conf}" }}\n')
+    daemon = Daemon(tmp_path / "d", {"env": f'label = "env"\npolicy = "balance"\n{members}'})
+    daemon.start()
+    try:
+        status = subprocess.run([sys.executable, "-m", "p11p.daemon", "status", "--json",
+                                 "--config", str(daemon.config)], capture_output=True, text=True)
+        (group,) = json.loads(status.stdout)["groups"]
+        assert {m["name"]: m["state"] for m in group["members"]} == \
+            {"envA": "OK", "envB": "OK"}, status.stdout
+        assert len(fork_server_pids(daemon.pid)) == 2
+    finally:
+        daemon.stop()
+
+
+def test_a_module_that_does_not_load_is_reported(tmp_path: Path) -> None:
+    """The fault module on a vendor module that is not there: the forked helper's ready
+    frame carries the error, which the daemon logs as it did; the member is failed."""
+    body = (f'label = "bad"\n[[member]]\nname = "broken"\nmodule = "{FAULTSIM_SO}"\n'
+            f'token = "t"\nenv = {{ P11P_FAULTSIM_MODULE = "{tmp_path}/missing.so" }}\n')
+    daemon = Daemon(tmp_path / "d", {"bad": body})
+    daemon.start()
+    try:
+        assert wait_for(lambda: "module failed to load" in daemon.log_text(), 10), \
+            daemon.log_text()[-3000:]
+        assert len(fork_server_pids(daemon.pid)) == 1
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("fork_server", ["true", "false"])
+def test_helpers_serve_with_the_fork_server_on_and_off(ha_factory: Any, ha_keys: Path,
+                                                       fork_server: str) -> None:
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"],
+                                daemon_extra=f"fork_server = {fork_server}\n")
+    app = _app(group, ha_keys)
+    try:
+        assert app.run("_ = signs()") == "True"
+        helper = group.app_helper(app.proc.pid, "hsmA")
+        forked = _parent(helper) != group.daemon.pid
+        assert forked == (fork_server == "true")
+        assert len(fork_server_pids(group.daemon.pid)) == (2 if forked else 0)
+    finally:
+        app.close()
