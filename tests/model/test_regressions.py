@@ -554,3 +554,14 @@ def test_login_after_refused_closes(model_env: Env) -> None:
     C_Login got CKR_USER_ALREADY_LOGGED_IN (the application's last session was gone)."""
     name = "login_after_refused_closes.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_create_after_a_hang_and_a_killed_helper(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 12 steps): one member hung, the
+    application's helper on another killed: C_CreateObject got CKR_DEVICE_ERROR under
+    the soak's load (the call's last third, after two thirds on the hung member, went to
+    a helper's start on the third member: an interpreter's start then, a fork now). The
+    replay alone passes with and without the fork server: it keeps the sequence."""
+    name = "create_after_a_hang_and_a_killed_helper.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
