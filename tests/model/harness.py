@@ -493,9 +493,10 @@ class Runner:
         app = step["app"]
         cmd = {k: v for k, v in step.items() if k not in ("app", "id")}
         pcmd, rcmd = self.resolve(cmd, 0), self.resolve(cmd, 1)
+        homeless = False
         if step["op"] in ("create", "genkey", "genpair", "copy", "unwrap", "derive") \
                 and self.is_token_write(step):
-            self.note_home(step)
+            homeless = not self.note_home(step)
         start = time.monotonic()
         self.env.p11p[app].send(pcmd)
         self.env.ref[app].send(rcmd)
@@ -510,6 +511,8 @@ class Runner:
         if self.verbose:
             print("    p11p", self.show(p), " direct", self.show(r), flush=True)
         self.calls += 1
+        if homeless:  # no member was in service: p11p held the write until one was
+            self.note_home(step)
         self.compare(app, step, p, r, took)
         self.update(app, step, p, r)
 
@@ -533,10 +536,10 @@ class Runner:
             return bool(src and src.token) and ["CKA_TOKEN", False] not in step["t"]
         return False
 
-    def note_home(self, step: dict[str, Any]) -> None:
+    def note_home(self, step: dict[str, Any]) -> bool:
         """A token object written through p11p lives on one member (write_policy
         "primary", README): the model keeps faults away from that member, and withdraws
-        a transient fault that still waits there."""
+        a transient fault that still waits there. False when no member is in service."""
         states = self.env.states()
         home = next((m for m in self.env.members if states[m] == "OK"), None)
         if home is not None and self.env.rules[home] and home not in self.down | self.hung:
@@ -546,6 +549,7 @@ class Runner:
             if name and home:
                 self.homes[name] = home
         self.token_made = True
+        return home is not None
 
     # -- comparing -------------------------------------------------------------------------
 
