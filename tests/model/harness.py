@@ -354,9 +354,10 @@ class Documented:
     def a_hang_and_another_failure(runner: Runner, app: int, step: dict[str, Any],
                                    p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "A call that meets a hung member spends two thirds of
-        call_timeout there; when the member it then runs on fails too, it ends with
-        CKR_DEVICE_ERROR." Allowed while a member is hung and a member-failed code rule
-        was put on another (since the last settle)."""
+        call_timeout there [...]; when it meets a failing member too (before or after the
+        hung one [...]), it may end with CKR_DEVICE_ERROR." Allowed while a member is
+        hung and a member-failed code rule was put on another, or a helper killed (since
+        the last settle)."""
         return (p.get("rv") == CKR["CKR_DEVICE_ERROR"] and bool(runner.hung)
                 and runner.failing_errors)
 
@@ -870,8 +871,8 @@ class Runner:
             self.failing_errors = False
         elif kind == "error" and ev.get("rv") == "CKR_GENERAL_ERROR":
             self.general_errors = True
-        elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS:
-            self.failing_errors = True
+        elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS or kind == "kill":
+            self.failing_errors = True  # a helper that dies fails its member too
         if kind not in ("settle", "enable", "up"):
             self.events += 1
             # sessions holding used objects of random material may lose them (Documented)

@@ -560,9 +560,10 @@ def test_login_after_refused_closes(model_env: Env) -> None:
 def test_create_after_a_hang_and_a_killed_helper(model_env: Env) -> None:
     """Found by make soak under balance (8 of 12 steps): one member hung, the
     application's helper on another killed: C_CreateObject got CKR_DEVICE_ERROR under
-    the soak's load (the call's last third, after two thirds on the hung member, went to
-    a helper's start on the third member: an interpreter's start then, a fork now). The
-    replay alone passes with and without the fork server: it keeps the sequence."""
+    a loaded machine (the call met the dead helper, then two thirds of call_timeout on
+    the hung member; the last third was too short for a helper, a session and a login on
+    the third member). README documents it (a hang and a failure in one call): the
+    harness counts a killed helper as a failing member."""
     name = "create_after_a_hang_and_a_killed_helper.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
 
