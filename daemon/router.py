@@ -25,6 +25,7 @@ from p11p.daemon.bind import SessionBuilder
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable, RvClass
 from p11p.daemon.failures import Failures
+from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.link import MemberLink
 from p11p.daemon.members import Group, Member
 from p11p.daemon.placement import Placement
@@ -164,9 +165,11 @@ class Router:
                 return reply
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, shape.fn.name)
-                # its member failed under it (hung, or its helper killed by another
-                # call's time-out): the call has the rest of its time to run elsewhere
-                deadline.member_timed_out(group)
+                if isinstance(exc, CallTimedOut):
+                    # its member outlived its part (hung, or its helper killed by another
+                    # call's time-out): the call has the rest of its time elsewhere; a
+                    # member that failed at once leaves the reserve for a hung one next
+                    deadline.member_timed_out(group)
                 if tries >= limit:
                     raise CKError(DEVICE_ERROR, "no member could serve the call") from None
             except KeyMissing:
@@ -211,6 +214,7 @@ class Router:
                 return member, await self.link.checked(ctx, member, mreq)
             except MemberUnavailable as exc:
                 self.failures.member_failed(member, exc, spec.by_code()[request[0]].name)
-                call.member_timed_out(group)  # the rest of the call for another, as in call()
+                if isinstance(exc, CallTimedOut):
+                    call.member_timed_out(group)  # the rest of the call for another, as in call()
                 if tries > 2 * len(group.members) + 1:
                     raise CKError(DEVICE_ERROR) from None

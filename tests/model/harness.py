@@ -356,8 +356,8 @@ class Documented:
         """README, Limits: "A call that meets a hung member spends two thirds of
         call_timeout there [...]; when it meets a failing member too (before or after the
         hung one [...]), it may end with CKR_DEVICE_ERROR." Allowed while a member is
-        hung and a member-failed code rule was put on another, or a helper killed (since
-        the last settle)."""
+        hung and a member-failed code rule was put on another (an error or down event), or
+        a helper killed (since the last settle)."""
         return (p.get("rv") == CKR["CKR_DEVICE_ERROR"] and bool(runner.hung)
                 and runner.failing_errors)
 
@@ -871,7 +871,7 @@ class Runner:
             self.failing_errors = False
         elif kind == "error" and ev.get("rv") == "CKR_GENERAL_ERROR":
             self.general_errors = True
-        elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS or kind == "kill":
+        elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS or kind in ("kill", "down"):
             self.failing_errors = True  # a helper that dies fails its member too
         if kind not in ("settle", "enable", "up"):
             self.events += 1

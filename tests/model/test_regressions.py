@@ -577,3 +577,16 @@ def test_find_after_a_key_pair_written_on_a_draining_member(model_env: Env) -> N
     for it (no member in service when the step began): it notes the home after the step."""
     name = "find_after_a_key_pair_written_on_a_draining_member.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_sign_uninitialized_with_a_hung_and_a_down_member(model_env: Env) -> None:
+    """Found by make soak under balance (4 of 33 steps): one member hung, another down,
+    C_Sign without C_SignInit: CKR_DEVICE_ERROR where SoftHSM2 says
+    CKR_OPERATION_NOT_INITIALIZED. The member that failed at once had used up the reserve
+    kept for a hung one, so the hung member took the whole call (budget.py: only a time-out
+    spends it now) and the third member was never tried. The answer must match without
+    any documented allowance."""
+    name = "sign_uninitialized_with_a_hung_and_a_down_member.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
