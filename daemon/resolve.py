@@ -171,10 +171,12 @@ class HandleResolver:
             raise KeyMissing
         if vobj.is_token and vobj.identity is not None:
             return await self.resolve(ctx, vobj, member)
+        if vobj.random_held():
+            # its member serves it (used or not): calls that need it go there; remade
+            # here it would be another key
+            raise KeyMissing
         if not vobj.replayable or vobj.recipe is None:
             raise CKError(OBJECT_HANDLE_INVALID, "session object cannot be remade")
-        if vobj.random_held():
-            raise KeyMissing  # its member serves it; remade here it would be another key
         recipe = vobj.recipe
         owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
         await self.r.bind.session_on(ctx, owner, member)

@@ -590,3 +590,16 @@ def test_sign_uninitialized_with_a_hung_and_a_down_member(model_env: Env) -> Non
     name = "sign_uninitialized_with_a_hung_and_a_down_member.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_used_session_key_kept_when_a_token_write_moves_the_session(model_env: Env) -> None:
+    """Seen by make soak under failover (its shrink could not repeat it; written from
+    the daemon's log): a session key generated at random and used on the standby while
+    the first member was out; the member came back, a token key pair written there (and
+    a signature with it) moved the session; the session key, still held by the
+    standby, was marked lost on the move (C_DecryptInit with it: CKR_DEVICE_ERROR). It
+    stays where it is: calls that need it go there."""
+    name = "used_session_key_kept_when_a_token_write_moves_the_session.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
