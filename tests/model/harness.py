@@ -356,10 +356,10 @@ class Documented:
         """README, Limits: "A call that meets a hung member spends two thirds of
         call_timeout there [...]; when it meets a failing member too (before or after the
         hung one [...]), it may end with CKR_DEVICE_ERROR." Allowed while a member is
-        hung and a member-failed code rule was put on another (an error or down event), or
-        a helper killed (since the last settle)."""
+        hung and a member-failed code rule was put on another (an error or down event), a
+        helper killed, or another member hung (since the last settle)."""
         return (p.get("rv") == CKR["CKR_DEVICE_ERROR"] and bool(runner.hung)
-                and runner.failing_errors)
+                and (runner.failing_errors or len(runner.hung) > 1))
 
     @staticmethod
     def operation_kept_after_a_refused_end(runner: Runner, app: int, step: dict[str, Any],
