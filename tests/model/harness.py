@@ -284,6 +284,9 @@ class Obj:
     private: bool = True   # CKA_PRIVATE (the model takes true unless a template says false)
     found: bool = False    # this handle came from a search (not from the call that made it)
     copied: bool = False   # made by C_CopyObject
+    # the generated keys whose bits it carries (itself, a copy's or derivation's sources):
+    # once one of them is used, none of them can be made again (p11p's recipe roots)
+    roots: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -797,14 +800,18 @@ class Runner:
             private = ["CKA_PRIVATE", False] not in (step.get("t") or [])
             if op == "copy" and step["src"] in objs:
                 private = objs[step["src"]].private
+            roots = frozenset({step["o"]}) if op == "genkey" else frozenset().union(
+                *(o.roots for o in src if o is not None))
             obj = Obj(kind, token, None if token else s, random, app=app, private=private,
-                      copied=op == "copy")
+                      copied=op == "copy", roots=roots,
+                      used=any(o is not None and o.used and o.roots for o in src))
             objs[step["o"]] = obj
             self.made[step["o"]] = obj
         elif op == "genpair":
             token = self.is_token_write(step)
             for name, kind in ((step["pub"], "gecpub"), (step["priv"], "gecpriv")):
-                obj = Obj(kind, token, None if token else s, True, app=app)
+                obj = Obj(kind, token, None if token else s, True, app=app,
+                          roots=frozenset({step["pub"]}))
                 objs[name] = self.made[name] = obj
         elif op == "destroy":
             objs.pop(step["o"], None)
@@ -836,10 +843,14 @@ class Runner:
 
     def mark_used(self, app: int, name: str | None) -> None:
         obj = self.objs[app].get(name or "")
-        if obj is not None and obj.random and not obj.token:
-            obj.used = True
-            if obj.owner is not None and (any(self.env.rules.values()) or self.out_of_service()):
-                self.tainted[app].add(obj.owner)  # a fault armed before its use may hit it
+        if obj is None or not obj.random or obj.token:
+            return
+        armed = any(self.env.rules.values()) or self.out_of_service()
+        for o in self.objs[app].values():  # what shares its bits is used with it
+            if o is obj or (o.roots & obj.roots and not o.token):
+                o.used = True
+                if o.owner is not None and armed:
+                    self.tainted[app].add(o.owner)  # a fault armed before its use may hit it
 
     def drop_session_objects(self, app: int, sessions: set[str]) -> None:
         for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:

@@ -613,3 +613,13 @@ def test_find_with_two_members_hung(model_env: Env) -> None:
     only; fails if p11p differs otherwise or takes longer."""
     name = "find_with_two_members_hung.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_token_copy_of_a_copy_of_a_used_key(model_env: Env) -> None:
+    """Found by make soak under failover (8 of 51 steps): a copy of a used generated
+    key, lost with its member session (a killed helper), then copied to the token:
+    CKR_DEVICE_ERROR, as README says (a used key made at random cannot be made again,
+    nor its copies). The harness did not know a copy carries its source's use."""
+    name = "token_copy_of_a_copy_of_a_used_key.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
