@@ -469,6 +469,9 @@ class Runner:
         self.homes: dict[str, str] = {}   # token object made through p11p -> its member
         self.down: set[str] = set()       # members a persistent error holds out
         self.hung: set[str] = set()       # members hung (until a settle)
+        # members with a helper killed (until a settle): p11p fails the member when it
+        # learns of the death, which a call right after may beat
+        self.killed: set[str] = set()
         self.general_errors = False       # a CKR_GENERAL_ERROR rule put (until a settle)
         self.failing_errors = False       # a member-failed code rule put (until a settle)
         self.allowed = 0                  # steps a Documented difference let pass
@@ -845,7 +848,7 @@ class Runner:
         obj = self.objs[app].get(name or "")
         if obj is None or not obj.random or obj.token:
             return
-        armed = any(self.env.rules.values()) or self.out_of_service()
+        armed = any(self.env.rules.values()) or self.out_of_service() or self.killed
         for o in self.objs[app].values():  # what shares its bits is used with it
             if o is obj or (o.roots & obj.roots and not o.token):
                 o.used = True
@@ -876,8 +879,11 @@ class Runner:
             self.drained.add(m)  # type: ignore[arg-type]
         elif kind == "enable":
             self.drained.discard(m)  # type: ignore[arg-type]
+        elif kind == "kill":
+            self.killed.add(m)  # type: ignore[arg-type]
         elif kind == "settle":
             self.hung.clear()
+            self.killed.clear()
             self.general_errors = False
             self.failing_errors = False
         elif kind == "error" and ev.get("rv") == "CKR_GENERAL_ERROR":

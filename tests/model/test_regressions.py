@@ -623,3 +623,15 @@ def test_token_copy_of_a_copy_of_a_used_key(model_env: Env) -> None:
     nor its copies). The harness did not know a copy carries its source's use."""
     name = "token_copy_of_a_copy_of_a_used_key.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_copy_of_a_key_used_as_its_member_failed(model_env: Env) -> None:
+    """Found by make soak under balance (8 of 52 steps): another application's helper on
+    the member holding a generated key pair killed; a C_VerifyInit with the public key
+    right after ran there before p11p learnt of the death (the key is used), then the
+    member failed (a helper that dies fails its member, README): the used key is lost
+    and its copy gets CKR_DEVICE_ERROR, as README says. The harness now counts a use
+    right after a kill as a use under a fault."""
+    name = "copy_of_a_key_used_as_its_member_failed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
