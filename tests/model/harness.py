@@ -813,8 +813,9 @@ class Runner:
         elif op == "genpair":
             token = self.is_token_write(step)
             for name, kind in ((step["pub"], "gecpub"), (step["priv"], "gecpriv")):
+                private = kind == "gecpriv" and ["CKA_PRIVATE", False] not in step["priv_t"]
                 obj = Obj(kind, token, None if token else s, True, app=app,
-                          roots=frozenset({step["pub"]}))
+                          roots=frozenset({step["pub"]}), private=private)
                 objs[name] = self.made[name] = obj
         elif op == "destroy":
             objs.pop(step["o"], None)
@@ -841,6 +842,10 @@ class Runner:
         session's end makes every handle stale (SoftHSM2 forgets the slot's handles)."""
         self.logged_in[app] = False
         self.stale[app] |= {n for n, o in self.objs[app].items() if o.private or every_handle}
+        if any(self.env.rules.values()) or self.out_of_service() or self.killed:
+            for o in self.objs[app].values():  # a fault armed may take them now
+                if self.needs_login(app, o) and o.owner is not None:
+                    self.tainted[app].add(o.owner)
         for sess in self.sessions[app].values():
             sess.find_stale = sess.finding
 
@@ -895,8 +900,16 @@ class Runner:
             # sessions holding used objects of random material may lose them (Documented)
             for app in range(APPS):
                 for o in self.objs[app].values():
-                    if o.used and o.owner is not None:
+                    if (o.used or self.needs_login(app, o)) and o.owner is not None:
                         self.tainted[app].add(o.owner)
+
+    def needs_login(self, app: int, obj: Obj) -> bool:
+        """Documented (README, Limits): a session key pair whose private half is
+        private can be made again on another member only while the application is
+        logged in."""
+        return (not self.logged_in[app] and obj.kind in ("gecpub", "gecpriv") and any(
+            q.kind == "gecpriv" and q.private and q.roots == obj.roots
+            for q in self.objs[app].values()))
 
     def used_random_objects(self) -> bool:
         return any(o.used and o.owner is not None for objs in self.objs for o in objs.values())

@@ -635,3 +635,14 @@ def test_copy_of_a_key_used_as_its_member_failed(model_env: Env) -> None:
     right after a kill as a use under a fault."""
     name = "copy_of_a_key_used_as_its_member_failed.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_getattr_of_a_pair_remade_after_logout(model_env: Env) -> None:
+    """Found by make soak under failover (10 of 65 steps): a session key pair generated
+    (a search open), the application logged out, its member down: C_GetAttributeValue of
+    the public key in another session got CKR_DEVICE_ERROR: the new member refused to
+    make the private half again without a login (CKR_USER_NOT_LOGGED_IN). README,
+    Limits, now says so; the harness allows it for such pairs only."""
+    name = "getattr_of_a_pair_remade_after_logout.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
