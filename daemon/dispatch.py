@@ -22,9 +22,10 @@ from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
 from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
+from p11p.daemon.shapes import GENERAL_ERROR, SHAPES
 from p11p.daemon.virtual import FindState, VirtualSession
 from p11p.protocol import spec
-from p11p.protocol.constants import CKF, CKR, CKU
+from p11p.protocol.constants import CKF, CKR, CKU, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -376,22 +377,24 @@ class Dispatcher:
         hit = ctx.find_cache.get(key) if key is not None else None
         if hit is not None and hit[0] > now and hit[1] == generation:
             return list(hit[2])
-        reply = await self.router.call(ctx, vs, [_CODE["C_FindObjectsInit"], vs.handle, template])
-        if reply[0] != OK:
-            return int(reply[0])
-        found: list[int] = []
+        spared: set[Member] = set()
         while True:
-            batch = await self.router.call(ctx, vs, [_CODE["C_FindObjects"], vs.handle, FIND_BATCH])
-            if batch[0] != OK:
-                await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
-                return int(batch[0])
-            found += batch[1]
-            if len(batch[1]) < FIND_BATCH:
+            result = await self._search(ctx, vs, template, spared)
+            searched = vs.member
+            # a search is p11p's from init to final: one that a member still in service
+            # broke with CKR_GENERAL_ERROR (a hiccup, README) runs again on another,
+            # when the session can move
+            if (result != GENERAL_ERROR or searched is None or not searched.health.usable
+                    or not self.router.bind.rebuildable(vs) or not self.router.place.others(
+                        ctx, vs, SHAPES[_CODE["C_FindObjectsInit"]], [], spared | {searched})):
                 break
-        searched = vs.member
-        final = await self.router.call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
-        if final[0] != OK:
-            return int(final[0])
+            log.info("%s: the search returned %s on %s, which still serves: trying another "
+                     "member", vs.describe(), rv_name(result), searched.name)
+            spared.add(searched)
+            await self.router.bind.leave(ctx, vs, searched)
+        if isinstance(result, int):
+            return result
+        found = result
         if len(group.members) > 1:
             found += await self.router.resolve.found_elsewhere(ctx, vs, template, searched)
         found = list(dict.fromkeys(found))  # an object once, however many copies a member has
@@ -399,6 +402,30 @@ class Dispatcher:
             if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
                 ctx.find_cache.clear()
             ctx.find_cache[key] = (now + ttl, generation, list(found))
+        return found
+
+    async def _search(self, ctx: ApplicationContext, vs: VirtualSession, template: Any,
+                      spared: set[Member]) -> list[int] | int:
+        """One search on the session's member (init, every batch, final): its handles,
+        or the CK_RV that ended it (its final sent, so the session has none running)."""
+        call = self.router.call
+        reply = await call(ctx, vs, [_CODE["C_FindObjectsInit"], vs.handle, template], spared)
+        if reply[0] != OK:
+            return int(reply[0])
+        found: list[int] = []
+        while True:
+            batch = await call(ctx, vs, [_CODE["C_FindObjects"], vs.handle, FIND_BATCH])
+            if batch[0] != OK:
+                await call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
+                vs.find = None  # ended, whatever the final said
+                return int(batch[0])
+            found += batch[1]
+            if len(batch[1]) < FIND_BATCH:
+                break
+        final = await call(ctx, vs, [_CODE["C_FindObjectsFinal"], vs.handle])
+        if final[0] != OK:
+            vs.find = None
+            return int(final[0])
         return found
 
     async def find_final(self, ctx: ApplicationContext, req: R.C_FindObjectsFinal) -> Reply:

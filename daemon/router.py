@@ -68,10 +68,13 @@ class Router:
         self.failures = Failures(self)
         self.replicate = Replicator(self)
 
-    async def call(self, ctx: ApplicationContext, vs: VirtualSession, vreq: list[Any]) -> Reply:
+    async def call(self, ctx: ApplicationContext, vs: VirtualSession, vreq: list[Any],
+                   spared: set[Member] | None = None) -> Reply:
+        """One application call on its session, with placement, failover and replay.
+        `spared`: members not to place it on (they broke what the call starts again)."""
         shape = SHAPES[vreq[0]]
         try:
-            return await self._call(ctx, vs, shape, vreq)
+            return await self._call(ctx, vs, shape, vreq, set(spared or ()))
         except CKError:
             # an error p11p answers ends the operation the call continued, as the
             # token's own error would (PKCS#11 §5.2): it is not replayed any more
@@ -79,7 +82,7 @@ class Router:
             raise
 
     async def _call(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                    vreq: list[Any]) -> Reply:
+                    vreq: list[Any], spared: set[Member]) -> Reply:
         unsafe = unsafe_arguments(shape, vreq)
         if unsafe is not None:
             raise unsafe
@@ -94,7 +97,7 @@ class Router:
             return await self.replicate.call(ctx, vs, shape, vreq)
         tries = 0
         limit = 2 * len(group.members) + 2
-        spared: set[Member] = set()  # answered CKR_GENERAL_ERROR, and still serve
+        # `spared`: answered CKR_GENERAL_ERROR, and still serve (and those the caller names)
         answered: Reply | None = None  # that answer, while another member is tried
         while True:
             tries += 1

@@ -646,3 +646,13 @@ def test_getattr_of_a_pair_remade_after_logout(model_env: Env) -> None:
     Limits, now says so; the harness allows it for such pairs only."""
     name = "getattr_of_a_pair_remade_after_logout.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance", "failover"], indirect=True)
+def test_search_broken_by_a_general_error(model_env: Env) -> None:
+    """Found by make soak under balance (3 of 6 steps): C_FindObjects answered
+    CKR_GENERAL_ERROR twice by a member that still serves: the search (p11p's from init
+    to final) ended with the code; it runs again on another member now."""
+    name = "search_broken_by_a_general_error.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
