@@ -110,6 +110,7 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 {
 	struct p11p_conn *conn;
 	char why_text[128];
+	struct p11p_welcome welcome;
 	const char *why;
 	int64_t deadline;
 	CK_RV rv;
@@ -148,8 +149,11 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 	if (rv != CKR_OK) {
 		why = strerror_r(errno, why_text, sizeof why_text);
 	} else {
-		rv = p11p_hello(conn->fd, s->ctx, deadline);
-		why = "it accepted the connection, but the hello failed";
+		rv = p11p_hello(conn->fd, s->ctx, deadline, &welcome);
+		why = welcome.why[0] ? welcome.why
+				     : "it accepted the connection, but the hello failed";
+		conn->version = welcome.version;
+		conn->features = welcome.features;
 	}
 	if (rv == CKR_OK) {
 		/* C_Finalize may have come while we connected: shutdown() does nothing to a

@@ -24,6 +24,8 @@ enum p11p_phase { P11P_UNINIT = 0, P11P_READY, P11P_FINALIZING };
 struct p11p_conn {
 	int fd;
 	int killed;                 /* shut down by C_Finalize while busy */
+	unsigned version;           /* what its hello agreed on (struct p11p_welcome) */
+	unsigned features;
 	struct p11p_conn *prev, *next;
 };
 

@@ -10,7 +10,13 @@
 #include "p11p-extra.h"
 
 #define P11P_CTX_SIZE 16
-#define P11P_PROTOCOL_VERSION 1
+
+/* What a hello agreed on (protocol/README.md "Client link: hello"), or why it failed. */
+struct p11p_welcome {
+	unsigned version;  /* the version the connection speaks */
+	unsigned features; /* P11P_FEATURE_* bits (client/gen/versions.h) both sides know */
+	char why[192];     /* on failure, for the notice: empty when the socket failed */
+};
 
 /* Milliseconds on the monotonic clock. Deadlines are absolute; -1 means none. */
 int64_t p11p_now_ms(void);
@@ -21,7 +27,10 @@ int p11p_socket_new(void);
 /* CKR_OK, or on failure (errno says why) P11P_RV_NO_DAEMON when nobody serves the path,
  * else CKR_DEVICE_ERROR. */
 CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline);
-CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadline);
+/* Offers the versions and features this library speaks and reads the daemon's choice;
+ * CKR_DEVICE_ERROR when it refuses or answers a version outside them. */
+CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadline,
+		 struct p11p_welcome *welcome);
 /* Sends a frame whose first 4 bytes are left for the header (filled here). */
 CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline);
 /* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */

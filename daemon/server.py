@@ -14,6 +14,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
+from p11p.daemon import hello
 from p11p.daemon.context import ApplicationContext
 from p11p.protocol.constants import CKR
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
 
 log = logging.getLogger("p11p.server")
-PROTOCOL_VERSION = 1
 _CREDS = struct.Struct("3i")
+# (uid, offered range) of the version refusals already logged at warning level
+_VERSION_REFUSALS_LOGGED: set[tuple[int, tuple[int, int] | None]] = set()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -34,6 +36,9 @@ class ClientConnection(asyncio.Protocol):
         self.decoder = FrameDecoder(daemon.config.max_frame)
         self.transport: asyncio.Transport | None = None
         self.ctx: ApplicationContext | None = None
+        # what the hello agreed on (daemon/hello.py); 0 until then
+        self.version = 0
+        self.features: tuple[str, ...] = ()
         self.pid = self.uid = self.gid = -1
         self._queue: deque[Any] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -68,26 +73,36 @@ class ClientConnection(asyncio.Protocol):
             self._task = self._loop.create_task(self._serve())
 
     def _hello(self, frame: Any) -> bool:
-        ok = (isinstance(frame, dict) and frame.get("p11p") == PROTOCOL_VERSION
-              and isinstance(frame.get("ctx"), bytes) and len(frame["ctx"]) == 16
-              and isinstance(frame.get("pid", 0), int) and isinstance(frame.get("prog", ""), str))
+        outcome, answer = hello.negotiate(frame)
         assert self.transport is not None
-        if not ok:
-            version = frame.get("p11p") if isinstance(frame, dict) else None
-            why = (f"protocol version {version} not supported" if isinstance(version, int)
-                   and version != PROTOCOL_VERSION else "malformed hello")
-            self.transport.write(encode({"p11p": PROTOCOL_VERSION, "error": why}))
-            self._drop(why)
+        if isinstance(outcome, hello.Refusal):
+            self.transport.write(encode(answer))
+            if outcome.offered is not None:
+                self._refuse_version(outcome)
+            else:
+                self._drop(outcome.why)
             return False
         refusal = self.daemon.admit(self.pid, self.uid, self.gid)
         if refusal:
-            self.transport.write(encode({"p11p": PROTOCOL_VERSION, "error": refusal}))
+            self.transport.write(encode(hello.refusal_answer(refusal)))
             self._drop(refusal)
             return False
-        self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, frame["ctx"],
-                                      str(frame.get("prog", ""))[:200])
-        self.transport.write(encode({"p11p": PROTOCOL_VERSION}))
+        self.version, self.features = outcome.version, outcome.features
+        self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog)
+        self.transport.write(encode(answer))
         return True
+
+    def _refuse_version(self, refusal: hello.Refusal) -> None:
+        """Closes a connection whose client speaks no version this daemon speaks (after
+        the answer is written); logged once per user and offered range, then at debug
+        level, so a client that tries again on every call does not fill the log."""
+        key = (self.uid, refusal.offered)
+        level = logging.DEBUG if key in _VERSION_REFUSALS_LOGGED else logging.WARNING
+        if len(_VERSION_REFUSALS_LOGGED) < 1024:
+            _VERSION_REFUSALS_LOGGED.add(key)
+        log.log(level, "closing connection pid=%d uid=%d: %s", self.pid, self.uid, refusal.why)
+        if self.transport is not None:
+            self.transport.close()
 
     async def _serve(self) -> None:
         dispatch = self.daemon.dispatcher.dispatch

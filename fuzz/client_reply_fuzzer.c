@@ -22,6 +22,7 @@
 
 #include "call.h"
 #include "find.h"
+#include "gen/versions.h"
 #include "link.h"
 #include "state.h"
 #include "transport.h"
@@ -240,6 +241,7 @@ void fz_check_len(CK_RV rv, const void *p, CK_ULONG cap, CK_ULONG len)
 static void hello(const uint8_t *data, size_t size)
 {
 	static const unsigned char ctx[P11P_CTX_SIZE];
+	struct p11p_welcome w;
 	int sv[2];
 
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) != 0)
@@ -250,7 +252,14 @@ static void hello(const uint8_t *data, size_t size)
 		return;
 	}
 	shutdown(sv[1], SHUT_WR); /* then EOF: a frame that says more never completes */
-	(void)p11p_hello(sv[0], ctx, p11p_deadline(1000));
+	if (p11p_hello(sv[0], ctx, p11p_deadline(1000), &w) == CKR_OK) {
+		/* agreed on a version of ours and on features we know, and no reason to fail */
+		if (w.version < P11P_PROTOCOL_MIN || w.version > P11P_PROTOCOL_MAX ||
+		    (P11P_FEATURE_COUNT < 32 && w.features >> P11P_FEATURE_COUNT) || w.why[0])
+			__builtin_trap();
+	} else if (memchr(w.why, '\0', sizeof w.why) == NULL) {
+		__builtin_trap(); /* the reason for the notice is a string */
+	}
 	close(sv[0]);
 	close(sv[1]);
 }

@@ -1,6 +1,7 @@
 """Atheris fuzzer of the daemon's side of a client connection, without a token: the
-frame decoder (p11p.protocol.framing) and the connection protocol (p11p.daemon.server:
-hello, request checks, the queue of calls), fed arbitrary bytes in arbitrary pieces.
+frame decoder (p11p.protocol.framing) and the connection protocol (p11p.daemon.server
+and .hello: the hello's negotiation, request checks, the queue of calls), fed arbitrary
+bytes in arbitrary pieces.
 
 What must hold for every input:
 - FrameDecoder.feed raises nothing but ProtocolError, and gives the same objects
@@ -23,7 +24,8 @@ from typing import Any
 
 import atheris
 
-with atheris.instrument_imports(include=["p11p.protocol", "p11p.daemon.server"]):
+with atheris.instrument_imports(include=["p11p.protocol", "p11p.daemon.server",
+                                          "p11p.daemon.hello"]):
     import msgpack
     from p11p.daemon import server
     from p11p.protocol.framing import FrameDecoder, ProtocolError, decode_body
@@ -63,6 +65,9 @@ class _Transport:
         self.out += data
 
     def abort(self) -> None:
+        self.closing = True
+
+    def close(self) -> None:  # what was written is still sent, then the socket closes
         self.closing = True
 
     def is_closing(self) -> bool:

@@ -9,7 +9,6 @@ here.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,15 +16,10 @@ from p11p.protocol import spec
 
 # C_Finalize ends the library's state (client/local.c), which the harness does not link.
 SKIP = {"C_Finalize"}
-# Functions whose entry point is written by hand around the stub (client/gen.py's
-# WRAPPED) go to the daemon through their p11p_wire_* stubs; the search entry points
-# (client/find.c) are fuzzed as a sequence by the harness itself.
-_GEN = importlib.util.spec_from_file_location("p11p_client_gen",
-                                              Path(__file__).resolve().parent.parent / "client" / "gen.py")
-assert _GEN is not None and _GEN.loader is not None
-_gen = importlib.util.module_from_spec(_GEN)
-_GEN.loader.exec_module(_gen)
-WIRE: set[str] = _gen.WRAPPED
+# Functions whose entry point is written by hand around the stub (functions.spec
+# `@client=wrapped`) go to the daemon through their p11p_wire_* stubs; the search entry
+# points (client/find.c) are fuzzed as a sequence by the harness itself.
+WIRE: set[str] = {f.name for f in spec.functions() if f.client == "wrapped"}
 STRUCTS = {"out_info": "CK_INFO", "out_slot_info": "CK_SLOT_INFO",
            "out_token_info": "CK_TOKEN_INFO", "out_mech_info": "CK_MECHANISM_INFO",
            "out_session_info": "CK_SESSION_INFO"}

@@ -180,6 +180,14 @@ def client_inputs() -> list[bytes]:
                + msgpack.packb([0, [9, 10, 11]], use_bin_type=True))
     out.append(b"\xf0" + frame({"p11p": 1}))
     out.append(b"\xf0" + frame({"p11p": 1, "error": "refused"}))
+    # the negotiated answer (protocol/README.md "Client link: hello"): features both
+    # know, one the library does not know, a refusal naming the daemon's range, a version
+    # outside the library's
+    out.append(b"\xf0" + frame({"p11p": 1, "features": []}))
+    out.append(b"\xf0" + frame({"p11p": 1, "features": ["later", 7, None]}))
+    out.append(b"\xf0" + frame({"p11p": 3, "max": 5, "error": "no protocol version in common: "
+                                 "the client speaks 1, this daemon 3..5"}))
+    out.append(b"\xf0" + frame({"p11p": 2, "features": ["x"]}))
     return out
 
 
@@ -187,12 +195,18 @@ def write(outdir: Path) -> dict[str, int]:
     corpora: dict[str, list[bytes]] = {
         "dispatch": [msgpack.packb(r, use_bin_type=True) for r in requests()],
         "decoder": [], "client": client_inputs()}
-    hello = frame({"p11p": 1, "ctx": b"c" * 16, "pid": 1, "prog": "fuzz"})
+    hello_map = {"p11p": 1, "ctx": b"c" * 16, "pid": 1, "prog": "fuzz"}
+    hello = frame(hello_map)
     for r in requests():
         if r and type(r[0]) is list:
             continue
         corpora["decoder"].append(b"\x07" * 8 + hello + frame(r) + frame(r))
     corpora["decoder"].append(b"\x00" * 8 + hello)
+    # hellos that negotiate: a range and features, a range of versions the daemon does
+    # not speak, max below p11p
+    for offer in ({"max": 5, "features": ["later"]}, {"p11p": 3, "max": 5}, {"p11p": 2, "max": 1}):
+        corpora["decoder"].append(b"\x00" * 8 + frame({**hello_map, **offer})
+                                  + frame([5, 1, None]))
     counts = {}
     for name, items in corpora.items():
         d = outdir / name

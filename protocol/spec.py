@@ -1,12 +1,14 @@
 """The Cryptoki function and mechanism-parameter tables, read from the .spec files.
 
 functions.spec and mechanisms.spec (beside this file) are the single description of
-what travels; this module turns them into typed tables for the daemon, the helper and
-the generators. Nothing else in Python lists functions by hand.
+what travels (and functions.spec the versions and features the client link speaks);
+this module turns them into typed tables for the daemon, the helper and the
+generators. Nothing else in Python lists functions by hand.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -192,6 +194,8 @@ def _parse() -> tuple[tuple[Function, ...], tuple[Function, ...]]:
     path = HERE / "functions.spec"
     cryptoki, own = [], []
     for number, words in _lines(path):
+        if words[0] == "link":
+            continue  # link_protocol()
         if words[0] == "p11p":
             own.append(_function(path, number, words[1], words[2], words[3:]))
         else:
@@ -225,6 +229,43 @@ def by_code() -> dict[int, Function]:
 @cache
 def by_name() -> dict[str, Function]:
     return {f.name: f for f in functions()}
+
+
+@dataclass(frozen=True, slots=True)
+class LinkProtocol:
+    """What this build speaks on the client link: the oldest and newest protocol
+    versions and the named features it knows (functions.spec, `link` lines)."""
+
+    min_version: int
+    max_version: int
+    features: tuple[str, ...]
+
+
+FEATURE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+@cache
+def link_protocol() -> LinkProtocol:
+    path = HERE / "functions.spec"
+    versions: tuple[int, int] | None = None
+    features: list[str] = []
+    for number, words in _lines(path):
+        if words[0] != "link":
+            continue
+        if words[1:2] == ["versions"] and len(words) == 4 and versions is None \
+                and all(w.isdigit() for w in words[2:]):
+            versions = (int(words[2]), int(words[3]))
+            if not 1 <= versions[0] <= versions[1] < 2**32:
+                raise SpecError(f"{path}:{number}: versions must be 1 <= MIN <= MAX < 2**32")
+        elif words[1:2] == ["feature"] and len(words) == 3 and FEATURE_NAME.fullmatch(words[2]) \
+                and words[2] not in features:
+            features.append(words[2])
+        else:
+            raise SpecError(f"{path}:{number}: expected 'link versions MIN MAX' (once) or "
+                            f"'link feature NAME' (a new lower-case name)")
+    if versions is None:
+        raise SpecError(f"{path}: no 'link versions MIN MAX' line")
+    return LinkProtocol(versions[0], versions[1], tuple(features))
 
 
 @cache

@@ -69,12 +69,18 @@ class Daemon:
     def env(self) -> dict[str, str]:
         return {"P11P_SOCKET": str(self.socket)}
 
-    def start(self, timeout: float = 30.0, log_level: str = "debug") -> Daemon:
+    def start(self, timeout: float = 30.0, log_level: str = "debug", preamble: str = "") -> Daemon:
+        """`preamble`: Python run in the daemon's process before it starts (a test that
+        makes the daemon pretend something, e.g. another range of protocol versions)."""
         if self.socket.exists():
             self.socket.unlink()
+        python = ["-m", "p11p.daemon"]
+        if preamble:
+            python = ["-c", f"{preamble}\nimport runpy\n"
+                      "runpy.run_module('p11p.daemon', run_name='__main__', alter_sys=True)"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "p11p.daemon", "daemon", "--config", str(self.config),
+                [sys.executable, *python, "daemon", "--config", str(self.config),
                  "--log-level", log_level],
                 stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -88,9 +88,10 @@ def default_handler(conn: Conn, request: list[Any]) -> Any:
 
 class FakeDaemon:
     """Listens on path; one thread per connection. hello: "ok", "silent", "refuse" or
-    "version2"."""
+    "version2", or the answer itself (a map: served on unless it holds "error")."""
 
-    def __init__(self, path: Path, handler: Handler = default_handler, hello: str = "ok") -> None:
+    def __init__(self, path: Path, handler: Handler = default_handler,
+                 hello: str | dict[str, Any] = "ok") -> None:
         self.path = Path(path)
         self.handler = handler
         self.hello = hello
@@ -195,7 +196,12 @@ class FakeDaemon:
         if self.hello == "refuse":
             s.sendall(frame({"p11p": 1, "error": "not allowed"}))
             return
-        s.sendall(frame({"p11p": 2 if self.hello == "version2" else 1}))
+        if isinstance(self.hello, dict):
+            s.sendall(frame(self.hello))
+            if "error" in self.hello:
+                return
+        else:
+            s.sendall(frame({"p11p": 2 if self.hello == "version2" else 1}))
         while True:
             request = self._read_frame(s)
             if request is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 import msgpack
@@ -96,8 +97,10 @@ def test_hello_carries_context_pid_and_program(start_driver, sock: Path) -> None
         hellos = [c.hello for c in daemon.conns]
         assert len(hellos) == 3
         for h in hellos:
-            assert h is not None and set(h) == {"p11p", "ctx", "pid", "prog"}
-            assert h["p11p"] == 1 and h["pid"] == d.pid and "driver" in h["prog"]
+            assert h is not None and set(h) == {"p11p", "max", "features", "ctx", "pid", "prog"}
+            # the versions it speaks, oldest in p11p (protocol/README.md "Client link: hello")
+            assert (h["p11p"], h["max"], h["features"]) == (1, 1, [])
+            assert h["pid"] == d.pid and "driver" in h["prog"]
             assert isinstance(h["ctx"], bytes) and len(h["ctx"]) == 16
         assert len({h["ctx"] for h in hellos if h}) == 1  # one context for all sockets
         d.cmd("finalize")
@@ -106,12 +109,49 @@ def test_hello_carries_context_pid_and_program(start_driver, sock: Path) -> None
         assert daemon.conns[-1].hello["ctx"] != hellos[0]["ctx"]  # a new C_Initialize, a new id
 
 
-@pytest.mark.parametrize("mode", ["refuse", "version2"])
+@pytest.mark.parametrize("mode", ["refuse", "version2", {"p11p": 0}, {"p11p": "1"}, {"max": 1},
+                                  {"p11p": 2, "features": []}])
 def test_hello_refused_or_other_version(start_driver, sock: Path, mode: str) -> None:
     with FakeDaemon(sock, hello=mode):
         d = start_driver()
         d.cmd("init")
         assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+
+
+@pytest.mark.parametrize("answer", [
+    {"p11p": 1},  # a daemon older than the negotiation
+    {"p11p": 1, "features": []},
+    {"p11p": 1, "features": ["later", 7, None, {"x": 1}]},  # features it does not know
+    {"p11p": 1, "max": 9, "later": [1, 2]},  # keys it does not know
+])
+def test_hello_answers_of_older_and_newer_daemons(start_driver, sock: Path, variant: str,
+                                                  answer: dict[str, object]) -> None:
+    with FakeDaemon(sock, hello=answer):
+        d = start_driver(variant)
+        d.cmd("init")
+        r = d.cmd("slots")
+        assert r.rv == CKR_OK and r["count"] != "0"
+        assert d.cmd("finalize").rv == CKR_OK
+
+
+def test_hello_refused_for_versions_says_why_once(start_driver, sock: Path, variant: str) -> None:
+    """A daemon that speaks no version of ours: every call fails CKR_DEVICE_ERROR, and the
+    one notice carries the daemon's words (both ranges)."""
+    why = "no protocol version in common: the client speaks 1, this daemon 3..5"
+    with FakeDaemon(sock, hello={"p11p": 3, "max": 5, "error": why + "\x1b[31m"}) as daemon:
+        d = start_driver(variant)
+        d.cmd("init")
+        assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+        assert d.cmd("slots").rv == CKR_DEVICE_ERROR
+        assert len(daemon.conns) == 2
+        d.cmd("finalize")
+        d.close()
+    deadline = time.monotonic() + 5  # stderr is read by a thread of its own
+    while None not in d.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+    notices = [line for line in d.stderr if line and line.startswith("p11p-client:")]
+    assert notices == [f"p11p-client: cannot reach the p11p daemon at {sock} (the daemon "
+                       f"refused the hello: {why}?[31m); run 'p11p doctor'"], d.stderr
 
 
 def test_hello_time_out(start_driver, sock: Path) -> None:
