@@ -219,12 +219,14 @@ class SessionBuilder:
     async def replay_find(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                           find: FindState) -> None:
         real = member_session(vs.real, member)
-        reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real, find.template])
+        # a member that loses the session meanwhile is reset, and the call placed again
+        reply = await self.r.link.replayed(ctx, member, [CODE["C_FindObjectsInit"], real,
+                                                         find.template])
         if reply[0] != OK:
             raise CKError(reply[0], "replaying a find")
         found: list[int] = []
         while True:
-            reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjects"], real, 256])
+            reply = await self.r.link.replayed(ctx, member, [CODE["C_FindObjects"], real, 256])
             if reply[0] != OK:
                 raise CKError(reply[0], "replaying a find")
             if not reply[1]:

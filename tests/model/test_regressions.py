@@ -656,3 +656,13 @@ def test_search_broken_by_a_general_error(model_env: Env) -> None:
     name = "search_broken_by_a_general_error.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_with_sessions_closed_twice(model_env: Env) -> None:
+    """Found by make soak under failover (3 of 55 steps): C_FindObjects answered
+    CKR_SESSION_CLOSED twice: the first time p11p rebuilt the session with its search,
+    the second (during that rebuild) reached the application."""
+    name = "search_with_sessions_closed_twice.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
