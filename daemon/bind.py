@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
 log = logging.getLogger("p11p.ha")
+USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
 # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS, CKS_RW_SO_FUNCTIONS
 LOGGED_IN_STATES = frozenset({1, 3, 4})
 
@@ -53,6 +54,13 @@ class SessionBuilder:
                                                             vs.flags, 0])
             if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
                 raise SessionVanished  # the member lost its sessions meanwhile: again
+            if reply[0] == USER_NOT_LOGGED_IN and ctx.logins.get(vs.group) is not None:
+                # not a C_OpenSession answer (PKCS#11 §5.6 lists none such): the member
+                # lost the application's login; its sessions there are reset, again
+                log.warning("login lost: %s member=%s C_OpenSession returned %s; new "
+                            "session and login", ctx.name, member.name, rv_name(reply[0]))
+                await self.r.failures.reset_member(ctx, member)
+                raise SessionVanished
             if reply[0] != OK:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]

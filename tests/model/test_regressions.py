@@ -666,3 +666,15 @@ def test_search_with_sessions_closed_twice(model_env: Env) -> None:
     name = "search_with_sessions_closed_twice.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_open_session_refused_as_logged_out(model_env: Env) -> None:
+    """Found by make soak under failover (29 steps; its shrink dropped the login that
+    made it a finding, so this replay is written by hand): a logged-in application's
+    C_OpenSession answered CKR_USER_NOT_LOGGED_IN by the member: the code reached the
+    application. The member lost the login: p11p resets the member sessions and logs
+    in again, and the new session finds the private keys."""
+    name = "open_session_refused_as_logged_out.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
