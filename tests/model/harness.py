@@ -902,6 +902,13 @@ class Runner:
                 for o in self.objs[app].values():
                     if (o.used or self.needs_login(app, o)) and o.owner is not None:
                         self.tainted[app].add(o.owner)
+                for name, sess in self.sessions[app].items():
+                    # an operation whose used key went with its session (closed): its
+                    # replay has no key
+                    gone = [self.made.get(k) for k in sess.ops.values()
+                            if k and k not in self.objs[app]]
+                    if any(o is not None and o.random and o.used for o in gone):
+                        self.tainted[app].add(name)
 
     def needs_login(self, app: int, obj: Obj) -> bool:
         """Documented (README, Limits): a session key pair whose private half is

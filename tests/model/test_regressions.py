@@ -678,3 +678,14 @@ def test_open_session_refused_as_logged_out(model_env: Env) -> None:
     name = "open_session_refused_as_logged_out.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_encrypt_final_after_its_keys_session_closed(model_env: Env) -> None:
+    """Found by make soak under balance (13 of 70 steps): an encryption begun with a
+    generated key of another session, that session closed (the key went with it), then
+    the member lost the session: the operation could not be replayed (CKR_DEVICE_ERROR),
+    as README says; the harness did not count an operation whose key went with its
+    session."""
+    name = "encrypt_final_after_its_keys_session_closed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
