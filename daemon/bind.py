@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.ha")
 USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
+# The call that ends each kind of operation, with arguments that make it end there
+# (room for any output; a signature that cannot verify)
+STALE_FINALS: dict[str, list[Any]] = {
+    "encrypt": [CODE["C_EncryptFinal"], 1 << 16], "decrypt": [CODE["C_DecryptFinal"], 1 << 16],
+    "digest": [CODE["C_DigestFinal"], 1 << 16], "sign": [CODE["C_SignFinal"], 1 << 16],
+    "verify": [CODE["C_VerifyFinal"], bytes(64)], "find": [CODE["C_FindObjectsFinal"]]}
 # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS, CKS_RW_SO_FUNCTIONS
 LOGGED_IN_STATES = frozenset({1, 3, 4})
 
@@ -150,6 +156,9 @@ class SessionBuilder:
         old = vs.member
         if vs.direct is not None:
             await self.r.daemon.direct.revoke(vs)  # it moves, or its member session was lost
+        # what runs in the member session it leaves (when that one stays) must end there:
+        # it goes on here, and a later call back there would meet it (OPERATION_ACTIVE)
+        stale = [*vs.ops] + (["find"] if vs.find is not None and not vs.find.cached else [])
         lost: list[str] = []
         replayed: list[str] = []
         for vobj in list(vs.objects):
@@ -178,6 +187,8 @@ class SessionBuilder:
         vs.member = member
         if old is not None and old is not member and old.health.state is MemberState.DRAINING:
             await self.close_on(ctx, vs, old)
+        elif old is not None and old is not member and old in vs.real and stale:
+            await self.end_stale(ctx, old, vs.real[old], stale)
         if old is member:
             vs.group.metrics.replays += 1
             log.warning("session rebuilt: %s on %s (replayed: %s)", vs.describe(), member.name,
@@ -191,6 +202,20 @@ class SessionBuilder:
             # once: what was lost answers CKR_DEVICE_ERROR where it is used next
             log.error("session potentially not recoverable: %s on %s: %s", vs.describe(),
                       member.name, "; ".join(lost))
+
+    async def end_stale(self, ctx: ApplicationContext, member: Member, real: int,
+                        kinds: list[str]) -> None:
+        """Ends the operations (and search) of a member session its virtual session left
+        (PKCS#11 §5.2: a final ends an operation whatever it answers). Best effort: a
+        member that fails here is left to its next call."""
+        for kind in kinds:
+            request = STALE_FINALS.get(kind)
+            if request is None:
+                continue
+            try:
+                await self.r.link.raw(ctx, member, [request[0], real, *request[1:]])
+            except (MemberUnavailable, budget.CallExpired):
+                return
 
     async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                                op: Operation) -> str:

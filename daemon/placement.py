@@ -134,6 +134,9 @@ class Placement:
         """No member can take the call: a session object it needs that was made at random
         and used, and whose member is out of service, is lost (CKR_DEVICE_ERROR, logged
         once; README); otherwise an object is on no member (CKR_OBJECT_HANDLE_INVALID)."""
+        # what the session's state says comes first, as the token checks it (a call of an
+        # operation that is not active is CKR_OPERATION_NOT_INITIALIZED wherever it runs)
+        self.r.resolve.session_state_first(vs, shape)
         lost = [o for o in self.needed(ctx, vs, shape, vreq) if self.gone(o)]
         for vobj in lost:
             if not vobj.lost:

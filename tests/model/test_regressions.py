@@ -689,3 +689,38 @@ def test_encrypt_final_after_its_keys_session_closed(model_env: Env) -> None:
     session."""
     name = "encrypt_final_after_its_keys_session_closed.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.xfail(strict=True, reason="the direct path (issue 13 replaces it): passes "
+                   "with direct_calls = false")
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_sign_update_after_its_key_destroyed(model_env: Env) -> None:
+    """Found by make soak under failover (9 of 53 steps, no fault): C_SignInit with a
+    generated token key, the key destroyed, then C_SignUpdate: p11p answered
+    CKR_OBJECT_HANDLE_INVALID where SoftHSM2 says CKR_OPERATION_NOT_INITIALIZED. Only
+    with the direct path on (a failed C_SignInit before it is part of the sequence)."""
+    name = "sign_update_after_its_key_destroyed.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_find_after_a_digest_of_a_generated_token_key(model_env: Env) -> None:
+    """Found by make soak under balance (14 of 69 steps): a search after C_DigestKey of
+    a generated token key and a wrap with a generated session key: p11p answered
+    C_FindObjectsInit CKR_OPERATION_ACTIVE, SoftHSM2 CKR_OK."""
+    name = "find_after_a_digest_of_a_generated_token_key.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_digest_key_without_a_digest_beside_an_encryption(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 55 steps): C_DigestKey with no digest
+    active, of a token key on one member, in a session whose encryption uses a
+    generated key on another: no member could take it and p11p answered
+    CKR_OBJECT_HANDLE_INVALID; the session's state comes first
+    (CKR_OPERATION_NOT_INITIALIZED, as SoftHSM2)."""
+    name = "digest_key_without_a_digest_beside_an_encryption.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
