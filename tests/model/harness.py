@@ -746,6 +746,11 @@ class Runner:
             sessions[step["s"]].last[step["fn"]] = (step.get("k", ""), step["mech"]["m"])
         if "id" in step and "out" in p and "out" in r:
             self.values[step["id"]] = (p["out"], r["out"], dict(step))
+        if p.get("rv") == OK and op in ("opinit", "wrap", "digestkey"):
+            # p11p used the key (its bits may show), even where the token used directly
+            # refused the call in a documented way
+            for k in ("k", "wk"):
+                self.mark_used(app, step.get(k))
         if not ok:
             if op in ("update", "final", "oneshot") and step.get("fn") in sessions.get(
                     step.get("s", ""), Session(True)).ops:
