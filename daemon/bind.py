@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.ha")
 USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
+# C_Login answers that say the member's token cannot log anybody in
+TOKEN_UNFIT = frozenset({CKR["CKR_USER_PIN_NOT_INITIALIZED"], CKR["CKR_TOKEN_NOT_RECOGNIZED"]})
 # The call that ends each kind of operation, with arguments that make it end there
 # (room for any output; a signature that cannot verify)
 STALE_FINALS: dict[str, list[Any]] = {
@@ -101,6 +103,12 @@ class SessionBuilder:
         reply = await self.r.link.checked(ctx, member, [CODE["C_Login"], real, login[0], login[1]])
         if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
             raise SessionVanished
+        if reply[0] in TOKEN_UNFIT:
+            # a PIN another member took, refused for the token's own state (its store lost
+            # the user PIN, say): the member cannot serve logged-in work; it fails, and the
+            # call goes to another member (or is held for one)
+            raise MemberUnavailable(member.name, f"C_Login returned {rv_name(reply[0])}",
+                                    reply[0], function="C_Login")
         if reply[0] not in (OK, ALREADY_LOGGED_IN):
             log.error("session potentially not recoverable: %s member=%s: login failed with %s",
                       ctx.name, member.name, rv_name(reply[0]))
@@ -149,10 +157,11 @@ class SessionBuilder:
         """The session on `member`, with everything it had elsewhere replayed."""
         # The state is there only if the session's member session survived: a member
         # that failed and recovered, or lost our sessions, needs the replay too.
-        present = vs.member is member and member in vs.real
+        present = vs.member is member and member in vs.real and member not in vs.bare
         await self.session_on(ctx, vs, member)
         if present:
             return
+        vs.bare.discard(member)  # replayed below
         old = vs.member
         if vs.direct is not None:
             await self.r.daemon.direct.revoke(vs)  # it moves, or its member session was lost

@@ -179,6 +179,8 @@ class HandleResolver:
             raise CKError(OBJECT_HANDLE_INVALID, "session object cannot be remade")
         recipe = vobj.recipe
         owner = vobj.owner if vobj.owner is not None and ctx.sessions.find(vobj.owner.handle) is vobj.owner else vs
+        if owner is not vs and member not in owner.real:
+            owner.bare.add(member)
         await self.r.bind.session_on(ctx, owner, member)
         shape = SHAPES[recipe.request[0]]
         reply = await self.r.link.replayed(ctx, member, await self.translate(

@@ -183,6 +183,9 @@ class VirtualSession:
     # operations that could not be rebuilt on another member (kind -> why): the next
     # call of that operation gets CKR_DEVICE_ERROR; a new init starts afresh
     lost: dict[str, str] = field(default_factory=dict)
+    # member sessions opened only to remake one of its objects for another session: its
+    # operations and search are not there yet (prepare replays them at its next call)
+    bare: set[Member] = field(default_factory=set)
 
     def bind(self, binding: Binding) -> None:
         self.direct = binding
