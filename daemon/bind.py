@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError, MemberUnavailable
+from p11p.daemon.errors import TOKEN_UNFIT, CKError, MemberUnavailable
 from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.policy import Operation
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.ha")
 USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
-# C_Login answers that say the member's token cannot log anybody in
-TOKEN_UNFIT = frozenset({CKR["CKR_USER_PIN_NOT_INITIALIZED"], CKR["CKR_TOKEN_NOT_RECOGNIZED"]})
 # The call that ends each kind of operation, with arguments that make it end there
 # (room for any output; a signature that cannot verify)
 STALE_FINALS: dict[str, list[Any]] = {

@@ -274,7 +274,8 @@ class Dispatcher:
                      else CKR["CKR_USER_ANOTHER_ALREADY_LOGGED_IN"]]
             self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])
             return reply
-        reply = await self.router.call(ctx, vs, req.frame)
+        reply = await self.router.failures.login_unfit(
+            ctx, vs, req.frame, await self.router.call(ctx, vs, req.frame))
         self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])  # never the PIN
         if reply[0] == OK and isinstance(req.pin, bytes):
             ctx.logins[vs.group] = (req.user_type, req.pin)

@@ -31,6 +31,11 @@ class MemberUnavailable(Exception):
         self.function = function  # the member call that failed, when known
 
 
+# C_Login answers that say a member's token cannot log anybody in (its store lost the
+# user PIN, say): for a PIN another member takes, the member fails (bind, failures)
+TOKEN_UNFIT = frozenset({CKR["CKR_USER_PIN_NOT_INITIALIZED"], CKR["CKR_TOKEN_NOT_RECOGNIZED"]})
+
+
 class RvClass(Enum):
     APPLICATION = "application"
     SESSION_LOST = "session_lost"

@@ -6,13 +6,14 @@ member, to be rebuilt with replay at its next use.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import MemberUnavailable
+from p11p.daemon.errors import TOKEN_UNFIT, MemberUnavailable
 from p11p.daemon.health import hold_out
 from p11p.daemon.members import Member, MemberState
-from p11p.daemon.shapes import CODE
+from p11p.daemon.shapes import CODE, SHAPES
+from p11p.daemon.virtual import VirtualSession
 from p11p.protocol.constants import CKR, rv_name
 
 if TYPE_CHECKING:
@@ -72,3 +73,21 @@ class Failures:
             ctx.by_real.pop(key).real.pop(member, None)
         ctx.logged_in.discard(member)
         ctx.utility.pop(member, None)
+
+    async def login_unfit(self, ctx: ApplicationContext, vs: VirtualSession,
+                          frame: list[Any], reply: list[Any]) -> list[Any]:
+        """The application's C_Login answered CKR_USER_PIN_NOT_INITIALIZED (or
+        CKR_TOKEN_NOT_RECOGNIZED) by its member: tried on another member; when the PIN is
+        good there, the first member's token cannot log anybody in and it fails (as when
+        p11p's own login there is refused: bind.login_on). When it is refused there too,
+        that is the token's answer, and no member fails."""
+        unfit = vs.member
+        if (reply[0] not in TOKEN_UNFIT or unfit is None or not self.r.bind.rebuildable(vs)
+                or not self.r.place.others(ctx, vs, SHAPES[frame[0]], frame, {unfit})):
+            return reply
+        again = await self.r.call(ctx, vs, frame, {unfit})
+        if again[0] == CKR["CKR_OK"]:
+            self.member_failed(unfit, MemberUnavailable(
+                unfit.name, f"C_Login returned {rv_name(reply[0])}", reply[0],
+                function="C_Login"), "C_Login")
+        return again

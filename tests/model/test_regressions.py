@@ -776,3 +776,14 @@ def test_login_refused_by_a_member_without_a_user_pin(model_env: Env) -> None:
     name = "login_refused_by_a_member_without_a_user_pin.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover", "balance"], indirect=True)
+def test_application_login_refused_by_a_member_without_a_user_pin(model_env: Env) -> None:
+    """Seen in a 10-minute flapping run: the application's own C_Login answered
+    CKR_USER_PIN_NOT_INITIALIZED by a member whose token store a crash had emptied
+    (0x102 reached the application). The login is tried on another member; the PIN
+    good there, the first member fails."""
+    name = "application_login_refused_by_a_member_without_a_user_pin.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
