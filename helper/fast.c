@@ -53,7 +53,9 @@ static struct {
 	uid_t uid;
 	unsigned char token[FAST_TOKEN];
 	uint64_t generation;
-	struct { uint64_t id; CK_SESSION_HANDLE real; } ids[FAST_IDS];
+	/* bound sessions: calls inside the module on each; a revoked one takes no new call
+	 * and is freed once its calls are out (the daemon closes its session next) */
+	struct { uint64_t id; CK_SESSION_HANDLE real; unsigned inside; int revoked; } ids[FAST_IDS];
 } fast = { .lock = PTHREAD_MUTEX_INITIALIZER, .idle = PTHREAD_COND_INITIALIZER };
 
 /* ---- the table of bound sessions ---- */
@@ -76,13 +78,27 @@ unsigned long long p11p_fast_allow(unsigned long real)
 	return id;
 }
 
+/* Ends a binding: no new call on it, and the calls inside the module on it end first
+ * (up to REVOKE_WAIT_S: a call hung longer is the daemon's to kill), so that the daemon's
+ * C_CloseSession that follows never meets a call still using the session. */
+#define REVOKE_WAIT_S 60
 void p11p_fast_revoke(unsigned long long id)
 {
 	unsigned i = (unsigned)(id & (FAST_IDS - 1));
+	struct timespec until;
 
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += REVOKE_WAIT_S;
 	pthread_mutex_lock(&fast.lock);
-	if (fast.ids[i].id == id)
+	if (fast.ids[i].id == id && !fast.ids[i].revoked) {
+		fast.ids[i].revoked = 1;
+		while (fast.ids[i].inside > 0) {
+			if (pthread_cond_timedwait(&fast.idle, &fast.lock, &until) == ETIMEDOUT)
+				break;
+		}
 		fast.ids[i].id = 0;
+		fast.ids[i].revoked = 0;
+	}
 	pthread_mutex_unlock(&fast.lock);
 }
 
@@ -105,8 +121,9 @@ static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real, unsigned *slot)
 	pthread_mutex_lock(&fast.lock);
 	if (fast.stopping) {
 		rv = CKR_CRYPTOKI_NOT_INITIALIZED;
-	} else if (id != 0 && fast.ids[i].id == id) {
+	} else if (id != 0 && fast.ids[i].id == id && !fast.ids[i].revoked) {
 		*real = fast.ids[i].real;
+		fast.ids[i].inside++;
 		fast.busy++;
 		*slot = FAST_MAX_CONNS;
 		for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
@@ -136,13 +153,17 @@ unsigned long long p11p_fast_stuck(void)
 	return oldest != 0 && now > oldest ? now - oldest : 0;
 }
 
-static void leave(unsigned slot)
+static void leave(uint64_t id, unsigned slot)
 {
+	unsigned i = (unsigned)(id & (FAST_IDS - 1));
+
 	pthread_mutex_lock(&fast.lock);
 	if (slot < FAST_MAX_CONNS)
 		fast.since[slot] = 0;
 	fast.served++;
-	if (--fast.busy == 0)
+	fast.ids[i].inside--;
+	/* one condition for both waits: stop (all calls out) and revoke (this id's out) */
+	if (--fast.busy == 0 || (fast.ids[i].revoked && fast.ids[i].inside == 0))
 		pthread_cond_broadcast(&fast.idle);
 	pthread_mutex_unlock(&fast.lock);
 }
@@ -441,7 +462,7 @@ static int serve_one(struct conn *c, const uint8_t *body, size_t len)
 		ret = sign_init(c, &r, s);
 	else
 		ret = sign(c, &r, s);
-	leave(slot);
+	leave(id, slot);
 	return ret;
 }
 
