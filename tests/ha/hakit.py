@@ -22,7 +22,7 @@ class HAGroup:
 
     def __init__(self, root: Path, hsm: SoftHSM, policy: str, tokens: list[str],
                  extra: str = "", rules: dict[str, str] | None = None,
-                 daemon_extra: str = "") -> None:
+                 daemon_extra: str = "", call_timeout: float = 1.5) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.rules = {t: root / f"{t}.rules" for t in tokens}
         self.faultlog = root / "faults.log"
@@ -39,7 +39,7 @@ env = {{ P11P_FAULTSIM_MODULE = "{SOFTHSM_SO}", P11P_FAULTSIM_RULES = "{self.rul
         body = f"""
 label = "ha"
 policy = "{policy}"
-call_timeout = 1.5
+call_timeout = {call_timeout}
 hold_timeout = 2
 {extra}
 [recovery]

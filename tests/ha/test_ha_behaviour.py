@@ -136,7 +136,9 @@ def test_balance_spreads_load_and_scales(ha_factory: Any) -> None:
 
 
 def test_drain_under_load(ha_factory: Any) -> None:
-    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    # no fault here: a call_timeout that a loaded machine's slow signature cannot pass
+    # (16 threads; `make test` runs two halves at once), so a hang is never mistaken
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"], call_timeout=5.0)
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(_load(group, 16, 6.0)))
     runner.start()

@@ -17,7 +17,7 @@ from hakit import HAGroup
 from kit import CLIENT_SO, USER_PIN, wait_for
 
 HERE = Path(__file__).resolve().parent
-THREADS, SECONDS = 4, 12.0
+THREADS, SECONDS = 4, 8.0
 
 
 def reload(group: HAGroup, text: str) -> None:
