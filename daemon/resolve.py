@@ -186,7 +186,10 @@ class HandleResolver:
         reply = await self.r.link.replayed(ctx, member, await self.translate(
             ctx, owner, member, shape, recipe.request, recipe.sources))
         if reply[0] != OK:
-            raise CKError(OBJECT_HANDLE_INVALID, f"remaking a session object: {rv_name(reply[0])}")
+            # refused where it was made before (a private half after a logout, say): lost,
+            # and answered as lost objects are (README, Limits), here and where used next
+            vobj.lost = f"remaking it: {rv_name(reply[0])}"
+            raise CKError(DEVICE_ERROR, f"session object {vobj.handle} lost: {vobj.lost}")
         for j, made in zip(shape.created, recipe.outputs, strict=False):
             if made is not None and isinstance(reply[j], int) and made.destroyed \
                     and made is not vobj:

@@ -787,3 +787,14 @@ def test_application_login_refused_by_a_member_without_a_user_pin(model_env: Env
     name = "application_login_refused_by_a_member_without_a_user_pin.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_getattr_of_a_pair_lost_after_logout(model_env: Env) -> None:
+    """Found by make soak under failover (8 of 43 steps): a session key pair, a logout,
+    its member failed: read from another session, the public half got
+    CKR_OBJECT_HANDLE_INVALID (the remake, refused without a login, answered as an
+    unknown handle); README says a lost session object answers CKR_DEVICE_ERROR, and
+    the harness allows only that."""
+    name = "getattr_of_a_pair_lost_after_logout.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
