@@ -107,26 +107,28 @@ def warnings(daemon: Daemon, text: str) -> list[str]:
     return [line for line in daemon.log_text().splitlines() if " WARNING " in line and text in line]
 
 
+def hello_and_work(daemon: Daemon, **hello: object) -> object:
+    """A raw client's hello, then calls that must be served; the daemon's answer."""
+    client = RawClient(daemon.socket)
+    try:
+        answer = client.hello(**hello)
+        works(client)
+        return answer
+    finally:
+        client.close()
+
+
 # ---- the daemon this build makes ----
 
 def test_an_older_client_keeps_working(daemon: Daemon) -> None:
     """Exactly the first hello, then calls: the same answer as always, and served."""
-    client = RawClient(daemon.socket)
-    try:
-        assert client.hello(p11p=1) == {"p11p": 1}
-        works(client)
-    finally:
-        client.close()
+    assert hello_and_work(daemon, p11p=1) == {"p11p": 1}
 
 
 def test_a_newer_client_gets_version_1(daemon: Daemon) -> None:
-    client = RawClient(daemon.socket)
-    try:
-        answer = client.hello(p11p=1, max=5, features=["later", "resume"], later={"x": 1})
-        assert answer == {"p11p": 1, "features": []}
-        works(client)
-    finally:
-        client.close()
+    answer = hello_and_work(daemon, p11p=1, max=5, features=["later", "resume"],
+                            later={"x": 1})
+    assert answer == {"p11p": 1, "features": []}
 
 
 def test_a_client_of_other_versions_is_refused_and_others_are_served(daemon: Daemon,
@@ -143,12 +145,7 @@ def test_a_client_of_other_versions_is_refused_and_others_are_served(daemon: Dae
     time.sleep(0.2)
     assert len(warnings(daemon, why)) == 1, daemon.log_text()[-2000:]
     # the daemon serves on: a raw client and the real library
-    client = RawClient(daemon.socket)
-    try:
-        assert client.hello(p11p=1) == {"p11p": 1}
-        works(client)
-    finally:
-        client.close()
+    assert hello_and_work(daemon, p11p=1) == {"p11p": 1}
     slots = pykcs11_p11p.getSlotList(tokenPresent=True)
     assert [pykcs11_p11p.getTokenInfo(s).label.strip() for s in slots] == ["signing"]
 

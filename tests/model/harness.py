@@ -847,7 +847,7 @@ class Runner:
         session's end makes every handle stale (SoftHSM2 forgets the slot's handles)."""
         self.logged_in[app] = False
         self.stale[app] |= {n for n, o in self.objs[app].items() if o.private or every_handle}
-        if any(self.env.rules.values()) or self.out_of_service() or self.killed:
+        if self.armed():
             for o in self.objs[app].values():  # a fault armed may take them now
                 if self.needs_login(app, o) and o.owner is not None:
                     self.tainted[app].add(o.owner)
@@ -858,7 +858,7 @@ class Runner:
         obj = self.objs[app].get(name or "")
         if obj is None or not obj.random or obj.token:
             return
-        armed = any(self.env.rules.values()) or self.out_of_service() or self.killed
+        armed = self.armed()
         for o in self.objs[app].values():  # what shares its bits is used with it
             if o is obj or (o.roots & obj.roots and not o.token):
                 o.used = True
@@ -925,6 +925,11 @@ class Runner:
 
     def used_random_objects(self) -> bool:
         return any(o.used and o.owner is not None for objs in self.objs for o in objs.values())
+
+    def armed(self) -> bool:
+        """A fault may still hit: a rule waits on a member, one is out of service, or a
+        helper was killed (p11p fails its member when it learns of it)."""
+        return any(self.env.rules.values()) or bool(self.out_of_service() or self.killed)
 
     def out_of_service(self) -> set[str]:
         return self.down | self.hung | self.drained
