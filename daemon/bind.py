@@ -71,6 +71,11 @@ class SessionBuilder:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
             vs.real[member] = real
+            if vs.member is member:
+                # its own member session was lost (a helper replaced), and this one is
+                # opened for a call that does not prepare (a token write): what the lost
+                # one held is replayed at the session's next prepare, not taken as there
+                vs.bare.add(member)
             await self.check_login(ctx, member, real)
         try:
             await self.login_on(ctx, vs.group, member, real)

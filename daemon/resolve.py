@@ -185,6 +185,13 @@ class HandleResolver:
         shape = SHAPES[recipe.request[0]]
         reply = await self.r.link.replayed(ctx, member, await self.translate(
             ctx, owner, member, shape, recipe.request, recipe.sources))
+        if reply[0] == OBJECT_HANDLE_INVALID and recipe.sources:
+            # a source the daemon knows on the member was refused: the member lost it
+            # (it is looked up again) or p11p's session (reset); the call is placed again
+            # and the remake tried once more, as for any call (DESIGN, Failure handling)
+            if not await self.objects_lost(ctx, owner, member, shape, recipe.request):
+                await self.r.failures.reset_member(ctx, member)
+            raise SessionVanished
         if reply[0] != OK:
             # refused where it was made before (a private half after a logout, say): lost,
             # and answered as lost objects are (README, Limits), here and where used next

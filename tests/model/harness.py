@@ -377,6 +377,20 @@ class Documented:
 
 
     @staticmethod
+    def lost_operation_beside(runner: Runner, app: int, step: dict[str, Any],
+                              p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: "an operation that cannot be replayed [...] answers
+        CKR_DEVICE_ERROR at its next call and is over. The session and everything else in
+        it go on": the member session it went to has no such operation, so another
+        operation or a search starts there, where SoftHSM2 used directly answers
+        CKR_OPERATION_ACTIVE. Allowed for an init in a session that may have lost state
+        (as unreplayable_session_state) while an operation is active in it."""
+        sess = runner.sessions[app].get(step.get("s", ""))
+        return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and p.get("rv") == OK
+                and step["op"] in ("opinit", "find_init") and sess is not None
+                and bool(sess.ops) and step.get("s") in runner.tainted[app])
+
+    @staticmethod
     def search_in_progress(runner: Runner, app: int, step: dict[str, Any],
                            p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "A search is answered by p11p [...] while one is in progress in
@@ -645,6 +659,9 @@ class Runner:
                 if key == "rv" and Documented.operation_kept_after_a_refused_end(
                         self, app, step, p, r):
                     self.diverge(app, step["s"])
+                    return
+                if key == "rv" and Documented.lost_operation_beside(self, app, step, p, r):
+                    self.diverge(app, step["s"])  # the lost operation is over on p11p's side
                     return
                 if key == "rv" and Documented.search_in_progress(self, app, step, p, r):
                     self.diverge(app, step["s"])  # an operation may run on p11p's side
