@@ -628,6 +628,11 @@ static CK_RV sign_to_daemon(CK_SESSION_HANDLE h, int why)
 	mech.mechanism = type;
 	rv = p11p_wire_C_SignInit(h, &mech, key);
 	set_sign(h, rv == CKR_OK ? OP_DAEMON : OP_NONE, 0, 0);
+	/* its key destroyed meanwhile: the operation cannot go on, and the caller (a sign
+	 * call that continues it) knows no key handle code (PKCS#11 §5.13 lists
+	 * CKR_OPERATION_NOT_INITIALIZED, which the token gives here) */
+	if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID)
+		rv = CKR_OPERATION_NOT_INITIALIZED;
 	return rv;
 }
 

@@ -691,14 +691,13 @@ def test_encrypt_final_after_its_keys_session_closed(model_env: Env) -> None:
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
 
 
-@pytest.mark.xfail(strict=True, reason="the direct path (issue 13 replaces it): passes "
-                   "with direct_calls = false")
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_sign_update_after_its_key_destroyed(model_env: Env) -> None:
     """Found by make soak under failover (9 of 53 steps, no fault): C_SignInit with a
     generated token key, the key destroyed, then C_SignUpdate: p11p answered
     CKR_OBJECT_HANDLE_INVALID where SoftHSM2 says CKR_OPERATION_NOT_INITIALIZED. Only
-    with the direct path on (a failed C_SignInit before it is part of the sequence)."""
+    with the direct path on: the operation moving to the daemon for its update began
+    again there, and the init's answer for the destroyed key reached C_SignUpdate."""
     name = "sign_update_after_its_key_destroyed.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
