@@ -645,6 +645,10 @@ class Runner:
                     return
                 if key == "rv" and Documented.general_error_with_no_other_member(
                         self, app, step, p, r):
+                    if step["op"] in ("find_init", "opinit", "update") and r.get("rv") == OK:
+                        # begun or continued on the token, refused through p11p
+                        self.diverge(app, step["s"])
+                        return
                     self.allowed += 1
                     self.align_login(app, step, p, r)
                     return
@@ -830,6 +834,8 @@ class Runner:
             obj = Obj(kind, token, None if token else s, random, app=app, private=private,
                       copied=op == "copy", roots=roots,
                       used=any(o is not None and o.used and o.roots for o in src))
+            if obj.used and obj.owner is not None and self.armed():
+                self.tainted[app].add(obj.owner)  # made of used bits a fault may take
             objs[step["o"]] = obj
             self.made[step["o"]] = obj
         elif op == "genpair":
