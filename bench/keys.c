@@ -117,6 +117,9 @@ CK_RV bench_keys_get(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s, unsigned need,
 		  "C_GenerateKeyPair(" BENCH_LABEL_EC ")" },
 		{ BENCH_KEY_RSA, CKO_PRIVATE_KEY, BENCH_LABEL_RSA, &keys->rsa, generate_rsa,
 		  "C_GenerateKeyPair(" BENCH_LABEL_RSA ")" },
+		/* after its private half, with which it is generated */
+		{ BENCH_KEY_EC_PUB, CKO_PUBLIC_KEY, BENCH_LABEL_EC, &keys->ec_pub, NULL,
+		  "public key " BENCH_LABEL_EC },
 	};
 	memset(keys, 0, sizeof(*keys));
 	for (size_t i = 0; i < COUNT(table); i++) {
@@ -127,8 +130,8 @@ CK_RV bench_keys_get(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s, unsigned need,
 			return rv;
 		if (*table[i].slot != CK_INVALID_HANDLE)
 			continue;
-		if (!generate) {
-			*what = table[i].label;
+		if (!generate || table[i].make == NULL) {
+			*what = table[i].make ? table[i].label : table[i].make_name;
 			return CKR_KEY_HANDLE_INVALID;
 		}
 		rv = table[i].make(f, s, table[i].slot);
