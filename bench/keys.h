@@ -5,11 +5,11 @@
 #include "cryptoki.h"
 
 #define BENCH_LABEL_AES "bench-aes" /* AES-256 secret key, CKA_ID be01 */
-#define BENCH_LABEL_EC "bench-ec"   /* EC P-256 key pair, CKA_ID be02 */
+#define BENCH_LABEL_EC "bench-ec"   /* EC P-256 key pair, CKA_ID be02, the same on every token */
 #define BENCH_LABEL_RSA "bench-rsa" /* RSA-2048 key pair, CKA_ID be03 */
 
-/* BENCH_KEY_EC_PUB is the public half of bench-ec: generated with the private one, never
- * on its own. */
+/* BENCH_KEY_EC_PUB is the public half of bench-ec: made with the private one, never on
+ * its own. */
 enum { BENCH_KEY_AES = 1, BENCH_KEY_EC = 2, BENCH_KEY_RSA = 4, BENCH_KEY_EC_PUB = 8,
        BENCH_KEY_ALL = 15 };
 
