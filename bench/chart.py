@@ -21,7 +21,7 @@ def draw(results: dict, path: Path) -> None:
     ops, threads = m.get("ops", []), m.get("threads", [])
     configs = [c for c in CONFIGS if c in m.get("configs", [])]
     panels = len(ops) + (1 if results.get("modeled") else 0)
-    cols = 3
+    cols = 4
     rows = max(1, -(-panels // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     width = 0.8 / max(1, len(configs))
@@ -53,8 +53,9 @@ def draw(results: dict, path: Path) -> None:
         axes[i // cols][i % cols].axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c]) for c in configs]
     top = 1 - 0.9 / (3.6 * rows)
-    fig.legend(handles, [TITLES[c] for c in configs], loc="upper center", ncol=len(configs),
-               frameon=False, fontsize=11, bbox_to_anchor=(0.5, top + 0.35 / (3.6 * rows)))
+    if configs:  # none without the matrix (--only)
+        fig.legend(handles, [TITLES[c] for c in configs], loc="upper center", ncol=len(configs),
+                   frameon=False, fontsize=11, bbox_to_anchor=(0.5, top + 0.35 / (3.6 * rows)))
     fig.suptitle("p11p benchmark — operations per second, higher is better "
                  "(✗: errors, or the operation is not supported)", y=0.998, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, top))

@@ -6,6 +6,9 @@
 - PSS: the helpers' average PSS (/proc/PID/smaps_rollup) with `--apps` applications
   open on a two-member group.
 
+`bench/run.py` (its startup and footprint sections) measures with these same functions.
+The daemons log at info, as the benchmark's do.
+
     python3 bench/helper_costs.py [--starts 20] [--runs 50] [--apps 20]
 """
 
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,7 +48,9 @@ sys.stdin.read()
 """
 
 
-async def _starts(hsm: SoftHSM, count: int, forked: bool) -> list[float]:
+async def starts(hsm: SoftHSM, count: int, forked: bool) -> list[float]:
+    """Seconds from HelperProcess.start to the helper's ready frame, `count` times (the
+    fork server's own start, the first time, not counted)."""
     forkserver.enabled = forked
     times = []
     for i in range(count + 1):
@@ -58,10 +64,25 @@ async def _starts(hsm: SoftHSM, count: int, forked: bool) -> list[float]:
 
 
 def _group(root: Path, hsm: SoftHSM, members: list[str], forked: bool) -> Daemon:
+    """A daemon (not started) serving group `bench`, whose members are the tokens named."""
     body = 'label = "bench"\npolicy = "balance"\n' + "".join(
         f'[[member]]\nname = "{m}"\nmodule = "{SOFTHSM_SO}"\ntoken = "{m}"\n'
         f'env = {{ SOFTHSM2_CONF = "{hsm.conf}" }}\n' for m in members)
     return Daemon(root, {"bench": body}, f"fork_server = {str(forked).lower()}\n")
+
+
+def tool_runs(module: Path, args: list[str], env: dict[str, str], runs: int) -> dict[str, Any]:
+    """`runs` short-lived `pkcs11-tool --module MODULE ARGS` one after the other: their
+    wall time, and how many failed (with the last one's stderr)."""
+    failures, error = 0, ""
+    t0 = time.monotonic()
+    for _ in range(runs):
+        r = subprocess.run(["pkcs11-tool", "--module", str(module), *args], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, **env})
+        if r.returncode != 0:
+            failures += 1
+            error = f"exit {r.returncode}: {r.stderr.strip()[-300:]}"
+    return {"runs": runs, "wall_s": time.monotonic() - t0, "failures": failures, "error": error}
 
 
 def _cpu(daemon: Daemon) -> float:
@@ -73,29 +94,40 @@ def _cpu(daemon: Daemon) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu_per_app(root: Path, hsm: SoftHSM, runs: int, forked: bool) -> tuple[float, float]:
-    """(CPU ms per application, wall s of the runs)."""
+def cpu_per_app(root: Path, hsm: SoftHSM, runs: int, forked: bool,
+                members: tuple[str, ...] = ("b1",), tool_args: tuple[str, ...] = ("-O",),
+                settle: float = 1.0) -> dict[str, Any]:
+    """`runs` × `pkcs11-tool --module p11p-client.so TOOL_ARGS` on a fresh daemon (group
+    `bench` over `members`): tool_runs' figures, and the daemon's and helpers' CPU per
+    application in ms (less an idle daemon's, started and stopped the same way). `settle`:
+    seconds for the warm pool to fill after the start (half as long after the runs)."""
     totals = []
-    wall = 0.0
+    result: dict[str, Any] = {}
     for n in (0, runs):
-        daemon = _group(root / f"cpu-{forked}-{n}", hsm, ["b1"], forked).start()
-        time.sleep(1.0)
-        t0 = time.monotonic()
-        for _ in range(n):
-            subprocess.run(["pkcs11-tool", "--module", str(CLIENT_SO), "-O"], check=True,
-                           capture_output=True, env={**os.environ, **daemon.env})
-        if n:
-            wall = time.monotonic() - t0
-        else:
-            time.sleep(0.5)
-        time.sleep(0.5)
-        totals.append(_cpu(daemon))
-    return (totals[1] - totals[0]) / runs * 1000, wall
+        daemon = _group(root / f"cpu-{forked}-{n}", hsm, list(members), forked)
+        daemon.start(log_level="info")
+        try:
+            time.sleep(settle)  # the warm pool fills
+            if n:
+                result = tool_runs(CLIENT_SO, list(tool_args), daemon.env, n)
+            else:
+                time.sleep(settle / 2)
+            time.sleep(settle / 2)
+            totals.append(_cpu(daemon))
+        finally:
+            daemon.stop()
+    result.update(idle_cpu_s=totals[0], loaded_cpu_s=totals[1],
+                  cpu_ms_per_app=(totals[1] - totals[0]) / runs * 1000)
+    return result
 
 
-def _pss(root: Path, hsm: SoftHSM, apps: int, forked: bool) -> tuple[float, int]:
-    """(average helper PSS in MB, helpers) with `apps` applications open."""
-    daemon = _group(root / f"pss-{forked}", hsm, ["b1", "b2"], forked).start()
+def helper_pss(root: Path, hsm: SoftHSM, apps: int, forked: bool,
+               members: tuple[str, ...] = ("b1", "b2"), settle: float = 1.0) -> dict[str, Any]:
+    """The helpers' PSS in MB (MiB) with `apps` applications (each a session open, not
+    logged in) on group `bench` over `members`, `settle` seconds after the last one
+    started: mean, min, max, how many helpers."""
+    daemon = _group(root / f"pss-{forked}", hsm, list(members), forked)
+    daemon.start(log_level="info")
     procs = []
     try:
         for _ in range(apps):
@@ -104,13 +136,15 @@ def _pss(root: Path, hsm: SoftHSM, apps: int, forked: bool) -> tuple[float, int]
                                  env={**os.environ, **daemon.env})
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
             procs.append(p)
-        time.sleep(1.0)
+        time.sleep(settle)
         pss = []
         for pid in helper_pids(daemon.pid):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     pss.append(int(line.split()[1]) / 1024)
-        return statistics.mean(pss), len(pss)
+        return {"apps": apps, "members": len(members), "helpers": len(pss),
+                "mean_mb": statistics.mean(pss) if pss else None,
+                "min_mb": min(pss, default=None), "max_mb": max(pss, default=None)}
     finally:
         for p in procs:
             p.kill()
@@ -131,15 +165,16 @@ def main() -> None:
             hsm.init_token(label)
         for forked in (False, True):
             name = "fork server" if forked else "own process"
-            times = asyncio.run(_starts(hsm, args.starts, forked))
+            times = asyncio.run(starts(hsm, args.starts, forked))
             print(f"{name}: helper start to ready frame: median {statistics.median(times) * 1000:.1f} ms "
                   f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, n={len(times)})")
-            cpu, wall = _cpu_per_app(root, hsm, args.runs, forked)
-            print(f"{name}: {args.runs} x pkcs11-tool -O: {wall:.2f} s; daemon+helper CPU "
-                  f"{cpu:.1f} ms per application")
-            pss, helpers = _pss(root, hsm, args.apps, forked)
-            print(f"{name}: {args.apps} applications on two members: {helpers} helpers, "
-                  f"average PSS {pss:.2f} MB")
+            cpu = cpu_per_app(root, hsm, args.runs, forked)
+            failed = f" ({cpu['failures']} failed: {cpu['error']})" if cpu["failures"] else ""
+            print(f"{name}: {args.runs} x pkcs11-tool -O: {cpu['wall_s']:.2f} s{failed}; "
+                  f"daemon+helper CPU {cpu['cpu_ms_per_app']:.1f} ms per application")
+            pss = helper_pss(root, hsm, args.apps, forked)
+            print(f"{name}: {args.apps} applications on two members: {pss['helpers']} helpers, "
+                  f"average PSS {pss['mean_mb']:.2f} MB")
 
 
 if __name__ == "__main__":

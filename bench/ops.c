@@ -15,6 +15,18 @@ static CK_RV op_random(bench_ctx *ctx, const char **what)
 	return CKR_OK;
 }
 
+/* C_GetSessionInfo of the thread's session: a call that never reaches a crypto engine.
+ * The threads' sessions are read-write and the application is logged in. */
+static CK_RV op_session_info(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_SESSION_INFO info;
+	CALL(C_GetSessionInfo, (ctx->session, &info));
+	EXPECT(info.slotID == ctx->slot && info.state == CKS_RW_USER_FUNCTIONS &&
+	       (info.flags & CKF_RW_SESSION), "C_GetSessionInfo");
+	return CKR_OK;
+}
+
 static CK_RV op_sha256(bench_ctx *ctx, const char **what)
 {
 	CK_RV rv;
@@ -23,6 +35,21 @@ static CK_RV op_sha256(bench_ctx *ctx, const char **what)
 	CALL(C_DigestInit, (ctx->session, &mech));
 	CALL(C_Digest, (ctx->session, ctx->input, 1024, ctx->output, &len));
 	EXPECT(len == 32, "C_Digest");
+	return CKR_OK;
+}
+
+/* The same kilobyte in four parts: C_DigestInit, 4 × C_DigestUpdate of 256 bytes,
+ * C_DigestFinal. */
+static CK_RV op_sha256_parts(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_SHA256, NULL, 0 };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_DigestInit, (ctx->session, &mech));
+	for (size_t part = 0; part < 4; part++)
+		CALL(C_DigestUpdate, (ctx->session, ctx->input + part * 256, 256));
+	CALL(C_DigestFinal, (ctx->session, ctx->output, &len));
+	EXPECT(len == 32, "C_DigestFinal");
 	return CKR_OK;
 }
 
@@ -62,6 +89,19 @@ static CK_RV op_aes_cbc(bench_ctx *ctx, const char **what)
 	return CKR_OK;
 }
 
+/* The same data and calls as aes-gcm-1k, with CKM_AES_ECB (no parameter): what p11-kit's
+ * remoting can carry, to compare aes-gcm-1k through p11p with. */
+static CK_RV op_aes_ecb(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_AES_ECB, NULL, 0 };
+	CK_ULONG len = sizeof(ctx->output);
+	CALL(C_EncryptInit, (ctx->session, &mech, ctx->keys->aes));
+	CALL(C_Encrypt, (ctx->session, ctx->input, 1024, ctx->output, &len));
+	EXPECT(len == 1024, "C_Encrypt");
+	return CKR_OK;
+}
+
 static CK_RV op_ecdsa(bench_ctx *ctx, const char **what)
 {
 	CK_RV rv;
@@ -70,6 +110,40 @@ static CK_RV op_ecdsa(bench_ctx *ctx, const char **what)
 	CALL(C_SignInit, (ctx->session, &mech, ctx->keys->ec));
 	CALL(C_Sign, (ctx->session, ctx->input, 32, ctx->output, &len));
 	EXPECT(len == 64, "C_Sign");
+	return CKR_OK;
+}
+
+/* ecdsa-p256-verify's fixture: a signature of fixed data by bench-ec, made once. */
+static CK_RV prepare_ecdsa_verify(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s,
+				  const bench_keys *keys, bench_fixture *fx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+	for (size_t i = 0; i < sizeof(fx->data); i++)
+		fx->data[i] = (unsigned char)(0xa5 ^ (i * 13));
+	fx->signature_len = sizeof(fx->signature);
+	rv = f->C_SignInit(s, &mech, keys->ec);
+	if (rv != CKR_OK)
+		FAIL("C_SignInit (preparing the signature)");
+	rv = f->C_Sign(s, fx->data, sizeof(fx->data), fx->signature, &fx->signature_len);
+	if (rv != CKR_OK)
+		FAIL("C_Sign (preparing the signature)");
+	if (fx->signature_len != 64) {
+		*what = "C_Sign (preparing the signature)";
+		return BENCH_BAD_OUTPUT;
+	}
+	return CKR_OK;
+}
+
+/* C_VerifyInit(CKM_ECDSA, the public key) + C_Verify of the fixture's valid signature. */
+static CK_RV op_ecdsa_verify(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+	const bench_fixture *fx = ctx->fixture;
+	CALL(C_VerifyInit, (ctx->session, &mech, ctx->keys->ec_pub));
+	CALL(C_Verify, (ctx->session, (CK_BYTE_PTR)fx->data, sizeof(fx->data),
+			(CK_BYTE_PTR)fx->signature, fx->signature_len));
 	return CKR_OK;
 }
 
@@ -108,6 +182,18 @@ static CK_RV op_find(bench_ctx *ctx, const char **what)
 	return CKR_OK;
 }
 
+/* A session of its own, opened and closed; the thread's session stays open (and with it
+ * the application's login). */
+static CK_RV op_open_close(bench_ctx *ctx, const char **what)
+{
+	CK_RV rv;
+	CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+	CALL(C_OpenSession, (ctx->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s));
+	EXPECT(s != CK_INVALID_HANDLE, "C_OpenSession");
+	CALL(C_CloseSession, (s));
+	return CKR_OK;
+}
+
 void bench_ctx_reopen(bench_ctx *ctx)
 {
 	ctx->f->C_CloseSession(ctx->session); /* errors ignored: it may already be gone */
@@ -117,14 +203,20 @@ void bench_ctx_reopen(bench_ctx *ctx)
 }
 
 static const bench_op ops[] = {
-	{ "random-32", 0, op_random },
-	{ "sha256-1k", 0, op_sha256 },
-	{ "aes-gcm-1k", BENCH_KEY_AES, op_aes_gcm },
-	{ "aes-cbc-1k", BENCH_KEY_AES, op_aes_cbc },
-	{ "ecdsa-p256-sign", BENCH_KEY_EC, op_ecdsa },
-	{ "rsa2048-sign", BENCH_KEY_RSA, op_rsa },
-	{ "sign-twocall", BENCH_KEY_EC, op_sign_twocall },
-	{ "find", BENCH_KEY_EC, op_find },
+	{ "random-32", 0, op_random, NULL },
+	{ "session-info", 0, op_session_info, NULL },
+	{ "sha256-1k", 0, op_sha256, NULL },
+	{ "sha256-4x256", 0, op_sha256_parts, NULL },
+	{ "aes-gcm-1k", BENCH_KEY_AES, op_aes_gcm, NULL },
+	{ "aes-cbc-1k", BENCH_KEY_AES, op_aes_cbc, NULL },
+	{ "aes-ecb-1k", BENCH_KEY_AES, op_aes_ecb, NULL },
+	{ "ecdsa-p256-sign", BENCH_KEY_EC, op_ecdsa, NULL },
+	{ "ecdsa-p256-verify", BENCH_KEY_EC | BENCH_KEY_EC_PUB, op_ecdsa_verify,
+	  prepare_ecdsa_verify },
+	{ "rsa2048-sign", BENCH_KEY_RSA, op_rsa, NULL },
+	{ "sign-twocall", BENCH_KEY_EC, op_sign_twocall, NULL },
+	{ "open-close", 0, op_open_close, NULL },
+	{ "find", BENCH_KEY_EC, op_find, NULL },
 };
 
 const bench_op *bench_op_find(const char *name)
@@ -137,6 +229,7 @@ const bench_op *bench_op_find(const char *name)
 
 const char *bench_op_names(void)
 {
-	return "random-32, sha256-1k, aes-gcm-1k, aes-cbc-1k, ecdsa-p256-sign, rsa2048-sign, "
-	       "sign-twocall, find";
+	return "random-32, session-info, sha256-1k, sha256-4x256, aes-gcm-1k, aes-cbc-1k, "
+	       "aes-ecb-1k, ecdsa-p256-sign, ecdsa-p256-verify, rsa2048-sign, sign-twocall, "
+	       "open-close, find";
 }

@@ -13,7 +13,7 @@ static void usage(const char *prog)
 		"          [--op NAME --threads N --seconds S [--warmup S] [--timeline]]\n"
 		"          [--hold SESSIONS]\n"
 		"Prints one JSON line. Operations: %s.\n"
-		"--setup generates the keys that are missing (bench-aes, bench-ec, bench-rsa).\n"
+		"--setup makes the keys that are missing (bench-aes, bench-ec, bench-rsa).\n"
 		"--hold opens SESSIONS sessions (each used once), prints a line, and keeps them\n"
 		"until stdin closes.\n",
 		prog, bench_op_names());

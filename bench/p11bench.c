@@ -75,9 +75,16 @@ static void say_measuring(void)
 }
 
 static int timed_run(const bench_options *o, CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot,
-		     const bench_op *op, const bench_keys *keys)
+		     CK_SESSION_HANDLE main_session, const bench_op *op, const bench_keys *keys)
 {
-	bench_run_spec spec = { .f = f, .slot = slot, .keys = keys, .op = op,
+	bench_fixture fixture = { 0 };
+	const char *what = NULL;
+	CK_RV rv = op->prepare ? op->prepare(f, main_session, keys, &fixture, &what) : CKR_OK;
+	if (rv != CKR_OK) {
+		bench_report_failure(stdout, o, what, rv);
+		return 1;
+	}
+	bench_run_spec spec = { .f = f, .slot = slot, .keys = keys, .fixture = &fixture, .op = op,
 				.threads = o->threads, .seconds = o->seconds,
 				.warmup = o->warmup,
 				.on_measure = o->timeline ? say_measuring : NULL };
@@ -125,7 +132,7 @@ int main(int argc, char **argv)
 	} else if (o.hold > 0) {
 		status = hold_sessions(&o, m.f, slot, main_session, keys.created);
 	} else if (op != NULL) {
-		status = timed_run(&o, m.f, slot, op, &keys);
+		status = timed_run(&o, m.f, slot, main_session, op, &keys);
 	} else {
 		bench_report_status(stdout, &o, keys.created, "\"setup\":true");
 		status = 0;

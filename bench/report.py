@@ -1,12 +1,14 @@
 """Writes what a benchmark run measured: results.json (every figure), results.md (the
-tables a reader wants), and the ratios p11p/direct and p11p/p11-kit per operation."""
+tables a reader wants: the targets, issue 13's first), and the ratios p11p/direct and
+p11p/p11-kit per operation."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from targets import find_run, ratio
+from targets import GROUPS, find_run, ratio
 
 CONFIGS = ("direct", "p11p", "p11p-balance", "p11-kit")
 TITLES = {"direct": "SoftHSM2 direct", "p11p": "p11p (1 member)",
@@ -72,7 +74,7 @@ def markdown(results: dict) -> str:
     meta = results.get("meta", {})
     m = results.get("matrix", {})
     configs = [c for c in CONFIGS if c in m.get("configs", [])]
-    repeat = f" · median of {m['repeat']} runs" if (m.get("repeat") or 1) > 1 else ""
+    repeat = f" · best of {m['repeat']} runs" if (m.get("repeat") or 1) > 1 else ""
     lines = ["# p11p benchmark", "",
              f"{meta.get('date', '')} · {meta.get('cpus', '?')} CPUs · {meta.get('kernel', '')} · "
              f"{m.get('seconds', '?')} s per run after {m.get('warmup', '?')} s warm-up"
@@ -82,29 +84,33 @@ def markdown(results: dict) -> str:
              f"{_load(meta.get('load_average_end'))} at the end · commit {meta.get('commit', '?')}",
              ""]
     lines += ["## Targets", ""]
-    lines += _table(["target", "wanted", "measured", "result"],
-                    [[t["name"], t["target"], t["shown"], t["status"]]
-                     for t in results.get("targets", [])])
-    lines += ["## Operations: throughput (ops/s)", "",
-              "Each thread has its own session and repeats the operation; a ✗ cell had errors "
-              "(the first kind is named).", ""]
-    rows = []
-    by_key = {(r["op"], r["threads"]): r for r in results.get("ratios", [])}
-    for op in m.get("ops", []):
-        for threads in m.get("threads", []):
-            rt = by_key.get((op, threads), {})
-            rows.append([op, str(threads)] +
-                        [_ops(find_run(results, c, op, threads)) for c in configs] +
-                        [_x(rt.get("p11p/direct")), _x(rt.get("p11p/p11-kit")),
-                         _x(rt.get("p11p-balance/direct")), _x(rt.get("p11p-balance/p11-kit"))])
-    lines += _table(["operation", "threads"] + [TITLES[c] for c in configs] +
-                    ["p11p/direct", "p11p/p11-kit", "balance/direct", "balance/p11-kit"], rows)
-    lines += ["## Operations: latency p50 / p99 (µs)", ""]
-    rows = [[op, str(t)] + [_lat(find_run(results, c, op, t)) for c in configs]
-            for op in m.get("ops", []) for t in m.get("threads", [])]
-    lines += _table(["operation", "threads"] + [TITLES[c] for c in configs], rows)
+    for group in GROUPS:
+        lines += [f"### {group[0].upper()}{group[1:]}", ""]
+        lines += _table(["target", "wanted", "measured", "result"],
+                        [[t["name"], t["target"], t["shown"], t["status"]]
+                         for t in results.get("targets", []) if t.get("group") == group])
+    if m:  # the matrix ran
+        lines += ["## Operations: throughput (ops/s)", "",
+                  "Each thread has its own session and repeats the operation; a ✗ cell had errors "
+                  "(the first kind is named).", ""]
+        rows = []
+        by_key = {(r["op"], r["threads"]): r for r in results.get("ratios", [])}
+        for op in m.get("ops", []):
+            for threads in m.get("threads", []):
+                rt = by_key.get((op, threads), {})
+                rows.append([op, str(threads)] +
+                            [_ops(find_run(results, c, op, threads)) for c in configs] +
+                            [_x(rt.get("p11p/direct")), _x(rt.get("p11p/p11-kit")),
+                             _x(rt.get("p11p-balance/direct")), _x(rt.get("p11p-balance/p11-kit"))])
+        lines += _table(["operation", "threads"] + [TITLES[c] for c in configs] +
+                        ["p11p/direct", "p11p/p11-kit", "balance/direct", "balance/p11-kit"], rows)
+        lines += ["## Operations: latency p50 / p99 (µs)", ""]
+        rows = [[op, str(t)] + [_lat(find_run(results, c, op, t)) for c in configs]
+                for op in m.get("ops", []) for t in m.get("threads", [])]
+        lines += _table(["operation", "threads"] + [TITLES[c] for c in configs], rows)
     lines += _modeled(results.get("modeled"))
     lines += _failover(results.get("failover"))
+    lines += _startup(results.get("startup"))
     lines += _footprint(results.get("footprint"))
     errors = results.get("section_errors", {})
     if errors:
@@ -147,6 +153,32 @@ def _failover(fo: dict | None) -> list[str]:
     return lines
 
 
+def _startup(st: dict[str, Any] | None) -> list[str]:
+    if not st:
+        return []
+    lines = ["## Start-up of short-lived applications", "",
+             f"`{st.get('command')}`, {st.get('runs')} times one after the other. p11p: a "
+             "fresh one-member daemon (fork server on); its CPU and its helpers' (reaped "
+             "descendants) less an idle daemon's, per application.", ""]
+    rows = []
+    for name in ("direct", "p11-kit", "p11p"):
+        r = st.get(name)
+        if not r:
+            continue
+        runs = r.get("runs") or 1
+        cpu = f"{r['cpu_ms_per_app']:.1f} ms" if r.get("cpu_ms_per_app") is not None else "—"
+        rows.append([TITLES.get(name, name).replace(" (1 member)", ""), f"{r['wall_s']:.2f} s",
+                     f"{r['wall_s'] / runs * 1000:.0f} ms", str(r.get("failures")), cpu])
+    lines += _table(["configuration", "wall time", "per application", "failed",
+                     "daemon + helper CPU per application"], rows)
+    hs = st.get("helper_start_ms")
+    if hs:
+        lines += [f"A helper's start through the fork server, to its ready frame: median "
+                  f"{hs['median']:.1f} ms (min {hs['min']:.1f}, max {hs['max']:.1f}, "
+                  f"n = {hs['n']}).", ""]
+    return lines
+
+
 def _footprint(fp: dict | None) -> list[str]:
     if not fp:
         return []
@@ -162,6 +194,17 @@ def _footprint(fp: dict | None) -> list[str]:
              mb(loaded.get("daemon_mb")), str(loaded.get("helpers")),
              mb(loaded.get("helper_max_mb")), mb(loaded.get("helpers_total_mb")),
              str(loaded.get("member_sessions"))]]
-    return ["## Footprint (VmRSS)", "", "One-member group; each application holds its "
-            "sessions open (each used once).", ""] + _table(
+    lines = ["## Footprint (VmRSS)", "", "One-member group; each application holds its "
+             "sessions open (each used once).", ""] + _table(
         ["load", "daemon", "helpers", "largest helper", "all helpers", "member sessions"], rows)
+    pss = fp.get("pss")
+    if pss:
+        lines += ["## Helpers' PSS", ""]
+        if pss.get("mean_mb") is None:
+            lines += [f"Not measured: {pss.get('error', 'no helper')}", ""]
+        else:
+            lines += [f"{pss['apps']} applications (a session each, not logged in) on a "
+                      f"{pss.get('members', 2)}-member group: {pss['helpers']} helpers, PSS "
+                      f"(/proc/PID/smaps_rollup) average {pss['mean_mb']:.2f} MB, min "
+                      f"{pss['min_mb']:.2f}, max {pss['max_mb']:.2f}.", ""]
+    return lines

@@ -90,7 +90,8 @@ int bench_run(const bench_run_spec *spec, bench_run_result *result)
 		worker *w = &workers[i];
 		w->spec = spec;
 		w->sh = &sh;
-		w->ctx = (bench_ctx){ .f = spec->f, .slot = spec->slot, .keys = spec->keys };
+		w->ctx = (bench_ctx){ .f = spec->f, .slot = spec->slot, .keys = spec->keys,
+				      .fixture = spec->fixture };
 		for (size_t b = 0; b < sizeof(w->ctx.input); b++)
 			w->ctx.input[b] = (unsigned char)(b * 7 + (size_t)i);
 		if (bench_recorder_init(&w->rec, seconds) != 0 ||

@@ -9,6 +9,7 @@ typedef struct bench_run_spec {
 	CK_FUNCTION_LIST_PTR f;
 	CK_SLOT_ID slot;
 	const bench_keys *keys;
+	const bench_fixture *fixture; /* what op->prepare made */
 	const bench_op *op;
 	int threads;
 	double seconds; /* measured time */

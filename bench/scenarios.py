@@ -1,18 +1,25 @@
 """The benchmark's scenarios beyond the operation matrix: modeled HSMs (members behind
 p11p-faultsim.so that add 2 ms per call and serve 2 calls at once), the cost of a member
-failing under load, and the memory footprint of the daemon and its helpers."""
+failing under load, what short-lived applications cost at start-up, and the memory
+footprint of the daemon and its helpers. The start-up figures and the helpers' PSS are
+measured by bench/helper_costs.py's functions."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from configs import SOFTHSM_SO, Tokens, kit, p11p
-from runner import Holder, Target, measure, parse
+from configs import SOFTHSM_SO, Tokens, kit, p11kit, p11p
+from runner import PIN, Holder, Target, measure, parse
 
 MODELED_RULES = "* delay ms=2\nconcurrency 2\n"
 FAILOVER_SETTINGS = """call_timeout = 5
@@ -114,23 +121,75 @@ def failover(tokens: Tokens, root: Path, threads: int, seconds: float, times: tu
             "p99_us": result.get("p99_us"), "max_us": result.get("max_us")}
 
 
-def footprint(tokens: Tokens, root: Path, apps: int, sessions: int, log=print) -> dict:
+# What every short-lived application of the start-up section does: log in, list objects.
+TOOL_ARGS = ("--login", "--pin", PIN, "-O")
+
+
+def startup(tokens: Tokens, root: Path, runs: int, starts: int, settle: float = 1.0,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`runs` short-lived `pkcs11-tool --token-label L --login --pin 1234 -O` one after
+    the other through p11-kit's remoting, through p11p (a fresh one-member daemon with
+    the default fork server, whose CPU, and its helpers', is measured less an idle
+    daemon's) and on the module directly; and a helper's start through the fork server,
+    `starts` times. `settle`: helper_costs.cpu_per_app's."""
+    import helper_costs  # imports p11p: here, so that only this section needs it
+
+    if shutil.which("pkcs11-tool") is None:
+        raise RuntimeError("pkcs11-tool is not installed (Debian's opensc): not measured")
+    token = tokens.labels[0]
+    out: dict[str, Any] = {"runs": runs, "command": "pkcs11-tool --module MODULE --token-label "
+                           "LABEL " + " ".join(TOOL_ARGS)}
+    with p11kit(tokens, root / "p11-kit", token) as remote:
+        out["p11-kit"] = helper_costs.tool_runs(remote.module, ["--token-label", token,
+                                                                *TOOL_ARGS], remote.env, runs)
+    log(_tool_line("p11-kit", out["p11-kit"]))
+    out["p11p"] = helper_costs.cpu_per_app(root / "p11p", tokens.hsm, runs, True, (token,),
+                                           ("--token-label", "bench", *TOOL_ARGS), settle)
+    log(_tool_line("p11p", out["p11p"]) +
+        f"; daemon and helper CPU {out['p11p']['cpu_ms_per_app']:.1f} ms per application")
+    out["direct"] = helper_costs.tool_runs(SOFTHSM_SO, ["--token-label", token, *TOOL_ARGS],
+                                           tokens.hsm.env, runs)
+    log(_tool_line("direct", out["direct"]))
+    times = [t * 1000 for t in asyncio.run(helper_costs.starts(tokens.hsm, starts, True))]
+    out["helper_start_ms"] = {"median": statistics.median(times), "min": min(times),
+                              "max": max(times), "n": len(times), "fork_server": True}
+    log(f"  helper start to its ready frame (fork server): median "
+        f"{out['helper_start_ms']['median']:.1f} ms of {len(times)}")
+    return out
+
+
+def _tool_line(name: str, r: dict[str, Any]) -> str:
+    failed = f", {r['failures']} failed: {r['error']}" if r["failures"] else ""
+    return f"  {name:<8} {r['runs']} × pkcs11-tool: {r['wall_s']:.2f} s{failed}"
+
+
+def footprint(tokens: Tokens, root: Path, apps: int, sessions: int, pss_apps: int,
+              settle: float = 1.0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """VmRSS of the daemon and its helpers, idle and with `apps` applications holding
-    `sessions` open sessions each (one-member group)."""
+    `sessions` open sessions each (one-member group); then the helpers' average PSS with
+    `pss_apps` applications on a two-member group (helper_costs.helper_pss). `settle`:
+    seconds for the warm pool to fill, and the applications' helpers to start."""
+    import helper_costs
+
     with p11p(tokens, root, "p11p-footprint", tokens.labels[:1], "failover") as group:
-        time.sleep(1.0)  # the warm pool fills
+        time.sleep(settle)  # the warm pool fills
         idle = _rss_snapshot(group)
         holders: list[Holder] = []
         try:
             for _ in range(apps):
                 holders.append(Holder(group.target, sessions))
-            time.sleep(0.5)
+            time.sleep(settle / 2)
             loaded = _rss_snapshot(group)
         finally:
             for h in holders:
                 h.release()
     loaded["apps"], loaded["sessions"] = apps, apps * sessions
-    return {"idle": idle, "loaded": loaded}
+    try:
+        pss = helper_costs.helper_pss(root / "pss", tokens.hsm, pss_apps, True,
+                                      tuple(tokens.labels[:2]), settle)
+    except Exception as exc:  # the RSS figures stand without it
+        pss = {"apps": pss_apps, "error": f"{type(exc).__name__}: {exc}"}
+    return {"idle": idle, "loaded": loaded, "pss": pss}
 
 
 def _rss_snapshot(group) -> dict:

@@ -1,6 +1,8 @@
 """The benchmark works end to end: `bench/run.py --quick` writes results.json,
 results.md and chart.png, and p11bench measures SoftHSM2 directly and through p11p
-(one member, and two in balance) without a single error. Speed is not judged here."""
+(one member, and two in balance) without a single error, the operations added for issue
+13 included; short-lived pkcs11-tool runs work through p11p, and the helpers' PSS is
+read. Speed is not judged here."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# p11bench's operations added for issue 13, all in the quick run
+NEW_OPS = {"session-info", "sha256-4x256", "aes-ecb-1k", "ecdsa-p256-verify", "open-close"}
 
 
 @pytest.mark.timeout(180)
@@ -29,9 +33,25 @@ def test_quick_benchmark(tmp_path: Path) -> None:
     for config in ("direct", "p11p", "p11p-balance"):
         mine = [run for run in runs if run["config"] == config]
         assert mine, f"no run for {config}"
+        assert NEW_OPS <= {run["op"] for run in mine}, config
         for run in mine:
             assert run["ok"] and run["errors"] == 0 and run["ops"] > 0, run
     assert any(run["config"] == "p11-kit" and run.get("ops_per_s") is not None for run in runs)
+    # aes-gcm-1k through p11p is compared with aes-ecb-1k through p11-kit (which refuses GCM)
+    assert any(run["config"] == "p11-kit" and run["op"] == "aes-ecb-1k" and run["ok"]
+               for run in runs)
     assert results["failover"]["run"]["ops"] > 0  # its errors are a target, judged in the table
+    assert results["failover"]["threads"] == 8
+    startup = results["startup"]
+    for config in ("direct", "p11-kit", "p11p"):
+        assert startup[config]["runs"] > 0 and startup[config]["failures"] == 0, startup[config]
+    assert startup["p11p"]["cpu_ms_per_app"] is not None
+    assert results["footprint"]["pss"]["helpers"] > 0, results["footprint"]["pss"]
     assert {t["status"] for t in results["targets"]} <= {"PASS", "FALLS SHORT", "NOT MEASURED"}
+    groups = [t["group"] for t in results["targets"]]
+    assert groups == sorted(groups, key=["issue 13", "earlier targets"].index), groups
+    measured = {t["name"] for t in results["targets"]
+                if t["group"] == "issue 13" and t["status"] != "NOT MEASURED"}
+    for words in ("pkcs11-tool", "CPU per application", "PSS", "failover", "session-info"):
+        assert any(words in name for name in measured), (words, measured)
     assert "| target |" in (tmp_path / "results.md").read_text()
