@@ -833,3 +833,14 @@ def test_digest_beside_a_token_write_after_its_helper_went(model_env: Env) -> No
     name = "digest_beside_a_token_write_after_its_helper_went.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_after_a_copy_of_a_used_key_whose_member_failed(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 55 steps): a key made at random and used,
+    copied in another session while a fault was armed on its member; the search met the
+    fault and ran on another member, which holds neither (README, Limits: they are lost
+    with their member, and searches no longer find them). The harness was wrong: it
+    did not count the copy, made of used bits, as one the fault could take."""
+    name = "search_after_a_copy_of_a_used_key_whose_member_failed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
