@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import SOFTHSM_SO, Tokens, kit, p11kit, p11p
-from runner import PIN, Holder, Target, measure, parse
+from runner import Holder, Target, measure, parse
 
 MODELED_RULES = "* delay ms=2\nconcurrency 2\n"
 FAILOVER_SETTINGS = """call_timeout = 5
@@ -121,13 +121,14 @@ def failover(tokens: Tokens, root: Path, threads: int, seconds: float, times: tu
             "p99_us": result.get("p99_us"), "max_us": result.get("max_us")}
 
 
-# What every short-lived application of the start-up section does: log in, list objects.
-TOOL_ARGS = ("--login", "--pin", PIN, "-O")
+# What every short-lived application of the start-up section does, as issue 13 names it
+# (`pkcs11-tool -O`): list the token's public objects, no login.
+TOOL_ARGS = ("-O",)
 
 
 def startup(tokens: Tokens, root: Path, runs: int, starts: int, settle: float = 1.0,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`runs` short-lived `pkcs11-tool --token-label L --login --pin 1234 -O` one after
+    """`runs` short-lived `pkcs11-tool --token-label L -O` one after
     the other through p11-kit's remoting, through p11p (a fresh one-member daemon with
     the default fork server, whose CPU, and its helpers', is measured less an idle
     daemon's) and on the module directly; and a helper's start through the fork server,
