@@ -712,10 +712,13 @@ class Runner:
             acc[1].extend(rf)
             # the order of a search's result is the token's (PKCS#11 sets none): the whole
             # result is compared as a set once it is complete
-            if len(pf) < step["max"]:
+            if len(pf) < step["max"] and len(rf) < step["max"]:
                 self.compare_found(app, step, p, r, acc)
         if op == "find_final":
-            self.compare_found(app, step, p, r, self.finds.pop((app, step["s"]), ([], [])))
+            # a search ended before its result was complete (no batch shorter than asked):
+            # which part each side returned is the token's order, so only the counts of
+            # its batches compare (above); a complete one was compared when it completed
+            self.finds.pop((app, step["s"]), None)
 
     def compare_found(self, app: int, step: dict[str, Any], p: dict[str, Any],
                       r: dict[str, Any], acc: tuple[list[str], list[str]]) -> None:
