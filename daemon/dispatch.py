@@ -274,8 +274,11 @@ class Dispatcher:
                      else CKR["CKR_USER_ANOTHER_ALREADY_LOGGED_IN"]]
             self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])
             return reply
-        reply = await self.router.failures.login_unfit(
-            ctx, vs, req.frame, await self.router.call(ctx, vs, req.frame))
+        failures = self.router.failures
+        reply = await failures.login_unfit(ctx, vs, req.frame,
+                                           await self.router.call(ctx, vs, req.frame))
+        if req.user_type != CKU_CONTEXT_SPECIFIC:  # p11p knows it is logged out
+            reply = await failures.stale_login(ctx, vs, req.frame, reply)
         self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])  # never the PIN
         if reply[0] == OK and isinstance(req.pin, bytes):
             ctx.logins[vs.group] = (req.user_type, req.pin)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import TOKEN_UNFIT, MemberUnavailable
 from p11p.daemon.health import hold_out
@@ -19,6 +20,7 @@ from p11p.protocol.constants import CKR, rv_name
 if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
+STALE_LOGIN = frozenset({CKR["CKR_USER_ALREADY_LOGGED_IN"], CKR["CKR_USER_ANOTHER_ALREADY_LOGGED_IN"]})
 log = logging.getLogger("p11p.ha")
 
 
@@ -91,3 +93,24 @@ class Failures:
                 unfit.name, f"C_Login returned {rv_name(reply[0])}", reply[0],
                 function="C_Login"), "C_Login")
         return again
+
+    async def stale_login(self, ctx: ApplicationContext, vs: VirtualSession,
+                          frame: list[Any], reply: list[Any]) -> list[Any]:
+        """The application's C_Login, while p11p knows it logged out (or never logged
+        in), answered CKR_USER_ALREADY_LOGGED_IN (or ANOTHER): its member kept a login
+        p11p does not know of (a close the module answered as done did not end its last
+        session, say). Accepted as it is, a wrong PIN would pass: the member logs out
+        there, and the login is tried once more."""
+        member = vs.member
+        real = vs.real.get(member) if member is not None else None
+        if reply[0] not in STALE_LOGIN or member is None or real is None:
+            return reply
+        log.warning("stale login: %s member=%s C_Login returned %s while the application "
+                    "is logged out: logged out there, and the login tried again", ctx.name,
+                    member.name, rv_name(reply[0]))
+        try:
+            await self.r.link.raw(ctx, member, [CODE["C_Logout"], real])
+        except (MemberUnavailable, budget.CallExpired):
+            return reply
+        ctx.logged_in.discard(member)
+        return await self.r.call(ctx, vs, frame)

@@ -854,3 +854,28 @@ def test_search_ended_before_its_result_was_complete(model_env: Env) -> None:
     (PKCS#11 sets none): the harness was wrong, only the batch sizes compare."""
     name = "search_ended_before_its_result_was_complete.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("pin", ["1234", "0000"])
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_login_after_a_close_the_member_answered_as_done(model_env: Env, pin: str) -> None:
+    """Found by make soak under failover (6 of 40 steps): the application's last
+    session closed, its member answering C_CloseSession CKR_SESSION_HANDLE_INVALID
+    without closing it (so the module kept the login); the next C_Login got
+    CKR_USER_ALREADY_LOGGED_IN, and with a wrong PIN (added by hand) it would have
+    passed too. The member logs out and the login is tried again."""
+    name = "login_after_a_close_the_member_answered_as_done.json"
+    steps = json.loads((HERE / "sequences" / name).read_text())
+    steps[-1] = {**steps[-1], "pin": pin}
+    runner = replay(model_env, steps)
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_batches_beside_another_applications_search(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 59 steps): a batch of one object of a
+    search whose result the harness counted without the objects one side may lack,
+    which depends on the token's order: the harness was wrong (counts compare only
+    where no such object is in a batch)."""
+    name = "search_batches_beside_another_applications_search.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
