@@ -32,6 +32,9 @@ from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids  # noqa: E
 from p11p.protocol.constants import CKR, RV_NAMES  # noqa: E402
 
 OK = CKR["CKR_OK"]
+HANDLE_INVALID = {CKR[c] for c in ("CKR_OBJECT_HANDLE_INVALID", "CKR_KEY_HANDLE_INVALID",
+                                   "CKR_WRAPPING_KEY_HANDLE_INVALID",
+                                   "CKR_UNWRAPPING_KEY_HANDLE_INVALID")}
 REF_TOKEN = "ref"
 MEMBERS = ("hsmA", "hsmB", "hsmC")
 APPS = 2
@@ -402,6 +405,19 @@ class Documented:
                 and sess is not None and sess.finding)
 
     @staticmethod
+    def unknown_handle_first(runner: Runner, app: int, step: dict[str, Any],
+                             p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: "A handle the application was never given [...] is answered
+        by p11p [...] before the token's own checks: an operation's init naming one while
+        another operation is active in the session gets that code where SoftHSM2 answers
+        CKR_OPERATION_ACTIVE". Allowed for an init naming "gone" in a session with an
+        operation active."""
+        sess = runner.sessions[app].get(step.get("s", ""))
+        return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and step["op"] == "opinit"
+                and p.get("rv") in HANDLE_INVALID and sess is not None and bool(sess.ops)
+                and "gone" in (step.get(k) for k in ("k", "wk", "uk", "base")))
+
+    @staticmethod
     def lost_session_objects(runner: Runner, app: int) -> set[str]:
         """README, Limits: a session object that cannot be remade on the new member
         "answers CKR_DEVICE_ERROR whenever it is named [...]; searches no longer find
@@ -666,6 +682,9 @@ class Runner:
                     return
                 if key == "rv" and Documented.lost_operation_beside(self, app, step, p, r):
                     self.diverge(app, step["s"])  # the lost operation is over on p11p's side
+                    return
+                if key == "rv" and Documented.unknown_handle_first(self, app, step, p, r):
+                    self.allowed += 1  # nothing started on either side
                     return
                 if key == "rv" and Documented.search_in_progress(self, app, step, p, r):
                     self.diverge(app, step["s"])  # an operation may run on p11p's side
