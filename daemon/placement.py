@@ -72,6 +72,10 @@ class Placement:
                                if m not in spared]
                     if not allowed:  # the others lack what it needs: its answer stands
                         raise CKError(DEVICE_ERROR, "no other member can take the call")
+                    if not any(m.health.usable for m in allowed):
+                        # the others are out of service: waiting for one is not worth
+                        # holding the answer the members in service gave
+                        raise CKError(DEVICE_ERROR, "no other member in service")
                 member = choose_member(group.members, group.config.policy, vs.member,  # type: ignore[assignment]
                                        vs.movable, allowed)
                 if member is None and allowed:

@@ -81,6 +81,14 @@ class Router:
             self.record.ended(vs, shape)
             raise
 
+    def earlier(self, vs: VirtualSession, shape: CallShape, reply: Reply) -> Reply:
+        """A member's CKR_GENERAL_ERROR, answered after no other member could take the
+        call: the operation the call continued ends, as the token's error ended it there
+        (PKCS#11 §5.2). A member session where it was replayed meanwhile may still hold
+        it: the next init there finds it stale and replaces that session."""
+        self.record.ended(vs, shape)
+        return reply
+
     async def _call(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
                     vreq: list[Any], spared: set[Member]) -> Reply:
         unsafe = unsafe_arguments(shape, vreq)
@@ -105,7 +113,7 @@ class Router:
                 member = await self.place.place(ctx, vs, shape, vreq, write, spared)
             except CKError:
                 if answered is not None:  # no other member can take it after all
-                    return answered
+                    return self.earlier(vs, shape, answered)
                 raise
             try:
                 if write is None:
@@ -178,14 +186,14 @@ class Router:
             except KeyMissing:
                 if tries >= limit:
                     if answered is not None:
-                        return answered
+                        return self.earlier(vs, shape, answered)
                     raise CKError(OBJECT_HANDLE_INVALID, "no member holds the object") from None
             except SessionVanished:
                 if tries >= limit:
                     raise
             except CKError:
                 if answered is not None:  # the member tried next could not take the call
-                    return answered
+                    return self.earlier(vs, shape, answered)
                 raise
 
     async def group_call(self, ctx: ApplicationContext, group: Group, request: list[Any],

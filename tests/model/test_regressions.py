@@ -891,3 +891,16 @@ def test_unknown_key_beside_an_active_sign(model_env: Env) -> None:
     name = "unknown_key_beside_an_active_sign.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_encrypt_after_a_decrypt_refused_on_every_member(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 36 steps): a one-part C_Decrypt with bad
+    padding (CKR_GENERAL_ERROR, from members that still serve) tried on each member, the
+    third out of service: the call was held for hold_timeout, then the first answer
+    given without ending the operation in p11p's view, and the next C_EncryptInit got
+    CKR_OPERATION_ACTIVE where SoftHSM2 says CKR_OK. The answer ends the operation; and
+    with only out-of-service members left, it is given at once."""
+    name = "encrypt_after_a_decrypt_refused_on_every_member.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
