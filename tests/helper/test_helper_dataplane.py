@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from helperfixtures import *  # noqa: F403  (the fixtures)
 from helperlink import FALSE, SOFTHSM_SO, TRUE, HelperLink, SoftHSMDir, template, ulong
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from p11p.daemon.shapes import SHAPES, unsafe_arguments
 from p11p.protocol import spec
 from p11p.protocol.constants import CKA, CKK, CKM, CKO, CKR
@@ -428,6 +430,66 @@ def test_a_revoked_binding_refuses_every_function(planes: Planes) -> None:
             assert msgpack.unpackb(_recv(s, size)) == [CKR["CKR_SESSION_HANDLE_INVALID"]], fn.name
     finally:
         s.close()
+
+
+NESTED = [CKA["CKA_WRAP_TEMPLATE"], CKA["CKA_UNWRAP_TEMPLATE"], CKA["CKA_DERIVE_TEMPLATE"]]
+PLAIN = [CKA["CKA_LABEL"], CKA["CKA_CLASS"], CKA["CKA_ALLOWED_MECHANISMS"], CKA["CKA_ID"]]
+
+
+def _attributes(depth: int) -> st.SearchStrategy[list[Any]]:
+    value = st.one_of(st.binary(max_size=8), st.none(), st.just(0), st.integers(1, 2**64 - 1))
+    plain = st.tuples(st.sampled_from(PLAIN) | st.integers(0, 2**32), value).map(list)
+    if depth >= 3:
+        return st.lists(plain, max_size=4)
+    nested = st.tuples(st.sampled_from(NESTED), st.none() | st.integers(0, 3)
+                       | _attributes(depth + 1)).map(list)
+    return st.lists(plain | nested, max_size=4)
+
+
+MECHANISMS = st.tuples(st.sampled_from(sorted(spec.mechanisms())) | st.sampled_from(
+    [CKM["CKM_SHA256"], CKM["CKM_AES_CBC_PAD"], CKM["CKM_ECDSA"]]),
+    st.none() | st.binary(max_size=40)).map(list)
+
+
+@pytest.fixture(scope="module")
+def revoked(planes: Planes) -> int:
+    """An id the helper revoked: the checks answer before the binding does, and
+    nothing reaches the module."""
+    (other,) = planes.helper.ok(FAST_ALLOW, planes.b)
+    assert planes.helper.call(FAST_REVOKE, other) == [OK]
+    return int(other)
+
+
+def _ask(planes: Planes, request: list[Any]) -> list[Any] | None:
+    """The answer to one request on a connection of its own; None: closed."""
+    s = planes.connect()
+    try:
+        body = msgpack.packb(request, use_bin_type=True)
+        s.sendall(struct.pack(">I", len(body)) + body)
+        size = struct.unpack(">I", _recv(s, 4))[0]
+        reply: list[Any] = msgpack.unpackb(_recv(s, size))
+        return reply
+    except ConnectionError:
+        return None
+    finally:
+        s.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(template_=_attributes(0), mechanism=MECHANISMS,
+       init=st.sampled_from([f.name for f in DIRECT if any(a.kind == "mechanism" for a in f.args)]))
+def test_the_daemons_checks_and_the_direct_paths_agree(
+        planes: Planes, revoked: int, template_: list[Any], mechanism: list[Any], init: str) -> None:
+    """DESIGN, invariant 5: for any template and mechanism, the direct path refuses
+    exactly what the daemon's shapes.unsafe_arguments refuses, with its code."""
+    invalid = CKR["CKR_SESSION_HANDLE_INVALID"]
+    find = CODE["C_FindObjectsInit"]
+    err = unsafe_arguments(SHAPES[find], [find, 1, template_])
+    assert _ask(planes, [find, revoked, template_]) == [err.rv if err else invalid]
+    code = CODE[init]
+    args = [mechanism] + ([7] if len(SHAPES[code].fn.wire_args) == 3 else [])
+    err = unsafe_arguments(SHAPES[code], [code, 1, *args])
+    assert _ask(planes, [code, revoked, *args]) == [err.rv if err else invalid]
 
 
 def _malformed(fn: spec.Function, fast_id: int, key: int) -> Iterator[tuple[str, bytes]]:
