@@ -202,10 +202,13 @@ static struct p11p_fast_io io = {
 };
 
 /* The largest output of one call (the helper's MAX_OUTPUT, from the frame limit); set
- * before p11p_fast_start. */
+ * before p11p_fast_start, and fixed once the listener runs. */
 void p11p_fast_limit(unsigned long max_output)
 {
-	io.max_output = max_output;
+	pthread_mutex_lock(&fast.lock);
+	if (!fast.listening && max_output > 0)
+		io.max_output = max_output;
+	pthread_mutex_unlock(&fast.lock);
 }
 
 struct conn {

@@ -242,3 +242,16 @@ def test_at_most_64_connections_at_once(fast: Fast) -> None:
     finally:
         for s in held:
             s.close()
+
+
+def test_outputs_are_bounded_as_on_the_pipe(spawn: Callable[..., HelperLink], hsm: Any) -> None:
+    """The direct path's bound on one output is the helper's MAX_OUTPUT, from the frame
+    limit of its environment, as on its pipe."""
+    fast = Fast(spawn(env={**hsm.env, "P11P_MAX_FRAME": str(1 << 16)}))
+    limit = (1 << 16) - (1 << 12)
+    host_memory = CKR["CKR_HOST_MEMORY"]
+    with fast.connect() as s:
+        rv, data = call(s, GENERATE_RANDOM, fast.id, limit)
+        assert rv == 0 and len(data) == limit
+        assert call(s, GENERATE_RANDOM, fast.id, limit + 1) == [host_memory]
+        assert fast.helper.call(GENERATE_RANDOM, fast.session, limit + 1) == [host_memory]
