@@ -1,7 +1,8 @@
 /* p11p helper — the direct path: the data plane, the calls of a bound session that an
  * application's client library may send straight to this helper, without the daemon in
- * between (protocol/README.md, "Direct path"). Compiled into the helper's cffi extension; runs in its own threads,
- * never under Python's GIL, so a call here costs one socket hop and no interpreter.
+ * between (protocol/README.md, "Direct path"). Compiled into the helper's cffi
+ * extension; runs in its own threads, never under Python's GIL, so a call here costs
+ * one socket hop and no interpreter.
  *
  * The daemon decides everything: it starts the listener (an abstract AF_UNIX name, a
  * 16-byte token, the one uid allowed to connect), and it allows a member session for a
