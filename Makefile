@@ -38,6 +38,7 @@ gen-check:
 	$(PYTHON) protocol/gen_constants.py --check
 	$(PYTHON) protocol/gen_requests.py --check
 	$(PYTHON) client/gen.py --check
+	$(PYTHON) helper/gen_fast.py --check
 	$(PYTHON) faultsim/gen.py --check
 
 lint:

@@ -89,7 +89,7 @@ def meaning_text(fn) -> str:  # type: ignore[no-untyped-def]
     flags = [f"@op={fn.op_kind}:{fn.op_role}"] if fn.op_kind else []
     flags += [f"@writes={fn.writes}"] if fn.writes else []
     flags += [f"@{fn.login}"] if fn.login else []
-    flags += [f"@{name}" for name in ("opaque", "reads", "blocks") if getattr(fn, name)]
+    flags += [f"@{name}" for name in ("opaque", "reads", "blocks", "direct") if getattr(fn, name)]
     return " ".join(f"`{f}`" for f in flags) or "–"
 
 

@@ -3,6 +3,8 @@
 
 - client:   libFuzzer + ASan/UBSan over the client library's reply decoding
             (client_reply_fuzzer, built by fuzz/build.mk);
+- helper:   libFuzzer + ASan/UBSan over the helper's direct-path codec, requests in
+            and replies out against a fake module (helper_request_fuzzer);
 - decoder:  atheris over the frame decoder and the daemon's connection protocol;
 - dispatch: atheris over the daemon's dispatch against a real SoftHSM2 token.
 
@@ -28,12 +30,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import seeds  # noqa: E402
 
-FUZZERS = ("client", "decoder", "dispatch")
+FUZZERS = ("client", "helper", "decoder", "dispatch")
+BINARIES = {"client": "client_reply_fuzzer", "helper": "helper_request_fuzzer"}
 
 
 def command(name: str, build: Path) -> list[str]:
-    if name == "client":
-        return [str(build / "client_reply_fuzzer")]
+    if name in BINARIES:
+        return [str(build / BINARIES[name])]
     return [sys.executable, str(HERE / f"fuzz_{name}.py")]
 
 

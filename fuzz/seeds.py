@@ -8,6 +8,10 @@ at run time (into build/fuzz/corpus/, never committed):
 - client: for every call of the client harness, selector bytes and a well-formed
   reply (outputs of every kind), a too-small answer and an error answer; the hello's
   welcome; a search.
+- helper: for every data-plane function (`@direct`), the helper harness's selector
+  bytes (the fake module's answer and lengths) and a well-formed direct-path request
+  `[code, id, arg...]`, in every encoding of its arguments; every structured mechanism
+  parameter.
 
     python3 fuzz/seeds.py OUTDIR
 """
@@ -191,10 +195,27 @@ def client_inputs() -> list[bytes]:
     return out
 
 
+# -- the helper's direct path ----------------------------------------------------------
+
+HELPER_SELECTORS = (b"\x00\x00\x00\x20", b"\x01\x01\x00\x40", b"\x02\x02\x00\x08",
+                    b"\x00\x03\x00\x10", b"\x04\x00\x01\x10", b"\x00\x01\x00\xf4")
+
+
+def helper_inputs() -> list[bytes]:
+    direct = {f.code for f in spec.direct_functions()}
+    out = []
+    for r in requests():
+        if not r or type(r[0]) is list or r[0] not in direct:
+            continue
+        body = msgpack.packb([r[0], 4097, *r[2:]], use_bin_type=True)  # a binding id
+        out += [sel + body for sel in HELPER_SELECTORS]
+    return out
+
+
 def write(outdir: Path) -> dict[str, int]:
     corpora: dict[str, list[bytes]] = {
         "dispatch": [msgpack.packb(r, use_bin_type=True) for r in requests()],
-        "decoder": [], "client": client_inputs()}
+        "decoder": [], "client": client_inputs(), "helper": helper_inputs()}
     hello_map = {"p11p": 1, "ctx": b"c" * 16, "pid": 1, "prog": "fuzz"}
     hello = frame(hello_map)
     for r in requests():

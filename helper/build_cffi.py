@@ -3,6 +3,9 @@
 Declarations come from cryptoki.cdef; one C call shim per function of
 protocol/functions.spec is generated here (it calls the vendor module through its
 CK_FUNCTION_LIST, so the compiler checks every argument against the real prototype).
+The direct path (fast.c) comes with its codec: fast_codec.c and the calls generated
+from the specs into gen/fast_calls.c (gen_fast.py), compiled as sources of their own
+and linked with msgpack-c.
 The result is `_cryptoki<EXT_SUFFIX>`: beside this file at `make helper-cffi` time, or in
 a cache directory when the helper finds it missing or stale (see ffi.py). The build is
 keyed by a hash of everything that goes into it; the key is compiled in, so a stale
@@ -25,7 +28,10 @@ from types import ModuleType
 HERE = Path(__file__).resolve().parent
 MODULE_NAME = "_cryptoki"
 P11KIT_INCLUDE = Path("/usr/include/p11-kit-1")
-COMPILE_ARGS = ["-O2", "-Wall", "-Werror"]
+COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+# The direct path's codec: compiled beside the generated source, each on its own.
+CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "gen" / "fast_calls.c")
+CODEC_HEADERS = (HERE / "fast_codec.h",)
 # Functions the helper never forwards: it initialises the module itself and holds its
 # function list.
 NOT_FORWARDED = frozenset({"C_Initialize", "C_GetFunctionList"})
@@ -58,6 +64,7 @@ void p11p_fast_revoke(unsigned long long id);
 void p11p_fast_stop(int grace_ms);
 unsigned long long p11p_fast_served(void);
 unsigned long long p11p_fast_stuck(void);
+void p11p_fast_limit(unsigned long max_output);
 int p11p_structured_mechanism(unsigned long type);
 """
 
@@ -146,16 +153,6 @@ def _shim(fn: object) -> tuple[str, str]:
     return proto + ";", f"{proto}\n{{\n\treturn p11p_module->{name}({', '.join(call)});\n}}\n"
 
 
-def structured_mechanisms(spec: ModuleType) -> str:
-    """C: whether a mechanism's parameter is a structure (protocol/mechanisms.spec), the
-    same set the daemon's shapes.unsafe_arguments and the helper's mechanisms.py use: such a
-    parameter sent as raw bytes is refused on both planes."""
-    cases = "".join(f"\tcase {value:#x}UL: /* {m.name} */\n"
-                    for value, m in sorted(spec.mechanisms().items()))
-    return ("int p11p_structured_mechanism(unsigned long type)\n{\n\tswitch (type) {\n"
-            f"{cases}\t\treturn 1;\n\tdefault:\n\t\treturn 0;\n\t}}\n}}\n")
-
-
 def sources() -> tuple[str, str, str]:
     """(cdef, C source, build key) of the extension."""
     spec = load_spec()
@@ -163,11 +160,13 @@ def sources() -> tuple[str, str, str]:
     cdef = (HERE / "cryptoki.cdef").read_text() + "\n/* call shims */\n" + "\n".join(
         p for p, _ in shims) + "\n" + FAST_CDEF
     source = LOADER + "\n" + "\n".join(body for _, body in shims) + "\n" + (
-        structured_mechanisms(spec)) + "\n" + (HERE / "fast.c").read_text()
+        HERE / "fast.c").read_text()
     digest = hashlib.sha256()
     for part in (cdef, source, " ".join(COMPILE_ARGS), str(sysconfig.get_config_var("EXT_SUFFIX")),
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),
-                 (Path(spec.HERE) / "p11p-extra.h").read_text()):
+                 (Path(spec.HERE) / "p11p-extra.h").read_text(),
+                 (Path(spec.HERE) / "p11p-prescan.h").read_text(),
+                 *(path.read_text() for path in (*CODEC_SOURCES, *CODEC_HEADERS))):
         digest.update(part.encode())
         digest.update(b"\0")
     key = digest.hexdigest()[:20]
@@ -187,9 +186,9 @@ def build(dest_dir: Path, verbose: bool = False) -> Path:
     spec = load_spec()
     builder = FFI()
     builder.cdef(cdef)
-    builder.set_source(MODULE_NAME, source,
-                       include_dirs=[str(P11KIT_INCLUDE), str(spec.HERE)],
-                       libraries=["dl"], extra_compile_args=COMPILE_ARGS)
+    builder.set_source(MODULE_NAME, source, sources=[str(p) for p in CODEC_SOURCES],
+                       include_dirs=[str(P11KIT_INCLUDE), str(spec.HERE), str(HERE)],
+                       libraries=["dl", "msgpackc"], extra_compile_args=COMPILE_ARGS)
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / extension_filename()
     with tempfile.TemporaryDirectory(prefix=".cffi-build-", dir=dest_dir) as tmp:

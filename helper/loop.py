@@ -31,6 +31,7 @@ from p11p.helper.errors import (
     log,
     rv_for,
 )
+from p11p.helper.settings import MAX_OUTPUT
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 from p11p.protocol.spec import own_codes
 
@@ -217,6 +218,7 @@ class Server:
                     or type(args[1]) is not bytes or len(args[1]) != 16
                     or type(args[2]) is not int or not 0 <= args[2] < 1 << 32):
                 return [CKR_ARGUMENTS_BAD]
+            lib.p11p_fast_limit(MAX_OUTPUT)  # outputs bounded as on this pipe
             err = lib.p11p_fast_start(args[0], len(args[0]), args[1], args[2])
             if err:
                 log.warning("direct path: cannot listen: %s", os.strerror(err))

@@ -84,6 +84,7 @@ class Function:
     daemon: str = ""  # the daemon's own handler (a Dispatcher method), else the router's
     client: str = ""  # "hand": the client's entry point is hand-written; "wrapped": it
     #                   wraps the generated stub (p11p_wire_NAME)
+    direct: bool = False  # the data plane: a helper serves it on a bound session
 
     @property
     def wire_args(self) -> tuple[Arg, ...]:
@@ -175,7 +176,7 @@ def _function(path: Path, number: int, code: str, name: str, rest: list[str]) ->
             meaning["writes"] = value
         elif key in ("login", "logout") and not value:
             meaning["login"] = key
-        elif key in ("opaque", "blocks", "reads") and not value:
+        elif key in ("opaque", "blocks", "reads", "direct") and not value:
             meaning[key] = True
         elif key == "daemon" and value.isidentifier():
             meaning["daemon"] = value
@@ -219,6 +220,12 @@ def own_codes() -> dict[str, Function]:
     """p11p's own codes by name: FIND_ALL and the direct path's on the client link
     (over 1000), the helper's direct-path controls on its pipe (negative)."""
     return {f.name: f for f in _parse()[1]}
+
+
+@cache
+def direct_functions() -> tuple[Function, ...]:
+    """The data plane: the functions a helper serves on a bound session (`@direct`)."""
+    return tuple(f for f in functions() if f.direct)
 
 
 @cache

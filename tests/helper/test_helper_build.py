@@ -40,6 +40,14 @@ def test_build_key_follows_the_sources() -> None:
     assert "p11p_C_Initialize" not in cdef and "p11p_C_GetFunctionList" not in cdef
 
 
+def test_the_direct_paths_generated_calls_are_current() -> None:
+    """helper/gen/fast_calls.c is what helper/gen_fast.py makes from the specs now."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "helper" / "gen_fast.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 CHATTY_MODULE = r"""
 #include <dlfcn.h>
 #include <stdio.h>

@@ -24,7 +24,8 @@ from helperlink import FALSE, TRUE, HelperLink, template
 from p11p.protocol.constants import CKA, CKM, CKR
 
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
-SIGN_INIT, SIGN, GENERATE_KEY_PAIR, GENERATE_RANDOM, DIGEST_INIT = 43, 44, 60, 65, 28
+SIGN_INIT, SIGN, GENERATE_KEY_PAIR, GENERATE_RANDOM = 43, 44, 60, 65
+GENERATE_KEY = 59  # not on the data plane (functions.spec has no @direct for it)
 P256 = bytes.fromhex("06082a8648ce3d030107")
 
 
@@ -104,7 +105,7 @@ def test_sign_and_random_on_the_direct_socket(fast: Fast) -> None:
         assert call(s, SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], None], 0xdead) == [
             CKR["CKR_OBJECT_HANDLE_INVALID"]]  # SoftHSM2 says so for a key handle
         # functions the direct path does not serve
-        assert call(s, DIGEST_INIT, fast.id, [CKM["CKM_SHA256"], None]) == [
+        assert call(s, GENERATE_KEY, fast.id, [CKM["CKM_AES_KEY_GEN"], None], [], 0) == [
             CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
     rv, served = fast.helper.call(FAST_SERVED)
     assert rv == 0 and served == 1 + 20 * 4 + 2
@@ -160,15 +161,40 @@ def test_a_frame_that_does_not_parse_closes_the_connection(fast: Fast, body: byt
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
 
 
-def test_arguments_of_the_wrong_shape_get_an_error_answer(fast: Fast) -> None:
+def test_arguments_the_module_is_given_or_refused_as_on_the_pipe(fast: Fast) -> None:
+    """Well-formed requests get the answer the helper's pipe gives them: a NULL
+    mechanism goes to the module (which refuses it), more random bytes than a reply
+    can carry are CKR_HOST_MEMORY."""
     with fast.connect() as s:
         bad = CKR["CKR_ARGUMENTS_BAD"]
-        assert call(s, GENERATE_RANDOM, fast.id, 8, 9) == [bad]
-        assert call(s, GENERATE_RANDOM, fast.id, 1 << 40) == [bad]
-        assert call(s, SIGN, fast.id, "text", 64) == [bad]
-        assert call(s, SIGN, fast.id, b"x", -1) == [bad]
-        assert call(s, SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], [1, 2]], fast.key) == [bad]
         assert call(s, SIGN_INIT, fast.id, None, fast.key) == [bad]
+        assert fast.helper.call(SIGN_INIT, fast.session, None, fast.key) == [bad]
+        host_memory = CKR["CKR_HOST_MEMORY"]
+        assert call(s, GENERATE_RANDOM, fast.id, 1 << 40) == [host_memory]
+        assert fast.helper.call(GENERATE_RANDOM, fast.session, 1 << 40) == [host_memory]
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+
+
+@pytest.mark.parametrize("args", [
+    (GENERATE_RANDOM, "id", 8, 9),                              # one argument too many
+    (GENERATE_RANDOM, "id"),                                    # one too few
+    (SIGN, "id", "text", 64),                                   # str where bin goes
+    (SIGN, "id", b"x", -1),                                     # a negative capacity
+    (SIGN, "id", b"x", True),                                   # a boolean capacity
+    (SIGN_INIT, "id", [CKM["CKM_ECDSA"], [1, 2]], "key"),       # fields, no structure
+    (SIGN_INIT, "id", [CKM["CKM_ECDSA"]], "key"),               # [type] alone
+    (SIGN_INIT, "id", [CKM["CKM_ECDSA"], None], b"key"),        # bin where a handle goes
+])
+def test_arguments_of_the_wrong_shape_close_the_connection(fast: Fast, args: tuple[Any, ...]) -> None:
+    """The client library never sends such a request: it is a protocol error, and the
+    connection closes without a call to the module; the helper serves on."""
+    request = [{"id": fast.id, "key": fast.key}.get(a, a) if isinstance(a, str) else a
+               for a in args]
+    with fast.connect() as s:
+        body = msgpack.packb(request, use_bin_type=True)
+        s.sendall(struct.pack(">I", len(body)) + body)
+        assert closed(s)
+    with fast.connect() as s:
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
 
 
@@ -216,3 +242,16 @@ def test_at_most_64_connections_at_once(fast: Fast) -> None:
     finally:
         for s in held:
             s.close()
+
+
+def test_outputs_are_bounded_as_on_the_pipe(spawn: Callable[..., HelperLink], hsm: Any) -> None:
+    """The direct path's bound on one output is the helper's MAX_OUTPUT, from the frame
+    limit of its environment, as on its pipe."""
+    fast = Fast(spawn(env={**hsm.env, "P11P_MAX_FRAME": str(1 << 16)}))
+    limit = (1 << 16) - (1 << 12)
+    host_memory = CKR["CKR_HOST_MEMORY"]
+    with fast.connect() as s:
+        rv, data = call(s, GENERATE_RANDOM, fast.id, limit)
+        assert rv == 0 and len(data) == limit
+        assert call(s, GENERATE_RANDOM, fast.id, limit + 1) == [host_memory]
+        assert fast.helper.call(GENERATE_RANDOM, fast.session, limit + 1) == [host_memory]

@@ -57,6 +57,25 @@ def test_client_reply_fuzzer_smoke(tmp_path: Path) -> None:
     assert "Done 30000 runs" in out
 
 
+def test_helper_request_fuzzer_smoke(tmp_path: Path) -> None:
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("no clang here (make fuzz installs it)")
+    exe = tmp_path / "helper_request_fuzzer"
+    build = subprocess.run(
+        [clang, "-std=c11", "-D_GNU_SOURCE", "-g", "-O1", "-Wall", "-Wextra", "-Werror",
+         "-pthread", "-I/usr/include/p11-kit-1", "-Iprotocol", "-Ihelper",
+         "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined", "-o", str(exe),
+         "fuzz/helper_request_fuzzer.c", "helper/fast_codec.c", "helper/gen/fast_calls.c",
+         "-lmsgpackc"], cwd=ROOT, capture_output=True, text=True)
+    if build.returncode != 0 and "libclang_rt.fuzzer" in build.stderr:
+        pytest.skip("clang without libFuzzer here (make fuzz installs it)")
+    assert build.returncode == 0, build.stderr[-3000:]
+    corpus = _seeds(tmp_path)
+    out = _run([str(exe), "-runs=30000", "-max_len=4096", str(corpus / "helper")], tmp_path, 120)
+    assert "Done 30000 runs" in out
+
+
 @pytest.mark.parametrize("target,runs", [("decoder", 3000), ("dispatch", 400)])
 def test_python_fuzzer_smoke(tmp_path: Path, target: str, runs: int) -> None:
     if importlib.util.find_spec("atheris") is None:
