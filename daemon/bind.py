@@ -41,10 +41,15 @@ log = logging.getLogger("p11p.ha")
 USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
 # The call that ends each kind of operation, with arguments that make it end there
 # (room for any output; a signature that cannot verify)
-STALE_FINALS: dict[str, list[Any]] = {
-    "encrypt": [CODE["C_EncryptFinal"], 1 << 16], "decrypt": [CODE["C_DecryptFinal"], 1 << 16],
-    "digest": [CODE["C_DigestFinal"], 1 << 16], "sign": [CODE["C_SignFinal"], 1 << 16],
-    "verify": [CODE["C_VerifyFinal"], bytes(64)], "find": [CODE["C_FindObjectsFinal"]]}
+# What ends an operation a member session keeps: an empty update (a module ends a
+# single-part operation there, as SoftHSM2 does; its final would not) and the final
+STALE_ENDS: dict[str, list[list[Any]]] = {
+    "encrypt": [[CODE["C_EncryptUpdate"], b"", 1 << 16], [CODE["C_EncryptFinal"], 1 << 16]],
+    "decrypt": [[CODE["C_DecryptUpdate"], b"", 1 << 16], [CODE["C_DecryptFinal"], 1 << 16]],
+    "digest": [[CODE["C_DigestUpdate"], b""], [CODE["C_DigestFinal"], 1 << 16]],
+    "sign": [[CODE["C_SignUpdate"], b""], [CODE["C_SignFinal"], 1 << 16]],
+    "verify": [[CODE["C_VerifyUpdate"], b""], [CODE["C_VerifyFinal"], bytes(64)]],
+    "find": [[CODE["C_FindObjectsFinal"]]]}
 # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS, CKS_RW_SO_FUNCTIONS
 LOGGED_IN_STATES = frozenset({1, 3, 4})
 
@@ -221,13 +226,11 @@ class SessionBuilder:
         (PKCS#11 §5.2: a final ends an operation whatever it answers). Best effort: a
         member that fails here is left to its next call."""
         for kind in kinds:
-            request = STALE_FINALS.get(kind)
-            if request is None:
-                continue
-            try:
-                await self.r.link.raw(ctx, member, [request[0], real, *request[1:]])
-            except (MemberUnavailable, budget.CallExpired):
-                return
+            for request in STALE_ENDS.get(kind, []):
+                try:
+                    await self.r.link.raw(ctx, member, [request[0], real, *request[1:]])
+                except (MemberUnavailable, budget.CallExpired):
+                    return
 
     async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                                op: Operation) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.members import Member, MemberState
-from p11p.daemon.policy import Operation, operation_change
+from p11p.daemon.policy import BUFFER_TOO_SMALL, Operation, operation_change
 from p11p.daemon.shapes import GENERATING, OK, CallShape, Reply, digest, reveals
 from p11p.daemon.virtual import FindState, Recipe, VirtualObject, VirtualSession
 
@@ -70,6 +70,14 @@ class Recorder:
         elif shape.fn.op_kind == "find" and shape.fn.op_role == "final" and rv == OK:
             vs.find = None
         self.record_operation(vs, shape, vreq, reply)
+        fn = shape.fn
+        if (rv not in (OK, BUFFER_TOO_SMALL) and fn.op_kind and fn.op_kind != "find"
+                and fn.op_role in ("update", "final", "oneshot") and not fn.opaque
+                and member in vs.real):
+            # the error ended the operation (§5.2), in p11p's view as in the token's; a
+            # module that keeps it (SoftHSM2 does for some, and an error a fault put in its
+            # place never reached it) would let the next call of it succeed: ended there
+            await self.r.bind.end_stale(ctx, member, vs.real[member], [fn.op_kind])
         if vs.member is not None and vs.member.health.state is MemberState.DRAINING and vs.movable:
             await self.r.bind.close_on(ctx, vs, vs.member)
             vs.member = None

@@ -904,3 +904,15 @@ def test_encrypt_after_a_decrypt_refused_on_every_member(model_env: Env) -> None
     name = "encrypt_after_a_decrypt_refused_on_every_member.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_sign_after_a_refused_update_of_a_single_part_signature(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 28 steps): CKM_ECDSA begun, a
+    C_SignUpdate its member refused (CKR_GENERAL_ERROR, a fault: the module never saw
+    it) ended the operation in p11p's view only, and the next C_Sign signed where
+    SoftHSM2 says CKR_OPERATION_NOT_INITIALIZED. The operation is ended in the member
+    session too, by an empty update (SoftHSM2 ends a single-part operation there, not at
+    its final) and the final."""
+    name = "sign_after_a_refused_update_of_a_single_part_signature.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
