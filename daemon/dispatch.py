@@ -378,7 +378,8 @@ class Dispatcher:
                 key = None
         now = time.monotonic()
         generation = group.objects_generation
-        hit = ctx.find_cache.get(key) if key is not None else None
+        # with an operation active, the member says whether a search may start beside it
+        hit = ctx.find_cache.get(key) if key is not None and not vs.ops else None
         if hit is not None and hit[0] > now and hit[1] == generation:
             return list(hit[2])
         spared: set[Member] = set()

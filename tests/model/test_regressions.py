@@ -916,3 +916,14 @@ def test_sign_after_a_refused_update_of_a_single_part_signature(model_env: Env) 
     its final) and the final."""
     name = "sign_after_a_refused_update_of_a_single_part_signature.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_cached_search_beside_a_digest(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 51 steps, no fault): a search, then a
+    digest begun, then the same search again: answered from the find cache
+    (object_cache_ttl), CKR_OK, where SoftHSM2 says CKR_OPERATION_ACTIVE (and p11p too
+    without the cache). With an operation active the member decides."""
+    name = "cached_search_beside_a_digest.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
