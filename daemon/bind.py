@@ -65,9 +65,10 @@ class SessionBuilder:
                                                             vs.flags, 0])
             if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
                 raise SessionVanished  # the member lost its sessions meanwhile: again
-            if reply[0] == USER_NOT_LOGGED_IN and ctx.logins.get(vs.group) is not None:
+            if reply[0] == USER_NOT_LOGGED_IN:
                 # not a C_OpenSession answer (PKCS#11 §5.6 lists none such): the member
-                # lost the application's login; its sessions there are reset, again
+                # lost the application's login, or its state is off; its sessions there
+                # are reset, again (a module that keeps answering it: CKR_DEVICE_ERROR)
                 log.warning("login lost: %s member=%s C_OpenSession returned %s; new "
                             "session and login", ctx.name, member.name, rv_name(reply[0]))
                 await self.r.failures.reset_member(ctx, member)

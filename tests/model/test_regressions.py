@@ -927,3 +927,14 @@ def test_cached_search_beside_a_digest(model_env: Env) -> None:
     name = "cached_search_beside_a_digest.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_open_answered_user_not_logged_in_while_logged_out(model_env: Env) -> None:
+    """Found by make soak under failover (3 of 29 steps): a member answering
+    C_OpenSession CKR_USER_NOT_LOGGED_IN (twice) to an application not logged in: the code
+    reached it (§5.6 lists no such answer). Reset and tried again, as for a logged-in
+    one."""
+    name = "open_answered_user_not_logged_in_while_logged_out.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
