@@ -791,6 +791,8 @@ class Runner:
             sessions[step["s"]].last[step["fn"]] = (step.get("k", ""), step["mech"]["m"])
         if "id" in step and "out" in p and "out" in r:
             self.values[step["id"]] = (p["out"], r["out"], dict(step))
+        if p.get("rv") == OK and op == "getattr" and MATERIAL & set(step["a"]):
+            self.mark_used(app, step["o"])  # its bits shown (p11p: shapes.reveals)
         if p.get("rv") == OK and op in ("opinit", "wrap", "digestkey"):
             # p11p used the key (its bits may show), even where the token used directly
             # refused the call in a documented way

@@ -938,3 +938,13 @@ def test_open_answered_user_not_logged_in_while_logged_out(model_env: Env) -> No
     name = "open_answered_user_not_logged_in_while_logged_out.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_set_attribute_of_a_read_key_on_a_hung_member(model_env: Env) -> None:
+    """Found by make soak under balance (7 of 41 steps): a key made at random whose
+    CKA_VALUE was read, its member hung: lost (README, Limits: its bits have shown), and
+    C_SetAttributeValue on it got CKR_DEVICE_ERROR. The harness was wrong: it did not
+    count a read of the value as a use, as p11p does."""
+    name = "set_attribute_of_a_read_key_on_a_hung_member.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
