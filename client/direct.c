@@ -31,7 +31,8 @@
 #define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
 
 /* Where an operation of a session runs. */
-enum { OP_NONE, OP_PLANE, OP_DAEMON, OP_REPLAY /* was on the data plane: sent again first */ };
+enum { OP_NONE, OP_PLANE, OP_DAEMON, OP_REPLAY /* was on the data plane: sent again first */,
+       OP_LOST /* could not be sent again: its next call answers CKR_DEVICE_ERROR */ };
 
 /* An endpoint's name, token, time-out and fallback list are set when it is made and
  * never change (a helper's listener keeps its name for life), so a call reads them
@@ -855,8 +856,8 @@ out:
 		end_operation(h, NULL, kind); /* the daemon's part of it ends too */
 	if (lock()) {
 		s = lookup(h);
-		if (s != NULL && rv == CKR_OK)
-			s->ops[kind].where = OP_DAEMON;
+		if (s != NULL)
+			s->ops[kind].where = rv == CKR_OK ? OP_DAEMON : OP_LOST;
 		unlock();
 	}
 	op_clear(&o);
@@ -915,8 +916,13 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		}
 		return 1;
 	}
-	if (sh->key && p11p_plane_object(h, &b, a->key, &mkey, 1) != 0)
-		return 1; /* a key the daemon does not give: the call goes through it */
+	if (sh->key && p11p_plane_object(h, &b, a->key, &mkey, 1) != 0) {
+		/* a key the daemon does not give: the call goes through it, which answers from
+		 * its view of the session's operations (an unknown handle beside an active
+		 * operation is CKR_OPERATION_ACTIVE): the ones on the data plane move there */
+		p11p_plane_settle(h);
+		return 1;
+	}
 	if (sh->role == P11P_R_INIT && (mech = encode_mechanism(a->mech, &mech_len)) == NULL)
 		return 1;
 	p11p_plane_begin(&c, sh->code, nargs_of(sh));
@@ -959,25 +965,28 @@ static CK_RV through_daemon(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	return rv;
 }
 
-CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
+/* An operation lost in a replay is answered once, at the next call of its kind (an init
+ * starts afresh): CKR_DEVICE_ERROR, as the daemon answers one (daemon/resolve.py). */
+static int lost_once(CK_SESSION_HANDLE h, int kind)
 {
-	int where = disabled ? OP_NONE : op_where(h, sh->kind);
-	CK_RV rv;
+	struct sess *s;
+	int lost = 0;
 
-	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !disabled)) {
-		if (on_plane(h, sh, a, where, &rv) == 0)
-			return rv;
-		where = op_where(h, sh->kind);
+	if (!lock())
+		return 0;
+	s = lookup(h);
+	if (s != NULL && s->ops[kind].where == OP_LOST) {
+		s->ops[kind].where = OP_NONE;
+		lost = 1;
 	}
-	if (where == OP_REPLAY) {
-		rv = replay(h, sh->kind);
-		if (rv != CKR_OK)
-			return rv;
-	}
-	return through_daemon(h, sh, a);
+	unlock();
+	return lost;
 }
 
-CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds)
+/* The operations of `kinds` on the data plane move to the daemon (ended on the helper,
+ * the session unbound, sent again through the daemon). `consume`: the caller is a call
+ * of those kinds, and a lost one's answer is its own: CKR_DEVICE_ERROR now. */
+static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
 {
 	int moving = 0;
 	CK_RV rv = CKR_OK;
@@ -987,10 +996,59 @@ CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds)
 			moving = 1;
 	if (moving)
 		p11p_plane_unbind(h, P11P_WHY_LEAVING);
-	for (int k = 0; k < P11P_KINDS && rv == CKR_OK; k++)
-		if ((kinds & (1u << k)) && op_where(h, k) == OP_REPLAY)
-			rv = replay(h, k);
+	for (int k = 0; k < P11P_KINDS; k++) {
+		if (!(kinds & (1u << k)))
+			continue;
+		if (op_where(h, k) == OP_REPLAY)
+			(void)replay(h, k);
+		if (consume && lost_once(h, k))
+			rv = CKR_DEVICE_ERROR;
+	}
 	return rv;
+}
+
+static unsigned plane_kinds(CK_SESSION_HANDLE h)
+{
+	unsigned kinds = 0;
+
+	for (int k = 0; k < P11P_KINDS; k++)
+		if (op_where(h, k) == OP_PLANE)
+			kinds |= 1u << k;
+	return kinds;
+}
+
+void p11p_plane_settle(CK_SESSION_HANDLE h)
+{
+	unsigned kinds = disabled ? 0 : plane_kinds(h);
+
+	if (kinds != 0)
+		(void)move_ops(h, kinds, 0);
+}
+
+CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
+{
+	int where = disabled ? OP_NONE : op_where(h, sh->kind);
+	CK_RV rv;
+
+	if (where == OP_LOST && lost_once(h, sh->kind)) {
+		if (sh->role != P11P_R_INIT)
+			return CKR_DEVICE_ERROR;
+		where = OP_NONE;
+	}
+
+	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !disabled)) {
+		if (on_plane(h, sh, a, where, &rv) == 0)
+			return rv;
+		where = op_where(h, sh->kind);
+	}
+	if (where == OP_REPLAY && replay(h, sh->kind) != CKR_OK && lost_once(h, sh->kind))
+		return CKR_DEVICE_ERROR;
+	return through_daemon(h, sh, a);
+}
+
+CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds)
+{
+	return disabled ? CKR_OK : move_ops(h, kinds, 1);
 }
 
 void p11p_ops_after(CK_SESSION_HANDLE h, unsigned kinds, CK_RV rv)

@@ -77,6 +77,9 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 /* Before a call that acts on operations of these kinds (a bit per kind) outside the data
  * plane: those on the data plane move to the daemon. CKR_OK, or the lost one's code. */
 CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds);
+/* Before a call the daemon answers from its view of the session's operations (a
+ * search): those on the data plane move there (a lost one answers its next call). */
+void p11p_plane_settle(CK_SESSION_HANDLE h);
 /* After such a call returned rv: an error other than CKR_BUFFER_TOO_SMALL ends them. */
 void p11p_ops_after(CK_SESSION_HANDLE h, unsigned kinds, CK_RV rv);
 
