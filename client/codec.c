@@ -119,6 +119,12 @@ const msgpack_object *p11p_next_out(struct p11p_call *c)
 
 /* ---- primitives ---- */
 
+void p11p_put_raw(struct p11p_call *c, const void *p, size_t len)
+{
+	if (!c->err && len > 0)
+		check_pack(c, msgpack_sbuffer_write(&c->req, p, len));
+}
+
 void p11p_put_nil(struct p11p_call *c)
 {
 	if (!c->err)

@@ -96,9 +96,15 @@ struct p11p_mech_param {
 	CK_MECHANISM_TYPE type;
 	size_t size;                                  /* sizeof the C structure */
 	void (*put)(struct p11p_call *c, const void *param);
+	int objects;                                  /* a field names an object handle */
 };
 extern const struct p11p_mech_param p11p_mech_params[];
 extern const size_t p11p_mech_params_count;
 void p11p_put_field_bytes(struct p11p_call *c, const void *p, CK_ULONG len);
+/* Whether a mechanism's structured parameter names an object handle (a virtual handle
+ * the daemon maps: such a mechanism never goes on the data plane). */
+int p11p_mech_names_object(CK_MECHANISM_TYPE type);
+/* An element already encoded (a recorded request element sent again). */
+void p11p_put_raw(struct p11p_call *c, const void *p, size_t len);
 
 #endif

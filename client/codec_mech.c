@@ -35,3 +35,10 @@ void p11p_put_mechanism(struct p11p_call *c, const CK_MECHANISM *m)
 	else if (!c->err)
 		d->put(c, m->pParameter);
 }
+
+int p11p_mech_names_object(CK_MECHANISM_TYPE type)
+{
+	const struct p11p_mech_param *d = find_param(type);
+
+	return d != NULL && d->objects;
+}

@@ -1,7 +1,9 @@
-/* p11p client — the direct path (see direct.h). A table of the sessions that made hot
- * calls (bound or not, and where their sign operation runs), and per helper listener
- * (an endpoint) a stack of idle connections. Both are guarded by the library's lock;
- * the calls themselves run outside it, each on a connection of its own. */
+/* p11p client — the data plane's engine (see direct.h): a table of the sessions that made
+ * calls of the data plane (bound or not; per operation kind where the operation runs and
+ * what its replay needs), per helper listener (an endpoint) a stack of idle connections,
+ * and the replay of an operation through the daemon. The table and the stacks are
+ * guarded by the library's lock; the calls themselves run outside it, each on a
+ * connection of its own. */
 #include <errno.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -22,16 +24,15 @@
 #define EP_IDLE 16             /* idle connections kept per endpoint */
 #define MAX_FALLBACK 64
 #define TOKEN 16
-#define KEYS 4                 /* member key handles remembered per session */
-#define BIND_AFTER 3           /* hot calls through the daemon before asking to bind */
+#define KEYS 8                 /* member handles remembered per session */
+#define BIND_AFTER 3           /* data-plane calls through the daemon before asking to bind */
 #define BIND_RETRY_MS 1000     /* after a refusal or an unbind */
-#define DIRECT_MAX_DATA (1u << 20)
-#define TERMINATE_CAP 16384    /* a signature buffer that fits any signature */
+#define END_CAP 65536          /* an output buffer that fits what ends an operation */
 #define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
 
-enum { OP_NONE, OP_DIRECT, OP_DAEMON };
-/* Why a session is unbound (daemon/direct.py) */
-enum { WHY_RETURNED = 0, WHY_LEAVING = 1, WHY_BROKEN = 2, WHY_TIMEOUT = 3 };
+/* Where an operation of a session runs. */
+enum { OP_NONE, OP_PLANE, OP_DAEMON, OP_REPLAY /* was on the data plane: sent again first */,
+       OP_LOST /* could not be sent again: its next call answers CKR_DEVICE_ERROR */ };
 
 /* An endpoint's name, token, time-out and fallback list are set when it is made and
  * never change (a helper's listener keeps its name for life), so a call reads them
@@ -48,32 +49,50 @@ struct ep {
 	unsigned nidle;
 };
 
+/* An update the member consumed, as it is sent again through the daemon. */
+struct update {
+	unsigned long code;
+	unsigned char *data;
+	CK_ULONG len;
+	int out;                    /* it has an output: its length and digest */
+	CK_ULONG out_len;
+	uint64_t digest[2];
+};
+
+/* One operation kind of a session. */
+struct op {
+	int where;                  /* OP_* */
+	int replayable;             /* (OP_PLANE, OP_REPLAY) within replay_limit */
+	unsigned long init_code;
+	unsigned char *mech;        /* the init's mechanism as encoded (parameter included) */
+	size_t mech_len;
+	int has_key;
+	CK_OBJECT_HANDLE key;       /* virtual */
+	struct update *ups;
+	size_t nups, cap;
+	uint64_t size, limit;       /* update data so far; the group's replay_limit */
+};
+
 struct sess {
 	struct sess *next;
 	CK_SESSION_HANDLE h;
 	CK_SLOT_ID slot;
 	struct ep *ep;              /* bound: its helper's endpoint; NULL: not bound */
 	uint64_t id;                /* bound: what the helper knows the session by */
-	unsigned calls;             /* hot calls through the daemon since the last unbind */
+	uint64_t replay_limit;      /* bound: the group's */
+	unsigned calls;             /* data-plane calls through the daemon since the last unbind */
 	int64_t retry_ms;           /* not bound: no bind request before this */
-	int sign;                   /* where the sign operation runs: OP_* */
-	CK_MECHANISM_TYPE sign_mech;
-	CK_OBJECT_HANDLE sign_key;
-	struct { CK_OBJECT_HANDLE v, m; } keys[KEYS];
+	struct op ops[P11P_KINDS];
+	struct { CK_OBJECT_HANDLE v, m; int use; } keys[KEYS];
 	unsigned nkeys, key_gen;
-};
-
-/* A binding as a call uses it, copied out under the lock. */
-struct bound {
-	struct ep *ep;
-	uint64_t id;
 };
 
 static struct sess *table[BUCKETS];
 static struct ep *eps;
-static unsigned destroy_gen;   /* C_DestroyObject calls: remembered key handles expire */
+static unsigned destroy_gen;   /* C_DestroyObject calls: remembered handles expire */
 static int disabled;
-static atomic_int in_flight;   /* direct calls waiting for their reply */
+static int old_daemon;         /* its binding has no replay_limit: no data plane with it */
+static atomic_int in_flight;   /* data-plane calls waiting for their reply */
 
 static int lock(void)
 {
@@ -90,6 +109,23 @@ void p11p_direct_setup(void)
 	const char *env = secure_getenv("P11P_DIRECT");
 
 	disabled = env != NULL && strcmp(env, "0") == 0;
+	old_daemon = 0;
+}
+
+static void op_clear(struct op *o)
+{
+	for (size_t i = 0; i < o->nups; i++)
+		free(o->ups[i].data);
+	free(o->ups);
+	free(o->mech);
+	memset(o, 0, sizeof *o);
+}
+
+static void sess_free(struct sess *s)
+{
+	for (int k = 0; k < P11P_KINDS; k++)
+		op_clear(&s->ops[k]);
+	free(s);
 }
 
 void p11p_direct_reset(void)
@@ -99,7 +135,7 @@ void p11p_direct_reset(void)
 			struct sess *s = table[i];
 
 			table[i] = s->next;
-			free(s);
+			sess_free(s);
 		}
 	}
 	while (eps != NULL) {
@@ -128,6 +164,18 @@ static struct sess *lookup(CK_SESSION_HANDLE h)
 	return *slot_of(h);
 }
 
+static struct sess *lookup_or_add(CK_SESSION_HANDLE h)
+{
+	struct sess *s = lookup(h);
+
+	if (s == NULL && (s = calloc(1, sizeof *s)) != NULL) {
+		s->h = h;
+		s->next = table[(h ^ (h >> 8)) % BUCKETS];
+		table[(h ^ (h >> 8)) % BUCKETS] = s;
+	}
+	return s;
+}
+
 static void drop_where(int (*match)(const struct sess *, CK_ULONG), CK_ULONG arg)
 {
 	for (unsigned i = 0; i < BUCKETS; i++) {
@@ -138,7 +186,7 @@ static void drop_where(int (*match)(const struct sess *, CK_ULONG), CK_ULONG arg
 				struct sess *s = *p;
 
 				*p = s->next;
-				free(s);
+				sess_free(s);
 			} else {
 				p = &(*p)->next;
 			}
@@ -156,64 +204,79 @@ static int on_slot(const struct sess *s, CK_ULONG slot)
 	return s->ep == NULL || s->slot == slot;
 }
 
+void p11p_plane_forget(CK_SESSION_HANDLE h)
+{
+	if (lock()) {
+		drop_where(is_session, h);
+		unlock();
+	}
+}
+
+void p11p_plane_forget_slot(CK_SLOT_ID slot)
+{
+	if (lock()) {
+		drop_where(on_slot, slot);
+		unlock();
+	}
+}
+
+void p11p_plane_destroyed(void)
+{
+	if (lock()) {
+		destroy_gen++;
+		unlock();
+	}
+}
+
 /* The daemon's answer says the session exists: it is counted (and made known). */
-static void count_call(CK_SESSION_HANDLE h, CK_RV rv)
+void p11p_plane_counted(CK_SESSION_HANDLE h, CK_RV rv)
 {
 	struct sess *s;
 
 	if (disabled || rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED ||
 	    rv == CKR_CRYPTOKI_NOT_INITIALIZED || rv == CKR_DEVICE_ERROR || !lock())
 		return;
-	s = lookup(h);
-	if (s == NULL && (s = calloc(1, sizeof *s)) != NULL) {
-		s->h = h;
-		s->next = table[(h ^ (h >> 8)) % BUCKETS];
-		table[(h ^ (h >> 8)) % BUCKETS] = s;
-	}
+	s = lookup_or_add(h);
 	if (s != NULL)
 		s->calls++;
 	unlock();
 }
 
-static int sign_state(CK_SESSION_HANDLE h, CK_MECHANISM_TYPE *mech, CK_OBJECT_HANDLE *key)
+static int op_where(CK_SESSION_HANDLE h, int kind)
 {
 	struct sess *s;
-	int op = OP_NONE;
+	int where = OP_NONE;
 
 	if (!lock())
 		return OP_NONE;
 	s = lookup(h);
-	if (s != NULL) {
-		op = s->sign;
-		*mech = s->sign_mech;
-		*key = s->sign_key;
-	}
+	if (s != NULL)
+		where = s->ops[kind].where;
 	unlock();
-	return op;
+	return where;
 }
 
-static void set_sign(CK_SESSION_HANDLE h, int op, CK_MECHANISM_TYPE mech, CK_OBJECT_HANDLE key)
+static int all_idle(const struct sess *s)
 {
-	struct sess *s;
-
-	if (!lock())
-		return;
-	s = lookup(h);
-	if (s != NULL) {
-		s->sign = op;
-		s->sign_mech = mech;
-		s->sign_key = key;
-	}
-	unlock();
+	for (int k = 0; k < P11P_KINDS; k++)
+		if (s->ops[k].where != OP_NONE)
+			return 0;
+	return 1;
 }
 
-/* After C_Sign or C_SignFinal: the operation goes on only after a length query or
- * CKR_BUFFER_TOO_SMALL (PKCS#11 §5.2). */
-static void sign_done(CK_SESSION_HANDLE h, CK_RV rv, CK_BYTE_PTR out)
+/* A 128-bit digest of an output, to tell a replayed update's output from the one the
+ * application got (not a cryptographic one: the outputs compared are the module's). */
+static void digest(const unsigned char *p, size_t n, uint64_t d[2])
 {
-	if ((rv == CKR_OK && out == NULL) || rv == CKR_BUFFER_TOO_SMALL)
-		return;
-	set_sign(h, OP_NONE, 0, 0);
+	uint64_t a = 0xcbf29ce484222325ULL ^ n, b = 0x9e3779b97f4a7c15ULL + n;
+
+	for (size_t i = 0; i < n; i++) {
+		a = (a ^ p[i]) * 0x100000001b3ULL;
+		b = (b + p[i] + 1) * 0xff51afd7ed558ccdULL;
+		b ^= b >> 29;
+	}
+	d[0] = a;
+	d[1] = b;
 }
 
 /* ---- endpoints and their connections ---- */
@@ -313,7 +376,7 @@ static void ep_broken(struct ep *ep)
 		close(fds[--n]);
 }
 
-/* ---- one direct call ---- */
+/* ---- one call on the data plane ---- */
 
 /* The reply of a quick call comes back within a few tens of microseconds; blocking
  * for it costs a wake-up on another CPU (about 50 µs here). So a call that is the
@@ -334,19 +397,18 @@ static void await_reply(int fd)
 	} while ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) < SPIN_NS);
 }
 
-/* Runs the request in c on a connection to the bound helper. 0: c holds the answer;
- * 1: the daemon must take the call (*why says why); c's reply is dropped then. */
-static int direct_run(struct p11p_call *c, const struct bound *b, unsigned nouts, int *why)
+int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why)
 {
-	int64_t deadline = p11p_deadline(b->ep->timeout_ms);
+	struct ep *ep = b->ep;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
 	int fd;
 	CK_RV rv;
 
 	if (c->err)
 		return 0; /* a local error (bad arguments): answered as the stub would */
-	fd = ep_take(b->ep);
+	fd = ep_take(ep);
 	if (fd < 0) {
-		*why = WHY_BROKEN;
+		*why = P11P_WHY_BROKEN;
 		return 1;
 	}
 	atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed);
@@ -360,53 +422,82 @@ static int direct_run(struct p11p_call *c, const struct bound *b, unsigned nouts
 		p11p_reply_parse(c, nouts);
 	if (rv != CKR_OK || c->err) {
 		close(fd);
-		*why = deadline >= 0 && p11p_now_ms() >= deadline ? WHY_TIMEOUT : WHY_BROKEN;
-		if (*why == WHY_BROKEN)
-			ep_broken(b->ep);
+		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
+		if (*why == P11P_WHY_BROKEN)
+			ep_broken(ep);
 		return 1;
 	}
-	ep_give(b->ep, fd);
-	if (is_fallback(b->ep, c->rv)) {
-		*why = WHY_RETURNED;
+	ep_give(ep, fd);
+	if (is_fallback(ep, c->rv)) {
+		*why = P11P_WHY_RETURNED;
 		return 1;
 	}
 	return 0;
 }
 
-static void direct_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
+void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
 {
 	memset(c, 0, sizeof *c);
 	p11p_codec_begin(c, code, nargs);
 }
 
-/* Ends the sign operation left in the member session (any error but
- * CKR_BUFFER_TOO_SMALL ends it; so does a signature), before the session leaves. */
-static void terminate_sign(const struct bound *b)
-{
-	struct p11p_call c;
-	CK_BYTE *buf = malloc(TERMINATE_CAP);
-	CK_ULONG len = TERMINATE_CAP;
-	int why;
+/* ---- what ends an operation (as daemon/bind.py STALE_ENDS) ---- */
 
-	if (buf == NULL)
-		return;
-	direct_begin(&c, P11P_FN_C_Sign, 3);
-	p11p_put_ulong(&c, b->id);
-	p11p_put_bytes(&c, "", 0);
-	p11p_put_out_bytes(&c, buf, &len);
-	(void)direct_run(&c, b, 1, &why);
-	p11p_codec_end(&c);
-	free(buf);
+/* Per kind, up to two requests after the session: e an empty byte string, c a buffer's
+ * capacity, z a signature that cannot verify. */
+static const struct { unsigned long code; const char *args; } ENDS[P11P_KINDS][2] = {
+	[P11P_K_ENCRYPT] = { { P11P_FN_C_EncryptUpdate, "ec" }, { P11P_FN_C_EncryptFinal, "c" } },
+	[P11P_K_DECRYPT] = { { P11P_FN_C_DecryptUpdate, "ec" }, { P11P_FN_C_DecryptFinal, "c" } },
+	[P11P_K_DIGEST] = { { P11P_FN_C_DigestUpdate, "e" }, { P11P_FN_C_DigestFinal, "c" } },
+	[P11P_K_SIGN] = { { P11P_FN_C_SignUpdate, "e" }, { P11P_FN_C_SignFinal, "c" } },
+	[P11P_K_VERIFY] = { { P11P_FN_C_VerifyUpdate, "e" }, { P11P_FN_C_VerifyFinal, "z" } },
+	[P11P_K_SIGN_RECOVER] = { { P11P_FN_C_SignRecover, "ec" }, { 0, NULL } },
+	[P11P_K_VERIFY_RECOVER] = { { P11P_FN_C_VerifyRecover, "zc" }, { 0, NULL } },
+};
+
+/* Ends the operation of `kind` where it runs: on the helper (b) or through the daemon
+ * (b NULL, session h). Best effort: whatever is answered, the operation is over. */
+static void end_operation(CK_SESSION_HANDLE h, const struct p11p_bound *b, int kind)
+{
+	static const unsigned char zero[64];
+
+	for (int i = 0; i < 2 && ENDS[kind][i].args != NULL; i++) {
+		const char *args = ENDS[kind][i].args;
+		unsigned nargs = 1 + (unsigned)strlen(args), nouts = strchr(args, 'c') != NULL;
+		struct p11p_call c;
+		int why;
+
+		if (b != NULL) {
+			p11p_plane_begin(&c, ENDS[kind][i].code, nargs);
+			p11p_put_ulong(&c, b->id);
+		} else {
+			p11p_call_start(&c, ENDS[kind][i].code, nargs);
+			p11p_put_ulong(&c, h);
+		}
+		for (const char *a = args; *a != '\0'; a++) {
+			if (*a == 'e')
+				p11p_put_bin(&c, "", 0);
+			else if (*a == 'z')
+				p11p_put_bin(&c, zero, sizeof zero);
+			else
+				p11p_put_ulong(&c, END_CAP);
+		}
+		if (b != NULL)
+			(void)p11p_plane_run(&c, b, nouts, &why);
+		else
+			p11p_call_run(&c, nouts);
+		(void)p11p_call_finish(&c);
+	}
 }
 
 /* ---- binding ---- */
 
-static void unbind(CK_SESSION_HANDLE h, int why)
+void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 {
 	struct p11p_call c;
 	struct sess *s;
-	struct bound b = { NULL, 0 };
-	int live_sign = 0;
+	struct p11p_bound b = { NULL, 0, 0 };
+	int plane[P11P_KINDS] = { 0 };
 
 	if (!lock())
 		return;
@@ -414,16 +505,26 @@ static void unbind(CK_SESSION_HANDLE h, int why)
 	if (s != NULL && s->ep != NULL) {
 		b.ep = s->ep;
 		b.id = s->id;
-		live_sign = s->sign == OP_DIRECT;
 		s->ep = NULL;
 		s->calls = 0;
 		s->retry_ms = p11p_now_ms() + BIND_RETRY_MS;
+		/* its operations on the data plane are sent again through the daemon at their
+		 * next call */
+		for (int k = 0; k < P11P_KINDS; k++) {
+			if (s->ops[k].where == OP_PLANE) {
+				s->ops[k].where = OP_REPLAY;
+				plane[k] = 1;
+			}
+		}
 	}
 	unlock();
 	if (b.ep == NULL)
 		return;
-	if (live_sign && (why == WHY_RETURNED || why == WHY_LEAVING))
-		terminate_sign(&b);
+	/* what the member session still runs would meet their replay there */
+	if (why == P11P_WHY_RETURNED || why == P11P_WHY_LEAVING)
+		for (int k = 0; k < P11P_KINDS; k++)
+			if (plane[k])
+				end_operation(h, &b, k);
 	p11p_call_start(&c, P11P_FN_DIRECT_UNBIND, 2);
 	p11p_put_ulong(&c, h);
 	p11p_put_ulong(&c, (CK_ULONG)why);
@@ -431,24 +532,25 @@ static void unbind(CK_SESSION_HANDLE h, int why)
 	(void)p11p_call_finish(&c);
 }
 
-/* [name, token, id, timeout_ms, slot, [rv...]] of a DIRECT_BIND reply, into the
- * session's entry. 0, or -1 when it does not fit. */
-static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct bound *b)
+/* [name, token, id, timeout_ms, slot, [rv...], replay_limit] of a DIRECT_BIND reply,
+ * into the session's entry. 0, or -1 when it does not fit. */
+static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11p_bound *b)
 {
 	const msgpack_object *f;
-	CK_ULONG id, timeout, slot;
+	CK_ULONG id, timeout, slot, limit;
 	struct sess *s;
 	struct ep *ep;
 	int ret = -1;
 
-	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 6)
+	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 7)
 		return -1;
 	f = o->via.array.ptr;
 	if (f[0].type != MSGPACK_OBJECT_BIN || f[0].via.bin.size == 0 || f[0].via.bin.size > 100 ||
 	    f[1].type != MSGPACK_OBJECT_BIN || f[1].via.bin.size != TOKEN ||
 	    p11p_obj_ulong(&f[2], &id) != 0 || id == 0 || p11p_obj_ulong(&f[3], &timeout) != 0 ||
 	    timeout == 0 || timeout > 0x7fffffffUL || p11p_obj_ulong(&f[4], &slot) != 0 ||
-	    f[5].type != MSGPACK_OBJECT_ARRAY || f[5].via.array.size > MAX_FALLBACK)
+	    f[5].type != MSGPACK_OBJECT_ARRAY || f[5].via.array.size > MAX_FALLBACK ||
+	    p11p_obj_ulong(&f[6], &limit) != 0)
 		return -1;
 	if (!lock())
 		return -1;
@@ -457,7 +559,8 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct bou
 	if (ep != NULL) {
 		s->ep = b->ep = ep;
 		s->id = b->id = id;
-		s->slot = slot;
+		s->slot = b->slot = slot;
+		s->replay_limit = limit;
 		s->nkeys = 0;
 		ret = 0;
 	}
@@ -465,12 +568,12 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct bou
 	return ret;
 }
 
-/* 1 and *b: the session is bound (asking the daemon when it is time); 0: not. */
-static int bound_for(CK_SESSION_HANDLE h, struct bound *b, int may_bind)
+int p11p_plane_bound(CK_SESSION_HANDLE h, struct p11p_bound *b, int may_bind)
 {
 	struct p11p_call c;
+	const msgpack_object *o = NULL;
 	struct sess *s;
-	int ask = 0, ok = 0;
+	int ask = 0, ok = 0, old = 0;
 
 	if (disabled || !lock())
 		return 0;
@@ -478,8 +581,9 @@ static int bound_for(CK_SESSION_HANDLE h, struct bound *b, int may_bind)
 	if (s != NULL && s->ep != NULL) {
 		b->ep = s->ep;
 		b->id = s->id;
+		b->slot = s->slot;
 		ok = 1;
-	} else if (s != NULL && may_bind && s->calls >= BIND_AFTER && s->sign == OP_NONE &&
+	} else if (s != NULL && may_bind && !old_daemon && s->calls >= BIND_AFTER && all_idle(s) &&
 		   p11p_now_ms() >= s->retry_ms) {
 		s->retry_ms = p11p_now_ms() + BIND_RETRY_MS; /* one request at a time */
 		ask = 1;
@@ -490,16 +594,30 @@ static int bound_for(CK_SESSION_HANDLE h, struct bound *b, int may_bind)
 	p11p_call_start(&c, P11P_FN_DIRECT_BIND, 1);
 	p11p_put_ulong(&c, h);
 	p11p_call_run(&c, 1);
-	if (c.err == CKR_OK && c.rv == CKR_OK)
-		ok = take_binding(p11p_next_out(&c), h, b) == 0;
+	if (c.err == CKR_OK && c.rv == CKR_OK) {
+		o = p11p_next_out(&c);
+		ok = take_binding(o, h, b) == 0;
+		/* a daemon without the data plane's replay_limit (its helpers serve three
+		 * calls): the binding ends, and this library asks it no more */
+		old = !ok && o != NULL && o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size == 6;
+	}
 	(void)p11p_call_finish(&c);
+	if (old) {
+		if (lock()) {
+			old_daemon = 1;
+			unlock();
+		}
+		p11p_call_start(&c, P11P_FN_DIRECT_UNBIND, 2);
+		p11p_put_ulong(&c, h);
+		p11p_put_ulong(&c, P11P_WHY_LEAVING);
+		p11p_call_run(&c, 0);
+		(void)p11p_call_finish(&c);
+	}
 	return ok;
 }
 
-/* The member handle of key `v` for the bound session: remembered, or asked of the
- * daemon. 0, or -1 (the call goes through the daemon). */
-static int member_key(CK_SESSION_HANDLE h, const struct bound *b, CK_OBJECT_HANDLE v,
-		      CK_OBJECT_HANDLE *m)
+int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT_HANDLE v,
+		      CK_OBJECT_HANDLE *m, int use)
 {
 	struct p11p_call c;
 	const msgpack_object *o;
@@ -514,7 +632,7 @@ static int member_key(CK_SESSION_HANDLE h, const struct bound *b, CK_OBJECT_HAND
 		s->key_gen = destroy_gen;
 	}
 	for (unsigned i = 0; s != NULL && i < s->nkeys && i < KEYS; i++) {
-		if (s->keys[i].v == v) {
+		if (s->keys[i].v == v && s->keys[i].use >= use) {
 			*m = s->keys[i].m;
 			found = 1;
 			break;
@@ -523,7 +641,7 @@ static int member_key(CK_SESSION_HANDLE h, const struct bound *b, CK_OBJECT_HAND
 	unlock();
 	if (found)
 		return 0;
-	p11p_call_start(&c, P11P_FN_DIRECT_KEY, 2);
+	p11p_call_start(&c, use ? P11P_FN_DIRECT_KEY : P11P_FN_DIRECT_OBJECT, 2);
 	p11p_put_ulong(&c, h);
 	p11p_put_ulong(&c, v);
 	p11p_call_run(&c, 1);
@@ -535,232 +653,413 @@ static int member_key(CK_SESSION_HANDLE h, const struct bound *b, CK_OBJECT_HAND
 	if (lock()) {
 		s = lookup(h);
 		if (s != NULL && s->ep == b->ep && s->id == b->id) {
-			s->keys[s->nkeys % KEYS].v = v;
-			s->keys[s->nkeys % KEYS].m = *m;
-			s->nkeys++;
+			unsigned i = 0;
+
+			while (i < s->nkeys && i < KEYS && s->keys[i].v != v)
+				i++;
+			if (i >= s->nkeys || i >= KEYS)
+				i = s->nkeys++ % KEYS;
+			s->keys[i].v = v;
+			s->keys[i].m = *m;
+			s->keys[i].use = use;
 		}
 		unlock();
 	}
 	return 0;
 }
 
-/* ---- the wrapped entry points ---- */
+/* ---- operations: what replay needs ---- */
 
-P11P_EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData,
-				   CK_ULONG ulRandomLen)
+/* The mechanism as the request encodes it, malloc'd (NULL when it cannot be sent). */
+static unsigned char *encode_mechanism(const CK_MECHANISM *m, size_t *len)
+{
+	struct p11p_call t;
+	unsigned char *out = NULL;
+	size_t start;
+
+	p11p_plane_begin(&t, 0, 0);
+	start = t.req.size;
+	p11p_put_mechanism(&t, m);
+	if (!t.err && (out = malloc(t.req.size - start)) != NULL) {
+		*len = t.req.size - start;
+		memcpy(out, t.req.data + start, *len);
+	}
+	p11p_codec_end(&t);
+	return out;
+}
+
+/* Under the lock: an update the member consumed, kept (or the operation is over the
+ * limit: nothing is kept, and it cannot be sent again). */
+static void keep_update(struct op *o, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
+{
+	struct update *u;
+	CK_ULONG len = sh->nbytes > 0 && a->in[0] != NULL ? a->in_len[0] : 0;
+
+	if (!o->replayable)
+		return;
+	o->size += len;
+	if (o->size > o->limit)
+		goto over;
+	if (o->nups == o->cap) {
+		size_t cap = o->cap ? 2 * o->cap : 8;
+		struct update *ups = realloc(o->ups, cap * sizeof *ups);
+
+		if (ups == NULL)
+			goto over;
+		o->ups = ups;
+		o->cap = cap;
+	}
+	u = &o->ups[o->nups];
+	memset(u, 0, sizeof *u);
+	u->code = sh->code;
+	u->len = len;
+	if ((u->data = malloc(len ? len : 1)) == NULL)
+		goto over;
+	if (len > 0)
+		memcpy(u->data, a->in[0], len);
+	if (sh->out) {
+		u->out = 1;
+		u->out_len = *a->out_len;
+		digest(a->out, *a->out_len, u->digest);
+	}
+	o->nups++;
+	return;
+over:
+	for (size_t i = 0; i < o->nups; i++)
+		free(o->ups[i].data);
+	free(o->ups);
+	o->ups = NULL;
+	o->nups = o->cap = 0;
+	o->replayable = 0;
+}
+
+/* After a call of an operation answered rv (on the data plane when `plane`): PKCS#11
+ * §5.2. An init that succeeds starts the operation where it ran; an update the member
+ * consumed continues it (kept for replay on the data plane); a length query or
+ * CKR_BUFFER_TOO_SMALL changes nothing; any other outcome of an update, a final or a
+ * one-part call ends it. `mech`: the init's encoded mechanism, taken over. */
+static void after_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
+		       const struct p11p_op_args *a, CK_RV rv, int plane,
+		       unsigned char *mech, size_t mech_len)
+{
+	struct sess *s;
+	struct op *o;
+
+	if (!lock()) {
+		free(mech);
+		return;
+	}
+	s = sh->role == P11P_R_INIT && rv == CKR_OK ? lookup_or_add(h) : lookup(h);
+	if (s == NULL) {
+		unlock();
+		free(mech);
+		return;
+	}
+	o = &s->ops[sh->kind];
+	switch (sh->role) {
+	case P11P_R_INIT:
+		if (rv != CKR_OK)
+			break;
+		op_clear(o);
+		o->where = plane ? OP_PLANE : OP_DAEMON;
+		if (plane) {
+			o->replayable = mech != NULL;
+			o->init_code = sh->code;
+			o->mech = mech;
+			o->mech_len = mech_len;
+			mech = NULL;
+			o->has_key = sh->key;
+			o->key = a->key;
+			o->limit = s->replay_limit;
+		}
+		break;
+	case P11P_R_UPDATE:
+		if (rv == CKR_OK && (!sh->out || a->out != NULL)) {
+			if (o->where == OP_PLANE && plane)
+				keep_update(o, sh, a);
+		} else if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL) {
+			op_clear(o);
+		}
+		break;
+	default:
+		if (rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && sh->out && a->out == NULL))
+			break;
+		op_clear(o);
+	}
+	unlock();
+	free(mech);
+}
+
+/* The operation of `kind`, begun on the data plane and unbound since, is sent again
+ * through the daemon: its init and the updates the member consumed, their outputs
+ * checked. CKR_OK: it runs through the daemon now; else it is lost (over replay_limit,
+ * refused, or other outputs): CKR_DEVICE_ERROR, as the daemon answers a lost one. */
+static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 {
 	struct p11p_call c;
-	struct bound b;
-	CK_RV rv = p11p_enter(); /* held throughout: C_Finalize waits for this call */
-	int why;
+	struct sess *s;
+	struct op o;
+	CK_RV rv = CKR_DEVICE_ERROR;
+	int started = 0;
 
-	if (rv != CKR_OK)
-		return rv;
-	if (RandomData != NULL && ulRandomLen <= DIRECT_MAX_DATA && bound_for(hSession, &b, 1)) {
-		direct_begin(&c, P11P_FN_C_GenerateRandom, 2);
-		p11p_put_ulong(&c, b.id);
-		p11p_put_out_random(&c, RandomData, ulRandomLen);
-		if (direct_run(&c, &b, 1, &why) == 0) {
-			p11p_get_out_random(&c, RandomData, ulRandomLen);
-			rv = p11p_call_finish(&c);
-			p11p_leave();
-			return rv;
-		}
-		p11p_codec_end(&c);
-		unbind(hSession, why);
+	memset(&o, 0, sizeof o);
+	if (!lock())
+		return CKR_GENERAL_ERROR;
+	s = lookup(h);
+	if (s != NULL && s->ops[kind].where == OP_REPLAY) {
+		o = s->ops[kind];
+		memset(&s->ops[kind], 0, sizeof s->ops[kind]);
 	}
-	rv = p11p_wire_C_GenerateRandom(hSession, RandomData, ulRandomLen);
-	count_call(hSession, rv);
-	p11p_leave();
+	unlock();
+	if (o.where != OP_REPLAY)
+		return CKR_OK; /* moved meanwhile */
+	if (!o.replayable)
+		goto out;
+	p11p_call_start(&c, o.init_code, o.has_key ? 3 : 2);
+	p11p_put_ulong(&c, h);
+	p11p_put_raw(&c, o.mech, o.mech_len);
+	if (o.has_key)
+		p11p_put_ulong(&c, o.key);
+	p11p_call_run(&c, 0);
+	if (p11p_call_finish(&c) != CKR_OK)
+		goto out;
+	started = 1;
+	for (size_t i = 0; i < o.nups; i++) {
+		const struct update *u = &o.ups[i];
+		const msgpack_object *out;
+		uint64_t d[2];
+		int same;
+
+		p11p_call_start(&c, u->code, u->out ? 3 : 2);
+		p11p_put_ulong(&c, h);
+		p11p_put_bin(&c, u->data, u->len);
+		if (u->out)
+			p11p_put_ulong(&c, u->out_len + 256);
+		p11p_call_run(&c, u->out ? 1 : 0);
+		same = c.err == CKR_OK && c.rv == CKR_OK;
+		if (same && u->out) {
+			out = p11p_next_out(&c);
+			same = out != NULL && out->type == MSGPACK_OBJECT_BIN;
+			if (same) {
+				digest((const unsigned char *)out->via.bin.ptr, out->via.bin.size, d);
+				same = out->via.bin.size == u->out_len && d[0] == u->digest[0] &&
+				       d[1] == u->digest[1];
+			}
+		}
+		(void)p11p_call_finish(&c);
+		if (!same)
+			goto out;
+	}
+	rv = CKR_OK;
+out:
+	if (rv != CKR_OK && started)
+		end_operation(h, NULL, kind); /* the daemon's part of it ends too */
+	if (lock()) {
+		s = lookup(h);
+		if (s != NULL)
+			s->ops[kind].where = rv == CKR_OK ? OP_DAEMON : OP_LOST;
+		unlock();
+	}
+	op_clear(&o);
 	return rv;
 }
 
-P11P_EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
-			     CK_OBJECT_HANDLE hKey)
+/* ---- one operation call ---- */
+
+static void put_call(struct p11p_call *c, const struct p11p_op_shape *sh, CK_ULONG session,
+		     CK_OBJECT_HANDLE key, const struct p11p_op_args *a)
+{
+	p11p_put_ulong(c, session);
+	if (sh->mech)
+		p11p_put_mechanism(c, a->mech);
+	if (sh->key)
+		p11p_put_ulong(c, key);
+	for (int i = 0; i < sh->nbytes; i++)
+		p11p_put_bytes(c, a->in[i], a->in_len[i]);
+	if (sh->out)
+		p11p_put_out_bytes(c, a->out, a->out_len);
+}
+
+static unsigned nargs_of(const struct p11p_op_shape *sh)
+{
+	return 1u + (unsigned)(sh->mech + sh->key + sh->nbytes + sh->out);
+}
+
+/* 0: answered on the data plane (*rv); 1: not (unbound there when it was tried). */
+static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
+		    const struct p11p_op_args *a, int where, CK_RV *rv)
 {
 	struct p11p_call c;
-	struct bound b;
-	CK_MECHANISM_TYPE mech = 0;
-	CK_OBJECT_HANDLE key = 0, mkey;
-	CK_RV rv = p11p_enter();
-	int why;
+	struct p11p_bound b;
+	CK_OBJECT_HANDLE mkey = 0;
+	unsigned char *mech = NULL;
+	size_t mech_len = 0, size = 0;
+	int why, local;
 
-	if (rv != CKR_OK)
-		return rv;
-	/* a mechanism with a parameter goes through the daemon, which replays it */
-	if (pMechanism != NULL && pMechanism->pParameter == NULL &&
-	    sign_state(hSession, &mech, &key) != OP_DAEMON && bound_for(hSession, &b, 1) &&
-	    member_key(hSession, &b, hKey, &mkey) == 0) {
-		direct_begin(&c, P11P_FN_C_SignInit, 3);
-		p11p_put_ulong(&c, b.id);
-		p11p_put_mechanism(&c, pMechanism);
-		p11p_put_ulong(&c, mkey);
-		if (direct_run(&c, &b, 0, &why) == 0) {
-			rv = p11p_call_finish(&c);
-			if (rv == CKR_OK)
-				set_sign(hSession, OP_DIRECT, pMechanism->mechanism, hKey);
-			p11p_leave();
-			return rv;
-		}
-		p11p_codec_end(&c);
-		unbind(hSession, why);
+	for (int i = 0; i < sh->nbytes; i++)
+		size += a->in[i] != NULL ? a->in_len[i] : 0;
+	if (sh->opaque || size > P11P_PLANE_MAX_DATA) {
+		if (where == OP_PLANE)
+			p11p_plane_unbind(h, P11P_WHY_LEAVING);
+		return 1;
 	}
-	rv = p11p_wire_C_SignInit(hSession, pMechanism, hKey);
-	count_call(hSession, rv);
-	if (rv == CKR_OK)
-		set_sign(hSession, OP_DAEMON, 0, 0);
-	p11p_leave();
+	if (sh->role == P11P_R_INIT &&
+	    (a->mech == NULL || p11p_mech_names_object(a->mech->mechanism)))
+		return 1; /* a handle inside the parameter: the daemon maps it */
+	if (!p11p_plane_bound(h, &b, where == OP_NONE)) {
+		if (where == OP_PLANE && lock()) { /* unbound meanwhile: it is sent again */
+			struct sess *s = lookup(h);
+
+			if (s != NULL && s->ops[sh->kind].where == OP_PLANE)
+				s->ops[sh->kind].where = OP_REPLAY;
+			unlock();
+		}
+		return 1;
+	}
+	if (sh->key && p11p_plane_object(h, &b, a->key, &mkey, 1) != 0) {
+		/* a key the daemon does not give: the call goes through it, which answers from
+		 * its view of the session's operations (an unknown handle beside an active
+		 * operation is CKR_OPERATION_ACTIVE): the ones on the data plane move there */
+		p11p_plane_settle(h);
+		return 1;
+	}
+	if (sh->role == P11P_R_INIT && (mech = encode_mechanism(a->mech, &mech_len)) == NULL)
+		return 1;
+	p11p_plane_begin(&c, sh->code, nargs_of(sh));
+	put_call(&c, sh, b.id, mkey, a);
+	local = c.err != CKR_OK; /* not sent: the operation is as it was */
+	if (p11p_plane_run(&c, &b, (unsigned)sh->out, &why) != 0) {
+		p11p_codec_end(&c);
+		free(mech);
+		p11p_plane_unbind(h, why);
+		return 1;
+	}
+	if (sh->out)
+		p11p_get_out_bytes(&c, a->out, a->out_len);
+	*rv = p11p_call_finish(&c);
+	if (!local)
+		after_call(h, sh, a, *rv, 1, mech, mech_len);
+	else
+		free(mech);
+	return 0;
+}
+
+static CK_RV through_daemon(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
+			    const struct p11p_op_args *a)
+{
+	struct p11p_call c;
+	CK_RV rv;
+	int local;
+
+	p11p_call_start(&c, sh->code, nargs_of(sh));
+	put_call(&c, sh, h, a->key, a);
+	local = c.err != CKR_OK;
+	p11p_call_run(&c, (unsigned)sh->out);
+	if (sh->out)
+		p11p_get_out_bytes(&c, a->out, a->out_len);
+	rv = p11p_call_finish(&c);
+	if (!local) {
+		after_call(h, sh, a, rv, 0, NULL, 0);
+		p11p_plane_counted(h, rv);
+	}
 	return rv;
 }
 
-/* A sign operation begun on the direct path continues through the daemon: its init
- * again there (the direct one is ended, or went with its helper). */
-static CK_RV sign_to_daemon(CK_SESSION_HANDLE h, int why)
+/* An operation lost in a replay is answered once, at the next call of its kind (an init
+ * starts afresh): CKR_DEVICE_ERROR, as the daemon answers one (daemon/resolve.py). */
+static int lost_once(CK_SESSION_HANDLE h, int kind)
 {
-	CK_MECHANISM_TYPE type = 0;
-	CK_OBJECT_HANDLE key = 0;
-	CK_MECHANISM mech = { 0, NULL, 0 };
+	struct sess *s;
+	int lost = 0;
+
+	if (!lock())
+		return 0;
+	s = lookup(h);
+	if (s != NULL && s->ops[kind].where == OP_LOST) {
+		s->ops[kind].where = OP_NONE;
+		lost = 1;
+	}
+	unlock();
+	return lost;
+}
+
+/* The operations of `kinds` on the data plane move to the daemon (ended on the helper,
+ * the session unbound, sent again through the daemon). `consume`: the caller is a call
+ * of those kinds, and a lost one's answer is its own: CKR_DEVICE_ERROR now. */
+static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
+{
+	int moving = 0;
+	CK_RV rv = CKR_OK;
+
+	for (int k = 0; k < P11P_KINDS; k++)
+		if ((kinds & (1u << k)) && op_where(h, k) == OP_PLANE)
+			moving = 1;
+	if (moving)
+		p11p_plane_unbind(h, P11P_WHY_LEAVING);
+	for (int k = 0; k < P11P_KINDS; k++) {
+		if (!(kinds & (1u << k)))
+			continue;
+		if (op_where(h, k) == OP_REPLAY)
+			(void)replay(h, k);
+		if (consume && lost_once(h, k))
+			rv = CKR_DEVICE_ERROR;
+	}
+	return rv;
+}
+
+static unsigned plane_kinds(CK_SESSION_HANDLE h)
+{
+	unsigned kinds = 0;
+
+	for (int k = 0; k < P11P_KINDS; k++)
+		if (op_where(h, k) == OP_PLANE)
+			kinds |= 1u << k;
+	return kinds;
+}
+
+void p11p_plane_settle(CK_SESSION_HANDLE h)
+{
+	unsigned kinds = disabled ? 0 : plane_kinds(h);
+
+	if (kinds != 0)
+		(void)move_ops(h, kinds, 0);
+}
+
+CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
+{
+	int where = disabled ? OP_NONE : op_where(h, sh->kind);
 	CK_RV rv;
 
-	unbind(h, why);
-	if (sign_state(h, &type, &key) != OP_DIRECT)
-		return CKR_OK;
-	mech.mechanism = type;
-	rv = p11p_wire_C_SignInit(h, &mech, key);
-	set_sign(h, rv == CKR_OK ? OP_DAEMON : OP_NONE, 0, 0);
-	/* its key destroyed meanwhile: the operation cannot go on, and the caller (a sign
-	 * call that continues it) knows no key handle code (PKCS#11 §5.13 lists
-	 * CKR_OPERATION_NOT_INITIALIZED, which the token gives here) */
-	if (rv == CKR_KEY_HANDLE_INVALID || rv == CKR_OBJECT_HANDLE_INVALID)
-		rv = CKR_OPERATION_NOT_INITIALIZED;
-	return rv;
-}
+	if (where == OP_LOST && lost_once(h, sh->kind)) {
+		if (sh->role != P11P_R_INIT)
+			return CKR_DEVICE_ERROR;
+		where = OP_NONE;
+	}
 
-P11P_EXPORT CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
-			 CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
-{
-	struct p11p_call c;
-	struct bound b;
-	CK_MECHANISM_TYPE mech = 0;
-	CK_OBJECT_HANDLE key = 0;
-	CK_RV rv = p11p_enter();
-	int why = WHY_LEAVING, local;
-
-	if (rv != CKR_OK)
-		return rv;
-	if (sign_state(hSession, &mech, &key) == OP_DIRECT) {
-		if (ulDataLen <= DIRECT_MAX_DATA && bound_for(hSession, &b, 0)) {
-			direct_begin(&c, P11P_FN_C_Sign, 3);
-			p11p_put_ulong(&c, b.id);
-			p11p_put_bytes(&c, pData, ulDataLen);
-			p11p_put_out_bytes(&c, pSignature, pulSignatureLen);
-			local = c.err != CKR_OK; /* not sent: the operation is as it was */
-			if (direct_run(&c, &b, 1, &why) == 0) {
-				p11p_get_out_bytes(&c, pSignature, pulSignatureLen);
-				rv = p11p_call_finish(&c);
-				if (!local)
-					sign_done(hSession, rv, pSignature);
-				p11p_leave();
-				return rv;
-			}
-			p11p_codec_end(&c);
-		}
-		rv = sign_to_daemon(hSession, why);
-		if (rv != CKR_OK) {
-			p11p_leave();
+	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !disabled)) {
+		if (on_plane(h, sh, a, where, &rv) == 0)
 			return rv;
-		}
+		where = op_where(h, sh->kind);
 	}
-	rv = p11p_wire_C_Sign(hSession, pData, ulDataLen, pSignature, pulSignatureLen);
-	count_call(hSession, rv);
-	sign_done(hSession, rv, pSignature);
-	p11p_leave();
-	return rv;
+	if (where == OP_REPLAY && replay(h, sh->kind) != CKR_OK && lost_once(h, sh->kind))
+		return CKR_DEVICE_ERROR;
+	return through_daemon(h, sh, a);
 }
 
-/* Multi-part operations run through the daemon, which replays their updates: a sign
- * operation begun on the direct path moves there first. */
-static CK_RV multi_part_on_daemon(CK_SESSION_HANDLE h)
+CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds)
 {
-	CK_MECHANISM_TYPE mech;
-	CK_OBJECT_HANDLE key;
-
-	return sign_state(h, &mech, &key) == OP_DIRECT ? sign_to_daemon(h, WHY_LEAVING) : CKR_OK;
+	return disabled ? CKR_OK : move_ops(h, kinds, 1);
 }
 
-P11P_EXPORT CK_RV C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
+void p11p_ops_after(CK_SESSION_HANDLE h, unsigned kinds, CK_RV rv)
 {
-	CK_RV rv = p11p_enter();
+	struct sess *s;
 
-	if (rv != CKR_OK)
-		return rv;
-	rv = multi_part_on_daemon(hSession);
-	if (rv == CKR_OK) {
-		rv = p11p_wire_C_SignUpdate(hSession, pPart, ulPartLen);
-		if (rv != CKR_OK)
-			set_sign(hSession, OP_NONE, 0, 0);
-	}
-	p11p_leave();
-	return rv;
-}
-
-P11P_EXPORT CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature,
-			      CK_ULONG_PTR pulSignatureLen)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = multi_part_on_daemon(hSession);
-	if (rv == CKR_OK) {
-		rv = p11p_wire_C_SignFinal(hSession, pSignature, pulSignatureLen);
-		sign_done(hSession, rv, pSignature);
-	}
-	p11p_leave();
-	return rv;
-}
-
-P11P_EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = p11p_wire_C_CloseSession(hSession); /* the daemon revokes the binding */
-	if (lock()) {
-		drop_where(is_session, hSession);
-		unlock();
-	}
-	p11p_leave();
-	return rv;
-}
-
-P11P_EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slotID)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = p11p_wire_C_CloseAllSessions(slotID);
-	if (lock()) {
-		drop_where(on_slot, slotID);
-		unlock();
-	}
-	p11p_leave();
-	return rv;
-}
-
-P11P_EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = p11p_wire_C_DestroyObject(hSession, hObject);
-	if (rv == CKR_OK && lock()) {
-		destroy_gen++;
-		unlock();
-	}
-	p11p_leave();
-	return rv;
+	if (rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL || !lock())
+		return;
+	s = lookup(h);
+	for (int k = 0; s != NULL && k < P11P_KINDS; k++)
+		if (kinds & (1u << k))
+			op_clear(&s->ops[k]);
+	unlock();
 }

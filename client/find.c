@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "call.h"
+#include "direct.h"
 #include "find.h"
 #include "gen/codes.h"
 #include "link.h"
@@ -126,6 +127,7 @@ P11P_EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR
 
 	if (rv != CKR_OK)
 		return rv;
+	p11p_plane_settle(hSession); /* the daemon (the member) says if a search may start */
 	kept = reserve(hSession, &f);
 	if (kept < 0) {
 		rv = CKR_OPERATION_ACTIVE;

@@ -5,18 +5,12 @@
 #ifndef P11P_FIND_H
 #define P11P_FIND_H
 
-#include "p11p-extra.h"
+#include "gen/wire.h"
 
 /* p11p's own function code P11P_FN_FIND_ALL (gen/codes.h, from functions.spec):
  * [FIND_ALL, session, template] -> [rv, handles or nil]. On CKR_OK with handles, the
  * search is complete and over on the daemon's side; nil: the daemon keeps the search
  * (C_FindObjects and C_FindObjectsFinal travel). Any other rv is C_FindObjectsInit's. */
-
-CK_RV p11p_wire_C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
-				  CK_ULONG ulCount);
-CK_RV p11p_wire_C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
-			      CK_ULONG ulMaxObjectCount, CK_ULONG_PTR pulObjectCount);
-CK_RV p11p_wire_C_FindObjectsFinal(CK_SESSION_HANDLE hSession);
 
 /* Forgets every search kept (C_Initialize, C_Finalize; a forked child's copies too). */
 void p11p_find_reset(void);

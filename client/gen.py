@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generates the C client's tables from protocol/functions.spec and mechanisms.spec.
 
-Writes client/gen/codes.h (function codes), client/gen/versions.h (the client link's
+Writes client/gen/codes.h (function codes), client/gen/wire.h (the prototypes of the
+stubs that hand-written entry points wrap), client/gen/versions.h (the client link's
 versions and features), client/gen/stubs.c (one stub per function that travels: the
 per-kind put/get helpers of client/codec.h in argument order),
 client/gen/function_list.c (the CK_FUNCTION_LIST), client/gen/mech_params.c (field by
@@ -169,12 +170,22 @@ def gen_stub(fn) -> str:  # type: ignore[no-untyped-def]
             f"{note}" + "\n".join(body) + "\n}\n")
 
 
+def gen_wire(spec: ModuleType) -> str:
+    out = [header("functions.spec", "the stubs that hand-written entry points wrap\n"
+                  " * (@client=wrapped: client/find.c, client/plane.c), the way to the daemon."),
+           "#ifndef P11P_GEN_WIRE_H", "#define P11P_GEN_WIRE_H", "", '#include "p11p-extra.h"', ""]
+    for fn in spec.functions():
+        if fn.client == "wrapped":
+            out.append(f"CK_RV p11p_wire_{fn.name}({params(fn)});")
+    out += ["", "#endif", ""]
+    return "\n".join(out)
+
+
 def gen_stubs(spec: ModuleType) -> str:
     out = [header("functions.spec", "the stubs of every Cryptoki function that travels.\n"
                   " * Each stub puts its arguments by kind, makes one round trip and gets its\n"
                   " * outputs by kind; the helpers are in client/codec*.c."),
-           '#include "../call.h"', '#include "../direct.h"', '#include "../find.h"',
-           '#include "codes.h"', ""]
+           '#include "../call.h"', '#include "codes.h"', '#include "wire.h"', ""]
     for fn in spec.functions():
         if fn.local or fn.client == "hand":  # local.c: C_Finalize tears the state down
             continue
@@ -238,7 +249,9 @@ def gen_mech_params(spec: ModuleType) -> str:
                 "#endif"]
     out += ["", "const struct p11p_mech_param p11p_mech_params[] = {"]
     for m in spec.mechanisms().values():
-        out.append(f"\t{{ {m.value:#010x}UL, sizeof({m.param.ctype}), put_{m.param.name} }}, /* {m.name} */")
+        objects = int(any(f.kind == "object" for f in m.param.fields))
+        out.append(f"\t{{ {m.value:#010x}UL, sizeof({m.param.ctype}), put_{m.param.name}, {objects} }}, "
+                   f"/* {m.name} */")
     out += ["};", "",
             "const size_t p11p_mech_params_count = sizeof p11p_mech_params / sizeof p11p_mech_params[0];",
             ""]
@@ -264,6 +277,7 @@ def readme_with_table(text: str, table: str, begin: str = BEGIN, end_mark: str =
 def outputs(spec: ModuleType) -> dict[Path, str]:
     return {
         GEN / "codes.h": gen_codes(spec),
+        GEN / "wire.h": gen_wire(spec),
         GEN / "stubs.c": gen_stubs(spec),
         GEN / "function_list.c": gen_function_list(spec),
         GEN / "mech_params.c": gen_mech_params(spec),

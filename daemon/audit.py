@@ -345,7 +345,7 @@ class AuditLog(Audit):
 
     def direct_key(self, ctx: ApplicationContext, vs: VirtualSession, vobj: VirtualObject) -> None:
         # the client library asks once per key and bound session (C_SignInit on the
-        # direct path); the signatures themselves do not pass the daemon
+        # data plane); the signatures themselves do not pass the daemon
         self._use(ctx, vs.group, vobj, "sign", None, "direct")
 
     def _use(self, ctx: ApplicationContext, group: Group, vobj: VirtualObject, op: str,

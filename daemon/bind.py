@@ -172,7 +172,8 @@ class SessionBuilder:
             return
         vs.bare.discard(member)  # replayed below
         old = vs.member
-        if vs.direct is not None:
+        bound = vs.direct is not None
+        if bound:
             await self.r.daemon.direct.revoke(vs)  # it moves, or its member session was lost
         # what runs in the member session it leaves (when that one stays) must end there:
         # it goes on here, and a later call back there would meet it (OPERATION_ACTIVE)
@@ -205,8 +206,10 @@ class SessionBuilder:
         vs.member = member
         if old is not None and old is not member and old.health.state is MemberState.DRAINING:
             await self.close_on(ctx, vs, old)
-        elif old is not None and old is not member and old in vs.real and stale:
-            await self.end_stale(ctx, old, vs.real[old], stale)
+        elif old is not None and old is not member and old in vs.real and (stale or bound):
+            # a bound session's member session may also hold operations of the data
+            # plane, of any kind (its client sends them again through the daemon here)
+            await self.end_stale(ctx, old, vs.real[old], list(STALE_ENDS) if bound else stale)
         if old is member:
             vs.group.metrics.replays += 1
             log.warning("session rebuilt: %s on %s (replayed: %s)", vs.describe(), member.name,
@@ -295,8 +298,11 @@ class SessionBuilder:
     def rebuildable(vs: VirtualSession) -> bool:
         """Whether the session's member session can be closed at will: what it holds (its
         session objects, operations, search) can all be made again elsewhere. A member
-        session that holds more is closed only when the member lost it anyway."""
-        return (vs.find is None and all(op.replayable for op in vs.ops.values())
+        session that holds more is closed only when the member lost it anyway. A bound
+        one may hold operations of the data plane the daemon never saw (whether the
+        client can replay them, only the client knows): not at will either."""
+        return (vs.direct is None and vs.find is None
+                and all(op.replayable for op in vs.ops.values())
                 and all(o.replayable or o.lost for o in vs.objects))
 
     async def close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:

@@ -14,7 +14,7 @@ member call, retries) draws from it. Two things move it:
   answered within it. A group of one member gives its member the whole budget.
 
 The budget travels in a context variable: the router's methods, the context's helper
-start and the direct path read it without every signature in between naming it. Code
+start and the data plane read it without every signature in between naming it. Code
 that runs outside an application call (recovery, probes, drains) finds none and gets a
 fresh budget per use: call_timeout from then.
 """

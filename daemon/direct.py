@@ -1,13 +1,18 @@
-"""The direct path: hot calls of a bound session go from the client library straight to
-its helper (helper/fast.c), without the daemon in between (protocol/README.md,
-"Direct path").
+"""The data plane: every call of a bound session that needs no decision goes from the
+client library straight to its helper (helper/fast.c), without the daemon in between
+(protocol/README.md, "Data plane").
 
 The daemon stays the one place with policy. It binds a virtual session to the member
-session it placed it on (DIRECT_BIND), answers which member handle a virtual key has
-there (DIRECT_KEY), and revokes the binding whenever that member session stops being
-the virtual session's: closed, reset, moved, or its helper gone. A revoked or failing
-binding sends the client back here (DIRECT_UNBIND), where the call runs with the usual
-failover and replay; the client replays the one operation init it sent directly.
+session it placed it on (DIRECT_BIND, with the group's replay_limit for the operations
+the client keeps), answers which member handle a virtual key or object has there
+(DIRECT_KEY, DIRECT_OBJECT), and revokes the binding whenever that member session stops
+being the virtual session's: closed, reset, moved, or its helper gone. A revoked or
+failing binding sends the client back here (DIRECT_UNBIND), where the call runs with
+the usual failover and replay; the client sends the operations it ran on the data plane
+again through the daemon first (their inits and updates), which records them as any.
+
+While a session is bound its member session may hold operations the daemon did not
+see: it is neither movable nor rebuildable at will (virtual.py, bind.py).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from p11p.daemon import budget
+from p11p.daemon import budget, hello
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
 from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
 from p11p.daemon.shapes import KeyMissing
@@ -36,24 +41,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.direct")
 
 # p11p's own codes (protocol/README.md):
-# [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...]]]
-# [DIRECT_KEY, session, object] -> [rv, member handle]
+# [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit]]
+#   (replay_limit only on a connection that agreed the `data_plane` feature: a client
+#   without it knows six fields)
+# [DIRECT_KEY, session, object] -> [rv, member handle]      a key an operation uses
+# [DIRECT_OBJECT, session, object] -> [rv, member handle]   an object whose attributes are read
 # [DIRECT_UNBIND, session, why] -> [rv]
 DIRECT_BIND = spec.own_codes()["DIRECT_BIND"].code
 DIRECT_KEY = spec.own_codes()["DIRECT_KEY"].code
+DIRECT_OBJECT = spec.own_codes()["DIRECT_OBJECT"].code
 DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
-UNBIND_RETURNED = 0   # a direct call returned a code of the fallback list
-UNBIND_LEAVING = 1    # the client moves an operation here (its own choice)
+DATA_PLANE = "data_plane"  # the hello's feature of clients that keep data-plane operations
+UNBIND_RETURNED = 0   # a data-plane call returned a code of the fallback list
+UNBIND_LEAVING = 1    # the client moves its operations here (its own choice; ended there)
 UNBIND_BROKEN = 2     # the connection to the helper broke
-UNBIND_TIMEOUT = 3    # a direct call took longer than call_timeout: its helper is killed
+UNBIND_TIMEOUT = 3    # a data-plane call took longer than call_timeout: its helper is killed
 UNBIND_WHY = (UNBIND_RETURNED, UNBIND_LEAVING, UNBIND_BROKEN, UNBIND_TIMEOUT)
-# A direct call in flight this long (a share of call_timeout) confirms the client's
+# A data-plane call in flight this long (a share of call_timeout) confirms the client's
 # UNBIND_TIMEOUT: the client's clock started a little before the helper's.
 HUNG_SHARE = 0.9
 STUCK_QUERY = 1.0  # seconds the helper has to answer how long its oldest call runs
 
 OK = CKR["CKR_OK"]
-# Codes a direct call hands back to the daemon besides the group's session-lost and
+# Codes a data-plane call hands back to the daemon besides the group's session-lost and
 # member-failed classes: the ones whose class depends on the daemon's view, and the
 # helper's own refusals (a revoked binding, a module being finalized).
 ALWAYS_FALLBACK = frozenset({
@@ -91,7 +101,7 @@ class Direct:
         if member is None or member.slot_id is None or member not in vs.real:
             return [CKR["CKR_FUNCTION_FAILED"]]
         real = vs.real[member]
-        timeout = budget.member_limit(group)  # the client's limit on a direct call
+        timeout = budget.member_limit(group)  # the client's limit on a data-plane call
         deadline = budget.current().member_deadline(group)
         left = deadline - time.monotonic()
         if not budget.fair(left, group):
@@ -119,8 +129,11 @@ class Direct:
             if cls in (RvClass.SESSION_LOST, RvClass.MEMBER_FAILED)})
         assert helper.fast is not None
         name, token = helper.fast
-        return [OK, [name, token, binding.fast_id, max(1, int(timeout * 1000)),
-                     group.slot_id, fallback]]
+        answer = [name, token, binding.fast_id, max(1, int(timeout * 1000)), group.slot_id,
+                  fallback]
+        if DATA_PLANE in hello.AGREED.get():
+            answer.append(group.config.replay_limit)
+        return [OK, answer]
 
     @staticmethod
     async def _listening(helper: HelperProcess, uid: int, timeout: float) -> bool:
@@ -157,6 +170,28 @@ class Direct:
         self.router.daemon.audit.direct_key(ctx, vs, vobj)
         return [OK, real]
 
+    async def object(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        """The member handle of an object whose attributes the client reads on the data
+        plane. Not a use of the object: a session key made at random and not used yet
+        could show its bits there (CKA_VALUE), which would make remaking it elsewhere
+        wrong; for those the read goes through the daemon (CKR_FUNCTION_NOT_SUPPORTED),
+        which sees which attributes are read."""
+        vs = ctx.sessions.get(req[1])
+        binding = vs.direct
+        if binding is None:
+            return [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        vobj = ctx.objects.get(req[2])
+        if vobj.recipe is not None and vobj.recipe.roots and vobj.replayable:
+            return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
+        try:
+            real = await self.router.resolve.ensure_object(ctx, vs, vobj, binding.member)
+        except KeyMissing:
+            return [CKR["CKR_OBJECT_HANDLE_INVALID"]]
+        except MemberUnavailable as exc:
+            self.router.failures.member_failed(binding.member, exc, "DIRECT_OBJECT")
+            return [CKR["CKR_DEVICE_ERROR"]]
+        return [OK, real]
+
     async def unbind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
         vs = ctx.sessions.get(req[1])
         why = req[2]
@@ -176,7 +211,7 @@ class Direct:
         return [OK]
 
     async def _hung(self, ctx: ApplicationContext, vs: VirtualSession, binding: Binding) -> bool:
-        """A client says a direct call outlived call_timeout. Its word alone fails no
+        """A client says a data-plane call outlived call_timeout. Its word alone fails no
         member (DESIGN, invariant 3): the helper is asked how long its oldest direct
         call has been inside the module. Confirmed (or no answer from the helper within
         its own time-out), the member is hung: it is failed as a daemon call's time-out
@@ -196,16 +231,16 @@ class Direct:
         except MemberUnavailable:
             return False
         if stuck < HUNG_SHARE * timeout:
-            log.info("%s: the client timed a direct call out on %s, whose helper has none "
+            log.info("%s: the client timed a data-plane call out on %s, whose helper has none "
                      "in flight that long; the binding ends", vs.describe(), member.name)
             await self._revoke(binding)
             return False
-        why = f"a direct call exceeded its member's part of call_timeout ({timeout:.3g} s); helper killed"
+        why = f"a data-plane call exceeded its member's part of call_timeout ({timeout:.3g} s); helper killed"
         log.warning("%s: %s on %s", vs.describe(), why, member.name)
         now = time.monotonic()
         ctx.carried[vs.handle] = (now - stuck, now)
         helper.kill()
-        self.router.failures.member_failed(member, CallTimedOut(member.name, why), "(direct call)")
+        self.router.failures.member_failed(member, CallTimedOut(member.name, why), "(data-plane call)")
         return True
 
     def member_back(self, member: Member) -> None:
@@ -239,7 +274,7 @@ class Direct:
             await self.router.bind.close_on(ctx, vs, binding.member)
 
     async def revoke(self, vs: VirtualSession) -> None:
-        """The session's binding ends: its direct calls are refused from now on."""
+        """The session's binding ends: its data-plane calls are refused from now on."""
         binding = vs.unbind()
         if binding is not None:
             await self._revoke(binding)
@@ -259,7 +294,7 @@ class Direct:
             pass
 
     async def count_served(self) -> None:
-        """Adds the calls the helpers served on the direct path to their members'
+        """Adds the calls the helpers served on the data plane to their members'
         counts (for status and metrics)."""
         await asyncio.gather(*(h.count_direct(m.health)
                                for ctx in list(self.router.daemon.contexts.values())

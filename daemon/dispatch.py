@@ -37,7 +37,7 @@ Handler = Callable[[ApplicationContext, Any], Awaitable[Reply]]  # (context, typ
 
 
 def _on_frame(handler: Callable[[ApplicationContext, list[Any]], Awaitable[Reply]]) -> Handler:
-    """A handler of the request frame itself (the direct path's, in direct.py)."""
+    """A handler of the request frame itself (the data plane's, in direct.py)."""
     async def on_typed(ctx: ApplicationContext, req: R.Request) -> Reply:
         return await handler(ctx, req.frame)
     return on_typed
@@ -80,6 +80,7 @@ class Dispatcher:
         direct = daemon.direct
         self.direct_bind = _on_frame(direct.bind)
         self.direct_key = _on_frame(direct.key)
+        self.direct_object = _on_frame(direct.object)
         self.direct_unbind = _on_frame(direct.unbind)
         # functions.spec names the handler of each call the daemon answers itself
         # (@daemon=...); other calls on a session go through the router

@@ -16,6 +16,7 @@ changes them.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from p11p.protocol import spec
 _LINK = spec.link_protocol()
 VERSIONS: tuple[int, int] = (_LINK.min_version, _LINK.max_version)
 FEATURES: tuple[str, ...] = _LINK.features
+# The features the connection a call came on agreed (set by the connection's task; a
+# handler whose answer depends on one reads it here).
+AGREED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("p11p_agreed", default=())
 
 
 @dataclass(frozen=True, slots=True)

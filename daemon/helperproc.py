@@ -30,7 +30,7 @@ log = logging.getLogger("p11p.helper")
 START_TIMEOUT = 30.0  # a start outside an application call (warm pool, recovery)
 _OWN = own_codes()
 PING = _OWN["PING"].code
-# The helper's own codes for the direct path (helper/loop.py, helper/fast.c)
+# The helper's own codes for the data plane (helper/loop.py, helper/fast.c)
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
     _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
 
@@ -66,7 +66,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self._why = "helper exited"
         self.stopping = False  # the daemon ended it: not a failure
         self.on_death: Callable[[str], None] | None = None  # told when it dies by itself
-        self.fast: tuple[bytes, bytes] | None = None  # direct path listening: (name, token)
+        self.fast: tuple[bytes, bytes] | None = None  # data plane listening: (name, token)
         self.fast_started: asyncio.Future[bool] | None = None  # its start, once
         self.fast_served = 0  # its direct calls already added to the member's count
 
@@ -234,13 +234,13 @@ class HelperProcess(asyncio.SubprocessProtocol):
         return reply[1:]
 
     async def count_direct(self, health: MemberHealth) -> None:
-        """Adds the calls served on the direct path since the last count to `health`."""
+        """Adds the calls served on the data plane since the last count to `health`."""
         served = await self.direct_served()
         health.calls_served += served
         health.direct_served += served
 
     async def direct_served(self) -> int:
-        """Calls served on the direct path since the last time asked (0 when it does
+        """Calls served on the data plane since the last time asked (0 when it does
         not listen, or is gone)."""
         if self.fast is None or not self.alive:
             return 0

@@ -58,8 +58,8 @@ class MemberHealth:
     since: float = field(default_factory=time.monotonic)
     attempt: int = 0
     calls_served: int = 0
-    bound: int = 0  # sessions bound to the direct path (daemon/direct.py)
-    direct_served: int = 0  # of calls_served, those served on the direct path
+    bound: int = 0  # sessions bound to the data plane (daemon/direct.py)
+    direct_served: int = 0  # of calls_served, those served on the data plane
     calls_in_flight: int = 0
     # health probes (daemon/health.py): the last one's time (monotonic), latency,
     # outcome; and the hold-out of a member that fails again soon after it returned
@@ -119,7 +119,7 @@ class Member:
 
     @property
     def load(self) -> float:
-        # a session bound to the direct path counts as one call always in flight: its
+        # a session bound to the data plane counts as one call always in flight: its
         # calls do not pass here
         return (self.health.calls_in_flight + self.health.bound) / self.config.weight
 

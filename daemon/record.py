@@ -78,7 +78,7 @@ class Recorder:
             # module that keeps it (SoftHSM2 does for some, and an error a fault put in its
             # place never reached it) would let the next call of it succeed: ended there
             await self.r.bind.end_stale(ctx, member, vs.real[member], [fn.op_kind])
-        if vs.member is not None and vs.member.health.state is MemberState.DRAINING and vs.movable:
+        if vs.member is not None and vs.member.health.state is MemberState.DRAINING and vs.idle:
             await self.r.bind.close_on(ctx, vs, vs.member)
             vs.member = None
 

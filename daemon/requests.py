@@ -846,6 +846,17 @@ class DIRECT_UNBIND(Request):
         return cls(frame, _ulong(frame[1]), _ulong(frame[2]))
 
 
+@dataclass(frozen=True, slots=True)
+class DIRECT_OBJECT(Request):
+    CODE: ClassVar[int] = 1005
+    session: int
+    object: int
+
+    @classmethod
+    def decode(cls, frame: list[Any]) -> DIRECT_OBJECT:
+        return cls(frame, _ulong(frame[1]), _ulong(frame[2]))
+
+
 DECODERS: dict[int, Any] = {
     2: C_Finalize.decode,
     5: C_GetSlotList.decode,
@@ -914,6 +925,7 @@ DECODERS: dict[int, Any] = {
     1002: DIRECT_BIND.decode,
     1003: DIRECT_KEY.decode,
     1004: DIRECT_UNBIND.decode,
+    1005: DIRECT_OBJECT.decode,
 }
 
 

@@ -105,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     async def _serve(self) -> None:
+        hello.AGREED.set(self.features)  # this task's context: its calls see them
         dispatch = self.daemon.dispatcher.dispatch
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():

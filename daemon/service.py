@@ -298,8 +298,10 @@ class Daemon:
         moved = 0
         for ctx in list(self.contexts.values()):
             for vs in ctx.sessions.values():
-                # sessions served elsewhere may keep an idle member session here too
-                if member in vs.real and (vs.member is not member or vs.movable):
+                # sessions served elsewhere may keep an idle member session here too; a
+                # bound one leaves with its binding (its client sends the operations it
+                # ran on the data plane again through the daemon, elsewhere)
+                if member in vs.real and (vs.member is not member or vs.idle):
                     await self.router.bind.leave(ctx, vs, member)
                     moved += 1
             await self.router.bind.close_utility(ctx, member)

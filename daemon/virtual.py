@@ -179,7 +179,7 @@ class VirtualSession:
     ops: dict[str, Operation] = field(default_factory=dict)
     find: FindState | None = None
     objects: set[VirtualObject] = field(default_factory=set)
-    direct: Binding | None = None  # bound to its member session for direct calls
+    direct: Binding | None = None  # bound to its member session for the data plane
     # operations that could not be rebuilt on another member (kind -> why): the next
     # call of that operation gets CKR_DEVICE_ERROR; a new init starts afresh
     lost: dict[str, str] = field(default_factory=dict)
@@ -200,9 +200,17 @@ class VirtualSession:
         return binding
 
     @property
-    def movable(self) -> bool:
-        """May run its next call on another member (balance, drain, failback)."""
+    def idle(self) -> bool:
+        """Holds nothing the daemon recorded: no operation, no search, no live session
+        object."""
         return not self.ops and self.find is None and all(o.lost for o in self.objects)
+
+    @property
+    def movable(self) -> bool:
+        """May run its next call on another member (balance, failback). Not while bound:
+        its member session may hold operations of the data plane that the daemon did not
+        see (the client keeps what their replay needs; a move revokes the binding)."""
+        return self.direct is None and self.idle
 
     def describe(self) -> str:
         return f"{self.context.name} session={self.handle} group={self.group.label}"

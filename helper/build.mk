@@ -1,7 +1,7 @@
 # p11p helper (included by the top Makefile): the cffi extension helper/_cryptoki*.so,
 # compiled against the system's Cryptoki headers; `make build` depends on helper-cffi.
 # The helper builds it into a cache itself when it is missing or stale (helper/ffi.py).
-# The direct path's calls (helper/gen/fast_calls.c) are generated from the specs by
+# The data plane's calls (helper/gen/fast_calls.c) are generated from the specs by
 # helper/gen_fast.py and committed, like client/gen/; a change of the specs remakes them.
 HELPER_EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 HELPER_CFFI := helper/_cryptoki$(HELPER_EXT_SUFFIX)

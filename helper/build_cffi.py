@@ -3,7 +3,7 @@
 Declarations come from cryptoki.cdef; one C call shim per function of
 protocol/functions.spec is generated here (it calls the vendor module through its
 CK_FUNCTION_LIST, so the compiler checks every argument against the real prototype).
-The direct path (fast.c) comes with its codec: fast_codec.c and the calls generated
+The data plane (fast.c) comes with its codec: fast_codec.c and the calls generated
 from the specs into gen/fast_calls.c (gen_fast.py), compiled as sources of their own
 and linked with msgpack-c.
 The result is `_cryptoki<EXT_SUFFIX>`: beside this file at `make helper-cffi` time, or in
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 MODULE_NAME = "_cryptoki"
 P11KIT_INCLUDE = Path("/usr/include/p11-kit-1")
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
-# The direct path's codec: compiled beside the generated source, each on its own.
+# The data plane's codec: compiled beside the generated source, each on its own.
 CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "gen" / "fast_calls.c")
 CODEC_HEADERS = (HERE / "fast_codec.h",)
 # Functions the helper never forwards: it initialises the module itself and holds its
@@ -54,9 +54,9 @@ _PARAM_TYPES = {
 }
 _SILENT_ARGS = {"notify": ["NULL", "NULL"], "reserved": ["NULL"]}
 
-# The direct path (fast.c): served in C threads of their own.
+# The data plane (fast.c): served in C threads of their own.
 FAST_CDEF = """
-/* direct path (fast.c) */
+/* data plane (fast.c) */
 int p11p_fast_start(const char *name, size_t name_len, const unsigned char *token,
                     unsigned int uid);
 unsigned long long p11p_fast_allow(unsigned long real);

@@ -33,7 +33,7 @@ class BadArguments(Exception):
 
 class Refused(Exception):
     """Arguments the module is never given, answered with a CK_RV of their own (the
-    same as the daemon's shapes.unsafe_arguments and the direct path's fast.c answer)."""
+    same as the daemon's shapes.unsafe_arguments and the data plane's fast.c answer)."""
 
     def __init__(self, rv: int, why: str) -> None:
         super().__init__(why)

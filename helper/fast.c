@@ -1,6 +1,6 @@
-/* p11p helper — the direct path: the data plane, the calls of a bound session that an
+/* p11p helper — the data plane: the calls of a bound session that an
  * application's client library may send straight to this helper, without the daemon in
- * between (protocol/README.md, "Direct path"). Compiled into the helper's cffi
+ * between (protocol/README.md, "Data plane"). Compiled into the helper's cffi
  * extension; runs in its own threads, never under Python's GIL, so a call here costs
  * one socket hop and no interpreter.
  *
@@ -164,7 +164,7 @@ static void leave(uint64_t id, unsigned slot)
 	pthread_mutex_unlock(&fast.lock);
 }
 
-/* Calls served on the direct path so far (the daemon adds them to its counts). */
+/* Calls served on the data plane so far (the daemon adds them to its counts). */
 unsigned long long p11p_fast_served(void)
 {
 	unsigned long long n;

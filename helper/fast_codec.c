@@ -1,4 +1,4 @@
-/* p11p helper — the direct path's codec: strict reading of one request with msgpack-c,
+/* p11p helper — the data plane's codec: strict reading of one request with msgpack-c,
  * the per-kind decoders and encoders the generated functions (gen/fast_calls.c)
  * sequence, and the reply. See fast_codec.h; protocol/README.md for the encodings. */
 #include <stdlib.h>

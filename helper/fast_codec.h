@@ -1,4 +1,4 @@
-/* p11p helper — the direct path's codec (protocol/README.md, "Direct path"): one request
+/* p11p helper — the data plane's codec (protocol/README.md, "Data plane"): one request
  * frame body `[code, id, arg...]` in, one reply frame `[rv, out...]` out, the module's
  * call in between. Works on buffers, never on a socket: fast.c owns the sockets, the
  * threads and the table of bound sessions, and hands them in through p11p_fast_io.

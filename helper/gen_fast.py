@@ -47,7 +47,7 @@ def load_spec() -> ModuleType:
     return module
 
 
-# Per argument kind the direct path serves: (declarations, decoding, C arguments of the
+# Per argument kind the data plane serves: (declarations, decoding, C arguments of the
 # module's call, encoding of its reply element or None for inputs). {v} is a variable
 # name made from the argument's first C name, {o} its request element.
 KINDS: dict[str, tuple[str, str, str, str | None]] = {
@@ -86,7 +86,7 @@ def gen_function(fn: Function) -> str:
     decls, decode, call, encode = [], [], ["session"], []
     for i, arg in enumerate(wire[1:]):
         if arg.kind not in KINDS:
-            raise SystemExit(f"{fn.name}: the direct path has no codec for kind {arg.kind} "
+            raise SystemExit(f"{fn.name}: the data plane has no codec for kind {arg.kind} "
                              "(helper/gen_fast.py KINDS, helper/fast_codec.c)")
         decl, dec, cargs, enc = KINDS[arg.kind]
         names = {"v": arg.cnames[0], "o": f"&a[{i}]"}
@@ -176,7 +176,7 @@ def gen_mechanisms(spec: ModuleType) -> list[str]:
 
 def generate(spec: ModuleType) -> str:
     fns: tuple[Function, ...] = spec.direct_functions()
-    out = ["/* p11p helper — the direct path's calls, one per data-plane function (`@direct`),",
+    out = ["/* p11p helper — the data plane's calls, one per data-plane function (`@direct`),",
            " * and the structured mechanism parameters they take (helper/fast_codec.h).",
            f" * {DO_NOT_EDIT} */", "#include <stddef.h>", "", '#include "../fast_codec.h"', ""]
     out += gen_mechanisms(spec)

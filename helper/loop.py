@@ -37,7 +37,7 @@ from p11p.protocol.spec import own_codes
 
 _OWN = own_codes()
 PING = _OWN["PING"].code
-# The direct path (fast.c; protocol/README.md, "Direct path"), driven by the daemon:
+# The data plane (fast.c; protocol/README.md, "Data plane"), driven by the daemon:
 # [FAST_START, name, token, uid] -> [rv]; [FAST_ALLOW, session] -> [rv, id];
 # [FAST_REVOKE, id] -> [rv]; [FAST_SERVED] -> [rv, calls served so far];
 # [FAST_STUCK] -> [rv, ms the oldest direct call has been inside the module, 0: none]
@@ -211,7 +211,7 @@ class Server:
                 self._idle.notify_all()
 
     def _fast(self, code: int, args: list[Any]) -> list[Any]:
-        """The daemon's commands for the direct path."""
+        """The daemon's commands for the data plane."""
         lib = self._lib
         if code == FAST_START:
             if (len(args) != 3 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
@@ -221,7 +221,7 @@ class Server:
             lib.p11p_fast_limit(MAX_OUTPUT)  # outputs bounded as on this pipe
             err = lib.p11p_fast_start(args[0], len(args[0]), args[1], args[2])
             if err:
-                log.warning("direct path: cannot listen: %s", os.strerror(err))
+                log.warning("data plane: cannot listen: %s", os.strerror(err))
                 return [CKR_FUNCTION_FAILED]
             return [CKR_OK]
         if code == FAST_SERVED:

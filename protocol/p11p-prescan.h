@@ -1,5 +1,5 @@
 /* p11p — the strict first pass over one msgpack object, shared by every C decoder of the
- * wire protocol (the client's reply decoding, client/codec.c; the helper's direct path,
+ * wire protocol (the client's reply decoding, client/codec.c; the helper's data plane,
  * helper/fast_codec.c): it walks the bytes before msgpack-c allocates for them. Every
  * length must fit in the bytes that are left, and every container's element count too
  * (an element takes at least one byte), so a hostile length never makes a decoder

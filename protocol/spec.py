@@ -217,7 +217,7 @@ def functions() -> tuple[Function, ...]:
 
 @cache
 def own_codes() -> dict[str, Function]:
-    """p11p's own codes by name: FIND_ALL and the direct path's on the client link
+    """p11p's own codes by name: FIND_ALL and the data plane's on the client link
     (over 1000), the helper's direct-path controls on its pipe (negative)."""
     return {f.name: f for f in _parse()[1]}
 

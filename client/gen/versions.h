@@ -15,7 +15,8 @@
 #endif
 
 /* X(NAME, BIT) for every named feature this library knows. */
-#define P11P_FEATURES(X)
-#define P11P_FEATURE_COUNT 0
+#define P11P_FEATURES(X) X(data_plane, 0)
+#define P11P_FEATURE_data_plane (1u << 0)
+#define P11P_FEATURE_COUNT 1
 
 #endif

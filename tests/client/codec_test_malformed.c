@@ -127,7 +127,7 @@ static CK_RV fuzz_get_attributes(void)
 		{ CKA_WRAP_TEMPLATE, inner, sizeof inner },
 	};
 
-	return C_GetAttributeValue(1, 2, t, 4);
+	return p11p_wire_C_GetAttributeValue(1, 2, t, 4);
 }
 
 static CK_RV fuzz_token_info(void)

@@ -85,7 +85,7 @@ static void test_get_attribute_value(void)
 
 	/* mixed results: written, sensitive, a length query, invalid type, nested template */
 	reply("[17,[h\"0400000000000000\"," UNAVAILABLE ",5," UNAVAILABLE ",[[0,h\"0400000000000000\"],[256,8]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_SENSITIVE);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_SENSITIVE);
 	CHECK_REQ("[25,1,2,[[0,8],[17,4],[3,nil],[2147483393,8],[" WRAP_TEMPLATE ",[[0,8],[256,nil]]]]]");
 	CHECK(t[0].ulValueLen == 8 && v0[0] == 4);
 	CHECK(t[1].ulValueLen == CK_UNAVAILABLE_INFORMATION);
@@ -97,27 +97,27 @@ static void test_get_attribute_value(void)
 	/* per-attribute results come back with CKR_ATTRIBUTE_TYPE_INVALID and BUFFER_TOO_SMALL */
 	t[1].ulValueLen = sizeof v1;
 	reply("[18,[h\"0500000000000000\",h\"01\",5," UNAVAILABLE ",[[0,h\"0400000000000000\"],[256,8]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_TYPE_INVALID);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, t, 5), CKR_ATTRIBUTE_TYPE_INVALID);
 	CHECK(v0[0] == 5 && t[1].ulValueLen == 1 && v1[0] == 1);
 	t[0].ulValueLen = 8;
 	reply("[336,[" UNAVAILABLE ",h\"02\",5,3,[[0,h\"0400000000000000\"],[256,8]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_BUFFER_TOO_SMALL);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, t, 5), CKR_BUFFER_TOO_SMALL);
 	CHECK(t[0].ulValueLen == CK_UNAVAILABLE_INFORMATION && t[3].ulValueLen == 3);
 
 	/* a nested template's length query: the wire count becomes count*sizeof */
 	CK_ATTRIBUTE q = { CKA_WRAP_TEMPLATE, NULL, 0 };
 	reply("[0,[2]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
 	CHECK_REQ("[25,1,2,[[" WRAP_TEMPLATE ",nil]]]");
 	CHECK(q.ulValueLen == 2 * sizeof(CK_ATTRIBUTE));
 	reply("[18,[" UNAVAILABLE "]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_ATTRIBUTE_TYPE_INVALID);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_ATTRIBUTE_TYPE_INVALID);
 	CHECK(q.ulValueLen == CK_UNAVAILABLE_INFORMATION);
 	/* inner values of a nested template, with the inner types the module wrote */
 	inner[1] = (CK_ATTRIBUTE){ 0, i1, sizeof i1 };
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
 	reply("[0,[[[0,h\"0400000000000000\"],[256,h\"1f00000000000000\"]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
 	CHECK_REQ("[25,1,2,[[" WRAP_TEMPLATE ",[[0,8],[0,8]]]]]");
 	CHECK(i1[0] == 0x1f && inner[1].type == CKA_KEY_TYPE && inner[1].ulValueLen == 8 &&
 	      q.ulValueLen == sizeof inner);
@@ -125,16 +125,16 @@ static void test_get_attribute_value(void)
 	CK_BYTE mech[16];
 	CK_ATTRIBUTE am = { CKA_ALLOWED_MECHANISMS, mech, sizeof mech };
 	reply("[0,[h\"8710000000000000\"]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &am, 1), CKR_OK);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &am, 1), CKR_OK);
 	CHECK_REQ("[25,1,2,[[" ALLOWED_MECHS ",16]]]");
 	CHECK(am.ulValueLen == 8 && mech[0] == 0x87);
 	/* an error rv: the template is untouched */
 	t[0].ulValueLen = 8;
 	reply("[130,[h\"09\"]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, t, 5), CKR_OBJECT_HANDLE_INVALID);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, t, 5), CKR_OBJECT_HANDLE_INVALID);
 	CHECK(t[0].ulValueLen == 8);
 	reply("[7]");
-	CHECK_RV(C_GetAttributeValue(1, 2, NULL, 3), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, NULL, 3), CKR_ARGUMENTS_BAD);
 	CHECK_REQ("[25,1,2,3]");
 
 	/* malformed per-attribute answers */
@@ -153,27 +153,27 @@ static void test_get_attribute_value(void)
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		one.ulValueLen = sizeof v0;
 		reply(bad[i]);
-		CHECK_RV(C_GetAttributeValue(1, 2, &one, 1), CKR_DEVICE_ERROR);
+		CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &one, 1), CKR_DEVICE_ERROR);
 	}
 	CK_ATTRIBUTE query = { CKA_CLASS, NULL, 0 };
 	reply("[0,[h\"00\"]]"); /* bytes where only a length can be */
-	CHECK_RV(C_GetAttributeValue(1, 2, &query, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &query, 1), CKR_DEVICE_ERROR);
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
 	reply("[0,[[[0,h\"00\"],[1,8],[2,8]]]]"); /* three inner values for two inner attributes */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	/* the object's template is shorter than the room given: ulValueLen says so */
 	reply("[0,[[[0,h\"0400000000000000\"]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_OK);
 	CHECK(q.ulValueLen == sizeof(CK_ATTRIBUTE) && inner[0].ulValueLen == 8);
 	q.ulValueLen = sizeof inner;
 	reply("[0,[h\"00\"]]"); /* bytes for a nested template */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	reply("[0,[[[0]]]]"); /* an inner pair without its value */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	reply("[0,[[[\"0\",8]]]]"); /* an inner type that is not an integer */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	reply("[0,[[h\"0400000000000000\"]]]"); /* an inner value without its type */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	/* a reply that calls an application's plain inner buffer a nested template: the
 	 * buffer (whose bytes would be garbage pointers) is never read as attributes */
 	CK_BYTE garbage[2 * sizeof(CK_ATTRIBUTE)];
@@ -181,13 +181,13 @@ static void test_get_attribute_value(void)
 	memset(garbage, 0x41, sizeof garbage);
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, plain_inner, sizeof plain_inner };
 	reply("[0,[[[" WRAP_TEMPLATE ",[[0,h\"00\"]]]]]]");
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	q = (CK_ATTRIBUTE){ CKA_WRAP_TEMPLATE, inner, sizeof inner };
 	q.pValue = NULL;
 	reply("[0,[[]]]"); /* inner values where the application asked for the count */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 	reply("[0,[18446744073709551614]]"); /* a count whose byte length overflows */
-	CHECK_RV(C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_GetAttributeValue(1, 2, &q, 1), CKR_DEVICE_ERROR);
 }
 
 void test_templates(void)
@@ -203,13 +203,13 @@ static void test_plain_mechanisms(void)
 
 	memset(iv, 0x11, sizeof iv);
 	reply("[0]");
-	CHECK_RV(C_DigestInit(1, &m), CKR_OK);
+	CHECK_RV(p11p_wire_C_DigestInit(1, &m), CKR_OK);
 	CHECK_REQ("[38,1,[592,nil]]");
-	CHECK_RV(C_DigestInit(1, NULL), CKR_OK);
+	CHECK_RV(p11p_wire_C_DigestInit(1, NULL), CKR_OK);
 	CHECK_REQ("[38,1,nil]");
 	/* a parameter of a mechanism without a structure: plain bytes (AES-CBC's IV) */
 	m = (CK_MECHANISM){ CKM_AES_CBC, iv, sizeof iv };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[4226,h\"11111111111111111111111111111111\"],9]");
 	/* an unknown vendor mechanism passes through */
 	m = (CK_MECHANISM){ 0x80001234UL, iv, 3 };
@@ -217,7 +217,7 @@ static void test_plain_mechanisms(void)
 	CHECK_REQ("[43,1,[2147488308,h\"111111\"],9]");
 	/* a structured mechanism with a NULL parameter */
 	m = (CK_MECHANISM){ CKM_AES_GCM, NULL, 0 };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[4231,nil],9]");
 }
 
@@ -241,31 +241,31 @@ static void test_structured_mechanisms(void)
 	memset(nonce, 0x33, sizeof nonce);
 	reply("[0]");
 	m = (CK_MECHANISM){ CKM_RSA_PKCS_OAEP, &oaep, sizeof oaep };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[9,[592,2,1,h\"6c626c\"]],9]");
 	oaep.pSourceData = NULL;
 	oaep.ulSourceDataLen = 0;
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[9,[592,2,1,nil]],9]");
 	m = (CK_MECHANISM){ CKM_SHA256_RSA_PKCS_PSS, &pss, sizeof pss };
 	CHECK_RV(p11p_wire_C_SignInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[43,1,[67,[592,2,32]],9]");
 	gcm = (CK_GCM_PARAMS){ iv, sizeof iv, 96, aad, 3, 128 };
 	m = (CK_MECHANISM){ CKM_AES_GCM, &gcm, sizeof gcm };
-	CHECK_RV(C_DecryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_DecryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[34,1,[4231,[h\"222222222222222222222222\",96,h\"414144\",128]],9]");
 	gcm.pAAD = NULL;
 	gcm.ulAADLen = 0;
-	CHECK_RV(C_DecryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_DecryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[34,1,[4231,[h\"222222222222222222222222\",96,nil,128]],9]");
 	ccm = (P11P_CCM_PARAMS){ 100, nonce, sizeof nonce, aad, 3, 16 };
 	m = (CK_MECHANISM){ CKM_AES_CCM, &ccm, sizeof ccm };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[4232,[100,h\"33333333333333\",h\"414144\",16]],9]");
 	ctr.ulCounterBits = 32;
 	memset(ctr.cb, 0x44, sizeof ctr.cb);
 	m = (CK_MECHANISM){ CKM_AES_CTR, &ctr, sizeof ctr };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_OK);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_OK);
 	CHECK_REQ("[30,1,[4230,[32,h\"44444444444444444444444444444444\"]],9]");
 	ecdh = (CK_ECDH1_DERIVE_PARAMS){ CKD_NULL, 0, NULL, 3, pub };
 	m = (CK_MECHANISM){ CKM_ECDH1_DERIVE, &ecdh, sizeof ecdh };
@@ -301,11 +301,11 @@ static void test_structured_mechanisms(void)
 	/* a structured parameter whose length is not its structure's size */
 	fake_roundtrips = 0;
 	m = (CK_MECHANISM){ CKM_AES_GCM, &gcm, sizeof gcm - 1 };
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_MECHANISM_PARAM_INVALID);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_MECHANISM_PARAM_INVALID);
 	m = (CK_MECHANISM){ CKM_RSA_PKCS_PSS, &pss, sizeof pss + 8 };
 	CHECK_RV(p11p_wire_C_SignInit(1, &m, 9), CKR_MECHANISM_PARAM_INVALID);
 	m = (CK_MECHANISM){ CKM_AES_CTR, iv, sizeof iv }; /* an IV where a structure belongs */
-	CHECK_RV(C_EncryptInit(1, &m, 9), CKR_MECHANISM_PARAM_INVALID);
+	CHECK_RV(p11p_wire_C_EncryptInit(1, &m, 9), CKR_MECHANISM_PARAM_INVALID);
 	m = (CK_MECHANISM){ CKM_CONCATENATE_BASE_AND_KEY, &key, 4 };
 	CHECK_RV(C_DeriveKey(1, &m, 9, NULL, 0, NULL), CKR_MECHANISM_PARAM_INVALID);
 	CHECK(fake_roundtrips == 0);

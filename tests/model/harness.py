@@ -151,8 +151,15 @@ class Env:
     """A p11p group of members behind the fault module, two applications on it, and
     their twins on the reference token."""
 
-    def __init__(self, root: Path, hsm: SoftHSM, keys: Path, policy: str, members: int) -> None:
+    def __init__(self, root: Path, hsm: SoftHSM, keys: Path, policy: str, members: int,
+                 data_plane: bool | None = None) -> None:
         self.policy = policy
+        # the data plane (README "Data plane") on or off for the whole run; unset: from
+        # P11P_MODEL_DATA_PLANE ("0": off), on by default. Both ways must agree with the
+        # token used directly.
+        if data_plane is None:
+            data_plane = os.environ.get("P11P_MODEL_DATA_PLANE", "1") != "0"
+        self.data_plane = data_plane
         self.members = list(MEMBERS[:members])
         self.hsm = hsm  # make_tokens kept each token's first token.object in hsm.root
         self.token_dirs = token_files(hsm)
@@ -162,8 +169,9 @@ class Env:
         # the tokens directly); such writes show within object_cache_ttl (README), so
         # it is short here and the reset waits it out
         self.object_cache_ttl = 0.5
+        plane = "" if data_plane else "\ndirect_calls = false"
         self.group = HAGroup(root, hsm, policy, self.members,
-                             extra=f"object_cache_ttl = {self.object_cache_ttl}")
+                             extra=f"object_cache_ttl = {self.object_cache_ttl}{plane}")
         self.group.daemon.start()
         self.call_timeout, self.hold_timeout = 1.5, 2.0  # HAGroup's
         self.p11p = [WorkerProc(CLIENT_SO, "ha", self.group.daemon.env, f"p11p-app{i}")

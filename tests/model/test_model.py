@@ -1,7 +1,9 @@
 """Model-based differential tests (issue 12): generated call sequences of two
 applications interleaved with member events, run through p11p (both policies) and on one
 SoftHSM2 token directly; every result compared (harness.py). `make test` runs this
-bounded, derandomized part; `make soak` runs the same machine with random seeds.
+bounded, derandomized part; `make soak` runs the same machine with random seeds. The
+data plane is on in `model_env` (unless P11P_MODEL_DATA_PLANE=0), and off in the second
+bounded run: both must agree with the token used directly.
 
 Shrunk sequences that found a discrepancy are kept below as plain replays."""
 
@@ -9,8 +11,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
+import pytest
+from conftest import POLICIES, tmp_path_factory_of
 from harness import Env
+from kit import SoftHSM
 from machine import run_machine
 
 EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "15"))
@@ -28,3 +34,34 @@ def test_generated_sequences(model_env: Env) -> None:
           f"{runner.allowed} documented differences, "
           f"{time.monotonic() - start:.1f}s\n  {dict(sorted(runner.kinds.items()))}")
     assert runner.calls > 0
+    if model_env.data_plane:  # the sequences really ran on it
+        assert _served_on_plane(model_env) > 0
+
+
+def _run_bounded(env: Env) -> None:
+    start = time.monotonic()
+    runner = run_machine(env, EXAMPLES, STEPS, derandomize=True, hangs=False,
+                         shrink_seconds=SHRINK_SECONDS, kills=False)
+    print(f"\n{env.policy} (data plane {'on' if env.data_plane else 'off'}): "
+          f"{runner.examples} sequences, {runner.calls} calls, {runner.allowed} documented "
+          f"differences, {time.monotonic() - start:.1f}s")
+    assert runner.calls > 0
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_generated_sequences_data_plane_off(request: pytest.FixtureRequest, policy: str,
+                                            model_tokens: tuple[SoftHSM, Path, Path]) -> None:
+    """The same bounded run with `direct_calls = false`: every call through the daemon."""
+    hsm, keys, _ = model_tokens
+    env = Env(tmp_path_factory_of(request).mktemp(f"env-{policy}-off"), hsm, keys, policy,
+              POLICIES[policy], data_plane=False)
+    try:
+        _run_bounded(env)
+        assert _served_on_plane(env) == 0
+    finally:
+        env.close()
+
+
+def _served_on_plane(env: Env) -> int:
+    (group,) = env.group.status()["groups"]
+    return sum(m["direct_calls_served"] for m in group["members"])

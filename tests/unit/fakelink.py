@@ -179,7 +179,7 @@ class _Direct:
     async def bind(self, *_: Any) -> list[Any]:
         return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
 
-    key = unbind = bind
+    key = object = unbind = bind
 
     def member_back(self, member: Any) -> None:
         return None
