@@ -434,9 +434,13 @@ class Documented:
         CKR_OPERATION_ACTIVE. Allowed for an init in a session that may have lost state
         (as unreplayable_session_state) while an operation is active in it."""
         sess = runner.sessions[app].get(step.get("s", ""))
+        if sess is None:
+            return False
+        # its operations' keys: one made in another session that may have lost it
+        owners = {o.owner for o in (runner.made.get(k) for k in sess.ops.values()) if o}
         return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and p.get("rv") == OK
-                and step["op"] in ("opinit", "find_init") and sess is not None
-                and bool(sess.ops) and step.get("s") in runner.tainted[app])
+                and step["op"] in ("opinit", "find_init") and bool(sess.ops)
+                and (step.get("s") in runner.tainted[app] or bool(owners & runner.tainted[app])))
 
     @staticmethod
     def search_in_progress(runner: Runner, app: int, step: dict[str, Any],
@@ -461,6 +465,29 @@ class Documented:
         return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and step["op"] == "opinit"
                 and p.get("rv") in HANDLE_INVALID and sess is not None and bool(sess.ops)
                 and "gone" in (step.get(k) for k in ("k", "wk", "uk", "base")))
+
+    @staticmethod
+    def objects_on_different_members(runner: Runner, app: int, step: dict[str, Any],
+                                     p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: "A call that needs two objects each of which only one member
+        holds [...] and not the same one, has no member to run on: it gets the handle's
+        CKR_*_HANDLE_INVALID". Allowed where the call (with its session's operations)
+        needs two such objects: session objects made at random, or token objects written
+        through p11p to one member."""
+        if p.get("rv") not in HANDLE_INVALID or r.get("rv") == p.get("rv"):
+            return False
+        sess = runner.sessions[app].get(step.get("s", ""))
+        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
+        if sess is not None:
+            names |= set(sess.ops.values())
+        pinned = set()
+        for name in names:
+            obj = runner.made.get(name or "")
+            if obj is not None and obj.random and not obj.token:
+                pinned.add(min(obj.roots) if obj.roots else name)
+            elif name in runner.homes:
+                pinned.add(name)
+        return len(pinned) >= 2
 
     @staticmethod
     def lost_session_objects(runner: Runner, app: int) -> set[str]:
@@ -733,6 +760,12 @@ class Runner:
                     return
                 if key == "rv" and Documented.lost_operation_beside(self, app, step, p, r):
                     self.diverge(app, step["s"])  # the lost operation is over on p11p's side
+                    return
+                if key in ("rv", "qrv") and Documented.objects_on_different_members(
+                        self, app, step, p, r):
+                    self.diverge(app, step["s"])  # what the token made there, p11p did not
+                    if step.get("o"):
+                        self.lost[app].add(step["o"])
                     return
                 if key == "rv" and Documented.unknown_handle_first(self, app, step, p, r):
                     self.allowed += 1  # nothing started on either side
