@@ -63,6 +63,8 @@ HUNG_SHARE = 0.9
 STUCK_QUERY = 1.0  # seconds the helper has to answer how long its oldest call runs
 
 OK = CKR["CKR_OK"]
+GET_SESSION_INFO = spec.by_name()["C_GetSessionInfo"].code
+SESSION_GONE = frozenset({CKR["CKR_SESSION_HANDLE_INVALID"], CKR["CKR_SESSION_CLOSED"]})
 # Codes a data-plane call hands back to the daemon besides the group's session-lost and
 # member-failed classes: the ones whose class depends on the daemon's view, and the
 # helper's own refusals (a revoked binding, a module being finalized).
@@ -204,11 +206,29 @@ class Direct:
         if why == UNBIND_TIMEOUT and await self._hung(ctx, vs, binding):
             return [OK]
         await self.revoke(vs)
+        if why == UNBIND_RETURNED and await self._session_gone(ctx, vs, member):
+            # the member lost the application's sessions (a reset): as a daemon call
+            # that meets it, they are all rebuilt, and the object handles there looked
+            # up again (a token object's handle ends with them)
+            await self.router.failures.reset_member(ctx, member)
+            return [OK]
         if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects:
             # what the failed (or late) call left in the member session goes with it;
             # the next call opens a fresh one (session objects would be lost: kept then)
             await self.router.bind.close_on(ctx, vs, member)
         return [OK]
+
+    async def _session_gone(self, ctx: ApplicationContext, vs: VirtualSession,
+                            member: Member) -> bool:
+        """Whether the member session a data-plane call fell back from is gone."""
+        real = vs.real.get(member)
+        if real is None:
+            return False
+        try:
+            reply = await self.router.link.raw(ctx, member, [GET_SESSION_INFO, real, 0])
+        except (MemberUnavailable, budget.CallExpired):
+            return False  # its failure is handled where the call goes next
+        return bool(reply[0] in SESSION_GONE)
 
     async def _hung(self, ctx: ApplicationContext, vs: VirtualSession, binding: Binding) -> bool:
         """A client says a data-plane call outlived call_timeout. Its word alone fails no

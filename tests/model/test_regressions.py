@@ -984,3 +984,26 @@ def test_wrap_with_a_token_key_beside_a_verify_with_a_pair_elsewhere(model_env: 
     name = "wrap_with_a_token_key_beside_a_verify_with_a_pair_elsewhere.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_digest_key_after_a_reset_met_on_the_data_plane(model_env: Env) -> None:
+    """Found by make soak under failover with the data plane (8 of 29 steps): a member
+    reset (its sessions closed) met by a C_DigestInit on the data plane; the fallback
+    closed that one session only, the token object handles of the member stayed, and
+    C_DigestKey with one got CKR_KEY_HANDLE_INVALID. The daemon resets the member's
+    sessions and handles, as when one of its own calls meets the reset."""
+    name = "digest_key_after_a_reset_met_on_the_data_plane.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_sign_init_of_a_random_key_on_the_data_plane_under_a_fault(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (18 of 57 steps): a key
+    pair made at random, C_SignInit with it on the data plane refused by a member
+    failing (CKR_DEVICE_MEMORY): the key counted as used from the init that handed it to
+    the helper, so it was lost (CKR_DEVICE_ERROR) where through the daemon it is made
+    again. Documented (README, Limits); kept so that it stays only that."""
+    name = "sign_init_of_a_random_key_on_the_data_plane_under_a_fault.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
