@@ -1007,12 +1007,14 @@ static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
 	return rv;
 }
 
+/* The kinds whose operations the daemon does not hold yet: on the data plane, or
+ * waiting to be replayed through it (their binding went meanwhile). */
 static unsigned plane_kinds(CK_SESSION_HANDLE h)
 {
 	unsigned kinds = 0;
 
 	for (int k = 0; k < P11P_KINDS; k++)
-		if (op_where(h, k) == OP_PLANE)
+		if (op_where(h, k) == OP_PLANE || op_where(h, k) == OP_REPLAY)
 			kinds |= 1u << k;
 	return kinds;
 }

@@ -46,12 +46,13 @@ from p11p.daemon.shapes import (
 )
 from p11p.daemon.virtual import VirtualSession
 from p11p.protocol import spec
-from p11p.protocol.constants import CKR, rv_name
+from p11p.protocol.constants import CKR, CKU, rv_name
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
 
 log = logging.getLogger("p11p.ha")
+CONTEXT_SPECIFIC = CKU["CKU_CONTEXT_SPECIFIC"]
 OPERATION_ACTIVE = CKR["CKR_OPERATION_ACTIVE"]
 
 
@@ -125,7 +126,11 @@ class Router:
                     await self.bind.session_on(ctx, vs, member)
                 mreq = await self.resolve.translate(ctx, vs, member, shape, vreq)
                 reply = await self.link.raw(ctx, member, mreq)
-                cls = classify(reply[0], group.rv_classes, group in ctx.logins,
+                # CKR_USER_NOT_LOGGED_IN from C_Login is no answer to it (§5.6): the
+                # member's state is off whatever the application's, as for a logged-in one
+                cls = classify(reply[0], group.rv_classes,
+                               group in ctx.logins or (shape.fn.login == "login"
+                                                       and vreq[2] != CONTEXT_SPECIFIC),
                                bool(shape.objects))
                 if cls is RvClass.MEMBER_FAILED:
                     if reply[0] != GENERAL_ERROR or not await self.link.still_serves(ctx, member):

@@ -1007,3 +1007,26 @@ def test_sign_init_of_a_random_key_on_the_data_plane_under_a_fault(model_env: En
     again. Documented (README, Limits); kept so that it stays only that."""
     name = "sign_init_of_a_random_key_on_the_data_plane_under_a_fault.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_beside_a_digest_waiting_for_its_replay(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (17 of 59 steps): a digest
+    begun on the data plane, its binding gone (a drain), then C_FindObjectsInit: the
+    client moved only data-plane operations to the daemon before a search, not one
+    waiting for its replay, and the search started (CKR_OK) where SoftHSM2 says
+    CKR_OPERATION_ACTIVE."""
+    name = "search_beside_a_digest_waiting_for_its_replay.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_login_answered_user_not_logged_in(model_env: Env) -> None:
+    """Found by make soak under failover (3 of 41 steps): a member answering C_Login
+    CKR_USER_NOT_LOGGED_IN (twice; no answer to it, §5.6) to an application not logged
+    in: the code reached it. The member's sessions are reset and the login tried
+    again, as for a logged-in application."""
+    name = "login_answered_user_not_logged_in.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
