@@ -70,6 +70,7 @@ UPDATE = {f.name: f.op_kind for f in _OPS if f.op_role == "update"}
 FINISH = {f.name: f.op_kind for f in _OPS if f.op_role in ("final", "oneshot")}
 # Calls whose effect p11p does not record: they make the active operations unreplayable.
 OPAQUE = frozenset(f.name for f in spec.functions() if f.opaque)
+OPAQUE_KIND = {f.name: f.op_kind for f in spec.functions() if f.opaque and f.op_kind}
 
 
 def operation_kind(name: str) -> str | None:
@@ -115,5 +116,11 @@ def operation_change(name: str, rv: int, output_requested: bool) -> OpChange:
             return OpChange()
         return OpChange(end=FINISH[name])
     if name in OPAQUE:
-        return OpChange(opaque=True)
+        if rv == OK:
+            return OpChange(opaque=True)
+        if rv == BUFFER_TOO_SMALL or OPAQUE_KIND.get(name) is None:
+            return OpChange()
+        # refused, it changed no state p11p cannot record: it ends its own operation
+        # (an update's error, §5.2), and the others stay replayable
+        return OpChange(end=OPAQUE_KIND[name])
     return OpChange()
