@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -185,3 +186,22 @@ class HelperLink:
 def template(**attrs: bytes | list[Any]) -> list[list[Any]]:
     """[[CKA_x, value]] from CKA names without the prefix: template(TOKEN=FALSE)."""
     return [[CKA[f"CKA_{name}"], value] for name, value in attrs.items()]
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """n bytes from a socket (ConnectionError when it closes first)."""
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def closed(s: socket.socket) -> bool:
+    """Whether the peer closed the connection."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True

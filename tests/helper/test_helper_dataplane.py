@@ -28,7 +28,17 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from helperfixtures import *  # noqa: F403  (the fixtures)
-from helperlink import FALSE, SOFTHSM_SO, TRUE, HelperLink, SoftHSMDir, template, ulong
+from helperlink import (
+    FALSE,
+    SOFTHSM_SO,
+    TRUE,
+    HelperLink,
+    SoftHSMDir,
+    closed,
+    recv_exact,
+    template,
+    ulong,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from p11p.daemon.shapes import SHAPES, unsafe_arguments
@@ -44,23 +54,6 @@ UNAVAILABLE = 2**64 - 1
 P256 = bytes.fromhex("06082a8648ce3d030107")
 AES_KEY = bytes(range(16))
 HMAC_KEY = b"k" * 32
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 def trimmed(reply: list[Any]) -> list[Any]:
@@ -126,8 +119,8 @@ class Planes:
         """One call on the direct path, the binding id where the session goes."""
         body = msgpack.packb([CODE[name], self.id, *args], use_bin_type=True)
         self.sock.sendall(struct.pack(">I", len(body)) + body)
-        size = struct.unpack(">I", _recv(self.sock, 4))[0]
-        reply: list[Any] = msgpack.unpackb(_recv(self.sock, size), raw=False)
+        size = struct.unpack(">I", recv_exact(self.sock, 4))[0]
+        reply: list[Any] = msgpack.unpackb(recv_exact(self.sock, size), raw=False)
         return reply
 
     def pipe(self, name: str, *args: Any) -> list[Any]:
@@ -426,8 +419,8 @@ def test_a_revoked_binding_refuses_every_function(planes: Planes) -> None:
             request = [fn.code, other, *(_sample(a, planes.aes) for a in fn.wire_args[1:])]
             body = msgpack.packb(request, use_bin_type=True)
             s.sendall(struct.pack(">I", len(body)) + body)
-            size = struct.unpack(">I", _recv(s, 4))[0]
-            assert msgpack.unpackb(_recv(s, size)) == [CKR["CKR_SESSION_HANDLE_INVALID"]], fn.name
+            size = struct.unpack(">I", recv_exact(s, 4))[0]
+            assert msgpack.unpackb(recv_exact(s, size)) == [CKR["CKR_SESSION_HANDLE_INVALID"]], fn.name
     finally:
         s.close()
 
@@ -466,8 +459,8 @@ def _ask(planes: Planes, request: list[Any]) -> list[Any] | None:
     try:
         body = msgpack.packb(request, use_bin_type=True)
         s.sendall(struct.pack(">I", len(body)) + body)
-        size = struct.unpack(">I", _recv(s, 4))[0]
-        reply: list[Any] = msgpack.unpackb(_recv(s, size))
+        size = struct.unpack(">I", recv_exact(s, 4))[0]
+        reply: list[Any] = msgpack.unpackb(recv_exact(s, size))
         return reply
     except ConnectionError:
         return None

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from helperfixtures import *  # noqa: F403  (the fixtures)
-from helperlink import FALSE, TRUE, HelperLink, template
+from helperlink import FALSE, TRUE, HelperLink, closed, recv_exact, template
 from p11p.protocol.constants import CKA, CKM, CKR
 
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
@@ -58,26 +58,9 @@ class Fast:
 def call(s: socket.socket, *request: Any) -> list[Any]:
     body = msgpack.packb(list(request), use_bin_type=True)
     s.sendall(struct.pack(">I", len(body)) + body)
-    size = struct.unpack(">I", _recv(s, 4))[0]
-    reply: list[Any] = msgpack.unpackb(_recv(s, size), raw=False)
+    size = struct.unpack(">I", recv_exact(s, 4))[0]
+    reply: list[Any] = msgpack.unpackb(recv_exact(s, size), raw=False)
     return reply
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 @pytest.fixture
