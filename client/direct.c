@@ -622,7 +622,7 @@ int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT
 	struct p11p_call c;
 	const msgpack_object *o;
 	struct sess *s;
-	int found = 0;
+	int found = 0, unknown;
 
 	if (!lock())
 		return -1;
@@ -647,9 +647,10 @@ int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT
 	p11p_call_run(&c, 1);
 	o = c.err == CKR_OK && c.rv == CKR_OK ? p11p_next_out(&c) : NULL;
 	found = o != NULL && p11p_obj_ulong(o, m) == 0;
+	unknown = c.err == CKR_OK && c.rv == CKR_OBJECT_HANDLE_INVALID; /* daemon/handles.py */
 	(void)p11p_call_finish(&c);
 	if (!found)
-		return -1;
+		return unknown ? 1 : -1;
 	if (lock()) {
 		s = lookup(h);
 		if (s != NULL && s->ep == b->ep && s->id == b->id) {
@@ -885,6 +886,8 @@ static unsigned nargs_of(const struct p11p_op_shape *sh)
 	return 1u + (unsigned)(sh->mech + sh->key + sh->nbytes + sh->out);
 }
 
+static unsigned plane_kinds(CK_SESSION_HANDLE h);
+
 /* 0: answered on the data plane (*rv); 1: not (unbound there when it was tried). */
 static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		    const struct p11p_op_args *a, int where, CK_RV *rv)
@@ -894,7 +897,7 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	CK_OBJECT_HANDLE mkey = 0;
 	unsigned char *mech = NULL;
 	size_t mech_len = 0, size = 0;
-	int why, local;
+	int why, local, given;
 
 	for (int i = 0; i < sh->nbytes; i++)
 		size += a->in[i] != NULL ? a->in_len[i] : 0;
@@ -916,10 +919,16 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		}
 		return 1;
 	}
-	if (sh->key && p11p_plane_object(h, &b, a->key, &mkey, 1) != 0) {
+	if (sh->key && (given = p11p_plane_object(h, &b, a->key, &mkey, 1)) != 0) {
 		/* a key the daemon does not give: the call goes through it, which answers from
-		 * its view of the session's operations (an unknown handle beside an active
-		 * operation is CKR_OPERATION_ACTIVE): the ones on the data plane move there */
+		 * its view of the session's operations (daemon/resolve.py session_state_first:
+		 * an unknown handle beside an active operation is CKR_OPERATION_ACTIVE). With
+		 * operations of its own here, the answer is that one: moving them there would
+		 * cost their replay, which can fail (their key destroyed since) */
+		if (given == 1 && sh->role == P11P_R_INIT && plane_kinds(h) != 0) {
+			*rv = CKR_OPERATION_ACTIVE;
+			return 0;
+		}
 		p11p_plane_settle(h);
 		return 1;
 	}

@@ -90,7 +90,8 @@ void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs);
 int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why);
 void p11p_plane_unbind(CK_SESSION_HANDLE h, int why);
 /* The member handle of object v: use 1 for a key an operation uses, 0 for a read of its
- * attributes. 0, or -1 (the call goes through the daemon). */
+ * attributes. 0; 1 when the daemon knows no such handle; -1 otherwise (in both, the call
+ * goes through the daemon). */
 int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT_HANDLE v,
 		      CK_OBJECT_HANDLE *m, int use);
 /* A call of the data plane went through the daemon and returned rv. */

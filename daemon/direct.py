@@ -161,6 +161,12 @@ class Direct:
         if binding is None:
             return [CKR["CKR_SESSION_HANDLE_INVALID"]]
         vobj = ctx.objects.get(req[2])
+        if vobj.recipe is not None and vobj.recipe.roots and vobj.replayable:
+            # made at random and not used yet: a member failing at the init the client
+            # would send its helper leaves it made again elsewhere only if its use is
+            # counted when the call succeeds, which the daemon sees for its own calls:
+            # its first operation goes through here (CKR_FUNCTION_NOT_SUPPORTED)
+            return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
         try:
             real = await self.router.resolve.ensure_object(ctx, vs, vobj, binding.member)
         except KeyMissing:

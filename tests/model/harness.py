@@ -377,13 +377,7 @@ class Documented:
         if sess is not None:  # the keys of its operations (replayed where it goes)
             names |= set(sess.ops.values())
         owners = {runner.objs[app][n].owner for n in names if n in runner.objs[app]}
-        if s in tainted or bool(owners & tainted):
-            return True
-        # README, Limits: on the data plane a key made at random counts as used from the
-        # init that hands it to the helper: a fault armed may take it at that very call
-        key = runner.objs[app].get(step.get("k") or "")
-        return (runner.env.data_plane and step["op"] == "opinit" and runner.armed()
-                and key is not None and key.random and not key.token)
+        return s in tainted or bool(owners & tainted)
 
 
     @staticmethod
