@@ -56,7 +56,7 @@ struct update {
 	CK_ULONG len;
 	int out;                    /* it has an output: its length and digest */
 	CK_ULONG out_len;
-	uint64_t digest[2];
+	unsigned char digest[P11P_DIGEST_SIZE];
 };
 
 /* One operation kind of a session. */
@@ -262,21 +262,6 @@ static int all_idle(const struct sess *s)
 		if (s->ops[k].where != OP_NONE)
 			return 0;
 	return 1;
-}
-
-/* A 128-bit digest of an output, to tell a replayed update's output from the one the
- * application got (not a cryptographic one: the outputs compared are the module's). */
-static void digest(const unsigned char *p, size_t n, uint64_t d[2])
-{
-	uint64_t a = 0xcbf29ce484222325ULL ^ n, b = 0x9e3779b97f4a7c15ULL + n;
-
-	for (size_t i = 0; i < n; i++) {
-		a = (a ^ p[i]) * 0x100000001b3ULL;
-		b = (b + p[i] + 1) * 0xff51afd7ed558ccdULL;
-		b ^= b >> 29;
-	}
-	d[0] = a;
-	d[1] = b;
 }
 
 /* ---- endpoints and their connections ---- */
@@ -622,7 +607,7 @@ int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT
 	struct p11p_call c;
 	const msgpack_object *o;
 	struct sess *s;
-	int found = 0, unknown;
+	int found = 0;
 
 	if (!lock())
 		return -1;
@@ -647,10 +632,9 @@ int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT
 	p11p_call_run(&c, 1);
 	o = c.err == CKR_OK && c.rv == CKR_OK ? p11p_next_out(&c) : NULL;
 	found = o != NULL && p11p_obj_ulong(o, m) == 0;
-	unknown = c.err == CKR_OK && c.rv == CKR_OBJECT_HANDLE_INVALID; /* daemon/handles.py */
 	(void)p11p_call_finish(&c);
 	if (!found)
-		return unknown ? 1 : -1;
+		return -1;
 	if (lock()) {
 		s = lookup(h);
 		if (s != NULL && s->ep == b->ep && s->id == b->id) {
@@ -721,7 +705,7 @@ static void keep_update(struct op *o, const struct p11p_op_shape *sh, const stru
 	if (sh->out) {
 		u->out = 1;
 		u->out_len = *a->out_len;
-		digest(a->out, *a->out_len, u->digest);
+		p11p_digest16(a->out, *a->out_len, u->digest);
 	}
 	o->nups++;
 	return;
@@ -828,7 +812,7 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 	for (size_t i = 0; i < o.nups; i++) {
 		const struct update *u = &o.ups[i];
 		const msgpack_object *out;
-		uint64_t d[2];
+		unsigned char d[P11P_DIGEST_SIZE];
 		int same;
 
 		p11p_call_start(&c, u->code, u->out ? 3 : 2);
@@ -842,9 +826,10 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 			out = p11p_next_out(&c);
 			same = out != NULL && out->type == MSGPACK_OBJECT_BIN;
 			if (same) {
-				digest((const unsigned char *)out->via.bin.ptr, out->via.bin.size, d);
-				same = out->via.bin.size == u->out_len && d[0] == u->digest[0] &&
-				       d[1] == u->digest[1];
+				p11p_digest16((const unsigned char *)out->via.bin.ptr,
+					      out->via.bin.size, d);
+				same = out->via.bin.size == u->out_len &&
+				       memcmp(d, u->digest, sizeof d) == 0;
 			}
 		}
 		(void)p11p_call_finish(&c);
@@ -886,8 +871,6 @@ static unsigned nargs_of(const struct p11p_op_shape *sh)
 	return 1u + (unsigned)(sh->mech + sh->key + sh->nbytes + sh->out);
 }
 
-static unsigned plane_kinds(CK_SESSION_HANDLE h);
-
 /* 0: answered on the data plane (*rv); 1: not (unbound there when it was tried). */
 static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		    const struct p11p_op_args *a, int where, CK_RV *rv)
@@ -897,7 +880,7 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	CK_OBJECT_HANDLE mkey = 0;
 	unsigned char *mech = NULL;
 	size_t mech_len = 0, size = 0;
-	int why, local, given;
+	int why, local;
 
 	for (int i = 0; i < sh->nbytes; i++)
 		size += a->in[i] != NULL ? a->in_len[i] : 0;
@@ -919,16 +902,10 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		}
 		return 1;
 	}
-	if (sh->key && (given = p11p_plane_object(h, &b, a->key, &mkey, 1)) != 0) {
+	if (sh->key && p11p_plane_object(h, &b, a->key, &mkey, 1) != 0) {
 		/* a key the daemon does not give: the call goes through it, which answers from
-		 * its view of the session's operations (daemon/resolve.py session_state_first:
-		 * an unknown handle beside an active operation is CKR_OPERATION_ACTIVE). With
-		 * operations of its own here, the answer is that one: moving them there would
-		 * cost their replay, which can fail (their key destroyed since) */
-		if (given == 1 && sh->role == P11P_R_INIT && plane_kinds(h) != 0) {
-			*rv = CKR_OPERATION_ACTIVE;
-			return 0;
-		}
+		 * its view of the session's operations (an unknown handle beside an active
+		 * operation is CKR_OPERATION_ACTIVE): the ones on the data plane move there */
 		p11p_plane_settle(h);
 		return 1;
 	}
@@ -992,17 +969,99 @@ static int lost_once(CK_SESSION_HANDLE h, int kind)
 	return lost;
 }
 
-/* The operations of `kinds` on the data plane move to the daemon (ended on the helper,
- * the session unbound, sent again through the daemon). `consume`: the caller is a call
- * of those kinds, and a lost one's answer is its own: CKR_DEVICE_ERROR now. */
+static CK_RV adopt_updates(CK_SESSION_HANDLE h, const struct op *o)
+{
+	static const unsigned char none[1];
+
+	for (size_t i = 0; o->replayable && i < o->nups; i++) {
+		const struct update *u = &o->ups[i];
+		struct p11p_call c;
+		CK_RV rv;
+
+		p11p_call_start(&c, P11P_FN_DIRECT_ADOPT_UPDATE, 5);
+		p11p_put_ulong(&c, h);
+		p11p_put_ulong(&c, u->code);
+		p11p_put_bin(&c, u->data, u->len);
+		p11p_put_ulong(&c, u->out ? u->out_len + 256 : 0); /* as a replay asks */
+		p11p_put_bin(&c, u->out ? u->digest : none, u->out ? sizeof u->digest : 0);
+		p11p_call_run(&c, 0);
+		if ((rv = p11p_call_finish(&c)) != CKR_OK)
+			return rv;
+	}
+	return CKR_OK;
+}
+
+/* The operation of `kind`, on the data plane of a session still bound, is handed over to
+ * the daemon as it runs (DIRECT_ADOPT, then DIRECT_ADOPT_UPDATE per update it keeps for
+ * a replay): its member session keeps it, nothing is run again (a replay could fail
+ * where the operation goes on: its key destroyed since, or the application logged out).
+ * 0: the daemon holds it now; -1: refused, it stays on the data plane (and moves as
+ * before: ended there, sent again through the daemon). */
+static int adopt(CK_SESSION_HANDLE h, int kind)
+{
+	struct p11p_call c;
+	struct sess *s;
+	struct op o;
+	CK_RV rv;
+
+	memset(&o, 0, sizeof o);
+	if (!lock())
+		return -1;
+	s = lookup(h);
+	if (s != NULL && s->ep != NULL && s->ops[kind].where == OP_PLANE &&
+	    s->ops[kind].mech != NULL) {
+		o = s->ops[kind];
+		memset(&s->ops[kind], 0, sizeof s->ops[kind]);
+	}
+	unlock();
+	if (o.where != OP_PLANE)
+		return -1;
+	p11p_call_start(&c, P11P_FN_DIRECT_ADOPT, 5);
+	p11p_put_ulong(&c, h);
+	p11p_put_ulong(&c, o.init_code);
+	p11p_put_raw(&c, o.mech, o.mech_len);
+	p11p_put_ulong(&c, o.has_key ? o.key : 0);
+	p11p_put_ulong(&c, (CK_ULONG)o.replayable);
+	p11p_call_run(&c, 0);
+	rv = p11p_call_finish(&c);
+	if (rv == CKR_OK && adopt_updates(h, &o) != CKR_OK) {
+		/* the daemon holds a part of it: it ends there, and its next call is lost */
+		end_operation(h, NULL, kind);
+		o.where = OP_LOST;
+	} else if (rv == CKR_OK) {
+		o.where = OP_DAEMON;
+	}
+	if (lock()) {
+		s = lookup(h);
+		if (s != NULL && s->ops[kind].where == OP_NONE) {
+			if (o.where == OP_PLANE) {
+				s->ops[kind] = o; /* refused: as it was */
+				memset(&o, 0, sizeof o);
+			} else {
+				s->ops[kind].where = o.where;
+			}
+		}
+		unlock();
+	}
+	op_clear(&o);
+	return rv == CKR_OK ? 0 : -1;
+}
+
+/* The operations of `kinds` on the data plane move to the daemon: handed over as they
+ * run (adopt), or else ended on the helper, the session unbound, and sent again through
+ * the daemon. `consume`: the caller is a call of those kinds, and a lost one's answer is
+ * its own: CKR_DEVICE_ERROR now. */
 static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
 {
 	int moving = 0;
 	CK_RV rv = CKR_OK;
 
-	for (int k = 0; k < P11P_KINDS; k++)
-		if ((kinds & (1u << k)) && op_where(h, k) == OP_PLANE)
+	for (int k = 0; k < P11P_KINDS; k++) {
+		if ((kinds & (1u << k)) && op_where(h, k) == OP_PLANE) {
 			moving = 1;
+			(void)adopt(h, k);
+		}
+	}
 	if (moving)
 		p11p_plane_unbind(h, P11P_WHY_LEAVING);
 	for (int k = 0; k < P11P_KINDS; k++) {

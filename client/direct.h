@@ -23,17 +23,22 @@
 #include <stdint.h>
 
 #include "codec.h"
+#include "gen/codes.h"
 #include "gen/wire.h"
 
-/* p11p's own function codes:
- * [1002, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit]]
- * [1003, session, object] -> [rv, member handle]   (a key an operation uses)
- * [1004, session, why] -> [rv]
- * [1005, session, object] -> [rv, member handle]   (an object whose attributes are read) */
-#define P11P_FN_DIRECT_BIND 1002
-#define P11P_FN_DIRECT_KEY 1003
-#define P11P_FN_DIRECT_UNBIND 1004
-#define P11P_FN_DIRECT_OBJECT 1005
+/* The digest of an operation's output kept for its replay (blake2b.c): BLAKE2b of 16
+ * bytes, the daemon's (daemon/shapes.py digest), so that an operation handed over to
+ * the daemon carries digests it compares. */
+#define P11P_DIGEST_SIZE 16
+void p11p_digest16(const unsigned char *p, size_t n, unsigned char out[P11P_DIGEST_SIZE]);
+
+/* p11p's own function codes (gen/codes.h, from functions.spec):
+ * [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit]]
+ * [DIRECT_KEY, session, object] -> [rv, member handle]   (a key an operation uses)
+ * [DIRECT_UNBIND, session, why] -> [rv]
+ * [DIRECT_OBJECT, session, object] -> [rv, member handle]   (an object whose attributes are read)
+ * [DIRECT_ADOPT, session, init code, mechanism, key, replayable] -> [rv]
+ * [DIRECT_ADOPT_UPDATE, session, code, data, out capacity (0: none), digest] -> [rv] */
 
 /* Why a session is unbound (daemon/direct.py) */
 enum { P11P_WHY_RETURNED = 0, P11P_WHY_LEAVING = 1, P11P_WHY_BROKEN = 2, P11P_WHY_TIMEOUT = 3 };
@@ -90,8 +95,7 @@ void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs);
 int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why);
 void p11p_plane_unbind(CK_SESSION_HANDLE h, int why);
 /* The member handle of object v: use 1 for a key an operation uses, 0 for a read of its
- * attributes. 0; 1 when the daemon knows no such handle; -1 otherwise (in both, the call
- * goes through the daemon). */
+ * attributes. 0, or -1 (the call goes through the daemon). */
 int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT_HANDLE v,
 		      CK_OBJECT_HANDLE *m, int use);
 /* A call of the data plane went through the daemon and returned rv. */

@@ -95,15 +95,20 @@ class SessionBuilder:
         """A member session just opened where the application is believed logged in: the
         module may have lost its login since (an HSM reset closes every session, and the
         daemon hears of it only when an old session is used). Its state says; a lost
-        login is logged in again before the session serves."""
+        login is a reset: the application's other sessions there, and the session objects
+        they held, went with it. They are rebuilt as after a session-lost code (the
+        objects made again, the handles looked up again), logged in again, and the call
+        tried again (SessionVanished)."""
         if member not in ctx.logged_in:
             return
         reply = await self.r.link.checked(ctx, member, [CODE["C_GetSessionInfo"], real, 0])
         info = reply[1] if reply[0] == OK and len(reply) > 1 else None
         if isinstance(info, list) and len(info) > 1 and info[1] not in LOGGED_IN_STATES:
             log.warning("login lost: %s member=%s: the module no longer has the application "
-                        "logged in (a reset?); logging in again", ctx.name, member.name)
-            ctx.logged_in.discard(member)
+                        "logged in (a reset?); its sessions there are rebuilt and logged in "
+                        "again", ctx.name, member.name)
+            await self.r.failures.reset_member(ctx, member)
+            raise SessionVanished
 
     async def login_on(self, ctx: ApplicationContext, group: Group, member: Member, real: int) -> None:
         login = ctx.logins.get(group)

@@ -10,6 +10,10 @@ being the virtual session's: closed, reset, moved, or its helper gone. A revoked
 failing binding sends the client back here (DIRECT_UNBIND), where the call runs with
 the usual failover and replay; the client sends the operations it ran on the data plane
 again through the daemon first (their inits and updates), which records them as any.
+When the client moves its operations here of its own accord (before a search, say) and
+the binding still holds, their member session still runs them: they are handed over as
+they are (DIRECT_ADOPT, DIRECT_ADOPT_UPDATE), recorded for a replay elsewhere, and not
+run again.
 
 While a session is bound its member session may hold operations the daemon did not
 see: it is neither movable nor rebuildable at will (virtual.py, bind.py).
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from p11p.daemon import budget, hello
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
 from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
-from p11p.daemon.shapes import KeyMissing
+from p11p.daemon.policy import Operation
+from p11p.daemon.shapes import SHAPES, KeyMissing
 from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
@@ -47,6 +52,8 @@ log = logging.getLogger("p11p.direct")
 # [DIRECT_KEY, session, object] -> [rv, member handle]      a key an operation uses
 # [DIRECT_OBJECT, session, object] -> [rv, member handle]   an object whose attributes are read
 # [DIRECT_UNBIND, session, why] -> [rv]
+# [DIRECT_ADOPT, session, init code, mechanism, key, replayable] -> [rv]
+# [DIRECT_ADOPT_UPDATE, session, code, data, out capacity (0: none), output digest] -> [rv]
 DIRECT_BIND = spec.own_codes()["DIRECT_BIND"].code
 DIRECT_KEY = spec.own_codes()["DIRECT_KEY"].code
 DIRECT_OBJECT = spec.own_codes()["DIRECT_OBJECT"].code
@@ -199,6 +206,54 @@ class Direct:
             self.router.failures.member_failed(binding.member, exc, "DIRECT_OBJECT")
             return [CKR["CKR_DEVICE_ERROR"]]
         return [OK, real]
+
+    async def adopt(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        """An operation begun on the data plane, handed over as it runs: the bound member
+        session has it active, so nothing goes to the member; it is recorded as if it had
+        started here (its updates follow, DIRECT_ADOPT_UPDATE), for a replay elsewhere
+        should that member fail. Refused when the binding is gone or p11p holds an
+        operation of that kind already: the client then ends it there and sends it again
+        (a replay through here)."""
+        vs = ctx.sessions.get(req[1])
+        binding = vs.direct
+        shape = SHAPES.get(req[2]) if isinstance(req[2], int) else None
+        if shape is None or shape.fn.op_role != "init" or shape.fn.op_kind in ("", "find"):
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        kind = shape.fn.op_kind
+        if binding is None or vs.real.get(binding.member) != binding.real or kind in vs.ops:
+            return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
+        init = [req[2], req[1], req[3], *([req[4]] if shape.objects else [])]
+        op = vs.ops[kind] = Operation(init)
+        vs.lost.pop(kind, None)
+        if not req[5]:
+            op.replayable = False
+            op.why = "update data over replay_limit (on the data plane)"
+        return [OK]
+
+    async def adopt_update(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
+        """One update the member consumed of an operation handed over (DIRECT_ADOPT), as
+        the record stage keeps one: its data, and its output's digest."""
+        vs = ctx.sessions.get(req[1])
+        shape = SHAPES.get(req[2]) if isinstance(req[2], int) else None
+        if shape is None or shape.fn.op_role != "update" or not isinstance(req[3], bytes):
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        op = vs.ops.get(shape.fn.op_kind)
+        if op is None:
+            return [CKR["CKR_OPERATION_NOT_INITIALIZED"]]
+        if not op.replayable:
+            return [OK]
+        op.size += len(req[3])
+        limit = vs.group.config.replay_limit
+        if op.size > limit:
+            op.replayable, op.updates = False, []
+            op.why = f"update data over replay_limit ({limit} bytes)"
+            return [OK]
+        has_out = shape.out_bytes is not None
+        if has_out != (req[4] != 0) or (has_out and not isinstance(req[5], bytes)):
+            return [CKR["CKR_ARGUMENTS_BAD"]]
+        ureq = [req[2], req[1], req[3], *([req[4]] if has_out else [])]
+        op.updates.append((ureq, req[5] if has_out else None))
+        return [OK]
 
     async def unbind(self, ctx: ApplicationContext, req: list[Any]) -> list[Any]:
         vs = ctx.sessions.get(req[1])

@@ -82,6 +82,8 @@ class Dispatcher:
         self.direct_key = _on_frame(direct.key)
         self.direct_object = _on_frame(direct.object)
         self.direct_unbind = _on_frame(direct.unbind)
+        self.direct_adopt = _on_frame(direct.adopt)
+        self.direct_adopt_update = _on_frame(direct.adopt_update)
         # functions.spec names the handler of each call the daemon answers itself
         # (@daemon=...); other calls on a session go through the router
         for fn in (*spec.functions(), *spec.own_codes().values()):

@@ -857,6 +857,34 @@ class DIRECT_OBJECT(Request):
         return cls(frame, _ulong(frame[1]), _ulong(frame[2]))
 
 
+@dataclass(frozen=True, slots=True)
+class DIRECT_ADOPT(Request):
+    CODE: ClassVar[int] = 1006
+    session: int
+    init: int
+    mechanism: Mechanism
+    key: int
+    replayable: int
+
+    @classmethod
+    def decode(cls, frame: list[Any]) -> DIRECT_ADOPT:
+        return cls(frame, _ulong(frame[1]), _ulong(frame[2]), _mechanism(frame[3]), _ulong(frame[4]), _ulong(frame[5]))
+
+
+@dataclass(frozen=True, slots=True)
+class DIRECT_ADOPT_UPDATE(Request):
+    CODE: ClassVar[int] = 1007
+    session: int
+    code: int
+    data: Bytes
+    out_cap: int
+    digest: Bytes
+
+    @classmethod
+    def decode(cls, frame: list[Any]) -> DIRECT_ADOPT_UPDATE:
+        return cls(frame, _ulong(frame[1]), _ulong(frame[2]), _bytes(frame[3]), _ulong(frame[4]), _bytes(frame[5]))
+
+
 DECODERS: dict[int, Any] = {
     2: C_Finalize.decode,
     5: C_GetSlotList.decode,
@@ -926,6 +954,8 @@ DECODERS: dict[int, Any] = {
     1003: DIRECT_KEY.decode,
     1004: DIRECT_UNBIND.decode,
     1005: DIRECT_OBJECT.decode,
+    1006: DIRECT_ADOPT.decode,
+    1007: DIRECT_ADOPT_UPDATE.decode,
 }
 
 

@@ -1031,7 +1031,7 @@ def test_verify_after_its_key_destroyed_and_a_refused_init_on_the_data_plane(
     verification begun on the data plane, its key destroyed, C_DecryptInit with that
     handle: moving the verification to the daemon needed the destroyed key, so it was lost
     (CKR_DEVICE_ERROR at the next C_Verify, where SoftHSM2 answers
-    CKR_OPERATION_NOT_INITIALIZED). Same fix as the encryption case below."""
+    CKR_OPERATION_NOT_INITIALIZED). Handed over as it runs now (DIRECT_ADOPT)."""
     name = "verify_after_its_key_destroyed_and_a_refused_init_on_the_data_plane.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
@@ -1078,8 +1078,48 @@ def test_encrypt_after_its_key_destroyed_and_a_refused_init_on_the_data_plane(
     on the data plane, its key destroyed, C_EncryptInit with an unknown handle: the
     client moved the first operation to the daemon first, whose replay needs the
     destroyed key, so it was lost and C_Encrypt got CKR_DEVICE_ERROR where SoftHSM2
-    (and p11p with the data plane off) encrypts. The client now answers such an init
-    as the daemon would (CKR_OPERATION_ACTIVE beside an operation) and keeps its own."""
+    (and p11p with the data plane off) encrypts. The client now hands its operations
+    over to the daemon as they run (DIRECT_ADOPT): nothing is run again."""
     name = "encrypt_after_its_key_destroyed_and_a_refused_init_on_the_data_plane.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_digest_key_with_a_random_key_after_a_reset_seen_as_a_lost_login(
+        model_env: Env) -> None:
+    """Found by make soak under failover (7 of 31 steps): a key pair made at random, the
+    member reset, a new session (its login found lost: the reset), C_DigestKey with the
+    private key: p11p logged in again but kept the old member handles, so the key's was
+    stale (CKR_KEY_HANDLE_INVALID) where SoftHSM2 digests. A lost login found at a new
+    member session is now handled as the reset it is: the application's sessions there
+    are rebuilt and their objects made again."""
+    name = "digest_key_with_a_random_key_after_a_reset_seen_as_a_lost_login.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_beside_a_decrypt_on_the_data_plane_after_a_logout(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (9 of 39 steps): a decryption
+    begun on the data plane with a session key, the application logged out, then
+    C_FindObjectsInit: the client moved the decryption to the daemon by sending its init
+    again, which the logout made fail, so the search started (CKR_OK) where SoftHSM2,
+    whose decryption goes on, answers CKR_OPERATION_ACTIVE. Handed over as it runs now
+    (DIRECT_ADOPT)."""
+    name = "search_beside_a_decrypt_on_the_data_plane_after_a_logout.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_encrypt_handed_over_to_the_daemon_then_a_failover(model_env: Env) -> None:
+    """Written by hand beside the DIRECT_ADOPT fix (not a soak finding): a multi-part
+    encryption on the data plane (the session bound after a few calls), a search beside
+    it hands it over to the daemon with its two updates' output digests, then its member
+    goes down: the daemon's replay on the other member checks the outputs against the
+    client's digests (a wrong digest loses the operation: CKR_DEVICE_ERROR), and the
+    ciphertext goes on as SoftHSM2's."""
+    name = "encrypt_handed_over_to_the_daemon_then_a_failover.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
