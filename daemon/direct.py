@@ -32,7 +32,7 @@ from p11p.daemon import budget, hello
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, CKError, MemberUnavailable, RvClass
 from p11p.daemon.helperproc import FAST_ALLOW, FAST_REVOKE, FAST_START, CallTimedOut
 from p11p.daemon.policy import Operation
-from p11p.daemon.shapes import SHAPES, KeyMissing
+from p11p.daemon.shapes import SHAPES, KeyMissing, unsafe_arguments
 from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
@@ -223,6 +223,9 @@ class Direct:
         if binding is None or vs.real.get(binding.member) != binding.real or kind in vs.ops:
             return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
         init = [req[2], req[1], req[3], *([req[4]] if shape.objects else [])]
+        if unsafe_arguments(shape, init) is not None:
+            # never replayed to a member (the helper refuses it on the data plane too)
+            return [CKR["CKR_ARGUMENTS_BAD"]]
         op = vs.ops[kind] = Operation(init)
         vs.lost.pop(kind, None)
         if not req[5]:

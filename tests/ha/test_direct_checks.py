@@ -17,6 +17,7 @@ import msgpack
 from hakit import HAGroup
 from kit import USER_PIN
 from p11p.daemon.direct import DIRECT_BIND, DIRECT_KEY
+from p11p.protocol import spec
 from p11p.protocol.constants import CKA, CKM, CKO, CKR
 
 _HEADER = struct.Struct(">I")
@@ -103,6 +104,11 @@ def test_a_structured_parameter_as_bytes_is_refused_on_both_planes(ha_factory: A
             helper.close()
         assert via_daemon == CKR["CKR_MECHANISM_PARAM_INVALID"], hex(via_daemon)
         assert via_direct == via_daemon, (hex(via_direct), hex(via_daemon))
+        # nor is it taken as an operation handed over from the data plane (the daemon
+        # would replay it to a member after a failover)
+        adopt = spec.own_codes()["DIRECT_ADOPT"].code
+        rv = daemon.call([adopt, h, 43, [pss, PSS_AS_BYTES], key, 1])[0]
+        assert rv == CKR["CKR_ARGUMENTS_BAD"], hex(rv)
 
         # and the structured form works on the daemon plane, so the key and member are fine
         rv = daemon.call([43, h, [pss, [CKM["CKM_SHA256"], 2, 32]], key])[0]

@@ -23,7 +23,8 @@ from p11p.protocol.constants import CKA, CKF, CKK, CKM, CKO
 U64 = 2**64 - 1
 HEADER = struct.Struct(">I")
 FIND_ALL = 1001  # p11p's own code (protocol/README.md)
-DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND = 1002, 1003, 1004  # the direct path's codes
+# the data plane's codes
+DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND, DIRECT_ADOPT, DIRECT_ADOPT_UPDATE = 1002, 1003, 1004, 1006, 1007
 NESTED = (CKA["CKA_WRAP_TEMPLATE"], CKA["CKA_UNWRAP_TEMPLATE"], CKA["CKA_DERIVE_TEMPLATE"])
 # Sizes of keys and parameters to generate: kept small, so that no example asks the
 # token for minutes of work (a 16384-bit RSA key, a 4096-bit DH prime).
@@ -432,17 +433,28 @@ def find_all(known: Known) -> st.SearchStrategy[list[Any]]:
 
 
 def direct(known: Known) -> st.SearchStrategy[list[Any]]:
-    """The direct path's codes: [1002, session], [1003, session, object],
-    [1004, session, why], with handles and arguments good or bad."""
+    """The data plane's codes: [1002, session], [1003, session, object],
+    [1004, session, why], [1006, session, init, mechanism, key, replayable],
+    [1007, session, code, data, out_cap, digest], with handles and arguments good or bad."""
     session = st.one_of(handles(known.sessions), bad_ints(), junk())
+    code = st.one_of(st.sampled_from(SENDABLE).map(lambda f: f.code), bad_ints(), junk())
     return st.one_of(
         st.tuples(st.just(DIRECT_BIND), session),
         st.tuples(st.just(DIRECT_KEY), session,
                   st.one_of(handles(known.objects), bad_ints(), junk())),
         st.tuples(st.just(DIRECT_UNBIND), session,
                   st.one_of(st.integers(-2, 5), bad_ints(), junk())),
+        st.tuples(st.just(DIRECT_ADOPT), session, code,
+                  st.one_of(st.none(), junk(), mechanism(known)),
+                  st.one_of(handles(known.objects), bad_ints(), junk()),
+                  st.one_of(st.integers(0, 1), junk())),
+        st.tuples(st.just(DIRECT_ADOPT_UPDATE), session, code,
+                  st.one_of(st.binary(max_size=64), junk()),
+                  st.one_of(st.integers(0, 300), bad_ints(), junk()),
+                  st.one_of(st.binary(max_size=20), junk())),
         # not empty: an empty request is a protocol error (the connection is closed)
-        st.lists(st.one_of(st.sampled_from([DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND]), junk()),
+        st.lists(st.one_of(st.sampled_from([DIRECT_BIND, DIRECT_KEY, DIRECT_UNBIND, DIRECT_ADOPT,
+                                            DIRECT_ADOPT_UPDATE]), junk()),
                  min_size=1, max_size=5),
     ).map(list)
 
