@@ -193,8 +193,10 @@ class SessionBuilder:
                 except (SessionVanished, budget.CallExpired):
                     raise  # not the object's fault: the call is placed again, or ends
                 except (CKError, KeyMissing) as exc:
-                    if isinstance(exc, KeyMissing) and vobj.random_held():
-                        continue  # made at random, it stays on its member: calls go there
+                    if isinstance(exc, KeyMissing) and vobj.held():
+                        # made at random, or of a token object only another member holds:
+                        # it stays on its member, and calls that need it go there
+                        continue
                     vobj.lost = str(exc) or "its source is on no member"
                     lost.append(f"session object {vobj.handle}: {vobj.lost}")
         for kind, op in list(vs.ops.items()):

@@ -116,13 +116,33 @@ class Placement:
         return (vobj.is_token is False and not vobj.replayable
                 and not any(m.health.usable for m in vobj.real))
 
+    @staticmethod
+    def pinned(ctx: ApplicationContext, vs: VirtualSession, shape: CallShape) -> Member | None:
+        """For a call of an operation: the session's member, when an operation active
+        there cannot be replayed elsewhere (over replay_limit, or its key destroyed
+        since). Moved, the session would lose it, for a call the token answers from the
+        session's state (CKR_OPERATION_ACTIVE, CKR_OPERATION_NOT_INITIALIZED) or that
+        continues it."""
+        member = vs.member
+        if (not shape.fn.op_kind or shape.fn.op_kind == "find" or member is None
+                or not member.health.usable or member not in vs.real):
+            return None
+        for op in vs.ops.values():
+            init = SHAPES[op.init[0]]
+            if not op.replayable or any(not isinstance(op.init[i], int)
+                                        or ctx.objects.find(op.init[i]) is None
+                                        for i in init.objects):
+                return member
+        return None
+
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession) -> list[Member] | None:
         """The members that hold (or can make) every object the call needs; None: any."""
         objs = self.needed(ctx, vs, shape, vreq)
+        pin = self.pinned(ctx, vs, shape)
         if not objs:
-            return None
-        allowed = list(vs.group.members)
+            return None if pin is None else [pin]
+        allowed = list(vs.group.members) if pin is None else [pin]
         for vobj in objs:
             if vobj.home is not None:
                 allowed = [m for m in allowed if m is vobj.home]
@@ -130,6 +150,9 @@ class Placement:
                 # made at random and held by a member in service: calls go there (made
                 # again elsewhere it would be another key under the same handle)
                 allowed = [m for m in allowed if m in vobj.real]
+            elif vobj.is_token is False and (homes := vobj.source_homes()) is not None:
+                # made of a token object one member holds: there (or where it is)
+                allowed = [m for m in allowed if m in homes or m in vobj.real]
             allowed = [m for m in allowed if m not in vobj.missing]
         return allowed
 

@@ -145,6 +145,21 @@ class VirtualObject:
             for root in self.recipe.roots:
                 root.used = True
 
+    def held(self) -> bool:
+        """Held by a member still in service."""
+        return any(m.health.usable for m in self.real)
+
+    def source_homes(self) -> set[Member] | None:
+        """(a session object) The members it can be made on when its recipe needs token
+        objects that one member holds (written under write_policy "primary", or made
+        at random on one member): their homes. None: no such source."""
+        homes: set[Member] | None = None
+        for src in self.recipe.sources.values() if self.recipe is not None else ():
+            h = {src.home} if src.home is not None else src.source_homes()
+            if h is not None:
+                homes = h if homes is None else homes & h
+        return homes
+
     def random_held(self) -> bool:
         """Made from a random key, and held by a member still in service."""
         return bool(self.recipe is not None and self.recipe.roots

@@ -1123,3 +1123,32 @@ def test_encrypt_handed_over_to_the_daemon_then_a_failover(model_env: Env) -> No
     name = "encrypt_handed_over_to_the_daemon_then_a_failover.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_unwrap_with_a_copy_of_a_token_key_one_member_holds_after_a_general_error(
+        model_env: Env) -> None:
+    """Found by make soak under failover (6 of 61 steps): an AES token key generated (one
+    member holds it), a session copy of it, then C_UnwrapKey with the copy and junk data:
+    CKR_GENERAL_ERROR on its member, which still serves, so p11p tried the other, where
+    the copy cannot be made (its source is not there) and was marked lost: the next
+    unwrap got CKR_DEVICE_ERROR where SoftHSM2 answers CKR_GENERAL_ERROR again. An object
+    made of a token object one member holds stays there, and calls go there."""
+    name = "unwrap_with_a_copy_of_a_token_key_one_member_holds_after_a_general_error.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_digest_key_of_a_token_object_on_another_member_beside_a_decrypt_whose_key_went(
+        model_env: Env) -> None:
+    """Found by make soak under balance (16 of 79 steps): a decryption begun in one
+    session with a session key of another, that session closed (the key with it), then
+    C_DigestKey of a token object one other member holds: p11p moved the session there,
+    which lost the decryption (its key gone, no replay), and C_Decrypt got
+    CKR_DEVICE_ERROR where SoftHSM2 decrypts. A call of an operation on a session whose
+    active operation cannot be replayed stays on its member (here: the token's
+    CKR_OPERATION_NOT_INITIALIZED, as p11p answers it from the session's state)."""
+    name = "digest_key_of_a_token_object_on_another_member_beside_a_decrypt_whose_key_went.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
