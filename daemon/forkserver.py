@@ -81,7 +81,7 @@ async def spawn(member: str, module: str, env: dict[str, str], timeout: float
     assert server.starting is not None
     try:
         await asyncio.wait_for(asyncio.shield(server.starting), max(0.0, timeout))
-        return await asyncio.wait_for(server.fork(module, env),
+        return await asyncio.wait_for(server.fork(module),
                                       max(0.0, deadline - loop.time()))
     except ForkServerUnavailable:
         return None
@@ -146,7 +146,8 @@ class ForkServer:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def fork(self, module: str, env: dict[str, str]) -> tuple[ForkedTransport, int, int]:
+    async def fork(self, module: str) -> tuple[ForkedTransport, int, int]:
+        """A helper of `module`, with the server's environment (its key)."""
         if self.gone:
             raise ForkServerUnavailable("fork server gone")
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
@@ -157,7 +158,8 @@ class ForkServer:
         self._requests[number] = reply
         try:
             try:
-                await self._send([number, module, env], [in_r, out_w])
+                # the helper's environment is the server's own (one server per environment)
+                await self._send([number, module], [in_r, out_w])
             finally:
                 os.close(in_r)
                 os.close(out_w)

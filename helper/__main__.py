@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from p11p.helper.errors import CKR_GENERAL_ERROR, CKR_OK, describe_rv, log, setup_logging
 from p11p.protocol.framing import encode
+
+if TYPE_CHECKING:
+    from p11p.helper.calls import Plan
 
 
 def _take_pipes() -> tuple[int, int]:
@@ -50,15 +54,17 @@ def main(argv: list[str]) -> int:
     return run(module_path, in_fd, out_fd)
 
 
-def run(module_path: str, in_fd: int, out_fd: int) -> int:
+def run(module_path: str, in_fd: int, out_fd: int, plans: dict[int, Plan] | None = None) -> int:
     """Loads and initializes the module, writes the ready frame, serves calls until the
     daemon ends the link; the exit status. Also the body of a helper forked by the fork
-    server (forkserver.py), which has imported everything up to the module already."""
+    server (forkserver.py), which has imported everything up to the module already and
+    made the call table (`plans`)."""
     try:
         from p11p.helper import calls, settings
         from p11p.helper.ffi import ffi, lib
         from p11p.helper.loop import Server
-        plans = calls.plans(lib)
+        if plans is None:
+            plans = calls.plans(lib)
     except Exception as exc:
         log.error("cannot load the compiled Cryptoki extension: %s", exc)
         _ready(out_fd, CKR_GENERAL_ERROR, f"helper extension: {exc}")

@@ -4,18 +4,26 @@ The daemon starts one per member, with the environment a helper of that member g
 imports what a helper needs up to the vendor module (the interpreter, msgpack, cffi, the
 compiled extension, the call table, the I/O loop) once, then forks a helper per request:
 a new application costs a fork, not an interpreter start. The vendor module is loaded
-and initialized only after the fork, in the child, with the request's environment: vendor
-code never runs here, so a module that crashes takes its helper only. No thread runs
-here (the helper's worker threads and fast.c's start in the child), and nothing is read
-from the environment that a child's environment could change but the call table's
-output bound, which the daemon keeps right by starting another server when a member's
-environment changes.
+and initialized only after the fork, in the child: vendor code never runs here, so a
+module that crashes takes its helper only. No thread runs here (the helper's worker
+threads and fast.c's start in the child). A helper's environment is this process's own:
+the daemon starts a server per member and environment, so what is read here from the
+environment (the call table's output bound, the log level) is what the helper would read.
+
+What a helper costs is mostly what it does not share with this process: every page that
+either writes after the fork is copied (refcounts, allocations, the interpreter's own
+counters). So all that can be made before the fork is made here (the call table, the
+log handler), the garbage collector is off from the start and never collects here (a
+collection leaves holes in shared pages that the children's allocations would then
+write into; `gc.freeze` before serving keeps the children's collections off these
+objects, as the gc module's documentation advises), and the child does as little as it
+can before it serves.
 
 The link is fd 0 at start: one end of an AF_UNIX SOCK_SEQPACKET pair, one msgpack
 message per packet (daemon/forkserver.py is the other end):
 
   server -> daemon   [0, pid]                                ready
-  daemon -> server   [n, module, env] + fds (stdin, stdout)  fork helper n (n > 0)
+  daemon -> server   [n, module] + fds (stdin, stdout)       fork helper n (n > 0)
   server -> daemon   [n, pid] + fd (a pidfd of it)           forked; it writes its
                                                              ready frame [0, rv, pid]
   server -> daemon   [n, 0, message]                         not forked
@@ -30,24 +38,28 @@ stdin closed with the daemon, to finalize their modules, and leaves.
 
 from __future__ import annotations
 
-import array
-import ctypes
 import gc
-import logging
-import os
-import select
-import signal
-import socket
-import sys
-import time
-from typing import Any
 
-import msgpack
-from p11p.helper import __main__ as helper_main
-from p11p.helper import calls, settings  # noqa: F401  (imported once, for the children)
-from p11p.helper.errors import log, setup_logging
-from p11p.helper.ffi import lib
-from p11p.helper.loop import Server  # noqa: F401  (imported once, for the children)
+gc.disable()  # before anything is imported: no collection leaves holes in shared pages
+
+import array  # noqa: E402
+import ctypes  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import msgpack  # noqa: E402
+from p11p.helper import __main__ as helper_main  # noqa: E402
+from p11p.helper import calls, settings  # noqa: E402, F401  (imported once, for the children)
+from p11p.helper.calls import Plan  # noqa: E402
+from p11p.helper.errors import log, setup_logging  # noqa: E402
+from p11p.helper.ffi import lib  # noqa: E402
+from p11p.helper.loop import Server  # noqa: E402, F401  (imported once, for the children)
 
 END_GRACE = 5.0  # seconds the helpers get to end after the daemon did
 MAX_MESSAGE = 1 << 20
@@ -67,9 +79,10 @@ def _die_with_parent(sig: int, parent: int) -> None:
 class ForkServer:
     """The request loop: forks helpers, reaps them, reports their ends."""
 
-    def __init__(self, link: socket.socket, member: str) -> None:
+    def __init__(self, link: socket.socket, member: str, plans: dict[int, Plan]) -> None:
         self.link = link
         self.member = member
+        self.plans = plans  # the call table, made once here for every child
         self.children: set[int] = set()
         self.ending_at: float | None = None  # the daemon ended: leave by this time
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -144,21 +157,19 @@ class ForkServer:
                 message = msgpack.unpackb(data) if not flags & socket.MSG_TRUNC else None
             except Exception:  # any packet that does not decode is malformed
                 message = None
-            if not (isinstance(message, list) and len(message) == 3
+            if not (isinstance(message, list) and len(message) == 2
                     and isinstance(message[0], int) and message[0] > 0
-                    and isinstance(message[1], str) and isinstance(message[2], dict)
-                    and len(fds) == 2):
+                    and isinstance(message[1], str) and len(fds) == 2):
                 log.error("fork server: malformed request; ignored")
                 if isinstance(message, list) and message and isinstance(message[0], int):
                     self._send([message[0], 0, "malformed fork request"])
                 return
-            self._fork(message[0], message[1], message[2], fds[0], fds[1])
+            self._fork(message[0], message[1], fds[0], fds[1])
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _fork(self, number: int, module: str, env: dict[str, str], in_fd: int,
-              out_fd: int) -> None:
+    def _fork(self, number: int, module: str, in_fd: int, out_fd: int) -> None:
         if self.ending_at is not None:
             self._send([number, 0, "fork server is ending"])
             return
@@ -169,7 +180,7 @@ class ForkServer:
             self._send([number, 0, f"fork: {exc}"])
             return
         if pid == 0:
-            self._child(parent, module, env, in_fd, out_fd)
+            self._child(parent, module, in_fd, out_fd)
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)  # not reaped yet: the pid is still this child's
         try:
@@ -177,30 +188,21 @@ class ForkServer:
         finally:
             os.close(pidfd)
 
-    def _child(self, parent: int, module: str, env: dict[str, str], in_fd: int,
-               out_fd: int) -> None:
+    def _child(self, parent: int, module: str, in_fd: int, out_fd: int) -> None:
         """The helper, from the fork on: never returns."""
         status = 1
         try:
+            gc.enable()  # on its own objects only: the server's are frozen
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.setsid()  # a session of its own, as a helper started by the daemon has
             _die_with_parent(signal.SIGKILL, parent)
-            keep = {0, 1, 2, in_fd, out_fd}
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                if fd not in keep:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass  # the directory's own fd, closed already
             self.link.detach()
-            os.environ.clear()
-            os.environ.update(env)  # the member's, before its module reads it
-            log.handlers.clear()
-            setup_logging(module)
-            status = helper_main.run(module, in_fd, out_fd)
+            _close_fds_but(in_fd, out_fd)
+            # the log handler made in main(), now naming the module
+            log.handlers[0].setFormatter(_helper_format(module))
+            status = helper_main.run(module, in_fd, out_fd, self.plans)
         except BaseException as exc:  # nothing of the server's loop may run on here
             try:
                 log.error("forked helper failed before serving: %r", exc)
@@ -215,6 +217,22 @@ class ForkServer:
             self.link.sendmsg([msgpack.packb(message)], ancdata)
         except OSError:  # the daemon is gone: the loop sees the link's EOF
             pass
+
+
+def _close_fds_but(*keep: int) -> None:
+    """Closes every fd above 2 but `keep` (close_range(2), a system call per gap)."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _helper_format(module: str) -> logging.Formatter:
+    # as errors.setup_logging's
+    name = os.path.basename(module) or "?"
+    return logging.Formatter(f"p11p-helper[%(process)d] module={name} %(levelname)s %(message)s")
 
 
 def main(argv: list[str]) -> int:
@@ -235,10 +253,11 @@ def main(argv: list[str]) -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    assert lib is not None
-    gc.collect()
-    gc.freeze()  # what is here now stays in pages the helpers share with this process
-    return ForkServer(link, member).serve()
+    plans = calls.plans(lib)  # the helpers' call table, shared with them
+    # what is here now stays in pages the helpers share with this process; their
+    # collections pass it over (no gc.collect() first: see the module's docstring)
+    gc.freeze()
+    return ForkServer(link, member, plans).serve()
 
 
 if __name__ == "__main__":
