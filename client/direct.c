@@ -1113,6 +1113,14 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 	}
 	if (where == OP_REPLAY && replay(h, sh->kind) != CKR_OK && lost_once(h, sh->kind))
 		return CKR_DEVICE_ERROR;
+	if (sh->role == P11P_R_INIT && !disabled) {
+		/* the operations of other kinds waiting for their replay (their binding went)
+		 * are sent first: the daemon answers an init from the session's whole state
+		 * (CKR_OPERATION_ACTIVE beside one), and would take it for idle and move it */
+		for (int k = 0; k < P11P_KINDS; k++)
+			if (k != sh->kind && op_where(h, k) == OP_REPLAY)
+				(void)replay(h, k);
+	}
 	return through_daemon(h, sh, a);
 }
 
