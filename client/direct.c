@@ -775,17 +775,21 @@ static void after_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	free(mech);
 }
 
-/* The operation of `kind`, begun on the data plane and unbound since, is sent again
- * through the daemon: its init and the updates the member consumed, their outputs
- * checked. CKR_OK: it runs through the daemon now; else it is lost (over replay_limit,
- * refused, or other outputs): CKR_DEVICE_ERROR, as the daemon answers a lost one. */
+static int hand_over(CK_SESSION_HANDLE h, int kind, const struct op *o);
+
+/* The operation of `kind`, begun on the data plane and unbound since, goes to the daemon:
+ * handed over as it runs when its member session still runs it (hand_over: the daemon
+ * ended the binding itself), else sent again: its init and the updates the member
+ * consumed, their outputs checked. CKR_OK: it runs through the daemon now; else it is
+ * lost (over replay_limit, refused, or other outputs): CKR_DEVICE_ERROR, as the daemon
+ * answers a lost one. */
 static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 {
 	struct p11p_call c;
 	struct sess *s;
 	struct op o;
 	CK_RV rv = CKR_DEVICE_ERROR;
-	int started = 0;
+	int started = 0, handed;
 
 	memset(&o, 0, sizeof o);
 	if (!lock())
@@ -798,6 +802,11 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 	unlock();
 	if (o.where != OP_REPLAY)
 		return CKR_OK; /* moved meanwhile */
+	handed = hand_over(h, kind, &o); /* still running where it ran? */
+	if (handed != 0) {
+		rv = handed > 0 ? CKR_OK : CKR_DEVICE_ERROR;
+		goto out;
+	}
 	if (!o.replayable)
 		goto out;
 	p11p_call_start(&c, o.init_code, o.has_key ? 3 : 2);
@@ -991,46 +1000,59 @@ static CK_RV adopt_updates(CK_SESSION_HANDLE h, const struct op *o)
 	return CKR_OK;
 }
 
-/* The operation of `kind`, on the data plane of a session still bound, is handed over to
- * the daemon as it runs (DIRECT_ADOPT, then DIRECT_ADOPT_UPDATE per update it keeps for
- * a replay): its member session keeps it, nothing is run again (a replay could fail
- * where the operation goes on: its key destroyed since, or the application logged out).
- * 0: the daemon holds it now; -1: refused, it stays on the data plane (and moves as
- * before: ended there, sent again through the daemon). */
-static int adopt(CK_SESSION_HANDLE h, int kind)
+/* Operation `o` of `kind` (on the data plane, or waiting for its replay) is handed over to
+ * the daemon as it runs (DIRECT_ADOPT, then DIRECT_ADOPT_UPDATE per update it keeps for a
+ * replay): its member session keeps it, nothing is run again (a replay could fail where
+ * the operation goes on: its key destroyed since, the application logged out, or the
+ * member session still running it). The daemon takes it while the session is in the
+ * member session of its binding (or of the binding the daemon ended itself). 1: the
+ * daemon holds it now; 0: refused, nothing recorded; -1: recorded in part (ended there,
+ * so lost). */
+static int hand_over(CK_SESSION_HANDLE h, int kind, const struct op *o)
 {
 	struct p11p_call c;
+
+	if (o->mech == NULL)
+		return 0;
+	p11p_call_start(&c, P11P_FN_DIRECT_ADOPT, 5);
+	p11p_put_ulong(&c, h);
+	p11p_put_ulong(&c, o->init_code);
+	p11p_put_raw(&c, o->mech, o->mech_len);
+	p11p_put_ulong(&c, o->has_key ? o->key : 0);
+	p11p_put_ulong(&c, (CK_ULONG)o->replayable);
+	p11p_call_run(&c, 0);
+	if (p11p_call_finish(&c) != CKR_OK)
+		return 0;
+	if (adopt_updates(h, o) != CKR_OK) {
+		end_operation(h, NULL, kind); /* the daemon's part of it ends */
+		return -1;
+	}
+	return 1;
+}
+
+/* The operation of `kind` on the data plane of a session still bound goes to the daemon
+ * as it runs (hand_over). 0: it did; -1: refused, it stays on the data plane (and moves
+ * as before: ended there, sent again through the daemon). */
+static int adopt(CK_SESSION_HANDLE h, int kind)
+{
 	struct sess *s;
 	struct op o;
-	CK_RV rv;
+	int handed;
 
 	memset(&o, 0, sizeof o);
 	if (!lock())
 		return -1;
 	s = lookup(h);
-	if (s != NULL && s->ep != NULL && s->ops[kind].where == OP_PLANE &&
-	    s->ops[kind].mech != NULL) {
+	if (s != NULL && s->ep != NULL && s->ops[kind].where == OP_PLANE) {
 		o = s->ops[kind];
 		memset(&s->ops[kind], 0, sizeof s->ops[kind]);
 	}
 	unlock();
 	if (o.where != OP_PLANE)
 		return -1;
-	p11p_call_start(&c, P11P_FN_DIRECT_ADOPT, 5);
-	p11p_put_ulong(&c, h);
-	p11p_put_ulong(&c, o.init_code);
-	p11p_put_raw(&c, o.mech, o.mech_len);
-	p11p_put_ulong(&c, o.has_key ? o.key : 0);
-	p11p_put_ulong(&c, (CK_ULONG)o.replayable);
-	p11p_call_run(&c, 0);
-	rv = p11p_call_finish(&c);
-	if (rv == CKR_OK && adopt_updates(h, &o) != CKR_OK) {
-		/* the daemon holds a part of it: it ends there, and its next call is lost */
-		end_operation(h, NULL, kind);
-		o.where = OP_LOST;
-	} else if (rv == CKR_OK) {
-		o.where = OP_DAEMON;
-	}
+	handed = hand_over(h, kind, &o);
+	if (handed != 0)
+		o.where = handed > 0 ? OP_DAEMON : OP_LOST;
 	if (lock()) {
 		s = lookup(h);
 		if (s != NULL && s->ops[kind].where == OP_NONE) {
@@ -1044,7 +1066,7 @@ static int adopt(CK_SESSION_HANDLE h, int kind)
 		unlock();
 	}
 	op_clear(&o);
-	return rv == CKR_OK ? 0 : -1;
+	return handed > 0 ? 0 : -1;
 }
 
 /* The operations of `kinds` on the data plane move to the daemon: handed over as they

@@ -77,6 +77,8 @@ class SessionBuilder:
                 raise CKError(reply[0], f"re-opening the session on {member.name}")
             real = reply[1]
             vs.real[member] = real
+            if vs.left is not None and vs.left.member is member:
+                vs.left = None  # another member session: what ran in the old one is gone
             if vs.member is member:
                 # its own member session was lost (a helper replaced), and this one is
                 # opened for a call that does not prepare (a token write): what the lost

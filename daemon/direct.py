@@ -211,16 +211,23 @@ class Direct:
         """An operation begun on the data plane, handed over as it runs: the bound member
         session has it active, so nothing goes to the member; it is recorded as if it had
         started here (its updates follow, DIRECT_ADOPT_UPDATE), for a replay elsewhere
-        should that member fail. Refused when the binding is gone or p11p holds an
-        operation of that kind already: the client then ends it there and sends it again
-        (a replay through here)."""
+        should that member fail. Also after the daemon ended the binding itself (a
+        revocation), while the session is still in that member session. Refused
+        otherwise, or when p11p holds an operation of that kind already: the client then
+        sends it again (a replay through here)."""
         vs = ctx.sessions.get(req[1])
         binding = vs.direct
         shape = SHAPES.get(req[2]) if isinstance(req[2], int) else None
         if shape is None or shape.fn.op_role != "init" or shape.fn.op_kind in ("", "find"):
             return [CKR["CKR_ARGUMENTS_BAD"]]
         kind = shape.fn.op_kind
-        if binding is None or vs.real.get(binding.member) != binding.real or kind in vs.ops:
+        # the binding, or the one the daemon ended (the client's calls were refused by
+        # the helper since, never reaching the module) while its member session is the
+        # session's still
+        held = binding if binding is not None else vs.left
+        if (held is None or vs.real.get(held.member) != held.real or kind in vs.ops
+                or (binding is None and (vs.member is not held.member
+                                         or not held.member.health.usable))):
             return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
         init = [req[2], req[1], req[3], *([req[4]] if shape.objects else [])]
         if unsafe_arguments(shape, init) is not None:
@@ -265,11 +272,18 @@ class Direct:
             return [CKR["CKR_ARGUMENTS_BAD"]]
         binding = vs.direct
         if binding is None:
+            if why != UNBIND_RETURNED:
+                vs.left = None  # a connection broken, a call timed out: not vouched for
+            # else: the helper refused the call, the daemon having ended the binding
             return [OK]
         member = binding.member
         if why == UNBIND_TIMEOUT and await self._hung(ctx, vs, binding):
+            vs.left = None
             return [OK]
         await self.revoke(vs)
+        # the client's call that failed may have reached the module: what it ran there
+        # is sent again, not taken over as it runs (a LEAVING client adopted first)
+        vs.left = None
         if why == UNBIND_RETURNED and await self._session_gone(ctx, vs, member):
             # the member lost the application's sessions (a reset): as a daemon call
             # that meets it, they are all rebuilt, and the object handles there looked
@@ -330,8 +344,10 @@ class Direct:
     def member_back(self, member: Member) -> None:
         """A member is back in service (recovered, enabled after a drain). Bound
         sessions do not pass through the policy between their calls, so those the policy
-        would now place elsewhere are unbound (and their member sessions closed): their
-        next calls go through the daemon, which places them, and they bind again there.
+        would now place elsewhere are unbound: their next calls go through the daemon,
+        which places them (an operation the client ran on the data plane is handed over
+        as it runs first, DIRECT_ADOPT, and the session moves at its end), and they bind
+        again there.
         `failover`: sessions bound to members after this one; `balance`: all others."""
         group = member.group
         order = group.members.index(member)
@@ -352,10 +368,10 @@ class Direct:
         binding = vs.direct
         if binding is None:
             return
+        # its member session stays: it may run operations the client ran on the data
+        # plane, which go on through the daemon (closed, they would have to be replayed,
+        # which fails when their key was destroyed since)
         await self.revoke(vs)
-        # a direct operation it may have left there goes with the member session
-        if not vs.objects and vs.real.get(binding.member) == binding.real and not ctx.closed:
-            await self.router.bind.close_on(ctx, vs, binding.member)
 
     async def revoke(self, vs: VirtualSession) -> None:
         """The session's binding ends: its data-plane calls are refused from now on."""

@@ -117,15 +117,12 @@ class Placement:
                 and not any(m.health.usable for m in vobj.real))
 
     @staticmethod
-    def pinned(ctx: ApplicationContext, vs: VirtualSession, shape: CallShape) -> Member | None:
-        """For a call of an operation: the session's member, when an operation active
-        there cannot be replayed elsewhere (over replay_limit, or its key destroyed
-        since). Moved, the session would lose it, for a call the token answers from the
-        session's state (CKR_OPERATION_ACTIVE, CKR_OPERATION_NOT_INITIALIZED) or that
-        continues it."""
+    def held_back(ctx: ApplicationContext, vs: VirtualSession) -> Member | None:
+        """The session's member, when an operation active there cannot be replayed
+        elsewhere (over replay_limit, or its key destroyed since): moved, the session
+        would lose it."""
         member = vs.member
-        if (not shape.fn.op_kind or shape.fn.op_kind == "find" or member is None
-                or not member.health.usable or member not in vs.real):
+        if member is None or not member.health.usable or member not in vs.real:
             return None
         for op in vs.ops.values():
             init = SHAPES[op.init[0]]
@@ -134,6 +131,23 @@ class Placement:
                                         for i in init.objects):
                 return member
         return None
+
+    def pinned(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape) -> Member | None:
+        """For a call of an operation on a session held back: its member. Moved, the
+        session would lose its operation, for a call the token answers from the
+        session's state (CKR_OPERATION_ACTIVE, CKR_OPERATION_NOT_INITIALIZED) or that
+        continues it."""
+        if not shape.fn.op_kind or shape.fn.op_kind == "find":
+            return None
+        return self.held_back(ctx, vs)
+
+    def visiting(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
+                 member: Member) -> bool:
+        """A call of no operation on a session held back, placed on another member (what
+        it needs is there only): it runs in a member session of its own there (as a
+        token write does), and the session stays where its operation is."""
+        return (not shape.fn.op_kind and member is not vs.member
+                and self.held_back(ctx, vs) is not None)
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession) -> list[Member] | None:

@@ -117,7 +117,7 @@ class Router:
                     return self.earlier(vs, shape, answered)
                 raise
             try:
-                if write is None:
+                if write is None and not self.place.visiting(ctx, vs, shape, member):
                     await self.bind.prepare(ctx, vs, member)
                     self.resolve.lost_operation(vs, shape)  # lost just now, in the move
                     if shape.found is not None and vs.find is not None and vs.find.pending is not None:

@@ -195,6 +195,9 @@ class VirtualSession:
     find: FindState | None = None
     objects: set[VirtualObject] = field(default_factory=set)
     direct: Binding | None = None  # bound to its member session for the data plane
+    # the binding the daemon ended last: while its member session stays the session's,
+    # the operations the client ran there still run there (DIRECT_ADOPT takes them)
+    left: Binding | None = None
     # operations that could not be rebuilt on another member (kind -> why): the next
     # call of that operation gets CKR_DEVICE_ERROR; a new init starts afresh
     lost: dict[str, str] = field(default_factory=dict)
@@ -211,6 +214,7 @@ class VirtualSession:
         binding = self.direct
         if binding is not None:
             self.direct = None
+            self.left = binding
             binding.member.health.bound -= 1
         return binding
 

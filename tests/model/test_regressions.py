@@ -1179,3 +1179,44 @@ def test_search_named_under_a_general_error_rule_with_the_other_member_draining(
     name = "search_named_under_a_general_error_rule_with_the_other_member_draining.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_attribute_read_of_a_key_on_another_member_beside_a_decrypt_whose_key_went(
+        model_env: Env) -> None:
+    """Written by hand after the C_DigestKey finding above (not a soak finding): the same
+    session state (a decryption whose key was destroyed, which cannot be replayed) and a
+    call of no operation that needs a key made at random on another member
+    (C_GetAttributeValue): p11p moved the session there and lost the decryption
+    (CKR_DEVICE_ERROR at C_Decrypt where SoftHSM2 decrypts). Such a call now runs in a
+    member session of its own there; the session stays with its operation."""
+    name = "attribute_read_of_a_key_on_another_member_beside_a_decrypt_whose_key_went.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_sign_update_after_a_wrap_when_an_enable_ended_the_binding(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (13 of 48 steps): an HMAC
+    signature begun on the data plane, a member enabled (the daemon ended the binding),
+    a C_WrapKey through the daemon (its keys used, so the session's member session
+    cannot be replaced), then C_SignUpdate: the helper refused it, the client sent the
+    operation again, whose init met the operation still running in that member session
+    (CKR_OPERATION_ACTIVE): lost, CKR_DEVICE_ERROR. While the session is in the member
+    session of the binding the daemon ended, the operation is handed over as it runs."""
+    name = "sign_update_after_a_wrap_when_an_enable_ended_the_binding.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_verify_update_after_its_key_destroyed_and_a_fail_back(model_env: Env) -> None:
+    """Found by make soak under failover with the data plane (13 of 26 steps): a
+    verification begun on the data plane, its key destroyed, the first member back
+    (fail-back): the daemon ended the binding and closed its member session, so the
+    verification had to be sent again, which its destroyed key made fail
+    (CKR_DEVICE_ERROR where SoftHSM2 answers CKR_OPERATION_NOT_INITIALIZED). The member
+    session stays now, and the operation is handed over as it runs."""
+    name = "verify_update_after_its_key_destroyed_and_a_fail_back.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
