@@ -182,6 +182,12 @@ class SessionBuilder:
         bound = vs.direct is not None
         if bound:
             await self.r.daemon.direct.revoke(vs)  # it moves, or its member session was lost
+        # the member session of a binding the daemon ended may still run operations the
+        # client ran on the data plane and has not handed over: as for a bound one, they
+        # end there when the session leaves it (the client sends them again)
+        left = vs.left
+        bound = bound or (left is not None and old is left.member
+                          and vs.real.get(old) == left.real)
         # what runs in the member session it leaves (when that one stays) must end there:
         # it goes on here, and a later call back there would meet it (OPERATION_ACTIVE)
         stale = [*vs.ops] + (["find"] if vs.find is not None and not vs.find.cached else [])
@@ -213,6 +219,8 @@ class SessionBuilder:
             await self.replay_find(ctx, vs, member, vs.find)
             replayed.append(f"find ({len(vs.find.returned)} already returned)")
         vs.member = member
+        if old is not member:
+            vs.left = None
         if old is not None and old is not member and old.health.state is MemberState.DRAINING:
             await self.close_on(ctx, vs, old)
         elif old is not None and old is not member and old in vs.real and (stale or bound):
