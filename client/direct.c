@@ -89,7 +89,7 @@ struct sess {
 
 static struct sess *table[BUCKETS];
 static struct ep *eps;
-static unsigned destroy_gen;   /* C_DestroyObject calls: remembered handles expire */
+static unsigned destroy_gen;   /* C_DestroyObject, C_Logout: remembered handles expire */
 static int disabled;
 static int old_daemon;         /* its binding has no replay_limit: no data plane with it */
 static atomic_int in_flight;   /* data-plane calls waiting for their reply */
@@ -762,8 +762,8 @@ static void after_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		if (rv == CKR_OK && (!sh->out || a->out != NULL)) {
 			if (o->where == OP_PLANE && plane)
 				keep_update(o, sh, a);
-		} else if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL) {
-			op_clear(o);
+		} else if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && !sh->opaque) {
+			op_clear(o); /* a refused C_DigestKey leaves the digest (daemon/policy.py) */
 		}
 		break;
 	default:
@@ -1067,6 +1067,18 @@ static int adopt(CK_SESSION_HANDLE h, int kind)
 	}
 	op_clear(&o);
 	return handed > 0 ? 0 : -1;
+}
+
+void p11p_plane_fell_back(CK_SESSION_HANDLE h, int why)
+{
+	/* a call of no operation answered with a code the daemon decides on left the member
+	 * session's operations as they were: handed over as they run, they keep it (the
+	 * daemon closes it after such a call otherwise, and they would be sent again) */
+	if (why == P11P_WHY_RETURNED)
+		for (int k = 0; k < P11P_KINDS; k++)
+			if (op_where(h, k) == OP_PLANE)
+				(void)adopt(h, k);
+	p11p_plane_unbind(h, why);
 }
 
 /* The operations of `kinds` on the data plane move to the daemon: handed over as they

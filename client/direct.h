@@ -94,6 +94,9 @@ void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs);
 /* 0: c holds the helper's answer; 1: the daemon must take the call (*why). */
 int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why);
 void p11p_plane_unbind(CK_SESSION_HANDLE h, int why);
+/* A call of no operation (random, attributes, session info) fell back to the daemon
+ * (why): the session is unbound, its operations handed over first when they still run. */
+void p11p_plane_fell_back(CK_SESSION_HANDLE h, int why);
 /* The member handle of object v: use 1 for a key an operation uses, 0 for a read of its
  * attributes. 0, or -1 (the call goes through the daemon). */
 int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT_HANDLE v,
@@ -103,7 +106,7 @@ void p11p_plane_counted(CK_SESSION_HANDLE h, CK_RV rv);
 /* The session's entries go (C_CloseSession; C_CloseAllSessions of a slot). */
 void p11p_plane_forget(CK_SESSION_HANDLE h);
 void p11p_plane_forget_slot(CK_SLOT_ID slot);
-/* A C_DestroyObject succeeded: remembered member handles expire. */
+/* A C_DestroyObject or a C_Logout succeeded: remembered member handles expire. */
 void p11p_plane_destroyed(void);
 
 /* Reads P11P_DIRECT (0: never bind) at C_Initialize. */

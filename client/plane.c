@@ -346,7 +346,7 @@ P11P_EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULON
 			return rv;
 		}
 		p11p_codec_end(&c);
-		p11p_plane_unbind(h, why);
+		p11p_plane_fell_back(h, why);
 	}
 	rv = p11p_wire_C_GenerateRandom(h, out, n);
 	p11p_plane_counted(h, rv);
@@ -373,7 +373,7 @@ P11P_EXPORT CK_RV C_SeedRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR seed, CK_ULONG n
 			return rv;
 		}
 		p11p_codec_end(&c);
-		p11p_plane_unbind(h, why);
+		p11p_plane_fell_back(h, why);
 	}
 	rv = p11p_wire_C_SeedRandom(h, seed, n);
 	p11p_plane_counted(h, rv);
@@ -404,7 +404,7 @@ P11P_EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE obj,
 			return rv;
 		}
 		p11p_codec_end(&c);
-		p11p_plane_unbind(h, why);
+		p11p_plane_fell_back(h, why);
 	}
 	rv = p11p_wire_C_GetAttributeValue(h, obj, t, n);
 	p11p_plane_counted(h, rv);
@@ -435,7 +435,7 @@ P11P_EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info
 			return rv;
 		}
 		p11p_codec_end(&c);
-		p11p_plane_unbind(h, why);
+		p11p_plane_fell_back(h, why);
 	}
 	rv = p11p_wire_C_GetSessionInfo(h, info);
 	p11p_plane_counted(h, rv);
@@ -465,6 +465,21 @@ P11P_EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot)
 		return rv;
 	rv = p11p_wire_C_CloseAllSessions(slot);
 	p11p_plane_forget_slot(slot);
+	p11p_leave();
+	return rv;
+}
+
+/* A logout ends the application's handles of private objects (the daemon forgets them,
+ * as the token makes them unreachable): the member handles remembered here expire. */
+P11P_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h)
+{
+	CK_RV rv = p11p_enter();
+
+	if (rv != CKR_OK)
+		return rv;
+	rv = p11p_wire_C_Logout(h);
+	if (rv == CKR_OK)
+		p11p_plane_destroyed();
 	p11p_leave();
 	return rv;
 }

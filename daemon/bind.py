@@ -125,6 +125,13 @@ class SessionBuilder:
             # call goes to another member (or is held for one)
             raise MemberUnavailable(member.name, f"C_Login returned {rv_name(reply[0])}",
                                     reply[0], function="C_Login")
+        if reply[0] == USER_NOT_LOGGED_IN:
+            # no answer to a C_Login (§5.6): the module's state is off, as after a reset;
+            # the application's sessions there are rebuilt, and the call placed again
+            log.warning("%s member=%s: C_Login returned %s; its sessions there are rebuilt",
+                        ctx.name, member.name, rv_name(reply[0]))
+            await self.r.failures.reset_member(ctx, member)
+            raise SessionVanished
         if reply[0] not in (OK, ALREADY_LOGGED_IN):
             log.error("session potentially not recoverable: %s member=%s: login failed with %s",
                       ctx.name, member.name, rv_name(reply[0]))

@@ -290,7 +290,7 @@ class Direct:
             # up again (a token object's handle ends with them)
             await self.router.failures.reset_member(ctx, member)
             return [OK]
-        if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects:
+        if why in (UNBIND_RETURNED, UNBIND_TIMEOUT) and not vs.objects and not vs.ops:
             # what the failed (or late) call left in the member session goes with it;
             # the next call opens a fresh one (session objects would be lost: kept then)
             await self.router.bind.close_on(ctx, vs, member)

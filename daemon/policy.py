@@ -70,7 +70,6 @@ UPDATE = {f.name: f.op_kind for f in _OPS if f.op_role == "update"}
 FINISH = {f.name: f.op_kind for f in _OPS if f.op_role in ("final", "oneshot")}
 # Calls whose effect p11p does not record: they make the active operations unreplayable.
 OPAQUE = frozenset(f.name for f in spec.functions() if f.opaque)
-OPAQUE_KIND = {f.name: f.op_kind for f in spec.functions() if f.opaque and f.op_kind}
 
 
 def operation_kind(name: str) -> str | None:
@@ -116,11 +115,9 @@ def operation_change(name: str, rv: int, output_requested: bool) -> OpChange:
             return OpChange()
         return OpChange(end=FINISH[name])
     if name in OPAQUE:
-        if rv == OK:
-            return OpChange(opaque=True)
-        if rv == BUFFER_TOO_SMALL or OPAQUE_KIND.get(name) is None:
-            return OpChange()
-        # refused, it changed no state p11p cannot record: it ends its own operation
-        # (an update's error, §5.2), and the others stay replayable
-        return OpChange(end=OPAQUE_KIND[name])
+        # refused, it changed no state p11p cannot record, and what it changed the member
+        # says: a refused C_DigestKey (an unknown or indigestible key) leaves the digest
+        # running in SoftHSM2, so it stays in p11p's view too (ended there, a session
+        # moved at the next call would answer its final CKR_OPERATION_NOT_INITIALIZED)
+        return OpChange(opaque=True) if rv == OK else OpChange()
     return OpChange()

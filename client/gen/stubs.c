@@ -204,7 +204,7 @@ P11P_EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_ULONG userType, CK_UTF8
 }
 
 /* 20 C_Logout: session:hSession */
-P11P_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE hSession)
+CK_RV p11p_wire_C_Logout(CK_SESSION_HANDLE hSession)
 {
 	struct p11p_call c;
 

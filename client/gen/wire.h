@@ -11,6 +11,7 @@ CK_RV p11p_wire_C_CloseSession(CK_SESSION_HANDLE hSession);
 CK_RV p11p_wire_C_CloseAllSessions(CK_SLOT_ID slotID);
 CK_RV p11p_wire_C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo);
 CK_RV p11p_wire_C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState, CK_ULONG ulOperationStateLen, CK_OBJECT_HANDLE hEncryptionKey, CK_OBJECT_HANDLE hAuthenticationKey);
+CK_RV p11p_wire_C_Logout(CK_SESSION_HANDLE hSession);
 CK_RV p11p_wire_C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject);
 CK_RV p11p_wire_C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount);
 CK_RV p11p_wire_C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount);

@@ -1220,3 +1220,43 @@ def test_verify_update_after_its_key_destroyed_and_a_fail_back(model_env: Env) -
     name = "verify_update_after_its_key_destroyed_and_a_fail_back.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_digest_final_after_a_refused_digest_key_under_balance(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (9 of 67 steps): C_DigestKey
+    of a public key refused (CKR_KEY_INDIGESTIBLE): SoftHSM2 keeps the digest, p11p
+    ended it in its view, so the session counted as idle and moved, and C_DigestFinal got
+    CKR_OPERATION_NOT_INITIALIZED where SoftHSM2 digests. A refused C_DigestKey leaves
+    the digest in p11p's view (and the client's) as in the token's."""
+    name = "digest_final_after_a_refused_digest_key_under_balance.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_create_after_a_failover_whose_login_got_user_not_logged_in(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 44 steps): the member down, the other's
+    C_Login answering CKR_USER_NOT_LOGGED_IN twice (a fault): p11p's login there at the
+    failover gave up (CKR_DEVICE_ERROR) where SoftHSM2 creates. That answer to a C_Login
+    means the module's state is off: the application's sessions there are rebuilt and
+    the call placed again, as for the application's own C_Login."""
+    name = "create_after_a_failover_whose_login_got_user_not_logged_in.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_decrypt_final_after_a_logout_and_a_read_of_its_key_on_the_data_plane(
+        model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (9 of 43 steps): a decryption
+    begun on the data plane with a private session key, a logout, then
+    C_GetAttributeValue of that key: the client still had its member handle and read it
+    on the data plane, whose answer sent it to the daemon, which closed the member
+    session (and the decryption with it): C_DecryptFinal got CKR_DEVICE_ERROR where
+    SoftHSM2 finishes. A logout now expires the member handles the client keeps, a call
+    of no operation that falls back hands the session's operations over first, and the
+    daemon keeps a member session that holds operations."""
+    name = "decrypt_final_after_a_logout_and_a_read_of_its_key_on_the_data_plane.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0

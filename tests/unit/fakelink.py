@@ -179,7 +179,7 @@ class _Direct:
     async def bind(self, *_: Any) -> list[Any]:
         return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
 
-    key = object = unbind = bind
+    key = object = unbind = adopt = adopt_update = bind
 
     def member_back(self, member: Any) -> None:
         return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 from p11p.daemon.errors import DEFAULT_CLASSES, RvClass, class_table
-from p11p.daemon.policy import choose_member, classify, operation_change
+from p11p.daemon.policy import OpChange, choose_member, classify, operation_change
 from p11p.protocol.constants import CKR
 
 
@@ -94,4 +94,6 @@ def test_operation_life_cycle() -> None:
     assert operation_change("C_Verify", CKR["CKR_SIGNATURE_INVALID"], True).end == "verify"
     assert operation_change("C_EncryptUpdate", small, True).update is None
     assert operation_change("C_DigestKey", ok, True).opaque
+    # refused (an unknown or indigestible key), the digest goes on, as in SoftHSM2
+    assert operation_change("C_DigestKey", CKR["CKR_KEY_INDIGESTIBLE"], True) == OpChange()
     assert operation_change("C_GenerateRandom", ok, True) == operation_change("C_Logout", ok, True)
