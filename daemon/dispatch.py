@@ -386,8 +386,16 @@ class Dispatcher:
         if hit is not None and hit[0] > now and hit[1] == generation:
             return list(hit[2])
         spared: set[Member] = set()
+        result: list[int] | int = GENERAL_ERROR
         while True:
-            result = await self._search(ctx, vs, template, spared)
+            try:
+                result = await self._search(ctx, vs, template, spared)
+            except CKError:
+                if not spared:
+                    raise
+                # the other member could not take it after all (it failed as it was
+                # tried): the answer the first gave stands, as for any call (router.py)
+                return result
             searched = vs.member
             # a search is p11p's from init to final: one that a member still in service
             # broke with CKR_GENERAL_ERROR (a hiccup, README) runs again on another,
