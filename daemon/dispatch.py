@@ -446,14 +446,20 @@ class Dispatcher:
 
     async def find_final(self, ctx: ApplicationContext, req: R.C_FindObjectsFinal) -> Reply:
         vs = ctx.sessions.get(req.session)
-        if vs.find is not None and vs.find.cached:
+        if vs.find is None:
+            # a search is p11p's from init to final (record.py keeps it): none is running
+            # in the member session either, and a member's fault is no answer to this
+            return [CKR["CKR_OPERATION_NOT_INITIALIZED"]]
+        if vs.find.cached:
             vs.find = None
             return [OK]
         return await self.router.call(ctx, vs, req.frame)
 
     async def find_objects(self, ctx: ApplicationContext, req: R.C_FindObjects) -> Reply:
         vs = ctx.sessions.get(req.session)
-        if vs.find is not None and vs.find.pending is not None:
+        if vs.find is None:
+            return [CKR["CKR_OPERATION_NOT_INITIALIZED"], None]  # as find_final
+        if vs.find.pending is not None:
             return self.router.bind.pending_batch(vs, req.frame)
         return await self.router.call(ctx, vs, req.frame)
 

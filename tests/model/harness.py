@@ -1035,7 +1035,9 @@ class Runner:
         elif kind == "settle":
             self.hung.clear()
             self.killed.clear()
-            self.general_errors = False
+            # a rule whose count is not spent yet stays armed past a settle
+            rules = [line for lines in self.env.rules.values() for line in lines]
+            self.general_errors = any("rv=CKR_GENERAL_ERROR" in line for line in rules)
             self.failing_errors = False
         elif kind == "error" and ev.get("rv") == "CKR_GENERAL_ERROR":
             self.general_errors = True

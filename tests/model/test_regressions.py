@@ -1273,3 +1273,27 @@ def test_search_under_a_general_error_rule_when_the_other_member_fails_as_tried(
     name = "search_under_a_general_error_rule_when_the_other_member_fails_as_tried.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_find_final_without_a_search_under_a_general_error_rule(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (7 of 32 steps):
+    C_FindObjectsFinal with no search running, a CKR_GENERAL_ERROR rule on the member,
+    the session bound (so not moved): the member's fault was the answer where SoftHSM2
+    says CKR_OPERATION_NOT_INITIALIZED. A search is p11p's from init to final: with none
+    running, the daemon answers C_FindObjects and C_FindObjectsFinal itself."""
+    name = "find_final_without_a_search_under_a_general_error_rule.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_decrypt_under_a_general_error_rule_armed_before_a_settle(model_env: Env) -> None:
+    """Found by make soak under failover (8 of 31 steps): a harness correction. A
+    CKR_GENERAL_ERROR rule (count 2) put before a settle, the other member down: the
+    decryption got the code, as README, Limits says (no other member), but the harness
+    took the settle for the end of the rule. A rule not spent stays armed past a settle:
+    that one documented difference, no other."""
+    name = "decrypt_under_a_general_error_rule_armed_before_a_settle.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 1
