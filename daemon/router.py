@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.ha")
 CONTEXT_SPECIFIC = CKU["CKU_CONTEXT_SPECIFIC"]
 OPERATION_ACTIVE = CKR["CKR_OPERATION_ACTIVE"]
+OPERATION_NOT_INITIALIZED = CKR["CKR_OPERATION_NOT_INITIALIZED"]
 
 
 class Router:
@@ -96,6 +97,13 @@ class Router:
         if unsafe is not None:
             raise unsafe
         self.resolve.lookup(ctx, vs, shape, vreq)
+        fn = shape.fn
+        if (fn.op_kind and fn.op_kind != "find" and fn.op_role != "init"
+                and fn.op_kind not in vs.ops):
+            # p11p's view of the session's operations is whole (the client hands over
+            # those of the data plane before such a call comes here): none of that kind
+            # runs in the member session either, and a member's fault is no answer to it
+            raise CKError(OPERATION_NOT_INITIALIZED)
         group = vs.group
         deadline = budget.current()
         carried = ctx.carried.pop(vs.handle, None) if ctx.carried else None

@@ -389,7 +389,12 @@ class Documented:
         put on a member (since the last settle) and fewer than two members serve."""
         if p.get("rv") != CKR["CKR_GENERAL_ERROR"] or not runner.general_errors:
             return False
-        serving = [m for m in runner.env.members if m not in runner.out_of_service()]
+        # a member under a member-failed code rule may be out of service (failed, and
+        # recovering) when the call looks for another
+        failing = {m for m, lines in runner.env.rules.items()
+                   if any(f"rv={rv} " in line for rv in MEMBER_FAILED_RVS for line in lines)}
+        serving = [m for m in runner.env.members
+                   if m not in runner.out_of_service() and m not in failing]
         # README: a session key generated at random stays on the member that made it
         # while that member serves: a call that needs it has no other member
         names = {step.get(k) for k in ("k", "wk", "uk", "base", "src")}
