@@ -992,6 +992,13 @@ class Runner:
         """A logout makes the handles of private objects stale on the token; the last
         session's end makes every handle stale (SoftHSM2 forgets the slot's handles)."""
         self.logged_in[app] = False
+        # a CKR_USER_NOT_LOGGED_IN rule goes only where every application is logged in
+        # (machine.py: then it can only mean a lost session); one not spent goes now, or
+        # it would answer this application as the token rightly could
+        for m, lines in self.env.rules.items():
+            if any("rv=CKR_USER_NOT_LOGGED_IN " in line for line in lines):
+                self.env.rules[m] = []
+                self.env.write_rules(m)
         self.stale[app] |= {n for n, o in self.objs[app].items() if o.private or every_handle}
         if self.armed():
             for o in self.objs[app].values():  # a fault armed may take them now

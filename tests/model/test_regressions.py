@@ -1323,3 +1323,16 @@ def test_login_under_a_general_error_rule_while_the_other_member_fails(
     name = "login_under_a_general_error_rule_while_the_other_member_fails.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_create_by_an_application_logged_out_under_a_user_not_logged_in_rule(
+        model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (53 steps, kept whole: the
+    shrinker drops the logins the rule depends on): a harness correction. A
+    CKR_USER_NOT_LOGGED_IN rule is put only while every application is logged in (then
+    it can only mean a lost session); one not spent outlived a logout and answered the
+    application's C_CreateObject as the token rightly could. It goes at a logout now."""
+    name = "create_by_an_application_logged_out_under_a_user_not_logged_in_rule.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
