@@ -146,7 +146,13 @@ def gen_readme_link(spec: ModuleType) -> str:
 
 def gen_stub(fn) -> str:  # type: ignore[no-untyped-def]
     wire = fn.wire_args
-    body = [f"\tp11p_call_start(&c, P11P_FN_{fn.name}, {len(wire)});"]
+    body = []
+    if fn.client != "wrapped" and wire and wire[0].kind == "session" and not fn.direct:
+        # a call of the daemon's on a session: what runs on the data plane is handed over
+        # first, so that the daemon's view is whole where it decides (it may move the
+        # session: a drain or a fail-back ended its binding meanwhile)
+        body.append(f"\tp11p_plane_settle({wire[0].cnames[0]});")
+    body.append(f"\tp11p_call_start(&c, P11P_FN_{fn.name}, {len(wire)});")
     unused = []
     for arg in fn.args:
         put = KINDS[arg.kind][1]
@@ -185,7 +191,8 @@ def gen_stubs(spec: ModuleType) -> str:
     out = [header("functions.spec", "the stubs of every Cryptoki function that travels.\n"
                   " * Each stub puts its arguments by kind, makes one round trip and gets its\n"
                   " * outputs by kind; the helpers are in client/codec*.c."),
-           '#include "../call.h"', '#include "codes.h"', '#include "wire.h"', ""]
+           '#include "../call.h"', '#include "../direct.h"', '#include "codes.h"',
+           '#include "wire.h"', ""]
     for fn in spec.functions():
         if fn.local or fn.client == "hand":  # local.c: C_Finalize tears the state down
             continue

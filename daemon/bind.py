@@ -90,6 +90,9 @@ class SessionBuilder:
         except SessionVanished:
             if vs.real.get(member) == real:
                 del vs.real[member]
+                # a module that answered so without closing it would keep it, and the
+                # application logged in there after its last session closed
+                await self._close(ctx, member, real)
             raise
         return real
 
@@ -173,6 +176,7 @@ class SessionBuilder:
         except SessionVanished:
             if ctx.utility.get(member) == real:
                 del ctx.utility[member]
+                await self._close(ctx, member, real)  # as in session_on
             raise
         return real
 

@@ -298,9 +298,18 @@ class Daemon:
         moved = 0
         for ctx in list(self.contexts.values()):
             for vs in ctx.sessions.values():
-                # sessions served elsewhere may keep an idle member session here too; a
-                # bound one leaves with its binding (its client sends the operations it
-                # ran on the data plane again through the daemon, elsewhere)
+                # a bound one may run operations of the data plane here that the daemon
+                # has not seen: its binding ends, and its client hands them over as they
+                # run at its next call (moved now, they would have to be sent again,
+                # which fails when their key was destroyed since); it leaves then, as a
+                # busy one does
+                if vs.member is member and vs.direct is not None:
+                    await self.direct.revoke(vs)
+                left = vs.left
+                if (vs.member is member and left is not None and left.member is member
+                        and vs.real.get(member) == left.real):
+                    continue
+                # sessions served elsewhere may keep an idle member session here too
                 if member in vs.real and (vs.member is not member or vs.idle):
                     await self.router.bind.leave(ctx, vs, member)
                     moved += 1

@@ -1336,3 +1336,31 @@ def test_create_by_an_application_logged_out_under_a_user_not_logged_in_rule(
     name = "create_by_an_application_logged_out_under_a_user_not_logged_in_rule.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_session_info_after_the_last_close_when_a_login_met_session_closed(
+        model_env: Env) -> None:
+    """Found by make soak under failover (9 of 34 steps; timing: about one replay in
+    seven failed before the fix): p11p's login on the member a session failed over to
+    answered CKR_SESSION_CLOSED (a fault) twice; the member sessions it had opened for it
+    were forgotten but not closed, so they kept the application logged in there after
+    its last session closed (C_GetSessionInfo of a new one: CKS_RW_USER_FUNCTIONS where
+    SoftHSM2 says CKS_RW_PUBLIC_SESSION). They are closed now."""
+    name = "session_info_after_the_last_close_when_a_login_met_session_closed.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_verify_init_after_a_drain_beside_a_sign_whose_key_went(model_env: Env) -> None:
+    """Found by make soak under balance with the data plane (11 of 56 steps): an HMAC
+    signature begun on the data plane, its key destroyed, the member drained (the
+    session, bound and idle in the daemon's view, left at once), then C_CreateObject and
+    C_VerifyInit: the signature had to be sent again, which its destroyed key made fail,
+    and the init started where SoftHSM2 answers CKR_OPERATION_ACTIVE. A drain now ends a
+    bound session's binding and lets it leave at its next call; a call of the daemon's
+    on a session hands over what runs on the data plane first."""
+    name = "verify_init_after_a_drain_beside_a_sign_whose_key_went.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
