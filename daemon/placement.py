@@ -142,12 +142,14 @@ class Placement:
         return self.held_back(ctx, vs)
 
     def visiting(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-                 member: Member) -> bool:
-        """A call of no operation on a session held back, placed on another member (what
-        it needs is there only): it runs in a member session of its own there (as a
-        token write does), and the session stays where its operation is."""
+                 member: Member, retry: bool = False) -> bool:
+        """A call of no operation placed on another member than its session's, when the
+        session holds back (what it needs is there only), or is tried there after a
+        CKR_GENERAL_ERROR (`retry`) beside operations: it runs in a member session of its
+        own there (as a token write does), and the session stays where its operations
+        are (moved, their replay could fail where they go on)."""
         return (not shape.fn.op_kind and member is not vs.member
-                and self.held_back(ctx, vs) is not None)
+                and (self.held_back(ctx, vs) is not None or (retry and bool(vs.ops))))
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession) -> list[Member] | None:

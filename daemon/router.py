@@ -125,7 +125,7 @@ class Router:
                     return self.earlier(vs, shape, answered)
                 raise
             try:
-                if write is None and not self.place.visiting(ctx, vs, shape, member):
+                if write is None and not self.place.visiting(ctx, vs, shape, member, bool(spared)):
                     await self.bind.prepare(ctx, vs, member)
                     self.resolve.lost_operation(vs, shape)  # lost just now, in the move
                     if shape.found is not None and vs.find is not None and vs.find.pending is not None:
@@ -157,8 +157,11 @@ class Router:
                                  "another member", vs.describe(), shape.fn.name,
                                  rv_name(reply[0]), member.name)
                         # whatever the call left there (an operation it did not end) goes
-                        # with the member session; the next use opens a fresh one
-                        await self.bind.close_on(ctx, vs, member)
+                        # with the member session; the next use opens a fresh one. A call
+                        # of no operation leaves none: the session's own operations stay
+                        # there, and the call visits the other member (placement.visiting)
+                        if shape.fn.op_kind or not vs.ops:
+                            await self.bind.close_on(ctx, vs, member)
                         continue
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",
                              vs.describe(), shape.fn.name, rv_name(reply[0]), member.name)
