@@ -557,6 +557,10 @@ class Runner:
             env.ref[0].call({"op": "init"})
             cleaned = env.ref[0].call({"op": "cleanup", "pin": USER_PIN})
             env.ref[0].call({"op": "finalize"})
+            if cleaned["damaged"]:
+                env.repairs += cleaned["damaged"]
+                print(f"harness: {cleaned['damaged']} SoftHSM2 object file(s) truncated by a "
+                      "kill mid-write; destroyed", flush=True)
             if cleaned["destroyed"]:
                 time.sleep(env.object_cache_ttl + 0.1)
         for w in env.p11p + env.ref:

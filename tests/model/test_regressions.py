@@ -1379,3 +1379,33 @@ def test_decrypt_init_after_an_unwrap_retried_on_a_member_without_the_key(
     name = "decrypt_init_after_an_unwrap_retried_on_a_member_without_the_key.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_after_a_member_object_file_was_truncated(model_env: Env) -> None:
+    """Found by CI (two replays failed after earlier ones): a helper killed while SoftHSM2
+    wrote a token object's file (a kill event, or p11p ending a hung helper, as it must)
+    leaves the file truncated; SoftHSM2 then lists an object whose every attribute reads
+    CKR_ATTRIBUTE_VALUE_INVALID, on that member only, in every later search. Not p11p's
+    doing; the harness's reset destroys it (counted as a repair) like the token objects
+    the sequences made."""
+    import os
+    import subprocess
+
+    from harness import SOFTHSM_SO
+
+    folder = model_env.token_dirs["hsmA"].parent
+    before = set(folder.glob("*.object"))
+    subprocess.run(["pkcs11-tool", "--module", SOFTHSM_SO, "--token-label", "hsmA", "--login",
+                    "--pin", "1234", "--keygen", "--key-type", "AES:16", "--label",
+                    "m-truncated"], env={**os.environ, **model_env.hsm.env}, check=True,
+                   capture_output=True)
+    (made,) = set(folder.glob("*.object")) - before
+    made.write_bytes(made.read_bytes()[:8])
+    repairs = model_env.repairs
+    replay(model_env, [
+        OPEN_S1, LOGIN_S1,
+        {"app": 0, "op": "find_init", "s": "s1", "t": []},
+        {"app": 0, "op": "find", "s": "s1", "max": 64},
+    ])
+    assert model_env.repairs == repairs + 1

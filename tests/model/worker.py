@@ -31,6 +31,7 @@ from p11p.protocol.constants import CKA, CKF, CKM, CKR  # noqa: E402
 
 OK = CKR["CKR_OK"]
 GENERAL_ERROR = CKR["CKR_GENERAL_ERROR"]
+ATTRIBUTE_VALUE_INVALID = CKR["CKR_ATTRIBUTE_VALUE_INVALID"]
 BOGUS = 0x5EADBEEF  # a handle no name has: what an application sends for one it lost
 DESCRIBE = ("CKA_CLASS", "CKA_LABEL", "CKA_APPLICATION", "CKA_TOKEN")
 
@@ -375,7 +376,7 @@ class Worker:
     def op_cleanup(self, c: dict[str, Any]) -> dict[str, Any]:
         """Destroys the objects the model made as token objects (label m-…) on every
         token this module shows: the members and the reference token alike."""
-        destroyed = 0
+        destroyed = damaged = 0
         pin = c["pin"].encode()
         for slot in self.m.slots():
             h = CK_ULONG()
@@ -384,8 +385,8 @@ class Worker:
                 continue
             s = h.value
             self.m.C_Login(s, 1, pin, len(pin))
-            t, n, _keep = self.template([["CKA_TOKEN", True]])
-            self.m.C_FindObjectsInit(s, t, n)
+            # every object (no template): a truncated object file has no CKA_TOKEN either
+            self.m.C_FindObjectsInit(s, None, 0)
             arr = (CK_ULONG * 512)()
             cnt = CK_ULONG()
             self.m.C_FindObjects(s, arr, 512, C.byref(cnt))
@@ -394,12 +395,17 @@ class Worker:
                 a = (CK_ATTRIBUTE * 1)()
                 buf = (C.c_ubyte * 64)()
                 a[0].type, a[0].pValue, a[0].ulValueLen = CKA["CKA_LABEL"], C.cast(buf, C.c_void_p), 64
-                if self.m.C_GetAttributeValue(s, obj, a, 1) == OK and \
-                        bytes(buf[: a[0].ulValueLen]).startswith(b"m-"):
-                    if self.m.C_DestroyObject(s, obj) == OK:
-                        destroyed += 1
+                rv = self.m.C_GetAttributeValue(s, obj, a, 1)
+                # CKR_ATTRIBUTE_VALUE_INVALID for every attribute: SoftHSM2's object file
+                # truncated (a helper killed while SoftHSM2 wrote it: a kill event, or p11p
+                # ending a hung one, as it must); it would stay in every later search
+                ours = rv == OK and bytes(buf[: a[0].ulValueLen]).startswith(b"m-")
+                if (ours or rv == ATTRIBUTE_VALUE_INVALID) and \
+                        self.m.C_DestroyObject(s, obj) == OK:
+                    destroyed += 1
+                    damaged += rv != OK
             self.m.C_CloseSession(s)
-        return {"rv": OK, "destroyed": destroyed}
+        return {"rv": OK, "destroyed": destroyed, "damaged": damaged}
 
 
 def main() -> None:
