@@ -25,6 +25,7 @@ from p11p.daemon.shapes import (
     SESSION_CLOSED,
     SESSION_HANDLE_INVALID,
     SHAPES,
+    USER_NOT_LOGGED_IN,
     KeyMissing,
     Reply,
     SessionVanished,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from p11p.daemon.router import Router
 
 log = logging.getLogger("p11p.ha")
-USER_NOT_LOGGED_IN = CKR["CKR_USER_NOT_LOGGED_IN"]
 # The call that ends each kind of operation, with arguments that make it end there
 # (room for any output; a signature that cannot verify)
 # What ends an operation a member session keeps: an empty update (a module ends a

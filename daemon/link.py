@@ -20,6 +20,7 @@ from p11p.daemon.shapes import (
     OK,
     SESSION_CLOSED,
     SESSION_HANDLE_INVALID,
+    USER_NOT_LOGGED_IN,
     Reply,
     SessionVanished,
 )
@@ -83,7 +84,10 @@ class MemberLink:
         is reset and SessionVanished raised, so the call is placed again; the state it
         was rebuilding is not lost for it."""
         reply = await self.checked(ctx, member, request)
-        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+        # CKR_USER_NOT_LOGGED_IN while the application is logged in: the member session
+        # lost its login (policy.classify: session lost), as for a call of its own
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED) or (
+                reply[0] == USER_NOT_LOGGED_IN and member.group in ctx.logins):
             log.warning("session lost: %s member=%s function=%s rv=%s while rebuilding a "
                         "session; new session, login and replay", ctx.name, member.name,
                         spec.by_code()[request[0]].name, rv_name(reply[0]))

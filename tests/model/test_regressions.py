@@ -1409,3 +1409,22 @@ def test_search_after_a_member_object_file_was_truncated(model_env: Env) -> None
         {"app": 0, "op": "find", "s": "s1", "max": 64},
     ])
     assert model_env.repairs == repairs + 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_of_a_logged_in_application_under_a_user_not_logged_in_rule(
+        model_env: Env) -> None:
+    """Found by make soak under balance (54 steps; written again by hand): C_FindObjects
+    answered CKR_USER_NOT_LOGGED_IN twice by the member of an application logged in. The
+    first is a lost login (new member session, login, replay); the replay of the search
+    met the second, and the application got it from C_FindObjectsInit. A replay that
+    meets it now resets the member too, as a call of its own does (link.replayed)."""
+    rules = [{"ev": "error", "m": m, "fn": "C_FindObjects", "rv": "CKR_USER_NOT_LOGGED_IN",
+              "count": 2} for m in model_env.members]
+    replay(model_env, [
+        {"app": 1, "op": "open", "s": "s1", "rw": True},
+        {"app": 1, "op": "login", "s": "s1", "pin": "1234"},
+        *rules,
+        {"app": 1, "op": "find_init", "s": "s1", "t": [["CKA_LABEL", "68612d6b656b"]]},
+        {"app": 1, "op": "find", "s": "s1", "max": 4},
+    ])
