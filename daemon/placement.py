@@ -145,11 +145,13 @@ class Placement:
                  member: Member, retry: bool = False) -> bool:
         """A call of no operation placed on another member than its session's, when the
         session holds back (what it needs is there only), or is tried there after a
-        CKR_GENERAL_ERROR (`retry`) beside operations: it runs in a member session of its
-        own there (as a token write does), and the session stays where its operations
-        are (moved, their replay could fail where they go on)."""
+        CKR_GENERAL_ERROR (`retry`) beside operations, or beside what cannot be closed at
+        will (bind.rebuildable: a binding of the data plane, a search): it runs in a member
+        session of its own there (as a token write does), and the session stays where its
+        operations are (moved, their replay could fail where they go on)."""
         return (not shape.fn.op_kind and member is not vs.member
-                and (self.held_back(ctx, vs) is not None or (retry and bool(vs.ops))))
+                and (self.held_back(ctx, vs) is not None
+                     or (retry and (bool(vs.ops) or not self.r.bind.rebuildable(vs)))))
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession) -> list[Member] | None:

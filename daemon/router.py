@@ -151,8 +151,11 @@ class Router:
                     # application gets the code.
                     spared.add(member)
                     answered = reply
-                    if write is None and tries < limit and self.bind.rebuildable(vs) \
-                            and self.place.others(ctx, vs, shape, vreq, spared):
+                    # a call of no operation visits the other member when the session
+                    # cannot move (placement.visiting)
+                    if write is None and tries < limit and self.place.others(
+                            ctx, vs, shape, vreq, spared) and (
+                            self.bind.rebuildable(vs) or not shape.fn.op_kind):
                         log.info("%s: %s returned %s on %s, which still serves: trying "
                                  "another member", vs.describe(), shape.fn.name,
                                  rv_name(reply[0]), member.name)
@@ -160,7 +163,7 @@ class Router:
                         # with the member session; the next use opens a fresh one. A call
                         # of no operation leaves none: the session's own operations stay
                         # there, and the call visits the other member (placement.visiting)
-                        if shape.fn.op_kind or not vs.ops:
+                        if shape.fn.op_kind or (not vs.ops and self.bind.rebuildable(vs)):
                             await self.bind.close_on(ctx, vs, member)
                         continue
                     log.info("%s: %s returned %s on %s, which still serves: answered as is",

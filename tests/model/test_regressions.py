@@ -1428,3 +1428,23 @@ def test_search_of_a_logged_in_application_under_a_user_not_logged_in_rule(
         {"app": 1, "op": "find_init", "s": "s1", "t": [["CKA_LABEL", "68612d6b656b"]]},
         {"app": 1, "op": "find", "s": "s1", "max": 4},
     ])
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_create_beside_a_random_key_under_a_general_error_rule(model_env: Env) -> None:
+    """Found by make soak under failover with the data plane (8 of 30 steps): a session
+    bound to the data plane (a key made at random there) met CKR_GENERAL_ERROR from
+    C_CreateObject on its member, which still serves; a bound session is not moved at
+    will, so the code was answered as is though the other member could take the call.
+    A call of no operation now visits the other member then (placement.visiting)."""
+    name = "create_beside_a_random_key_under_a_general_error_rule.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_create_beside_a_search_under_a_general_error_rule(model_env: Env) -> None:
+    """Found by make soak under balance (10 of 75 steps): as above, beside a search the
+    application had not ended (its results kept by p11p), which a session is not moved
+    with either."""
+    name = "create_beside_a_search_under_a_general_error_rule.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
