@@ -918,11 +918,13 @@ class Runner:
         elif op == "find_init":
             sessions[s].finding, sessions[s].find_stale = True, False
         elif op == "find":
-            for name in set(r.get("found", [])) - set(p.get("found", [])):
-                if name in self.stale[app] and name in self.homes:
-                    # found again by the token only (p11p's search ran on a member that
-                    # does not hold it: Documented.token_object_on_one_member): its
-                    # handle is new there and stale through p11p, so no call compares
+            for name in set(r.get("found", [])) ^ set(p.get("found", [])):
+                if name in self.stale[app]:
+                    # a stale handle found again on one side only (a part of a search,
+                    # which holds other objects on each side, the order being the
+                    # token's; or p11p's search ran on a member that does not hold it:
+                    # Documented.token_object_on_one_member): its handle is new there and
+                    # stale on the other, so no call compares
                     objs.pop(name, None)
                     self.apart[app].add(name)
             both = set(r.get("found", []))

@@ -1448,3 +1448,26 @@ def test_create_beside_a_search_under_a_general_error_rule(model_env: Env) -> No
     with either."""
     name = "create_beside_a_search_under_a_general_error_rule.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_stale_handles_found_again_by_one_side_in_a_part_of_a_search(model_env: Env) -> None:
+    """Found by make soak under failover (60 steps; written again by hand): the
+    application's last session closed (every handle ends), then a search's first batch,
+    which holds other objects on each side (the order is the token's): an object found
+    again on one side only has a new handle there and a stale one on the other. The
+    harness compared calls on it; it now keeps it apart as it did when p11p's search ran
+    on a member without the object. (The first batch holds one of 12 objects: the two
+    sides' differ but by chance.)"""
+    names = [f"0/ha-find/find-{i}/T" for i in range(6)] + ["0/ha-secret//T"]
+    replay(model_env, [
+        {"app": 0, "op": "open", "s": "s1", "rw": True},
+        {"app": 0, "op": "find_init", "s": "s1", "t": []},
+        {"app": 0, "op": "find", "s": "s1", "max": 32},
+        {"app": 0, "op": "find_final", "s": "s1"},
+        {"app": 0, "op": "closeall"},
+        {"app": 0, "op": "open", "s": "s2", "rw": True},
+        {"app": 0, "op": "find_init", "s": "s2", "t": []},
+        {"app": 0, "op": "find", "s": "s2", "max": 1},
+        *({"app": 0, "op": "getattr", "s": "s2", "o": n, "a": ["CKA_LABEL"]} for n in names),
+    ])
