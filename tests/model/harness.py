@@ -658,12 +658,19 @@ class Runner:
     def note_home(self, step: dict[str, Any]) -> bool:
         """A token object written through p11p lives on one member (write_policy
         "primary", README): the model keeps faults away from that member, and withdraws
-        a transient fault that still waits there. False when no member is in service."""
+        the error rules that still wait (README, Limits: a member that fails after making
+        the object, before p11p read back what it made, may keep a copy). On every member
+        not held down: the one in service first now may not be the first when the call
+        comes (another returns to service meanwhile), and a member the model still counts
+        as hung may be in service (its hang ends by itself). A hang or a down rule acts
+        before the token sees the call. False when no member is in service."""
         states = self.env.states()
         home = next((m for m in self.env.members if states[m] == "OK"), None)
-        if home is not None and self.env.rules[home] and home not in self.down | self.hung:
-            self.env.rules[home] = []
-            self.env.write_rules(home)
+        for m in self.env.members:
+            kept = [line for line in self.env.rules[m] if " error " not in line]
+            if m not in self.down and kept != self.env.rules[m]:
+                self.env.rules[m] = kept
+                self.env.write_rules(m)
         for name in (step.get("o"), step.get("pub"), step.get("priv")):
             if name and home:
                 self.homes[name] = home
