@@ -477,6 +477,7 @@ P11P_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h)
 
 	if (rv != CKR_OK)
 		return rv;
+	p11p_plane_settle(h); /* as the generated stubs do (client/gen.py) */
 	rv = p11p_wire_C_Logout(h);
 	if (rv == CKR_OK)
 		p11p_plane_destroyed();
@@ -490,6 +491,10 @@ P11P_EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE obj)
 
 	if (rv != CKR_OK)
 		return rv;
+	/* what runs on the data plane is handed over first, as the generated stubs do
+	 * (client/gen.py): the daemon may move the session (its member hangs), and an
+	 * operation whose key this destroys could not be sent again after it */
+	p11p_plane_settle(h);
 	rv = p11p_wire_C_DestroyObject(h, obj);
 	if (rv == CKR_OK)
 		p11p_plane_destroyed();

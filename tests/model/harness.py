@@ -898,6 +898,17 @@ class Runner:
             # refused the call in a documented way
             for k in ("k", "wk"):
                 self.mark_used(app, step.get(k))
+        if op == "find":
+            for name in set(r.get("found", [])) ^ set(p.get("found", [])):
+                if name in self.stale[app]:
+                    # a stale handle found again on one side only (a part of a search,
+                    # which holds other objects on each side, the order being the
+                    # token's; p11p's search ran on a member that does not hold it:
+                    # Documented.token_object_on_one_member; or one side's search was
+                    # refused in a documented way): its handle is new there and stale on
+                    # the other, so no call compares
+                    objs.pop(name, None)
+                    self.apart[app].add(name)
         if not ok:
             if op in ("update", "final", "oneshot") and step.get("fn") in sessions.get(
                     step.get("s", ""), Session(True)).ops:
@@ -925,15 +936,6 @@ class Runner:
         elif op == "find_init":
             sessions[s].finding, sessions[s].find_stale = True, False
         elif op == "find":
-            for name in set(r.get("found", [])) ^ set(p.get("found", [])):
-                if name in self.stale[app]:
-                    # a stale handle found again on one side only (a part of a search,
-                    # which holds other objects on each side, the order being the
-                    # token's; or p11p's search ran on a member that does not hold it:
-                    # Documented.token_object_on_one_member): its handle is new there and
-                    # stale on the other, so no call compares
-                    objs.pop(name, None)
-                    self.apart[app].add(name)
             both = set(r.get("found", []))
             # a part of a search may hold other objects on each side (the order is the
             # token's): only what both returned is known to both applications

@@ -1471,3 +1471,28 @@ def test_stale_handles_found_again_by_one_side_in_a_part_of_a_search(model_env: 
         {"app": 0, "op": "find", "s": "s2", "max": 1},
         *({"app": 0, "op": "getattr", "s": "s2", "o": n, "a": ["CKA_LABEL"]} for n in names),
     ])
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_verify_update_after_its_key_destroyed_on_a_hung_member(model_env: Env) -> None:
+    """Found by make soak under failover with the data plane (10 of 27 steps): a
+    verification begun on the data plane, then C_DestroyObject of its key (a session
+    object) on a member that hung: the daemon moved the session to the other member, and
+    the client sent the verification again there, after the destroy, which failed (its
+    key gone): CKR_DEVICE_ERROR. C_DestroyObject (and C_Logout), written by hand around
+    their stubs, now hand over what runs on the data plane first, as the generated stubs
+    do."""
+    name = "verify_update_after_its_key_destroyed_on_a_hung_member.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_copy_after_a_search_refused_by_the_token_beside_a_signature(model_env: Env) -> None:
+    """Found by make soak under balance (67 steps, kept whole: the shrinker reached the
+    same line by another way): a private token key's handle stale after a logout, then a
+    search beside a signature, which p11p answers and SoftHSM2 refuses
+    (CKR_OPERATION_ACTIVE; README, Limits): the key found again through p11p only, its
+    handle new there and stale on the token's side. The harness compared a copy of it;
+    it now keeps such a handle apart whatever the other side's search answered."""
+    name = "copy_after_a_search_refused_by_the_token_beside_a_signature.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
