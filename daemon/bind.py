@@ -266,14 +266,25 @@ class SessionBuilder:
 
     async def replay_operation(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
                                op: Operation) -> str:
-        """Replays an operation's init and updates; returns why it failed, or ''."""
+        """Replays an operation's init and updates; returns why it failed, or ''. A
+        session key the application destroyed since is made again for the init (from
+        its recipe, as a copy's destroyed source is) and goes after it."""
         try:
-            init = await self.r.resolve.translate(ctx, vs, member, SHAPES[op.init[0]], op.init)
-        except (SessionVanished, budget.CallExpired):
-            raise
-        except (CKError, KeyMissing) as exc:  # its key is lost, or on no member
-            return f"its key: {exc or 'on no member'}"
-        reply = await self.r.link.replayed(ctx, member, init)
+            try:
+                init = await self.r.resolve.translate(ctx, vs, member, SHAPES[op.init[0]],
+                                                      op.init, op.keys)
+            except (SessionVanished, budget.CallExpired):
+                raise
+            except (CKError, KeyMissing) as exc:  # its key is lost, or on no member
+                return f"its key: {exc or 'on no member'}"
+            reply = await self.r.link.replayed(ctx, member, init)
+        finally:
+            for key in op.keys.values():
+                if key.destroyed and member in key.real:
+                    real = key.real[member]
+                    ctx.unregister(key, member)
+                    await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"],
+                                                        member_session(vs.real, member), real])
         if reply[0] != OK:
             return f"init returned {rv_name(reply[0])}"
         for ureq, expected in op.updates:

@@ -233,7 +233,8 @@ class Direct:
         if unsafe_arguments(shape, init) is not None:
             # never replayed to a member (the helper refuses it on the data plane too)
             return [CKR["CKR_ARGUMENTS_BAD"]]
-        op = vs.ops[kind] = Operation(init)
+        op = vs.ops[kind] = Operation(init, keys=self.router.resolve.named_objects(
+            ctx, shape, init))
         vs.lost.pop(kind, None)
         if not req[5]:
             op.replayable = False

@@ -13,7 +13,7 @@ from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.members import Member
-from p11p.daemon.policy import choose_member
+from p11p.daemon.policy import Operation, choose_member
 from p11p.daemon.shapes import (
     CREATING,
     DEVICE_ERROR,
@@ -35,6 +35,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.ha")
 CKF_RW_SESSION = CKF["CKF_RW_SESSION"]
 SESSION_READ_ONLY = CKR["CKR_SESSION_READ_ONLY"]
+
+
+def remakeable(ctx: ApplicationContext, op: Operation, handle: Any) -> bool:
+    """Whether an operation's key can be had on another member for a replay: the
+    application still has it, or it is a session key it destroyed since that its recipe
+    makes again (bind.replay_operation)."""
+    if not isinstance(handle, int):
+        return False
+    if ctx.objects.find(handle) is not None:
+        return True
+    key = op.keys.get(handle)
+    return key is not None and key.destroyed and key.replayable
 
 
 class Placement:
@@ -119,16 +131,15 @@ class Placement:
     @staticmethod
     def held_back(ctx: ApplicationContext, vs: VirtualSession) -> Member | None:
         """The session's member, when an operation active there cannot be replayed
-        elsewhere (over replay_limit, or its key destroyed since): moved, the session
-        would lose it."""
+        elsewhere (over replay_limit, or its key destroyed since and not to be made
+        again: a token object, a key whose bits have shown): moved, the session would
+        lose it."""
         member = vs.member
         if member is None or not member.health.usable or member not in vs.real:
             return None
         for op in vs.ops.values():
             init = SHAPES[op.init[0]]
-            if not op.replayable or any(not isinstance(op.init[i], int)
-                                        or ctx.objects.find(op.init[i]) is None
-                                        for i in init.objects):
+            if not op.replayable or any(not remakeable(ctx, op, op.init[i]) for i in init.objects):
                 return member
         return None
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, RvClass
 from p11p.protocol import spec
 from p11p.protocol.constants import CKR
+
+if TYPE_CHECKING:
+    from p11p.daemon.virtual import VirtualObject
 
 OK = CKR["CKR_OK"]
 BUFFER_TOO_SMALL = CKR["CKR_BUFFER_TOO_SMALL"]
@@ -83,6 +86,9 @@ class Operation:
 
     init: list[Any]  # the Init request: [code, session, mechanism, key]
     updates: list[tuple[list[Any], bytes | None]] = field(default_factory=list)
+    # the objects the init names, by virtual handle: a session key the application
+    # destroys meanwhile is made again from its recipe for a replay, and goes after it
+    keys: dict[int, VirtualObject] = field(default_factory=dict)
     size: int = 0
     replayable: bool = True
     why: str = ""

@@ -69,7 +69,7 @@ class Recorder:
             vs.find = FindState(vreq[2])
         elif shape.fn.op_kind == "find" and shape.fn.op_role == "final" and rv == OK:
             vs.find = None
-        self.record_operation(vs, shape, vreq, reply)
+        self.record_operation(vs, shape, vreq, reply, named)
         fn = shape.fn
         if (rv not in (OK, BUFFER_TOO_SMALL) and fn.op_kind and fn.op_kind != "find"
                 and fn.op_role in ("update", "final", "oneshot") and not fn.opaque
@@ -90,11 +90,11 @@ class Recorder:
             vs.ops.pop(fn.op_kind, None)
 
     def record_operation(self, vs: VirtualSession, shape: CallShape, vreq: list[Any],
-                         reply: Reply) -> None:
+                         reply: Reply, named: dict[int, VirtualObject]) -> None:
         requested = shape.out_bytes is None or vreq[shape.out_bytes] is not None
         change = operation_change(shape.fn.name, reply[0], requested)
         if change.start is not None:
-            vs.ops[change.start] = Operation(list(vreq))
+            vs.ops[change.start] = Operation(list(vreq), keys=named)
             self.r.daemon.audit.operation(vs, change.start, shape, vreq)  # a key used
         elif change.update is not None and requested:
             op = vs.ops.get(change.update)
