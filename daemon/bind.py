@@ -334,13 +334,15 @@ class SessionBuilder:
             vs.member = None
 
     @staticmethod
-    def rebuildable(vs: VirtualSession) -> bool:
+    def rebuildable(vs: VirtualSession, settled: bool = False) -> bool:
         """Whether the session's member session can be closed at will: what it holds (its
         session objects, operations, search) can all be made again elsewhere. A member
         session that holds more is closed only when the member lost it anyway. A bound
         one may hold operations of the data plane the daemon never saw (whether the
-        client can replay them, only the client knows): not at will either."""
-        return (vs.direct is None and vs.find is None
+        client can replay them, only the client knows): not at will either, unless
+        `settled`: the client handed them over just before the call (a search,
+        client/find.c), and those it could not it sends again itself."""
+        return ((vs.direct is None or settled) and vs.find is None
                 and all(op.replayable for op in vs.ops.values())
                 and all(o.replayable or o.lost for o in vs.objects))
 

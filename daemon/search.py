@@ -111,7 +111,8 @@ class Searches:
             # broke with CKR_GENERAL_ERROR (a hiccup, README) runs again on another,
             # when the session can move
             if (result != GENERAL_ERROR or searched is None or not searched.health.usable
-                    or not self.router.bind.rebuildable(vs) or not self.router.place.others(
+                    or not self.router.bind.rebuildable(vs, settled=True)
+                    or not self.router.place.others(
                         ctx, vs, SHAPES[_CODE["C_FindObjectsInit"]], [], spared | {searched})):
                 break
             log.info("%s: the search returned %s on %s, which still serves: trying another "

@@ -1529,3 +1529,15 @@ def test_signature_whose_key_another_session_destroyed_survives_a_member_failure
         {"app": 0, "op": "find_init", "s": "s2", "t": [["CKA_LABEL", "6d2d31"]]},
         {"app": 0, "op": "find", "s": "s2", "max": 4},
     ])
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_of_a_bound_session_under_a_general_error_rule(model_env: Env) -> None:
+    """Found by make soak under failover with the data plane (7 of 23 steps): a search of
+    a session bound to the data plane, C_FindObjectsInit answered CKR_GENERAL_ERROR by its
+    member, which still serves: a bound session is not moved at will, so the code was
+    answered as is. The client hands over what runs on the data plane before a search
+    (client/find.c), so the search now runs again on another member as for an unbound
+    session."""
+    name = "search_of_a_bound_session_under_a_general_error_rule.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
