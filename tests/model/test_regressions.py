@@ -1541,3 +1541,25 @@ def test_search_of_a_bound_session_under_a_general_error_rule(model_env: Env) ->
     session."""
     name = "search_of_a_bound_session_under_a_general_error_rule.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_verify_after_a_refused_final_of_a_single_part_verification(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 75 steps): C_VerifyFinal of a CKM_ECDSA
+    verification, refused; through p11p it ended the operation (PKCS#11 §5.2), SoftHSM2
+    kept it and answered the next C_Verify from it. README (Limits) said so for the next
+    init only; it now says so for such a call too, and the harness lets it pass."""
+    name = "verify_after_a_refused_final_of_a_single_part_verification.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_login_after_the_last_session_when_an_open_met_two_hung_members(
+        model_env: Env) -> None:
+    """Found by make soak under balance (8 of 54 steps): C_OpenSession met two hung
+    members and got CKR_DEVICE_ERROR through p11p (README, Limits), the token used
+    directly opened it; the application's other session closed, and through p11p it was
+    logged out (its last session) while its twin was not. The harness now closes the
+    twin's session p11p did not open."""
+    name = "login_after_the_last_session_when_an_open_met_two_hung_members.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
