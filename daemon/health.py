@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.helperproc import HelperLimit, HelperProcess
-from p11p.daemon.members import Group, Member, MemberState
+from p11p.daemon.members import Group, Member, MemberState, close_probe_session
 from p11p.protocol.constants import CKA, CKK, CKM, CKO, CKR, rv_name
 from p11p.protocol.spec import by_name
 
@@ -75,7 +75,7 @@ async def probe(member: Member, helper: HelperProcess) -> float:
             await _sign_and_verify(call, session, cfg.health.probe_key.encode(), member.name)
     finally:
         if helper.alive:
-            await helper.call([_CODE["C_CloseSession"], session], timeout)
+            await close_probe_session(helper, member.name, slot, session, timeout)
     return time.monotonic() - start
 
 

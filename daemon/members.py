@@ -34,12 +34,29 @@ _GET_TOKEN_INFO = by_name()["C_GetTokenInfo"].code
 _GET_MECH_LIST = by_name()["C_GetMechanismList"].code
 _OPEN_SESSION = by_name()["C_OpenSession"].code
 _CLOSE_SESSION = by_name()["C_CloseSession"].code
+_CLOSE_ALL_SESSIONS = by_name()["C_CloseAllSessions"].code
 _FIND_INIT = by_name()["C_FindObjectsInit"].code
 _FIND = by_name()["C_FindObjects"].code
 _FIND_FINAL = by_name()["C_FindObjectsFinal"].code
 _GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
 _POOL_TRIES, _POOL_RETRY = 5, 1.0  # warm-pool starts that fail, and the pause between
 _TOKEN_CHECKS = 3  # helpers started before a member is declared unavailable for a missing token
+
+
+async def close_probe_session(helper: HelperProcess, member: str, slot: int, session: int,
+                              timeout: float) -> None:
+    """Closes a session p11p opened on a helper that may join the warm pool. One left
+    open would keep the module logged in for the application given that helper after
+    its own last session (PKCS#11 §5.6): refused, every session of the slot is closed;
+    refused again, the member is not usable (MemberUnavailable)."""
+    rv = (await helper.call([_CLOSE_SESSION, session], timeout))[0]
+    if rv in (CKR["CKR_OK"], CKR["CKR_SESSION_HANDLE_INVALID"]):
+        return
+    log.warning("member=%s C_CloseSession of a probe session returned %s: closing every "
+                "session of the slot", member, rv_name(rv))
+    rv = (await helper.call([_CLOSE_ALL_SESSIONS, slot], timeout))[0]
+    if rv != CKR["CKR_OK"]:
+        raise MemberUnavailable(member, f"C_CloseAllSessions: {rv_name(rv)}", rv)
 
 
 class MemberState(Enum):
@@ -325,7 +342,7 @@ class Member:
                     keys.add(identity_from_values(values)[1])
             return frozenset(keys)
         finally:
-            await helper.call([_CLOSE_SESSION, session], timeout)
+            await close_probe_session(helper, self.name, slot, session, timeout)
 
     async def start(self) -> None:
         """Probes the member with a first helper, which then joins the warm pool."""

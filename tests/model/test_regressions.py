@@ -1563,3 +1563,16 @@ def test_login_after_the_last_session_when_an_open_met_two_hung_members(
     twin's session p11p did not open."""
     name = "login_after_the_last_session_when_an_open_met_two_hung_members.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_token_key_made_after_the_last_session_when_a_probe_session_stayed(
+        model_env: Env) -> None:
+    """Found by make soak under balance (13 of 47 steps): a member's recovery probe met
+    CKR_DEVICE_ERROR from C_CloseSession of its own session and ignored it; that helper
+    joined the warm pool with the session open and was given to the application, whose
+    login then outlived its last session (PKCS#11 §5.6): a private token key was made by
+    an application not logged in. A probe session that is not closed now closes every
+    session of the slot, or the member is not usable."""
+    name = "token_key_made_after_the_last_session_when_a_probe_session_stayed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
