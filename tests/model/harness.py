@@ -1099,9 +1099,11 @@ class Runner:
         """Documented (README, Limits): a session key pair whose private half is
         private can be made again on another member only while the application is
         logged in."""
+        # the private half counts also when the application destroyed it: the pair is
+        # made again whole (the half destroyed goes again at once)
         return (not self.logged_in[app] and obj.kind in ("gecpub", "gecpriv") and any(
             q.kind == "gecpriv" and q.private and q.roots == obj.roots
-            for q in self.objs[app].values()))
+            for q in [*self.objs[app].values(), *self.made.values()]))
 
     def used_random_objects(self) -> bool:
         return any(o.used and o.owner is not None for objs in self.objs for o in objs.values())

@@ -1576,3 +1576,15 @@ def test_token_key_made_after_the_last_session_when_a_probe_session_stayed(
     session of the slot, or the member is not usable."""
     name = "token_key_made_after_the_last_session_when_a_probe_session_stayed.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_after_a_logout_when_a_pair_whose_private_half_went_is_remade(
+        model_env: Env) -> None:
+    """Found by make soak under failover (8 of 12 steps): a session key pair whose
+    private half (private) the application destroyed, then a logout and a failover: the
+    public half is made again with the pair, which needs a login (README, Limits), so it
+    is lost and a search misses it. The harness counted the pair only while its private
+    half was there; it now counts it after a destroy too."""
+    name = "search_after_a_logout_when_a_pair_whose_private_half_went_is_remade.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
