@@ -436,3 +436,23 @@ class SessionBuilder:
             # go too, or they would keep it logged in there (§5.6)
             for member in vs.group.members:
                 await self.close_utility(ctx, member)
+                await self.close_all(ctx, member)
+
+    async def close_all(self, ctx: ApplicationContext, member: Member) -> None:
+        """C_CloseAllSessions on the context's helper of `member` (its sessions there are
+        all closed in p11p's view): a session the module kept while it answered its
+        close otherwise (CKR_SESSION_HANDLE_INVALID from a module that had not lost it)
+        would keep the application logged in after its last session."""
+        if not ctx.has_helper(member) or member.slot_id is None:
+            return
+        try:
+            reply = await self.r.link.raw(ctx, member, [CODE["C_CloseAllSessions"],
+                                                        member.slot_id])
+            if reply[0] != OK:
+                log.warning("%s member=%s C_CloseAllSessions returned %s: the helper is "
+                            "replaced", ctx.name, member.name, rv_name(reply[0]))
+                ctx.forget_member(member)
+        except MemberUnavailable as exc:
+            self.r.failures.member_failed(member, exc, "C_CloseAllSessions")
+        except budget.CallExpired:
+            ctx.forget_member(member)  # no time was left: the helper goes, and its sessions

@@ -1588,3 +1588,16 @@ def test_search_after_a_logout_when_a_pair_whose_private_half_went_is_remade(
     half was there; it now counts it after a destroy too."""
     name = "search_after_a_logout_when_a_pair_whose_private_half_went_is_remade.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_key_made_after_the_last_session_when_a_close_answered_handle_invalid(
+        model_env: Env) -> None:
+    """Found by make soak under balance (6 of 54 steps): the member answered the
+    application's last C_CloseSession CKR_SESSION_HANDLE_INVALID without closing it;
+    p11p took the session for gone, the module kept the application logged in, and a key
+    was generated in a new session of an application not logged in. At the last session
+    on the token p11p now also closes every session of its helpers
+    (C_CloseAllSessions)."""
+    name = "key_made_after_the_last_session_when_a_close_answered_handle_invalid.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
