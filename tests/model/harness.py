@@ -636,8 +636,12 @@ class Runner:
         if self.verbose:
             print("    p11p", self.show(p), " direct", self.show(r), flush=True)
         self.calls += 1
-        if homeless:  # no member was in service: p11p held the write until one was
-            self.note_home(step)
+        if homeless and not self.note_home(step):
+            # no member was in service before or after (p11p held the write until one
+            # was, or a draining one took it): on one member, which is not known
+            for name in (step.get("o"), step.get("pub"), step.get("priv")):
+                if name:
+                    self.homes[name] = "?"
         self.compare(app, step, p, r, took)
         self.update(app, step, p, r)
 
