@@ -935,6 +935,15 @@ class Runner:
         if op == "open":
             sessions[s] = Session(step.get("rw", True))
         elif op == "close":
+            if self.armed():
+                # an operation of another session whose used key (made at random) goes
+                # with this one: a fault armed may still take that session, whose replay
+                # then has no key (as in apply_event)
+                for name, sess in sessions.items():
+                    keys = [objs.get(k) for k in sess.ops.values() if k]
+                    if name != s and any(o is not None and o.owner == s and o.random and o.used
+                                         for o in keys):
+                        self.tainted[app].add(name)
             sessions.pop(s, None)
             self.drop_session_objects(app, {s})
             if not sessions:

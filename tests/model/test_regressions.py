@@ -1613,3 +1613,16 @@ def test_search_after_a_token_copy_while_no_member_was_in_service(model_env: Env
     not known."""
     name = "search_after_a_token_copy_while_no_member_was_in_service.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_decrypt_init_beside_an_encryption_whose_used_key_went_with_its_session(
+        model_env: Env) -> None:
+    """Found by make soak under balance (14 of 78 steps): an encryption with a key made
+    at random in another session, that session closed after a member reset was armed:
+    the key went with it, the reset took the encryption's member session, and its replay
+    had no key (README, Limits: lost), so the next init started where SoftHSM2 answers
+    CKR_OPERATION_ACTIVE. The harness tainted such sessions at member events only; it
+    now does at the close too while a fault is armed."""
+    name = "decrypt_init_beside_an_encryption_whose_used_key_went_with_its_session.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
