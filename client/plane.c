@@ -491,10 +491,7 @@ P11P_EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE obj)
 
 	if (rv != CKR_OK)
 		return rv;
-	/* what runs on the data plane is handed over first, as the generated stubs do
-	 * (client/gen.py): the daemon may move the session (its member hangs), and an
-	 * operation whose key this destroys could not be sent again after it */
-	p11p_plane_settle(h);
+	p11p_plane_settle(h); /* as C_Logout: the key may be an operation's */
 	rv = p11p_wire_C_DestroyObject(h, obj);
 	if (rv == CKR_OK)
 		p11p_plane_destroyed();

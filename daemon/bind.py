@@ -279,12 +279,7 @@ class SessionBuilder:
                 return f"its key: {exc or 'on no member'}"
             reply = await self.r.link.replayed(ctx, member, init)
         finally:
-            for key in op.keys.values():
-                if key.destroyed and member in key.real:
-                    real = key.real[member]
-                    ctx.unregister(key, member)
-                    await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"],
-                                                        member_session(vs.real, member), real])
+            await self.r.resolve.drop_remade(ctx, vs, member, op.keys.values())
         if reply[0] != OK:
             return f"init returned {rv_name(reply[0])}"
         for ureq, expected in op.updates:

@@ -7,6 +7,7 @@ looked up again without touching the member's other sessions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon.context import ApplicationContext
@@ -215,14 +216,19 @@ class HandleResolver:
                     if done[0] != OK:
                         raise CKError(OBJECT_HANDLE_INVALID,
                                       f"remaking a session object's attributes: {rv_name(done[0])}")
-        for src in recipe.sources.values():
-            # a source the application destroyed was remade for this only: it goes again
+        await self.drop_remade(ctx, owner, member, recipe.sources.values())
+        return member_session(vobj.real, member)
+
+    async def drop_remade(self, ctx: ApplicationContext, vs: VirtualSession, member: Member,
+                          objects: Iterable[VirtualObject]) -> None:
+        """Session objects the application destroyed that were made again on `member`
+        only for a call (a recipe's source, an operation's key for its replay) go again."""
+        for src in objects:
             if src.destroyed and not src.is_token and member in src.real:
                 real = src.real[member]
                 ctx.unregister(src, member)
                 await self.r.link.raw(ctx, member, [CODE["C_DestroyObject"],
-                                                    member_session(owner.real, member), real])
-        return member_session(vobj.real, member)
+                                                    member_session(vs.real, member), real])
 
     async def resolve(self, ctx: ApplicationContext, vobj: VirtualObject, member: Member) -> int:
         # One find at a time on the utility session; whoever waited may find it done.
