@@ -287,6 +287,16 @@ class Env:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+                # the daemon fails the member when it reaps the helper, and ends the
+                # other applications' helpers there: a token write sent before that may
+                # be cut mid-way on that member, which keeps a copy (README, Limits: "a
+                # token object write whose member fails after making the object"; on
+                # SoftHSM2 a copy with the source's label, or a truncated file). The
+                # model sends its next call once the daemon has seen the kill
+                deadline = time.monotonic() + 5
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(0.05)
         elif kind in ("drain", "enable"):
             reply = self.admin(kind, m)
             if "error" in reply:

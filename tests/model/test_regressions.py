@@ -1603,9 +1603,6 @@ def test_key_made_after_the_last_session_when_a_close_answered_handle_invalid(
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent, seen once in the whole suite (passes alone): p11p's search returned the "
-    "session object m-22365825644 under two handles; the cause is not analysed yet"))
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
 def test_search_after_a_token_copy_while_no_member_was_in_service(model_env: Env) -> None:
     """Found by make soak under failover (25 of 42 steps): a token object written through
@@ -1613,8 +1610,14 @@ def test_search_after_a_token_copy_while_no_member_was_in_service(model_env: Env
     before or after the call): it is on one member (README, write_policy "primary"), and
     a search served by the other missed it. The harness knew the member of such writes
     only when one was in service; it now counts the object as on one member, which one
-    not known. Not strict: in one run of tests/model the same search through p11p held
-    the session object twice (two virtual handles) besides: a p11p defect, open."""
+    not known. In the whole suite the replay failed in 2 runs of 3, and 2 times in 8
+    alone: the search found one object more, named as the copy's source or with every
+    attribute CKR_ATTRIBUTE_VALUE_INVALID. Not two handles of one object, as first
+    thought: the copy went out before the daemon had reaped the helper the kill event
+    ended, and the member failure cut it mid-way on the killed member, where SoftHSM2
+    left a copy with its source's label, or a truncated file (README, Limits: a token
+    write whose member fails after making the object). The harness now waits for the
+    daemon to reap a killed helper (0 failures in 12 replays alone)."""
     name = "search_after_a_token_copy_while_no_member_was_in_service.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
 
