@@ -1067,6 +1067,13 @@ class Runner:
                     self.tainted[app].add(o.owner)  # a fault armed before its use may hit it
 
     def drop_session_objects(self, app: int, sessions: set[str]) -> None:
+        # an operation of another session whose key a fault may have taken with its
+        # (tainted) session keeps that doubt after the session closes
+        lost = sessions & self.tainted[app]
+        for name, sess in self.sessions[app].items():
+            keys = (self.made.get(k) for k in sess.ops.values() if k)
+            if name not in sessions and any(o is not None and o.owner in lost for o in keys):
+                self.tainted[app].add(name)
         for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:
             del self.objs[app][name]
         self.tainted[app] -= sessions
