@@ -1646,3 +1646,27 @@ def test_decrypt_init_beside_an_encryption_whose_key_a_reset_took_before_its_ses
     operation of another session using that key now keeps it."""
     name = "operation_whose_key_went_with_a_reset_then_its_session_closed.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_digest_init_beside_a_decryption_whose_final_length_was_unavailable(
+        model_env: Env) -> None:
+    """Found by make soak under balance (9 of 55 steps): C_DecryptFinal's length query
+    answered CKR_OK with CK_UNAVAILABLE_INFORMATION (SoftHSM2, CKM_AES_CBC_PAD), so the
+    worker made no call after it and the decryption went on on both sides; its key, made
+    at random, went with its member, and the next init through p11p started where
+    SoftHSM2 answers CKR_OPERATION_ACTIVE (README, Limits: lost). The model ended the
+    operation at that step; it now keeps it."""
+    name = "digest_init_beside_a_decryption_whose_final_length_was_unavailable.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_after_a_copy_the_token_made_and_p11p_refused(model_env: Env) -> None:
+    """Found by make soak under failover (10 of 43 steps): a copy of a used random key
+    whose member failed: CKR_DEVICE_ERROR through p11p (README, Limits: lost), CKR_OK on
+    the token used directly. A later search of the token found the copy and p11p's did
+    not; the model now counts what the token alone made in such a call as the
+    reference's only."""
+    name = "search_after_a_copy_the_token_made_and_p11p_refused.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
