@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from p11p.protocol import spec
 from p11p.protocol.constants import CKR, rv_name
 
 
@@ -51,9 +52,14 @@ DEFAULT_CLASSES: dict[int, RvClass] = {
     CKR["CKR_DEVICE_REMOVED"]: RvClass.MEMBER_FAILED,
     CKR["CKR_DEVICE_MEMORY"]: RvClass.MEMBER_FAILED,
 }
+# A member's answer that a handle it was given is unknown, in any of the roles the
+# function description gives object handles (the key of C_DigestKey, a wrapping key...):
+# for a handle the daemon translated, the member handle is stale (its sessions closed
+# behind p11p's back, say), or the object was deleted there.
+STALE_OBJECT = frozenset(CKR[rv] for rv in spec.HANDLE_ROLES.values())
 # Codes that are session-lost only when the daemon's view says the state should exist
 # (the session is logged in / the object is known): see policy.classify().
-CONDITIONAL_SESSION_LOST = frozenset({CKR["CKR_USER_NOT_LOGGED_IN"], CKR["CKR_OBJECT_HANDLE_INVALID"]})
+CONDITIONAL_SESSION_LOST = frozenset({CKR["CKR_USER_NOT_LOGGED_IN"], *STALE_OBJECT})
 
 
 def class_table(overrides: dict[int, str]) -> dict[int, RvClass]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, RvClass
+from p11p.daemon.errors import CONDITIONAL_SESSION_LOST, STALE_OBJECT, RvClass
 from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
@@ -58,7 +58,7 @@ def classify(rv: int, table: dict[int, RvClass], logged_in: bool, object_known: 
     if rv in CONDITIONAL_SESSION_LOST:
         if rv == CKR["CKR_USER_NOT_LOGGED_IN"] and logged_in:
             return RvClass.SESSION_LOST
-        if rv == CKR["CKR_OBJECT_HANDLE_INVALID"] and object_known:
+        if rv in STALE_OBJECT and object_known:
             return RvClass.SESSION_LOST
     return RvClass.APPLICATION
 

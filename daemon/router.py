@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from p11p.daemon import budget
 from p11p.daemon.bind import SessionBuilder
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError, MemberUnavailable, RvClass
+from p11p.daemon.errors import STALE_OBJECT, CKError, MemberUnavailable, RvClass
 from p11p.daemon.failures import Failures
 from p11p.daemon.helperproc import CallTimedOut
 from p11p.daemon.link import MemberLink
@@ -183,7 +183,7 @@ class Router:
                 if cls is RvClass.SESSION_LOST:
                     if tries >= limit:
                         return reply
-                    if reply[0] == OBJECT_HANDLE_INVALID and await self.resolve.objects_lost(
+                    if reply[0] in STALE_OBJECT and await self.resolve.objects_lost(
                             ctx, vs, member, shape, vreq):
                         continue
                     log.warning("session lost: %s member=%s function=%s rv=%s; new session, "

@@ -1670,3 +1670,16 @@ def test_search_after_a_copy_the_token_made_and_p11p_refused(model_env: Env) -> 
     reference's only."""
     name = "search_after_a_copy_the_token_made_and_p11p_refused.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_digest_key_after_a_reset_behind_p11p(model_env: Env) -> None:
+    """Found by make soak under failover (7 of 42 steps): a member closed every session
+    behind p11p's back (faultsim close-sessions, on a new session's C_OpenSession), and
+    SoftHSM2 forgot the slot's object handles with them. C_DigestKey on a token key
+    found before got CKR_KEY_HANDLE_INVALID through p11p: the daemon took only
+    CKR_OBJECT_HANDLE_INVALID for a stale member handle. Every handle role's code
+    (protocol/spec.py HANDLE_ROLES) now is: the key is looked up again, the call goes on
+    (with the data plane on and off)."""
+    name = "digest_key_after_a_reset_behind_p11p.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))

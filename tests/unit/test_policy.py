@@ -75,6 +75,17 @@ def test_conditional_session_lost_follows_the_view() -> None:
     assert classify(ohi, DEFAULT_CLASSES, logged_in=False, object_known=True) is RvClass.SESSION_LOST
 
 
+@pytest.mark.parametrize("name", ["CKR_KEY_HANDLE_INVALID", "CKR_WRAPPING_KEY_HANDLE_INVALID",
+                                  "CKR_UNWRAPPING_KEY_HANDLE_INVALID"])
+def test_every_handle_role_s_code_is_a_stale_handle_for_a_known_object(name: str) -> None:
+    """A member's answer for a key handle the daemon translated (C_DigestKey's key, a
+    wrapping key) is a stale member handle, as CKR_OBJECT_HANDLE_INVALID is."""
+    assert classify(CKR[name], DEFAULT_CLASSES, logged_in=False, object_known=True) \
+        is RvClass.SESSION_LOST
+    assert classify(CKR[name], DEFAULT_CLASSES, logged_in=True, object_known=False) \
+        is RvClass.APPLICATION
+
+
 def test_group_overrides() -> None:
     table = class_table({CKR["CKR_FUNCTION_FAILED"]: "member_failed",
                          CKR["CKR_DEVICE_ERROR"]: "application"})
