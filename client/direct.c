@@ -1129,6 +1129,43 @@ void p11p_plane_settle(CK_SESSION_HANDLE h)
 		(void)move_ops(h, kinds, 0);
 }
 
+/* The sessions (any of them) whose operations on the data plane, or waiting for their
+ * replay, use key `obj` hand them to the daemon, before a C_DestroyObject: the daemon
+ * keeps an operation's keys and makes a destroyed session key again for its replay
+ * (daemon/record.py), which an operation kept here could not (its replay names the
+ * handle, gone by then). A key in use elsewhere is destroyed rarely: each such session
+ * is unbound, and binds again at its next operation. */
+void p11p_plane_settle_key(CK_OBJECT_HANDLE obj)
+{
+	CK_SESSION_HANDLE hs[16];
+	const unsigned max = sizeof hs / sizeof hs[0];
+	unsigned n, rounds = 0;
+
+	if (disabled)
+		return;
+	do { /* in rounds of `max` sessions: a settled one uses it no more */
+		n = 0;
+		if (!lock())
+			return;
+		for (unsigned i = 0; i < BUCKETS && n < max; i++) {
+			for (struct sess *s = table[i]; s != NULL && n < max; s = s->next) {
+				for (int k = 0; k < P11P_KINDS; k++) {
+					const struct op *o = &s->ops[k];
+
+					if ((o->where == OP_PLANE || o->where == OP_REPLAY) &&
+					    o->has_key && o->key == obj) {
+						hs[n++] = s->h;
+						break;
+					}
+				}
+			}
+		}
+		unlock();
+		for (unsigned i = 0; i < n; i++)
+			p11p_plane_settle(hs[i]);
+	} while (n == max && ++rounds < 256);
+}
+
 CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
 {
 	int where = disabled ? OP_NONE : op_where(h, sh->kind);

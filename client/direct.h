@@ -85,6 +85,8 @@ CK_RV p11p_ops_to_daemon(CK_SESSION_HANDLE h, unsigned kinds);
 /* Before a call the daemon answers from its view of the session's operations (a
  * search): those on the data plane move there (a lost one answers its next call). */
 void p11p_plane_settle(CK_SESSION_HANDLE h);
+/* Before a C_DestroyObject of obj: every session's operations that use it, as above. */
+void p11p_plane_settle_key(CK_OBJECT_HANDLE obj);
 /* After such a call returned rv: an error other than CKR_BUFFER_TOO_SMALL ends them. */
 void p11p_ops_after(CK_SESSION_HANDLE h, unsigned kinds, CK_RV rv);
 

@@ -492,6 +492,7 @@ P11P_EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE obj)
 	if (rv != CKR_OK)
 		return rv;
 	p11p_plane_settle(h); /* as C_Logout: the key may be an operation's */
+	p11p_plane_settle_key(obj); /* an operation of another session's too */
 	rv = p11p_wire_C_DestroyObject(h, obj);
 	if (rv == CKR_OK)
 		p11p_plane_destroyed();

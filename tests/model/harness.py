@@ -1141,12 +1141,14 @@ class Runner:
                         self.tainted[app].add(name)
 
     def needs_login(self, app: int, obj: Obj) -> bool:
-        """Documented (README, Limits): a session key pair whose private half is
-        private can be made again on another member only while the application is
-        logged in."""
+        """Documented (README, Limits): a private session object, and a session key
+        pair whose private half is private, can be made again on another member only
+        while the application is logged in."""
+        if self.logged_in[app] or obj.token:
+            return False
         # the private half counts also when the application destroyed it: the pair is
         # made again whole (the half destroyed goes again at once)
-        return (not self.logged_in[app] and obj.kind in ("gecpub", "gecpriv") and any(
+        return obj.private or (obj.kind in ("gecpub", "gecpriv") and any(
             q.kind == "gecpriv" and q.private and q.roots == obj.roots
             for q in [*self.objs[app].values(), *self.made.values()]))
 

@@ -1683,3 +1683,28 @@ def test_digest_key_after_a_reset_behind_p11p(model_env: Env) -> None:
     (with the data plane on and off)."""
     name = "digest_key_after_a_reset_behind_p11p.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_verify_on_the_data_plane_whose_key_another_session_destroyed(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 60 steps): a verification begun on the
+    data plane with a public key another session made, that session destroyed the key,
+    and the verification's member went down. The client kept the operation and sent its
+    init again through the daemon naming the destroyed handle: lost (CKR_OK for the next
+    init where SoftHSM2 answers CKR_OPERATION_ACTIVE). C_DestroyObject now hands the
+    operations of every session that use the key to the daemon first, which makes a
+    destroyed session key again for a replay (it did so already for its own). With the
+    data plane off it passed before."""
+    name = "verify_on_the_data_plane_whose_key_another_session_destroyed.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_encryption_with_a_private_session_key_after_a_logout(model_env: Env) -> None:
+    """Found by make soak under failover (7 of 35 steps): an encryption with a private
+    session key (made by C_CreateObject, CKA_PRIVATE by SoftHSM2's default), then a
+    logout, then a failover: p11p cannot make a private object without a login, so the
+    encryption is lost (README, Limits, now for any private session object, not only a
+    generated pair's private half). The model knew it for generated pairs only."""
+    name = "encryption_with_a_private_session_key_after_a_logout.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
