@@ -345,6 +345,11 @@ class HandleResolver:
                 moved[await self.ensure_object(ctx, vs, vobj, searched)] = vobj
             except (CKError, KeyMissing, SessionVanished):
                 continue
+            except MemberUnavailable as exc:
+                # the searched member failed as it made the object: failed here, and the
+                # caller searches again where the session goes (search.py)
+                self.r.failures.member_failed(searched, exc, "C_FindObjectsInit")
+                raise
         if not moved:
             return []
         try:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
-from p11p.daemon.errors import CKError
+from p11p.daemon.errors import CKError, MemberUnavailable
 from p11p.daemon.members import Member
 from p11p.daemon.shapes import GENERAL_ERROR, SHAPES
 from p11p.daemon.virtual import FindState, VirtualSession
@@ -29,6 +29,8 @@ _CODE = {f.name: f.code for f in spec.functions()}
 FIND_BATCH = 256  # handles asked of the member per C_FindObjects when filling the cache
 FIND_ALL_MAX = 65536  # results sent at once at most; past it the daemon keeps the search
 FIND_CACHE_ENTRIES = 256  # per application context; past it the cache starts afresh
+SEARCH_TRIES = 3  # whole searches, when the searched member fails after its part
+DEVICE_ERROR = CKR["CKR_DEVICE_ERROR"]
 
 
 class Searches:
@@ -95,6 +97,36 @@ class Searches:
         hit = ctx.find_cache.get(key) if key is not None and not vs.ops else None
         if hit is not None and hit[0] > now and hit[1] == generation:
             return list(hit[2])
+        for _ in range(SEARCH_TRIES):
+            result, searched = await self._placed(ctx, vs, template)
+            if isinstance(result, int):
+                return result
+            if len(group.members) == 1:
+                found = result
+                break
+            try:
+                found = result + await self.router.resolve.found_elsewhere(
+                    ctx, vs, template, searched)
+                break
+            except MemberUnavailable:
+                # the searched member failed while the application's session objects were
+                # made again there (found_moved failed it): the search runs again, where
+                # the session goes now
+                continue
+        else:
+            return DEVICE_ERROR
+        found = list(dict.fromkeys(found))  # an object once, however many copies a member has
+        if key is not None and group.objects_generation == generation:
+            if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
+                ctx.find_cache.clear()
+            ctx.find_cache[key] = (now + ttl, generation, list(found))
+        return found
+
+    async def _placed(self, ctx: ApplicationContext, vs: VirtualSession,
+                      template: Any) -> tuple[list[int] | int, Member | None]:
+        """One whole search on the session's member, tried on another member when one
+        still in service broke it with CKR_GENERAL_ERROR: its handles (or the CK_RV that
+        ended it) and the member that answered."""
         spared: set[Member] = set()
         result: list[int] | int = GENERAL_ERROR
         while True:
@@ -105,7 +137,7 @@ class Searches:
                     raise
                 # the other member could not take it after all (it failed as it was
                 # tried): the answer the first gave stands, as for any call (router.py)
-                return result
+                return result, vs.member
             searched = vs.member
             # a search is p11p's from init to final: one that a member still in service
             # broke with CKR_GENERAL_ERROR (a hiccup, README) runs again on another,
@@ -119,17 +151,7 @@ class Searches:
                      "member", vs.describe(), rv_name(result), searched.name)
             spared.add(searched)
             await self.router.bind.leave(ctx, vs, searched)
-        if isinstance(result, int):
-            return result
-        found = result
-        if len(group.members) > 1:
-            found += await self.router.resolve.found_elsewhere(ctx, vs, template, searched)
-        found = list(dict.fromkeys(found))  # an object once, however many copies a member has
-        if key is not None and group.objects_generation == generation:
-            if len(ctx.find_cache) >= FIND_CACHE_ENTRIES:
-                ctx.find_cache.clear()
-            ctx.find_cache[key] = (now + ttl, generation, list(found))
-        return found
+        return result, searched
 
     async def _search(self, ctx: ApplicationContext, vs: VirtualSession, template: Any,
                       spared: set[Member]) -> list[int] | int:

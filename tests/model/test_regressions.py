@@ -1708,3 +1708,16 @@ def test_encryption_with_a_private_session_key_after_a_logout(model_env: Env) ->
     generated pair's private half). The model knew it for generated pairs only."""
     name = "encryption_with_a_private_session_key_after_a_logout.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_search_whose_member_failed_as_it_made_a_session_key_again(model_env: Env) -> None:
+    """Found by make soak under failover (8 of 32 steps): a search in a session that
+    moved off a hung member; the application's unused random key, on the hung member,
+    was made again on the other for the search (found_moved), and that member failed
+    as it did (a CKR_DEVICE_ERROR rule on C_GenerateKey). The daemon did not catch the
+    member failure there: an internal error, CKR_FUNCTION_FAILED to the application.
+    It now fails the member and runs the whole search again where the session goes
+    (here: held until a member is back)."""
+    name = "search_whose_member_failed_as_it_made_a_session_key_again.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
