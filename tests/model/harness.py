@@ -386,7 +386,9 @@ class Documented:
         sess = runner.sessions[app].get(s or "")
         if sess is not None:  # the keys of its operations (replayed where it goes)
             names |= set(sess.ops.values())
-        owners = {runner.objs[app][n].owner for n in names if n in runner.objs[app]}
+        # an object the model dropped already (diverge: its session was tainted) counts
+        known = (runner.objs[app].get(n or "") or runner.made.get(n or "") for n in names)
+        owners = {o.owner for o in known if o is not None}
         return s in tainted or bool(owners & tainted)
 
 

@@ -1721,3 +1721,16 @@ def test_search_whose_member_failed_as_it_made_a_session_key_again(model_env: En
     (here: held until a member is back)."""
     name = "search_whose_member_failed_as_it_made_a_session_key_again.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_decrypt_update_after_the_key_s_session_was_tainted_beside_a_search(
+        model_env: Env) -> None:
+    """Found by make soak under balance (15 of 55 steps): a decryption with a used
+    random key made in another session, lost when the key's member hung (README,
+    Limits). The model had dropped the key already (a documented difference in a third
+    session, beside its search, drops the objects of sessions in doubt), so it could no
+    longer tell whose key the operation used: it now looks such a key up among every
+    object it made."""
+    name = "decrypt_update_after_the_key_s_session_was_tainted_beside_a_search.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
