@@ -306,6 +306,10 @@ class HandleResolver:
             except (SessionVanished, MemberUnavailable) as exc:
                 if isinstance(exc, MemberUnavailable):
                     self.r.failures.member_failed(member, exc, vs.describe())
+                elif any(member in vobj.real for vobj in held.values()):
+                    # the member lost the application's sessions (a session-lost code to
+                    # the open of p11p's own session there): as for a call of its own
+                    await self.r.failures.reset_member(ctx, member)
                 # its objects are gone from there: those that can be made again are made
                 # on the searched member, and looked for there
                 found += await self.found_moved(ctx, vs, template, searched, held)
@@ -318,15 +322,17 @@ class HandleResolver:
 
     async def search_on(self, ctx: ApplicationContext, member: Member, template: Any,
                         expected: int) -> list[int]:
-        """A search on the context's own member session on `member`."""
+        """A search on the context's own member session on `member`. A member that lost
+        the application's sessions is reset (the objects p11p knew there are found
+        again, or made again) and SessionVanished raised (link.replayed)."""
         async with ctx.utility_lock(member):
             real = await self.r.bind.utility_session(ctx, member)
-            reply = await self.r.link.checked(ctx, member,
-                                              [CODE["C_FindObjectsInit"], real, template])
+            reply = await self.r.link.replayed(ctx, member,
+                                               [CODE["C_FindObjectsInit"], real, template])
             if reply[0] != OK:
                 return []
             try:
-                reply = await self.r.link.checked(
+                reply = await self.r.link.replayed(
                     ctx, member, [CODE["C_FindObjects"], real, expected + 256])
             finally:
                 await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
