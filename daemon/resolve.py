@@ -89,9 +89,9 @@ class HandleResolver:
         """After CKR_OBJECT_HANDLE_INVALID (or another handle role's code: STALE_OBJECT)
         for objects the daemon knows on `member`: asks the member about each, and
         forgets the member handles it no longer has (they are found again by identity,
-        or remade, when the call is tried again). An object
-        deleted behind p11p's back costs that object only: the member's other sessions
-        and objects stay. False when the member session itself is gone."""
+        or remade, when the call is tried again). An object deleted behind p11p's back
+        costs that object only: the member's other sessions and objects stay. False
+        when the member session itself is gone."""
         real_session = vs.real.get(member)
         if real_session is None:
             return False
