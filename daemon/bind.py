@@ -336,10 +336,16 @@ class SessionBuilder:
         one may hold operations of the data plane the daemon never saw (whether the
         client can replay them, only the client knows): not at will either, unless
         `settled`: the client handed them over just before the call (a search,
-        client/find.c), and those it could not it sends again itself."""
+        client/find.c), and those it could not it sends again itself. Nor one whose
+        objects or operations' keys come from a random key another session's object
+        still holds on a member in service (VirtualObject.pinned): made again elsewhere
+        they would be another key than that one, so they stay on their member."""
         return ((vs.direct is None or settled) and vs.find is None
                 and all(op.replayable for op in vs.ops.values())
-                and all(o.replayable or o.lost for o in vs.objects))
+                and all(o.lost or (o.replayable and not o.pinned(vs)) for o in vs.objects)
+                and not any(k.is_token is False and k.owner is not vs
+                            and (k.random_held() or k.pinned(vs))
+                            for op in vs.ops.values() for k in op.keys.values()))
 
     async def close_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> None:
         """Closes the session's member session on `member`; the next use opens another."""

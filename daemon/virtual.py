@@ -165,6 +165,18 @@ class VirtualObject:
         return bool(self.recipe is not None and self.recipe.roots
                     and any(m.health.usable for m in self.real))
 
+    def pinned(self, vs: VirtualSession) -> bool:
+        """Made from a random key an object of another session than `vs` still holds on
+        a member in service: made again elsewhere, it would not match that object (a
+        copy would be of another key), so it stays on its member (resolve.ensure_object:
+        random_held) and `vs`'s member session there is not closed at will."""
+        for root in self.recipe.roots if self.recipe is not None else ():
+            for out in root.outputs:
+                if out is not None and out is not self and out.is_token is False \
+                        and out.owner is not vs and not out.destroyed and out.held():
+                    return True
+        return False
+
     @property
     def replayable(self) -> bool:
         """Can be made again on another member, with the same bits."""

@@ -1748,3 +1748,17 @@ def test_search_whose_other_member_lost_the_application_s_sessions(model_env: En
     never used, is made again on the searched member and found there."""
     name = "search_whose_other_member_lost_the_application_s_sessions.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_copy_of_another_session_s_random_key_beside_a_general_error(model_env: Env) -> None:
+    """Found by make soak under balance (9 of 72 steps, no fault): a session holds a
+    copy of a random key that another session made (C_GenerateKey, then C_CopyObject);
+    its C_Decrypt meets CKR_GENERAL_ERROR (bad padding, SoftHSM2) and the call visited
+    the other members, closing the session's member session: the copy could not be
+    made again there (its source stays on its member, remade it would be another key),
+    and the next C_WrapKey with it got CKR_DEVICE_ERROR. Such a session is no longer
+    rebuildable at will (VirtualObject.pinned): the code is answered as is, on the
+    member that holds the copy."""
+    name = "copy_of_another_session_s_random_key_beside_a_general_error.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
