@@ -66,7 +66,9 @@ class Placement:
             member: Member | None
             if write == "primary":
                 member = group.primary()
-                allowed = self.allowed(ctx, shape, vreq, vs)
+                # a token write runs in a member session of its own (router.py): what
+                # it names counts, not the keys of the session's operations
+                allowed = self.allowed(ctx, shape, vreq, vs, ops=False)
                 if allowed is not None and member not in allowed:
                     # what it copies (a key made at random) is on another member only:
                     # the token object is written there, which becomes its home
@@ -109,11 +111,11 @@ class Placement:
             await group.wait_change(deadline - now)
 
     def needed(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,
-               vreq: list[Any]) -> list[VirtualObject]:
-        """The objects a call needs on its member: those it names, and the keys of the
-        session's active operations (they are replayed where the session goes)."""
+               vreq: list[Any], ops: bool = True) -> list[VirtualObject]:
+        """The objects a call needs on its member: those it names, and (`ops`) the keys
+        of the session's active operations (they are replayed where the session goes)."""
         objs = list(self.r.resolve.named_objects(ctx, shape, vreq).values())
-        for op in vs.ops.values():
+        for op in vs.ops.values() if ops else ():
             init = SHAPES[op.init[0]]
             # a key made at random whose member left is lost for the operation (which is
             # lost where the session goes, README), not for the call
@@ -165,9 +167,9 @@ class Placement:
                      or (retry and (bool(vs.ops) or not self.r.bind.rebuildable(vs)))))
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
-                vs: VirtualSession) -> list[Member] | None:
+                vs: VirtualSession, ops: bool = True) -> list[Member] | None:
         """The members that hold (or can make) every object the call needs; None: any."""
-        objs = self.needed(ctx, vs, shape, vreq)
+        objs = self.needed(ctx, vs, shape, vreq, ops)
         pin = self.pinned(ctx, vs, shape)
         if not objs:
             return None if pin is None else [pin]

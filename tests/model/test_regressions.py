@@ -1762,3 +1762,16 @@ def test_copy_of_another_session_s_random_key_beside_a_general_error(model_env: 
     member that holds the copy."""
     name = "copy_of_another_session_s_random_key_beside_a_general_error.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_token_pair_generated_beside_an_operation_on_a_random_key(model_env: Env) -> None:
+    """Found by make soak under balance (18 of 56 steps): a token key pair generated
+    (write_policy "primary") in a session whose active decryption uses a random session
+    key held on the third member was written there, not on the primary: the placement
+    of a token write counted the keys of the session's operations, though a write runs
+    in a member session of its own. That member went down and the public key could be
+    used nowhere (C_VerifyInit held, then CKR_DEVICE_ERROR). A token write now counts
+    what it names only, and goes to the primary."""
+    name = "token_pair_generated_beside_an_operation_on_a_random_key.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
