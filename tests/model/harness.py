@@ -996,7 +996,12 @@ class Runner:
                                      private=IMPORTED[name] != "find")
                 elif name.startswith("m-"):
                     made = self.made.get(name)
-                    if made is not None:
+                    if made is not None and not made.token:
+                        # a session object the model dropped (diverge): found again, it is
+                        # still its session's, with the bits it had (used or not)
+                        made.found = True
+                        objs[name] = made
+                    elif made is not None:
                         objs[name] = Obj(made.kind, True, None, made.random, app=made.app,
                                          private=made.private, found=True, copied=made.copied)
         elif op == "find_final":

@@ -1775,3 +1775,16 @@ def test_token_pair_generated_beside_an_operation_on_a_random_key(model_env: Env
     what it names only, and goes to the primary."""
     name = "token_pair_generated_beside_an_operation_on_a_random_key.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_encrypt_init_with_a_used_random_key_found_again_after_a_refused_init(
+        model_env: Env) -> None:
+    """Found by make soak under failover (13 of 32 steps): a random session key used
+    while a CKR_SESSION_CLOSED rule waited on its member; an unknown handle made the
+    model drop that session's objects (a documented difference, beside its search); a
+    search in a new session found the key again, and the model took it for a token
+    object, so the key's loss (the rule hit, p11p reset the member: README, Limits) was
+    not allowed. The model now keeps a session object found again as its session's."""
+    name = "encrypt_init_with_a_used_random_key_found_again_after_a_refused_init.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
