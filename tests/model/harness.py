@@ -1141,10 +1141,11 @@ class Runner:
                         self.tainted[app].add(o.owner)
                 for name, sess in self.sessions[app].items():
                     # an operation whose used key went with its session (closed): its
-                    # replay has no key
+                    # replay has no key; nor has one whose token key was destroyed
+                    # (README, Limits: it stays on its member, lost if that one fails)
                     gone = [self.made.get(k) for k in sess.ops.values()
                             if k and k not in self.objs[app]]
-                    if any(o is not None and o.random and o.used for o in gone):
+                    if any(o is not None and (o.token or (o.random and o.used)) for o in gone):
                         self.tainted[app].add(name)
 
     def needs_login(self, app: int, obj: Obj) -> bool:

@@ -1788,3 +1788,15 @@ def test_encrypt_init_with_a_used_random_key_found_again_after_a_refused_init(
     not allowed. The model now keeps a session object found again as its session's."""
     name = "encrypt_init_with_a_used_random_key_found_again_after_a_refused_init.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset(
+        model_env: Env) -> None:
+    """Found by make soak under balance (7 of 43 steps): a decryption whose token key the
+    application destroyed, then its member lost the sessions (faultsim reset): the
+    operation cannot be replayed and is lost (README, Limits), so a search starts where
+    SoftHSM2 used directly answers CKR_OPERATION_ACTIVE. The model now counts such a
+    session in doubt at a member event, as one whose used random key went."""
+    name = "search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
