@@ -276,7 +276,7 @@ class SessionBuilder:
             except (SessionVanished, budget.CallExpired):
                 raise
             except (CKError, KeyMissing) as exc:  # its key is lost, or on no member
-                return f"its key: {exc or 'on no member'}"
+                return f"its key: {str(exc) or 'on no member'}"
             reply = await self.r.link.replayed(ctx, member, init)
         finally:
             await self.r.resolve.drop_remade(ctx, vs, member, op.keys.values())
