@@ -597,6 +597,9 @@ class Runner:
         # token direct makes them invalid; a find after login gives new ones)
         self.stale: list[set[str]] = [set() for _ in range(APPS)]
         self.homes: dict[str, str] = {}   # token object made through p11p -> its member
+        # a session object made from such a token object (copy, derive, unwrap) -> that
+        # member: remade elsewhere it needs its source there, destroyed or not
+        self.home_made: dict[str, str] = {}
         self.down: set[str] = set()       # members a persistent error holds out
         self.hung: set[str] = set()       # members hung (until a settle)
         # members with a helper killed (until a settle): p11p fails the member when it
@@ -1026,6 +1029,12 @@ class Runner:
                 self.tainted[app].add(obj.owner)  # made of used bits a fault may take
             objs[step["o"]] = obj
             self.made[step["o"]] = obj
+            if not token:
+                home = next((self.homes.get(n) or self.home_made.get(n) for n in
+                             (step.get(k) for k in ("src", "uk", "base", "k")) if n
+                             and (n in self.homes or n in self.home_made)), None)
+                if home is not None:
+                    self.home_made[step["o"]] = home
         elif op == "genpair":
             token = self.is_token_write(step)
             for name, kind in ((step["pub"], "gecpub"), (step["priv"], "gecpriv")):
@@ -1036,6 +1045,7 @@ class Runner:
         elif op == "destroy":
             objs.pop(step["o"], None)
             self.homes.pop(step["o"], None)
+            self.home_made.pop(step["o"], None)
             for other in self.objs:
                 other.pop(step["o"], None)
         elif op == "opinit":
@@ -1098,6 +1108,7 @@ class Runner:
                 self.tainted[app].add(name)
         for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:
             del self.objs[app][name]
+            self.home_made.pop(name, None)
         self.tainted[app] -= sessions
         for s in sessions:
             self.finds.pop((app, s), None)
@@ -1173,13 +1184,14 @@ class Runner:
 
     def may_hit(self, m: str) -> bool:
         """A transient fault: never on a member holding a token object written through
-        p11p (write_policy "primary" writes to one member: README, Limits)."""
-        return m not in self.homes.values()
+        p11p (write_policy "primary" writes to one member: README, Limits), nor on the
+        one a session object made from such an object needs."""
+        return m not in self.homes.values() and m not in self.home_made.values()
 
     def may_take_down(self, m: str) -> bool:
         """At least one member stays in service, and no member holding a token object
         written through p11p (write_policy "primary": README, Limits) is touched."""
-        if m in self.homes.values():
+        if not self.may_hit(m):
             return False
         return len(self.out_of_service() | {m}) < len(self.env.members)
 
