@@ -405,8 +405,10 @@ class Documented:
         # recovering) when the call looks for another
         failing = {m for m, lines in runner.env.rules.items()
                    if any(f"rv={rv} " in line for rv in MEMBER_FAILED_RVS for line in lines)}
+        # and one whose helper was killed fails when p11p learns of it, then recovers
         serving = [m for m in runner.env.members
-                   if m not in runner.out_of_service() and m not in failing]
+                   if m not in runner.out_of_service() and m not in failing
+                   and m not in runner.killed]
         # README: a session key generated at random stays on the member that made it
         # while that member serves: a call that needs it has no other member
         names = {step.get(k) for k in ("k", "wk", "uk", "base", "src")}

@@ -1800,3 +1800,14 @@ def test_search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset(
     session in doubt at a member event, as one whose used random key went."""
     name = "search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_create_with_a_general_error_beside_a_killed_helper_and_a_member_down(
+        model_env: Env) -> None:
+    """Found by make soak under balance (5 of 55 steps): one member down, the session's
+    member failed by a killed helper, the third answers C_CreateObject
+    CKR_GENERAL_ERROR: no other member serves, so the application gets the code
+    (README, Limits). The model counted the member of the killed helper as serving."""
+    name = "create_with_a_general_error_beside_a_killed_helper_and_a_member_down.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
