@@ -410,8 +410,9 @@ class Documented:
                    if m not in runner.out_of_service() and m not in failing
                    and m not in runner.killed]
         # README: a session key generated at random stays on the member that made it
-        # while that member serves: a call that needs it has no other member
-        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src")}
+        # while that member serves: a call that needs it (or names it: attributes,
+        # destroy) has no other member
+        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
         held = [runner.objs[app][n] for n in names if n in runner.objs[app]]
         # README: nor is a session moved that holds what cannot be made again (a used
         # generated key, an operation p11p does not replay): it stays where it is

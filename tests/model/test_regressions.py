@@ -1811,3 +1811,14 @@ def test_create_with_a_general_error_beside_a_killed_helper_and_a_member_down(
     (README, Limits). The model counted the member of the killed helper as serving."""
     name = "create_with_a_general_error_beside_a_killed_helper_and_a_member_down.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_destroy_of_an_unused_random_pair_half_with_a_general_error(model_env: Env) -> None:
+    """Found by make soak under failover (5 of 44 steps): C_DestroyObject of a generated
+    session key pair's public half, answered CKR_GENERAL_ERROR by its member: a key made
+    at random stays on the member that made it (README, Limits), so no other member
+    takes the call and the application gets the code. The model looked at the keys a
+    call uses, not at the object it names."""
+    name = "destroy_of_an_unused_random_pair_half_with_a_general_error.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
