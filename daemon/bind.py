@@ -61,21 +61,7 @@ class SessionBuilder:
     async def session_on(self, ctx: ApplicationContext, vs: VirtualSession, member: Member) -> int:
         real = vs.real.get(member)
         if real is None:
-            reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
-                                                            vs.flags, 0])
-            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
-                raise SessionVanished  # the member lost its sessions meanwhile: again
-            if reply[0] == USER_NOT_LOGGED_IN:
-                # not a C_OpenSession answer (PKCS#11 §5.6 lists none such): the member
-                # lost the application's login, or its state is off; its sessions there
-                # are reset, again (a module that keeps answering it: CKR_DEVICE_ERROR)
-                log.warning("login lost: %s member=%s C_OpenSession returned %s; new "
-                            "session and login", ctx.name, member.name, rv_name(reply[0]))
-                await self.r.failures.reset_member(ctx, member)
-                raise SessionVanished
-            if reply[0] != OK:
-                raise CKError(reply[0], f"re-opening the session on {member.name}")
-            real = reply[1]
+            real = await self._open(ctx, member, vs.flags, f"re-opening the session on {member.name}")
             vs.real[member] = real
             if vs.left is not None and vs.left.member is member:
                 vs.left = None  # another member session: what ran in the old one is gone
@@ -159,16 +145,29 @@ class SessionBuilder:
                 log.info("%s member=%s: login after the application's failed: %s", ctx.name,
                          member.name, exc)
 
+    async def _open(self, ctx: ApplicationContext, member: Member, flags: int, why: str) -> int:
+        """C_OpenSession on `member`: the member session's handle."""
+        reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
+                                                        flags, 0])
+        if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
+            raise SessionVanished  # the member lost its sessions meanwhile: again
+        if reply[0] == USER_NOT_LOGGED_IN:
+            # not a C_OpenSession answer (PKCS#11 §5.6 lists none such): the member lost
+            # the application's login, or its state is off; its sessions there are reset,
+            # again (a module that keeps answering it: CKR_DEVICE_ERROR). Also for p11p's
+            # own session (a search of the application's objects held there opens it)
+            log.warning("login lost: %s member=%s C_OpenSession returned %s; new "
+                        "session and login", ctx.name, member.name, rv_name(reply[0]))
+            await self.r.failures.reset_member(ctx, member)
+            raise SessionVanished
+        if reply[0] != OK:
+            raise CKError(reply[0], why)
+        return int(reply[1])
+
     async def utility_session(self, ctx: ApplicationContext, member: Member) -> int:
         real = ctx.utility.get(member)
         if real is None:
-            reply = await self.r.link.checked(ctx, member, [CODE["C_OpenSession"], member.slot_id,
-                                                            4, 0])  # CKF_SERIAL_SESSION
-            if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
-                raise SessionVanished
-            if reply[0] != OK:
-                raise CKError(reply[0])
-            real = ctx.utility[member] = reply[1]
+            real = ctx.utility[member] = await self._open(ctx, member, 4, "")  # CKF_SERIAL_SESSION
             await self.check_login(ctx, member, real)
         group = member.group
         try:

@@ -1822,3 +1822,17 @@ def test_destroy_of_an_unused_random_pair_half_with_a_general_error(model_env: E
     call uses, not at the object it names."""
     name = "destroy_of_an_unused_random_pair_half_with_a_general_error.json"
     replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_whose_own_session_open_was_answered_user_not_logged_in(
+        model_env: Env) -> None:
+    """Found by make soak under balance (the whole 23 steps: the shrink dropped the
+    login that made it a finding): a logged-in application's search adds its session
+    objects held by another member, through p11p's own session there, whose
+    C_OpenSession the member answered CKR_USER_NOT_LOGGED_IN (faultsim): the code
+    reached the application's C_FindObjectsInit. As for the application's own sessions,
+    the member's sessions are reset and the search runs again (bind._open)."""
+    name = "search_whose_own_session_open_was_answered_user_not_logged_in.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
