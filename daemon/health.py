@@ -177,6 +177,11 @@ class HealthMonitor:
         self.daemon.router.failures.member_failed(member, exc, "health probe")
 
 
+def takes_work_elsewhere(member: Member) -> bool:
+    """Whether another member of the group takes new work (in service, not draining)."""
+    return any(m is not member and m.placeable for m in member.group.members)
+
+
 def hold_out(member: Member) -> None:
     """A member failed: when it had returned within `max_interval` and another member
     serves, it is held out twice as long as last time; otherwise for `interval`
@@ -184,9 +189,9 @@ def hold_out(member: Member) -> None:
     h = member.health
     rec = member.group.config.recovery
     now = time.monotonic()
-    # a group with no other member in service takes its member back as soon as it
-    # answers: holding it out would hold the whole token out
-    others = any(m is not member and m.health.usable for m in member.group.members)
+    # a group with no other member taking new work (in service, not draining) takes its
+    # member back as soon as it answers: holding it out would hold the whole token out
+    others = takes_work_elsewhere(member)
     flapping = others and h.returned_at is not None and now - h.returned_at < rec.max_interval
     h.holdout = min(max(2 * h.holdout, 2 * rec.interval), rec.max_interval) if flapping \
         else rec.interval

@@ -47,12 +47,14 @@ class Recovery:
             cfg = group.config.recovery  # as it is now: a reload applies at the next attempt
             if cfg.attempts and attempt >= cfg.attempts:
                 break
+            await asyncio.sleep(0 if at_once and not attempt else cfg.interval)
             # a member that failed again soon after it returned is held out longer
-            # (health.hold_out); `p11p member enable` (at_once) does not wait for it
-            wait = 0 if at_once and not attempt else cfg.interval
-            if not at_once:
-                wait = max(wait, member.health.held_until - time.monotonic())
-            await asyncio.sleep(wait)
+            # (health.hold_out) while another member takes new work: no longer once none
+            # does (drained, failed), which would hold the whole token out; `p11p member
+            # enable` (at_once) does not wait for it
+            while not at_once and health.takes_work_elsewhere(member) and \
+                    (left := member.health.held_until - time.monotonic()) > 0:
+                await group.wait_change(left)
             if member.health.state in (MemberState.DISABLED, MemberState.OK):
                 return
             attempt += 1

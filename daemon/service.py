@@ -295,6 +295,7 @@ class Daemon:
         if member.health.state is MemberState.OK:
             member.mark(MemberState.DRAINING)
             log.warning("member draining: group=%s member=%s", member.group.label, member.name)
+            member.group.notify()  # a member held out waits no longer for this one (recovery)
         moved = 0
         for ctx in list(self.contexts.values()):
             for vs in ctx.sessions.values():

@@ -380,3 +380,40 @@ def test_an_error_p11p_answers_ends_the_operation(ha_factory: Any) -> None:
         assert app.run("_ = sign()") == "(0, 64)"
     finally:
         app.close()
+
+
+def test_a_member_held_out_comes_back_once_no_other_takes_work(tmp_path: Path,
+                                                                ha_tokens: Any) -> None:
+    """A member that fails again soon after it returned is held out longer while another
+    member takes new work (recovery interval 1.5 s: 3 s); once that one is drained none
+    does, and holding the member out would hold the whole token out: it comes back at the
+    recovery interval, and a call held meanwhile succeeds within hold_timeout (2 s).
+    Found by make soak (failover-74): a search held there got CKR_DEVICE_ERROR."""
+    group = HAGroup(tmp_path / "g", ha_tokens, "failover", ["hsmA", "hsmB"])
+    path = group.daemon.config.parent / "tokens.d" / "ha.toml"
+    text = path.read_text()
+    assert "interval = 0.2\n" in text and "max_interval = 2\n" in text
+    path.write_text(text.replace("max_interval = 2\n", "max_interval = 60\n")
+                    .replace("interval = 0.2\n", "interval = 1.5\n"))
+    group.daemon.start()
+    app = PyApp(group.daemon)
+    digest = "_ = bytes(s.digest(DATA, P.Mechanism(P.CKM_SHA256))).hex()"
+    try:
+        app.run(OPEN + "s = s0; " + digest)  # on hsmA
+        for n in (1, 2):  # hsmA fails, returns, fails again soon (a new rule counts anew)
+            group.set_rules("hsmA", f"C_Digest error rv=CKR_DEVICE_ERROR count=1 procs=1 "
+                                    f"after={'0' * n}\n")
+            app.run("s = lib.openSession(slot, RW); " + digest)  # fails over to hsmB
+            if n == 1:
+                group.wait_state("hsmA", "OK", 10)
+        assert re.search(r"member held out: group=ha member=hsmA for 3\.0 s",
+                         group.daemon.log_text()), group.daemon.log_text()[-3000:]
+        _admin(group, "drain", "ha", "hsmB")
+        start = time.monotonic()
+        rv = app.rv("s = lib.openSession(slot, RW); " + digest)  # held: hsmA's recovery
+        took = time.monotonic() - start
+        assert rv == 0 and took < 2.0, (rv, took)
+        assert group.member("hsmA")["state"] == "OK"
+    finally:
+        app.close()
+        group.daemon.stop()
