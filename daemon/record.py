@@ -47,6 +47,11 @@ class Recorder:
                 else:
                     made.append(None)
             self.r.daemon.audit.created(ctx, vs.group, name, made, member, named.values())
+            if shape.fn.writes == "copy" and any(m is not None and m.is_token for m in made):
+                # a token copy keeps the source's bits where no failover remakes them:
+                # a random source made again elsewhere would be another key than it
+                for vobj in named.values():
+                    vobj.used = True
             recipe = Recipe(list(vreq), made, name in GENERATING, named)
             for new in made:
                 if new is None:

@@ -694,6 +694,18 @@ class Runner:
         before the token sees the call. False when no member is in service."""
         states = self.env.states()
         home = next((m for m in self.env.members if states[m] == "OK"), None)
+        # what the write copies, derives or unwraps from decides where it goes: a token
+        # object's member, a session object made from one; a session key made at random
+        # is on the member that made it, which the model does not know ("?": no member
+        # may then be hit)
+        for name in (step.get(k) for k in ("src", "base", "uk")):
+            obj = self.objs[step["app"]].get(name or "")
+            if name in self.homes or name in self.home_made:
+                home = self.homes.get(name or "") or self.home_made[name or ""]
+                break
+            if obj is not None and obj.random and not obj.token:
+                home = "?"
+                break
         for m in self.env.members:
             kept = [line for line in self.env.rules[m] if " error " not in line]
             if m not in self.down and kept != self.env.rules[m]:
@@ -935,11 +947,14 @@ class Runner:
             self.values[step["id"]] = (p["out"], r["out"], dict(step))
         if p.get("rv") == OK and op == "getattr" and MATERIAL & set(step["a"]):
             self.mark_used(app, step["o"])  # its bits shown (p11p: shapes.reveals)
-        if p.get("rv") == OK and op in ("opinit", "wrap", "digestkey"):
+        if p.get("rv") == OK and op in ("opinit", "wrap", "digestkey", "derive", "unwrap"):
             # p11p used the key (its bits may show), even where the token used directly
             # refused the call in a documented way
-            for k in ("k", "wk"):
+            for k in ("k", "wk", "base", "uk"):
                 self.mark_used(app, step.get(k))
+        if p.get("rv") == OK and op == "copy" and self.is_token_write(step):
+            # a token copy keeps the bits where no failover remakes them (README, Limits)
+            self.mark_used(app, step.get("src"))
         if op == "find":
             for name in set(r.get("found", [])) ^ set(p.get("found", [])):
                 if name in self.stale[app]:
@@ -1189,7 +1204,8 @@ class Runner:
         """A transient fault: never on a member holding a token object written through
         p11p (write_policy "primary" writes to one member: README, Limits), nor on the
         one a session object made from such an object needs."""
-        return m not in self.homes.values() and m not in self.home_made.values()
+        homes = set(self.homes.values()) | set(self.home_made.values())
+        return m not in homes and "?" not in homes
 
     def may_take_down(self, m: str) -> bool:
         """At least one member stays in service, and no member holding a token object

@@ -523,6 +523,8 @@ class ModelMachine(RuleBasedStateMachine):
         t = [["CKA_TOKEN", self.token_flag(data)], ["CKA_LABEL", h(name)], ["CKA_CLASS", 4],
              ["CKA_KEY_TYPE", 0x1F], ["CKA_ENCRYPT", True], ["CKA_DECRYPT", True],
              ["CKA_EXTRACTABLE", True], ["CKA_SENSITIVE", False]]
+        if data.draw(st.integers(0, 3), label="value length?") != 0:
+            t.append(["CKA_VALUE_LEN", n])  # SoftHSM2 refuses the template without it
         self.step(app=app, op="derive", s=s, mech={"m": "CKM_AES_ECB_ENCRYPT_DATA", "kd": kd},
                   base=base, o=name, kind="aes", t=t)
 

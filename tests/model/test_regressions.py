@@ -1836,3 +1836,45 @@ def test_search_whose_own_session_open_was_answered_user_not_logged_in(
     name = "search_whose_own_session_open_was_answered_user_not_logged_in.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_wrap_with_a_generated_key_copied_to_a_token_object_after_a_failover(
+        model_env: Env) -> None:
+    """A session key generated at random, not used yet, copied to a token object; its
+    member fails and a wrap with it follows. p11p made the key again on the other member,
+    with other bits than its token copy has: what it wrapped there, the copy (back on
+    its member) could not unwrap (CKR_GENERAL_ERROR where the token answers CKR_OK). A
+    token copy now counts as a use (record.py): the key is lost with its member (README,
+    Limits) and the wrap answers CKR_DEVICE_ERROR, as documented."""
+    name = "wrap_with_a_generated_key_copied_to_a_token_object_after_a_failover.json"
+    *through_wrap, up, settle, unwrap = json.loads((HERE / "sequences" / name).read_text())
+    runner = replay(model_env, through_wrap)
+    if "w1" in runner.values:  # p11p wrapped, with the key made again: the copy differs
+        for step in (up, settle, unwrap):
+            runner.run(step)
+    assert "w1" not in runner.values
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_wrap_with_a_generated_key_a_derivation_used_after_a_failover(model_env: Env) -> None:
+    """A derivation from a session key generated at random is a use of it (README,
+    Limits: "an operation with it succeeded"): after a failover it is lost, and a wrap
+    with it answers CKR_DEVICE_ERROR. The model took it for unused (and its generator
+    made no derivation that succeeded: its templates lacked CKA_VALUE_LEN)."""
+    name = "wrap_with_a_generated_key_a_derivation_used_after_a_failover.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_derive_from_a_token_copy_of_a_generated_key_whose_member_went(model_env: Env) -> None:
+    """Found by make soak under balance (the whole 67 steps): a session key generated at
+    random on hsmC, copied to a token object (which p11p writes where the key is, under
+    write_policy "primary"); hsmC down; a C_DeriveKey from the copy was held, then
+    answered CKR_DEVICE_ERROR (README, Limits: such an object is usable only while its
+    member serves) where the token answers CKR_ATTRIBUTE_VALUE_INVALID. The model took
+    the copy to be on the first member in service and let hsmC go down; it now keeps
+    faults off every member while such an object exists (it does not know which member
+    holds a key made at random), and the copy makes the key used (record.py)."""
+    name = "derive_from_a_token_copy_of_a_generated_key_whose_member_went.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
