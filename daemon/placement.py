@@ -79,6 +79,11 @@ class Placement:
                 member = home if home is not None and home.health.usable else None
             else:
                 allowed = self.allowed(ctx, shape, vreq, vs)
+                if allowed is not None and not allowed and not shape.fn.op_kind and vs.ops:
+                    # no member holds both what a call of no operation names and its
+                    # session's operations' keys: it needs only the former, and visits a
+                    # member that holds them (visiting); the session stays with its work
+                    allowed = self.allowed(ctx, shape, vreq, vs, ops=False)
                 if allowed is not None and not allowed:
                     self.unreachable(ctx, vs, shape, vreq)
                 if spared:
@@ -159,12 +164,23 @@ class Placement:
         """A call of no operation placed on another member than its session's, when the
         session holds back (what it needs is there only), or is tried there after a
         CKR_GENERAL_ERROR (`retry`) beside operations, or beside what cannot be closed at
-        will (bind.rebuildable: a binding of the data plane, a search): it runs in a member
+        will (bind.rebuildable: a binding of the data plane, a search), or when the keys
+        of the session's operations are not there (what it names is elsewhere only, as in
+        place): it runs in a member
         session of its own there (as a token write does), and the session stays where its
         operations are (moved, their replay could fail where they go on)."""
         return (not shape.fn.op_kind and member is not vs.member
                 and (self.held_back(ctx, vs) is not None
-                     or (retry and (bool(vs.ops) or not self.r.bind.rebuildable(vs)))))
+                     or (retry and (bool(vs.ops) or not self.r.bind.rebuildable(vs)))
+                     or not self.takes_operations(ctx, vs, member)))
+
+    def takes_operations(self, ctx: ApplicationContext, vs: VirtualSession,
+                         member: Member) -> bool:
+        """Whether `member` holds (or can make) the keys of the session's operations."""
+        objs = [o for op in vs.ops.values()
+                for o in self.r.resolve.named_objects(ctx, SHAPES[op.init[0]], op.init).values()
+                if not self.gone(o)]
+        return bool(self.restrict(objs, [member]))
 
     def allowed(self, ctx: ApplicationContext, shape: CallShape, vreq: list[Any],
                 vs: VirtualSession, ops: bool = True) -> list[Member] | None:
@@ -173,7 +189,11 @@ class Placement:
         pin = self.pinned(ctx, vs, shape)
         if not objs:
             return None if pin is None else [pin]
-        allowed = list(vs.group.members) if pin is None else [pin]
+        return self.restrict(objs, list(vs.group.members) if pin is None else [pin])
+
+    @staticmethod
+    def restrict(objs: list[VirtualObject], allowed: list[Member]) -> list[Member]:
+        """The members of `allowed` that hold (or can make) every object of `objs`."""
         for vobj in objs:
             if vobj.home is not None:
                 allowed = [m for m in allowed if m is vobj.home]

@@ -497,14 +497,17 @@ class Documented:
                                      p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "A call that needs two objects each of which only one member
         holds [...] and not the same one, has no member to run on: it gets the handle's
-        CKR_*_HANDLE_INVALID". Allowed where the call (with its session's operations)
-        needs two such objects: session objects made at random, or token objects written
-        through p11p to one member."""
+        CKR_*_HANDLE_INVALID". Allowed where the call (a call of an operation: with its
+        session's operations) needs two such objects: session objects made at random, or
+        token objects written through p11p to one member. A call of no operation (copy,
+        destroy, attributes, wrap, unwrap, derive) needs only what it names: it runs on a
+        member that holds that, beside the session's operations."""
         if p.get("rv") not in HANDLE_INVALID or r.get("rv") == p.get("rv"):
             return False
         sess = runner.sessions[app].get(step.get("s", ""))
         names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
-        if sess is not None:
+        if sess is not None and step["op"] in ("opinit", "update", "final", "oneshot",
+                                               "digestkey"):
             names |= set(sess.ops.values())
         pinned = set()
         for name in names:
