@@ -184,7 +184,7 @@ def takes_work_elsewhere(member: Member) -> bool:
 
 def hold_out(member: Member) -> None:
     """A member failed: when it had returned within `max_interval` and another member
-    serves, it is held out twice as long as last time; otherwise for `interval`
+    takes new work, it is held out twice as long as last time; otherwise for `interval`
     (recovery's first attempt)."""
     h = member.health
     rec = member.group.config.recovery

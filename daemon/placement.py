@@ -166,9 +166,9 @@ class Placement:
         CKR_GENERAL_ERROR (`retry`) beside operations, or beside what cannot be closed at
         will (bind.rebuildable: a binding of the data plane, a search), or when the keys
         of the session's operations are not there (what it names is elsewhere only, as in
-        place): it runs in a member
-        session of its own there (as a token write does), and the session stays where its
-        operations are (moved, their replay could fail where they go on)."""
+        place): it runs in a member session of its own there (as a token write does), and
+        the session stays where its operations are (moved, their replay could fail where
+        they go on)."""
         return (not shape.fn.op_kind and member is not vs.member
                 and (self.held_back(ctx, vs) is not None
                      or (retry and (bool(vs.ops) or not self.r.bind.rebuildable(vs)))
