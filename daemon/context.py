@@ -250,11 +250,14 @@ class ApplicationContext:
         self.by_real.clear()
         self.token_index.clear()
         await asyncio.gather(*(h.count_direct(m.health) for m, h in self.live_helpers()))
-        helpers = [f.result() for f in self._helpers.values()
+        helpers = [(m, f.result()) for m, f in self._helpers.items()
                    if f.done() and f.exception() is None]
         self._helpers.clear()
-        await asyncio.gather(*(h.stop() for h in helpers), return_exceptions=True)
-        log.info("%s ended (%d helpers stopped)", self.name, len(helpers))
+        # each ends, or serves the next application once clean (Member.recycle)
+        await asyncio.gather(*(m.recycle(h) for m, h in helpers), return_exceptions=True)
+        kept = sum(1 for _, h in helpers if h.alive and not h.stopping)
+        log.info("%s ended (%d helpers stopped, %d kept for other applications)", self.name,
+                 len(helpers) - kept, kept)
 
     def sessions_on(self, member: Member) -> int:
         return sum(1 for vs in self.sessions.values() if member in vs.real) + (

@@ -150,14 +150,16 @@ class Direct:
         the one start, and get the same name and token)."""
         if helper.fast_started is None:
             helper.fast_started = asyncio.get_running_loop().create_future()
-            name = f"p11p-direct-{secrets.token_hex(12)}".encode()
+            # a helper that served another application before keeps its listener's name
+            # (a new token and uid end that one's connections: fast.c)
+            name = helper.fast_name or f"p11p-direct-{secrets.token_hex(12)}".encode()
             token = secrets.token_bytes(16)
             ok = False
             try:
                 reply = await helper.call([FAST_START, name, token, uid], timeout)
                 ok = reply[0] == OK
                 if ok:
-                    helper.fast = (name, token)
+                    helper.fast, helper.fast_name = (name, token), name
             finally:
                 helper.fast_started.set_result(ok)
         return await asyncio.shield(helper.fast_started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,16 @@ from typing import Any
 from p11p.daemon import audit, budget
 from p11p.daemon.config import GroupConfig, MemberConfig
 from p11p.daemon.errors import MemberUnavailable, RvClass, class_table
-from p11p.daemon.helperproc import START_TIMEOUT, CallTimedOut, HelperLimit, HelperProcess
+from p11p.daemon.helperproc import (
+    FAST_START,
+    START_TIMEOUT,
+    CallTimedOut,
+    HelperLimit,
+    HelperProcess,
+)
 from p11p.daemon.metrics import GroupMetrics, MemberMetrics
 from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
-from p11p.protocol.constants import CKR, rv_name
+from p11p.protocol.constants import CKR, CKS, rv_name
 from p11p.protocol.spec import by_name
 
 log = logging.getLogger("p11p.member")
@@ -35,12 +42,20 @@ _GET_MECH_LIST = by_name()["C_GetMechanismList"].code
 _OPEN_SESSION = by_name()["C_OpenSession"].code
 _CLOSE_SESSION = by_name()["C_CloseSession"].code
 _CLOSE_ALL_SESSIONS = by_name()["C_CloseAllSessions"].code
+_GET_SESSION_INFO = by_name()["C_GetSessionInfo"].code
 _FIND_INIT = by_name()["C_FindObjectsInit"].code
 _FIND = by_name()["C_FindObjects"].code
 _FIND_FINAL = by_name()["C_FindObjectsFinal"].code
 _GET_ATTRIBUTE_VALUE = by_name()["C_GetAttributeValue"].code
 _POOL_TRIES, _POOL_RETRY = 5, 1.0  # warm-pool starts that fail, and the pause between
 _TOKEN_CHECKS = 3  # helpers started before a member is declared unavailable for a missing token
+# A helper whose application ended serves the next one (Member.recycle) up to this many
+# applications in all (what a module leaks per application stays bounded); the warm pool
+# refills that long after an application took a helper from it (a short-lived one gives
+# its helper back meanwhile, and no helper starts).
+RECYCLE_USES = 64
+_REFILL_DELAY = 0.5
+NOBODY_UID = 0xFFFFFFFF  # (uid_t)-1: no process has it (a recycled helper's listener)
 
 
 async def close_probe_session(helper: HelperProcess, member: str, slot: int, session: int,
@@ -120,6 +135,7 @@ class Member:
         # back as another device)
         self.mechanism_answers: dict[tuple[Any, ...], list[Any]] = {}
         self._refill: asyncio.Task[None] | None = None
+        self._stopped = False  # the group ended (Member.stop): no helper joins the pool
 
     def __repr__(self) -> str:
         return f"<Member {self.group.label}/{self.name}>"
@@ -153,6 +169,7 @@ class Member:
         def left(default: float) -> float:
             return default if deadline is None else deadline - time.monotonic()
 
+        epoch = self._pool_epoch
         for attempt in range(_TOKEN_CHECKS):
             given = left(START_TIMEOUT)
             if given <= 0:
@@ -186,6 +203,7 @@ class Member:
                 raise MemberUnavailable(self.name, f"C_GetTokenInfo: {rv_name(rv)}", rv)
             await asyncio.sleep(0.05 * (attempt + 1))
         helper.on_death = self._helper_died
+        helper.pool_epoch = epoch
         return helper
 
     def _helper_died(self, why: str) -> None:
@@ -199,20 +217,25 @@ class Member:
         while self._warm:
             helper = self._warm.pop()
             if helper.alive:
-                self._schedule_refill()
+                self._schedule_refill(_REFILL_DELAY)
+                helper.uses += 1
                 return helper
         helper = await self.new_helper(deadline=deadline)
-        self._schedule_refill()
+        self._schedule_refill(_REFILL_DELAY)
+        helper.uses += 1
         return helper
 
-    def _schedule_refill(self) -> None:
+    def _schedule_refill(self, delay: float = 0.0) -> None:
         if self._pool_size and (self._refill is None or self._refill.done()):
             # a task of its own, outside the application call that scheduled it (whose
             # deadline it must not take along)
             self._refill = asyncio.get_running_loop().create_task(
-                self._fill_pool(), context=contextvars.Context())
+                self._fill_pool(delay), context=contextvars.Context())
 
-    async def _fill_pool(self) -> None:
+    async def _fill_pool(self, delay: float = 0.0) -> None:
+        # after an application took a warm helper, a while first: a short-lived one gives
+        # it back meanwhile (recycle), and no helper needs to start
+        await asyncio.sleep(delay)
         failures = 0
         while len(self._warm) < self._pool_size and self.health.usable:
             epoch = self._pool_epoch
@@ -256,6 +279,56 @@ class Member:
         else:
             asyncio.get_running_loop().create_task(helper.stop(), context=contextvars.Context())
 
+    async def recycle(self, helper: HelperProcess) -> None:
+        """A helper whose application ended: back into the warm pool, for the next
+        application, when it served no more than RECYCLE_USES, its module instance is
+        the member's current one (no failure since it started), the pool has room, and it
+        is clean: every session of the slot closed (which ends the login and the session
+        objects, PKCS#11 §5.6), a new session public, its data plane's listener handed
+        to no one (fast.c: the ended application's connections and bindings end).
+        Otherwise, or when anything of that fails, it ends as before."""
+        timeout = self.group.config.call_timeout
+        try:
+            if self._recyclable(helper) and await self._clean(helper, timeout) \
+                    and self._recyclable(helper):
+                self._warm.append(helper)
+                return
+        except (MemberUnavailable, OSError):
+            pass  # its end below (a call that timed out killed it: not the member's failure)
+        await helper.stop()
+
+    def _recyclable(self, helper: HelperProcess) -> bool:
+        return (helper.alive and not helper.stopping and helper.in_flight == 0
+                and helper.uses < RECYCLE_USES and helper.pool_epoch == self._pool_epoch
+                and self.health.state is MemberState.OK and self.slot_id is not None
+                and not self._stopped and len(self._warm) < self._pool_size)
+
+    async def _clean(self, helper: HelperProcess, timeout: float) -> bool:
+        slot = self.slot_id
+        if (await helper.call([_CLOSE_ALL_SESSIONS, slot], timeout))[0] != CKR["CKR_OK"]:
+            return False
+        if helper.fast_name is not None:
+            if helper.fast_started is not None and not helper.fast_started.done():
+                return False
+            # nobody's token and uid: the ended application's connections close
+            reply = await helper.call([FAST_START, helper.fast_name, secrets.token_bytes(16),
+                                       NOBODY_UID], timeout)
+            if reply[0] != CKR["CKR_OK"]:
+                return False
+            helper.fast, helper.fast_started = None, None
+        rv, session = await helper.call([_OPEN_SESSION, slot, 4, 0], timeout)
+        if rv != CKR["CKR_OK"]:
+            return False
+        rv, info = await helper.call([_GET_SESSION_INFO, session, 0], timeout)
+        public = rv == CKR["CKR_OK"] and isinstance(info, list) and len(info) >= 2 \
+            and info[1] in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"])
+        if not public:
+            log.warning("group=%s member=%s a helper still logged in after C_CloseAllSessions "
+                        "(%s): it ends with its application", self.group.label, self.name,
+                        rv_name(rv))
+        rv = (await helper.call([_CLOSE_SESSION, session], timeout))[0]
+        return public and rv == CKR["CKR_OK"]
+
     def discard_pool(self) -> None:
         """Drops the warm helpers (their module instance may be broken too)."""
         self._pool_epoch += 1
@@ -267,10 +340,12 @@ class Member:
         """A helper of the member's new module instance (recovery's probe) is the pool;
         helpers started before go."""
         self.discard_pool()
+        helper.pool_epoch = self._pool_epoch
         self._warm.append(helper)
         self._schedule_refill()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._refill is not None:
             self._refill.cancel()
         warm, self._warm = self._warm, []

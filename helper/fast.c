@@ -48,6 +48,10 @@ static struct {
 	uint64_t since[FAST_MAX_CONNS];  /* when each call inside the module entered (ms), 0: free */
 	uid_t uid;
 	unsigned char token[FAST_TOKEN];
+	char name[108];
+	size_t name_len;
+	uint64_t epoch;                  /* bumped when the helper passes to another application */
+	int fds[FAST_MAX_CONNS];         /* the connections' sockets, + 1 (0: free) */
 	uint64_t generation;
 	/* bound sessions: calls inside the module on each; a revoked one takes no new call
 	 * and is freed once its calls are out (the daemon closes its session next) */
@@ -106,9 +110,12 @@ static uint64_t now_ms(void)
 	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u + 1u; /* never 0 */
 }
 
+/* The application epoch of the connection this thread serves (conn_main). */
+static __thread uint64_t conn_epoch;
+
 /* Counts a call in (its member session into *real, its place among the calls inside
- * the module into *slot), or refuses it: unknown id, or the module is being
- * finalized. */
+ * the module into *slot), or refuses it: unknown id, a connection of an application
+ * the helper served before (p11p_fast_start), or the module is being finalized. */
 static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real, unsigned *slot)
 {
 	unsigned i = (unsigned)(id & (FAST_IDS - 1));
@@ -117,7 +124,8 @@ static CK_RV enter(uint64_t id, CK_SESSION_HANDLE *real, unsigned *slot)
 	pthread_mutex_lock(&fast.lock);
 	if (fast.stopping) {
 		rv = CKR_CRYPTOKI_NOT_INITIALIZED;
-	} else if (id != 0 && fast.ids[i].id == id && !fast.ids[i].revoked) {
+	} else if (id != 0 && fast.ids[i].id == id && !fast.ids[i].revoked &&
+		   conn_epoch == fast.epoch) {
 		*real = fast.ids[i].real;
 		fast.ids[i].inside++;
 		fast.busy++;
@@ -214,6 +222,7 @@ void p11p_fast_limit(unsigned long max_output)
 
 struct conn {
 	int fd;
+	unsigned place;                  /* its entry in fast.fds */
 	msgpack_sbuffer out;
 	uint8_t *in;
 	size_t in_cap;
@@ -237,7 +246,9 @@ static int io_all(int fd, void *buf, size_t n, int writing)
 	return 0;
 }
 
-static int hello(int fd)
+/* The token, read within FAST_HELLO_MS: 0 and the connection's epoch set when it is the
+ * listener's now (from a process of the uid it allows now). */
+static int hello(int fd, uid_t uid)
 {
 	unsigned char token[FAST_TOKEN];
 	struct pollfd pfd = { fd, POLLIN, 0 };
@@ -252,8 +263,13 @@ static int hello(int fd)
 			return -1;
 		got += (size_t)k;
 	}
+	pthread_mutex_lock(&fast.lock);
 	for (size_t i = 0; i < sizeof token; i++)
 		diff |= token[i] ^ fast.token[i];
+	if (uid != fast.uid)
+		diff = 1;
+	conn_epoch = fast.epoch;
+	pthread_mutex_unlock(&fast.lock);
 	return diff ? -1 : 0;
 }
 
@@ -261,8 +277,11 @@ static void *conn_main(void *arg)
 {
 	struct conn *c = arg;
 	uint8_t header[4];
+	struct ucred cred;
+	socklen_t clen = sizeof cred;
 
-	if (hello(c->fd) != 0)
+	if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
+	    hello(c->fd, cred.uid) != 0)
 		goto out;
 	for (;;) {
 		if (io_all(c->fd, header, 4, 0) != 0)
@@ -291,13 +310,14 @@ static void *conn_main(void *arg)
 			break;
 	}
 out:
+	pthread_mutex_lock(&fast.lock);
+	fast.fds[c->place] = 0;  /* before the close: p11p_fast_start shuts only open ones */
+	fast.conns--;
+	pthread_mutex_unlock(&fast.lock);
 	close(c->fd);
 	free(c->in);
 	msgpack_sbuffer_destroy(&c->out);
 	free(c);
-	pthread_mutex_lock(&fast.lock);
-	fast.conns--;
-	pthread_mutex_unlock(&fast.lock);
 	return NULL;
 }
 
@@ -330,31 +350,68 @@ static void *accept_main(void *arg)
 			}
 			return NULL;
 		}
-		struct ucred cred;
-		socklen_t clen = sizeof cred;
-		struct conn *c = NULL;
-		int full;
-		pthread_mutex_lock(&fast.lock);
-		full = fast.conns >= FAST_MAX_CONNS;
-		if (!full)
-			fast.conns++;
-		pthread_mutex_unlock(&fast.lock);
-		if (full || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
-		    cred.uid != fast.uid || (c = calloc(1, sizeof *c)) == NULL ||
-		    (c->fd = fd, msgpack_sbuffer_init(&c->out), start_thread(conn_main, c) != 0)) {
-			close(fd);
-			free(c);
-			if (!full) {
+		struct conn *c = calloc(1, sizeof *c);
+		unsigned place = FAST_MAX_CONNS;
+		if (c != NULL) {
+			pthread_mutex_lock(&fast.lock);
+			for (unsigned k = 0; k < FAST_MAX_CONNS && fast.conns < FAST_MAX_CONNS; k++) {
+				if (fast.fds[k] == 0) {
+					fast.fds[k] = fd + 1;
+					fast.conns++;
+					place = k;
+					break;
+				}
+			}
+			pthread_mutex_unlock(&fast.lock);
+		}
+		/* the peer's uid and token are checked in its thread (hello) */
+		if (place == FAST_MAX_CONNS ||
+		    (c->fd = fd, c->place = place, msgpack_sbuffer_init(&c->out),
+		     start_thread(conn_main, c) != 0)) {
+			if (place < FAST_MAX_CONNS) {
 				pthread_mutex_lock(&fast.lock);
+				fast.fds[place] = 0;
 				fast.conns--;
 				pthread_mutex_unlock(&fast.lock);
 			}
+			close(fd);
+			free(c);
 		}
 	}
 }
 
+/* The helper passes to another application (the daemon, at p11p_fast_start): the
+ * connections of the one before are shut (a call they sent since is refused: enter),
+ * and its bound sessions end, their calls inside the module first (up to
+ * REVOKE_WAIT_S). Called with fast.lock held. */
+static void next_application(void)
+{
+	struct timespec until;
+
+	fast.epoch++;
+	for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
+		if (fast.fds[k] != 0)
+			shutdown(fast.fds[k] - 1, SHUT_RDWR);
+	}
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += REVOKE_WAIT_S;
+	for (unsigned i = 0; i < FAST_IDS; i++) {
+		if (fast.ids[i].id == 0)
+			continue;
+		fast.ids[i].revoked = 1;
+		while (fast.ids[i].inside > 0) {
+			if (pthread_cond_timedwait(&fast.idle, &fast.lock, &until) == ETIMEDOUT)
+				break;
+		}
+		fast.ids[i].id = 0;
+		fast.ids[i].revoked = 0;
+	}
+}
+
 /* Listens on the abstract name `name` for connections of `uid` presenting `token`.
- * 0, or an errno. Once per process; a second call changes nothing and returns 0. */
+ * 0, or an errno. A later call (the same name: EINVAL otherwise) gives the listener to
+ * another application: its token and uid replace the old ones, whose connections and
+ * bound sessions end (next_application). */
 int p11p_fast_start(const char *name, size_t name_len, const unsigned char *token,
 		    unsigned int uid)
 {
@@ -364,8 +421,16 @@ int p11p_fast_start(const char *name, size_t name_len, const unsigned char *toke
 	if (name_len == 0 || name_len + 1 > sizeof addr.sun_path)
 		return EINVAL;
 	pthread_mutex_lock(&fast.lock);
-	if (fast.listening)
+	if (fast.listening) {
+		if (name_len != fast.name_len || memcmp(name, fast.name, name_len) != 0) {
+			err = EINVAL;
+		} else {
+			next_application();
+			memcpy(fast.token, token, FAST_TOKEN);
+			fast.uid = uid;
+		}
 		goto out;
+	}
 	memset(&addr, 0, sizeof addr);
 	addr.sun_family = AF_UNIX;
 	memcpy(addr.sun_path + 1, name, name_len);
@@ -383,6 +448,8 @@ int p11p_fast_start(const char *name, size_t name_len, const unsigned char *toke
 	}
 	memcpy(fast.token, token, FAST_TOKEN);
 	fast.uid = uid;
+	memcpy(fast.name, name, name_len);
+	fast.name_len = name_len;
 	io.module = p11p_module;
 	err = start_thread(accept_main, (void *)(intptr_t)fd);
 	if (err != 0)

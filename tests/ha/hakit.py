@@ -78,8 +78,14 @@ max_interval = 2
         raise AssertionError(f"{name} not {state} after {timeout}s: {self.member(name)}")
 
     def app_helper(self, app_pid: int, member: str) -> int:
+        """The helper of the application (its latest context) on `member`: a helper
+        may have served another application before (the daemon recycles them)."""
         import re
-        found = re.findall(rf"pid={app_pid} member={member} helper pid=(\d+)", self.daemon.log_text())
+        text = self.daemon.log_text()
+        ctxs = re.findall(rf"ctx=(\w+) pid={app_pid} started", text)
+        assert ctxs, "no context logged for the application"
+        found = re.findall(rf"ctx={ctxs[-1]} pid={app_pid} member={member} helper pid=(\d+)",
+                           text)
         assert found, "no helper logged for the application"
         pid = int(found[-1])
         assert pid in helper_pids(self.daemon.pid)

@@ -188,3 +188,55 @@ def test_a_helper_start_on_a_hung_member_draws_from_the_call(ha_factory: Any,
             group.daemon.log_text()
     finally:
         group.set_rules("hsmA", "")
+
+
+def test_a_helper_serves_the_next_application_clean(ha_factory: Any, ha_keys: Path) -> None:
+    """An application's helpers, once it has ended, serve the next application (no
+    fork, no module start: Member.recycle) when clean: the login, the session objects
+    and the data plane's connections of the one before are gone. The next application
+    is not logged in, sees neither the private keys nor the other's session object, and
+    signs (on the data plane) once it logs in; signatures verify."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from hakit import PyApp
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    public = serialization.load_pem_public_key(
+        __import__("json").loads(ha_keys.read_text())["ec_public"].encode())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    setup = f"""
+import hashlib
+slot = lib.getSlotList(tokenPresent=True)[0]
+s = lib.openSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+def privs():
+    return len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)]))
+def sign():
+    (key,) = s.findObjects([(P.CKA_LABEL, "ha-ec"), (P.CKA_CLASS, P.CKO_PRIVATE_KEY)])
+    return bytes(s.sign(key, hashlib.sha256(b"recycled").digest(),
+                        P.Mechanism(P.CKM_ECDSA))).hex()
+PIN = "{USER_PIN}"
+"""
+    first = PyApp(group.daemon)
+    try:
+        first.run(setup + "s.login(PIN)")
+        first.run('s.createObject([(P.CKA_CLASS, P.CKO_DATA), (P.CKA_TOKEN, False), '
+                  '(P.CKA_PRIVATE, False), (P.CKA_LABEL, "first-app"), (P.CKA_VALUE, b"x")])')
+        assert first.run("_ = privs()") != "0"
+        first.run("_ = sign()")
+        helper = group.app_helper(first.proc.pid, "hsmA")
+    finally:
+        first.close()
+    assert wait_for(lambda: "1 kept for other applications" in group.daemon.log_text(), 10)
+    second = PyApp(group.daemon)
+    try:
+        second.run(setup)
+        assert group.app_helper(second.proc.pid, "hsmA") == helper  # the same process
+        assert second.run("_ = s.getSessionInfo().state") == "2"  # CKS_RW_PUBLIC_SESSION
+        assert second.run("_ = privs()") == "0"
+        assert second.run('_ = len(s.findObjects([(P.CKA_LABEL, "first-app")]))') == "0"
+        second.run("s.login(PIN)")
+        signature = bytes.fromhex(second.run("_ = sign()").strip("'"))
+        r, s_ = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+        public.verify(encode_dss_signature(r, s_), b"recycled", ec.ECDSA(hashes.SHA256()))
+    finally:
+        second.close()

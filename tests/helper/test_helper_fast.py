@@ -106,6 +106,34 @@ def test_a_revoked_id_is_refused(fast: Fast) -> None:
         assert call(s, GENERATE_RANDOM, again, 8)[0] == 0
 
 
+def test_a_second_start_hands_the_listener_to_another_application(fast: Fast) -> None:
+    """A helper recycled for the next application (daemon: Member.recycle) gets a new
+    token and uid on the same name: the connections of the one before are shut, its
+    bound sessions end, and its token no longer connects; the new one's work."""
+    old = fast.connect()
+    assert call(old, GENERATE_RANDOM, fast.id, 8)[0] == 0
+    other = fast.connect()  # connected, no call yet
+    token = secrets.token_bytes(16)
+    assert fast.helper.call(FAST_START, fast.name, token, os.getuid()) == [CKR["CKR_OK"]]
+    assert closed(old) and closed(other)
+    with fast.connect() as s:  # the old token
+        assert closed(s)
+    with fast.connect(token) as s:
+        assert call(s, GENERATE_RANDOM, fast.id, 8) == [CKR["CKR_SESSION_HANDLE_INVALID"]]
+        (again,) = fast.helper.ok(FAST_ALLOW, fast.session)
+        assert call(s, GENERATE_RANDOM, again, 8)[0] == 0
+        # nobody's uid (as the daemon leaves a helper between applications): no
+        # connection of this uid is kept or taken, whatever its token
+        assert fast.helper.call(FAST_START, fast.name, token, 0xFFFFFFFF) == [CKR["CKR_OK"]]
+        assert closed(s)
+    with fast.connect(token) as s:
+        assert closed(s)
+    # the listener keeps its name
+    assert fast.helper.call(FAST_START, b"another-name", token, os.getuid()) == \
+        [CKR["CKR_FUNCTION_FAILED"]]
+    assert fast.helper.call(-1)[0] == 0
+
+
 @pytest.mark.parametrize("token", [b"", b"\0" * 15, b"\0" * 16, b"wrong token, 16b"])
 def test_a_connection_without_the_token_is_closed(fast: Fast, token: bytes) -> None:
     with fast.connect(token) as s:

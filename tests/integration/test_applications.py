@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from kit import (
@@ -239,6 +240,11 @@ def test_forked_child_uses_its_own_connection(daemon: Daemon) -> None:
 
 
 def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
+    """Its helper ends, or (clean: sessions closed, not logged in) serves the next
+    application from the warm pool (daemon: Member.recycle): the daemon is left with the
+    helpers it had before, and a new application is not logged in."""
+    time.sleep(1.0)  # the warm pools filled
+    before = len(helper_pids(daemon.pid))
     app = subprocess.Popen([sys.executable, "-c", pykcs11_script(f"""
         s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
         s.login({USER_PIN!r})
@@ -256,10 +262,17 @@ def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
         assert helper in helper_pids(daemon.pid)
         app.send_signal(signal.SIGKILL)
         app.wait()
-        assert wait_for(lambda: helper not in helper_pids(daemon.pid), timeout=15)
-        # the daemon logs the end once its helpers have stopped: just after
+        # the daemon logs the end once its helpers have stopped or been kept
         assert wait_for(lambda: re.search(rf"pid={app.pid} ended", daemon.log_text()) is not None,
-                        timeout=5), daemon.log_text()[-2000:]
+                        timeout=15), daemon.log_text()[-2000:]
+        assert wait_for(lambda: len(helper_pids(daemon.pid)) == before, timeout=15)
+        kept = re.search(rf"pid={app.pid} ended \(\d+ helpers stopped, 1 kept", daemon.log_text())
+        assert (helper in helper_pids(daemon.pid)) == (kept is not None)
+        after = subprocess.run([sys.executable, "-c", pykcs11_script(f"""
+            s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION)
+            print(s.getSessionInfo().state, len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)])))
+            """)], capture_output=True, text=True, timeout=60)
+        assert after.stdout.split() == ["0", "0"], after  # CKS_RO_PUBLIC_SESSION, no key
     finally:
         if app.poll() is None:
             app.kill()

@@ -320,8 +320,14 @@ class Env:
 
     def app_helper(self, app_pid: int, member: str) -> int | None:
         import re
-        found = re.findall(rf"pid={app_pid} member={member} helper pid=(\d+)",
-                           self.group.daemon.log_text())
+        # its latest context's (a helper may have served another application before: the
+        # daemon recycles them)
+        text = self.group.daemon.log_text()
+        ctxs = re.findall(rf"ctx=(\w+) pid={app_pid} started", text)
+        if not ctxs:
+            return None
+        found = re.findall(rf"ctx={ctxs[-1]} pid={app_pid} member={member} helper pid=(\d+)",
+                           text)
         alive = set(helper_pids(self.group.daemon.pid))
         for pid in reversed([int(p) for p in found]):
             if pid in alive:
