@@ -293,8 +293,10 @@ class Member:
                     and self._recyclable(helper):
                 self._warm.append(helper)
                 return
-        except (MemberUnavailable, OSError):
-            pass  # its end below (a call that timed out killed it: not the member's failure)
+        except Exception as exc:  # whatever went wrong, it ends
+            # a call that timed out killed it: not the member's failure (it was ending)
+            log.debug("group=%s member=%s helper pid=%d not kept: %r", self.group.label,
+                      self.name, helper.pid, exc)
         await helper.stop()
 
     def _recyclable(self, helper: HelperProcess) -> bool:
@@ -305,27 +307,29 @@ class Member:
 
     async def _clean(self, helper: HelperProcess, timeout: float) -> bool:
         slot = self.slot_id
-        if (await helper.call([_CLOSE_ALL_SESSIONS, slot], timeout))[0] != CKR["CKR_OK"]:
-            return False
         if helper.fast_name is not None:
             if helper.fast_started is not None and not helper.fast_started.done():
                 return False
-            # nobody's token and uid: the ended application's connections close
+            # first, nobody's token and uid: the ended application's connections close
+            # and its bindings end
             reply = await helper.call([FAST_START, helper.fast_name, secrets.token_bytes(16),
                                        NOBODY_UID], timeout)
             if reply[0] != CKR["CKR_OK"]:
                 return False
             helper.fast, helper.fast_started = None, None
-        rv, session = await helper.call([_OPEN_SESSION, slot, 4, 0], timeout)
+        if (await helper.call([_CLOSE_ALL_SESSIONS, slot], timeout))[0] != CKR["CKR_OK"]:
+            return False
+        rv, session = (await helper.call([_OPEN_SESSION, slot, 4, 0], timeout))[:2]
         if rv != CKR["CKR_OK"]:
             return False
-        rv, info = await helper.call([_GET_SESSION_INFO, session, 0], timeout)
-        public = rv == CKR["CKR_OK"] and isinstance(info, list) and len(info) >= 2 \
-            and info[1] in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"])
+        rv, info = (await helper.call([_GET_SESSION_INFO, session, 0], timeout))[:2]
+        state = info[1] if rv == CKR["CKR_OK"] and isinstance(info, list) and len(info) >= 2 \
+            else None
+        public = state in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"])
         if not public:
-            log.warning("group=%s member=%s a helper still logged in after C_CloseAllSessions "
-                        "(%s): it ends with its application", self.group.label, self.name,
-                        rv_name(rv))
+            log.warning("group=%s member=%s a helper's new session after C_CloseAllSessions "
+                        "is not public (%s, state %s): it ends with its application",
+                        self.group.label, self.name, rv_name(rv), state)
         rv = (await helper.call([_CLOSE_SESSION, session], timeout))[0]
         return public and rv == CKR["CKR_OK"]
 
