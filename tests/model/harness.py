@@ -605,6 +605,9 @@ class Runner:
         self.tainted: list[set[str]] = [set() for _ in range(APPS)]
         self.lost: list[set[str]] = [set() for _ in range(APPS)]  # Documented lost
         self.apart: list[set[str]] = [set() for _ in range(APPS)]  # handles that differ
+        # objects p11p still has that the token used directly destroyed: a destroy refused
+        # through p11p in a documented way (destroyed_by_the_token_only)
+        self.extra: list[set[str]] = [set() for _ in range(APPS)]
         # handles of private objects the application had when it was logged out (the
         # token direct makes them invalid; a find after login gives new ones)
         self.stale: list[set[str]] = [set() for _ in range(APPS)]
@@ -815,10 +818,12 @@ class Runner:
                         return
                     self.allowed += 1
                     self.made_by_the_token_only(app, step, r)
+                    self.destroyed_by_the_token_only(app, step, p, r)
                     self.align_login(app, step, p, r)
                     return
                 if key in ("rv", "qrv") and Documented.a_hang_and_another_failure(
                         self, app, step, p, r):
+                    self.destroyed_by_the_token_only(app, step, p, r)
                     self.diverge(app, step["s"])  # what the call did on the token is unknown
                     self.made_by_the_token_only(app, step, r)
                     self.align_login(app, step, p, r)
@@ -882,7 +887,7 @@ class Runner:
             # with objects one side may lack (documented), which a batch holds is the
             # token's order: the whole result compares once complete (below)
             if len(rf) != len(pf) and not (lost & set(rf + pf) or lost and len(pf) < len(rf)
-                                           or self.homes):
+                                           or self.homes or self.extra[app] & set(pf)):
                 self.fail(app, step, p, r, "find: numbers of objects differ")
             acc = self.finds.setdefault((app, step["s"]), ([], []))
             acc[0].extend(pf)
@@ -904,6 +909,7 @@ class Runner:
         direct = [n for n in direct if n not in lost or n in acc[0]]
         other = Documented.token_objects_of_the_other_application(self, app)
         found = [n for n in acc[0] if n not in other or n in direct]
+        found = [n for n in found if n not in self.extra[app]]
         if sorted(found) != sorted(direct):
             self.fail(app, step, p, r, f"find: results differ: p11p {sorted(acc[0])} "
                       f"direct {sorted(acc[1])}")
@@ -935,6 +941,22 @@ class Runner:
         does not name it), and a search through p11p does not find it."""
         if r.get("rv") == OK:
             self.lost[app] |= {step[k] for k in ("o", "pub", "priv") if step.get(k)}
+
+    def destroyed_by_the_token_only(self, app: int, step: dict[str, Any], p: dict[str, Any],
+                                    r: dict[str, Any]) -> None:
+        """A C_DestroyObject refused through p11p in a documented way and done by the
+        token used directly: the object lives on through p11p only (a search there may
+        find it), and its handle is stale on the reference (the generator names it no
+        more; a replay that does is not compared)."""
+        if step["op"] != "destroy" or r.get("rv") != OK or p.get("rv") == OK:
+            return
+        name = step["o"]
+        obj = self.objs[app].get(name)
+        for other in range(APPS):
+            if other == app or (obj is not None and obj.token):
+                self.objs[other].pop(name, None)
+                self.apart[other].add(name)
+                self.extra[other].add(name)
 
     def diverge(self, app: int, s: str) -> None:
         self.allowed += 1
