@@ -268,7 +268,7 @@ def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
         assert wait_for(lambda: len(helper_pids(daemon.pid)) == before, timeout=15)
         kept = re.search(rf"pid={app.pid} ended \(\d+ helpers stopped, 1 kept", daemon.log_text())
         assert (helper in helper_pids(daemon.pid)) == (kept is not None)
-        after = subprocess.run([sys.executable, "-c", pykcs11_script(f"""
+        after = subprocess.run([sys.executable, "-c", pykcs11_script("""
             s = lib.openSession(slot_of("signing"), P.CKF_SERIAL_SESSION)
             print(s.getSessionInfo().state, len(s.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)])))
             """)], capture_output=True, text=True, timeout=60)
