@@ -350,11 +350,17 @@ static void *accept_main(void *arg)
 			}
 			return NULL;
 		}
-		struct conn *c = calloc(1, sizeof *c);
+		struct ucred cred;
+		socklen_t clen = sizeof cred;
+		struct conn *c = NULL;
 		unsigned place = FAST_MAX_CONNS;
-		if (c != NULL) {
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0 &&
+		    (c = calloc(1, sizeof *c)) != NULL) {
 			pthread_mutex_lock(&fast.lock);
-			for (unsigned k = 0; k < FAST_MAX_CONNS && fast.conns < FAST_MAX_CONNS; k++) {
+			/* another uid's connection is closed at once (again in hello: the uid
+			 * may change meanwhile) */
+			for (unsigned k = 0; k < FAST_MAX_CONNS && fast.conns < FAST_MAX_CONNS &&
+			     cred.uid == fast.uid; k++) {
 				if (fast.fds[k] == 0) {
 					fast.fds[k] = fd + 1;
 					fast.conns++;
@@ -364,7 +370,7 @@ static void *accept_main(void *arg)
 			}
 			pthread_mutex_unlock(&fast.lock);
 		}
-		/* the peer's uid and token are checked in its thread (hello) */
+		/* the token is checked in its thread (hello) */
 		if (place == FAST_MAX_CONNS ||
 		    (c->fd = fd, c->place = place, msgpack_sbuffer_init(&c->out),
 		     start_thread(conn_main, c) != 0)) {
