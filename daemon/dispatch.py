@@ -335,7 +335,8 @@ class Dispatcher(Searches):
         if reply[0] == OK:
             self.daemon.audit.destroyed(ctx, vs.group, vobj, vs.member)  # before its handles go
             if vobj.is_token and vobj.identity is not None:
-                vs.group.homes.pop(vobj.identity, None)
+                if vs.group.homes.pop(vobj.identity, None) is not None or vobj.home is not None:
+                    vs.group.destroyed.add(vobj.identity)
             ctx.forget_object(vobj)
             if copies:
                 await self.router.resolve.drop_copies(ctx, vs, copies, vs.member)

@@ -497,6 +497,10 @@ class Group:
         # token objects written through p11p to one member (write_policy "primary"), by
         # identity: every application's handle of them writes there (placement.py)
         self.homes: dict[ObjectIdentity, Member] = {}
+        # such objects destroyed through p11p since (until one of that identity is made
+        # again): another application's handle of one is on no member, and answered so at
+        # once, not held for a member out of service (placement.py)
+        self.destroyed: set[ObjectIdentity] = set()
 
     def objects_changed(self) -> None:
         self.objects_generation += 1

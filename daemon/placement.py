@@ -204,6 +204,11 @@ class Placement:
             elif vobj.is_token is False and (homes := vobj.source_homes()) is not None:
                 # made of a token object one member holds: there (or where it is)
                 allowed = [m for m in allowed if m in homes or m in vobj.real]
+            elif vobj.is_token and vobj.group is not None and vobj.identity is not None \
+                    and vobj.identity in vobj.group.destroyed:
+                # written to one member and destroyed there through p11p: only a handle
+                # known still may be tried (the member answers it); no other member has it
+                allowed = [m for m in allowed if m in vobj.real]
             allowed = [m for m in allowed if m not in vobj.missing]
         return allowed
 

@@ -57,6 +57,8 @@ class Recorder:
                 if new is None:
                     continue
                 if new.is_token:
+                    if new.identity is not None:
+                        vs.group.destroyed.discard(new.identity)
                     if len(vs.group.members) > 1:
                         new.home = member
                         if new.identity is not None:

@@ -1906,3 +1906,16 @@ def test_digest_key_with_a_random_key_whose_destroy_got_a_general_error(model_en
     name = "digest_key_with_a_random_key_whose_destroy_got_a_general_error.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["failover", "balance"], indirect=True)
+def test_search_result_read_after_another_application_destroyed_it(model_env: Env) -> None:
+    """Found by make soak under failover (9 of 34 steps): a token key written on the
+    primary (write_policy "primary"), the other member down, a search by one
+    application begun, the key destroyed by the other: each attribute read of the
+    search's result was held hold_timeout for the member out of service (4 reads, 8 s:
+    CKR_DEVICE_ERROR), where the token answers CKR_OBJECT_HANDLE_INVALID at once. The
+    group now knows the object was destroyed on its one member (Group.destroyed)."""
+    name = "search_result_read_after_another_application_destroyed_it.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
