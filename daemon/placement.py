@@ -210,6 +210,10 @@ class Placement:
                 # known still may be tried (the member answers it); no other member has it
                 allowed = [m for m in allowed if m in vobj.real]
             allowed = [m for m in allowed if m not in vobj.missing]
+            if vobj.is_token is False and vobj.recipe is not None:
+                # not where what it is made from is known missing, unless it is there
+                lacking = vobj.sources_missing()
+                allowed = [m for m in allowed if m in vobj.real or m not in lacking]
         return allowed
 
     def unreachable(self, ctx: ApplicationContext, vs: VirtualSession, shape: CallShape,

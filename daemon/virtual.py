@@ -160,6 +160,15 @@ class VirtualObject:
                 homes = h if homes is None else homes & h
         return homes
 
+    def sources_missing(self) -> set[Member]:
+        """(a session object) The members known to lack an object its recipe needs (a
+        token object found missing there, or what such a source was made from): it
+        cannot be made there."""
+        out: set[Member] = set()
+        for src in self.recipe.sources.values() if self.recipe is not None else ():
+            out |= {m for m in src.missing if m not in src.real} | src.sources_missing()
+        return out
+
     def random_held(self) -> bool:
         """Made from a random key, and held by a member still in service."""
         return bool(self.recipe is not None and self.recipe.roots

@@ -1919,3 +1919,17 @@ def test_search_result_read_after_another_application_destroyed_it(model_env: En
     name = "search_result_read_after_another_application_destroyed_it.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_unwrap_with_a_key_derived_from_a_token_key_a_member_lacks(model_env: Env) -> None:
+    """Found by make soak under balance (11 of 54 steps, no fault): a session key
+    derived from a token key written on the primary, used by C_UnwrapKey in a new
+    session placed on another member: p11p tried to make it again there, where the token
+    key is not, and each try met the same member (CKR_OBJECT_HANDLE_INVALID: "no member
+    holds the object") where the token answers the call (CKR_GENERAL_ERROR, the wrapped
+    data being junk). A session object is not placed where what it is made from is
+    known missing (VirtualObject.sources_missing)."""
+    name = "unwrap_with_a_key_derived_from_a_token_key_a_member_lacks.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
