@@ -82,23 +82,35 @@ unsigned long long p11p_fast_allow(unsigned long real)
  * (up to REVOKE_WAIT_S: a call hung longer is the daemon's to kill), so that the daemon's
  * C_CloseSession that follows never meets a call still using the session. */
 #define REVOKE_WAIT_S 60
-void p11p_fast_revoke(unsigned long long id)
+static struct timespec revoke_deadline(void)
 {
-	unsigned i = (unsigned)(id & (FAST_IDS - 1));
 	struct timespec until;
 
 	clock_gettime(CLOCK_REALTIME, &until);
 	until.tv_sec += REVOKE_WAIT_S;
-	pthread_mutex_lock(&fast.lock);
-	if (fast.ids[i].id == id && !fast.ids[i].revoked) {
-		fast.ids[i].revoked = 1;
-		while (fast.ids[i].inside > 0) {
-			if (pthread_cond_timedwait(&fast.idle, &fast.lock, &until) == ETIMEDOUT)
-				break;
-		}
-		fast.ids[i].id = 0;
-		fast.ids[i].revoked = 0;
+	return until;
+}
+
+/* Ends binding i (fast.lock held), its calls inside the module first (up to `until`). */
+static void end_binding(unsigned i, const struct timespec *until)
+{
+	fast.ids[i].revoked = 1;
+	while (fast.ids[i].inside > 0) {
+		if (pthread_cond_timedwait(&fast.idle, &fast.lock, until) == ETIMEDOUT)
+			break;
 	}
+	fast.ids[i].id = 0;
+	fast.ids[i].revoked = 0;
+}
+
+void p11p_fast_revoke(unsigned long long id)
+{
+	unsigned i = (unsigned)(id & (FAST_IDS - 1));
+	struct timespec until = revoke_deadline();
+
+	pthread_mutex_lock(&fast.lock);
+	if (fast.ids[i].id == id && !fast.ids[i].revoked)
+		end_binding(i, &until);
 	pthread_mutex_unlock(&fast.lock);
 }
 
@@ -392,25 +404,16 @@ static void *accept_main(void *arg)
  * REVOKE_WAIT_S). Called with fast.lock held. */
 static void next_application(void)
 {
-	struct timespec until;
+	struct timespec until = revoke_deadline();
 
 	fast.epoch++;
 	for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
 		if (fast.fds[k] != 0)
 			shutdown(fast.fds[k] - 1, SHUT_RDWR);
 	}
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += REVOKE_WAIT_S;
 	for (unsigned i = 0; i < FAST_IDS; i++) {
-		if (fast.ids[i].id == 0)
-			continue;
-		fast.ids[i].revoked = 1;
-		while (fast.ids[i].inside > 0) {
-			if (pthread_cond_timedwait(&fast.idle, &fast.lock, &until) == ETIMEDOUT)
-				break;
-		}
-		fast.ids[i].id = 0;
-		fast.ids[i].revoked = 0;
+		if (fast.ids[i].id != 0)
+			end_binding(i, &until);
 	}
 }
 
