@@ -8,6 +8,7 @@ child process. Nothing here mocks PKCS#11.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,13 @@ FAULTSIM_SO = BUILD / "p11p-faultsim.so"
 SOFTHSM_SO = Path("/usr/lib/softhsm/libsofthsm2.so")
 USER_PIN = "1234"
 SO_PIN = "5678"
+
+
+def shows_pin(text: str, pin: str = USER_PIN) -> bool:
+    """Whether `text` shows `pin` as a value of its own. The short test PIN is also part of
+    the random slot ids and the pids a log prints, so a plain substring test would fail
+    on a log that leaks nothing."""
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(pin)}(?![0-9A-Za-z])", text) is not None
 
 
 class SoftHSM:
