@@ -548,13 +548,16 @@ class Documented:
         return {n for n, o in runner.objs[other].items() if o.token and o.app == other}
 
     @staticmethod
-    def token_object_on_one_member(runner: Runner, p11p: list[str],
+    def token_object_on_one_member(runner: Runner, app: int, s: str, p11p: list[str],
                                    direct: list[str]) -> list[str]:
         """README, Configuration: write_policy = "primary" writes a token object in a
         group of several members to one member ("Limits worth knowing": token object
         writes follow write_policy), so a search served by another member does not see
-        it. Returns the direct result without such objects that p11p did not find."""
-        missing = [n for n in direct if n in runner.homes and n not in p11p]
+        it; nor one destroyed since the search began (p11p's result is the member's at
+        C_FindObjectsInit, the token's result keeps it too). Returns the direct result
+        without such objects that p11p did not find."""
+        homed = runner.homed(app, s)
+        missing = [n for n in direct if n in homed and n not in p11p]
         if missing:
             runner.allowed += 1
         return [n for n in direct if n not in missing]
@@ -616,6 +619,8 @@ class Runner:
         # token direct makes them invalid; a find after login gives new ones)
         self.stale: list[set[str]] = [set() for _ in range(APPS)]
         self.homes: dict[str, str] = {}   # token object made through p11p -> its member
+        # a search's session -> the token objects on one member when the search began
+        self.homed_at_init: dict[tuple[int, str], set[str]] = {}
         # a session object made from such a token object (copy, derive, unwrap) -> that
         # member: remade elsewhere it needs its source there, destroyed or not
         self.home_made: dict[str, str] = {}
@@ -891,7 +896,8 @@ class Runner:
             # with objects one side may lack (documented), which a batch holds is the
             # token's order: the whole result compares once complete (below)
             if len(rf) != len(pf) and not (lost & set(rf + pf) or lost and len(pf) < len(rf)
-                                           or self.homes or self.extra[app] & set(pf)):
+                                           or self.homed(app, step["s"])
+                                           or self.extra[app] & set(pf)):
                 self.fail(app, step, p, r, "find: numbers of objects differ")
             acc = self.finds.setdefault((app, step["s"]), ([], []))
             acc[0].extend(pf)
@@ -905,10 +911,16 @@ class Runner:
             # which part each side returned is the token's order, so only the counts of
             # its batches compare (above); a complete one was compared when it completed
             self.finds.pop((app, step["s"]), None)
+            self.homed_at_init.pop((app, step["s"]), None)
+
+    def homed(self, app: int, s: str) -> set[str]:
+        """The token objects written through p11p to one member, now or when the search
+        of session `s` began."""
+        return set(self.homes) | self.homed_at_init.get((app, s), set())
 
     def compare_found(self, app: int, step: dict[str, Any], p: dict[str, Any],
                       r: dict[str, Any], acc: tuple[list[str], list[str]]) -> None:
-        direct = Documented.token_object_on_one_member(self, acc[0], acc[1])
+        direct = Documented.token_object_on_one_member(self, app, step["s"], acc[0], acc[1])
         lost = Documented.lost_session_objects(self, app)
         direct = [n for n in direct if n not in lost or n in acc[0]]
         other = Documented.token_objects_of_the_other_application(self, app)
@@ -1036,6 +1048,7 @@ class Runner:
             self.logged_out(app)
         elif op == "find_init":
             sessions[s].finding, sessions[s].find_stale = True, False
+            self.homed_at_init[(app, s)] = set(self.homes)
         elif op == "find":
             both = set(r.get("found", []))
             # a part of a search may hold other objects on each side (the order is the
@@ -1165,6 +1178,7 @@ class Runner:
         self.tainted[app] -= sessions
         for s in sessions:
             self.finds.pop((app, s), None)
+            self.homed_at_init.pop((app, s), None)
 
     # -- events ---------------------------------------------------------------------------
 
