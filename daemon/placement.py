@@ -121,12 +121,18 @@ class Placement:
         of the session's active operations (they are replayed where the session goes)."""
         objs = list(self.r.resolve.named_objects(ctx, shape, vreq).values())
         for op in vs.ops.values() if ops else ():
-            init = SHAPES[op.init[0]]
             # a key made at random whose member left is lost for the operation (which is
             # lost where the session goes, README), not for the call
-            objs += [o for o in self.r.resolve.named_objects(ctx, init, op.init).values()
-                     if not self.gone(o)]
+            objs += [o for o in self.operation_keys(ctx, op) if not self.gone(o)]
         return objs
+
+    def operation_keys(self, ctx: ApplicationContext, op: Operation) -> list[VirtualObject]:
+        """The objects an active operation's init names: those the application has, and
+        the session keys it destroyed since, which the operation keeps (made again from
+        their recipes for its replay: where they can be made counts as for the others)."""
+        named = self.r.resolve.named_objects(ctx, SHAPES[op.init[0]], op.init)
+        kept = [k for h, k in op.keys.items() if h not in named and k.destroyed]
+        return [*named.values(), *kept]
 
     @staticmethod
     def gone(vobj: VirtualObject) -> bool:
@@ -177,8 +183,7 @@ class Placement:
     def takes_operations(self, ctx: ApplicationContext, vs: VirtualSession,
                          member: Member) -> bool:
         """Whether `member` holds (or can make) the keys of the session's operations."""
-        objs = [o for op in vs.ops.values()
-                for o in self.r.resolve.named_objects(ctx, SHAPES[op.init[0]], op.init).values()
+        objs = [o for op in vs.ops.values() for o in self.operation_keys(ctx, op)
                 if not self.gone(o)]
         return bool(self.restrict(objs, [member]))
 

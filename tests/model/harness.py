@@ -479,6 +479,29 @@ class Documented:
                 and (step.get("s") in runner.tainted[app] or bool(owners & runner.tainted[app])))
 
     @staticmethod
+    def home_out_of_service(runner: Runner, app: int, step: dict[str, Any],
+                            p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, Limits: under write_policy "primary" a token object written through
+        p11p, and a session object made from it (also after the token object is
+        destroyed), "can be used only while that one member serves: while it is out of
+        service, calls that name them are held up to hold_timeout, then answered
+        CKR_DEVICE_ERROR"; and "An operation's call needs the keys of the session's other
+        active operations too". Allowed where the call needs such an object (named, or
+        for an operation's call an active operation's key, destroyed since or not) while
+        its member is out of service (the generator keeps faults off that member: a
+        shrunk replay may not)."""
+        if p.get("rv") != CKR["CKR_DEVICE_ERROR"] or r.get("rv") == p.get("rv"):
+            return False
+        names = {step.get(k) for k in ("k", "wk", "uk", "base", "src", "o")}
+        sess = runner.sessions[app].get(step.get("s", ""))
+        if sess is not None and step["op"] in ("opinit", "update", "final", "oneshot",
+                                               "digestkey"):
+            names |= set(sess.ops.values())
+        out = runner.out_of_service()
+        return any((runner.homes.get(n) or runner.home_made.get(n)) in out
+                   for n in names if n)
+
+    @staticmethod
     def search_in_progress(runner: Runner, app: int, step: dict[str, Any],
                            p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "A search is answered by p11p [...] while one is in progress in
@@ -844,6 +867,10 @@ class Runner:
                         self, app, step, p, r):
                     self.diverge(app, step["s"])
                     return
+                if key == "rv" and Documented.home_out_of_service(self, app, step, p, r):
+                    self.diverge(app, step["s"])  # begun or continued on the token only
+                    self.made_by_the_token_only(app, step, r)
+                    return
                 if key == "rv" and Documented.lost_operation_beside(self, app, step, p, r):
                     self.diverge(app, step["s"])  # the lost operation is over on p11p's side
                     return
@@ -1110,8 +1137,12 @@ class Runner:
                 objs[name] = self.made[name] = obj
         elif op == "destroy":
             objs.pop(step["o"], None)
-            self.homes.pop(step["o"], None)
-            self.home_made.pop(step["o"], None)
+            if not any(step["o"] in sess.ops.values()
+                       for both in self.sessions for sess in both.values()):
+                # an operation's key destroyed is kept for it (p11p makes it again for
+                # its replay, from its recipe): the member it needs stays its member
+                self.homes.pop(step["o"], None)
+                self.home_made.pop(step["o"], None)
             for other in self.objs:
                 other.pop(step["o"], None)
         elif op == "opinit":

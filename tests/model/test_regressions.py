@@ -1947,3 +1947,20 @@ def test_search_begun_before_the_application_destroyed_its_key_on_one_member(
     name = "search_begun_before_the_application_destroyed_its_key_on_one_member.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_service(
+        model_env: Env) -> None:
+    """Found by make soak under failover (8 of 24 steps): a session copy of a token key
+    written on the primary (write_policy "primary"), a verification begun with the copy,
+    the copy destroyed (the operation keeps it), the primary down, C_DigestInit: p11p
+    placed the session on the other member, where the copy cannot be made (its source
+    is not there): the verification was lost and the digest began (CKR_OK, the token
+    CKR_OPERATION_ACTIVE). An active operation's destroyed key now counts where the
+    session may go, as one still held does (placement.operation_keys): the call is held
+    for that member, then CKR_DEVICE_ERROR (README, Limits). The model had forgotten the
+    copy's member when it was destroyed, and took it down."""
+    name = "digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_service.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed >= 1
