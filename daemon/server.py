@@ -8,10 +8,12 @@ closes this connection with one log line; the daemon goes on serving everybody e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import struct
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from p11p.daemon import hello
@@ -43,6 +45,9 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Any] = deque()
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()  # once: each look-up costs a getpid()
+        # the calls of this connection run in a context of its own (the agreed features,
+        # each call's budget), one at a time: begun here, or in a task once one waits
+        self._context = contextvars.copy_context()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -70,7 +75,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._queue.append(frame)
         if self._queue and (self._task is None or self._task.done()):
-            self._task = self._loop.create_task(self._serve())
+            self._serve_now()
 
     def _hello(self, frame: Any) -> bool:
         outcome, answer = hello.negotiate(frame)
@@ -88,6 +93,7 @@ class ClientConnection(asyncio.Protocol):
             self._drop(refusal)
             return False
         self.version, self.features = outcome.version, outcome.features
+        self._context.run(hello.AGREED.set, self.features)  # the calls see them
         self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog)
         self.transport.write(encode(answer))
         return True
@@ -104,29 +110,71 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _serve(self) -> None:
-        hello.AGREED.set(self.features)  # this task's context: its calls see them
-        dispatch = self.daemon.dispatcher.dispatch
+    def _serve_now(self) -> None:
+        """Runs the queued calls here, each up to its first wait: a call answered without
+        one (most answers of policy: a session opened or closed, a cached search) costs
+        no task and no turn of the loop. The first call that waits goes on in a task,
+        which then serves the rest of the queue."""
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():
-            request = queue.popleft()
-            ctx = self.ctx
-            assert ctx is not None
+            call = self._call(queue.popleft())
             try:
-                reply = await dispatch(ctx, request)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s internal error in call %r", ctx.name,
-                              request[0] if request else None)
-                reply = [CKR["CKR_FUNCTION_FAILED"]]
+                waits_for = self._context.run(call.send, None)
+            except StopIteration:
+                continue
+            self._task = self._loop.create_task(self._resume(call, waits_for),
+                                                context=self._context)
+            return
+
+    async def _resume(self, call: Coroutine[Any, Any, None], waits_for: Any) -> None:
+        """Drives a call begun in `_serve_now` from its first wait on, as a task would
+        (the call takes each awaited result itself; a cancellation is thrown into it),
+        then serves the rest of the queue."""
+        while True:
             try:
-                data = encode(reply)
-            except (TypeError, ValueError, OverflowError):
-                log.exception("%s unencodable reply", ctx.name)
-                data = encode([CKR["CKR_FUNCTION_FAILED"]])
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
+                if waits_for is None:
+                    await asyncio.sleep(0)  # a bare yield: a turn of the loop
+                else:
+                    # as a task takes a future a call yields: it was marked as awaited
+                    # by the call (a second await of it would refuse)
+                    waits_for._asyncio_future_blocking = False
+                    await waits_for
+                send: Any = call.send
+                arg: BaseException | None = None
+            except asyncio.CancelledError as exc:
+                send, arg = call.throw, exc
+            except Exception:  # noqa: BLE001 - the call reads the outcome itself
+                send, arg = call.send, None
+            try:
+                waits_for = send(arg)
+            except StopIteration:
+                break
+        await self._serve()
+
+    async def _serve(self) -> None:
+        queue = self._queue
+        while queue and self.transport is not None and not self.transport.is_closing():
+            await self._call(queue.popleft())
+
+    async def _call(self, request: Any) -> None:
+        """One call: dispatched, its reply written."""
+        ctx = self.ctx
+        assert ctx is not None
+        try:
+            reply = await self.daemon.dispatcher.dispatch(ctx, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s internal error in call %r", ctx.name,
+                          request[0] if request else None)
+            reply = [CKR["CKR_FUNCTION_FAILED"]]
+        try:
+            data = encode(reply)
+        except (TypeError, ValueError, OverflowError):
+            log.exception("%s unencodable reply", ctx.name)
+            data = encode([CKR["CKR_FUNCTION_FAILED"]])
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def _drop(self, why: str) -> None:
         log.warning("closing connection pid=%d uid=%d: %s", self.pid, self.uid, why)
