@@ -111,7 +111,7 @@ class ApplicationContext:
 
         left = None if deadline is None else deadline - time.monotonic()
         try:
-            helper = await member.take_helper(deadline)
+            helper = await member.helpers.take(deadline)
         except (MemberUnavailable, HelperLimit, budget.CallExpired) as exc:
             fail(exc)
             if isinstance(exc, HelperLimit):
@@ -253,8 +253,9 @@ class ApplicationContext:
         helpers = [(m, f.result()) for m, f in self._helpers.items()
                    if f.done() and f.exception() is None]
         self._helpers.clear()
-        # each ends, or serves the next application once clean (Member.recycle)
-        await asyncio.gather(*(m.recycle(h) for m, h in helpers), return_exceptions=True)
+        # each ends, or serves the next application once clean (HelperPool.recycle)
+        await asyncio.gather(*(m.helpers.recycle(h) for m, h in helpers),
+                             return_exceptions=True)
         kept = sum(1 for _, h in helpers if h.alive and not h.stopping)
         log.info("%s ended (%d helpers stopped, %d kept for other applications)", self.name,
                  len(helpers) - kept, kept)

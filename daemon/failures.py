@@ -41,7 +41,7 @@ class Failures:
         log.error("member failure detected: group=%s member=%s slot=%s function=%s call=%s "
                   "rv=%s (%s)", group.label, member.name, member.slot_id,
                   exc.function or function, function, rv_name(exc.rv), exc)
-        member.discard_pool()
+        member.helpers.discard()
         hold_out(member)
         if not group.present:
             log.error("group out of service: group=%s: no usable member", group.label)

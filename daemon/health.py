@@ -150,7 +150,7 @@ class HealthMonitor:
     async def check(self, member: Member) -> None:
         """One probe of a member in service; a failure fails the member."""
         try:
-            helper, epoch = await member.borrow_helper()
+            helper, epoch = await member.helpers.borrow()
         except HelperLimit:
             return  # no helper to spare now: the next round
         except MemberUnavailable as exc:
@@ -165,7 +165,7 @@ class HealthMonitor:
         except BaseException:
             helper.kill()
             raise
-        member.give_back(helper, epoch)
+        member.helpers.give_back(helper, epoch)
         h = member.health
         h.probe_at, h.probe_latency, h.probe_error = time.monotonic(), latency, ""
 

@@ -70,8 +70,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.fast_started: asyncio.Future[bool] | None = None  # its start, once
         self.fast_served = 0  # its direct calls already added to the member's count
         self.fast_name: bytes | None = None  # its listener's name, kept when it serves another
-        self.pool_epoch = -1  # its member's pool epoch when it started (Member.recycle)
-        self.uses = 0  # applications it served (Member.recycle)
+        self.pool_epoch = -1  # its member's pool epoch when it started (HelperPool.recycle)
+        self.uses = 0  # applications it served (HelperPool.recycle)
 
     # -- life cycle -------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ async def list_keys(daemon: Daemon, label: str, pin: str | None) -> dict[str, An
 async def _read(member: Any, login: tuple[int, bytes] | None,
                 holders: dict[tuple[Any, ...], list[str]]) -> str:
     try:
-        helper, epoch = await member.borrow_helper()
+        helper, epoch = await member.helpers.borrow()
     except (MemberUnavailable, HelperLimit) as exc:
         return str(exc)
     side = Side(member, helper)
@@ -71,7 +71,7 @@ async def _read(member: Any, login: tuple[int, bytes] | None,
         return str(exc)
     finally:
         await side.close(login is not None)
-        member.give_back(helper, epoch)
+        member.helpers.give_back(helper, epoch)
 
 
 def format_keys(reply: dict[str, Any]) -> tuple[str, bool]:

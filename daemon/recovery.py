@@ -61,7 +61,7 @@ class Recovery:
             member.health.attempt = attempt
             member.mark(MemberState.RECOVERING)
             try:
-                helper = await member.new_helper(probing=True)
+                helper = await member.helpers.new(probing=True)
                 try:
                     await member.probe(helper)
                     if group.config.health.interval > 0:  # the probe the member fails by
@@ -102,7 +102,7 @@ class Recovery:
         pool."""
         group = member.group
         was_out = not group.present
-        member.add_warm(helper)
+        member.helpers.add_warm(helper)
         member.mechanism_answers.clear()
         member.mark(MemberState.OK)
         member.health.attempt = 0

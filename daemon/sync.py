@@ -122,7 +122,7 @@ class Sync:
 
     async def _later(self, member: Member) -> None:
         try:
-            helper = await member.new_helper()
+            helper = await member.helpers.new()
         except (MemberUnavailable, HelperLimit) as exc:
             log.warning("key sets not compared: group=%s member=%s: %s", member.group.label,
                         member.name, exc)
@@ -159,7 +159,7 @@ class Sync:
         if ref is None:
             return True  # nothing to compare with: it is the token now
         login = self.login(member)
-        ref_helper, epoch = await ref.borrow_helper()
+        ref_helper, epoch = await ref.helpers.borrow()
         a, b = Side(ref, ref_helper), Side(member, helper)
         try:
             if not (await a.open(login) and await b.open(login)):
@@ -177,7 +177,7 @@ class Sync:
         finally:
             await a.close(login is not None)
             await b.close(login is not None)
-            ref.give_back(ref_helper, epoch)
+            ref.helpers.give_back(ref_helper, epoch)
 
     async def bring_up(self, label: str, a: Side, b: Side) -> None:
         have, lack = await a.objects(), await b.objects()

@@ -192,7 +192,7 @@ def test_a_helper_start_on_a_hung_member_draws_from_the_call(ha_factory: Any,
 
 def test_a_helper_serves_the_next_application_clean(ha_factory: Any, ha_keys: Path) -> None:
     """An application's helpers, once it has ended, serve the next application (no
-    fork, no module start: Member.recycle) when clean: the login, the session objects
+    fork, no module start: HelperPool.recycle) when clean: the login, the session objects
     and the data plane's connections of the one before are gone. The next application
     is not logged in, sees neither the private keys nor the other's session object, and
     signs (on the data plane) once it logs in; signatures verify."""

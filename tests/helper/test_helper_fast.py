@@ -107,7 +107,7 @@ def test_a_revoked_id_is_refused(fast: Fast) -> None:
 
 
 def test_a_second_start_hands_the_listener_to_another_application(fast: Fast) -> None:
-    """A helper recycled for the next application (daemon: Member.recycle) gets a new
+    """A helper recycled for the next application (daemon: HelperPool.recycle) gets a new
     token and uid on the same name: the connections of the one before are shut, its
     bound sessions end, and its token no longer connects; the new one's work."""
     old = fast.connect()

@@ -241,7 +241,7 @@ def test_forked_child_uses_its_own_connection(daemon: Daemon) -> None:
 
 def test_killed_application_leaves_nothing_behind(daemon: Daemon) -> None:
     """Its helper ends, or (clean: sessions closed, not logged in) serves the next
-    application from the warm pool (daemon: Member.recycle): the daemon is left with the
+    application from the warm pool (daemon: HelperPool.recycle): the daemon is left with the
     helpers it had before, and a new application is not logged in."""
     time.sleep(1.0)  # the warm pools filled
     before = len(helper_pids(daemon.pid))

@@ -28,8 +28,9 @@ class _SlowMember:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.helper = _Helper()
+        self.helpers = self  # its pool (daemon/pool.py): `take` is all a context uses
 
-    async def take_helper(self, deadline: float | None = None) -> _Helper:
+    async def take(self, deadline: float | None = None) -> _Helper:
         await self.release.wait()
         return self.helper
 
@@ -81,7 +82,7 @@ async def test_a_helper_start_and_its_waiters_draw_from_the_call_deadline() -> N
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # the start's own time-out
         raise CallTimedOut(member.name, "helper did not start")
 
-    member.take_helper = hung_take
+    member.take = hung_take
     member.group = SimpleNamespace(config=SimpleNamespace(call_timeout=0.3, hold_timeout=1.0))
     start = time.monotonic()
     first = asyncio.create_task(ctx.helper(member, start + 0.3))
