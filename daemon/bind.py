@@ -338,10 +338,13 @@ class SessionBuilder:
         client/find.c), and those it could not it sends again itself. Nor one whose
         objects or operations' keys come from a random key another session's object
         still holds on a member in service (VirtualObject.pinned): made again elsewhere
-        they would be another key than that one, so they stay on their member."""
+        they would be another key than that one, so they stay on their member. Nor one
+        holding a session object made from what one member holds (a token object written
+        there, VirtualObject.source_homes): closed, it could be made on that member only."""
         return ((vs.direct is None or settled) and vs.find is None
                 and all(op.replayable for op in vs.ops.values())
-                and all(o.lost or (o.replayable and not o.pinned(vs)) for o in vs.objects)
+                and all(o.lost or (o.replayable and not o.pinned(vs)
+                                   and o.source_homes() is None) for o in vs.objects)
                 and not any(k.is_token is False and k.owner is not vs
                             and (k.random_held() or k.pinned(vs))
                             for op in vs.ops.values() for k in op.keys.values()))

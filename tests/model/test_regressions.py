@@ -1964,3 +1964,18 @@ def test_digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_s
     name = "digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_service.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it(
+        model_env: Env) -> None:
+    """Found by make soak under balance (8 of 41 steps, no fault): a session copy of a
+    token key written on one member (write_policy "primary"), a decryption whose data
+    does not unpad (SoftHSM2: CKR_GENERAL_ERROR), then a copy of the copy: p11p tried
+    the decryption on another member (a hiccup, README), closing the session's member
+    session, with it the copy, which cannot be made where its source is not: the copy
+    was lost (CKR_DEVICE_ERROR, the token CKR_OK). A member session that holds such an
+    object is no longer closed at will (bind.rebuildable): the error is answered as is."""
+    name = "copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
