@@ -83,6 +83,8 @@ static int send_all(int fd, const char *buf, size_t len, int64_t deadline)
 	return 0;
 }
 
+#define P11P_RECV_FIRST 4096u  /* what the first recv of a reply takes at most */
+
 static int recv_all(int fd, char *buf, size_t len, int64_t deadline)
 {
 	while (len > 0) {
@@ -177,25 +179,50 @@ CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
 	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
+/* One recv takes the header and, mostly, the whole body: a connection carries one
+ * request at a time, so at most one reply is ever on its way, and bytes past it are a
+ * broken peer. */
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
 {
-	unsigned char h[P11P_FRAME_HEADER];
+	char first[P11P_RECV_FIRST];
+	size_t got = 0, had;
 	uint32_t n;
 	char *buf;
 
 	*body = NULL;
 	*len = 0;
-	if (recv_all(fd, (char *)h, sizeof h, deadline) != 0)
-		return CKR_DEVICE_ERROR;
-	n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
-	if (n == 0 || n > P11P_MAX_REPLY) {
-		p11p_debug("reply frame of %u bytes refused", n);
+	while (got < P11P_FRAME_HEADER) {
+		ssize_t k = recv(fd, first + got, sizeof first - got, 0);
+
+		if (k > 0) {
+			got += (size_t)k;
+		} else if (k == 0) {
+			p11p_debug("recv: connection closed by the daemon");
+			return CKR_DEVICE_ERROR;
+		} else if (errno == EINTR) {
+			continue;
+		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+			if (wait_fd(fd, POLLIN, deadline) != 0) {
+				p11p_debug("recv: time-out");
+				return CKR_DEVICE_ERROR;
+			}
+		} else {
+			p11p_debug("recv: %s", strerror(errno));
+			return CKR_DEVICE_ERROR;
+		}
+	}
+	n = (uint32_t)(unsigned char)first[0] << 24 | (uint32_t)(unsigned char)first[1] << 16 |
+	    (uint32_t)(unsigned char)first[2] << 8 | (unsigned char)first[3];
+	had = got - P11P_FRAME_HEADER;
+	if (n == 0 || n > P11P_MAX_REPLY || had > n) {
+		p11p_debug("reply frame of %u bytes refused (%zu bytes came)", n, had);
 		return CKR_DEVICE_ERROR;
 	}
 	buf = malloc(n);
 	if (buf == NULL)
 		return CKR_HOST_MEMORY;
-	if (recv_all(fd, buf, n, deadline) != 0) {
+	memcpy(buf, first + P11P_FRAME_HEADER, had);
+	if (recv_all(fd, buf + had, n - had, deadline) != 0) {
 		free(buf);
 		return CKR_DEVICE_ERROR;
 	}

@@ -236,8 +236,9 @@ struct conn {
 	int fd;
 	unsigned place;                  /* its entry in fast.fds */
 	msgpack_sbuffer out;
-	uint8_t *in;
+	uint8_t *in;                     /* a request larger than `first` holds */
 	size_t in_cap;
+	uint8_t first[4096];             /* what one recv of a request takes at most */
 };
 
 /* ---- connections ---- */
@@ -285,10 +286,50 @@ static int hello(int fd, uid_t uid)
 	return diff ? -1 : 0;
 }
 
+/* The next request of a connection (in c->first, or c->in when larger) and its size;
+ * NULL when the connection ends or breaks. One recv takes the header and, mostly, the
+ * whole request: the client sends one request at a time, so bytes past it are a
+ * broken peer. */
+static const uint8_t *next_request(struct conn *c, uint32_t *size)
+{
+	ssize_t k;
+	size_t got, had;
+
+	do
+		k = recv(c->fd, c->first, sizeof c->first, 0);
+	while (k < 0 && errno == EINTR);
+	if (k <= 0)
+		return NULL;
+	got = (size_t)k;
+	if (got < 4) {
+		if (io_all(c->fd, c->first + got, 4 - got, 0) != 0)
+			return NULL;
+		got = 4;
+	}
+	*size = (uint32_t)c->first[0] << 24 | (uint32_t)c->first[1] << 16 |
+		(uint32_t)c->first[2] << 8 | c->first[3];
+	had = got - 4;
+	if (*size > FAST_MAX_FRAME || had > *size)
+		return NULL;
+	if (had == *size)
+		return c->first + 4;
+	if (*size > c->in_cap) {
+		uint8_t *p = realloc(c->in, *size);
+
+		if (p == NULL)
+			return NULL;
+		c->in = p;
+		c->in_cap = *size;
+	}
+	memcpy(c->in, c->first + 4, had);
+	if (io_all(c->fd, c->in + had, *size - had, 0) != 0)
+		return NULL;
+	return c->in;
+}
+
 static void *conn_main(void *arg)
 {
 	struct conn *c = arg;
-	uint8_t header[4];
 	struct ucred cred;
 	socklen_t clen = sizeof cred;
 
@@ -296,22 +337,12 @@ static void *conn_main(void *arg)
 	    hello(c->fd, cred.uid) != 0)
 		goto out;
 	for (;;) {
-		if (io_all(c->fd, header, 4, 0) != 0)
+		uint32_t size;
+		const uint8_t *req = next_request(c, &size);
+
+		if (req == NULL)
 			break;
-		uint32_t size = (uint32_t)header[0] << 24 | (uint32_t)header[1] << 16 |
-				(uint32_t)header[2] << 8 | header[3];
-		if (size > FAST_MAX_FRAME)
-			break;
-		if (size > c->in_cap) {
-			uint8_t *p = realloc(c->in, size);
-			if (p == NULL)
-				break;
-			c->in = p;
-			c->in_cap = size;
-		}
-		if (io_all(c->fd, c->in, size, 0) != 0)
-			break;
-		if (p11p_fast_serve(&io, (const char *)c->in, size, &c->out) != 0)
+		if (p11p_fast_serve(&io, (const char *)req, size, &c->out) != 0)
 			break;
 		uint32_t body = (uint32_t)(c->out.size - 4);
 		c->out.data[0] = (char)(body >> 24);

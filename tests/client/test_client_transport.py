@@ -180,6 +180,9 @@ MALFORMED = {
     "huge-frame-4GiB": Raw(b"\xff\xff\xff\xff"),
     "frame-cut-short": Raw(struct.pack(">I", 100) + b"\x92\x00", close=True),
     "closed-without-reply": Close(),
+    # a reply and a frame past it, in one write: one request has one reply (the next
+    # call on that connection would read the stray one)
+    "two-frames": Raw(frame([CKR_OK, 7]) + frame([CKR_OK, 8])),
 }
 
 

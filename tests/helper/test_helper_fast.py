@@ -25,6 +25,7 @@ from p11p.protocol.constants import CKA, CKM, CKR
 
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED = -2, -3, -4, -5
 SIGN_INIT, SIGN, GENERATE_KEY_PAIR, GENERATE_RANDOM = 43, 44, 60, 65
+DIGEST_INIT, DIGEST = 38, 39
 GENERATE_KEY = 59  # not on the data plane (functions.spec has no @direct for it)
 P256 = bytes.fromhex("06082a8648ce3d030107")
 
@@ -211,6 +212,29 @@ def test_arguments_of_the_wrong_shape_close_the_connection(fast: Fast, args: tup
     with fast.connect() as s:
         body = msgpack.packb(request, use_bin_type=True)
         s.sendall(struct.pack(">I", len(body)) + body)
+        assert closed(s)
+    with fast.connect() as s:
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+
+
+def test_a_request_larger_than_one_read_is_served(fast: Fast) -> None:
+    """A request comes in one read when it is small (header and body together); a larger
+    one takes more reads and is served the same: the SHA-256 of 20 kB is the digest."""
+    message = secrets.token_bytes(20_000)
+    with fast.connect() as s:
+        assert call(s, DIGEST_INIT, fast.id, [CKM["CKM_SHA256"], None]) == [0]
+        assert call(s, DIGEST, fast.id, message, 64) == [0, sha256(message).digest()]
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+
+
+def test_a_second_request_before_the_reply_closes_the_connection(fast: Fast) -> None:
+    """One request at a time (protocol/README.md, Data plane): bytes past a request are
+    a broken peer; the helper serves on."""
+    body = msgpack.packb([GENERATE_RANDOM, fast.id, 8], use_bin_type=True)
+    frame = struct.pack(">I", len(body)) + body
+    with fast.connect() as s:
+        assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
+        s.sendall(frame + frame)
         assert closed(s)
     with fast.connect() as s:
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
