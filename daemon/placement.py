@@ -200,8 +200,9 @@ class Placement:
     def restrict(objs: list[VirtualObject], allowed: list[Member]) -> list[Member]:
         """The members of `allowed` that hold (or can make) every object of `objs`."""
         for vobj in objs:
-            if vobj.home is not None:
-                allowed = [m for m in allowed if m is vobj.home]
+            home = vobj.homed()
+            if home is not None:
+                allowed = [m for m in allowed if m is home]
             elif vobj.is_token is False and (not vobj.replayable or vobj.random_held()):
                 # made at random and held by a member in service: calls go there (made
                 # again elsewhere it would be another key under the same handle)

@@ -149,13 +149,23 @@ class VirtualObject:
         """Held by a member still in service."""
         return any(m.health.usable for m in self.real)
 
+    def homed(self) -> Member | None:
+        """(a token object) The one member it is on when written there through p11p
+        (write_policy "primary"): by this application (`home`), or by another (the
+        group's record: this application's handle came from a search)."""
+        if self.home is not None or not self.is_token or self.group is None \
+                or self.identity is None:
+            return self.home
+        return self.group.homes.get(self.identity)
+
     def source_homes(self) -> set[Member] | None:
         """(a session object) The members it can be made on when its recipe needs token
         objects that one member holds (written under write_policy "primary", or made
         at random on one member): their homes. None: no such source."""
         homes: set[Member] | None = None
         for src in self.recipe.sources.values() if self.recipe is not None else ():
-            h = {src.home} if src.home is not None else src.source_homes()
+            home = src.homed()
+            h = {home} if home is not None else src.source_homes()
             if h is not None:
                 homes = h if homes is None else homes & h
         return homes

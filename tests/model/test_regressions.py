@@ -1979,3 +1979,20 @@ def test_copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it(
     name = "copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_copy_of_a_key_unwrapped_with_another_application_s_token_key_after_a_general_error(
+        model_env: Env) -> None:
+    """Found by make soak under failover (14 of 62 steps, no fault): one application
+    writes a token key on the primary (write_policy "primary"); another finds it,
+    unwraps a session key with it, then junk (CKR_GENERAL_ERROR): p11p tried the unwrap
+    on the other member, and moved the session there, which lost the unwrapped key (its
+    source is not there): its copy got CKR_DEVICE_ERROR, the token CKR_OK. The found
+    handle had no home of its own; the group's record of where such objects live now
+    counts for every application's handle (VirtualObject.homed): the unwrap's
+    CKR_GENERAL_ERROR is answered as is and the session stays."""
+    name = ("copy_of_a_key_unwrapped_with_another_application_s_token_key_after_a_"
+            "general_error.json")
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed == 0
