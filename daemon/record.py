@@ -30,9 +30,6 @@ class Recorder:
         rv = reply[0]
         name = shape.fn.name
         named = self.r.resolve.named_objects(ctx, shape, vreq)
-        if rv == OK and reveals(shape, vreq):
-            for vobj in named.values():
-                vobj.used = True  # its bits have shown: a random key is not remade now
         if rv == OK and shape.fn.writes == "set":
             for vobj in named.values():
                 if not vobj.is_token:
@@ -66,6 +63,13 @@ class Recorder:
                 else:
                     new.recipe, new.owner = recipe, vs
                     vs.objects.add(new)
+        if rv == OK and reveals(shape, vreq):
+            # its bits have shown (the objects it made are known, so the reply goes to the
+            # application): a random key is not remade now. Not before: a member that
+            # fails as the objects are read back leaves the key unused, to be made again
+            # where the call goes next
+            for vobj in named.values():
+                vobj.used = True
         if shape.found is not None and rv == OK and isinstance(reply[shape.found], list):
             handles = [(await self.r.resolve.object_from(ctx, vs, member, h, created=False)).handle
                        for h in reply[shape.found]]

@@ -1996,3 +1996,18 @@ def test_copy_of_a_key_unwrapped_with_another_application_s_token_key_after_a_ge
             "general_error.json")
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_unwrap_with_a_random_key_whose_derivation_failed_as_its_member_read_back(
+        model_env: Env) -> None:
+    """Found by make soak under balance (9 of 58 steps): a session key generated at
+    random, a derivation from it met a hung member, then a second member that failed as
+    p11p read back the derived key (C_GetAttributeValue): the key was marked used when
+    the member answered the derivation, before the failure, so it could not be made
+    again on the third member: the derivation and every later use got CKR_DEVICE_ERROR
+    (issue 12's "marked used before the member answers the call that discovers the
+    failure", in the record stage). A key is marked used once the call's reply is
+    complete (record.py): the derivation goes on the third member."""
+    name = "unwrap_with_a_random_key_whose_derivation_failed_as_its_member_read_back.json"
+    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
