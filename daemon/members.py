@@ -2,8 +2,8 @@
 
 A Member knows its module, how to find its token (label or serial), its real slot id,
 its health, and its helpers (pool.py: the warm pool and the recycling of an ended
-application's helpers). A Group is what the application sees as one token; it owns its members in priority
-order and its virtual slot id.
+application's helpers). A Group is what the application sees as one token; it owns
+its members in priority order and its virtual slot id.
 """
 
 from __future__ import annotations
