@@ -429,7 +429,11 @@ class Documented:
         sess = runner.sessions[app].get(step.get("s", ""))
         stuck = sess is not None and (bool(sess.ops) or any(
             o.owner == step.get("s") and o.random and o.used for o in runner.objs[app].values()))
-        return len(serving) < 2 or stuck or any(o.random and not o.token for o in held)
+        # and every member that serves may give it (a rule put on each: "with none left")
+        everywhere = all(any("rv=CKR_GENERAL_ERROR" in line for line in runner.env.rules[m])
+                         for m in serving)
+        return (len(serving) < 2 or stuck or everywhere
+                or any(o.random and not o.token for o in held))
 
     @staticmethod
     def a_hang_and_another_failure(runner: Runner, app: int, step: dict[str, Any],
