@@ -229,9 +229,8 @@ PIN = "{USER_PIN}"
     second = PyApp(group.daemon)
     try:
         second.run(setup)
-        # its session is opened on a member at its first call
-        assert second.run("_ = s.getSessionInfo().state") == "2"  # CKS_RW_PUBLIC_SESSION
         assert group.app_helper(second.proc.pid, "hsmA") == helper  # the same process
+        assert second.run("_ = s.getSessionInfo().state") == "2"  # CKS_RW_PUBLIC_SESSION
         assert second.run("_ = privs()") == "0"
         assert second.run('_ = len(s.findObjects([(P.CKA_LABEL, "first-app")]))') == "0"
         second.run("s.login(PIN)")
