@@ -400,12 +400,14 @@ class SessionBuilder:
             for vobj in [v for (m, _), v in ctx.by_real.items() if m is member]:
                 ctx.unregister(vobj, member)
 
-    def open_session(self, ctx: ApplicationContext, group: Group, flags: int) -> VirtualSession:
-        """A new virtual session, on no member yet: its first call that needs one places
-        it and opens its member session there (`call_prepare`, or a call's placement).
-        A session opened and closed unused costs no member call; what a module would
-        refuse at C_OpenSession for the token's state is refused here (dispatch.py)."""
-        return ctx.add_session(group, flags)
+    async def open_session(self, ctx: ApplicationContext, group: Group, flags: int) -> VirtualSession:
+        vs = ctx.add_session(group, flags)
+        try:
+            await self.call_prepare(ctx, vs)
+        except BaseException:
+            ctx.forget_session(vs)
+            raise
+        return vs
 
     async def call_prepare(self, ctx: ApplicationContext, vs: VirtualSession) -> None:
         """Places a new session on a member and opens it there (with failover)."""

@@ -57,8 +57,6 @@ _OBJECT_WRITES = frozenset(f.code for f in spec.functions()
 # reply, [FIND_ALL, session, template] -> [rv, handles or nil]
 FIND_ALL = spec.own_codes()["FIND_ALL"].code
 CKU_CONTEXT_SPECIFIC = CKU["CKU_CONTEXT_SPECIFIC"]
-CKU_SO = CKU["CKU_SO"]
-UNAVAILABLE_INFORMATION = (1 << 64) - 1  # CK_UNAVAILABLE_INFORMATION (CK_ULONG of 64 bits)
 
 
 def _pad(text: str, size: int) -> bytes:
@@ -179,15 +177,6 @@ class Dispatcher(Searches):
             if len(group.members) > 1:  # one serial for the group, whichever member answers
                 serial = hashlib.sha256(group.label.encode()).hexdigest()[:16].encode()
                 reply[1][3] = serial
-        if reply[0] == OK and isinstance(reply[1], list) and len(reply[1]) > 8:
-            # the application's sessions on the virtual token, which its members see only
-            # in part (a session is opened on a member at its first call that needs one;
-            # under balance they are spread; p11p's own sessions are not the application's)
-            mine = [s for s in ctx.sessions.values() if s.group is group]
-            rw = sum(1 for s in mine if s.flags & CKF["CKF_RW_SESSION"])
-            for i, n in ((6, len(mine)), (8, rw)):
-                if reply[1][i] != UNAVAILABLE_INFORMATION:
-                    reply[1][i] = n
         return reply
 
     async def slot_call(self, ctx: ApplicationContext, req: R.Request) -> Reply:
@@ -244,12 +233,7 @@ class Dispatcher(Searches):
         if len(ctx.sessions) >= self.daemon.config.max_sessions_per_app:
             self.limit(ctx, "max_sessions_per_app", self.daemon.config.max_sessions_per_app)
             return [CKR["CKR_SESSION_COUNT"], None]
-        login = ctx.logins.get(group)
-        if login is not None and login[0] == CKU_SO and not flags & CKF["CKF_RW_SESSION"]:
-            return [CKR["CKR_SESSION_READ_WRITE_SO_EXISTS"], None]
-        if flags & CKF["CKF_RW_SESSION"] and group.write_protected():
-            return [CKR_WRITE_PROTECTED, None]
-        vs = self.router.bind.open_session(ctx, group, flags)
+        vs = await self.router.bind.open_session(ctx, group, flags)
         return [OK, vs.handle]
 
     async def close_session(self, ctx: ApplicationContext, req: R.C_CloseSession) -> Reply:
@@ -286,14 +270,6 @@ class Dispatcher(Searches):
             # member session may be fresh and not yet logged in)
             reply = [CKR["CKR_USER_ALREADY_LOGGED_IN"] if login[0] == req.user_type
                      else CKR["CKR_USER_ANOTHER_ALREADY_LOGGED_IN"]]
-            self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])
-            return reply
-        if req.user_type == CKU_SO and any(
-                s.group is vs.group and not s.flags & CKF["CKF_RW_SESSION"]
-                for s in ctx.sessions.values()):
-            # the module sees only the sessions placed on it (a session is opened on a
-            # member at its first call that needs one): p11p answers for all of them
-            reply = [CKR["CKR_SESSION_READ_ONLY_EXISTS"]]
             self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])
             return reply
         failures = self.router.failures

@@ -23,7 +23,7 @@ from p11p.daemon.helperproc import HelperLimit, HelperProcess
 from p11p.daemon.metrics import GroupMetrics, MemberMetrics
 from p11p.daemon.pool import HelperPool
 from p11p.daemon.virtual import CKA_TOKEN, IDENTITY_TEMPLATE, ObjectIdentity, identity_from_values
-from p11p.protocol.constants import CKF, CKR, rv_name
+from p11p.protocol.constants import CKR, rv_name
 from p11p.protocol.spec import by_name
 
 log = logging.getLogger("p11p.member")
@@ -105,7 +105,6 @@ class Member:
         self.slot_id: int | None = None
         self.mechanisms: list[int] = []
         self.token_label = b""
-        self.token_flags = 0  # CK_TOKEN_INFO.flags when the token was found
         self.keyset: frozenset[ObjectIdentity] = frozenset()
         self.health = MemberHealth()
         self.helpers = HelperPool(self, pool_size, max_frame)
@@ -180,7 +179,6 @@ class Member:
             self.mechanisms = mechs if rv == CKR["CKR_OK"] else []
             self.slot_id = slot
             self.token_label = label
-            self.token_flags = info[4] if isinstance(info[4], int) else 0
             self.keyset = await self._read_keyset(helper, slot)
             return
         what = ", ".join(f"{k}={v!r}" for k, v in (("label", cfg.token), ("serial", cfg.serial),
@@ -294,12 +292,6 @@ class Group:
 
     def objects_changed(self) -> None:
         self.objects_generation += 1
-
-    def write_protected(self) -> bool:
-        """Whether every member's token said CKF_WRITE_PROTECTED when it was found: a
-        read/write session is refused at C_OpenSession, as the token would."""
-        return bool(self.members) and all(
-            m.token_flags & CKF["CKF_WRITE_PROTECTED"] for m in self.members)
 
     def notify(self) -> None:
         """Wakes calls held while no member was usable."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from hakit import HAGroup, PyApp
-from kit import SO_PIN, SOFTHSM_SO, USER_PIN
+from kit import SOFTHSM_SO, USER_PIN
 from p11p.protocol.constants import CKR
 
 OPEN = f"""
@@ -417,60 +417,3 @@ def test_a_member_held_out_comes_back_once_no_other_takes_work(tmp_path: Path,
     finally:
         app.close()
         group.daemon.stop()
-
-
-SESSION_RULES = f"""
-slot = [t for t in lib.getSlotList(tokenPresent=True)
-        if lib.getTokenInfo(t).label.strip() in ("ha", "hsmA")][0]
-RW = P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION
-def counts():
-    i = lib.getTokenInfo(slot)
-    return (i.ulSessionCount, i.ulRwSessionCount)
-def rv(f):
-    try:
-        f()
-        return 0
-    except P.PyKCS11Error as e:
-        return int(e.value)
-got = []
-s1 = lib.openSession(slot, RW)
-s1.login("{SO_PIN}", P.CKU_SO)
-got.append(rv(lambda: lib.openSession(slot, P.CKF_SERIAL_SESSION)))  # RO beside the SO
-s2 = lib.openSession(slot, RW)
-got.append(counts())
-s1.logout()
-s3 = lib.openSession(slot, P.CKF_SERIAL_SESSION)
-got.append(counts())
-got.append(rv(lambda: s1.login("{SO_PIN}", P.CKU_SO)))  # SO beside an RO session
-s3.closeSession()
-got.append(rv(lambda: s1.login("{SO_PIN}", P.CKU_SO)))
-s1.logout()
-s2.closeSession()
-got.append(counts())
-s1.closeSession()
-_ = got
-"""
-
-
-@pytest.mark.parametrize("policy", ["failover", "balance"])
-def test_session_rules_of_the_token_state_as_the_token(ha_factory: Any, ha_tokens: Any,
-                                                       policy: str) -> None:
-    """Sessions are opened on a member at their first call that needs one, so the rules
-    a module keeps at C_OpenSession and C_Login for the sessions it has are p11p's: an RO
-    session beside an SO login (CKR_SESSION_READ_WRITE_SO_EXISTS), an SO login beside an
-    RO session (CKR_SESSION_READ_ONLY_EXISTS), as SoftHSM2 used directly gives them; and
-    the session counts of C_GetTokenInfo as the token gives them (SoftHSM2: unavailable;
-    a module that counts is given the application's sessions: tests/unit/test_sessions.py)."""
-    group: HAGroup = ha_factory(policy, ["hsmA", "hsmB"])
-    app = PyApp(group.daemon)
-    direct = PyApp(None, SOFTHSM_SO, env=ha_tokens.env)
-    try:
-        through, token = app.run(SESSION_RULES), direct.run(SESSION_RULES)
-    finally:
-        app.close()
-        direct.close()
-    unavailable = (-1, -1)  # CK_UNAVAILABLE_INFORMATION, as PyKCS11 reads it
-    expected = repr([CKR["CKR_SESSION_READ_WRITE_SO_EXISTS"], unavailable, unavailable,
-                     CKR["CKR_SESSION_READ_ONLY_EXISTS"], 0, unavailable])
-    assert token == expected
-    assert through == token

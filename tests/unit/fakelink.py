@@ -130,9 +130,7 @@ class FakeHelper:
         return [OK, [0, state, 6, 0]]
 
     def C_GetTokenInfo(self, slot: int, _: Any) -> list[Any]:
-        # the session counts of this module instance (every session read/write here)
-        n = len(self.sessions)
-        return [OK, [b"fake".ljust(32), b"", b"", b"", 0, 0, n, 0, n] + [0] * 8]
+        return [OK, [b"fake".ljust(32)] + [0] * 16]
 
     def C_FindObjectsInit(self, h: int, template: Any) -> list[Any]:
         if not self._session(h):
