@@ -118,6 +118,8 @@ class Replicator:
         for k, j in enumerate(shape.created):
             vobj = ctx.objects.get(reply[j])
             vobj.home = None  # on every member: no partial write any more
+            if vobj.identity is not None:
+                group.homes.pop(vobj.identity, None)  # for the other applications too
             for member, handles in made.items():
                 if member is not first:
                     ctx.register(vobj, member, handles[k], group)
