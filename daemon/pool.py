@@ -21,19 +21,14 @@ from p11p.daemon.helperproc import (
     HelperLimit,
     HelperProcess,
 )
+from p11p.daemon.shapes import CODE
 from p11p.protocol.constants import CKR, CKS, rv_name
-from p11p.protocol.spec import by_name
 
 if TYPE_CHECKING:
     from p11p.daemon.members import Member
 
 log = logging.getLogger("p11p.member")
 
-_GET_TOKEN_INFO = by_name()["C_GetTokenInfo"].code
-_OPEN_SESSION = by_name()["C_OpenSession"].code
-_CLOSE_SESSION = by_name()["C_CloseSession"].code
-_CLOSE_ALL_SESSIONS = by_name()["C_CloseAllSessions"].code
-_GET_SESSION_INFO = by_name()["C_GetSessionInfo"].code
 _POOL_TRIES, _POOL_RETRY = 5, 1.0  # warm-pool starts that fail, and the pause between
 _TOKEN_CHECKS = 3  # helpers started before a member is declared unavailable for a missing token
 # A helper whose application ended serves the next one (HelperPool.recycle) up to this
@@ -90,7 +85,7 @@ class HelperPool:
                 break
             given = left(member.group.config.call_timeout)
             try:
-                rv, _ = await helper.call([_GET_TOKEN_INFO, member.slot_id, 0], given)
+                rv, _ = await helper.call([CODE["C_GetTokenInfo"], member.slot_id, 0], given)
             except BaseException as exc:
                 await helper.stop()
                 if isinstance(exc, CallTimedOut) and deadline is not None \
@@ -213,12 +208,12 @@ class HelperPool:
             if reply[0] != CKR["CKR_OK"]:
                 return False
             helper.fast, helper.fast_started = None, None
-        if (await helper.call([_CLOSE_ALL_SESSIONS, slot], timeout))[0] != CKR["CKR_OK"]:
+        if (await helper.call([CODE["C_CloseAllSessions"], slot], timeout))[0] != CKR["CKR_OK"]:
             return False
-        rv, session = (await helper.call([_OPEN_SESSION, slot, 4, 0], timeout))[:2]
+        rv, session = (await helper.call([CODE["C_OpenSession"], slot, 4, 0], timeout))[:2]
         if rv != CKR["CKR_OK"]:
             return False
-        rv, info = (await helper.call([_GET_SESSION_INFO, session, 0], timeout))[:2]
+        rv, info = (await helper.call([CODE["C_GetSessionInfo"], session, 0], timeout))[:2]
         state = info[1] if rv == CKR["CKR_OK"] and isinstance(info, list) and len(info) >= 2 \
             else None
         public = state in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"])
@@ -226,7 +221,7 @@ class HelperPool:
             log.warning("%s a helper's new session after C_CloseAllSessions "
                         "is not public (%s, state %s): it ends with its application",
                         self.where, rv_name(rv), state)
-        rv = (await helper.call([_CLOSE_SESSION, session], timeout))[0]
+        rv = (await helper.call([CODE["C_CloseSession"], session], timeout))[0]
         return public and rv == CKR["CKR_OK"]
 
     def discard(self) -> None:
