@@ -133,6 +133,12 @@ def end(token: contextvars.Token[CallBudget | None]) -> None:
     _current.reset(token)
 
 
+def outside() -> None:
+    """The running task is not an application call (a background one started from a
+    call inherits its context): its waits get fresh budgets."""
+    _current.set(None)
+
+
 def current() -> CallBudget:
     """The running application call's budget, or (outside one) a fresh one."""
     budget = _current.get()

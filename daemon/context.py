@@ -267,4 +267,5 @@ class ApplicationContext:
     def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "uid": self.uid, "prog": self.prog,
                 "sessions": len(self.sessions), "objects": len(self.objects),
-                "connections": self.connections}
+                "connections": self.connections,
+                "logged_in": sorted(m.name for m in self.logged_in)}

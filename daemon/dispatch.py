@@ -286,6 +286,7 @@ class Dispatcher(Searches):
             # sessions on a token are (invariant 1): a session that stays on another
             # member (an operation running there) must not see itself logged out
             await self.router.bind.login_everywhere(ctx, vs.group)
+            self.daemon.standby.logged_in(ctx, vs.group)  # and on the rest, in the background
             self.daemon.sync.logged_in(vs.group)  # members back while nobody was logged in
         return reply
 

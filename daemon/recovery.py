@@ -112,6 +112,7 @@ class Recovery:
                     group.label, member.name, member.slot_id, attempt)
         group.compare_keysets()
         self.daemon.direct.member_back(member)
+        self.daemon.standby.member_back(member)  # logged-in applications log in there
         if was_out:
             log.warning("group restored: group=%s", group.label)
             self.daemon.slot_event(group)

@@ -31,6 +31,7 @@ from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
+from p11p.daemon.standby import Standby
 from p11p.daemon.sync import Sync
 
 log = logging.getLogger("p11p.daemon")
@@ -66,6 +67,7 @@ class Daemon:
         self.recovery = Recovery(self)
         self.health = HealthMonitor(self)
         self.sync = Sync(self)
+        self.standby = Standby(self)
         self.dispatcher = Dispatcher(self)
         self.admin = AdminServer(self)
         self._server: asyncio.AbstractServer | None = None
@@ -142,6 +144,7 @@ class Daemon:
             self._server.close()
         await self.health.stop()
         await self.recovery.stop()
+        self.standby.stop()
         await self.admin.stop()
         await asyncio.gather(*(c.close() for c in list(self.contexts.values())),
                              return_exceptions=True)
@@ -211,6 +214,7 @@ class Daemon:
     async def end_context(self, ctx: ApplicationContext) -> None:
         if self.contexts.get(ctx.key) is ctx:
             del self.contexts[ctx.key]
+        self.standby.forget(ctx)
         await ctx.close()
         self.audit.app_ended(ctx)  # its key-use counts, and what is buffered
 
@@ -323,6 +327,7 @@ class Daemon:
             member.mark(MemberState.OK)
             member.group.notify()
             self.direct.member_back(member)
+            self.standby.member_back(member)
         elif state in (MemberState.DISABLED, MemberState.FAILED):
             member.mark(MemberState.FAILED)
             self.recovery.start(member, at_once=True)

@@ -77,6 +77,21 @@ max_interval = 2
             time.sleep(0.02)
         raise AssertionError(f"{name} not {state} after {timeout}s: {self.member(name)}")
 
+    def logged_in(self, app_pid: int) -> list[str]:
+        """The members where the application (its latest context) is logged in."""
+        ctxs = [c for c in self.status()["contexts"] if c["pid"] == app_pid]
+        return list(ctxs[-1]["logged_in"]) if ctxs else []
+
+    def wait_logged_in(self, app_pid: int, members: list[str], timeout: float = 10.0) -> None:
+        """Until the application is logged in on each of `members` (the daemon logs a
+        logged-in application in on a member in service in the background)."""
+        start = time.monotonic()
+        while not set(members) <= set(self.logged_in(app_pid)):
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"not logged in on {members} after {timeout}s: "
+                                     f"{self.logged_in(app_pid)}")
+            time.sleep(0.02)
+
     def app_helper(self, app_pid: int, member: str) -> int:
         """The helper of the application (its latest context) on `member`: a helper
         may have served another application before (the daemon recycles them)."""

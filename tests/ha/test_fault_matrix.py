@@ -39,6 +39,9 @@ def test_member_failure_is_invisible(ha_factory: Any, ha_keys: Path, policy: str
     try:
         for workload in WORKLOADS:
             group.wait_state("hsmA", "OK")
+            # and the application logged in there again (in the background: a call it
+            # has in flight there would make balance place the workload on hsmB)
+            group.wait_logged_in(app.proc.pid, ["hsmA"])
             failures = group.daemon.log_text().count(FAILED_A)
             assert app.send(f"begin {workload}") == "ready"
             inject(group, app, cause)

@@ -111,6 +111,75 @@ def test_an_unused_generated_key_is_remade_after_a_failover(ha_factory: Any) -> 
     assert "not recoverable" not in log
 
 
+def _verifies(keys: Path, sig_hex: str) -> bool:
+    """A raw CKM_ECDSA signature of DATA verifies with the imported EC key."""
+    import json
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+    key = serialization.load_pem_private_key(json.loads(keys.read_text())["ec_private"].encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    sig = bytes.fromhex(sig_hex.strip("'"))
+    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    try:
+        key.public_key().verify(der, bytes(range(32)), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_a_failover_after_a_hang_needs_no_login_on_the_next_member(ha_factory: Any,
+                                                                    ha_keys: Path) -> None:
+    """A logged-in application is logged in on the standby member in the background, so
+    a call whose first member hangs (two thirds of call_timeout) runs on the next member
+    in the third left, even where a C_Login there takes longer than that third (the
+    flapping run's failure: the login on the next member outlived the rest, and failed
+    that member too)."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])  # call_timeout 1.5
+    group.set_rules("hsmB", "C_Login delay ms=700\n")  # over the 0.5 s left after a hang
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN + """
+ec = s0.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_KEY_TYPE, P.CKK_EC)])[0]
+ECDSA = P.Mechanism(P.CKM_ECDSA)
+_ = bytes(s0.sign(ec, DATA, ECDSA)).hex()""")
+        pid = app.proc.pid
+        group.wait_logged_in(pid, ["hsmA", "hsmB"])
+        group.set_rules("hsmA", "* hang\n")
+        sig = app.run("_ = bytes(s0.sign(ec, DATA, ECDSA)).hex()")
+        assert _verifies(ha_keys, sig)
+        assert group.member("hsmB")["state"] == "OK"
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        # a new session there is logged in too, without the application logging in again
+        assert app.run("s = lib.openSession(slot, RW); _ = privs(s); s.closeSession()") == "2"
+    finally:
+        group.set_rules("hsmA", "")
+        app.close()
+    assert "session failed over" in group.daemon.log_text()
+
+
+def test_logout_reaches_the_standby_member(ha_factory: Any) -> None:
+    """C_Logout ends the login on every member, the standby one included: after a
+    failover, the application is logged out there (no private key), and logs in again."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN)
+        pid = app.proc.pid
+        group.wait_logged_in(pid, ["hsmA", "hsmB"])
+        app.run("s0.logout()")
+        assert group.logged_in(pid) == []
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = privs(s0)") == "0"
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        app.run(f"s0.login('{USER_PIN}')")
+        assert app.run("_ = privs(s0)") == "2"
+    finally:
+        group.set_rules("hsmA", "")
+        app.close()
+
+
 def test_an_object_deleted_behind_the_daemon_costs_only_that_object(ha_factory: Any) -> None:
     """Another application deletes a token object this one holds a handle of: using the
     handle gets CKR_OBJECT_HANDLE_INVALID (as on the token itself), and nothing else

@@ -25,6 +25,7 @@ from p11p.daemon.dispatch import Dispatcher
 from p11p.daemon.handles import HandleCounter
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.router import Router
+from p11p.daemon.standby import Standby
 from p11p.daemon.sync import Sync
 from p11p.protocol import spec
 from p11p.protocol.constants import CKA, CKO, CKR
@@ -221,6 +222,7 @@ class FakeDaemon:
         self.recovery = _Recovery()
         self.audit = Audit()  # the null one (daemon/audit.py)
         self.sync = Sync(self)  # type: ignore[arg-type]  # write_policy "all" only
+        self.standby = Standby(self)  # type: ignore[arg-type]
         self.counter = HandleCounter()
         self.router = Router(self)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(self)  # type: ignore[arg-type]
@@ -232,6 +234,7 @@ class FakeDaemon:
         return None
 
     async def end_context(self, ctx: ApplicationContext) -> None:
+        self.standby.forget(ctx)
         await ctx.close()
 
     def context(self, pid: int) -> ApplicationContext:

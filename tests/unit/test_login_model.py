@@ -42,6 +42,25 @@ class LoginMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
 
+    @rule()
+    def settle(self) -> None:
+        """The daemon's background work (standby logins) runs to its end."""
+        async def idle() -> None:
+            for _ in range(50):
+                await asyncio.sleep(0)
+        self.run(idle())
+        # a logged-in application is logged in on every member in service (standby.py)
+        for app, ctx in enumerate(self.apps):
+            for m in self.d.group.members:
+                if self.logged[app] and m.health.state is MemberState.OK:
+                    assert m in ctx.logged_in, (app, m.name, "not logged in in standby")
+                    assert self.d.helpers[(app + 1, m.name)].logged_in, (app, m.name)
+
+    def back(self, member: Any) -> None:
+        async def back() -> None:
+            self.d.standby.member_back(member)
+        self.run(back())
+
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
@@ -150,12 +169,14 @@ class LoginMachine(RuleBasedStateMachine):
             fut.set_result(helper)
             ctx._helpers[m] = fut
         m.mark(MemberState.OK)
+        self.back(m)  # as recovery.put_back: logged-in applications log in there
 
     @rule(member=st.integers(0, 2))
     def enable(self, member: int) -> None:
         m = self.d.group.members[member]
         if m.health.state is MemberState.DRAINING:
             m.mark(MemberState.OK)
+            self.back(m)  # as service.enable
 
     @invariant()
     def logged_in_on_every_member_session(self) -> None:
