@@ -64,13 +64,10 @@ class Standby:
         for ctx in list(self._tasks):
             self.forget(ctx)
 
-    def pending(self, ctx: ApplicationContext) -> int:
-        return len(self._tasks.get(ctx, ()))
-
     def _wanted(self, ctx: ApplicationContext, member: Member) -> bool:
         login = ctx.logins.get(member.group)
         return (not ctx.closed and login is not None and login[0] == USER
-                and member.health.usable and member not in ctx.logged_in)
+                and member.placeable and member not in ctx.logged_in)  # not a draining one
 
     def _start(self, ctx: ApplicationContext, member: Member) -> None:
         if not self._wanted(ctx, member):
@@ -93,7 +90,6 @@ class Standby:
     async def _login(self, ctx: ApplicationContext, member: Member) -> None:
         budget.outside()  # not the application call that started it: its own deadlines
         group = member.group
-        login = ctx.logins.get(group)
         bind = self.daemon.router.bind
         turn = self._turns.setdefault(member, asyncio.Lock())
         try:
@@ -101,7 +97,8 @@ class Standby:
                 if not self._wanted(ctx, member):
                     return
                 real = await bind.utility_session(ctx, member)
-            if ctx.logins.get(group) is not login and member in ctx.logged_in:
+            now = ctx.logins.get(group)
+            if (now is None or now[0] != USER) and member in ctx.logged_in:
                 # the application logged out while this login ran: out there too
                 ctx.logged_in.discard(member)
                 await self.daemon.router.link.raw(ctx, member, [CODE["C_Logout"], real])
