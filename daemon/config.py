@@ -78,6 +78,8 @@ class GroupConfig:
     replay_limit: int = 1 << 20
     object_cache_ttl: float = 5.0
     direct_calls: bool = True
+    # a logged-in application logged in on every member in service (daemon/standby.py)
+    standby_logins: bool = True
     recovery: Recovery = field(default_factory=Recovery)
     health: Health = field(default_factory=Health)
     allow_users: tuple[str, ...] = ()
@@ -227,7 +229,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     data, loc = parsed
     top = _Reader(loc, "", data, errors, {
         "label", "policy", "write_policy", "call_timeout", "hold_timeout", "replay_limit",
-        "object_cache_ttl", "direct_calls", "recovery", "health", "allow_users", "allow_groups",
+        "object_cache_ttl", "direct_calls", "standby_logins", "recovery", "health", "allow_users", "allow_groups",
         "rv_class", "member", "replicate_with"})
     label = top.get("label", str, "", required=True)
     if label and len(label.encode()) > 32:
@@ -317,6 +319,7 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
         replay_limit=top.integer("replay_limit", 1 << 20),
         object_cache_ttl=top.number("object_cache_ttl", 5.0),
         direct_calls=top.get("direct_calls", bool, True),
+        standby_logins=top.get("standby_logins", bool, True),
         recovery=recovery,
         health=health,
         allow_users=top.strings("allow_users"),

@@ -66,6 +66,8 @@ async def apply(daemon: Daemon, group: Group, gc: GroupConfig) -> list[str]:
             for vs in ctx.sessions.values():
                 if vs.group is group and vs.direct is not None:
                     await daemon.direct.revoke(vs)
+    for member in members:  # an added member, or standby_logins turned on
+        daemon.standby.member_back(member)
     group.compare_keysets()
     group.notify()
     daemon.slot_event(group)

@@ -11,7 +11,8 @@ a standby login that failed, or has not run yet, is done by the next call there.
 
 These logins run outside any application call: each wait has a fresh call_timeout
 (budget.py), and a member that hangs or fails in one is failed by its own health, as
-in recovery. They end with their application (`forget`). Only the user's login is
+in recovery. They end with their application (`forget`). A group's `standby_logins =
+false` turns them off (an HSM that counts sessions or logins against a limit). Only the user's login is
 kept in standby: a Security Officer's needs a read-write session, which p11p's own is
 not, and it is rare enough to be logged in when it is used.
 """
@@ -66,7 +67,7 @@ class Standby:
 
     def _wanted(self, ctx: ApplicationContext, member: Member) -> bool:
         login = ctx.logins.get(member.group)
-        return (not ctx.closed and login is not None and login[0] == USER
+        return (member.group.config.standby_logins and not ctx.closed and login is not None and login[0] == USER
                 and member.placeable and member not in ctx.logged_in)  # not a draining one
 
     def _start(self, ctx: ApplicationContext, member: Member) -> None:

@@ -27,6 +27,7 @@ write_policy = "refuse"
 call_timeout = 2.5
 hold_timeout = 1
 replay_limit = 4096
+standby_logins = false
 allow_users = ["root", 1000]
 [recovery]
 interval = 0.5
@@ -50,6 +51,7 @@ serial = "1234"
     assert (g.label, g.policy, g.write_policy, g.call_timeout, g.hold_timeout) == (
         "signing", "balance", "refuse", 2.5, 1.0)
     assert g.recovery.interval == 0.5 and g.recovery.attempts == 3
+    assert g.standby_logins is False
     assert g.allow_users == ("root", "1000")
     assert [m.name for m in g.members] == ["a", "b"]
     assert g.members[0].weight == 2 and g.members[0].env == {"SOFTHSM2_CONF": "/x"}
@@ -106,3 +108,12 @@ def test_health_probes_and_hold_out(tmp_path: Path) -> None:
     assert "a.toml:4: health.interval: must be at least 0" in text
     assert "a.toml:7: recovery.max_interval: must be at least [recovery] interval" in text
     assert "b.toml:3: health.probe: must be one of" in text
+
+
+def test_standby_logins_defaults_on_and_must_be_a_boolean(tmp_path: Path) -> None:
+    member = f'[[member]]\nname = "x"\nmodule = "{MODULE}"\ntoken = "t"\n'
+    (g,) = load(write(tmp_path, {"a": 'label = "one"\n' + member})).groups
+    assert g.standby_logins is True
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, {"a": 'label = "one"\nstandby_logins = "no"\n' + member}))
+    assert f"{tmp_path}/tokens.d/a.toml:2: standby_logins:" in "\n".join(err.value.errors)

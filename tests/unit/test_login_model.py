@@ -7,6 +7,7 @@ invariant and that a logged-in application's find sees the private object."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -230,5 +231,29 @@ def test_closing_the_last_session_on_a_member_drops_the_login_there(policy: str)
             assert info[1][1] in LOGGED_IN_STATES
             assert (await d.call(ctx, "C_CloseSession", s))[0] == OK
         m1.health.calls_in_flight = 0
+        await ctx.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("standby", [True, False])
+def test_a_login_reaches_the_standby_member_unless_turned_off(standby: bool) -> None:
+    """standby.py: logged in on m1, the application is logged in on m2 too, where it has
+    no session, in the background; with `standby_logins = false`, only where it has one.
+    Either way a session that moves to m2 is logged in there."""
+    async def go() -> None:
+        d = FakeDaemon(["m1", "m2"], "failover")
+        d.group.config = dataclasses.replace(d.group.config, standby_logins=standby)
+        ctx = d.context(1)
+        m1, m2 = d.group.members
+        s0 = (await d.call(ctx, "C_OpenSession", 7, RW_SERIAL, 0))[1]
+        assert (await d.call(ctx, "C_Login", s0, CKU_USER, USER_PIN))[0] == OK
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert (m2 in ctx.logged_in) is standby
+        assert d.helpers[(1, "m2")].logged_in is standby if (1, "m2") in d.helpers else not standby
+        d.router.failures.member_failed(m1, MemberUnavailable("m1", "test"), "test")
+        info = await d.call(ctx, "C_GetSessionInfo", s0, 0)
+        assert info[0] == OK and info[1][1] in LOGGED_IN_STATES
+        assert m2 in ctx.logged_in
         await ctx.close()
     asyncio.run(go())
