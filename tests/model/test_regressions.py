@@ -2038,3 +2038,18 @@ def test_generate_key_with_a_general_error_rule_on_every_member(model_env: Env) 
     name = "generate_key_with_a_general_error_rule_on_every_member.json"
     runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_of_another_application_s_token_key_destroyed_before_its_batch(
+        model_env: Env) -> None:
+    """Found by make soak under balance after 29 minutes (12 of 46 steps): one
+    application generated a token key (on one member: write_policy "primary"), the other
+    began a search on a session p11p placed on another member, and the key was
+    destroyed before the batch. The token's result held it, nameless (each attribute
+    CKR_OBJECT_HANDLE_INVALID: the searching application never had its handle); p11p's,
+    from the other member, did not. The model's: the allowance for such a key named it
+    only when it could read it (Documented.token_object_on_one_member)."""
+    name = "search_of_another_application_s_token_key_destroyed_before_its_batch.json"
+    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    assert runner.allowed >= 1
