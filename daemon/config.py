@@ -229,8 +229,8 @@ def _group(path: Path, errors: list[str]) -> GroupConfig | None:
     data, loc = parsed
     top = _Reader(loc, "", data, errors, {
         "label", "policy", "write_policy", "call_timeout", "hold_timeout", "replay_limit",
-        "object_cache_ttl", "direct_calls", "standby_logins", "recovery", "health", "allow_users", "allow_groups",
-        "rv_class", "member", "replicate_with"})
+        "object_cache_ttl", "direct_calls", "standby_logins", "recovery", "health",
+        "allow_users", "allow_groups", "rv_class", "member", "replicate_with"})
     label = top.get("label", str, "", required=True)
     if label and len(label.encode()) > 32:
         top.error("label", "a token label has at most 32 bytes")
