@@ -56,7 +56,8 @@ class Recorder:
                 if new.is_token:
                     if new.identity is not None:
                         vs.group.destroyed.discard(new.identity)
-                    if len(vs.group.members) > 1:
+                    if len(vs.group.members) > 1 and vs.group.config.write_policy == "primary":
+                        # on this member only (write_policy "all" writes it on each)
                         new.home = member
                         if new.identity is not None:
                             vs.group.homes[new.identity] = member

@@ -116,10 +116,7 @@ class Replicator:
             return [exc.rv] + [None] * (len(reply) - 1)
         await self.r.record.record(ctx, vs, first, shape, vreq, reply)
         for k, j in enumerate(shape.created):
-            vobj = ctx.objects.get(reply[j])
-            vobj.home = None  # on every member: no partial write any more
-            if vobj.identity is not None:
-                group.homes.pop(vobj.identity, None)  # for the other applications too
+            vobj = ctx.objects.get(reply[j])  # homed nowhere (record.py): on every member
             for member, handles in made.items():
                 if member is not first:
                     ctx.register(vobj, member, handles[k], group)
