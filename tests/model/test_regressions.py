@@ -12,9 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
-from harness import Env, replay
+from harness import Env, Runner, replay
 
 HERE = Path(__file__).resolve().parent
+
+def kept(env: Env, name: str) -> Runner:
+    """The kept sequence `name` (tests/model/sequences) replayed from a fresh start."""
+    return replay(env, json.loads((HERE / "sequences" / name).read_text()))
+
 
 OPEN_S1 = {"app": 0, "op": "open", "s": "s1", "rw": True}
 GENPAIR_S1 = {"app": 0, "op": "genpair", "s": "s1", "pub": "m-5", "priv": "m-6",
@@ -334,7 +339,7 @@ def test_search_sees_the_session_objects_of_other_sessions(model_env: Env) -> No
     """Found by make soak under balance (8 of 67 steps): a search in one session did not
     see the session objects another session had made on another member."""
     name = "search_sees_the_session_objects_of_other_sessions.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -343,7 +348,7 @@ def test_find_after_a_helper_killed_under_it(model_env: Env) -> None:
     helper killed while its search read the member's results: the daemon looked up the
     found handles in a member session that was gone (KeyError: CKR_FUNCTION_FAILED)."""
     name = "find_after_a_helper_killed_under_it.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -352,7 +357,7 @@ def test_copy_of_a_copy_after_lost_sessions(model_env: Env) -> None:
     whose source was destroyed, copied again after its member lost the application's
     sessions (CKR_SESSION_HANDLE_INVALID twice): CKR_DEVICE_ERROR, SoftHSM2 CKR_OK."""
     name = "copy_of_a_copy_after_lost_sessions.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -362,7 +367,7 @@ def test_derive_beside_a_length_query(model_env: Env) -> None:
     that had answered CKR_SESSION_CLOSED once: CKR_DEVICE_ERROR, SoftHSM2
     CKR_ATTRIBUTE_VALUE_INVALID."""
     name = "derive_beside_a_length_query.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -370,7 +375,7 @@ def test_verify_init_after_a_refused_final(model_env: Env) -> None:
     """Found by make soak under failover (5 of 66 steps, no member event): SoftHSM2 keeps
     an ECDSA verification whose C_VerifyFinal it refused; p11p ends it (README)."""
     name = "verify_init_after_a_refused_final.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -379,7 +384,7 @@ def test_init_after_a_refused_sign_final(model_env: Env) -> None:
     an unknown key handle at the next init (p11p: CKR_OBJECT_HANDLE_INVALID, SoftHSM2:
     CKR_OPERATION_ACTIVE; README)."""
     name = "init_after_a_refused_sign_final.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -387,7 +392,7 @@ def test_general_error_beside_a_generated_key(model_env: Env) -> None:
     """Found by make soak under failover (6 of 38 steps): CKR_GENERAL_ERROR twice from
     the member holding a generated key: the key cannot go elsewhere (README)."""
     name = "general_error_beside_a_generated_key.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -396,7 +401,7 @@ def test_digest_key_of_a_token_object_on_one_member(model_env: Env) -> None:
     another application wrote (on the primary only, write_policy primary), in a session
     on another member: CKR_KEY_HANDLE_INVALID, SoftHSM2 CKR_OK."""
     name = "digest_key_of_a_token_object_on_one_member.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -405,7 +410,7 @@ def test_login_after_device_removed(model_env: Env) -> None:
     CKR_DEVICE_REMOVED once; the application closed its session, opened another and
     logged in: CKR_USER_ALREADY_LOGGED_IN, SoftHSM2 CKR_OK."""
     name = "login_after_device_removed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -413,7 +418,7 @@ def test_wrap_with_a_hung_standby(model_env: Env) -> None:
     """Found by make soak under failover (6 of 37 steps): the standby hung, the primary
     failing C_WrapKey twice: CKR_DEVICE_ERROR, SoftHSM2 CKR_OK."""
     name = "wrap_with_a_hung_standby.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -423,7 +428,7 @@ def test_token_copy_of_a_key_on_the_standby(model_env: Env) -> None:
     session: CKR_OBJECT_HANDLE_INVALID (the write went to the primary, which cannot
     have the key), SoftHSM2 CKR_OK."""
     name = "token_copy_of_a_key_on_the_standby.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -433,7 +438,7 @@ def test_set_attribute_of_a_key_another_application_wrote(model_env: Env) -> Non
     was out: CKR_TOKEN_WRITE_PROTECTED (p11p could not tell where the key is), SoftHSM2
     CKR_ATTRIBUTE_TYPE_INVALID. The group knows where it wrote the key."""
     name = "set_attribute_of_a_key_another_application_wrote.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -443,7 +448,7 @@ def test_second_login_after_a_general_error(model_env: Env) -> None:
     harness let it pass but left the reference application logged in, and the next
     login differed. The reference is logged out now, as the application is."""
     name = "second_login_after_a_general_error.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -452,7 +457,7 @@ def test_search_finds_the_other_applications_new_key(model_env: Env) -> None:
     generated is found through p11p by the other, not by its twin on SoftHSM2 directly
     (the reference's view lags: Documented.token_objects_of_the_other_application)."""
     name = "search_finds_the_other_applications_new_key.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -461,7 +466,7 @@ def test_search_while_the_objects_member_hangs(model_env: Env) -> None:
     hangs; a search in another session, on another member, missed it (it can be made
     again: now it is, on the searched member, and found)."""
     name = "search_while_the_objects_member_hangs.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -471,7 +476,7 @@ def test_encrypt_init_after_a_refused_verify(model_env: Env) -> None:
     member (marked lost: CKR_DEVICE_ERROR at its next use, SoftHSM2 CKR_OK). It stays
     where it is, and calls naming it go there."""
     name = "encrypt_init_after_a_refused_verify.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -481,7 +486,7 @@ def test_general_error_retry_keeps_a_used_key(model_env: Env) -> None:
     member session that held a used generated key (lost: CKR_DEVICE_ERROR at the next
     unwrap, SoftHSM2 CKR_OK). A session that holds what cannot be made again stays."""
     name = "general_error_retry_keeps_a_used_key.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -490,7 +495,7 @@ def test_general_error_retry_keeps_the_operation(model_env: Env) -> None:
     a digest that C_DigestKey made unreplayable: it was gone (CKR_OK at the next init,
     SoftHSM2 CKR_OPERATION_ACTIVE)."""
     name = "general_error_retry_keeps_the_operation.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -499,7 +504,7 @@ def test_create_after_a_login_a_hang_refused(model_env: Env) -> None:
     and a failing primary ended CKR_DEVICE_ERROR (documented); the reference stayed
     logged in and the next private object differed. The reference follows now."""
     name = "create_after_a_login_a_hang_refused.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -509,7 +514,7 @@ def test_search_while_identity_reads_are_refused(model_env: Env) -> None:
     object, without identity, could not be found again after the session reset
     (CKR_OBJECT_HANDLE_INVALID). The read is tried again."""
     name = "search_while_identity_reads_are_refused.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -518,7 +523,7 @@ def test_find_after_refused_reads(model_env: Env) -> None:
     refused (CKR_USER_NOT_LOGGED_IN) during a search of a session object the application
     created: p11p returned the object twice."""
     name = "find_after_refused_reads.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -527,7 +532,7 @@ def test_find_after_a_reset_under_an_operation(model_env: Env) -> None:
     held an active decryption with a generated session key; the key, moved with its
     session, was missing from a new session's search."""
     name = "find_after_a_reset_under_an_operation.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -536,7 +541,7 @@ def test_create_after_a_refused_close(model_env: Env) -> None:
     closed while its member answered CKR_SESSION_CLOSED; p11p kept the application logged
     in (PKCS#11: the last session's end logs it out)."""
     name = "create_after_a_refused_close.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -544,7 +549,7 @@ def test_copy_with_a_sign_init_beside(model_env: Env) -> None:
     """Found by make soak under balance (8 of 34 steps): C_CopyObject refused once
     (CKR_TOKEN_NOT_PRESENT) in a session with a signature begun: CKR_DEVICE_ERROR."""
     name = "copy_with_a_sign_init_beside.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -553,7 +558,7 @@ def test_login_after_refused_closes(model_env: Env) -> None:
     member was down and the other refused every close (CKR_SESSION_CLOSED): the next
     C_Login got CKR_USER_ALREADY_LOGGED_IN (the application's last session was gone)."""
     name = "login_after_refused_closes.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -565,7 +570,7 @@ def test_create_after_a_hang_and_a_killed_helper(model_env: Env) -> None:
     the third member). README documents it (a hang and a failure in one call): the
     harness counts a killed helper as a failing member."""
     name = "create_after_a_hang_and_a_killed_helper.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -576,7 +581,7 @@ def test_find_after_a_key_pair_written_on_a_draining_member(model_env: Env) -> N
     search on the drained member did not see it, as README says. The harness had no home
     for it (no member in service when the step began): it notes the home after the step."""
     name = "find_after_a_key_pair_written_on_a_draining_member.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -588,7 +593,7 @@ def test_sign_uninitialized_with_a_hung_and_a_down_member(model_env: Env) -> Non
     spends it now) and the third member was never tried. The answer must match without
     any documented allowance."""
     name = "sign_uninitialized_with_a_hung_and_a_down_member.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -601,7 +606,7 @@ def test_used_session_key_kept_when_a_token_write_moves_the_session(model_env: E
     standby, was marked lost on the move (C_DecryptInit with it: CKR_DEVICE_ERROR). It
     stays where it is: calls that need it go there."""
     name = "used_session_key_kept_when_a_token_write_moves_the_session.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -612,7 +617,7 @@ def test_find_with_two_members_hung(model_env: Env) -> None:
     a hang and another failure in one call). Passes through the documented allowance
     only; fails if p11p differs otherwise or takes longer."""
     name = "find_with_two_members_hung.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -622,7 +627,7 @@ def test_token_copy_of_a_copy_of_a_used_key(model_env: Env) -> None:
     CKR_DEVICE_ERROR, as README says (a used key made at random cannot be made again,
     nor its copies). The harness did not know a copy carries its source's use."""
     name = "token_copy_of_a_copy_of_a_used_key.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -634,7 +639,7 @@ def test_copy_of_a_key_used_as_its_member_failed(model_env: Env) -> None:
     and its copy gets CKR_DEVICE_ERROR, as README says. The harness now counts a use
     right after a kill as a use under a fault."""
     name = "copy_of_a_key_used_as_its_member_failed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -645,7 +650,7 @@ def test_getattr_of_a_pair_remade_after_logout(model_env: Env) -> None:
     make the private half again without a login (CKR_USER_NOT_LOGGED_IN). README,
     Limits, now says so; the harness allows it for such pairs only."""
     name = "getattr_of_a_pair_remade_after_logout.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance", "failover"], indirect=True)
@@ -654,7 +659,7 @@ def test_search_broken_by_a_general_error(model_env: Env) -> None:
     CKR_GENERAL_ERROR twice by a member that still serves: the search (p11p's from init
     to final) ended with the code; it runs again on another member now."""
     name = "search_broken_by_a_general_error.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -664,7 +669,7 @@ def test_search_with_sessions_closed_twice(model_env: Env) -> None:
     CKR_SESSION_CLOSED twice: the first time p11p rebuilt the session with its search,
     the second (during that rebuild) reached the application."""
     name = "search_with_sessions_closed_twice.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -676,7 +681,7 @@ def test_open_session_refused_as_logged_out(model_env: Env) -> None:
     application. The member lost the login: p11p resets the member sessions and logs
     in again, and the new session finds the private keys."""
     name = "open_session_refused_as_logged_out.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -688,7 +693,7 @@ def test_encrypt_final_after_its_keys_session_closed(model_env: Env) -> None:
     as README says; the harness did not count an operation whose key went with its
     session."""
     name = "encrypt_final_after_its_keys_session_closed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -699,7 +704,7 @@ def test_sign_update_after_its_key_destroyed(model_env: Env) -> None:
     with the direct path on: the operation moving to the daemon for its update began
     again there, and the init's answer for the destroyed key reached C_SignUpdate."""
     name = "sign_update_after_its_key_destroyed.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -709,7 +714,7 @@ def test_find_after_a_digest_of_a_generated_token_key(model_env: Env) -> None:
     a generated token key and a wrap with a generated session key: p11p answered
     C_FindObjectsInit CKR_OPERATION_ACTIVE, SoftHSM2 CKR_OK."""
     name = "find_after_a_digest_of_a_generated_token_key.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -721,7 +726,7 @@ def test_digest_key_without_a_digest_beside_an_encryption(model_env: Env) -> Non
     CKR_OBJECT_HANDLE_INVALID; the session's state comes first
     (CKR_OPERATION_NOT_INITIALIZED, as SoftHSM2)."""
     name = "digest_key_without_a_digest_beside_an_encryption.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -733,7 +738,7 @@ def test_derive_from_a_lost_key_with_a_bad_template(model_env: Env) -> None:
     CKR_DEVICE_ERROR (lost, README). The harness took the key as unused, as the token
     used directly had refused the call: it follows p11p's use now."""
     name = "derive_from_a_lost_key_with_a_bad_template.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -745,7 +750,7 @@ def test_encrypt_final_after_its_key_remade_for_another_session(model_env: Env) 
     CKR_OPERATION_NOT_INITIALIZED). Such a member session is bare until the owner's
     own rebuild."""
     name = "encrypt_final_after_its_key_remade_for_another_session.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -760,7 +765,7 @@ def test_unwrap_beside_a_verify_with_a_remade_pair(model_env: Env) -> None:
     needs only what it names: it now visits the member that holds that, and the session
     stays with its verification (placement.visiting; soak finding balance-75)."""
     name = "unwrap_beside_a_verify_with_a_remade_pair.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -772,7 +777,7 @@ def test_login_refused_by_a_member_without_a_user_pin(model_env: Env) -> None:
     took, refused for the token's own state: the member fails, the sessions go to the
     others."""
     name = "login_refused_by_a_member_without_a_user_pin.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -783,7 +788,7 @@ def test_application_login_refused_by_a_member_without_a_user_pin(model_env: Env
     (0x102 reached the application). The login is tried on another member; the PIN
     good there, the first member fails."""
     name = "application_login_refused_by_a_member_without_a_user_pin.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -795,7 +800,7 @@ def test_getattr_of_a_pair_lost_after_logout(model_env: Env) -> None:
     unknown handle); README says a lost session object answers CKR_DEVICE_ERROR, and
     the harness allows only that."""
     name = "getattr_of_a_pair_lost_after_logout.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -806,7 +811,7 @@ def test_copy_remade_where_its_copy_is_refused(model_env: Env) -> None:
     was marked lost (CKR_DEVICE_ERROR). The source is looked up and the remake tried
     again, as for any call that meets a member losing state."""
     name = "copy_remade_where_its_copy_is_refused.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -818,7 +823,7 @@ def test_search_beside_a_lost_decrypt(model_env: Env) -> None:
     SoftHSM2 used directly answers CKR_OPERATION_ACTIVE. The harness was wrong (the
     difference is documented): kept so that it stays allowed, and only as that."""
     name = "search_beside_a_lost_decrypt.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 1
 
 
@@ -830,7 +835,7 @@ def test_digest_beside_a_token_write_after_its_helper_went(model_env: Env) -> No
     there without replaying the digest, and the next C_DigestUpdate got
     CKR_OPERATION_NOT_INITIALIZED."""
     name = "digest_beside_a_token_write_after_its_helper_went.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -842,7 +847,7 @@ def test_search_after_a_copy_of_a_used_key_whose_member_failed(model_env: Env) -
     with their member, and searches no longer find them). The harness was wrong: it
     did not count the copy, made of used bits, as one the fault could take."""
     name = "search_after_a_copy_of_a_used_key_whose_member_failed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -852,7 +857,7 @@ def test_search_ended_before_its_result_was_complete(model_env: Env) -> None:
     partial results as sets, but which three each side returns is its token's order
     (PKCS#11 sets none): the harness was wrong, only the batch sizes compare."""
     name = "search_ended_before_its_result_was_complete.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("pin", ["1234", "0000"])
@@ -877,7 +882,7 @@ def test_search_batches_beside_another_applications_search(model_env: Env) -> No
     which depends on the token's order: the harness was wrong (counts compare only
     where no such object is in a batch)."""
     name = "search_batches_beside_another_applications_search.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -890,7 +895,7 @@ def test_unknown_key_beside_an_active_sign(model_env: Env) -> None:
     give, and the daemon answers CKR_OPERATION_ACTIVE first, as the token does: with the
     data plane on and off the sequence agrees exactly (no documented difference)."""
     name = "unknown_key_beside_an_active_sign.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -903,7 +908,7 @@ def test_encrypt_after_a_decrypt_refused_on_every_member(model_env: Env) -> None
     CKR_OPERATION_ACTIVE where SoftHSM2 says CKR_OK. The answer ends the operation; and
     with only out-of-service members left, it is given at once."""
     name = "encrypt_after_a_decrypt_refused_on_every_member.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -916,7 +921,7 @@ def test_sign_after_a_refused_update_of_a_single_part_signature(model_env: Env) 
     session too, by an empty update (SoftHSM2 ends a single-part operation there, not at
     its final) and the final."""
     name = "sign_after_a_refused_update_of_a_single_part_signature.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -926,7 +931,7 @@ def test_cached_search_beside_a_digest(model_env: Env) -> None:
     (object_cache_ttl), CKR_OK, where SoftHSM2 says CKR_OPERATION_ACTIVE (and p11p too
     without the cache). With an operation active the member decides."""
     name = "cached_search_beside_a_digest.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -937,7 +942,7 @@ def test_open_answered_user_not_logged_in_while_logged_out(model_env: Env) -> No
     reached it (§5.6 lists no such answer). Reset and tried again, as for a logged-in
     one."""
     name = "open_answered_user_not_logged_in_while_logged_out.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -948,7 +953,7 @@ def test_set_attribute_of_a_read_key_on_a_hung_member(model_env: Env) -> None:
     C_SetAttributeValue on it got CKR_DEVICE_ERROR. The harness was wrong: it did not
     count a read of the value as a use, as p11p does."""
     name = "set_attribute_of_a_read_key_on_a_hung_member.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -959,7 +964,7 @@ def test_stale_handle_of_a_token_key_found_again_by_the_token_only(model_env: En
     "primary") while SoftHSM2 found them again: its handle was new on the token's side
     and stale through p11p. The harness was wrong to compare calls on it."""
     name = "stale_handle_of_a_token_key_found_again_by_the_token_only.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -970,7 +975,7 @@ def test_digest_init_beside_an_encryption_whose_key_went(model_env: Env) -> None
     CKR_OPERATION_ACTIVE. The harness was wrong: it looked only at the session's own
     taint, not at the key's owner."""
     name = "digest_init_beside_an_encryption_whose_key_went.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -982,7 +987,7 @@ def test_wrap_with_a_token_key_beside_a_verify_with_a_pair_elsewhere(model_env: 
     needs only what it names: the wrap now visits the member that holds the token key,
     and answers as the token does (soak finding balance-75)."""
     name = "wrap_with_a_token_key_beside_a_verify_with_a_pair_elsewhere.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -994,7 +999,7 @@ def test_digest_key_after_a_reset_met_on_the_data_plane(model_env: Env) -> None:
     C_DigestKey with one got CKR_KEY_HANDLE_INVALID. The daemon resets the member's
     sessions and handles, as when one of its own calls meets the reset."""
     name = "digest_key_after_a_reset_met_on_the_data_plane.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1007,7 +1012,7 @@ def test_sign_init_of_a_random_key_on_the_data_plane_under_a_fault(model_env: En
     again. A key made at random and not used yet now starts its first operation through
     the daemon (DIRECT_KEY refuses it), which counts its use when the call succeeds."""
     name = "sign_init_of_a_random_key_on_the_data_plane_under_a_fault.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1020,7 +1025,7 @@ def test_wrap_with_a_random_key_whose_first_init_met_a_failure_on_the_data_plane
     it, and a C_WrapKey with it in another session got CKR_DEVICE_ERROR where SoftHSM2
     wraps. Its first operation goes through the daemon now."""
     name = "wrap_with_a_random_key_whose_first_init_met_a_failure_on_the_data_plane.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1033,7 +1038,7 @@ def test_verify_after_its_key_destroyed_and_a_refused_init_on_the_data_plane(
     (CKR_DEVICE_ERROR at the next C_Verify, where SoftHSM2 answers
     CKR_OPERATION_NOT_INITIALIZED). Handed over as it runs now (DIRECT_ADOPT)."""
     name = "verify_after_its_key_destroyed_and_a_refused_init_on_the_data_plane.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1045,7 +1050,7 @@ def test_search_beside_a_digest_waiting_for_its_replay(model_env: Env) -> None:
     waiting for its replay, and the search started (CKR_OK) where SoftHSM2 says
     CKR_OPERATION_ACTIVE."""
     name = "search_beside_a_digest_waiting_for_its_replay.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1056,7 +1061,7 @@ def test_login_answered_user_not_logged_in(model_env: Env) -> None:
     in: the code reached it. The member's sessions are reset and the login tried
     again, as for a logged-in application."""
     name = "login_answered_user_not_logged_in.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1067,7 +1072,7 @@ def test_encrypt_update_after_a_refused_digest_key_and_a_hang(model_env: Env) ->
     not record and made the encryption unreplayable, so a hang of its member lost it
     (CKR_DEVICE_ERROR). A refused C_DigestKey changes nothing but its own operation."""
     name = "encrypt_update_after_a_refused_digest_key_and_a_hang.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1081,7 +1086,7 @@ def test_encrypt_after_its_key_destroyed_and_a_refused_init_on_the_data_plane(
     (and p11p with the data plane off) encrypts. The client now hands its operations
     over to the daemon as they run (DIRECT_ADOPT): nothing is run again."""
     name = "encrypt_after_its_key_destroyed_and_a_refused_init_on_the_data_plane.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1095,7 +1100,7 @@ def test_digest_key_with_a_random_key_after_a_reset_seen_as_a_lost_login(
     member session is now handled as the reset it is: the application's sessions there
     are rebuilt and their objects made again."""
     name = "digest_key_with_a_random_key_after_a_reset_seen_as_a_lost_login.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1108,7 +1113,7 @@ def test_search_beside_a_decrypt_on_the_data_plane_after_a_logout(model_env: Env
     whose decryption goes on, answers CKR_OPERATION_ACTIVE. Handed over as it runs now
     (DIRECT_ADOPT)."""
     name = "search_beside_a_decrypt_on_the_data_plane_after_a_logout.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1121,7 +1126,7 @@ def test_encrypt_handed_over_to_the_daemon_then_a_failover(model_env: Env) -> No
     client's digests (a wrong digest loses the operation: CKR_DEVICE_ERROR), and the
     ciphertext goes on as SoftHSM2's."""
     name = "encrypt_handed_over_to_the_daemon_then_a_failover.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1135,7 +1140,7 @@ def test_unwrap_with_a_copy_of_a_token_key_one_member_holds_after_a_general_erro
     unwrap got CKR_DEVICE_ERROR where SoftHSM2 answers CKR_GENERAL_ERROR again. An object
     made of a token object one member holds stays there, and calls go there."""
     name = "unwrap_with_a_copy_of_a_token_key_one_member_holds_after_a_general_error.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1150,7 +1155,7 @@ def test_digest_key_of_a_token_object_on_another_member_beside_a_decrypt_whose_k
     active operation cannot be replayed stays on its member (here: the token's
     CKR_OPERATION_NOT_INITIALIZED, as p11p answers it from the session's state)."""
     name = "digest_key_of_a_token_object_on_another_member_beside_a_decrypt_whose_key_went.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1164,7 +1169,7 @@ def test_digest_init_beside_a_verify_whose_binding_went_at_an_enable(model_env: 
     through the daemon now sends the operations waiting for their replay first. (Timing:
     it failed in about half the replays before the fix.)"""
     name = "digest_init_beside_a_verify_whose_binding_went_at_an_enable.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1177,7 +1182,7 @@ def test_search_named_under_a_general_error_rule_with_the_other_member_draining(
     reads (README, Limits: with no other member the application gets the code), and the
     object was named by the error. The harness reads again, once, after such an error."""
     name = "search_named_under_a_general_error_rule_with_the_other_member_draining.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1191,7 +1196,7 @@ def test_attribute_read_of_a_key_on_another_member_beside_a_decrypt_whose_key_we
     (CKR_DEVICE_ERROR at C_Decrypt where SoftHSM2 decrypts). Such a call now runs in a
     member session of its own there; the session stays with its operation."""
     name = "attribute_read_of_a_key_on_another_member_beside_a_decrypt_whose_key_went.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1205,7 +1210,7 @@ def test_sign_update_after_a_wrap_when_an_enable_ended_the_binding(model_env: En
     (CKR_OPERATION_ACTIVE): lost, CKR_DEVICE_ERROR. While the session is in the member
     session of the binding the daemon ended, the operation is handed over as it runs."""
     name = "sign_update_after_a_wrap_when_an_enable_ended_the_binding.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1218,7 +1223,7 @@ def test_verify_update_after_its_key_destroyed_and_a_fail_back(model_env: Env) -
     (CKR_DEVICE_ERROR where SoftHSM2 answers CKR_OPERATION_NOT_INITIALIZED). The member
     session stays now, and the operation is handed over as it runs."""
     name = "verify_update_after_its_key_destroyed_and_a_fail_back.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1230,7 +1235,7 @@ def test_digest_final_after_a_refused_digest_key_under_balance(model_env: Env) -
     CKR_OPERATION_NOT_INITIALIZED where SoftHSM2 digests. A refused C_DigestKey leaves
     the digest in p11p's view (and the client's) as in the token's."""
     name = "digest_final_after_a_refused_digest_key_under_balance.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1242,7 +1247,7 @@ def test_create_after_a_failover_whose_login_got_user_not_logged_in(model_env: E
     means the module's state is off: the application's sessions there are rebuilt and
     the call placed again, as for the application's own C_Login."""
     name = "create_after_a_failover_whose_login_got_user_not_logged_in.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1258,7 +1263,7 @@ def test_decrypt_final_after_a_logout_and_a_read_of_its_key_on_the_data_plane(
     of no operation that falls back hands the session's operations over first, and the
     daemon keeps a member session that holds operations."""
     name = "decrypt_final_after_a_logout_and_a_read_of_its_key_on_the_data_plane.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1271,7 +1276,7 @@ def test_search_under_a_general_error_rule_when_the_other_member_fails_as_tried(
     member's answer stands (README, Limits: with no other member the application gets
     the code), as for any other call: that one documented difference, no other."""
     name = "search_under_a_general_error_rule_when_the_other_member_fails_as_tried.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 1
 
 
@@ -1283,7 +1288,7 @@ def test_find_final_without_a_search_under_a_general_error_rule(model_env: Env) 
     says CKR_OPERATION_NOT_INITIALIZED. A search is p11p's from init to final: with none
     running, the daemon answers C_FindObjects and C_FindObjectsFinal itself."""
     name = "find_final_without_a_search_under_a_general_error_rule.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1295,7 +1300,7 @@ def test_decrypt_under_a_general_error_rule_armed_before_a_settle(model_env: Env
     took the settle for the end of the rule. A rule not spent stays armed past a settle:
     that one documented difference, no other."""
     name = "decrypt_under_a_general_error_rule_armed_before_a_settle.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 1
 
 
@@ -1308,7 +1313,7 @@ def test_decrypt_with_none_running_under_a_general_error_rule_on_a_bound_session
     SoftHSM2 says CKR_OPERATION_NOT_INITIALIZED. A call continuing an operation p11p does
     not hold is answered so by the daemon."""
     name = "decrypt_with_none_running_under_a_general_error_rule_on_a_bound_session.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1321,7 +1326,7 @@ def test_login_under_a_general_error_rule_while_the_other_member_fails(
     gets the code). The harness counted the failed member as serving: that one
     documented difference, no other."""
     name = "login_under_a_general_error_rule_while_the_other_member_fails.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 1
 
 
@@ -1334,7 +1339,7 @@ def test_create_by_an_application_logged_out_under_a_user_not_logged_in_rule(
     it can only mean a lost session); one not spent outlived a logout and answered the
     application's C_CreateObject as the token rightly could. It goes at a logout now."""
     name = "create_by_an_application_logged_out_under_a_user_not_logged_in_rule.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1348,7 +1353,7 @@ def test_session_info_after_the_last_close_when_a_login_met_session_closed(
     its last session closed (C_GetSessionInfo of a new one: CKS_RW_USER_FUNCTIONS where
     SoftHSM2 says CKS_RW_PUBLIC_SESSION). They are closed now."""
     name = "session_info_after_the_last_close_when_a_login_met_session_closed.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1362,7 +1367,7 @@ def test_verify_init_after_a_drain_beside_a_sign_whose_key_went(model_env: Env) 
     bound session's binding and lets it leave at its next call; a call of the daemon's
     on a session hands over what runs on the data plane first."""
     name = "verify_init_after_a_drain_beside_a_sign_whose_key_went.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1377,7 +1382,7 @@ def test_decrypt_init_after_an_unwrap_retried_on_a_member_without_the_key(
     CKR_OPERATION_ACTIVE. A call of no operation tried again after CKR_GENERAL_ERROR
     beside operations visits the other member; the session stays with them."""
     name = "decrypt_init_after_an_unwrap_retried_on_a_member_without_the_key.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1438,7 +1443,7 @@ def test_create_beside_a_random_key_under_a_general_error_rule(model_env: Env) -
     will, so the code was answered as is though the other member could take the call.
     A call of no operation now visits the other member then (placement.visiting)."""
     name = "create_beside_a_random_key_under_a_general_error_rule.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1447,7 +1452,7 @@ def test_create_beside_a_search_under_a_general_error_rule(model_env: Env) -> No
     application had not ended (its results kept by p11p), which a session is not moved
     with either."""
     name = "create_beside_a_search_under_a_general_error_rule.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1483,7 +1488,7 @@ def test_verify_update_after_its_key_destroyed_on_a_hung_member(model_env: Env) 
     their stubs, now hand over what runs on the data plane first, as the generated stubs
     do."""
     name = "verify_update_after_its_key_destroyed_on_a_hung_member.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1495,7 +1500,7 @@ def test_copy_after_a_search_refused_by_the_token_beside_a_signature(model_env: 
     handle new there and stale on the token's side. The harness compared a copy of it;
     it now keeps such a handle apart whatever the other side's search answered."""
     name = "copy_after_a_search_refused_by_the_token_beside_a_signature.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 def hmac_key(name: str, session: str, app: int = 0) -> dict[str, object]:
@@ -1540,7 +1545,7 @@ def test_search_of_a_bound_session_under_a_general_error_rule(model_env: Env) ->
     (client/find.c), so the search now runs again on another member as for an unbound
     session."""
     name = "search_of_a_bound_session_under_a_general_error_rule.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1550,7 +1555,7 @@ def test_verify_after_a_refused_final_of_a_single_part_verification(model_env: E
     kept it and answered the next C_Verify from it. README (Limits) said so for the next
     init only; it now says so for such a call too, and the harness lets it pass."""
     name = "verify_after_a_refused_final_of_a_single_part_verification.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1562,7 +1567,7 @@ def test_login_after_the_last_session_when_an_open_met_two_hung_members(
     logged out (its last session) while its twin was not. The harness now closes the
     twin's session p11p did not open."""
     name = "login_after_the_last_session_when_an_open_met_two_hung_members.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1575,7 +1580,7 @@ def test_token_key_made_after_the_last_session_when_a_probe_session_stayed(
     an application not logged in. A probe session that is not closed now closes every
     session of the slot, or the member is not usable."""
     name = "token_key_made_after_the_last_session_when_a_probe_session_stayed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1587,7 +1592,7 @@ def test_search_after_a_logout_when_a_pair_whose_private_half_went_is_remade(
     is lost and a search misses it. The harness counted the pair only while its private
     half was there; it now counts it after a destroy too."""
     name = "search_after_a_logout_when_a_pair_whose_private_half_went_is_remade.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1600,7 +1605,7 @@ def test_key_made_after_the_last_session_when_a_close_answered_handle_invalid(
     on the token p11p now also closes every session of its helpers
     (C_CloseAllSessions)."""
     name = "key_made_after_the_last_session_when_a_close_answered_handle_invalid.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1619,7 +1624,7 @@ def test_search_after_a_token_copy_while_no_member_was_in_service(model_env: Env
     write whose member fails after making the object). The harness now waits for the
     daemon to reap a killed helper (0 failures in 12 replays alone)."""
     name = "search_after_a_token_copy_while_no_member_was_in_service.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1632,7 +1637,7 @@ def test_decrypt_init_beside_an_encryption_whose_used_key_went_with_its_session(
     CKR_OPERATION_ACTIVE. The harness tainted such sessions at member events only; it
     now does at the close too while a fault is armed."""
     name = "decrypt_init_beside_an_encryption_whose_used_key_went_with_its_session.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1645,7 +1650,7 @@ def test_decrypt_init_beside_an_encryption_whose_key_a_reset_took_before_its_ses
     tainted the key's session at the reset and forgot the taint at its close; an
     operation of another session using that key now keeps it."""
     name = "operation_whose_key_went_with_a_reset_then_its_session_closed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1658,7 +1663,7 @@ def test_digest_init_beside_a_decryption_whose_final_length_was_unavailable(
     SoftHSM2 answers CKR_OPERATION_ACTIVE (README, Limits: lost). The model ended the
     operation at that step; it now keeps it."""
     name = "digest_init_beside_a_decryption_whose_final_length_was_unavailable.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1669,7 +1674,7 @@ def test_search_after_a_copy_the_token_made_and_p11p_refused(model_env: Env) -> 
     not; the model now counts what the token alone made in such a call as the
     reference's only."""
     name = "search_after_a_copy_the_token_made_and_p11p_refused.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1682,7 +1687,7 @@ def test_digest_key_after_a_reset_behind_p11p(model_env: Env) -> None:
     (protocol/spec.py HANDLE_ROLES) now is: the key is looked up again, the call goes on
     (with the data plane on and off)."""
     name = "digest_key_after_a_reset_behind_p11p.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1696,7 +1701,7 @@ def test_verify_on_the_data_plane_whose_key_another_session_destroyed(model_env:
     destroyed session key again for a replay (it did so already for its own). With the
     data plane off it passed before."""
     name = "verify_on_the_data_plane_whose_key_another_session_destroyed.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1707,7 +1712,7 @@ def test_encryption_with_a_private_session_key_after_a_logout(model_env: Env) ->
     encryption is lost (README, Limits, now for any private session object, not only a
     generated pair's private half). The model knew it for generated pairs only."""
     name = "encryption_with_a_private_session_key_after_a_logout.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1720,7 +1725,7 @@ def test_search_whose_member_failed_as_it_made_a_session_key_again(model_env: En
     It now fails the member and runs the whole search again where the session goes
     (here: held until a member is back)."""
     name = "search_whose_member_failed_as_it_made_a_session_key_again.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1733,7 +1738,7 @@ def test_decrypt_update_after_the_key_s_session_was_tainted_beside_a_search(
     longer tell whose key the operation used: it now looks such a key up among every
     object it made."""
     name = "decrypt_update_after_the_key_s_session_was_tainted_beside_a_search.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1747,7 +1752,7 @@ def test_search_whose_other_member_lost_the_application_s_sessions(model_env: En
     call of its own (and a search there that meets one is, link.replayed): the pair,
     never used, is made again on the searched member and found there."""
     name = "search_whose_other_member_lost_the_application_s_sessions.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1761,7 +1766,7 @@ def test_copy_of_another_session_s_random_key_beside_a_general_error(model_env: 
     rebuildable at will (VirtualObject.pinned): the code is answered as is, on the
     member that holds the copy."""
     name = "copy_of_another_session_s_random_key_beside_a_general_error.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1774,7 +1779,7 @@ def test_token_pair_generated_beside_an_operation_on_a_random_key(model_env: Env
     used nowhere (C_VerifyInit held, then CKR_DEVICE_ERROR). A token write now counts
     what it names only, and goes to the primary."""
     name = "token_pair_generated_beside_an_operation_on_a_random_key.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1787,7 +1792,7 @@ def test_encrypt_init_with_a_used_random_key_found_again_after_a_refused_init(
     object, so the key's loss (the rule hit, p11p reset the member: README, Limits) was
     not allowed. The model now keeps a session object found again as its session's."""
     name = "encrypt_init_with_a_used_random_key_found_again_after_a_refused_init.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1799,7 +1804,7 @@ def test_search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset(
     SoftHSM2 used directly answers CKR_OPERATION_ACTIVE. The model now counts such a
     session in doubt at a member event, as one whose used random key went."""
     name = "search_beside_an_operation_whose_token_key_was_destroyed_at_a_reset.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1810,7 +1815,7 @@ def test_create_with_a_general_error_beside_a_killed_helper_and_a_member_down(
     CKR_GENERAL_ERROR: no other member serves, so the application gets the code
     (README, Limits). The model counted the member of the killed helper as serving."""
     name = "create_with_a_general_error_beside_a_killed_helper_and_a_member_down.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -1821,7 +1826,7 @@ def test_destroy_of_an_unused_random_pair_half_with_a_general_error(model_env: E
     takes the call and the application gets the code. The model looked at the keys a
     call uses, not at the object it names."""
     name = "destroy_of_an_unused_random_pair_half_with_a_general_error.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1834,7 +1839,7 @@ def test_search_whose_own_session_open_was_answered_user_not_logged_in(
     reached the application's C_FindObjectsInit. As for the application's own sessions,
     the member's sessions are reset and the search runs again (bind._open)."""
     name = "search_whose_own_session_open_was_answered_user_not_logged_in.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1863,7 +1868,7 @@ def test_wrap_with_a_generated_key_a_derivation_used_after_a_failover(model_env:
     with it answers CKR_DEVICE_ERROR. The model took it for unused (and its generator
     made no derivation that succeeded: its templates lacked CKA_VALUE_LEN)."""
     name = "wrap_with_a_generated_key_a_derivation_used_after_a_failover.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1877,7 +1882,7 @@ def test_derive_from_a_token_copy_of_a_generated_key_whose_member_went(model_env
     faults off every member while such an object exists (it does not know which member
     holds a key made at random), and the copy makes the key used (record.py)."""
     name = "derive_from_a_token_copy_of_a_generated_key_whose_member_went.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["balance"], indirect=True)
@@ -1891,7 +1896,7 @@ def test_destroy_of_a_random_key_beside_a_decryption_with_a_token_key_on_another
     CKR_OK, and the key lived on through p11p. A call of no operation needs only what it
     names: it visits the member that holds that (placement.visiting)."""
     name = "destroy_of_a_random_key_beside_a_decryption_with_a_token_key_on_another_member.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1904,7 +1909,7 @@ def test_digest_key_with_a_random_key_whose_destroy_got_a_general_error(model_en
     it (C_DigestKey: CKR_OK through p11p, CKR_KEY_HANDLE_INVALID directly); it now
     names it no more, and a search through p11p may find it."""
     name = "digest_key_with_a_random_key_whose_destroy_got_a_general_error.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
 
 
@@ -1917,7 +1922,7 @@ def test_search_result_read_after_another_application_destroyed_it(model_env: En
     CKR_DEVICE_ERROR), where the token answers CKR_OBJECT_HANDLE_INVALID at once. The
     group now knows the object was destroyed on its one member (Group.destroyed)."""
     name = "search_result_read_after_another_application_destroyed_it.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1931,7 +1936,7 @@ def test_unwrap_with_a_key_derived_from_a_token_key_a_member_lacks(model_env: En
     data being junk). A session object is not placed where what it is made from is
     known missing (VirtualObject.sources_missing)."""
     name = "unwrap_with_a_key_derived_from_a_token_key_a_member_lacks.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1945,7 +1950,7 @@ def test_search_begun_before_the_application_destroyed_its_key_on_one_member(
     returns the handle it collected. The model's: it forgot the key was on one member
     once destroyed, and now takes the objects on one member as of the search's init."""
     name = "search_begun_before_the_application_destroyed_its_key_on_one_member.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
 
 
@@ -1962,7 +1967,7 @@ def test_digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_s
     for that member, then CKR_DEVICE_ERROR (README, Limits). The model had forgotten the
     copy's member when it was destroyed, and took it down."""
     name = "digest_init_beside_a_verify_whose_destroyed_key_needs_a_member_out_of_service.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
 
 
@@ -1977,7 +1982,7 @@ def test_copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it(
     was lost (CKR_DEVICE_ERROR, the token CKR_OK). A member session that holds such an
     object is no longer closed at will (bind.rebuildable): the error is answered as is."""
     name = "copy_of_a_copy_after_a_general_error_on_a_decryption_beside_it.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -1994,7 +1999,7 @@ def test_copy_of_a_key_unwrapped_with_another_application_s_token_key_after_a_ge
     CKR_GENERAL_ERROR is answered as is and the session stays."""
     name = ("copy_of_a_key_unwrapped_with_another_application_s_token_key_after_a_"
             "general_error.json")
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed == 0
 
 
@@ -2010,7 +2015,7 @@ def test_unwrap_with_a_random_key_whose_derivation_failed_as_its_member_read_bac
     failure", in the record stage). A key is marked used once the call's reply is
     complete (record.py): the derivation goes on the third member."""
     name = "unwrap_with_a_random_key_whose_derivation_failed_as_its_member_read_back.json"
-    replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    kept(model_env, name)
 
 
 @pytest.mark.parametrize("model_env", ["failover"], indirect=True)
@@ -2023,7 +2028,7 @@ def test_search_after_a_session_object_the_member_said_it_lacked_twice(
     has, and a search finds both. The model's: a module that says so of an object it
     holds is documented now (README, Limits) and allowed (made_again_beside_itself)."""
     name = "search_after_a_session_object_the_member_said_it_lacked_twice.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
 
 
@@ -2036,7 +2041,7 @@ def test_generate_key_with_a_general_error_rule_on_every_member(model_env: Env) 
     now open at their first call, so the rules are met in another order); it allows it
     too while every serving member has such a rule."""
     name = "generate_key_with_a_general_error_rule_on_every_member.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
 
 
@@ -2051,5 +2056,5 @@ def test_search_of_another_application_s_token_key_destroyed_before_its_batch(
     from the other member, did not. The model's: the allowance for such a key named it
     only when it could read it (Documented.token_object_on_one_member)."""
     name = "search_of_another_application_s_token_key_destroyed_before_its_batch.json"
-    runner = replay(model_env, json.loads((HERE / "sequences" / name).read_text()))
+    runner = kept(model_env, name)
     assert runner.allowed >= 1
