@@ -18,6 +18,7 @@
 #include "direct.h"
 #include "gen/codes.h"
 #include "link.h"
+#include "sessions.h"
 #include "state.h"
 
 #define BUCKETS 256
@@ -457,7 +458,7 @@ static void end_operation(CK_SESSION_HANDLE h, const struct p11p_bound *b, int k
 			p11p_put_ulong(&c, b->id);
 		} else {
 			p11p_call_start(&c, ENDS[kind][i].code, nargs);
-			p11p_put_ulong(&c, h);
+			p11p_put_session(&c, h);
 		}
 		for (const char *a = args; *a != '\0'; a++) {
 			if (*a == 'e')
@@ -511,7 +512,7 @@ void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 			if (plane[k])
 				end_operation(h, &b, k);
 	p11p_call_start(&c, P11P_FN_DIRECT_UNBIND, 2);
-	p11p_put_ulong(&c, h);
+	p11p_put_session(&c, h);
 	p11p_put_ulong(&c, (CK_ULONG)why);
 	p11p_call_run(&c, 0);
 	(void)p11p_call_finish(&c);
@@ -577,7 +578,7 @@ int p11p_plane_bound(CK_SESSION_HANDLE h, struct p11p_bound *b, int may_bind)
 	if (!ask)
 		return ok;
 	p11p_call_start(&c, P11P_FN_DIRECT_BIND, 1);
-	p11p_put_ulong(&c, h);
+	p11p_put_session(&c, h);
 	p11p_call_run(&c, 1);
 	if (c.err == CKR_OK && c.rv == CKR_OK) {
 		o = p11p_next_out(&c);
@@ -593,7 +594,7 @@ int p11p_plane_bound(CK_SESSION_HANDLE h, struct p11p_bound *b, int may_bind)
 			unlock();
 		}
 		p11p_call_start(&c, P11P_FN_DIRECT_UNBIND, 2);
-		p11p_put_ulong(&c, h);
+		p11p_put_session(&c, h);
 		p11p_put_ulong(&c, P11P_WHY_LEAVING);
 		p11p_call_run(&c, 0);
 		(void)p11p_call_finish(&c);
@@ -627,7 +628,7 @@ int p11p_plane_object(CK_SESSION_HANDLE h, const struct p11p_bound *b, CK_OBJECT
 	if (found)
 		return 0;
 	p11p_call_start(&c, use ? P11P_FN_DIRECT_KEY : P11P_FN_DIRECT_OBJECT, 2);
-	p11p_put_ulong(&c, h);
+	p11p_put_session(&c, h);
 	p11p_put_ulong(&c, v);
 	p11p_call_run(&c, 1);
 	o = c.err == CKR_OK && c.rv == CKR_OK ? p11p_next_out(&c) : NULL;
@@ -810,7 +811,7 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 	if (!o.replayable)
 		goto out;
 	p11p_call_start(&c, o.init_code, o.has_key ? 3 : 2);
-	p11p_put_ulong(&c, h);
+	p11p_put_session(&c, h);
 	p11p_put_raw(&c, o.mech, o.mech_len);
 	if (o.has_key)
 		p11p_put_ulong(&c, o.key);
@@ -825,7 +826,7 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 		int same;
 
 		p11p_call_start(&c, u->code, u->out ? 3 : 2);
-		p11p_put_ulong(&c, h);
+		p11p_put_session(&c, h);
 		p11p_put_bin(&c, u->data, u->len);
 		if (u->out)
 			p11p_put_ulong(&c, u->out_len + 256);
@@ -864,7 +865,7 @@ out:
 static void put_call(struct p11p_call *c, const struct p11p_op_shape *sh, CK_ULONG session,
 		     CK_OBJECT_HANDLE key, const struct p11p_op_args *a)
 {
-	p11p_put_ulong(c, session);
+	p11p_put_session(c, session);
 	if (sh->mech)
 		p11p_put_mechanism(c, a->mech);
 	if (sh->key)
@@ -988,7 +989,7 @@ static CK_RV adopt_updates(CK_SESSION_HANDLE h, const struct op *o)
 		CK_RV rv;
 
 		p11p_call_start(&c, P11P_FN_DIRECT_ADOPT_UPDATE, 5);
-		p11p_put_ulong(&c, h);
+		p11p_put_session(&c, h);
 		p11p_put_ulong(&c, u->code);
 		p11p_put_bin(&c, u->data, u->len);
 		p11p_put_ulong(&c, u->out ? u->out_len + 256 : 0); /* as a replay asks */
@@ -1015,7 +1016,7 @@ static int hand_over(CK_SESSION_HANDLE h, int kind, const struct op *o)
 	if (o->mech == NULL)
 		return 0;
 	p11p_call_start(&c, P11P_FN_DIRECT_ADOPT, 5);
-	p11p_put_ulong(&c, h);
+	p11p_put_session(&c, h);
 	p11p_put_ulong(&c, o->init_code);
 	p11p_put_raw(&c, o->mech, o->mech_len);
 	p11p_put_ulong(&c, o->has_key ? o->key : 0);

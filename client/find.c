@@ -10,6 +10,7 @@
 #include "find.h"
 #include "gen/codes.h"
 #include "link.h"
+#include "sessions.h"
 #include "state.h"
 
 #define P11P_FIND_SLOTS 64
@@ -135,7 +136,7 @@ P11P_EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR
 		rv = p11p_wire_C_FindObjectsInit(hSession, pTemplate, ulCount);
 	} else {
 		p11p_call_start(&c, P11P_FN_FIND_ALL, 2);
-		p11p_put_ulong(&c, hSession);
+		p11p_put_session(&c, hSession);
 		p11p_put_template(&c, pTemplate, ulCount);
 		p11p_call_run(&c, 1);
 		take_handles(&c, f);

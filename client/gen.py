@@ -45,7 +45,7 @@ KINDS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
     "ulong": (("CK_ULONG",), "p11p_put_ulong", None),
     "bbool": (("CK_BBOOL",), "p11p_put_bbool", None),
     "slot": (("CK_SLOT_ID",), "p11p_put_ulong", None),
-    "session": (("CK_SESSION_HANDLE",), "p11p_put_ulong", None),
+    "session": (("CK_SESSION_HANDLE",), "p11p_put_session", None),
     "object": (("CK_OBJECT_HANDLE",), "p11p_put_ulong", None),
     "bytes": (("CK_BYTE_PTR", "CK_ULONG"), "p11p_put_bytes", None),
     "pin": (("CK_UTF8CHAR_PTR", "CK_ULONG"), "p11p_put_bytes", None),
@@ -191,7 +191,8 @@ def gen_stubs(spec: ModuleType) -> str:
     out = [header("functions.spec", "the stubs of every Cryptoki function that travels.\n"
                   " * Each stub puts its arguments by kind, makes one round trip and gets its\n"
                   " * outputs by kind; the helpers are in client/codec*.c."),
-           '#include "../call.h"', '#include "../direct.h"', '#include "codes.h"',
+           '#include "../call.h"', '#include "../direct.h"', '#include "../sessions.h"',
+           '#include "codes.h"',
            '#include "wire.h"', ""]
     for fn in spec.functions():
         if fn.local or fn.client == "hand":  # local.c: C_Finalize tears the state down

@@ -443,31 +443,8 @@ P11P_EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info
 	return rv;
 }
 
-/* ---- sessions and objects: what the library remembers goes with them ---- */
-
-P11P_EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = p11p_wire_C_CloseSession(h); /* the daemon revokes the binding */
-	p11p_plane_forget(h);
-	p11p_leave();
-	return rv;
-}
-
-P11P_EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot)
-{
-	CK_RV rv = p11p_enter();
-
-	if (rv != CKR_OK)
-		return rv;
-	rv = p11p_wire_C_CloseAllSessions(slot);
-	p11p_plane_forget_slot(slot);
-	p11p_leave();
-	return rv;
-}
+/* ---- logout and destroy: what the library remembers goes with them (C_CloseSession:
+ * sessions.c) ---- */
 
 /* A logout ends the application's handles of private objects (the daemon forgets them,
  * as the token makes them unreachable): the member handles remembered here expire. */

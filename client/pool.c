@@ -17,6 +17,7 @@
 #include "gen/codes.h"
 #include "link.h"
 #include "notice.h"
+#include "sessions.h"
 #include "state.h"
 
 static void list_push(struct p11p_conn **head, struct p11p_conn *c)
@@ -154,6 +155,8 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 				     : "it accepted the connection, but the hello failed";
 		conn->version = welcome.version;
 		conn->features = welcome.features;
+		if (rv == CKR_OK)
+			p11p_sessions_welcome(welcome.features, welcome.max_sessions);
 	}
 	if (rv == CKR_OK) {
 		/* C_Finalize may have come while we connected: shutdown() does nothing to a

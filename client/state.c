@@ -17,6 +17,7 @@
 #include "find.h"
 #include "gen/codes.h"
 #include "link.h"
+#include "sessions.h"
 #include "state.h"
 
 struct p11p_state p11p_state;
@@ -49,6 +50,7 @@ static void forget_connections(struct p11p_state *s)
 {
 	p11p_pool_drop_all(s); /* close() only: the parent keeps its connections */
 	p11p_direct_reset();
+	p11p_sessions_reset();
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->in_flight, 0);
 	atomic_store(&s->phase, P11P_UNINIT);
@@ -158,6 +160,7 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 		s->pid = getpid();
 		p11p_find_reset(); /* a forked child's copies of its parent's searches too */
 		p11p_direct_reset();
+	p11p_sessions_reset();
 		p11p_direct_setup();
 		atomic_store(&s->in_flight, 0);
 		atomic_store(&s->phase, P11P_READY);
@@ -209,6 +212,7 @@ CK_RV p11p_state_teardown(void)
 	p11p_pool_drop_all(s);
 	p11p_find_reset();
 	p11p_direct_reset();
+	p11p_sessions_reset();
 	p11p_lock_destroy(&s->lock);
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->phase, P11P_UNINIT);

@@ -400,8 +400,9 @@ class SessionBuilder:
             for vobj in [v for (m, _), v in ctx.by_real.items() if m is member]:
                 ctx.unregister(vobj, member)
 
-    async def open_session(self, ctx: ApplicationContext, group: Group, flags: int) -> VirtualSession:
-        vs = ctx.add_session(group, flags)
+    async def open_session(self, ctx: ApplicationContext, group: Group, flags: int,
+                           handle: int | None = None) -> VirtualSession:
+        vs = ctx.add_session(group, flags, handle)
         try:
             await self.call_prepare(ctx, vs)
         except BaseException:

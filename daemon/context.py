@@ -41,6 +41,8 @@ class ApplicationContext:
         self.objects: HandleTable[VirtualObject] = HandleTable(
             counter, CKR["CKR_OBJECT_HANDLE_INVALID"])
         self.by_real: dict[tuple[Member, int], VirtualObject] = {}
+        # sessions of the client library's being opened here (OPEN_AT), by handle
+        self.opening: dict[int, asyncio.Future[None]] = {}
         self.token_index: dict[tuple[Group, ObjectIdentity], VirtualObject] = {}
         self._helpers: dict[Member, asyncio.Future[HelperProcess]] = {}
         # Login per group: (user type, PIN). Kept in memory only, to log in again on
@@ -167,9 +169,14 @@ class ApplicationContext:
 
     # -- sessions ---------------------------------------------------------------------
 
-    def add_session(self, group: Group, flags: int) -> VirtualSession:
-        vs = VirtualSession(0, self, group, flags)
-        vs.handle = self.sessions.add(vs)
+    def add_session(self, group: Group, flags: int, handle: int | None = None) -> VirtualSession:
+        """A new session: its handle from the counter, or the one the client library
+        chose (OPEN_AT; checked free and in its range by the caller)."""
+        vs = VirtualSession(handle or 0, self, group, flags)
+        if handle is None:
+            vs.handle = self.sessions.add(vs)
+        else:
+            self.sessions.add_at(handle, vs)
         return vs
 
     def forget_session(self, vs: VirtualSession) -> None:

@@ -14,10 +14,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from p11p.daemon import budget
+from p11p.daemon import budget, hello
 from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
+from p11p.daemon.handles import CLIENT_FIRST, CLIENT_LAST
 from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
 from p11p.daemon.search import Searches
@@ -228,13 +229,56 @@ class Dispatcher(Searches):
             # let the module answer a NULL handle pointer itself
             _, reply = await self.router.group_call(ctx, group, req.frame)
             return reply
-        if not flags & CKF["CKF_SERIAL_SESSION"]:
-            return [CKR["CKR_SESSION_PARALLEL_NOT_SUPPORTED"], None]
-        if len(ctx.sessions) >= self.daemon.config.max_sessions_per_app:
-            self.limit(ctx, "max_sessions_per_app", self.daemon.config.max_sessions_per_app)
-            return [CKR["CKR_SESSION_COUNT"], None]
+        refused = self.unopenable(ctx, flags)
+        if refused is not None:
+            return [refused, None]
         vs = await self.router.bind.open_session(ctx, group, flags)
         return [OK, vs.handle]
+
+    def unopenable(self, ctx: ApplicationContext, flags: int) -> int | None:
+        """Why a new session of the application cannot be opened (a CK_RV), or None."""
+        if not flags & CKF["CKF_SERIAL_SESSION"]:
+            return CKR["CKR_SESSION_PARALLEL_NOT_SUPPORTED"]
+        if len(ctx.sessions) >= self.daemon.config.max_sessions_per_app:
+            self.limit(ctx, "max_sessions_per_app", self.daemon.config.max_sessions_per_app)
+            return CKR["CKR_SESSION_COUNT"]
+        return None
+
+    async def open_at(self, ctx: ApplicationContext, req: R.OPEN_AT) -> Reply:
+        """The first call that travels on a session the client library opened itself
+        (feature client_open): the session is opened here under the handle the library
+        gave it, on a member at once (`now`), or only made known. Again for a session already open with that slot and flags: CKR_OK (two
+        threads' first calls on one session; or a first call that the library gave up
+        and sent again, while the daemon was still opening it)."""
+        if "client_open" not in hello.AGREED.get():
+            return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
+        group = self.group(ctx, req.slot_id)
+        if not CLIENT_FIRST <= req.session <= CLIENT_LAST:
+            return [CKR_ARGUMENTS_BAD]
+        opening = ctx.opening.get(req.session)
+        if opening is not None:  # its first call on another connection, maybe given up
+            await asyncio.shield(opening)
+        known = ctx.sessions.find(req.session)
+        if known is not None:
+            return [OK if known.group is group and known.flags == req.flags
+                    else CKR_ARGUMENTS_BAD]
+        refused = self.unopenable(ctx, req.flags)
+        if refused is not None:
+            return [refused]
+        group.client_opens += 1
+        if not req.now:
+            # only made known (the application's other sessions close: this one keeps
+            # its login); its first call places it and opens its member session
+            ctx.add_session(group, req.flags, req.session)
+            return [OK]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ctx.opening[req.session] = done
+        try:
+            await self.router.bind.open_session(ctx, group, req.flags, req.session)
+        finally:
+            del ctx.opening[req.session]
+            done.set_result(None)
+        return [OK]
 
     async def close_session(self, ctx: ApplicationContext, req: R.C_CloseSession) -> Reply:
         vs = ctx.sessions.get(req.session)

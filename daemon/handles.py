@@ -2,8 +2,13 @@
 
 Applications see only these handles (sessions and objects); what stands behind one is
 the daemon's business. The counter is shared by all kinds so a session handle is never
-also an object handle, stays in 32 bits (some applications keep handles in ints), and
+also an object handle, stays in 31 bits (some applications keep handles in ints), and
 skips handles still in use when it wraps.
+
+The counter's handles are below CLIENT_FIRST. The handles from CLIENT_FIRST to
+CLIENT_LAST are the client library's: it opens a session itself and names it with one of
+them, and the daemon learns of it at its first call that travels (OPEN_AT,
+protocol/README.md "Client link: calls").
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from typing import Generic, TypeVar
 from p11p.daemon.errors import CKError
 
 T = TypeVar("T")
-_LIMIT = 0xFFFFFFFF
+CLIENT_FIRST = 0x40000000
+CLIENT_LAST = 0x7FFFFFFF
+_LIMIT = CLIENT_FIRST - 1
 
 
 class HandleCounter:
-    """Hands out handles 1..2**32-1, never one that is live."""
+    """Hands out handles 1..CLIENT_FIRST-1, never one that is live."""
 
     def __init__(self) -> None:
         self._next = 1
@@ -48,6 +55,12 @@ class HandleTable(Generic[T]):
         handle = self._counter.take()
         self._items[handle] = item
         return handle
+
+    def add_at(self, handle: int, item: T) -> None:
+        """Adds `item` under a handle the client library chose (CLIENT_FIRST..CLIENT_LAST,
+        not in use: the caller checks)."""
+        assert CLIENT_FIRST <= handle <= CLIENT_LAST and handle not in self._items
+        self._items[handle] = item
 
     def get(self, handle: object) -> T:
         item = self._items.get(handle) if isinstance(handle, int) else None

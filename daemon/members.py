@@ -289,6 +289,9 @@ class Group:
         # again): another application's handle of one is on no member, and answered so at
         # once, not held for a member out of service (placement.py)
         self.destroyed: set[ObjectIdentity] = set()
+        # sessions the client library opened itself and the daemon opened at their first
+        # call (OPEN_AT; p11p status)
+        self.client_opens = 0
 
     def objects_changed(self) -> None:
         self.objects_generation += 1
@@ -340,4 +343,5 @@ class Group:
 
     def status(self) -> dict[str, Any]:
         return {"label": self.label, "slot": self.slot_id, "policy": self.config.policy,
+                "client_opens": self.client_opens,
                 "members": [m.status() for m in self.members]}

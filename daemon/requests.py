@@ -885,6 +885,19 @@ class DIRECT_ADOPT_UPDATE(Request):
         return cls(frame, _ulong(frame[1]), _ulong(frame[2]), _bytes(frame[3]), _ulong(frame[4]), _bytes(frame[5]))
 
 
+@dataclass(frozen=True, slots=True)
+class OPEN_AT(Request):
+    CODE: ClassVar[int] = 1008
+    slot_id: int
+    flags: int
+    session: int
+    now: int
+
+    @classmethod
+    def decode(cls, frame: list[Any]) -> OPEN_AT:
+        return cls(frame, _ulong(frame[1]), _ulong(frame[2]), _ulong(frame[3]), _ulong(frame[4]))
+
+
 DECODERS: dict[int, Any] = {
     2: C_Finalize.decode,
     5: C_GetSlotList.decode,
@@ -956,6 +969,7 @@ DECODERS: dict[int, Any] = {
     1005: DIRECT_OBJECT.decode,
     1006: DIRECT_ADOPT.decode,
     1007: DIRECT_ADOPT_UPDATE.decode,
+    1008: OPEN_AT.decode,
 }
 
 

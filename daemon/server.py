@@ -93,6 +93,9 @@ class ClientConnection(asyncio.Protocol):
             self._drop(refusal)
             return False
         self.version, self.features = outcome.version, outcome.features
+        if "client_open" in outcome.features:
+            # the library opens sessions itself while it has fewer than this
+            answer["max_sessions"] = self.daemon.config.max_sessions_per_app
         self._context.run(hello.AGREED.set, self.features)  # the calls see them
         self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog)
         self.transport.write(encode(answer))

@@ -24,6 +24,7 @@
 #include "find.h"
 #include "gen/versions.h"
 #include "link.h"
+#include "sessions.h"
 #include "state.h"
 #include "transport.h"
 #include "client_fuzz.h"
@@ -325,4 +326,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	z_free(&z);
 	p11p_find_reset();
 	return 0;
+}
+
+/* No sessions of the library's here (client/sessions.c is not linked): a session
+ * argument is put as it is. */
+void p11p_put_session(struct p11p_call *c, CK_SESSION_HANDLE h)
+{
+	p11p_put_ulong(c, h);
 }

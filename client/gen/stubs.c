@@ -5,6 +5,7 @@
 
 #include "../call.h"
 #include "../direct.h"
+#include "../sessions.h"
 #include "codes.h"
 #include "wire.h"
 
@@ -75,7 +76,7 @@ P11P_EXPORT CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_ULONG type, CK_MECHAN
 }
 
 /* 10 C_InitToken: slot:slotID pin:pPin,ulPinLen label32:pLabel */
-P11P_EXPORT CK_RV C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel)
+CK_RV p11p_wire_C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel)
 {
 	struct p11p_call c;
 
@@ -94,7 +95,7 @@ P11P_EXPORT CK_RV C_InitPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pPin, CK
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_InitPIN, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPin, ulPinLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -107,7 +108,7 @@ P11P_EXPORT CK_RV C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, 
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_SetPIN, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pOldPin, ulOldLen);
 	p11p_put_bytes(&c, pNewPin, ulNewLen);
 	p11p_call_run(&c, 0);
@@ -115,7 +116,7 @@ P11P_EXPORT CK_RV C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, 
 }
 
 /* 13 C_OpenSession: slot:slotID ulong:flags notify:pApplication,Notify out_session:phSession */
-P11P_EXPORT CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_ULONG flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
+CK_RV p11p_wire_C_OpenSession(CK_SLOT_ID slotID, CK_ULONG flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
 {
 	struct p11p_call c;
 
@@ -137,7 +138,7 @@ CK_RV p11p_wire_C_CloseSession(CK_SESSION_HANDLE hSession)
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_CloseSession, 1);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
@@ -159,7 +160,7 @@ CK_RV p11p_wire_C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_GetSessionInfo, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_struct(&c, pInfo);
 	p11p_call_run(&c, 1);
 	p11p_get_out_session_info(&c, pInfo);
@@ -173,7 +174,7 @@ P11P_EXPORT CK_RV C_GetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pO
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_GetOperationState, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_bytes(&c, pOperationState, pulOperationStateLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_bytes(&c, pOperationState, pulOperationStateLen);
@@ -186,7 +187,7 @@ CK_RV p11p_wire_C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOpe
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SetOperationState, 4);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pOperationState, ulOperationStateLen);
 	p11p_put_ulong(&c, hEncryptionKey);
 	p11p_put_ulong(&c, hAuthenticationKey);
@@ -195,13 +196,12 @@ CK_RV p11p_wire_C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOpe
 }
 
 /* 19 C_Login: session:hSession ulong:userType pin:pPin,ulPinLen */
-P11P_EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_ULONG userType, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen)
+CK_RV p11p_wire_C_Login(CK_SESSION_HANDLE hSession, CK_ULONG userType, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen)
 {
 	struct p11p_call c;
 
-	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_Login, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, userType);
 	p11p_put_bytes(&c, pPin, ulPinLen);
 	p11p_call_run(&c, 0);
@@ -214,7 +214,7 @@ CK_RV p11p_wire_C_Logout(CK_SESSION_HANDLE hSession)
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Logout, 1);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
@@ -226,7 +226,7 @@ P11P_EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pT
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_CreateObject, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_template(&c, pTemplate, ulCount);
 	p11p_put_out_ulong(&c, phObject);
 	p11p_call_run(&c, 1);
@@ -241,7 +241,7 @@ P11P_EXPORT CK_RV C_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_CopyObject, 4);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hObject);
 	p11p_put_template(&c, pTemplate, ulCount);
 	p11p_put_out_ulong(&c, phNewObject);
@@ -256,7 +256,7 @@ CK_RV p11p_wire_C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hOb
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DestroyObject, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hObject);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -269,7 +269,7 @@ P11P_EXPORT CK_RV C_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE h
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_GetObjectSize, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hObject);
 	p11p_put_out_ulong(&c, pulSize);
 	p11p_call_run(&c, 1);
@@ -283,7 +283,7 @@ CK_RV p11p_wire_C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_GetAttributeValue, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hObject);
 	p11p_put_template_get(&c, pTemplate, ulCount);
 	p11p_call_run(&c, 1);
@@ -298,7 +298,7 @@ P11P_EXPORT CK_RV C_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HAND
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_SetAttributeValue, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hObject);
 	p11p_put_template(&c, pTemplate, ulCount);
 	p11p_call_run(&c, 0);
@@ -311,7 +311,7 @@ CK_RV p11p_wire_C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR p
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_FindObjectsInit, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_template(&c, pTemplate, ulCount);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -323,7 +323,7 @@ CK_RV p11p_wire_C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR p
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_FindObjects, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_objects(&c, phObject, ulMaxObjectCount, pulObjectCount);
 	p11p_call_run(&c, 1);
 	p11p_get_out_objects(&c, phObject, ulMaxObjectCount, pulObjectCount);
@@ -336,7 +336,7 @@ CK_RV p11p_wire_C_FindObjectsFinal(CK_SESSION_HANDLE hSession)
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_FindObjectsFinal, 1);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
@@ -347,7 +347,7 @@ CK_RV p11p_wire_C_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_EncryptInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -360,7 +360,7 @@ CK_RV p11p_wire_C_Encrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULON
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Encrypt, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pData, ulDataLen);
 	p11p_put_out_bytes(&c, pEncryptedData, pulEncryptedDataLen);
 	p11p_call_run(&c, 1);
@@ -374,7 +374,7 @@ CK_RV p11p_wire_C_EncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, C
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_EncryptUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_put_out_bytes(&c, pEncryptedPart, pulEncryptedPartLen);
 	p11p_call_run(&c, 1);
@@ -388,7 +388,7 @@ CK_RV p11p_wire_C_EncryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastEncr
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_EncryptFinal, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_bytes(&c, pLastEncryptedPart, pulLastEncryptedPartLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_bytes(&c, pLastEncryptedPart, pulLastEncryptedPartLen);
@@ -401,7 +401,7 @@ CK_RV p11p_wire_C_DecryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DecryptInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -414,7 +414,7 @@ CK_RV p11p_wire_C_Decrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Decrypt, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pEncryptedData, ulEncryptedDataLen);
 	p11p_put_out_bytes(&c, pData, pulDataLen);
 	p11p_call_run(&c, 1);
@@ -428,7 +428,7 @@ CK_RV p11p_wire_C_DecryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncrypt
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DecryptUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pEncryptedPart, ulEncryptedPartLen);
 	p11p_put_out_bytes(&c, pPart, pulPartLen);
 	p11p_call_run(&c, 1);
@@ -442,7 +442,7 @@ CK_RV p11p_wire_C_DecryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DecryptFinal, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_bytes(&c, pLastPart, pulLastPartLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_bytes(&c, pLastPart, pulLastPartLen);
@@ -455,7 +455,7 @@ CK_RV p11p_wire_C_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMecha
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DigestInit, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -467,7 +467,7 @@ CK_RV p11p_wire_C_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Digest, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pData, ulDataLen);
 	p11p_put_out_bytes(&c, pDigest, pulDigestLen);
 	p11p_call_run(&c, 1);
@@ -481,7 +481,7 @@ CK_RV p11p_wire_C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DigestUpdate, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -493,7 +493,7 @@ CK_RV p11p_wire_C_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey)
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DigestKey, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -505,7 +505,7 @@ CK_RV p11p_wire_C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, C
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DigestFinal, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_bytes(&c, pDigest, pulDigestLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_bytes(&c, pDigest, pulDigestLen);
@@ -518,7 +518,7 @@ CK_RV p11p_wire_C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechani
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -531,7 +531,7 @@ CK_RV p11p_wire_C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG u
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Sign, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pData, ulDataLen);
 	p11p_put_out_bytes(&c, pSignature, pulSignatureLen);
 	p11p_call_run(&c, 1);
@@ -545,7 +545,7 @@ CK_RV p11p_wire_C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_U
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignUpdate, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -557,7 +557,7 @@ CK_RV p11p_wire_C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, 
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignFinal, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_bytes(&c, pSignature, pulSignatureLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_bytes(&c, pSignature, pulSignatureLen);
@@ -570,7 +570,7 @@ CK_RV p11p_wire_C_SignRecoverInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR p
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignRecoverInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -583,7 +583,7 @@ CK_RV p11p_wire_C_SignRecover(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignRecover, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pData, ulDataLen);
 	p11p_put_out_bytes(&c, pSignature, pulSignatureLen);
 	p11p_call_run(&c, 1);
@@ -597,7 +597,7 @@ CK_RV p11p_wire_C_VerifyInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMecha
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_VerifyInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -610,7 +610,7 @@ CK_RV p11p_wire_C_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_Verify, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pData, ulDataLen);
 	p11p_put_bytes(&c, pSignature, ulSignatureLen);
 	p11p_call_run(&c, 0);
@@ -623,7 +623,7 @@ CK_RV p11p_wire_C_VerifyUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_VerifyUpdate, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -635,7 +635,7 @@ CK_RV p11p_wire_C_VerifyFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_VerifyFinal, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pSignature, ulSignatureLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -647,7 +647,7 @@ CK_RV p11p_wire_C_VerifyRecoverInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_VerifyRecoverInit, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hKey);
 	p11p_call_run(&c, 0);
@@ -660,7 +660,7 @@ CK_RV p11p_wire_C_VerifyRecover(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignatu
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_VerifyRecover, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pSignature, ulSignatureLen);
 	p11p_put_out_bytes(&c, pData, pulDataLen);
 	p11p_call_run(&c, 1);
@@ -674,7 +674,7 @@ CK_RV p11p_wire_C_DigestEncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pP
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DigestEncryptUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_put_out_bytes(&c, pEncryptedPart, pulEncryptedPartLen);
 	p11p_call_run(&c, 1);
@@ -688,7 +688,7 @@ CK_RV p11p_wire_C_DecryptDigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pE
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DecryptDigestUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pEncryptedPart, ulEncryptedPartLen);
 	p11p_put_out_bytes(&c, pPart, pulPartLen);
 	p11p_call_run(&c, 1);
@@ -702,7 +702,7 @@ CK_RV p11p_wire_C_SignEncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPar
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SignEncryptUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pPart, ulPartLen);
 	p11p_put_out_bytes(&c, pEncryptedPart, pulEncryptedPartLen);
 	p11p_call_run(&c, 1);
@@ -716,7 +716,7 @@ CK_RV p11p_wire_C_DecryptVerifyUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pE
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_DecryptVerifyUpdate, 3);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pEncryptedPart, ulEncryptedPartLen);
 	p11p_put_out_bytes(&c, pPart, pulPartLen);
 	p11p_call_run(&c, 1);
@@ -731,7 +731,7 @@ P11P_EXPORT CK_RV C_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMe
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_GenerateKey, 4);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_template(&c, pTemplate, ulCount);
 	p11p_put_out_ulong(&c, phKey);
@@ -747,7 +747,7 @@ P11P_EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_GenerateKeyPair, 6);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_template(&c, pPublicKeyTemplate, ulPublicKeyAttributeCount);
 	p11p_put_template(&c, pPrivateKeyTemplate, ulPrivateKeyAttributeCount);
@@ -766,7 +766,7 @@ P11P_EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechan
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_WrapKey, 5);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hWrappingKey);
 	p11p_put_ulong(&c, hKey);
@@ -783,7 +783,7 @@ P11P_EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_UnwrapKey, 6);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hUnwrappingKey);
 	p11p_put_bytes(&c, pWrappedKey, ulWrappedKeyLen);
@@ -801,7 +801,7 @@ P11P_EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMech
 
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_DeriveKey, 5);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_mechanism(&c, pMechanism);
 	p11p_put_ulong(&c, hBaseKey);
 	p11p_put_template(&c, pTemplate, ulAttributeCount);
@@ -817,7 +817,7 @@ CK_RV p11p_wire_C_SeedRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSeed, CK_U
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_SeedRandom, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pSeed, ulSeedLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -829,7 +829,7 @@ CK_RV p11p_wire_C_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomD
 	struct p11p_call c;
 
 	p11p_call_start(&c, P11P_FN_C_GenerateRandom, 2);
-	p11p_put_ulong(&c, hSession);
+	p11p_put_session(&c, hSession);
 	p11p_put_out_random(&c, RandomData, ulRandomLen);
 	p11p_call_run(&c, 1);
 	p11p_get_out_random(&c, RandomData, ulRandomLen);

@@ -7,10 +7,13 @@
 
 #include "p11p-extra.h"
 
+CK_RV p11p_wire_C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel);
+CK_RV p11p_wire_C_OpenSession(CK_SLOT_ID slotID, CK_ULONG flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession);
 CK_RV p11p_wire_C_CloseSession(CK_SESSION_HANDLE hSession);
 CK_RV p11p_wire_C_CloseAllSessions(CK_SLOT_ID slotID);
 CK_RV p11p_wire_C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo);
 CK_RV p11p_wire_C_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState, CK_ULONG ulOperationStateLen, CK_OBJECT_HANDLE hEncryptionKey, CK_OBJECT_HANDLE hAuthenticationKey);
+CK_RV p11p_wire_C_Login(CK_SESSION_HANDLE hSession, CK_ULONG userType, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen);
 CK_RV p11p_wire_C_Logout(CK_SESSION_HANDLE hSession);
 CK_RV p11p_wire_C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject);
 CK_RV p11p_wire_C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount);

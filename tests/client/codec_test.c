@@ -83,16 +83,16 @@ static void test_bytes(void)
 	CHECK_REQ("[40,1,nil]");
 	CHECK_RV(p11p_wire_C_DigestUpdate(1, NULL, 5), CKR_OK); /* the module sees NULL, 5 */
 	CHECK_REQ("[40,1,5]");
-	CHECK_RV(C_Login(3, CKU_USER, pin, 4), CKR_OK);
+	CHECK_RV(p11p_wire_C_Login(3, CKU_USER, pin, 4), CKR_OK);
 	CHECK_REQ("[19,3,1,h\"31323334\"]");
-	CHECK_RV(C_Login(3, CKU_USER, NULL, 0), CKR_OK); /* protected authentication path */
+	CHECK_RV(p11p_wire_C_Login(3, CKU_USER, NULL, 0), CKR_OK); /* protected authentication path */
 	CHECK_REQ("[19,3,1,nil]");
 	CHECK_RV(C_SetPIN(3, pin, 4, pin, 2), CKR_OK);
 	CHECK_REQ("[12,3,h\"31323334\",h\"3132\"]");
 	memset(label, 'L', sizeof label);
-	CHECK_RV(C_InitToken(0, pin, 4, label), CKR_OK);
+	CHECK_RV(p11p_wire_C_InitToken(0, pin, 4, label), CKR_OK);
 	CHECK_REQ("[10,0,h\"31323334\",h\"4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c\"]");
-	CHECK_RV(C_InitToken(0, pin, 4, NULL), CKR_OK);
+	CHECK_RV(p11p_wire_C_InitToken(0, pin, 4, NULL), CKR_OK);
 	CHECK_REQ("[10,0,h\"31323334\",nil]");
 }
 
@@ -183,12 +183,12 @@ static void test_out_handles(void)
 	CK_SLOT_ID slot = 0;
 
 	reply("[0,42]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_OK);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_OK);
 	CHECK_REQ("[13,3,4,0]");
 	CHECK(h == 42);
 	/* a NULL output pointer travels as nil: the module's CKR_ARGUMENTS_BAD comes back */
 	reply("[7,nil]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, NULL), CKR_ARGUMENTS_BAD);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, NULL), CKR_ARGUMENTS_BAD);
 	CHECK_REQ("[13,3,4,nil]");
 	reply("[0,10,11]");
 	CHECK_RV(C_GenerateKeyPair(1, NULL, NULL, 0, NULL, 0, &pub, &priv), CKR_OK);
@@ -208,17 +208,17 @@ static void test_out_handles(void)
 	CHECK_RV(C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, NULL), CKR_NO_EVENT);
 	/* CKR_OK without the handle, or with a wrong type: malformed */
 	reply("[0,nil]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0,-1]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0,\"42\"]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0,h\"2a\"]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0,4.0]");
-	CHECK_RV(C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
+	CHECK_RV(p11p_wire_C_OpenSession(3, CKF_SERIAL_SESSION, NULL, NULL, &h), CKR_DEVICE_ERROR);
 	reply("[0,10,11,12]");
 	CHECK_RV(C_GenerateKeyPair(1, NULL, NULL, 0, NULL, 0, &pub, &priv), CKR_DEVICE_ERROR);
 	reply("[0,10]");

@@ -44,6 +44,7 @@ CLOSE_ALL = spec.by_name()["C_CloseAllSessions"].code
 NOUTS = {f.code: len(f.outputs) for f in spec.functions()}
 NOUTS[1001] = 1  # FIND_ALL
 NOUTS.update({1002: 1, 1003: 1, 1004: 0, 1005: 1, 1006: 0, 1007: 0})  # the data plane's
+NOUTS[1008] = 0  # OPEN_AT
 EC_P256 = bytes.fromhex("06082a8648ce3d030107")
 
 

@@ -176,8 +176,9 @@ class Env:
                              extra=f"object_cache_ttl = {self.object_cache_ttl}{plane}")
         self.group.daemon.start()
         self.call_timeout, self.hold_timeout = 1.5, 2.0  # HAGroup's
-        self.p11p = [WorkerProc(CLIENT_SO, "ha", self.group.daemon.env, f"p11p-app{i}")
-                     for i in range(APPS)]
+        # off: the client library opens no session itself either (P11P_CLIENT_OPEN)
+        app_env = {**self.group.daemon.env, **({} if data_plane else {"P11P_CLIENT_OPEN": "0"})}
+        self.p11p = [WorkerProc(CLIENT_SO, "ha", app_env, f"p11p-app{i}") for i in range(APPS)]
         self.ref = [WorkerProc(SOFTHSM_SO, REF_TOKEN, hsm.env, f"ref-app{i}")
                     for i in range(APPS)]
         self.serial = 0

@@ -2,8 +2,9 @@
 applications interleaved with member events, run through p11p (both policies) and on one
 SoftHSM2 token directly; every result compared (harness.py). `make test` runs this
 bounded, derandomized part; `make soak` runs the same machine with random seeds. The
-data plane is on in `model_env` (unless P11P_MODEL_DATA_PLANE=0), and off in the second
-bounded run: both must agree with the token used directly.
+data plane and the sessions the client library opens itself are on in `model_env`
+(unless P11P_MODEL_DATA_PLANE=0), and off in the second bounded run: both must agree
+with the token used directly.
 
 Shrunk sequences that found a discrepancy are kept below as plain replays."""
 
@@ -34,8 +35,9 @@ def test_generated_sequences(model_env: Env) -> None:
           f"{runner.allowed} documented differences, "
           f"{time.monotonic() - start:.1f}s\n  {dict(sorted(runner.kinds.items()))}")
     assert runner.calls > 0
-    if model_env.data_plane:  # the sequences really ran on it
+    if model_env.data_plane:  # the sequences really ran on it, and on the library's sessions
         assert _served_on_plane(model_env) > 0
+        assert _client_opens(model_env) > 0
 
 
 def _run_bounded(env: Env) -> None:
@@ -57,9 +59,14 @@ def test_generated_sequences_data_plane_off(request: pytest.FixtureRequest, poli
               POLICIES[policy], data_plane=False)
     try:
         _run_bounded(env)
-        assert _served_on_plane(env) == 0
+        assert _served_on_plane(env) == 0 and _client_opens(env) == 0
     finally:
         env.close()
+
+
+def _client_opens(env: Env) -> int:
+    (group,) = env.group.status()["groups"]
+    return int(group["client_opens"])
 
 
 def _served_on_plane(env: Env) -> int:

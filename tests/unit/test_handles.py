@@ -34,3 +34,16 @@ def test_wrap_around_skips_live_handles(monkeypatch: pytest.MonkeyPatch) -> None
     assert table.add(99) == 3  # wrapped, skipping the live 1 and 2
     with pytest.raises(CKError):
         table.add(100)  # all five live
+
+
+def test_the_client_library_s_range_is_its_own() -> None:
+    """The counter's handles stay below the range the client library names the sessions
+    it opens itself with (OPEN_AT); a table takes one of those as given."""
+    assert handles._LIMIT == handles.CLIENT_FIRST - 1 < handles.CLIENT_LAST <= 0x7FFFFFFF
+    counter = HandleCounter()
+    sessions: HandleTable[str] = HandleTable(counter, 0xB3)
+    sessions.add_at(handles.CLIENT_FIRST + 7, "mine")
+    assert sessions.get(handles.CLIENT_FIRST + 7) == "mine" and sessions.add("next") == 1
+    assert sessions.remove(handles.CLIENT_FIRST + 7) == "mine"
+    with pytest.raises(CKError):
+        sessions.get(handles.CLIENT_FIRST + 7)
