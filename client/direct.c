@@ -30,6 +30,7 @@
 #define BIND_RETRY_MS 1000     /* after a refusal or an unbind */
 #define END_CAP 65536          /* an output buffer that fits what ends an operation */
 #define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
+#define LENGTHS 16             /* signature lengths remembered (length queries) */
 
 /* Where an operation of a session runs. */
 enum { OP_NONE, OP_PLANE, OP_DAEMON, OP_REPLAY /* was on the data plane: sent again first */,
@@ -129,8 +130,11 @@ static void sess_free(struct sess *s)
 	free(s);
 }
 
+static void lengths_reset(void);
+
 void p11p_direct_reset(void)
 {
+	lengths_reset();
 	for (unsigned i = 0; i < BUCKETS; i++) {
 		while (table[i] != NULL) {
 			struct sess *s = table[i];
@@ -255,6 +259,92 @@ static int op_where(CK_SESSION_HANDLE h, int kind)
 		where = s->ops[kind].where;
 	unlock();
 	return where;
+}
+
+/* ---- signature lengths: a length query answered as the member answered it before ----
+ *
+ * A signature's length depends on the key and the mechanism, not on the data (PKCS#11
+ * signatures are fixed-size: RSA, ECDSA's r|s, EdDSA, MACs), so the answer to a length
+ * query of C_Sign or C_SignFinal on the data plane is remembered, keyed by the
+ * operation's init (code, mechanism with its parameter, virtual key), the call and its
+ * data length, and the next such query is answered here: the two-call convention
+ * (length, then signature) costs one round trip. Under the lock; a C_DestroyObject or
+ * C_Logout (destroy_gen) expires them. */
+static struct length {
+	unsigned long init_code, code;
+	unsigned char *mech;
+	size_t mech_len;
+	CK_OBJECT_HANDLE key;
+	CK_ULONG in_len, out_len;
+	unsigned gen;
+} lengths[LENGTHS];
+static unsigned next_length;
+
+static int is_length_query(const struct p11p_op_shape *sh, const struct p11p_op_args *a)
+{
+	return sh->kind == P11P_K_SIGN && sh->out && a->out == NULL && a->out_len != NULL &&
+	       (sh->role == P11P_R_FINAL ||
+		(sh->role == P11P_R_ONESHOT && (a->in[0] != NULL || a->in_len[0] == 0)));
+}
+
+static struct length *length_of(const struct op *o, const struct p11p_op_shape *sh,
+				const struct p11p_op_args *a)
+{
+	CK_ULONG in_len = sh->role == P11P_R_ONESHOT ? a->in_len[0] : 0;
+
+	for (unsigned i = 0; i < LENGTHS; i++) {
+		struct length *l = &lengths[i];
+
+		if (l->mech != NULL && l->gen == destroy_gen && l->code == sh->code &&
+		    l->init_code == o->init_code && l->key == o->key && l->in_len == in_len &&
+		    l->mech_len == o->mech_len && memcmp(l->mech, o->mech, o->mech_len) == 0)
+			return l;
+	}
+	return NULL;
+}
+
+/* A length query of an operation on the data plane answered from what the member said
+ * (1), or not (0). */
+static int length_known(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
+			const struct p11p_op_args *a)
+{
+	const struct sess *s;
+	const struct length *l = NULL;
+
+	if (!is_length_query(sh, a) || !lock())
+		return 0;
+	s = lookup(h);
+	if (s != NULL && s->ops[sh->kind].where == OP_PLANE && s->ops[sh->kind].mech != NULL)
+		l = length_of(&s->ops[sh->kind], sh, a);
+	if (l != NULL)
+		*a->out_len = l->out_len;
+	unlock();
+	return l != NULL;
+}
+
+/* The member answered a length query of an operation on the data plane (under the lock). */
+static void length_learnt(const struct op *o, const struct p11p_op_shape *sh,
+			  const struct p11p_op_args *a)
+{
+	struct length *l;
+	unsigned char *mech;
+
+	if (o->where != OP_PLANE || o->mech == NULL || length_of(o, sh, a) != NULL ||
+	    (mech = malloc(o->mech_len ? o->mech_len : 1)) == NULL)
+		return;
+	l = &lengths[next_length++ % LENGTHS];
+	free(l->mech);
+	memcpy(mech, o->mech, o->mech_len);
+	*l = (struct length){ o->init_code, sh->code, mech, o->mech_len, o->key,
+			      sh->role == P11P_R_ONESHOT ? a->in_len[0] : 0, *a->out_len, destroy_gen };
+}
+
+static void lengths_reset(void)
+{
+	for (unsigned i = 0; i < LENGTHS; i++)
+		free(lengths[i].mech);
+	memset(lengths, 0, sizeof lengths);
+	next_length = 0;
 }
 
 static int all_idle(const struct sess *s)
@@ -768,6 +858,8 @@ static void after_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		}
 		break;
 	default:
+		if (rv == CKR_OK && plane && is_length_query(sh, a))
+			length_learnt(o, sh, a);
 		if (rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && sh->out && a->out == NULL))
 			break;
 		op_clear(o);
@@ -862,10 +954,15 @@ out:
 
 /* ---- one operation call ---- */
 
+/* session: the virtual session (to the daemon: a session of the library's is opened
+ * there first), or the binding's id (to the helper) */
 static void put_call(struct p11p_call *c, const struct p11p_op_shape *sh, CK_ULONG session,
-		     CK_OBJECT_HANDLE key, const struct p11p_op_args *a)
+		     CK_OBJECT_HANDLE key, const struct p11p_op_args *a, int to_daemon)
 {
-	p11p_put_session(c, session);
+	if (to_daemon)
+		p11p_put_session(c, session);
+	else
+		p11p_put_ulong(c, session);
 	if (sh->mech)
 		p11p_put_mechanism(c, a->mech);
 	if (sh->key)
@@ -922,7 +1019,7 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	if (sh->role == P11P_R_INIT && (mech = encode_mechanism(a->mech, &mech_len)) == NULL)
 		return 1;
 	p11p_plane_begin(&c, sh->code, nargs_of(sh));
-	put_call(&c, sh, b.id, mkey, a);
+	put_call(&c, sh, b.id, mkey, a, 0);
 	local = c.err != CKR_OK; /* not sent: the operation is as it was */
 	if (p11p_plane_run(&c, &b, (unsigned)sh->out, &why) != 0) {
 		p11p_codec_end(&c);
@@ -948,7 +1045,7 @@ static CK_RV through_daemon(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	int local;
 
 	p11p_call_start(&c, sh->code, nargs_of(sh));
-	put_call(&c, sh, h, a->key, a);
+	put_call(&c, sh, h, a->key, a, 1);
 	local = c.err != CKR_OK;
 	p11p_call_run(&c, (unsigned)sh->out);
 	if (sh->out)
@@ -1178,6 +1275,8 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 		where = OP_NONE;
 	}
 
+	if (where == OP_PLANE && length_known(h, sh, a))
+		return CKR_OK;
 	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !disabled)) {
 		if (on_plane(h, sh, a, where, &rv) == 0)
 			return rv;

@@ -121,17 +121,19 @@ def _served(group: HAGroup) -> tuple[int, int]:
 
 def test_hot_calls_of_a_bound_session_go_straight_to_the_helper(ha_factory: Any,
                                                                  ha_keys: Path) -> None:
-    """Four member calls per round (random, init, length, sign): through the daemon
-    until the session is bound (after three of them), straight to the helper after
-    that, and counted either way; with P11P_DIRECT=0 the daemon carries them all.
-    Every signature verifies."""
+    """Three member calls per round (random, init, sign) and a length query: through the
+    daemon until the session is bound (after three of them), straight to the helper
+    after that, and counted either way; the length query is answered by the library
+    from the member's first answer to it (client/README.md, "Signature lengths"). With
+    P11P_DIRECT=0 the daemon carries them all, the length queries too. Every signature
+    verifies."""
     group: HAGroup = ha_factory("failover", ["hsmA"])
     calls, direct = _served(group)
     result = _run(group, ha_keys, 2, 1.5)
     assert result["errors"] == 0 and result["ops"] > 20, result
     calls, direct = (a - b for a, b in zip(_served(group), (calls, direct), strict=True))
-    rounds = 4 * result["ops"]
-    assert calls >= rounds, (calls, result)
+    rounds = 3 * result["ops"]
+    assert rounds <= calls <= rounds + 64, (calls, result)  # its setup: login, search, ...
     assert direct >= rounds - 2 * 8, (direct, calls, result)  # all but the first few
     calls, direct = _served(group)
     result = _run(group, ha_keys, 2, 1.5, env={"P11P_DIRECT": "0"})
