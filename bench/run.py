@@ -35,7 +35,7 @@ import scenarios  # noqa: E402
 import targets  # noqa: E402
 from runner import P11BENCH, ROOT, measure  # noqa: E402
 
-ALL_OPS = targets.OPERATIONS
+ALL_OPS = targets.OPERATIONS + targets.MATRIX_ONLY
 SECTIONS = ("matrix", "modeled", "failover", "startup", "footprint")
 FULL = dict(ops=ALL_OPS, threads=[1, 8], seconds=3.0, warmup=0.5, modeled_members=[1, 2, 3],
             modeled_seconds=5.0, failover_threads=8, failover_seconds=10.0,

@@ -247,9 +247,10 @@ class Dispatcher(Searches):
     async def open_at(self, ctx: ApplicationContext, req: R.OPEN_AT) -> Reply:
         """The first call that travels on a session the client library opened itself
         (feature client_open): the session is opened here under the handle the library
-        gave it, on a member at once (`now`), or only made known. Again for a session already open with that slot and flags: CKR_OK (two
-        threads' first calls on one session; or a first call that the library gave up
-        and sent again, while the daemon was still opening it)."""
+        gave it, on a member at once (`now`), or only made known. Again for a session
+        already open with that slot and flags: CKR_OK (two threads' first calls on one
+        session; or a first call that the library gave up and sent again, while the
+        daemon was still opening it)."""
         if "client_open" not in hello.AGREED.get():
             return [CKR["CKR_FUNCTION_NOT_SUPPORTED"]]
         group = self.group(ctx, req.slot_id)
@@ -265,11 +266,11 @@ class Dispatcher(Searches):
         refused = self.unopenable(ctx, req.flags)
         if refused is not None:
             return [refused]
-        group.client_opens += 1
         if not req.now:
             # only made known (the application's other sessions close: this one keeps
             # its login); its first call places it and opens its member session
             ctx.add_session(group, req.flags, req.session)
+            group.client_opens += 1
             return [OK]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ctx.opening[req.session] = done
@@ -278,6 +279,7 @@ class Dispatcher(Searches):
         finally:
             del ctx.opening[req.session]
             done.set_result(None)
+        group.client_opens += 1
         return [OK]
 
     async def close_session(self, ctx: ApplicationContext, req: R.C_CloseSession) -> Reply:
