@@ -180,6 +180,32 @@ def test_logout_reaches_the_standby_member(ha_factory: Any) -> None:
         app.close()
 
 
+def test_a_logout_the_standby_member_refuses_ends_its_login_there(ha_factory: Any) -> None:
+    """The standby member answers the background C_Logout with CKR_DEVICE_ERROR (its
+    module may still hold the login): the application's helper there is replaced, so
+    that after a failover the application is logged out there too (no private key), as
+    on the token. Found by make soak under balance (balance-96: a key made after a
+    logout where the token used directly says CKR_USER_NOT_LOGGED_IN)."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN)
+        pid = app.proc.pid
+        group.wait_logged_in(pid, ["hsmA", "hsmB"])
+        group.set_rules("hsmB", "C_Logout error rv=CKR_DEVICE_ERROR count=1\n")
+        app.run("s0.logout()")
+        assert group.logged_in(pid) == []
+        group.set_rules("hsmB", "")
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = privs(s0)") == "0"
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        assert "C_Logout error" in group.faultlog.read_text()
+    finally:
+        group.set_rules("hsmA", "")
+        group.set_rules("hsmB", "")
+        app.close()
+
+
 def test_an_object_deleted_behind_the_daemon_costs_only_that_object(ha_factory: Any) -> None:
     """Another application deletes a token object this one holds a handle of: using the
     handle gets CKR_OBJECT_HANDLE_INVALID (as on the token itself), and nothing else
