@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -326,8 +327,23 @@ class ForkedTransport:
         self._loop.add_reader(pidfd, self._pidfd_readable)
 
     async def connect(self, protocol: asyncio.SubprocessProtocol, in_w: int, out_r: int) -> None:
-        """Joins the pipes to `protocol`, as a subprocess transport would."""
+        """Joins the pipes to `protocol`, as a subprocess transport would. A start given
+        up meanwhile (cancelled) lets the joining finish first, then closes and kills:
+        cancelled inside the event loop's pipe set-up, the loop owns an fd that this code
+        would close too (EBADF, or someone else's fd later: uvloop then refused a new
+        pipe on that number with EEXIST; found by make soak, failover-96)."""
+        joining = asyncio.ensure_future(self._join(protocol, in_w, out_r))
+        try:
+            await asyncio.shield(joining)
+        except asyncio.CancelledError:
+            joining.add_done_callback(self._given_up)
+            raise
+        if self._ended:
+            self._loop.call_soon(protocol.process_exited)
+
+    async def _join(self, protocol: asyncio.SubprocessProtocol, in_w: int, out_r: int) -> None:
         stdin_file, stdout_file = os.fdopen(in_w, "wb", buffering=0), os.fdopen(out_r, "rb", buffering=0)
+        stdin: asyncio.WriteTransport | None = None
         try:
             stdin, _ = await self._loop.connect_write_pipe(lambda: _Pipe(protocol, 0), stdin_file)
             self._stdin = stdin
@@ -336,12 +352,18 @@ class ForkedTransport:
             stdout, _ = await self._loop.connect_read_pipe(lambda: _Pipe(protocol, 1), stdout_file)
             self._stdout = stdout
         except BaseException:
-            stdin_file.close()
-            stdout_file.close()
+            with contextlib.suppress(OSError):
+                if stdin is not None:
+                    stdin.close()  # its pipe is the transport's to close
+                else:
+                    stdin_file.close()
+                stdout_file.close()
             self.kill()
             raise
-        if self._ended:
-            self._loop.call_soon(protocol.process_exited)
+
+    def _given_up(self, joining: asyncio.Future[None]) -> None:
+        if not joining.cancelled() and joining.exception() is None:
+            self.close()  # joined after all: its pipes close, and the helper is killed
 
     def get_pid(self) -> int:
         return self._pid
