@@ -1239,6 +1239,10 @@ class Runner:
             if name not in sessions and any(o is not None and o.owner in lost for o in keys):
                 self.tainted[app].add(name)
         for name in [n for n, o in self.objs[app].items() if o.owner in sessions]:
+            if self.objs[app][name].owner in lost:
+                # a search begun before the close may still name it on the token's side
+                # (its result is taken at the init), while p11p's lost it (failover-97)
+                self.lost[app].add(name)
             del self.objs[app][name]
             self.home_made.pop(name, None)
         self.tainted[app] -= sessions

@@ -47,6 +47,11 @@ def main() -> int:
             except Discrepancy as exc:
                 print(f"\nDISCREPANCY ({policy}, round {rounds}):\n{exc}", flush=True)
                 return 1
+            except (Exception, SystemExit) as exc:  # the daemon broke (its admin answers
+                # no more, say): a finding too, said as one, not a silent end
+                print(f"\nSOAK ERROR ({policy}, round {rounds}): {type(exc).__name__}: {exc}\n"
+                      f"daemon log: {envs[policy].group.daemon.log}", flush=True)
+                return 2
             totals[policy][0] += runner.examples
             totals[policy][1] += runner.calls
             left = max(deadline - time.monotonic(), 0) / 60
