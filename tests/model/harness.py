@@ -525,12 +525,15 @@ class Documented:
         """README, Limits: "A handle the application was never given [...] is answered
         by p11p [...] before the token's own checks: an operation's init naming one while
         another operation is active in the session gets that code where SoftHSM2 answers
-        CKR_OPERATION_ACTIVE". Allowed for an init naming "gone" in a session with an
-        operation active."""
+        CKR_OPERATION_ACTIVE". Allowed for an init naming "gone", or a handle a logout
+        ended (a private object's: p11p forgets it, as the token's handles end), in a
+        session with an operation active (failover-98: the operation went with its
+        member, so p11p's daemon no longer answers CKR_OPERATION_ACTIVE first)."""
         sess = runner.sessions[app].get(step.get("s", ""))
+        named = [step.get(k) for k in ("k", "wk", "uk", "base")]
         return (r.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and step["op"] == "opinit"
                 and p.get("rv") in HANDLE_INVALID and sess is not None and bool(sess.ops)
-                and "gone" in (step.get(k) for k in ("k", "wk", "uk", "base")))
+                and ("gone" in named or any(n in runner.stale[app] for n in named if n)))
 
     @staticmethod
     def objects_on_different_members(runner: Runner, app: int, step: dict[str, Any],
