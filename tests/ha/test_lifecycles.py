@@ -136,8 +136,12 @@ def test_a_failover_after_a_hang_needs_no_login_on_the_next_member(ha_factory: A
     in the third left, even where a C_Login there takes longer than that third (the
     flapping run's failure: the login on the next member outlived the rest, and failed
     that member too)."""
-    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])  # call_timeout 1.5
-    group.set_rules("hsmB", "C_Login delay ms=700\n")  # over the 0.5 s left after a hang
+    # call_timeout 4: a hang is found after 2.67 s, 1.33 s are left; the login on hsmB
+    # takes longer than that, and well under the 2.67 s its background run may take (with
+    # 1.5 s of 2.0 it failed under make test's load: the helper was killed in SoftHSM2's
+    # C_Login, whose token file it left unreadable for the tests after)
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"], call_timeout=4.0)
+    group.set_rules("hsmB", "C_Login delay ms=1500\n")  # over the 1.33 s left after a hang
     app = PyApp(group.daemon)
     try:
         app.run(OPEN + """
