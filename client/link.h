@@ -24,6 +24,9 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
  * C_GetSlotList, which lists no slot (as p11-kit's client does), so that loaders such as
  * p11-kit-proxy.so keep working without the daemon. Never given to the application. */
 #define P11P_RV_NO_DAEMON (CKR_VENDOR_DEFINED | 0x70110001UL)
+/* The daemon's answer to a call it did not begin because it stops for a restart: the
+ * call goes to the next daemon (daemon/server.py RETRY; protocol/README.md) */
+#define P11P_RV_RETRY (CKR_VENDOR_DEFINED | 0x70110002UL)
 /* Gives the connection of a round trip back; healthy 0 closes it. */
 void p11p_release(void *conn, int healthy);
 

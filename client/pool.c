@@ -11,10 +11,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "debug.h"
 #include "gen/codes.h"
+#include "gen/versions.h"
 #include "link.h"
 #include "notice.h"
 #include "sessions.h"
@@ -155,8 +157,11 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 				     : "it accepted the connection, but the hello failed";
 		conn->version = welcome.version;
 		conn->features = welcome.features;
-		if (rv == CKR_OK)
+		if (rv == CKR_OK) {
 			p11p_sessions_welcome(welcome.features, welcome.max_sessions);
+			atomic_store(&s->hold_ms, (welcome.features & P11P_FEATURE_restart)
+						      ? (long)welcome.hold_ms : 0L);
+		}
 	}
 	if (rv == CKR_OK) {
 		/* C_Finalize may have come while we connected: shutdown() does nothing to a
@@ -185,12 +190,60 @@ void p11p_release(void *conn, int healthy)
 	give_back(&p11p_state, conn, healthy);
 }
 
+/* The reply of a daemon that stops for a restart to a call it did not begin: [RETRY] */
+static int is_retry(const char *body, size_t len)
+{
+	static const unsigned char retry[] = { 0x91, 0xce, 0xf0, 0x11, 0x00, 0x02 };
+
+	return len == sizeof retry && memcmp(body, retry, sizeof retry) == 0;
+}
+
+/* Calls that change nothing: one the daemon may have begun when it went away can be
+ * sent again to the next daemon. */
+static int read_only(unsigned long code)
+{
+	switch (code) {
+	case P11P_FN_C_GetInfo: case P11P_FN_C_GetSlotList: case P11P_FN_C_GetSlotInfo:
+	case P11P_FN_C_GetTokenInfo: case P11P_FN_C_GetMechanismList:
+	case P11P_FN_C_GetMechanismInfo: case P11P_FN_C_GetSessionInfo:
+	case P11P_FN_C_GetAttributeValue: case P11P_FN_C_GetObjectSize:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* While the daemon restarts (it agreed the link feature restart): whether a call may
+ * still wait for the next one, its wait beginning at the first sign (*until). */
+static int may_wait(struct p11p_state *s, int64_t *until)
+{
+	long hold = atomic_load(&s->hold_ms);
+
+	if (hold <= 0 || atomic_load(&s->phase) != P11P_READY)
+		return 0;
+	if (*until == 0)
+		*until = p11p_now_ms() + hold;
+	if (p11p_now_ms() >= *until)
+		return 0;
+	p11p_debug("waiting for a restarted daemon");
+	return 1;
+}
+
+static void pause_ms(long ms)
+{
+	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
 CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		     size_t *reply_len, void **held)
 {
 	struct p11p_state *s = &p11p_state;
 	/* C_WaitForSlotEvent may rightly block for as long as no slot changes */
 	int timeout = code == P11P_FN_C_WaitForSlotEvent ? 0 : s->timeout_ms;
+	int64_t until = 0;
 
 	for (int attempt = 0;; attempt++) {
 		struct p11p_conn *conn;
@@ -198,6 +251,10 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		int64_t deadline;
 		CK_RV rv = borrow(s, &conn, &fresh);
 
+		if (rv == P11P_RV_NO_DAEMON && may_wait(s, &until)) {
+			pause_ms(20);
+			continue;
+		}
 		if (rv != CKR_OK)
 			return rv;
 		deadline = p11p_deadline(timeout);
@@ -205,15 +262,27 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		sent = rv == CKR_OK;
 		if (sent)
 			rv = p11p_recv_frame(conn->fd, reply, reply_len, deadline);
-		if (rv == CKR_OK) {
+		if (rv == CKR_OK && !is_retry(*reply, *reply_len)) {
 			*held = conn; /* given back by p11p_release once the reply is decoded */
 			return CKR_OK;
+		}
+		if (rv == CKR_OK) { /* not begun: the daemon stops for a restart */
+			free(*reply);
+			*reply = NULL;
+			rv = give_back(s, conn, 0) ? CKR_CRYPTOKI_NOT_INITIALIZED : CKR_DEVICE_ERROR;
+			if (rv == CKR_DEVICE_ERROR && may_wait(s, &until))
+				continue;
+			return rv;
 		}
 		if (give_back(s, conn, 0))
 			return CKR_CRYPTOKI_NOT_INITIALIZED;
 		/* A pooled connection that fails before the whole request went out was stale:
 		 * the daemon cannot have run the call, so it is safe to try once more. */
 		if (!sent && !fresh && attempt == 0 && rv == CKR_DEVICE_ERROR)
+			continue;
+		/* the daemon went away: a call it cannot have run, or one that changes
+		 * nothing, goes to the next daemon */
+		if (rv == CKR_DEVICE_ERROR && (!sent || read_only(code)) && may_wait(s, &until))
 			continue;
 		return rv;
 	}

@@ -53,6 +53,7 @@ static void forget_connections(struct p11p_state *s)
 	p11p_sessions_reset();
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->in_flight, 0);
+	atomic_store(&s->hold_ms, 0);
 	atomic_store(&s->phase, P11P_UNINIT);
 }
 
@@ -163,6 +164,7 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 	p11p_sessions_reset();
 		p11p_direct_setup();
 		atomic_store(&s->in_flight, 0);
+		atomic_store(&s->hold_ms, 0);
 		atomic_store(&s->phase, P11P_READY);
 	}
 	pthread_mutex_unlock(&init_mutex);

@@ -37,6 +37,7 @@ struct p11p_state {
 	char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
 	int timeout_ms;             /* reply time-out of ordinary calls; 0: none */
 	int hello_timeout_ms;       /* connect + hello */
+	atomic_long hold_ms;        /* a restarted daemon is waited for this long (0: not) */
 	struct p11p_lock lock;      /* guards the lists below */
 	struct p11p_conn *idle, *busy;
 	unsigned nidle;

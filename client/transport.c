@@ -301,7 +301,7 @@ static CK_RV check_welcome(const char *body, size_t len, struct p11p_welcome *w)
 	msgpack_unpacked u;
 	const msgpack_object *m;
 	int has_version = 0, refused = 0;
-	uint64_t version = 0, max_sessions = 0;
+	uint64_t version = 0, max_sessions = 0, hold_ms = 0;
 	unsigned features = 0;
 
 	if (p11p_msgpack_parse(body, len, &u) != 0) {
@@ -323,6 +323,9 @@ static CK_RV check_welcome(const char *body, size_t len, struct p11p_welcome *w)
 			} else if (key_is(&kv->key, "max_sessions") &&
 				   kv->val.type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
 				max_sessions = kv->val.via.u64;
+			} else if (key_is(&kv->key, "hold_ms") &&
+				   kv->val.type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+				hold_ms = kv->val.via.u64;
 			} else if (key_is(&kv->key, "error") && !refused) {
 				refused = 1;
 				copy_error(w->why, sizeof w->why, &kv->val);
@@ -348,6 +351,7 @@ static CK_RV check_welcome(const char *body, size_t len, struct p11p_welcome *w)
 	w->version = (unsigned)version;
 	w->features = features;
 	w->max_sessions = max_sessions > 0xffffffffu ? 0xffffffffu : (unsigned long)max_sessions;
+	w->hold_ms = hold_ms > 3600000u ? 3600000u : (unsigned long)hold_ms;
 	return CKR_OK;
 }
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         await daemon.start(systemd.inherited_socket())
         systemd.notify("READY=1")
         await daemon.run()
+        if daemon.leaving:  # for a restart: nothing more is closed (helpers stay)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(0)
 
     asyncio.run(main())
     return 0

@@ -103,6 +103,9 @@ class DaemonConfig:
     helper_pool: int = 1
     fork_server: bool = True  # helpers forked by a fork server per member (daemon/forkserver.py)
     context_grace: float = 5.0
+    # seconds an application's helper waits for a restarted daemon to take it back
+    # (daemon/resume.py); 0: helpers end with the daemon
+    adopt_timeout: float = 30.0
     max_sessions_per_app: int = 1024
     max_apps_per_uid: int = 64
     max_calls_per_app: int = 64
@@ -384,7 +387,7 @@ def load(path: Path) -> DaemonConfig:
     raw = data.get("daemon", {})
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
-        "fork_server", "context_grace", "socket_group", "socket_mode", "max_sessions_per_app",
+        "fork_server", "context_grace", "adopt_timeout", "socket_group", "socket_mode", "max_sessions_per_app",
         "max_apps_per_uid", "max_calls_per_app", "max_helpers", "audit_log", "audit_interval"})
     base = path.parent
     socket, admin_socket = _sockets(base, d.get("socket", str, DEFAULT_SOCKET),
@@ -429,6 +432,7 @@ def load(path: Path) -> DaemonConfig:
         helper_pool=d.integer("helper_pool", 1, 0),
         fork_server=d.get("fork_server", bool, True),
         context_grace=d.number("context_grace", 5.0),
+        adopt_timeout=d.number("adopt_timeout", 30.0, 0),
         max_sessions_per_app=d.integer("max_sessions_per_app", 1024, 1),
         max_apps_per_uid=d.integer("max_apps_per_uid", 64, 1),
         max_calls_per_app=d.integer("max_calls_per_app", 64, 1),

@@ -135,6 +135,7 @@ class ApplicationContext:
             await helper.stop()
             raise replaced
         starting.set_result(helper)
+        helper.make_adoptable()  # it may outlive the daemon (daemon/resume.py)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
 
@@ -147,6 +148,14 @@ class ApplicationContext:
     def live_helpers(self) -> list[tuple[Member, HelperProcess]]:
         return [(m, f.result()) for m, f in self._helpers.items()
                 if f.done() and f.exception() is None and f.result().alive]
+
+    def adopt_helpers(self, helpers: dict[Member, HelperProcess]) -> None:
+        """The helpers a restarted daemon took back (daemon/resume.py)."""
+        loop = asyncio.get_running_loop()
+        for member, helper in helpers.items():
+            fut: asyncio.Future[HelperProcess] = loop.create_future()
+            fut.set_result(helper)
+            self._helpers[member] = fut
 
     def has_helper(self, member: Member) -> bool:
         return member in self._helpers

@@ -94,6 +94,15 @@ async def close_all() -> None:
     _servers.clear()
 
 
+def abandon_all() -> None:
+    """Kills every fork server without waiting (the daemon stops for a restart: the
+    applications' helpers, its children, no longer die with it and stay)."""
+    for server in list(_running):
+        server._leaving = True
+        server.kill()
+    _servers.clear()
+
+
 class ForkServer:
     """One member's fork server process and its link."""
 

@@ -42,6 +42,14 @@ class HandleCounter:
     def give_back(self, handle: int) -> None:
         self._live.discard(handle)
 
+    def claim(self, handle: int) -> None:
+        """A handle a restarted daemon took back (daemon/resume.py): live, and the
+        counter goes on after it."""
+        if handle < CLIENT_FIRST:
+            self._live.add(handle)
+            if handle >= self._next:
+                self._next = 1 if handle >= _LIMIT else handle + 1
+
 
 class HandleTable(Generic[T]):
     """Handles of one kind, drawn from a shared counter."""
@@ -79,6 +87,15 @@ class HandleTable(Generic[T]):
 
     def values(self) -> list[T]:
         return list(self._items.values())
+
+    def items(self) -> dict[int, T]:
+        return self._items
+
+    def restore(self, items: dict[int, T]) -> None:
+        """The handles of a restarted daemon's state file (daemon/resume.py)."""
+        for handle in items:
+            self._counter.claim(handle)
+        self._items = dict(items)
 
     def __len__(self) -> int:
         return len(self._items)

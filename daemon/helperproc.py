@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -33,6 +35,9 @@ PING = _OWN["PING"].code
 # The helper's own codes for the data plane (helper/loop.py, helper/fast.c)
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
     _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
+# A helper that outlives the daemon, and what it kept (helper/loop.py; daemon/resume.py)
+ADOPTABLE, KEPT_LOGIN = _OWN["ADOPTABLE"].code, _OWN["KEPT_LOGIN"].code
+C_FINALIZE = 2
 
 
 class HelperLimit(Exception):
@@ -49,6 +54,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
 
     live = 0  # helpers started and not yet exited, daemon-wide
     limit = 512  # [daemon] max_helpers
+    adopt_wait = 0.0  # [daemon] adopt_timeout: an application's helper outlives the daemon
 
     def __init__(self, member: str, max_frame: int) -> None:
         self.member = member
@@ -72,6 +78,8 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.fast_name: bytes | None = None  # its listener's name, kept when it serves another
         self.pool_epoch = -1  # its member's pool epoch when it started (HelperPool.recycle)
         self.uses = 0  # applications it served (HelperPool.recycle)
+        # ADOPTABLE: (abstract socket name, token) a restarted daemon takes it back with
+        self.adopt: tuple[bytes, bytes] | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -193,8 +201,11 @@ class HelperProcess(asyncio.SubprocessProtocol):
                 pass
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Finalizes the module (by closing stdin) and waits; kills past the time-out."""
+        """Finalizes the module (C_Finalize, then closing stdin: an adoptable helper
+        takes EOF for its daemon's end) and waits; kills past the time-out."""
         self.stopping = True
+        if self.adopt is not None and self.alive:
+            _quiet(self.send([C_FINALIZE]))
         if self._stdin is not None and not self._stdin.is_closing():
             self._stdin.close()
         try:
@@ -204,6 +215,47 @@ class HelperProcess(asyncio.SubprocessProtocol):
             await asyncio.shield(self.exited)
         if self._transport is not None:
             self._transport.close()
+
+    # -- outliving the daemon ------------------------------------------------------------
+
+    def make_adoptable(self) -> None:
+        """Tells the helper (an application's now) to outlive this daemon, for
+        `adopt_wait` seconds, on a name and token of its own. The reply is not waited
+        for: frames keep their order on the pipe."""
+        if self.adopt_wait <= 0 or self.adopt is not None or not self.alive:
+            return
+        token = secrets.token_bytes(16)
+        self.adopt = (f"p11p-helper-{self.pid}-{token[:4].hex()}".encode(), token)
+        fut = self.send([ADOPTABLE, self.adopt[0], token, os.getuid(),
+                         max(1, int(self.adopt_wait * 1000))])
+        fut.add_done_callback(self._adoptable_done)
+
+    def _adoptable_done(self, fut: asyncio.Future[list[Any]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        if fut.result()[1] != CKR["CKR_OK"]:
+            log.warning("member=%s pid=%d cannot outlive the daemon: %s", self.member,
+                        self.pid, rv_name(fut.result()[1]))
+            self.adopt = None
+
+    async def disown(self, timeout: float) -> bool:
+        """Ends ADOPTABLE and wipes the kept PIN (the helper goes back to the warm
+        pool, for another application)."""
+        self.adopt = None
+        return bool((await self.call([ADOPTABLE], timeout))[0] == CKR["CKR_OK"])
+
+    def leave(self) -> None:
+        """The daemon goes and this helper stays for the next one: nothing is sent and
+        its end is no failure."""
+        self.stopping = True
+
+    async def kept_login(self, timeout: float) -> tuple[int, bytes] | None:
+        """(user type, PIN) of the application's last good C_Login here, if any."""
+        reply = await self.call([KEPT_LOGIN], timeout)
+        if reply[0] == CKR["CKR_OK"] and len(reply) == 3 and isinstance(reply[1], int) \
+                and isinstance(reply[2], bytes):
+            return reply[1], reply[2]
+        return None
 
     # -- calls ------------------------------------------------------------------------
 
@@ -280,3 +332,105 @@ class HelperProcess(asyncio.SubprocessProtocol):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+
+def _quiet(fut: asyncio.Future[list[Any]]) -> None:
+    """A reply nobody waits for: its failure is no news."""
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+class _SocketLink(asyncio.Protocol):
+    """The adoption socket of a helper a previous daemon started, as its pipes."""
+
+    def __init__(self, helper: AdoptedHelper) -> None:
+        self.helper = helper
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.helper.linked(cast(asyncio.WriteTransport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self.helper.pipe_data_received(1, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.helper.unlinked()
+
+
+class AdoptedHelper(HelperProcess):
+    """A helper that outlived the daemon that started it, taken back over its adoption
+    socket (daemon/resume.py). Not this process's child: it is signalled by pidfd, and
+    its end is the end of the socket."""
+
+    def __init__(self, member: str, max_frame: int, pid: int, adopt: tuple[bytes, bytes],
+                 fast: tuple[bytes, bytes] | None, fast_name: bytes | None) -> None:
+        super().__init__(member, max_frame)
+        self.pid = pid
+        self.adopt = adopt
+        self._pidfd = -1
+        # its data plane listens on as before (its bindings go on)
+        self.fast, self.fast_name = fast, fast_name
+        if fast is not None:
+            self.fast_started = self._loop.create_future()
+            self.fast_started.set_result(True)
+
+    async def attach(self, timeout: float) -> None:
+        """Connects, proves this daemon with the token and waits for the helper's ready
+        frame; MemberUnavailable when it is gone or does not answer in time."""
+        loop = asyncio.get_running_loop()
+        assert self.adopt is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+            await asyncio.wait_for(loop.sock_connect(sock, b"\0" + self.adopt[0]), timeout)
+            await asyncio.wait_for(loop.sock_sendall(sock, self.adopt[1]), timeout)
+            await loop.create_unix_connection(lambda: _SocketLink(self), sock=sock)
+            await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self._fail(f"not taken back: {exc!r}")
+            self._close_pidfd()
+            raise MemberUnavailable(self.member, f"helper pid={self.pid} not taken back: "
+                                    f"{exc!r}") from None
+
+    def linked(self, transport: asyncio.WriteTransport) -> None:
+        self._stdin = transport
+        self.alive = True
+        HelperProcess.live += 1
+
+    def unlinked(self) -> None:
+        self._fail(self._why if self.stopping else "helper link closed")
+        self._close_pidfd()
+        if not self.exited.done():
+            HelperProcess.live -= 1
+            self.exited.set_result(0)
+            if not self.stopping and self.ready.done() and self.on_death is not None:
+                self.on_death(self._why)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def kill(self) -> None:
+        self.stopping = True
+        if self._pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._stdin is not None:
+            self._stdin.close()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self.stopping = True
+        if self.alive:
+            _quiet(self.send([C_FINALIZE]))
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.close()
+        if not self.ready.done():
+            self.kill()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            self.kill()

@@ -198,6 +198,8 @@ class HelperPool:
 
     async def _clean(self, helper: HelperProcess, timeout: float) -> bool:
         slot = self.member.slot_id
+        if not await helper.disown(timeout):
+            return False
         if helper.fast_name is not None:
             if helper.fast_started is not None and not helper.fast_started.done():
                 return False

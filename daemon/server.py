@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.server")
 _CREDS = struct.Struct("3i")
+# the answer to a call a daemon stopping for a restart did not begin: the client library
+# sends it again to the next daemon (protocol/README.md, "Daemon restarts")
+RETRY = [0x80000000 | 0x70110002]  # CKR_VENDOR_DEFINED | 0x70110002 (client/link.h)
 # (uid, offered range) of the version refusals already logged at warning level
 _VERSION_REFUSALS_LOGGED: set[tuple[int, tuple[int, int] | None]] = set()
 
@@ -49,7 +52,17 @@ class ClientConnection(asyncio.Protocol):
         # each call's budget), one at a time: begun here, or in a task once one waits
         self._context = contextvars.copy_context()
 
+    @property
+    def busy(self) -> bool:
+        """A call of this connection is under way."""
+        return self._task is not None and not self._task.done()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.daemon.connections.add(self)
         self.transport = cast(asyncio.Transport, transport)
         sock = self.transport.get_extra_info("socket")
         try:
@@ -72,6 +85,8 @@ class ClientConnection(asyncio.Protocol):
             elif not isinstance(frame, list) or not frame:
                 self._drop("a request must be a non-empty array")
                 return
+            elif self.daemon.leaving:
+                self._answer(RETRY)
             else:
                 self._queue.append(frame)
         if self._queue and (self._task is None or self._task.done()):
@@ -96,6 +111,10 @@ class ClientConnection(asyncio.Protocol):
         if "client_open" in outcome.features:
             # the library opens sessions itself while it has fewer than this
             answer["max_sessions"] = self.daemon.config.max_sessions_per_app
+        if "restart" in outcome.features:
+            # how long the library waits for a restarted daemon (the longest hold_timeout)
+            answer["hold_ms"] = int(1000 * max(
+                (g.config.hold_timeout for g in self.daemon.groups), default=10.0))
         self._context.run(hello.AGREED.set, self.features)  # the calls see them
         self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog)
         self.transport.write(encode(answer))
@@ -120,6 +139,10 @@ class ClientConnection(asyncio.Protocol):
         which then serves the rest of the queue."""
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():
+            if self.daemon.leaving:
+                self._answer(RETRY)
+                queue.popleft()
+                continue
             call = self._call(queue.popleft())
             try:
                 waits_for = self._context.run(call.send, None)
@@ -157,6 +180,10 @@ class ClientConnection(asyncio.Protocol):
     async def _serve(self) -> None:
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():
+            if self.daemon.leaving:
+                self._answer(RETRY)
+                queue.popleft()
+                continue
             await self._call(queue.popleft())
 
     async def _call(self, request: Any) -> None:
@@ -171,10 +198,14 @@ class ClientConnection(asyncio.Protocol):
             log.exception("%s internal error in call %r", ctx.name,
                           request[0] if request else None)
             reply = [CKR["CKR_FUNCTION_FAILED"]]
+        self.daemon.resume.changed(ctx, request)  # before the reply: a kill finds it done
+        self._answer(reply)
+
+    def _answer(self, reply: list[Any]) -> None:
         try:
             data = encode(reply)
         except (TypeError, ValueError, OverflowError):
-            log.exception("%s unencodable reply", ctx.name)
+            log.exception("unencodable reply")
             data = encode([CKR["CKR_FUNCTION_FAILED"]])
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -185,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.daemon.connections.discard(self)
         self.transport = None
         if self._task is not None and not self._task.done():
             self._task.cancel()

@@ -29,6 +29,7 @@ from p11p.daemon.health import HealthMonitor
 from p11p.daemon.helperproc import HelperProcess
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
+from p11p.daemon.resume import Resume
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
 from p11p.daemon.standby import Standby
@@ -78,6 +79,11 @@ class Daemon:
         self._reloading = asyncio.Lock()
         self._last_slot = len(self.groups) - 1
         HelperProcess.limit = config.max_helpers
+        HelperProcess.adopt_wait = config.adopt_timeout
+        self.resume = Resume(self)
+        # stopping for a restart: calls not begun are answered "retry" (daemon/server.py)
+        self.leaving = False
+        self.connections: set[ClientConnection] = set()
         forkserver.enabled = config.fork_server
         self._allowed_cache: dict[tuple[int, int, str], bool] = {}
         for group in self.groups:
@@ -95,6 +101,7 @@ class Daemon:
             for member in group.members:
                 if member.health.state is MemberState.FAILED:
                     self.recovery.start(member)
+        await self.resume.restore()  # the applications of the daemon before, if any
         loop = asyncio.get_running_loop()
         if inherited is not None:
             self._server = await loop.create_unix_server(lambda: ClientConnection(self),
@@ -133,6 +140,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self._stopping.wait()
+        if self.resume.enabled and any(not c.closed for c in self.contexts.values()):
+            await self.leave()
+            return
         await self.stop()
 
     def request_stop(self) -> None:
@@ -157,6 +167,44 @@ class Daemon:
                 self.config.socket.unlink()
             except OSError:
                 pass
+
+    async def leave(self) -> None:
+        """Stops for a restart: the calls under way end and are answered, the others
+        are answered "retry" (the client library sends them to the next daemon); the
+        state files are written and the applications' helpers stay, waiting for the
+        next daemon (daemon/resume.py). The caller ends the process without closing
+        anything more (an event loop's end would kill child processes)."""
+        self.leaving = True
+        log.info("stopping for a restart: %d applications' helpers wait up to %g s for "
+                 "the next daemon", len(self.contexts), self.config.adopt_timeout)
+        if self._server is not None:
+            self._server.close()
+        if self._owns_socket_path and self.config.socket.is_socket():
+            try:  # clients wait for the next daemon's socket
+                self.config.socket.unlink()
+            except OSError:
+                pass
+        limit = asyncio.get_running_loop().time() + max(
+            (g.config.call_timeout for g in self.groups), default=5.0) + 1.0
+        while any(c.busy for c in self.connections) \
+                and asyncio.get_running_loop().time() < limit:
+            await asyncio.sleep(0.01)
+        await self.health.stop()
+        await self.recovery.stop()
+        self.standby.stop()
+        await self.admin.stop()
+        self.resume.save_all()
+        for ctx in self.contexts.values():
+            for _, helper in ctx.live_helpers():
+                if helper.adopt is not None:
+                    helper.leave()
+                else:
+                    await helper.stop()
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.gather(*(g.stop() for g in self.groups), return_exceptions=True)
+        forkserver.abandon_all()
+        self.audit.close()
 
     # -- contexts ---------------------------------------------------------------------
 
@@ -192,7 +240,7 @@ class Daemon:
             return
         if _pid_alive(ctx.pid) and self.config.context_grace > 0:
             loop = asyncio.get_running_loop()
-            ctx.grace = loop.call_later(self.config.context_grace, self._expire, ctx)
+            ctx.grace = loop.call_later(self.config.context_grace, self.expire_context, ctx)
             # an application being killed closes its sockets before it is gone: look
             # again shortly, so its context does not wait out the grace period
             loop.call_later(0.2, self._recheck, ctx)
@@ -206,7 +254,7 @@ class Daemon:
             ctx.grace = None
             asyncio.ensure_future(self.end_context(ctx))
 
-    def _expire(self, ctx: ApplicationContext) -> None:
+    def expire_context(self, ctx: ApplicationContext) -> None:
         ctx.grace = None
         if ctx.connections == 0:
             asyncio.ensure_future(self.end_context(ctx))
@@ -215,6 +263,7 @@ class Daemon:
         if self.contexts.get(ctx.key) is ctx:
             del self.contexts[ctx.key]
         self.standby.forget(ctx)
+        self.resume.forget(ctx)
         await ctx.close()
         self.audit.app_ended(ctx)  # its key-use counts, and what is buffered
 

@@ -10,13 +10,29 @@ shape) are answered the same way. Replies are written under a lock, one write pe
 frame, so they come back in any order. C_Finalize, EOF or a frame that breaks the
 protocol ends the process: calls still running get a grace period, then the module is
 finalized.
+
+A helper that serves an application can outlive its daemon (protocol/README.md, "Daemon
+restarts"): once told ADOPTABLE it listens on an abstract AF_UNIX name, and at its link's
+EOF it keeps its module, sessions and data plane and waits there for a restarted daemon,
+which proves itself with the token and the uid it was given and then speaks the same
+frames over that socket. Replies to calls read from the old link go nowhere. Nobody in
+time: it finalizes and exits as at EOF. It keeps the PIN of its last good C_Login (in
+locked memory, wiped at the end) for that daemon to log in again on other members.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hmac
 import os
+import queue
+import select
+import socket
+import struct
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from p11p.helper.calls import Plan
@@ -46,8 +62,45 @@ FAST_ALLOW = _OWN["FAST_ALLOW"].code
 FAST_REVOKE = _OWN["FAST_REVOKE"].code
 FAST_SERVED = _OWN["FAST_SERVED"].code
 FAST_STUCK = _OWN["FAST_STUCK"].code
+# [ADOPTABLE, name, token, uid, ms] -> [rv]: outlive the daemon (above); [ADOPTABLE]: no more
+# [KEPT_LOGIN] -> [rv, user type, PIN] or [rv]: the last good C_Login's
+ADOPTABLE = _OWN["ADOPTABLE"].code
+KEPT_LOGIN = _OWN["KEPT_LOGIN"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
+CKR_USER_ALREADY_LOGGED_IN = 0x100
+_PR_SET_PDEATHSIG = 1
+_PIN_MAX = 256
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class KeptLogin:
+    """The user type and PIN of the last good C_Login, in memory locked out of swap,
+    wiped at C_Logout and at the end."""
+
+    def __init__(self) -> None:
+        self._buf = ctypes.create_string_buffer(_PIN_MAX)
+        _libc.mlock(ctypes.addressof(self._buf), _PIN_MAX)  # best effort (RLIMIT_MEMLOCK)
+        self._len = -1
+        self.user_type = 0
+        self._lock = threading.Lock()
+
+    def keep(self, user_type: int, pin: bytes) -> None:
+        if len(pin) > _PIN_MAX:
+            return
+        with self._lock:
+            ctypes.memset(self._buf, 0, _PIN_MAX)
+            ctypes.memmove(self._buf, pin, len(pin))
+            self._len, self.user_type = len(pin), user_type
+
+    def get(self) -> tuple[int, bytes] | None:
+        with self._lock:
+            return None if self._len < 0 else (self.user_type, self._buf.raw[:self._len])
+
+    def wipe(self) -> None:
+        with self._lock:
+            ctypes.memset(self._buf, 0, _PIN_MAX)
+            self._len = -1
 CALL_ID_MAX = (1 << 64) - 1
 READ_SIZE = 1 << 18
 
@@ -76,18 +129,25 @@ class Server:
         self._max_threads = threads
         self._status: int | None = None
         self._done = threading.Event()
+        self._main: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         # calls taken and not yet answered (blocking ones apart): C_Finalize waits
         self._busy = 0
         self._idle = threading.Condition()
         self._ending = threading.Lock()
+        # the daemon link's generation: bumped when a restarted daemon takes this helper
+        self._link = 0
+        # ADOPTABLE: (listening socket, token, the daemon's uid, seconds to wait)
+        self._adopt: tuple[socket.socket, bytes, int, float] | None = None
+        self.kept = KeptLogin()
 
     # -- output -----------------------------------------------------------------------
 
-    def send(self, reply: list[Any]) -> None:
-        """Writes one frame; the whole frame, under the lock, so frames never mix."""
+    def send(self, reply: list[Any], link: int | None = None) -> None:
+        """Writes one frame; the whole frame, under the lock, so frames never mix. A
+        reply to a call read from an earlier daemon's link (`link`) goes nowhere."""
         frame = encode(reply)
         with self._write_lock:
-            if self._out_broken:
+            if self._out_broken or (link is not None and link != self._link):
                 return
             try:
                 view = memoryview(frame)
@@ -100,9 +160,11 @@ class Server:
     # -- input ------------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Runs until C_Finalize, EOF or a protocol error; returns the exit status."""
+        """Runs until C_Finalize, EOF or a protocol error; returns the exit status. The
+        main thread runs what must run in it (PR_SET_PDEATHSIG is the thread's)."""
         self._start_worker()
-        self._done.wait()
+        while (task := self._main.get()) is not None:
+            task()
         assert self._status is not None
         return self._status
 
@@ -116,6 +178,7 @@ class Server:
         if self._status is None:
             self._status = status
         self._done.set()
+        self._main.put(None)
 
     def _worker(self) -> None:
         while not self._done.is_set():
@@ -128,6 +191,7 @@ class Server:
                 if self._done.is_set():
                     return
                 frame, status = self._next_frame()
+                link = self._link
                 if status is None:
                     with self._idle:
                         self._busy += 1
@@ -137,7 +201,7 @@ class Server:
             # someone must read while this worker runs its call
             if spawn:
                 self._start_worker()
-            status = self.dispatch(frame)
+            status = self.dispatch(frame, link)
             if status is not None:
                 self._stop(status)
                 return
@@ -152,6 +216,8 @@ class Server:
             except InterruptedError:
                 continue
             if not data:
+                if self._adopt is not None and self._await_daemon():
+                    continue
                 log.info("end of input; finalizing the module")
                 self.finish()
                 return None, 0
@@ -163,7 +229,104 @@ class Server:
                 return None, 1
         return frames.popleft(), None
 
-    def dispatch(self, frame: Any) -> int | None:
+    def _await_daemon(self) -> bool:
+        """The daemon's link ended: waits for a restarted daemon on the ADOPTABLE
+        socket; True once one took this helper (the link is then its socket). Called
+        with the reader's lock held: no request is read meanwhile; the data plane and
+        the calls already inside the module go on."""
+        assert self._adopt is not None
+        listener, token, uid, wait = self._adopt
+        with self._write_lock:
+            self._link += 1
+            self._out_broken = True
+        for fd in {self._in_fd, self._out_fd}:
+            os.close(fd)
+        self._frames.clear()
+        log.info("the daemon is gone; waiting up to %g s for a restarted one", wait)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([listener], [], [], left)[0]:
+                break
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            if self._accept_daemon(conn, token, uid):
+                return True
+        log.info("no daemon took this helper within %g s", wait)
+        # the module is finalized next; a module that hangs there does not keep us
+        threading.Timer(self._grace + 10.0, os._exit, (1,)).start()
+        return False
+
+    def _accept_daemon(self, conn: socket.socket, token: bytes, uid: int) -> bool:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+            conn.settimeout(2.0)
+            got = b""
+            while len(got) < len(token):
+                chunk = conn.recv(len(token) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            if peer_uid != uid or not hmac.compare_digest(got, token):
+                log.warning("refused a connection on the adoption socket (pid %d uid %d)",
+                            peer_pid, peer_uid)
+                conn.close()
+                return False
+            conn.setblocking(True)
+        except OSError as exc:
+            log.warning("adoption socket: %s", exc)
+            conn.close()
+            return False
+        fd = conn.detach()
+        self._in_fd = self._out_fd = fd
+        self._decoder = FrameDecoder(self._decoder.max_frame)
+        with self._write_lock:
+            self._out_broken = False
+        log.info("taken by a restarted daemon (pid %d)", peer_pid)
+        self.send([0, CKR_OK, self._pid])
+        return True
+
+    def _adoptable(self, args: list[Any]) -> int:
+        if self._adopt is not None:
+            self._adopt[0].close()
+            self._adopt = None
+        if not args:  # back to the warm pool: the next application is another
+            self.kept.wipe()
+            return CKR_OK
+        if (len(args) != 4 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
+                or type(args[1]) is not bytes or len(args[1]) != 16
+                or type(args[2]) is not int or not 0 <= args[2] < 1 << 32
+                or type(args[3]) is not int or not 0 < args[3] < 1 << 32):
+            return CKR_ARGUMENTS_BAD
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(b"\0" + args[0])
+            listener.listen(4)
+        except OSError as exc:
+            listener.close()
+            log.warning("cannot listen for a restarted daemon: %s", exc)
+            return CKR_FUNCTION_FAILED
+        # no longer dies with the fork server (which dies with the daemon); set by the
+        # fork server in the main thread, and the kernel sends it for that thread
+        self._main.put(lambda: _libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0))
+        self._adopt = (listener, args[1], args[2], args[3] / 1000.0)
+        return CKR_OK
+
+    def _keep_login(self, name: str, args: list[Any], rv: int) -> None:
+        """Follows the PIN of the application's login (C_Login, C_SetPIN, C_Logout)."""
+        if name == "C_Login" and rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN) and len(args) == 3 \
+                and type(args[1]) is int and type(args[2]) is bytes:
+            self.kept.keep(args[1], args[2])
+        elif name == "C_Logout" and rv == CKR_OK:
+            self.kept.wipe()
+        elif name == "C_SetPIN" and rv == CKR_OK and len(args) == 3 and type(args[2]) is bytes:
+            kept = self.kept.get()
+            if kept is not None and kept[1] == args[1]:
+                self.kept.keep(kept[0], args[2])
+
+    def dispatch(self, frame: Any, link: int | None = None) -> int | None:
         """Handles one request, counted as busy since it was taken (so a C_Finalize
         read after it waits for it); an exit status when the helper must stop."""
         if (type(frame) is not list or not frame or type(frame[0]) is not int
@@ -177,29 +340,34 @@ class Server:
         plan = self._plans.get(code) if type(code) is int else None
         if plan is not None and plan.blocking:  # C_WaitForSlotEvent: C_Finalize does not wait
             self._release()
-            self._work(call_id, plan, frame[2:])
+            self._work(call_id, plan, frame[2:], link)
             return None
         if code == C_FINALIZE and len(frame) == 2:
             self._release()
             rv = self.finish()
-            self.send([call_id, rv])
+            self.send([call_id, rv], link)
             return 0
         try:
             if plan is not None:
-                self._work(call_id, plan, frame[2:])
+                self._work(call_id, plan, frame[2:], link)
             elif type(code) is not int:
                 log.warning("call %d: request without a function code", call_id)
-                self.send([call_id, CKR_ARGUMENTS_BAD])
+                self.send([call_id, CKR_ARGUMENTS_BAD], link)
             elif code == PING:
-                self.send([call_id, CKR_OK, self._pid])
+                self.send([call_id, CKR_OK, self._pid], link)
+            elif code == ADOPTABLE:
+                self.send([call_id, self._adoptable(frame[2:])], link)
+            elif code == KEPT_LOGIN:
+                kept = self.kept.get() if len(frame) == 2 else None
+                self.send([call_id, CKR_OK, *kept] if kept else [call_id, CKR_OK], link)
             elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK):
-                self.send([call_id, *self._fast(code, frame[2:])])
+                self.send([call_id, *self._fast(code, frame[2:])], link)
             elif code == C_INITIALIZE:
-                self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED])
+                self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED], link)
             elif code == C_FINALIZE:
-                self.send([call_id, CKR_ARGUMENTS_BAD])
+                self.send([call_id, CKR_ARGUMENTS_BAD], link)
             else:
-                self.send([call_id, CKR_FUNCTION_NOT_SUPPORTED])
+                self.send([call_id, CKR_FUNCTION_NOT_SUPPORTED], link)
         finally:
             self._release()
         return None
@@ -238,16 +406,18 @@ class Server:
 
     # -- one call, in the worker that read it ------------------------------------------
 
-    def _work(self, call_id: int, plan: Plan, args: list[Any]) -> None:
+    def _work(self, call_id: int, plan: Plan, args: list[Any], link: int | None = None) -> None:
         try:
             reply = plan.run(args)
         except Exception as exc:
             reply = [rv_for(exc, plan.name, plan.secret)]
+        if plan.secret or plan.name == "C_Logout":
+            self._keep_login(plan.name, args, reply[0])
         reply.insert(0, call_id)
         try:
-            self.send(reply)
+            self.send(reply, link)
         except Exception as exc:  # an output that cannot be encoded
-            self.send([call_id, rv_for(exc, plan.name, plan.secret)])
+            self.send([call_id, rv_for(exc, plan.name, plan.secret)], link)
 
     # -- the end ------------------------------------------------------------------------
 
@@ -260,6 +430,7 @@ class Server:
             if not self._idle.wait_for(lambda: self._busy == 0, self._grace):
                 log.warning("%d calls still running after %g s; finalizing anyway",
                             self._busy, self._grace)
+        self.kept.wipe()
         self._lib.p11p_fast_stop(int(self._grace * 1000))
         rv: int = self._lib.p11p_C_Finalize()
         if rv != CKR_OK:

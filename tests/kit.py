@@ -72,6 +72,9 @@ class Daemon:
             f'[daemon]\nsocket = "run/p11p.sock"\ntokens_dir = "tokens.d"\n{daemon_extra}')
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # helpers seen, across restarts: they outlive a daemon (adopt_timeout) and are
+        # not the next one's children; stop() ends them
+        self.helpers: set[int] = set()
 
     @property
     def env(self) -> dict[str, str]:
@@ -101,9 +104,27 @@ class Daemon:
         self.stop()
         raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
 
+    def note_helpers(self) -> None:
+        if self.proc is not None:
+            self.helpers.update(helper_pids(self.proc.pid))
+
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> float:
+        """Ends the daemon with `sig` and starts it again on the same configuration (its
+        applications' helpers wait for it); the seconds it took."""
+        assert self.proc is not None
+        began = time.monotonic()
+        self.note_helpers()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+        self.proc = None
+        self.start()
+        return time.monotonic() - began
+
     def stop(self, timeout: float = 15.0) -> int | None:
+        self.note_helpers()
         proc, self.proc = self.proc, None
         if proc is None:
+            self._end_helpers()
             return None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -113,15 +134,23 @@ class Daemon:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         # helpers run in their own sessions; make sure none is left behind
-        for pid in helper_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.helpers.update(helper_pids(proc.pid))
+        self._end_helpers()
         return proc.returncode
 
+    def _end_helpers(self) -> None:
+        for pid in self.helpers:
+            if b"p11p.helper" in _cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.helpers.clear()
+
     def kill(self) -> None:
-        """SIGKILL, as a crash would (the helpers notice EOF and exit)."""
+        """SIGKILL, as a crash would (the helpers notice EOF: they wait for a restarted
+        daemon up to adopt_timeout, then exit; stop() ends them)."""
+        self.note_helpers()
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
