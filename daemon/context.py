@@ -135,7 +135,7 @@ class ApplicationContext:
             await helper.stop()
             raise replaced
         starting.set_result(helper)
-        helper.make_adoptable()  # it may outlive the daemon (daemon/resume.py)
+        helper.make_adoptable(self.pid)  # it may outlive the daemon (daemon/resume.py)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
 

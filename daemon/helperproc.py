@@ -218,16 +218,16 @@ class HelperProcess(asyncio.SubprocessProtocol):
 
     # -- outliving the daemon ------------------------------------------------------------
 
-    def make_adoptable(self) -> None:
-        """Tells the helper (an application's now) to outlive this daemon, for
-        `adopt_wait` seconds, on a name and token of its own. The reply is not waited
-        for: frames keep their order on the pipe."""
+    def make_adoptable(self, app_pid: int) -> None:
+        """Tells the helper (application `app_pid`'s now) to outlive this daemon, for
+        `adopt_wait` seconds and no longer than the application, on a name and token of
+        its own. The reply is not waited for: frames keep their order on the pipe."""
         if self.adopt_wait <= 0 or self.adopt is not None or not self.alive:
             return
         token = secrets.token_bytes(16)
         self.adopt = (f"p11p-helper-{self.pid}-{token[:4].hex()}".encode(), token)
         fut = self.send([ADOPTABLE, self.adopt[0], token, os.getuid(),
-                         max(1, int(self.adopt_wait * 1000))])
+                         max(1, int(self.adopt_wait * 1000)), app_pid])
         fut.add_done_callback(self._adoptable_done)
 
     def _adoptable_done(self, fut: asyncio.Future[list[Any]]) -> None:

@@ -62,7 +62,8 @@ FAST_ALLOW = _OWN["FAST_ALLOW"].code
 FAST_REVOKE = _OWN["FAST_REVOKE"].code
 FAST_SERVED = _OWN["FAST_SERVED"].code
 FAST_STUCK = _OWN["FAST_STUCK"].code
-# [ADOPTABLE, name, token, uid, ms] -> [rv]: outlive the daemon (above); [ADOPTABLE]: no more
+# [ADOPTABLE, name, token, uid, ms, application pid] -> [rv]: outlive the daemon (above);
+# [ADOPTABLE]: no more
 # [KEPT_LOGIN] -> [rv, user type, PIN] or [rv]: the last good C_Login's
 ADOPTABLE = _OWN["ADOPTABLE"].code
 KEPT_LOGIN = _OWN["KEPT_LOGIN"].code
@@ -136,8 +137,9 @@ class Server:
         self._ending = threading.Lock()
         # the daemon link's generation: bumped when a restarted daemon takes this helper
         self._link = 0
-        # ADOPTABLE: (listening socket, token, the daemon's uid, seconds to wait)
-        self._adopt: tuple[socket.socket, bytes, int, float] | None = None
+        # ADOPTABLE: (listening socket, token, the daemon's uid, seconds to wait, the
+        # application's pid)
+        self._adopt: tuple[socket.socket, bytes, int, float, int] | None = None
         self.kept = KeptLogin()
 
     # -- output -----------------------------------------------------------------------
@@ -235,7 +237,7 @@ class Server:
         with the reader's lock held: no request is read meanwhile; the data plane and
         the calls already inside the module go on."""
         assert self._adopt is not None
-        listener, token, uid, wait = self._adopt
+        listener, token, uid, wait, app = self._adopt
         with self._write_lock:
             self._link += 1
             self._out_broken = True
@@ -243,18 +245,34 @@ class Server:
             os.close(fd)
         self._frames.clear()
         log.info("the daemon is gone; waiting up to %g s for a restarted one", wait)
+        try:  # and for no longer than the application lives
+            app_fd = os.pidfd_open(app)
+        except OSError:
+            log.info("the application (pid %d) is gone too", app)
+            return self._no_daemon()
         deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([listener], [], [], left)[0]:
-                break
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            if self._accept_daemon(conn, token, uid):
-                return True
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                ready = select.select([listener.fileno(), app_fd], [], [], left)[0]
+                if not ready:
+                    break
+                if app_fd in ready:
+                    log.info("the application (pid %d) ended", app)
+                    return self._no_daemon()
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                if self._accept_daemon(conn, token, uid):
+                    return True
+        finally:
+            os.close(app_fd)
         log.info("no daemon took this helper within %g s", wait)
-        # the module is finalized next; a module that hangs there does not keep us
+        return self._no_daemon()
+
+    def _no_daemon(self) -> bool:
+        """The helper ends: its module is finalized next (a module that hangs there
+        does not keep it)."""
         threading.Timer(self._grace + 10.0, os._exit, (1,)).start()
         return False
 
@@ -295,10 +313,11 @@ class Server:
         if not args:  # back to the warm pool: the next application is another
             self.kept.wipe()
             return CKR_OK
-        if (len(args) != 4 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
+        if (len(args) != 5 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
                 or type(args[1]) is not bytes or len(args[1]) != 16
                 or type(args[2]) is not int or not 0 <= args[2] < 1 << 32
-                or type(args[3]) is not int or not 0 < args[3] < 1 << 32):
+                or type(args[3]) is not int or not 0 < args[3] < 1 << 32
+                or type(args[4]) is not int or not 0 < args[4] < 1 << 32):
             return CKR_ARGUMENTS_BAD
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -311,7 +330,7 @@ class Server:
         # no longer dies with the fork server (which dies with the daemon); set by the
         # fork server in the main thread, and the kernel sends it for that thread
         self._main.put(lambda: _libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0))
-        self._adopt = (listener, args[1], args[2], args[3] / 1000.0)
+        self._adopt = (listener, args[1], args[2], args[3] / 1000.0, args[4])
         return CKR_OK
 
     def _keep_login(self, name: str, args: list[Any], rv: int) -> None:

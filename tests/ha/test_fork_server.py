@@ -1,7 +1,9 @@
 """Helpers forked by a fork server per member (daemon/forkserver.py, helper/forkserver.py):
 they serve as helpers started anew did, their deaths are seen, a fork server that dies
-is started again, nothing outlives the daemon, each member's environment is its own,
-and a module that does not load is reported as before."""
+is started again, nothing outlives a killed daemon but the applications' helpers, each
+waiting for a restarted daemon no longer than its application lives and adopt_timeout
+(daemon/resume.py), each member's environment is its own, and a module that does not
+load is reported as before."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +116,23 @@ def test_a_killed_forked_helper_fails_its_member_over(ha_factory: Any, ha_keys: 
 
 
 def test_a_killed_fork_server_is_started_again(ha_factory: Any, ha_keys: Path) -> None:
-    """SIGKILL to hsmA's fork server: its helpers go with it (hsmA fails, and recovers);
-    the next helper start forks from a new one; applications are served throughout."""
+    """SIGKILL to hsmA's fork server: the application's helper stays (it no longer dies
+    with its fork server: it may outlive the daemon too) and serves on; the warm ones go
+    with it; the next helper start forks from a new one; applications are served
+    throughout."""
     group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
     app = _app(group, ha_keys)
     try:
         helper = group.app_helper(app.proc.pid, "hsmA")
         server = _parent(helper)
+        warm = [p for p in children(server) if p != helper]
+        started = f"pid={app.proc.pid} member=hsmA helper pid="
+        before = group.daemon.log_text().count(started)
         os.kill(server, signal.SIGKILL)
-        assert wait_for(lambda: not _alive(helper), 5)
         assert wait_for(lambda: f"fork server pid={server} ended" in group.daemon.log_text(), 5)
+        assert wait_for(lambda: not any(_alive(p) for p in warm), 5)
         assert app.run("_ = signs()") == "True"
+        assert _alive(helper) and group.daemon.log_text().count(started) == before
         group.wait_state("hsmA", "OK", timeout=15)
         assert wait_for(lambda: len(fork_server_pids(group.daemon.pid)) == 2, 10)
         assert server not in fork_server_pids(group.daemon.pid)
@@ -138,7 +147,11 @@ def test_a_killed_fork_server_is_started_again(ha_factory: Any, ha_keys: Path) -
 
 
 def test_nothing_outlives_a_killed_daemon(ha_factory: Any, ha_keys: Path) -> None:
-    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"])
+    """The fork servers and the warm helpers end with the daemon; each application's
+    helpers wait for a restarted daemon while their application lives (and no longer
+    than adopt_timeout): the first application's end ends its helpers at once, the
+    second one's go when adopt_timeout (9 s here) is over."""
+    group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"], daemon_extra="adopt_timeout = 9\n")
     apps = [_app(group, ha_keys) for _ in range(2)]
     try:
         for app in apps:
@@ -147,10 +160,21 @@ def test_nothing_outlives_a_killed_daemon(ha_factory: Any, ha_keys: Path) -> Non
         # two servers; a helper per application at least (balance places their sessions
         # on either member), and the warm ones
         assert len(servers) == 2 and len(helpers) >= 2, (servers, helpers)
-        pids = servers + helpers
+        log = group.daemon.log_text()
+        mine = [{group.app_helper(app.proc.pid, m) for m in ("hsmA", "hsmB")
+                 if f"pid={app.proc.pid} member={m} helper pid=" in log} for app in apps]
+        assert all(mine), mine
+        others = [p for p in servers + helpers if not any(p in m for m in mine)]
         group.daemon.kill()
-        assert wait_for(lambda: not any(_alive(p) for p in pids), 10), \
-            [p for p in pids if _alive(p)]
+        killed = time.monotonic()
+        assert wait_for(lambda: not any(_alive(p) for p in others), 10), \
+            [p for p in others if _alive(p)]
+        assert all(_alive(p) for m in mine for p in m), (mine, [p for m in mine for p in m if not _alive(p)])
+        apps[0].close()
+        assert wait_for(lambda: not any(_alive(p) for p in mine[0]), 3), mine[0]
+        assert all(_alive(p) for p in mine[1]) or time.monotonic() - killed > 8.5
+        assert wait_for(lambda: not any(_alive(p) for p in mine[1]), 10), mine[1]
+        assert time.monotonic() - killed > 8.5
     finally:
         for app in apps:
             app.close()
