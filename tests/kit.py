@@ -108,16 +108,18 @@ class Daemon:
         if self.proc is not None:
             self.helpers.update(helper_pids(self.proc.pid))
 
-    def restart(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> float:
+    def restart(self, sig: int = signal.SIGTERM, timeout: float = 15.0,
+                preamble: str = "") -> float:
         """Ends the daemon with `sig` and starts it again on the same configuration (its
-        applications' helpers wait for it); the seconds it took."""
+        applications' helpers wait for it); `preamble` as for start(); the seconds it
+        took."""
         assert self.proc is not None
         began = time.monotonic()
         self.note_helpers()
         self.proc.send_signal(sig)
         self.proc.wait(timeout)
         self.proc = None
-        self.start()
+        self.start(preamble=preamble)
         return time.monotonic() - began
 
     def stop(self, timeout: float = 15.0) -> int | None:

@@ -1,23 +1,34 @@
 """Daemon restarts that applications do not notice (daemon/resume.py, README
-"Operations"): under an 8-thread signing load, the daemon is stopped (SIGTERM) and
-started again, then killed (SIGKILL) and started again; every signature made meanwhile
-verifies (checked with `cryptography`, not by the token), no call fails and none takes
-3 s; afterwards the application's first session is still logged in, its object handles
-name the same keys, a search and a new session work, and the helpers that served it
-before are the ones serving it after (their module instance kept the login)."""
+"Operations"). Real applications through each event, every output checked:
+
+- PyKCS11, 8 threads signing: the daemon stopped (SIGTERM) and started, killed
+  (SIGKILL) and started, its group's timeouts changed and reloaded, and started as a
+  newer build (one that speaks protocol versions 1..2 and a feature this client does
+  not know); every signature verifies (with `cryptography`, not the token), no call
+  fails, none takes 3 s; afterwards the first session is still logged in, its handles
+  name the same key, a search, a new session and a random draw work;
+- the same with threads that use the daemon at every call (open, log in, search, read
+  attributes, sign through the daemon, close) beside the signers, through a stop and
+  start: calls the stopping daemon did not begin go to the next one;
+- OpenSSL's pkcs11 engine in `openssl s_server`, its TLS key on the token: handshakes in
+  a loop through a stop, a kill and a reload, each verified against the certificate."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, helper_pids, one_member_group
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, one_member_group, wait_for
 
 APP = f"""
 import json, os, sys, threading, time
@@ -70,7 +81,38 @@ def worker(n):
         i += 1
     s.closeSession()
 
-threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+# calls that go to the daemon every time: a session opened, a search, attributes read,
+# a signature, the session closed
+def control(n):
+    i = 0
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            s = lib.openSession(slot, RW)
+            found = s.findObjects([(PyKCS11.CKA_LABEL, "restart-key"),
+                                   (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)])
+            assert [h.value() for h in found] == [priv.value()], found
+            label = s.getAttributeValue(found[0], [PyKCS11.CKA_LABEL])[0]
+            assert label in ("restart-key", b"restart-key"), label
+            data = bytes([n, i % 256]) * 16
+            sig = bytes(s.sign(priv, data, mech))
+            key.verify(utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                                  int.from_bytes(sig[32:], "big")),
+                       data, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            s.closeSession()
+        except Exception as exc:
+            with lock:
+                stats["errors"].append(repr(exc))
+        else:
+            with lock:
+                stats["control"] = stats.get("control", 0) + 1
+        with lock:
+            stats["slowest"] = max(stats["slowest"], time.monotonic() - began)
+        i += 1
+
+MIXED = sys.argv[1:] == ["mixed"]
+threads = [threading.Thread(target=control if MIXED and n % 2 else worker, args=(n,))
+           for n in range(8)]
 for t in threads:
     t.start()
 time.sleep(1.0)
@@ -124,44 +166,188 @@ s.generateKeyPair(common + [(PyKCS11.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3
     return hsm
 
 
-def _helpers_of_app(d: Daemon) -> set[int]:
-    return set(helper_pids(d.pid))
-
-
-def test_restart_and_kill_under_a_signing_load_cost_no_error(tmp_path: Path,
-                                                            token: SoftHSM) -> None:
-    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
-                                                         "call_timeout = 5\nhold_timeout = 10")})
-    d.start()
-    app = subprocess.Popen([sys.executable, "-c", APP], stdin=subprocess.PIPE,
+def _app(d: Daemon, *args: str) -> subprocess.Popen[str]:
+    app = subprocess.Popen([sys.executable, "-c", APP, *args], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, **d.env})
-    try:
-        assert app.stdout is not None and app.stdin is not None
-        line = app.stdout.readline()
-        assert line.strip() == "loaded", app.stderr.read() if app.stderr else line
-        before = _helpers_of_app(d)
-        took = [d.restart(signal.SIGTERM)]
-        time.sleep(1.5)
-        took.append(d.restart(signal.SIGKILL))
-        time.sleep(1.5)
-        app.stdin.write("stop\n")
-        app.stdin.flush()
-        out, err = app.communicate(timeout=60)
-    finally:
-        app.kill()
-        log = d.log_text()
-        d.stop()
-    assert app.returncode == 0, err + log[-3000:]
-    stats = json.loads(out.splitlines()[-1])
-    print("restart took", took, "signed", stats["signed"], "slowest", stats["slowest"])
+    assert app.stdout is not None
+    line = app.stdout.readline()
+    assert line.strip() == "loaded", app.stderr.read() if app.stderr else line
+    return app
+
+
+def _finish(app: subprocess.Popen[str], d: Daemon) -> dict[str, Any]:
+    assert app.stdin is not None
+    app.stdin.write("stop\n")
+    app.stdin.flush()
+    out, err = app.communicate(timeout=60)
+    assert app.returncode == 0, err + d.log_text()[-3000:]
+    stats: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return stats
+
+
+def _check_after(stats: dict[str, Any]) -> None:
     assert stats["errors"] == [], stats["errors"][:5]
-    assert stats["signed"] > 100
     assert stats["slowest"] < 3.0, stats["slowest"]
     # the first session is still logged in (CKS_RW_USER_FUNCTIONS), its handle of the
     # key is what a search finds now, and a new session shares the login
     assert stats["state"] == 3 and stats["new_state"] == 3, stats
     assert stats["found"] == [stats["priv"]], stats
     assert stats["random"] == 16
-    assert log.count("taken back (") >= 2, log[-3000:]
-    assert before, "the application had no helper"
+
+
+def _reload(d: Daemon, old: str, new: str) -> None:
+    """Changes the group's file and reloads (SIGHUP), as `p11p reload` does."""
+    token_file = d.root / "tokens.d" / "r.toml"
+    token_file.write_text(token_file.read_text().replace(old, new))
+    done = d.log_text().count("reload done")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: d.log_text().count("reload done") > done, 10), d.log_text()[-2000:]
+    assert "reload: group restart changed" in d.log_text()
+
+
+# a newer build: it speaks protocol versions 1..2 and knows a feature this client does not
+NEWER = ("import p11p.daemon.hello as h\n"
+         "h.VERSIONS = (1, 2)\nh.FEATURES = h.FEATURES + ('future',)")
+
+
+def test_restart_kill_reload_and_upgrade_under_a_signing_load_cost_no_error(
+        tmp_path: Path, token: SoftHSM) -> None:
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
+                                                         "call_timeout = 5\nhold_timeout = 10")})
+    d.start()
+    took = {}
+    try:
+        app = _app(d)
+        took["SIGTERM"] = d.restart(signal.SIGTERM)
+        time.sleep(1.2)
+        took["SIGKILL"] = d.restart(signal.SIGKILL)
+        time.sleep(1.2)
+        _reload(d, "call_timeout = 5", "call_timeout = 7")
+        time.sleep(1.2)
+        took["upgrade"] = d.restart(signal.SIGTERM, preamble=NEWER)
+        time.sleep(1.2)
+        stats = _finish(app, d)
+    finally:
+        log = d.log_text()
+        d.stop()
+    print("restarts took", took, "signed", stats["signed"], "slowest", stats["slowest"])
+    _check_after(stats)
+    assert stats["signed"] > 100
+    assert log.count("taken back (") >= 3, log[-3000:]
+
+
+def test_calls_to_the_daemon_wait_for_a_restarted_one(tmp_path: Path, token: SoftHSM) -> None:
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
+                                                         "call_timeout = 5\nhold_timeout = 10")})
+    d.start()
+    try:
+        app = _app(d, "mixed")
+        took = [d.restart(signal.SIGTERM)]
+        time.sleep(1.2)
+        took.append(d.restart(signal.SIGTERM))
+        time.sleep(1.2)
+        stats = _finish(app, d)
+    finally:
+        d.stop()
+    print("restarts took", took, "signed", stats["signed"], "control", stats.get("control"),
+          "slowest", stats["slowest"])
+    _check_after(stats)
+    assert stats["signed"] > 100 and stats.get("control", 0) > 20, stats
+
+
+OPENSSL_CNF = """
+openssl_conf = init
+[init]
+engines = engines
+[engines]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
+MODULE_PATH = {client}
+init = 0
+[req]
+distinguished_name = dn
+[dn]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_tls_server_s_handshakes_go_on_through_restarts(tmp_path: Path, token: SoftHSM) -> None:
+    """`openssl s_server` signs each handshake with the token's key through the pkcs11
+    engine; a client verifies every handshake against the certificate (made through
+    the engine too) while the daemon is stopped, killed and reloaded."""
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
+                                                         "call_timeout = 5\nhold_timeout = 10")})
+    d.start()
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(OPENSSL_CNF.format(client=CLIENT_SO))
+    env = {**os.environ, **d.env, "OPENSSL_CONF": str(conf)}
+    key = f"pkcs11:token=restart;object=restart-key;type=private;pin-value={USER_PIN}"
+    cert = tmp_path / "cert.pem"
+    r = subprocess.run(["openssl", "req", "-new", "-x509", "-engine", "pkcs11", "-keyform",
+                        "engine", "-key", key, "-subj", "/CN=p11p-restart", "-days", "1",
+                        "-sha256", "-out", str(cert)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    port = _free_port()
+    server = subprocess.Popen(["openssl", "s_server", "-engine", "pkcs11", "-keyform", "engine",
+                               "-key", key, "-cert", str(cert), "-accept", f"127.0.0.1:{port}",
+                               "-www", "-quiet"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    results: list[tuple[bool, float, str]] = []
+    stop = threading.Event()
+
+    def handshakes() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        ctx.wrap_socket(raw) as tls:
+                    ok = tls.getpeercert() is not None
+                    why = ""
+            except OSError as exc:
+                ok, why = False, repr(exc)
+            results.append((ok, time.monotonic() - began, why))
+
+    try:
+        assert wait_for(lambda: _connects(port), 20), server.stderr.read() if server.stderr else ""
+        client = threading.Thread(target=handshakes)
+        client.start()
+        time.sleep(1.0)
+        d.restart(signal.SIGTERM)
+        time.sleep(1.2)
+        d.restart(signal.SIGKILL)
+        time.sleep(1.2)
+        _reload(d, "call_timeout = 5", "call_timeout = 6")
+        time.sleep(1.2)
+        stop.set()
+        client.join(30)
+    finally:
+        stop.set()
+        server.kill()
+        server.wait()
+        log = d.log_text()
+        d.stop()
+    failed = [r for r in results if not r[0]]
+    print("handshakes", len(results), "slowest", max(r[1] for r in results))
+    assert not failed, (failed[:3], log[-2000:])
+    assert len(results) > 50
+    assert max(r[1] for r in results) < 3.0
+
+
+def _connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -300,6 +300,11 @@ class Env:
                 while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                     time.sleep(0.005)
                 time.sleep(0.05)
+        elif kind == "restart":
+            # the daemon stopped (SIGTERM) or killed and started again: the applications'
+            # helpers wait for it and it takes them back (daemon/resume.py)
+            self.group.daemon.restart(signal.SIGKILL if ev.get("how") == "kill"
+                                      else signal.SIGTERM)
         elif kind in ("drain", "enable"):
             reply = self.admin(kind, m)
             if "error" in reply:
@@ -335,7 +340,9 @@ class Env:
             return None
         found = re.findall(rf"ctx={ctxs[-1]} pid={app_pid} member={member} helper pid=(\d+)",
                            text)
-        alive = set(helper_pids(self.group.daemon.pid))
+        # a daemon restarted took back the helpers of the one before (not its children)
+        alive = set(helper_pids(self.group.daemon.pid)) | {
+            p for p in self.group.daemon.helpers if Path(f"/proc/{p}").exists()}
         for pid in reversed([int(p) for p in found]):
             if pid in alive:
                 return pid
@@ -1286,7 +1293,7 @@ class Runner:
             self.handle_lies = True
         elif kind == "error" and ev.get("rv") in MEMBER_FAILED_RVS or kind in ("kill", "down"):
             self.failing_errors = True  # a helper that dies fails its member too
-        if kind not in ("settle", "enable", "up"):
+        if kind not in ("settle", "enable", "up", "restart"):
             self.events += 1
             # sessions holding used objects of random material may lose them (Documented)
             for app in range(APPS):

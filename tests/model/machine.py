@@ -80,6 +80,7 @@ class ModelMachine(RuleBasedStateMachine):
     events = True       # member events on
     hangs = True        # hangs cost call_timeout each: the bounded run may leave them out
     kills = True        # helper kills race the daemon's notice of the death: soak only
+    restarts = True     # the daemon stopped or killed and started again: invisible
 
     def __init__(self) -> None:
         super().__init__()
@@ -547,7 +548,8 @@ class ModelMachine(RuleBasedStateMachine):
         members = [m for m in MEMBERS if m in r.env.members]
         kinds = ["error", "error", "error", "reset", "down", "up", "drain", "enable",
                  "settle"] + (["hang"] if type(self).hangs else []) + (
-                     ["kill"] if type(self).kills else [])
+                     ["kill"] if type(self).kills else []) + (
+                     ["restart"] if type(self).restarts else [])
         kind = data.draw(st.sampled_from(kinds), label="event")
         m = data.draw(st.sampled_from(members), label="member")
         if kind not in ("up", "enable", "settle") and avoid("unused_generated_key_failover") \
@@ -564,6 +566,11 @@ class ModelMachine(RuleBasedStateMachine):
                       count=data.draw(st.integers(1, 2), label="count"))
         elif kind == "kill" and r.may_hit(m):
             self.step(ev="kill", m=m, app=self.app(data))
+        elif kind == "restart" and not r.hung:
+            # between two calls (the applications are single-threaded): nothing is in
+            # flight, so a SIGKILL is as invisible as a SIGTERM (README, Operations)
+            self.step(ev="restart", how=data.draw(st.sampled_from(["term", "kill"]),
+                                                  label="how"))
         elif kind == "reset" and r.may_hit(m) and not avoid("login_lost_on_reset"):
             self.step(ev="reset", m=m)
         elif kind in ("down", "hang", "drain") and r.may_hit(m) and r.may_take_down(m) \

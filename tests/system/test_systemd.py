@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -134,6 +135,8 @@ def test_units_say_what_the_issue_asks(systemd_tools: None) -> None:
     assert service["Service.StateDirectory"] == ["p11p"]
     assert service["Service.StateDirectoryMode"] == ["0700"]
     assert service["Service.ReadWritePaths"] == ["/run/p11p"]
+    # a restart leaves the applications' helpers to the next daemon (README "Operations")
+    assert service["Service.KillMode"] == ["process"]
     sock = unit_settings(UNITS / "p11p.socket")
     from p11p.daemon.config import DEFAULT_SOCKET
     assert sock["Socket.ListenStream"] == [DEFAULT_SOCKET]
@@ -442,3 +445,118 @@ def test_daemon_and_helpers_run_as_user_p11p(systemd_tools: None,
         if daemon is not None:
             stop_tree(pids or process_tree(daemon.pid), daemon, user.uid)
         shutil.rmtree(work)
+
+
+# -- systemctl restart ------------------------------------------------------------------
+
+RESTART_APP = f"""
+import sys, threading, time
+import PyKCS11
+from PyKCS11 import Mechanism
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+lib = PyKCS11.PyKCS11Lib()
+lib.load({str(CLIENT_SO)!r})
+slot = lib.getSlotList(tokenPresent=True)[0]
+RW = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
+s0 = lib.openSession(slot, RW)
+s0.login("1234")
+pub, priv = s0.generateKeyPair(
+    [(PyKCS11.CKA_TOKEN, False), (PyKCS11.CKA_VERIFY, True),
+     (PyKCS11.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107"))],
+    [(PyKCS11.CKA_TOKEN, False), (PyKCS11.CKA_SIGN, True), (PyKCS11.CKA_PRIVATE, True)],
+    mecha=Mechanism(PyKCS11.CKM_EC_KEY_PAIR_GEN))
+point = bytes(s0.getAttributeValue(pub, [PyKCS11.CKA_EC_POINT])[0])[2:]
+key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+stop, errors, done, slowest = threading.Event(), [], [0], [0.0]
+def worker(n):
+    s = lib.openSession(slot, RW)
+    i = 0
+    while not stop.is_set():
+        data = bytes([n, i % 256]) * 16
+        began = time.monotonic()
+        try:
+            sig = bytes(s.sign(priv, data, Mechanism(PyKCS11.CKM_ECDSA)))
+            key.verify(utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                                  int.from_bytes(sig[32:], "big")),
+                       data, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            done[0] += 1
+        except Exception as exc:
+            errors.append(repr(exc))
+        slowest[0] = max(slowest[0], time.monotonic() - began)
+        i += 1
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+for t in threads:
+    t.start()
+time.sleep(1.0)
+print("loaded", flush=True)
+sys.stdin.readline()
+stop.set()
+for t in threads:
+    t.join()
+print(done[0], len(errors), round(slowest[0], 3), int(s0.getSessionInfo().state), errors[:3],
+      flush=True)
+"""
+
+
+def _unit_start(daemon: Daemon, sock: socket.socket) -> subprocess.Popen[bytes]:
+    """The daemon as p11p.service starts it: the listening socket p11p.socket holds as
+    fd 3, LISTEN_PID its own pid."""
+    boot = ("import os, sys\n"
+            f"os.dup2({sock.fileno()}, 3)\n"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='p11p')\n"
+            "os.execv(sys.executable, [sys.executable, '-m', 'p11p.daemon', 'daemon', "
+            f"'--config', {str(daemon.config)!r}, '--log-level', 'debug'])\n")
+    with open(daemon.log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", boot], pass_fds=(sock.fileno(),),
+                                stdout=log, stderr=log, start_new_session=True)
+    daemon.proc = proc  # Daemon.stop() ends it, and the helpers it noted
+    return proc
+
+
+def test_systemctl_restart_keeps_applications_going(systemd_tools: None, softhsm: SoftHSM,
+                                                     tmp_path: Path) -> None:
+    """`systemctl restart p11p` with the installed units: p11p.socket keeps the listening
+    socket; with KillMode=process only the daemon gets SIGTERM, and the next one is
+    handed the same socket. An application signing in 8 threads with a session key sees
+    nothing: every signature verifies, none fails or takes 3 s, its session stays logged
+    in."""
+    assert unit_settings(UNITS / "p11p.service")["Service.KillMode"] == ["process"]
+    daemon = Daemon(tmp_path / "p11p", {"sys": one_member_group("p11p-sys", softhsm, "tokSys")})
+    listen = tmp_path / "p11p.sock"
+    daemon.config.write_text(daemon.config.read_text().replace(
+        'socket = "run/p11p.sock"', f'socket = "{listen}"'))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(listen))
+    sock.listen(64)
+    app = None
+    try:
+        _unit_start(daemon, sock)
+        app = subprocess.Popen([sys.executable, "-c", RESTART_APP], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "P11P_SOCKET": str(listen)})
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "loaded", daemon.log_text()[-2000:]
+        for _ in range(2):  # systemctl restart: SIGTERM to the main process, then a start
+            old = daemon.proc
+            assert old is not None
+            daemon.note_helpers()
+            old.send_signal(signal.SIGTERM)
+            assert old.wait(15) == 0
+            _unit_start(daemon, sock)
+            time.sleep(1.5)
+        app.stdin.write("stop\n")
+        app.stdin.flush()
+        out, err = app.communicate(timeout=30)
+    finally:
+        if app is not None:
+            app.kill()
+        log = daemon.log_text()
+        daemon.stop()
+        sock.close()
+    assert app.returncode == 0, err + log[-3000:]
+    signed, errors, slowest, state, first = out.split(maxsplit=4)
+    assert (int(errors), first.strip()) == (0, "[]"), (errors, first)
+    assert int(signed) > 100 and float(slowest) < 3.0, out
+    assert int(state) == 3, out  # CKS_RW_USER_FUNCTIONS: still logged in
+    assert log.count("taken back (") >= 2, log[-3000:]
