@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,9 @@ class ApplicationContext:
         self.finalized = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
         self.in_flight = 0
+        # taken back by a restarted daemon, its client library not back yet (resume.py)
+        self.waiting = False
+        self.state_key = os.urandom(32)  # the state file's (daemon/resume.py): helpers keep it
         self.over_limit: str | None = None  # why every call is refused
         self.limit_logged: set[str] = set()
         # virtual session handle -> (arrival, when it was reported) of a direct call that
@@ -135,7 +139,8 @@ class ApplicationContext:
             await helper.stop()
             raise replaced
         starting.set_result(helper)
-        helper.make_adoptable(self.pid)  # it may outlive the daemon (daemon/resume.py)
+        # it may outlive the daemon, keeping the key of our state file (daemon/resume.py)
+        helper.make_adoptable(self.pid, self.state_key)
         log.debug("%s member=%s helper pid=%d", self.name, member.name, helper.pid)
         return helper
 

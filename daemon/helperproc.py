@@ -36,7 +36,7 @@ PING = _OWN["PING"].code
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
     _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
 # A helper that outlives the daemon, and what it kept (helper/loop.py; daemon/resume.py)
-ADOPTABLE, KEPT_LOGIN = _OWN["ADOPTABLE"].code, _OWN["KEPT_LOGIN"].code
+ADOPTABLE, KEPT = _OWN["ADOPTABLE"].code, _OWN["KEPT"].code
 C_FINALIZE = 2
 
 
@@ -218,16 +218,17 @@ class HelperProcess(asyncio.SubprocessProtocol):
 
     # -- outliving the daemon ------------------------------------------------------------
 
-    def make_adoptable(self, app_pid: int) -> None:
+    def make_adoptable(self, app_pid: int, key: bytes) -> None:
         """Tells the helper (application `app_pid`'s now) to outlive this daemon, for
         `adopt_wait` seconds and no longer than the application, on a name and token of
-        its own. The reply is not waited for: frames keep their order on the pipe."""
+        its own, and to keep `key` (the application's state file's) for the next one.
+        The reply is not waited for: frames keep their order on the pipe."""
         if self.adopt_wait <= 0 or self.adopt is not None or not self.alive:
             return
         token = secrets.token_bytes(16)
         self.adopt = (f"p11p-helper-{self.pid}-{token[:4].hex()}".encode(), token)
         fut = self.send([ADOPTABLE, self.adopt[0], token, os.getuid(),
-                         max(1, int(self.adopt_wait * 1000)), app_pid])
+                         max(1, int(self.adopt_wait * 1000)), app_pid, key])
         fut.add_done_callback(self._adoptable_done)
 
     def _adoptable_done(self, fut: asyncio.Future[list[Any]]) -> None:
@@ -249,13 +250,15 @@ class HelperProcess(asyncio.SubprocessProtocol):
         its end is no failure."""
         self.stopping = True
 
-    async def kept_login(self, timeout: float) -> tuple[int, bytes] | None:
-        """(user type, PIN) of the application's last good C_Login here, if any."""
-        reply = await self.call([KEPT_LOGIN], timeout)
-        if reply[0] == CKR["CKR_OK"] and len(reply) == 3 and isinstance(reply[1], int) \
-                and isinstance(reply[2], bytes):
-            return reply[1], reply[2]
-        return None
+    async def kept(self, timeout: float) -> tuple[bytes | None, tuple[int, bytes] | None]:
+        """What the helper kept for this daemon: the application's state file key, and
+        (user type, PIN) of its last good C_Login here."""
+        reply = await self.call([KEPT], timeout)
+        if reply[0] != CKR["CKR_OK"] or len(reply) < 2 or not isinstance(reply[1], bytes):
+            return None, None
+        if len(reply) == 4 and isinstance(reply[2], int) and isinstance(reply[3], bytes):
+            return reply[1], (reply[2], reply[3])
+        return reply[1], None
 
     # -- calls ------------------------------------------------------------------------
 

@@ -3,18 +3,21 @@
 An application's helpers outlive the daemon (helper/loop.py, ADOPTABLE): their module
 instances keep the member sessions, the login, the session objects and the operations,
 and keep serving the data plane. What the daemon knows of each application context
-(virtual sessions and objects, what stands behind them, which helper holds what) is
-written to a state file in the runtime directory before each reply that may have changed
-it, and at a stop. A daemon that starts reads the files, takes the helpers back over
-their adoption sockets and waits for the applications' client libraries, which reconnect
-with their context id and find their handles where they left them.
+(virtual sessions and objects, what stands behind them and what replay needs, which
+helper holds what) is written to a state file in the runtime directory before each
+reply that may have changed it, and at a stop. A daemon that starts reads the files,
+takes the helpers back over their adoption sockets and waits for the applications'
+client libraries, which reconnect with their context id and find their handles where
+they left them.
 
-What a state file never holds: a PIN (the helper that took the login keeps it, in locked
-memory, and gives it to the next daemon: KEPT_LOGIN), key values (a session object made
-with C_CreateObject is kept where it is, but cannot be remade on another member after a
-restart) and an operation's data (operations go on in their member sessions; one that a
-failover after the restart meets is lost, as one past `replay_limit`). Files are 0600 in
-a 0700 directory, written whole and renamed; a file this build cannot read is set aside
+A file is the context's identity and its helpers' adoption names (a pickle of plain
+values), then what the context holds, encrypted (AES-256-GCM, the identity as associated
+data) with a key of the context's own that only its helpers keep, in locked memory
+(ADOPTABLE, KEPT): a file read without a helper of its application is of no use, and what
+replay needs (operation data, the recipes of session objects, key values included)
+never lies on disk in the clear. The PIN is not in it at all: the helper that logged in
+keeps it and hands it over (KEPT). Files are 0600 in a 0700 directory, written whole
+and renamed; a file this build cannot read, or whose helpers are all gone, is dropped
 and its application starts afresh (logged).
 """
 
@@ -29,45 +32,35 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
 from p11p.daemon.helperproc import AdoptedHelper, HelperProcess
 from p11p.daemon.members import Group, Member
-from p11p.daemon.policy import Operation
 from p11p.daemon.shapes import CODE
-from p11p.daemon.virtual import Recipe
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
 
 log = logging.getLogger("p11p.resume")
 
-VERSION = 1
+VERSION = 2
 ADOPT_TIMEOUT = 3.0  # seconds to take one helper back
 # calls that change nothing the state file holds
 READ_ONLY = frozenset(CODE[n] for n in (
     "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
     "C_GetMechanismInfo", "C_GetSessionInfo", "C_GetAttributeValue", "C_GetObjectSize",
     "C_GenerateRandom", "C_SeedRandom", "C_WaitForSlotEvent"))
-_CREATE = CODE["C_CreateObject"]
-_KEPT_OUT = "the daemon restarted: its data was not kept"
 
 
-def _stripped_operation(init: list[Any], keys: dict[int, Any]) -> Operation:
-    return Operation(init, [], keys, 0, False, _KEPT_OUT)
-
-
-def _stripped_recipe(outputs: list[Any], generated: bool, sources: dict[int, Any],
-                     used: bool) -> Recipe:
-    recipe = Recipe([], outputs, generated, sources)
-    recipe.used = used
-    return recipe
+def _helper_ref(h: HelperProcess) -> tuple[Any, ...]:
+    return (h.member, h.pid, h.adopt, h.fast, h.fast_name)
 
 
 class _Writer(pickle.Pickler):
-    """Members, groups, helpers and the context by reference; no operation data, no key
-    values."""
+    """Members, groups, helpers and the context by reference."""
 
     def __init__(self, file: io.BytesIO, ctx: ApplicationContext) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
@@ -79,7 +72,7 @@ class _Writer(pickle.Pickler):
         if isinstance(obj, Group):
             return ("group", obj.label)
         if isinstance(obj, HelperProcess):
-            return ("helper", obj.member, obj.pid, obj.adopt, obj.fast, obj.fast_name)
+            return ("helper", obj.member, obj.pid)
         if isinstance(obj, HandleCounter):
             return ("counter",)
         if obj is self.ctx:
@@ -88,49 +81,43 @@ class _Writer(pickle.Pickler):
             raise pickle.PicklingError(f"not for the state file: {obj!r}")
         return None
 
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is Operation and obj.updates:
-            return _stripped_operation, (obj.init, obj.keys)
-        if type(obj) is Recipe and obj.request and obj.request[0] == _CREATE:
-            return _stripped_recipe, (obj.outputs, obj.generated, obj.sources, obj.used)
-        return NotImplemented
-
 
 class _Reader(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, daemon: Daemon, ctx: ApplicationContext | None) -> None:
-        super().__init__(file)
-        self.daemon = daemon
-        self.ctx = ctx
-        self.helpers: dict[tuple[str, int], AdoptedHelper] = {}
+    def __init__(self, data: bytes, daemon: Daemon, ctx: ApplicationContext,
+                 helpers: dict[tuple[str, int], AdoptedHelper]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.daemon, self.ctx, self.helpers = daemon, ctx, helpers
 
     def persistent_load(self, pid: Any) -> Any:
         kind = pid[0]
         if kind == "member":
-            group = self._group(pid[1])
-            for member in group.members:
-                if member.name == pid[2]:
-                    return member
-            raise pickle.UnpicklingError(f"member {pid[2]!r} of {pid[1]!r} is gone")
+            return _member(self.daemon, pid[1], pid[2])
         if kind == "group":
-            return self._group(pid[1])
+            return _group(self.daemon, pid[1])
         if kind == "helper":
-            key = (pid[1], pid[2])
-            helper = self.helpers.get(key)
+            helper = self.helpers.get((pid[1], pid[2]))
             if helper is None:
-                helper = self.helpers[key] = AdoptedHelper(
-                    pid[1], self.daemon.config.max_frame, pid[2], pid[3], pid[4], pid[5])
+                raise pickle.UnpicklingError(f"helper {pid[1:]} not in the file's list")
             return helper
         if kind == "counter":
             return self.daemon.counter
-        if kind == "ctx" and self.ctx is not None:
+        if kind == "ctx":
             return self.ctx
         raise pickle.UnpicklingError(f"unknown reference {kind!r}")
 
-    def _group(self, label: str) -> Group:
-        for group in self.daemon.groups:
-            if group.label == label:
-                return group
-        raise pickle.UnpicklingError(f"group {label!r} is gone")
+
+def _group(daemon: Daemon, label: str) -> Group:
+    for group in daemon.groups:
+        if group.label == label:
+            return group
+    raise pickle.UnpicklingError(f"group {label!r} is gone")
+
+
+def _member(daemon: Daemon, label: str, name: str) -> Member:
+    for member in _group(daemon, label).members:
+        if member.name == name:
+            return member
+    raise pickle.UnpicklingError(f"member {name!r} of {label!r} is gone")
 
 
 class Resume:
@@ -156,9 +143,8 @@ class Resume:
 
     def save(self, ctx: ApplicationContext) -> None:
         began = time.perf_counter()
-        buf = io.BytesIO()
-        head = {"version": VERSION, "key": ctx.key, "uid": ctx.uid, "gid": ctx.gid,
-                "pid": ctx.pid, "prog": ctx.prog}
+        helpers = [(m.group.label, m.name, _helper_ref(h)) for m, h in ctx.live_helpers()
+                   if h.adopt is not None]
         state = {
             "sessions": ctx.sessions.items(), "objects": ctx.objects.items(),
             "by_real": ctx.by_real, "token_index": ctx.token_index,
@@ -168,15 +154,19 @@ class Resume:
             "helpers": {m: h for m, h in ctx.live_helpers() if h.adopt is not None},
         }
         try:
-            writer = _Writer(buf, ctx)
-            writer.dump(head)
-            writer.dump(state)
+            head = pickle.dumps({"version": VERSION, "key": ctx.key, "uid": ctx.uid,
+                                 "gid": ctx.gid, "pid": ctx.pid, "prog": ctx.prog,
+                                 "helpers": helpers}, pickle.HIGHEST_PROTOCOL)
+            body = io.BytesIO()
+            _Writer(body, ctx).dump(state)
+            nonce = os.urandom(12)
+            sealed = AESGCM(ctx.state_key).encrypt(nonce, body.getvalue(), head)
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self._path(ctx)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, buf.getbuffer())
+                os.write(fd, len(head).to_bytes(4, "big") + head + nonce + sealed)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -215,43 +205,56 @@ class Resume:
 
     async def _restore(self, path: Path) -> bool:
         daemon = self.daemon
+        helpers: dict[tuple[str, int], AdoptedHelper] = {}
+        members: dict[tuple[str, int], Member] = {}
         try:
             data = path.read_bytes()
             path.unlink()
-            state, ctx, reader = self._load(data)
+            size = int.from_bytes(data[:4], "big")
+            head_bytes, rest = data[4:4 + size], data[4 + size:]
+            head = pickle.loads(head_bytes)  # noqa: S301 - our own file, 0600 in a 0700 dir
+            if not isinstance(head, dict) or head.get("version") != VERSION:
+                raise ValueError("a state file of another version")
+            ctx = ApplicationContext(head["key"], head["uid"], head["gid"], head["pid"],
+                                     head["prog"], daemon.counter)
+            for label, name, (member_name, pid, adopt, fast, fast_name) in head["helpers"]:
+                try:
+                    member = _member(daemon, label, name)
+                except pickle.UnpicklingError:
+                    continue  # a member no longer configured: its helper ends alone
+                helpers[(member_name, pid)] = AdoptedHelper(
+                    member_name, daemon.config.max_frame, pid, adopt, fast, fast_name)
+                members[(member_name, pid)] = member
         except Exception as exc:  # noqa: BLE001 - an unreadable file: its application starts afresh
             log.warning("restart: state file %s not taken (%r); its application's "
                         "sessions end", path.name, exc)
             return False
-        helpers = list(reader.helpers.values())
-        outcomes = await asyncio.gather(*(h.attach(ADOPT_TIMEOUT) for h in helpers),
+        outcomes = await asyncio.gather(*(h.attach(ADOPT_TIMEOUT) for h in helpers.values()),
                                         return_exceptions=True)
-        if not _pid_alive(ctx.pid) or ctx.key in daemon.contexts:
-            log.info("restart: %s is gone; its helpers end", ctx.name)
-            await asyncio.gather(*(h.stop() for h in helpers), return_exceptions=True)
-            return False
-        # helpers: taken back, or what they held is gone (as when a helper dies)
-        members = {(h.member, h.pid): m for m, h in state["helpers"].items()}
         taken: dict[Member, HelperProcess] = {}
-        for helper, outcome in zip(helpers, outcomes, strict=True):
-            member = members.get((helper.member, helper.pid))
-            if isinstance(outcome, BaseException) or member is None:
+        for key, outcome in zip(helpers, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
                 log.warning("restart: %s member=%s helper pid=%d not taken back: %s",
-                            ctx.name, helper.member, helper.pid, outcome)
-                if member is None:
-                    await helper.stop()
-                continue
-            helper.on_death = member.helper_died
-            taken[member] = helper
+                            ctx.name, key[0], key[1], outcome)
+            else:
+                helpers[key].on_death = members[key].helper_died
+                taken[members[key]] = helpers[key]
+        state, logins = await self._open(ctx, taken, rest, head_bytes, helpers)
+        if state is None or not _pid_alive(ctx.pid) or ctx.key in daemon.contexts:
+            log.info("restart: %s not taken back (%s); its helpers end", ctx.name,
+                     "its application is gone" if state is not None
+                     else "no helper kept its key")
+            await asyncio.gather(*(h.stop() for h in taken.values()), return_exceptions=True)
+            return False
         ctx.adopt_helpers(taken)
         for member in set(state["helpers"]) - set(taken):
             ctx.forget_member(member)
         for vs in ctx.sessions.values():  # a binding left on a helper not taken back
             if vs.left is not None and vs.left.member not in taken:
                 vs.left = None
-        # the PINs, from the helpers that logged in
         for group, user_type in state["logins"].items():
-            pin = await self._kept_pin(ctx, group, user_type, taken)
+            pin = next((p for m, (t, p) in logins.items()
+                        if m.group is group and m in ctx.logged_in and t == user_type), None)
             if pin is None:
                 log.warning("restart: %s group=%s: no helper kept the login; it is "
                             "counted as ended", ctx.name, group.label)
@@ -259,6 +262,7 @@ class Resume:
                     ctx.logged_in.discard(member)
                 continue
             ctx.logins[group] = (user_type, pin)
+        ctx.waiting = True
         daemon.contexts[ctx.key] = ctx
         self.save(ctx)  # as taken back: a kill before its next call finds it again
         wait = max(daemon.config.context_grace, daemon.config.adopt_timeout)
@@ -267,36 +271,37 @@ class Resume:
                  len(ctx.sessions), len(ctx.objects), len(taken))
         return True
 
-    def _load(self, data: bytes) -> tuple[dict[str, Any], ApplicationContext, _Reader]:
-        """A file is two pickles: the context's identity, then what it holds."""
-        reader = _Reader(io.BytesIO(data), self.daemon, None)
-        head = reader.load()
-        if not isinstance(head, dict) or head.get("version") != VERSION:
-            raise ValueError(f"state file version {head.get('version') if isinstance(head, dict) else head!r}")
-        ctx = ApplicationContext(head["key"], head["uid"], head["gid"], head["pid"],
-                                 head["prog"], self.daemon.counter)
-        reader.ctx = ctx
-        state = reader.load()
+    async def _open(self, ctx: ApplicationContext, taken: dict[Member, HelperProcess],
+                    sealed: bytes, head: bytes, helpers: dict[tuple[str, int], AdoptedHelper]
+                    ) -> tuple[dict[str, Any] | None, dict[Member, tuple[int, bytes]]]:
+        """The file's contents, opened with the key a helper kept (None: none did), and
+        the logins the helpers kept."""
+        logins: dict[Member, tuple[int, bytes]] = {}
+        key = None
+        for member, helper in taken.items():
+            try:
+                kept, login = await helper.kept(ADOPT_TIMEOUT)
+            except MemberUnavailable:
+                continue
+            key = key or kept
+            if login is not None:
+                logins[member] = login
+        if key is None:
+            return None, logins
+        try:
+            body = AESGCM(key).decrypt(sealed[:12], sealed[12:], head)
+            ctx.state_key = key
+            state: dict[str, Any] = _Reader(body, self.daemon, ctx, helpers).load()
+        except (InvalidTag, pickle.UnpicklingError, ValueError, EOFError) as exc:
+            log.warning("restart: %s state not readable: %r", ctx.name, exc)
+            return None, logins
         ctx.sessions.restore(state["sessions"])
         ctx.objects.restore(state["objects"])
         ctx.by_real = state["by_real"]
         ctx.token_index = state["token_index"]
         ctx.logged_in = state["logged_in"]
         ctx.utility = state["utility"]
-        return state, ctx, reader
-
-    async def _kept_pin(self, ctx: ApplicationContext, group: Group, user_type: int,
-                        taken: dict[Member, HelperProcess]) -> bytes | None:
-        for member, helper in taken.items():
-            if member.group is not group or member not in ctx.logged_in:
-                continue
-            try:
-                kept = await helper.kept_login(ADOPT_TIMEOUT)
-            except MemberUnavailable:
-                continue
-            if kept is not None and kept[0] == user_type:
-                return kept[1]
-        return None
+        return state, logins
 
 
 def _pid_alive(pid: int) -> bool:

@@ -219,6 +219,17 @@ class Daemon:
     def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str) -> ApplicationContext:
         key = (pid, ctx_id)
         ctx = self.contexts.get(key)
+        if ctx is None:
+            # a context of this process a restarted daemon took back, and that its client
+            # library has not come back to: the library was finalized meanwhile (one
+            # instance per process), so it never will
+            for old in [c for c in self.contexts.values()
+                        if c.pid == pid and c.waiting and c.connections == 0]:
+                log.info("%s: its application initialized again; it ends", old.name)
+                if old.grace is not None:
+                    old.grace.cancel()
+                    old.grace = None
+                asyncio.ensure_future(self.end_context(old))
         if ctx is None or ctx.closed:
             ctx = ApplicationContext(key, uid, gid, pid, prog, self.counter)
             same_uid = sum(1 for c in self.contexts.values() if c.uid == uid and not c.over_limit)
@@ -231,6 +242,7 @@ class Daemon:
         if ctx.grace is not None:
             ctx.grace.cancel()
             ctx.grace = None
+        ctx.waiting = False
         ctx.connections += 1
         return ctx
 

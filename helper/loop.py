@@ -62,11 +62,11 @@ FAST_ALLOW = _OWN["FAST_ALLOW"].code
 FAST_REVOKE = _OWN["FAST_REVOKE"].code
 FAST_SERVED = _OWN["FAST_SERVED"].code
 FAST_STUCK = _OWN["FAST_STUCK"].code
-# [ADOPTABLE, name, token, uid, ms, application pid] -> [rv]: outlive the daemon (above);
-# [ADOPTABLE]: no more
-# [KEPT_LOGIN] -> [rv, user type, PIN] or [rv]: the last good C_Login's
+# [ADOPTABLE, name, token, uid, ms, application pid, key] -> [rv]: outlive the daemon
+# (above), keeping `key` (the application's state file's); [ADOPTABLE]: no more
+# [KEPT] -> [rv, key, user type, PIN], [rv, key] or [rv]: the key, the last good C_Login
 ADOPTABLE = _OWN["ADOPTABLE"].code
-KEPT_LOGIN = _OWN["KEPT_LOGIN"].code
+KEPT = _OWN["KEPT"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CKR_USER_ALREADY_LOGGED_IN = 0x100
@@ -75,9 +75,9 @@ _PIN_MAX = 256
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class KeptLogin:
-    """The user type and PIN of the last good C_Login, in memory locked out of swap,
-    wiped at C_Logout and at the end."""
+class Kept:
+    """A secret kept for the next daemon (a PIN with its user type, a state file's key),
+    in memory locked out of swap, wiped when no longer needed and at the end."""
 
     def __init__(self) -> None:
         self._buf = ctypes.create_string_buffer(_PIN_MAX)
@@ -140,7 +140,8 @@ class Server:
         # ADOPTABLE: (listening socket, token, the daemon's uid, seconds to wait, the
         # application's pid)
         self._adopt: tuple[socket.socket, bytes, int, float, int] | None = None
-        self.kept = KeptLogin()
+        self.kept = Kept()  # the PIN of the application's login
+        self.kept_key = Kept()  # its state file's key (daemon/resume.py)
 
     # -- output -----------------------------------------------------------------------
 
@@ -312,8 +313,10 @@ class Server:
             self._adopt = None
         if not args:  # back to the warm pool: the next application is another
             self.kept.wipe()
+            self.kept_key.wipe()
             return CKR_OK
-        if (len(args) != 5 or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
+        if (len(args) != 6 or type(args[5]) is not bytes or len(args[5]) != 32
+                or type(args[0]) is not bytes or not 0 < len(args[0]) <= 100
                 or type(args[1]) is not bytes or len(args[1]) != 16
                 or type(args[2]) is not int or not 0 <= args[2] < 1 << 32
                 or type(args[3]) is not int or not 0 < args[3] < 1 << 32
@@ -331,6 +334,7 @@ class Server:
         # fork server in the main thread, and the kernel sends it for that thread
         self._main.put(lambda: _libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0))
         self._adopt = (listener, args[1], args[2], args[3] / 1000.0, args[4])
+        self.kept_key.keep(0, args[5])
         return CKR_OK
 
     def _keep_login(self, name: str, args: list[Any], rv: int) -> None:
@@ -376,9 +380,10 @@ class Server:
                 self.send([call_id, CKR_OK, self._pid], link)
             elif code == ADOPTABLE:
                 self.send([call_id, self._adoptable(frame[2:])], link)
-            elif code == KEPT_LOGIN:
-                kept = self.kept.get() if len(frame) == 2 else None
-                self.send([call_id, CKR_OK, *kept] if kept else [call_id, CKR_OK], link)
+            elif code == KEPT:
+                key = self.kept_key.get() if len(frame) == 2 else None
+                pin = self.kept.get() if key else None
+                self.send([call_id, CKR_OK, *([key[1]] if key else []), *(pin or ())], link)
             elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK):
                 self.send([call_id, *self._fast(code, frame[2:])], link)
             elif code == C_INITIALIZE:
@@ -450,6 +455,7 @@ class Server:
                 log.warning("%d calls still running after %g s; finalizing anyway",
                             self._busy, self._grace)
         self.kept.wipe()
+        self.kept_key.wipe()
         self._lib.p11p_fast_stop(int(self._grace * 1000))
         rv: int = self._lib.p11p_C_Finalize()
         if rv != CKR_OK:
