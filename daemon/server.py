@@ -58,8 +58,18 @@ class ClientConnection(asyncio.Protocol):
         return self._task is not None and not self._task.done()
 
     def close(self) -> None:
+        """Closes the connection; for a restart, an idle one with a last RETRY: a call is
+        at most one per connection, and one sent that this daemon did not read yet takes
+        it as its answer (an AF_UNIX peer reads what was written before the close)."""
         if self.transport is not None:
+            if self._retry() and not self.busy:
+                self._answer(RETRY)
             self.transport.close()
+
+    def _retry(self) -> bool:
+        """The daemon stops for a restart: a call not begun is sent back ("retry") to a
+        client library that sends it to the next daemon; an older one's is served."""
+        return self.daemon.leaving and "restart" in self.features
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.daemon.connections.add(self)
@@ -85,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
             elif not isinstance(frame, list) or not frame:
                 self._drop("a request must be a non-empty array")
                 return
-            elif self.daemon.leaving:
+            elif self._retry():
                 self._answer(RETRY)
             else:
                 self._queue.append(frame)
@@ -139,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
         which then serves the rest of the queue."""
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():
-            if self.daemon.leaving:
+            if self._retry():
                 self._answer(RETRY)
                 queue.popleft()
                 continue
@@ -180,7 +190,7 @@ class ClientConnection(asyncio.Protocol):
     async def _serve(self) -> None:
         queue = self._queue
         while queue and self.transport is not None and not self.transport.is_closing():
-            if self.daemon.leaving:
+            if self._retry():
                 self._answer(RETRY)
                 queue.popleft()
                 continue

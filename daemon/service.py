@@ -194,6 +194,8 @@ class Daemon:
         self.standby.stop()
         await self.admin.stop()
         self.resume.save_all()
+        log.info("state files written %d times, %.1f ms in all", self.resume.writes,
+                 self.resume.write_seconds * 1000)
         for ctx in self.contexts.values():
             for _, helper in ctx.live_helpers():
                 if helper.adopt is not None:

@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, Daemon, SoftHSM, one_member_group, wait_for
+from kit import (
+    ASAN_CLIENT_SO,
+    CLIENT_SO,
+    SOFTHSM_SO,
+    USER_PIN,
+    Daemon,
+    SoftHSM,
+    one_member_group,
+    sanitized,
+    wait_for,
+)
 
 APP = f"""
 import json, os, sys, threading, time
@@ -38,7 +48,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 lib = PyKCS11.PyKCS11Lib()
-lib.load({str(CLIENT_SO)!r})
+lib.load(os.environ.get("CLIENT_UNDER_TEST", {str(CLIENT_SO)!r}))
 slot = next(s for s in lib.getSlotList(tokenPresent=True)
             if lib.getTokenInfo(s).label.strip() == "restart")
 RW = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
@@ -166,10 +176,10 @@ s.generateKeyPair(common + [(PyKCS11.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3
     return hsm
 
 
-def _app(d: Daemon, *args: str) -> subprocess.Popen[str]:
+def _app(d: Daemon, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     app = subprocess.Popen([sys.executable, "-c", APP, *args], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, **d.env})
+                           env={**os.environ, **d.env, **(env or {})})
     assert app.stdout is not None
     line = app.stdout.readline()
     assert line.strip() == "loaded", app.stderr.read() if app.stderr else line
@@ -238,12 +248,18 @@ def test_restart_kill_reload_and_upgrade_under_a_signing_load_cost_no_error(
     assert log.count("taken back (") >= 3, log[-3000:]
 
 
-def test_calls_to_the_daemon_wait_for_a_restarted_one(tmp_path: Path, token: SoftHSM) -> None:
+@pytest.mark.parametrize("client", ["plain", "asan"])
+def test_calls_to_the_daemon_wait_for_a_restarted_one(tmp_path: Path, token: SoftHSM,
+                                                      client: str) -> None:
+    """Beside the signers, threads whose every call goes to the daemon; two stops and
+    starts; on the plain client library and on the ASan/UBSan one."""
     d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
                                                          "call_timeout = 5\nhold_timeout = 10")})
     d.start()
+    env = {} if client == "plain" else {**sanitized(),
+                                        "CLIENT_UNDER_TEST": str(ASAN_CLIENT_SO)}
     try:
-        app = _app(d, "mixed")
+        app = _app(d, "mixed", env=env)
         took = [d.restart(signal.SIGTERM)]
         time.sleep(1.2)
         took.append(d.restart(signal.SIGTERM))
