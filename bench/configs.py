@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,11 +114,18 @@ def _member(tokens: Tokens, name: str, token: str, rules: Path | None,
 @contextmanager
 def p11p(tokens: Tokens, root: Path, name: str, members: list[str], policy: str = "balance",
          rules: dict[str, str] | None = None, settings: str = "",
-         fault_log: Path | None = None) -> Iterator[P11pGroup]:
+         fault_log: Path | None = None, daemon_extra: str = "") -> Iterator[P11pGroup]:
     """A daemon with the group `bench` over `members` (token labels). With `rules`, every
     member sits behind p11p-faultsim.so with those rules (member -> text), logging the
-    faults it applies to `fault_log`. `settings`: more lines for the group file."""
+    faults it applies to `fault_log`. `settings`: more lines for the group file,
+    `daemon_extra` for [daemon]. The applications' state files go to tmpfs (/dev/shm),
+    as they do in production (/run/p11p/state), not beside the bench's socket on disk."""
     root.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    state = shm / f"p11p-bench-{os.getpid()}-{name}" if shm.is_dir() else None
+    if state is not None and "state_dir" not in daemon_extra:
+        daemon_extra += f'state_dir = "{state}"\n'
+
     rule_files: dict[str, Path] = {}
     body = f'label = "{GROUP_LABEL}"\npolicy = "{policy}"\n{settings}\n'
     for token in members:
@@ -126,12 +134,14 @@ def p11p(tokens: Tokens, root: Path, name: str, members: list[str], policy: str 
             path = rule_files[token] = root / f"{token}.rules"
             path.write_text(rules.get(token, ""))
         body += _member(tokens, token, token, path, fault_log)
-    daemon = kit.Daemon(root, {GROUP_LABEL: body})
+    daemon = kit.Daemon(root, {GROUP_LABEL: body}, daemon_extra)
     daemon.start(log_level="info")
     try:
         yield P11pGroup(name, daemon, rule_files)
     finally:
         daemon.stop()
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 @contextmanager

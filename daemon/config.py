@@ -106,6 +106,8 @@ class DaemonConfig:
     # seconds an application's helper waits for a restarted daemon to take it back
     # (daemon/resume.py); 0: helpers end with the daemon
     adopt_timeout: float = 30.0
+    # the applications' state files (daemon/resume.py); None: "state" beside the socket
+    state_dir: Path | None = None
     max_sessions_per_app: int = 1024
     max_apps_per_uid: int = 64
     max_calls_per_app: int = 64
@@ -337,6 +339,16 @@ def _sockets(base: Path, socket: str, admin: str | None) -> tuple[Path, Path]:
     return client, (base / admin if admin else client.with_name(client.name + ".admin"))
 
 
+def _state_dir(d: _Reader, base: Path) -> Path | None:
+    text = d.get("state_dir", str)
+    if not isinstance(text, str):
+        return None
+    if not text:
+        d.error("state_dir", "must name a directory")
+        return None
+    return base / text
+
+
 def admin_socket_of(path: Path) -> Path:
     """The admin socket a main file names (without reading the token files)."""
     path = path.resolve()
@@ -387,7 +399,7 @@ def load(path: Path) -> DaemonConfig:
     raw = data.get("daemon", {})
     d = _Reader(loc, "daemon", raw if isinstance(raw, dict) else {}, errors, {
         "socket", "admin_socket", "tokens_dir", "log_level", "max_frame", "helper_pool",
-        "fork_server", "context_grace", "adopt_timeout", "socket_group", "socket_mode", "max_sessions_per_app",
+        "fork_server", "context_grace", "adopt_timeout", "state_dir", "socket_group", "socket_mode", "max_sessions_per_app",
         "max_apps_per_uid", "max_calls_per_app", "max_helpers", "audit_log", "audit_interval"})
     base = path.parent
     socket, admin_socket = _sockets(base, d.get("socket", str, DEFAULT_SOCKET),
@@ -433,6 +445,7 @@ def load(path: Path) -> DaemonConfig:
         fork_server=d.get("fork_server", bool, True),
         context_grace=d.number("context_grace", 5.0),
         adopt_timeout=d.number("adopt_timeout", 30.0, 0),
+        state_dir=_state_dir(d, base),
         max_sessions_per_app=d.integer("max_sessions_per_app", 1024, 1),
         max_apps_per_uid=d.integer("max_apps_per_uid", 64, 1),
         max_calls_per_app=d.integer("max_calls_per_app", 64, 1),

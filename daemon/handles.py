@@ -29,6 +29,7 @@ class HandleCounter:
     def __init__(self) -> None:
         self._next = 1
         self._live: set[int] = set()
+        self.changes = 0  # handles given or given back, ever (daemon/resume.py)
 
     def take(self) -> int:
         for _ in range(_LIMIT):
@@ -36,11 +37,13 @@ class HandleCounter:
             self._next = 1 if handle >= _LIMIT else handle + 1
             if handle not in self._live:
                 self._live.add(handle)
+                self.changes += 1
                 return handle
         raise CKError(0x31, "handle space exhausted")  # CKR_DEVICE_MEMORY
 
     def give_back(self, handle: int) -> None:
         self._live.discard(handle)
+        self.changes += 1
 
     def claim(self, handle: int) -> None:
         """A handle a restarted daemon took back (daemon/resume.py): live, and the
@@ -69,6 +72,7 @@ class HandleTable(Generic[T]):
         not in use: the caller checks)."""
         assert CLIENT_FIRST <= handle <= CLIENT_LAST and handle not in self._items
         self._items[handle] = item
+        self._counter.changes += 1
 
     def get(self, handle: object) -> T:
         item = self._items.get(handle) if isinstance(handle, int) else None

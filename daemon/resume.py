@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ log = logging.getLogger("p11p.resume")
 
 VERSION = 2
 ADOPT_TIMEOUT = 3.0  # seconds to take one helper back
+LAZY = 0.01  # seconds a change no reply waits for may wait for its state file
 # calls that change nothing the state file holds
 READ_ONLY = frozenset(CODE[n] for n in (
     "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
@@ -60,50 +62,74 @@ def _helper_ref(h: HelperProcess) -> tuple[Any, ...]:
 
 
 class _Writer(pickle.Pickler):
-    """Members, groups, helpers and the context by reference."""
+    """Members, groups, helpers and the context by reference (reducer_override: unlike
+    persistent_id, not asked for the ints, bytes and lists that most of a state is)."""
 
     def __init__(self, file: io.BytesIO, ctx: ApplicationContext) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.ctx = ctx
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, Member):
-            return ("member", obj.group.label, obj.name)
+            return _ref, ("member", obj.group.label, obj.name)
         if isinstance(obj, Group):
-            return ("group", obj.label)
+            return _ref, ("group", obj.label)
         if isinstance(obj, HelperProcess):
-            return ("helper", obj.member, obj.pid)
+            return _ref, ("helper", obj.member, obj.pid)
         if isinstance(obj, HandleCounter):
-            return ("counter",)
+            return _ref, ("counter",)
         if obj is self.ctx:
-            return ("ctx",)
+            return _ref, ("ctx",)
         if isinstance(obj, ApplicationContext | asyncio.Future | asyncio.Handle):
             raise pickle.PicklingError(f"not for the state file: {obj!r}")
-        return None
+        return NotImplemented
 
 
 class _Reader(pickle.Unpickler):
+    """Resolves the references of _Writer in the daemon that reads (one load at a time:
+    a load does not wait)."""
+
+    current: _Reader | None = None
+
     def __init__(self, data: bytes, daemon: Daemon, ctx: ApplicationContext,
                  helpers: dict[tuple[str, int], AdoptedHelper]) -> None:
         super().__init__(io.BytesIO(data))
         self.daemon, self.ctx, self.helpers = daemon, ctx, helpers
 
-    def persistent_load(self, pid: Any) -> Any:
-        kind = pid[0]
+    def load(self) -> Any:
+        _Reader.current = self
+        try:
+            return super().load()
+        finally:
+            _Reader.current = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name != "_ref":
+            raise pickle.UnpicklingError(f"{module}.{name} is not for a state file")
+        return super().find_class(module, name)
+
+    def resolve(self, kind: str, *args: Any) -> Any:
         if kind == "member":
-            return _member(self.daemon, pid[1], pid[2])
+            return _member(self.daemon, args[0], args[1])
         if kind == "group":
-            return _group(self.daemon, pid[1])
+            return _group(self.daemon, args[0])
         if kind == "helper":
-            helper = self.helpers.get((pid[1], pid[2]))
+            helper = self.helpers.get((args[0], args[1]))
             if helper is None:
-                raise pickle.UnpicklingError(f"helper {pid[1:]} not in the file's list")
+                raise pickle.UnpicklingError(f"helper {args} not in the file's list")
             return helper
         if kind == "counter":
             return self.daemon.counter
         if kind == "ctx":
             return self.ctx
         raise pickle.UnpicklingError(f"unknown reference {kind!r}")
+
+
+def _ref(kind: str, *args: Any) -> Any:
+    """A reference _Writer made, resolved by the _Reader that loads it."""
+    if _Reader.current is None:
+        raise pickle.UnpicklingError("a state file reference outside a state file")
+    return _Reader.current.resolve(kind, *args)
 
 
 def _group(daemon: Daemon, label: str) -> Group:
@@ -125,21 +151,61 @@ class Resume:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.dir: Path = daemon.config.socket.parent / "state"
+        self.dir: Path = daemon.config.state_dir or daemon.config.socket.parent / "state"
         self.enabled = daemon.config.adopt_timeout > 0
         self.writes = 0
         self.write_seconds = 0.0
+        self._dirty: set[ApplicationContext] = set()
+        self._held: list[Callable[[], None]] = []
+        self._flushing = False
+        self._flush: asyncio.TimerHandle | None = None
 
     def _path(self, ctx: ApplicationContext) -> Path:
         return self.dir / f"{ctx.pid}-{ctx.key[1].hex()}.state"
 
     # -- writing ----------------------------------------------------------------------
 
-    def changed(self, ctx: ApplicationContext, request: Any) -> None:
-        """After a call of `ctx`, before its reply: the state file follows."""
-        if self.enabled and not ctx.closed and not (
+    def mark(self, ctx: ApplicationContext) -> tuple[int, int]:
+        """Before a call: what tells whether it gave or ended a handle, or a login."""
+        return self.daemon.counter.changes, len(ctx.logins)
+
+    def answer(self, ctx: ApplicationContext, request: Any, before: tuple[int, int],
+               send: Callable[[], None]) -> None:
+        """After a call of `ctx`, its reply (`send`). A call that gave or ended a handle
+        (a session, an object) or a login is answered once the state file has it: a
+        kill after the answer finds it there. The files of the contexts whose calls ended
+        in this turn of the loop are written once, at its end, then those replies go.
+        Any other call that may have changed the state (an operation's progress, a
+        search served from the context's cache) is answered at once and written within
+        LAZY seconds (at most one write per context then): a kill in between may lose
+        that (README, Operations)."""
+        if not self.enabled or ctx.closed or (
                 request and type(request[0]) is int and request[0] in READ_ONLY):
-            self.save(ctx)
+            send()
+            return
+        self._dirty.add(ctx)
+        if self.mark(ctx) == before:
+            send()
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(LAZY, self.flush)
+            return
+        self._held.append(send)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flushing = False
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        dirty, self._dirty = self._dirty, set()
+        held, self._held = self._held, []
+        for ctx in dirty:
+            if not ctx.closed:
+                self.save(ctx)
+        for send in held:
+            send()
 
     def save(self, ctx: ApplicationContext) -> None:
         began = time.perf_counter()

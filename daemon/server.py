@@ -200,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         """One call: dispatched, its reply written."""
         ctx = self.ctx
         assert ctx is not None
+        before = self.daemon.resume.mark(ctx)
         try:
             reply = await self.daemon.dispatcher.dispatch(ctx, request)
         except asyncio.CancelledError:
@@ -208,8 +209,8 @@ class ClientConnection(asyncio.Protocol):
             log.exception("%s internal error in call %r", ctx.name,
                           request[0] if request else None)
             reply = [CKR["CKR_FUNCTION_FAILED"]]
-        self.daemon.resume.changed(ctx, request)  # before the reply: a kill finds it done
-        self._answer(reply)
+        # the state file follows; some replies wait for it (daemon/resume.py)
+        self.daemon.resume.answer(ctx, request, before, lambda: self._answer(reply))
 
     def _answer(self, reply: list[Any]) -> None:
         try:

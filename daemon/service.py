@@ -193,6 +193,7 @@ class Daemon:
         await self.recovery.stop()
         self.standby.stop()
         await self.admin.stop()
+        self.resume.flush()  # replies held for their state files
         self.resume.save_all()
         log.info("state files written %d times, %.1f ms in all", self.resume.writes,
                  self.resume.write_seconds * 1000)
