@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hakit import HAGroup
-from kit import CLIENT_SO, USER_PIN, wait_for
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, wait_for
 
 HERE = Path(__file__).resolve().parent
 THREADS, SECONDS = 4, 8.0
@@ -94,3 +98,156 @@ def test_reload_under_load_keeps_every_session(ha_factory: Any, ha_keys: Path) -
     assert second["errors"] == 0 and second["ops"] > 10, second
     assert served(group)["hsmA"] >= mark + second["ops"]
     assert "CKR_SESSION_HANDLE_INVALID" not in log.split("reload: group ha changed")[1]
+
+
+OPENSSL_CNF = """
+openssl_conf = init
+[init]
+engines = engines
+[engines]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
+MODULE_PATH = {client}
+init = 0
+"""
+NEWER = ("import p11p.daemon.hello as h\n"
+         "h.VERSIONS = (1, 2)\nh.FEATURES = h.FEATURES + ('future',)")
+
+
+IMPORT = """
+import sys
+import PyKCS11 as P
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+module, label, pem = sys.argv[1:4]
+key = serialization.load_pem_private_key(open(pem, "rb").read(), None)
+point = key.public_key().public_bytes(serialization.Encoding.X962,
+                                      serialization.PublicFormat.UncompressedPoint)
+lib = P.PyKCS11Lib()
+lib.load(module)
+slot = next(s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == label)
+s = lib.openSession(slot, P.CKF_SERIAL_SESSION | P.CKF_RW_SESSION)
+s.login("1234")
+common = [(P.CKA_TOKEN, True), (P.CKA_LABEL, "tls-key"), (P.CKA_ID, b"\\x42"),
+          (P.CKA_KEY_TYPE, P.CKK_EC), (P.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107"))]
+s.createObject(common + [(P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_PRIVATE, True),
+                         (P.CKA_SIGN, True), (P.CKA_SENSITIVE, True),
+                         (P.CKA_VALUE, key.private_numbers().private_value.to_bytes(32, "big"))])
+s.createObject(common + [(P.CKA_CLASS, P.CKO_PUBLIC_KEY), (P.CKA_VERIFY, True),
+                         (P.CKA_EC_POINT, bytes([4, len(point)]) + point)])
+"""
+
+
+def _tls_tokens(root: Path) -> tuple[SoftHSM, Path]:
+    """Two tokens holding the same EC key pair (imported, as an operator replicates
+    keys), and a self-signed certificate for it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = root / "key.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    hsm = SoftHSM(root / "hsm")
+    for label in ("tlsA", "tlsB"):
+        hsm.init_token(label)
+        subprocess.run([sys.executable, "-c", IMPORT, str(SOFTHSM_SO), label, str(pem)],
+                       env={**os.environ, **hsm.env}, check=True, timeout=60)
+    pem.unlink()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p11p-ha")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    out = root / "cert.pem"
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return hsm, out
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_tls_server_goes_on_through_reloads_member_changes_and_an_upgrade(
+        tmp_path: Path) -> None:
+    """`openssl s_server` with its TLS key on the group (the pkcs11 engine through p11p):
+    a client's handshakes in a loop, each verified against the certificate, through a
+    reload of settings, a member removed and added again, and the daemon replaced by a
+    newer build (SIGTERM, started with versions 1..2 and a feature this client does
+    not know). No handshake fails or takes 3 s."""
+    hsm, cert = _tls_tokens(tmp_path)
+    group = HAGroup(tmp_path / "g", hsm, "failover", ["tlsA", "tlsB"])
+    group.daemon.start()
+    first = (group.daemon.root / "tokens.d" / "ha.toml").read_text()
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(OPENSSL_CNF.format(client=CLIENT_SO))
+    port = _port()
+    key = f"pkcs11:token=ha;object=tls-key;type=private;pin-value={USER_PIN}"
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-engine", "pkcs11", "-keyform", "engine", "-key", key,
+         "-cert", str(cert), "-accept", f"127.0.0.1:{port}", "-www", "-quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, **group.daemon.env, "OPENSSL_CONF": str(conf)})
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    results: list[tuple[bool, float, str]] = []
+    stop = threading.Event()
+
+    def handshakes() -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        ctx.wrap_socket(raw) as tls:
+                    ok, why = tls.getpeercert() is not None, ""
+            except OSError as exc:
+                ok, why = False, repr(exc)
+            results.append((ok, time.monotonic() - began, why))
+
+    client = threading.Thread(target=handshakes)
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        assert wait_for(up, 20), server.stderr.read() if server.stderr else ""
+        client.start()
+        time.sleep(1.0)
+        changed = (first.replace("call_timeout = 1.5", "call_timeout = 2.5")
+                   .replace('policy = "failover"', 'policy = "balance"'))
+        reload(group, changed)
+        time.sleep(1.0)
+        reload(group, without(changed, "tlsA"))
+        time.sleep(1.0)
+        reload(group, changed)
+        group.wait_state("tlsA", "OK")
+        time.sleep(1.0)
+        group.daemon.restart(signal.SIGTERM, preamble=NEWER)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        if client.is_alive():
+            client.join(30)
+        server.kill()
+        server.wait()
+        log = group.daemon.log_text()
+        group.daemon.stop()
+    failed = [r for r in results if not r[0]]
+    print(f"handshakes {len(results)}, slowest {max(r[1] for r in results):.3f} s")
+    assert not failed, (len(failed), failed[:3], log[-2000:])
+    assert len(results) > 50
+    assert max(r[1] for r in results) < 3.0
+    assert "member removed: group=ha member=tlsA" in log and "taken back (" in log
