@@ -109,7 +109,8 @@ static int give_back(struct p11p_state *s, struct p11p_conn *conn, int healthy)
 	return killed || atomic_load(&s->phase) != P11P_READY;
 }
 
-static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
+/* quiet: a failed connect is not told (the caller waits for a restarted daemon) */
+static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh, int quiet)
 {
 	struct p11p_conn *conn;
 	char why_text[128];
@@ -174,7 +175,7 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh)
 	if (rv != CKR_OK) {
 		if (give_back(s, conn, 0))
 			return CKR_CRYPTOKI_NOT_INITIALIZED;
-		if (rv != CKR_HOST_MEMORY)
+		if (rv != CKR_HOST_MEMORY && !(quiet && rv == P11P_RV_NO_DAEMON))
 			p11p_notice_unreachable(s->socket_path[0] ? s->socket_path
 						: "$P11P_SOCKET", why);
 		return rv;
@@ -249,7 +250,10 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		struct p11p_conn *conn;
 		int fresh, sent;
 		int64_t deadline;
-		CK_RV rv = borrow(s, &conn, &fresh);
+		/* told only once the wait for a restarted daemon is over */
+		int quiet = atomic_load(&s->hold_ms) > 0 &&
+			    (until == 0 || p11p_now_ms() < until);
+		CK_RV rv = borrow(s, &conn, &fresh, quiet);
 
 		if (rv == P11P_RV_NO_DAEMON && may_wait(s, &until)) {
 			pause_ms(20);

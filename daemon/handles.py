@@ -53,6 +53,16 @@ class HandleCounter:
             if handle >= self._next:
                 self._next = 1 if handle >= _LIMIT else handle + 1
 
+    @property
+    def position(self) -> int:
+        """The next handle to try (daemon/resume.py keeps it: a handle the daemon before
+        gave and took back is not given again soon, as a token does not)."""
+        return self._next
+
+    def resume_at(self, position: int) -> None:
+        if 0 < position <= _LIMIT and position > self._next:
+            self._next = position
+
 
 class HandleTable(Generic[T]):
     """Handles of one kind, drawn from a shared counter."""

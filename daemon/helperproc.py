@@ -36,7 +36,7 @@ PING = _OWN["PING"].code
 FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
     _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
 # A helper that outlives the daemon, and what it kept (helper/loop.py; daemon/resume.py)
-ADOPTABLE, KEPT = _OWN["ADOPTABLE"].code, _OWN["KEPT"].code
+ADOPTABLE, KEPT, KEEP = _OWN["ADOPTABLE"].code, _OWN["KEPT"].code, _OWN["KEEP"].code
 C_FINALIZE = 2
 
 
@@ -250,6 +250,10 @@ class HelperProcess(asyncio.SubprocessProtocol):
         its end is no failure."""
         self.stopping = True
 
+    async def keep(self, user_type: int, pin: bytes, timeout: float) -> bool:
+        """Gives the helper a login to keep for the next daemon."""
+        return bool((await self.call([KEEP, user_type, pin], timeout))[0] == CKR["CKR_OK"])
+
     async def kept(self, timeout: float) -> tuple[bytes | None, tuple[int, bytes] | None]:
         """What the helper kept for this daemon: the application's state file key, and
         (user type, PIN) of its last good C_Login here."""
@@ -363,7 +367,7 @@ class AdoptedHelper(HelperProcess):
     socket (daemon/resume.py). Not this process's child: it is signalled by pidfd, and
     its end is the end of the socket."""
 
-    def __init__(self, member: str, max_frame: int, pid: int, adopt: tuple[bytes, bytes],
+    def __init__(self, member: str, max_frame: int, pid: int, adopt: tuple[bytes, bytes] | None,
                  fast: tuple[bytes, bytes] | None, fast_name: bytes | None) -> None:
         super().__init__(member, max_frame)
         self.pid = pid

@@ -115,8 +115,9 @@ class _Reader(pickle.Unpickler):
             return _group(self.daemon, args[0])
         if kind == "helper":
             helper = self.helpers.get((args[0], args[1]))
-            if helper is None:
-                raise pickle.UnpicklingError(f"helper {args} not in the file's list")
+            if helper is None:  # one that had died (a binding left on it names it)
+                helper = self.helpers[(args[0], args[1])] = AdoptedHelper(
+                    args[0], self.daemon.config.max_frame, args[1], None, None, None)
             return helper
         if kind == "counter":
             return self.daemon.counter
@@ -218,6 +219,7 @@ class Resume:
             "logins": {g: login[0] for g, login in ctx.logins.items()},
             "logged_in": ctx.logged_in, "utility": ctx.utility,
             "helpers": {m: h for m, h in ctx.live_helpers() if h.adopt is not None},
+            "counter": self.daemon.counter.position,
         }
         try:
             head = pickle.dumps({"version": VERSION, "key": ctx.key, "uid": ctx.uid,
@@ -240,6 +242,28 @@ class Resume:
             log.warning("%s state file not written: %s", ctx.name, exc)
         self.writes += 1
         self.write_seconds += time.perf_counter() - began
+
+    async def keepers(self, ctx: ApplicationContext) -> None:
+        """Before a stop: each group the application is logged in on, or has sessions on,
+        gets a helper that outlives the daemon, keeping the state key and the login, when
+        none of its helpers there lives (its members failed since its last call): else
+        the next daemon could not read its file, or log it in again."""
+        groups = {vs.group for vs in ctx.sessions.values()} | set(ctx.logins)
+        alive = {m.group for m, h in ctx.live_helpers() if h.adopt is not None}
+        for group in groups - alive:
+            member = next((m for m in group.members if m.usable), None)
+            if member is None:
+                log.warning("%s group=%s: no member to keep its state with", ctx.name,
+                            group.label)
+                continue
+            try:
+                helper = await ctx.helper(member, time.monotonic() + ADOPT_TIMEOUT)
+                login = ctx.logins.get(group)
+                if login is not None:
+                    await helper.keep(login[0], login[1], ADOPT_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - the stop goes on; logged
+                log.warning("%s group=%s: no helper keeps its state: %r", ctx.name,
+                            group.label, exc)
 
     def save_all(self) -> None:
         for ctx in list(self.daemon.contexts.values()):
@@ -313,14 +337,19 @@ class Resume:
             await asyncio.gather(*(h.stop() for h in taken.values()), return_exceptions=True)
             return False
         ctx.adopt_helpers(taken)
-        for member in set(state["helpers"]) - set(taken):
+        # what stood on a helper not taken back (or dead before the stop) is gone, as
+        # when a helper dies: rebuilt where it is used next
+        for member in {m for g in {vs.group for vs in ctx.sessions.values()}
+                       | set(state["logins"]) for m in g.members} - set(taken):
             ctx.forget_member(member)
-        for vs in ctx.sessions.values():  # a binding left on a helper not taken back
-            if vs.left is not None and vs.left.member not in taken:
+        for vs in ctx.sessions.values():
+            if vs.direct is not None and vs.direct.helper not in taken.values():
+                vs.unbind()
+            if vs.left is not None and vs.left.helper not in taken.values():
                 vs.left = None
         for group, user_type in state["logins"].items():
             pin = next((p for m, (t, p) in logins.items()
-                        if m.group is group and m in ctx.logged_in and t == user_type), None)
+                        if m.group is group and t == user_type), None)
             if pin is None:
                 log.warning("restart: %s group=%s: no helper kept the login; it is "
                             "counted as ended", ctx.name, group.label)
@@ -361,7 +390,11 @@ class Resume:
         except (InvalidTag, pickle.UnpicklingError, ValueError, EOFError) as exc:
             log.warning("restart: %s state not readable: %r", ctx.name, exc)
             return None, logins
+        self.daemon.counter.resume_at(state["counter"])
         ctx.sessions.restore(state["sessions"])
+        for vs in ctx.sessions.values():  # a bound session counts in its member's load
+            if vs.direct is not None:
+                vs.direct.member.health.bound += 1
         ctx.objects.restore(state["objects"])
         ctx.by_real = state["by_real"]
         ctx.token_index = state["token_index"]

@@ -194,6 +194,8 @@ class Daemon:
         self.standby.stop()
         await self.admin.stop()
         self.resume.flush()  # replies held for their state files
+        await asyncio.gather(*(self.resume.keepers(c) for c in self.contexts.values()
+                               if not c.closed), return_exceptions=True)
         self.resume.save_all()
         log.info("state files written %d times, %.1f ms in all", self.resume.writes,
                  self.resume.write_seconds * 1000)

@@ -65,8 +65,11 @@ FAST_STUCK = _OWN["FAST_STUCK"].code
 # [ADOPTABLE, name, token, uid, ms, application pid, key] -> [rv]: outlive the daemon
 # (above), keeping `key` (the application's state file's); [ADOPTABLE]: no more
 # [KEPT] -> [rv, key, user type, PIN], [rv, key] or [rv]: the key, the last good C_Login
+# [KEEP, user type, PIN] -> [rv]: keep this login for the next daemon (the daemon's own,
+# for an application whose helpers that logged in are gone)
 ADOPTABLE = _OWN["ADOPTABLE"].code
 KEPT = _OWN["KEPT"].code
+KEEP = _OWN["KEEP"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CKR_USER_ALREADY_LOGGED_IN = 0x100
@@ -380,6 +383,12 @@ class Server:
                 self.send([call_id, CKR_OK, self._pid], link)
             elif code == ADOPTABLE:
                 self.send([call_id, self._adoptable(frame[2:])], link)
+            elif code == KEEP:
+                ok = (len(frame) == 4 and type(frame[2]) is int and type(frame[3]) is bytes
+                      and len(frame[3]) <= _PIN_MAX)
+                if ok:
+                    self.kept.keep(frame[2], frame[3])
+                self.send([call_id, CKR_OK if ok else CKR_ARGUMENTS_BAD], link)
             elif code == KEPT:
                 key = self.kept_key.get() if len(frame) == 2 else None
                 pin = self.kept.get() if key else None

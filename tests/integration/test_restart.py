@@ -35,6 +35,7 @@ from kit import (
     USER_PIN,
     Daemon,
     SoftHSM,
+    helper_pids,
     one_member_group,
     sanitized,
     wait_for,
@@ -367,3 +368,65 @@ def _connects(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+STEPS = f"""
+import sys
+import PyKCS11
+lib = PyKCS11.PyKCS11Lib()
+lib.load({str(CLIENT_SO)!r})
+slot = next(s for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == "restart")
+s = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
+s.login({USER_PIN!r})
+obj = s.createObject([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA), (PyKCS11.CKA_TOKEN, False),
+                      (PyKCS11.CKA_PRIVATE, True), (PyKCS11.CKA_LABEL, "kept"),
+                      (PyKCS11.CKA_VALUE, b"a value")])
+print("made", flush=True)
+sys.stdin.readline()
+value = bytes(s.getAttributeValue(obj, [PyKCS11.CKA_VALUE])[0])
+print(value.decode(), int(s.getSessionInfo().state), flush=True)
+"""
+
+
+def _status(d: Daemon) -> dict[str, Any]:
+    from p11p.daemon.cli import admin_request
+    result: dict[str, Any] = admin_request(d.socket.with_name(d.socket.name + ".admin"),
+                                           {"cmd": "status"})
+    return result
+
+
+def test_a_stop_after_an_application_s_only_helper_died_keeps_it(tmp_path: Path,
+                                                                token: SoftHSM) -> None:
+    """The application's one helper is killed (its member fails and recovers); then the
+    daemon is stopped and started before the application's next call. The stopping
+    daemon gives it a new helper to keep its state key and login (Resume.keepers): the
+    next daemon takes it back, and its session, login and private session object are
+    there (made again from the recipe)."""
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
+                                                         "hold_timeout = 10\nstandby_logins = false\n"
+                                                         "[recovery]\ninterval = 0.2")})
+    d.start()
+    app = subprocess.Popen([sys.executable, "-c", STEPS], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, **d.env})
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().strip() == "made", app.stderr.read() if app.stderr else ""
+        (helper,) = [p for p in helper_pids(d.pid)
+                     if f"pid={app.pid} member=softhsm-tokR helper pid={p}" in d.log_text()]
+        os.kill(helper, signal.SIGKILL)
+        assert wait_for(lambda: _status(d)["groups"][0]["members"][0]["state"] != "OK"
+                        or "helper killed" in d.log_text(), 10)
+        assert wait_for(lambda: _status(d)["groups"][0]["members"][0]["state"] == "OK", 20)
+        d.restart(signal.SIGTERM)
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        out, err = app.communicate(timeout=60)
+    finally:
+        app.kill()
+        log = d.log_text()
+        d.stop()
+    assert app.returncode == 0, err + log[-3000:]
+    assert out.split() == ["a", "value", "3"], out  # CKS_RW_USER_FUNCTIONS
+    assert "taken back (1 sessions" in log, log[-3000:]

@@ -568,9 +568,13 @@ class ModelMachine(RuleBasedStateMachine):
             self.step(ev="kill", m=m, app=self.app(data))
         elif kind == "restart" and not r.hung:
             # between two calls (the applications are single-threaded): nothing is in
-            # flight, so a SIGKILL is as invisible as a SIGTERM (README, Operations)
-            self.step(ev="restart", how=data.draw(st.sampled_from(["term", "kill"]),
-                                                  label="how"))
+            # flight. A SIGTERM with every member in service: the daemon gives an
+            # application whose helpers died a new one to keep its state. A SIGKILL
+            # cannot: only before any member event (README, Operations: an application
+            # none of whose helpers lives when the daemon is killed starts afresh)
+            how = data.draw(st.sampled_from(["term", "kill"]), label="how")
+            if (how == "term" and not r.out_of_service()) or (how == "kill" and not r.events):
+                self.step(ev="restart", how=how)
         elif kind == "reset" and r.may_hit(m) and not avoid("login_lost_on_reset"):
             self.step(ev="reset", m=m)
         elif kind in ("down", "hang", "drain") and r.may_hit(m) and r.may_take_down(m) \

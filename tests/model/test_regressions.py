@@ -2095,3 +2095,25 @@ def test_init_naming_a_key_a_logout_ended_beside_an_operation_gone_with_its_memb
     it for a handle a logout ended, as for one never given (the model's, not p11p's;
     found on the code before this session too)."""
     kept(model_env, "init_naming_a_key_a_logout_ended_beside_an_operation_gone_with_its_member.json")
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_restart_after_the_helper_of_a_session_object_died(model_env: Env) -> None:
+    """Found by make soak under failover with daemon restarts (failover-100, 10 of 50
+    steps): the only helper of an application (holding a private session data object)
+    was killed, then the daemon stopped (SIGTERM) and started: nothing kept its state
+    file's key, and a binding left on the dead helper was named in the file but not in
+    its list of helpers: the application started afresh (CKR_SESSION_HANDLE_INVALID).
+    Now the stopping daemon gives such an application a helper to keep the key and the
+    login, and a restored context forgets what stood on helpers not taken back."""
+    kept(model_env, "restart_after_the_helper_of_a_session_object_died.json")
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_handle_ended_before_a_kill_and_restart_stays_ended(model_env: Env) -> None:
+    """Found by make soak under balance with daemon restarts (balance-100, 11 of 58
+    steps): handles ended by C_CloseAllSessions, then a SIGKILL and a start: the new
+    daemon's handle counter began after the highest live handle and gave an ended one's
+    number to a new object, so C_SignInit with the stale handle succeeded (SoftHSM2:
+    CKR_OBJECT_HANDLE_INVALID). The state file now keeps the counter's position."""
+    kept(model_env, "handle_ended_before_a_kill_and_restart_stays_ended.json")
