@@ -234,7 +234,9 @@ class Resume:
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, len(head).to_bytes(4, "big") + head + nonce + sealed)
+                view = memoryview(len(head).to_bytes(4, "big") + head + nonce + sealed)
+                while view:
+                    view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
