@@ -266,7 +266,8 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		sent = rv == CKR_OK;
 		if (sent)
 			rv = p11p_recv_frame(conn->fd, reply, reply_len, deadline);
-		if (rv == CKR_OK && !is_retry(*reply, *reply_len)) {
+		if (rv == CKR_OK && !((conn->features & P11P_FEATURE_restart) &&
+				      is_retry(*reply, *reply_len))) {
 			*held = conn; /* given back by p11p_release once the reply is decoded */
 			return CKR_OK;
 		}
