@@ -16,8 +16,9 @@ restarts"): once told ADOPTABLE it listens on an abstract AF_UNIX name, and at i
 EOF it keeps its module, sessions and data plane and waits there for a restarted daemon,
 which proves itself with the token and the uid it was given and then speaks the same
 frames over that socket. Replies to calls read from the old link go nowhere. Nobody in
-time: it finalizes and exits as at EOF. It keeps the PIN of its last good C_Login (in
-locked memory, wiped at the end) for that daemon to log in again on other members.
+time: it finalizes and exits as at EOF. For that daemon it keeps, in locked memory wiped
+at the end, its application's state file key and the PIN of its last good C_Login (or
+one the daemon gave it: KEEP), to read the file and to log in again on other members.
 """
 
 from __future__ import annotations

@@ -266,3 +266,79 @@ class Target:
                 if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
                     raise
         return s
+
+
+# -- a TLS server whose key is on a token, through OpenSSL's pkcs11 engine ---------------
+
+OPENSSL_ENGINE_CNF = """
+openssl_conf = init
+[init]
+engines = engines
+[engines]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
+MODULE_PATH = {client}
+init = 0
+[req]
+distinguished_name = dn
+[dn]
+"""
+
+
+class TlsServer:
+    """`openssl s_server` with `key` (a pkcs11: URI) through the pkcs11 engine on
+    p11p-client.so, and a client thread doing handshakes in a loop, each verified
+    against `cert`: `results` holds (ok, seconds, why) per handshake."""
+
+    def __init__(self, key: str, cert: Path, conf: Path, env: dict[str, str]) -> None:
+        import socket
+        import ssl
+        import threading
+        conf.write_text(OPENSSL_ENGINE_CNF.format(client=CLIENT_SO))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.proc = subprocess.Popen(
+            ["openssl", "s_server", "-engine", "pkcs11", "-keyform", "engine", "-key", key,
+             "-cert", str(cert), "-accept", f"127.0.0.1:{self.port}", "-www", "-quiet"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **env, "OPENSSL_CONF": str(conf)})
+        self.ctx = ssl.create_default_context(cafile=str(cert))
+        self.ctx.check_hostname = False
+        self.results: list[tuple[bool, float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._handshakes)
+
+    def _connects(self) -> bool:
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if not wait_for(self._connects, 20):
+            raise RuntimeError(self.proc.stderr.read().decode() if self.proc.stderr else "")
+        self._thread.start()
+
+    def _handshakes(self) -> None:
+        import socket
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw, \
+                        self.ctx.wrap_socket(raw) as tls:
+                    ok, why = tls.getpeercert() is not None, ""
+            except OSError as exc:
+                ok, why = False, repr(exc)
+            self.results.append((ok, time.monotonic() - began, why))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        self.proc.kill()
+        self.proc.wait()

@@ -8,17 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hakit import HAGroup
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, wait_for
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, TlsServer, wait_for
 
 HERE = Path(__file__).resolve().parent
 THREADS, SECONDS = 4, 8.0
@@ -100,18 +97,6 @@ def test_reload_under_load_keeps_every_session(ha_factory: Any, ha_keys: Path) -
     assert "CKR_SESSION_HANDLE_INVALID" not in log.split("reload: group ha changed")[1]
 
 
-OPENSSL_CNF = """
-openssl_conf = init
-[init]
-engines = engines
-[engines]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
-MODULE_PATH = {client}
-init = 0
-"""
 NEWER = ("import p11p.daemon.hello as h\n"
          "h.VERSIONS = (1, 2)\nh.FEATURES = h.FEATURES + ('future',)")
 
@@ -173,12 +158,6 @@ def _tls_tokens(root: Path) -> tuple[SoftHSM, Path]:
     return hsm, out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_tls_server_goes_on_through_reloads_member_changes_and_an_upgrade(
         tmp_path: Path) -> None:
     """`openssl s_server` with its TLS key on the group (the pkcs11 engine through p11p):
@@ -190,41 +169,10 @@ def test_a_tls_server_goes_on_through_reloads_member_changes_and_an_upgrade(
     group = HAGroup(tmp_path / "g", hsm, "failover", ["tlsA", "tlsB"])
     group.daemon.start()
     first = (group.daemon.root / "tokens.d" / "ha.toml").read_text()
-    conf = tmp_path / "openssl.cnf"
-    conf.write_text(OPENSSL_CNF.format(client=CLIENT_SO))
-    port = _port()
     key = f"pkcs11:token=ha;object=tls-key;type=private;pin-value={USER_PIN}"
-    server = subprocess.Popen(
-        ["openssl", "s_server", "-engine", "pkcs11", "-keyform", "engine", "-key", key,
-         "-cert", str(cert), "-accept", f"127.0.0.1:{port}", "-www", "-quiet"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, **group.daemon.env, "OPENSSL_CONF": str(conf)})
-    ctx = ssl.create_default_context(cafile=str(cert))
-    ctx.check_hostname = False
-    results: list[tuple[bool, float, str]] = []
-    stop = threading.Event()
-
-    def handshakes() -> None:
-        while not stop.is_set():
-            began = time.monotonic()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                        ctx.wrap_socket(raw) as tls:
-                    ok, why = tls.getpeercert() is not None, ""
-            except OSError as exc:
-                ok, why = False, repr(exc)
-            results.append((ok, time.monotonic() - began, why))
-
-    client = threading.Thread(target=handshakes)
+    server = TlsServer(key, cert, tmp_path / "openssl.cnf", group.daemon.env)
     try:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-        assert wait_for(up, 20), server.stderr.read() if server.stderr else ""
-        client.start()
+        server.start()
         time.sleep(1.0)
         changed = (first.replace("call_timeout = 1.5", "call_timeout = 2.5")
                    .replace('policy = "failover"', 'policy = "balance"'))
@@ -238,13 +186,10 @@ def test_a_tls_server_goes_on_through_reloads_member_changes_and_an_upgrade(
         group.daemon.restart(signal.SIGTERM, preamble=NEWER)
         time.sleep(1.5)
     finally:
-        stop.set()
-        if client.is_alive():
-            client.join(30)
-        server.kill()
-        server.wait()
+        server.stop()
         log = group.daemon.log_text()
         group.daemon.stop()
+    results = server.results
     failed = [r for r in results if not r[0]]
     print(f"handshakes {len(results)}, slowest {max(r[1] for r in results):.3f} s")
     assert not failed, (len(failed), failed[:3], log[-2000:])

@@ -17,6 +17,7 @@ import pytest
 from kit import (
     ASAN_CLIENT_SO,
     CLIENT_SO,
+    OPENSSL_ENGINE_CNF,
     SOFTHSM_SO,
     USER_PIN,
     Daemon,
@@ -127,18 +128,7 @@ def test_openssl_pkcs11_engine(daemon: Daemon, tmp_path) -> None:  # type: ignor
               "--keypairgen", "--key-type", "EC:prime256v1", "--label", "engine-key", "--id", "e1")
     assert r.returncode == 0, r.stderr
     conf = tmp_path / "openssl.cnf"
-    conf.write_text(textwrap.dedent(f"""
-        openssl_conf = init
-        [init]
-        engines = engines
-        [engines]
-        pkcs11 = pkcs11_section
-        [pkcs11_section]
-        engine_id = pkcs11
-        dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
-        MODULE_PATH = {CLIENT_SO}
-        init = 0
-        """))
+    conf.write_text(OPENSSL_ENGINE_CNF.format(client=CLIENT_SO))
     env = {**os.environ, "OPENSSL_CONF": str(conf)}
     data = tmp_path / "data"
     data.write_bytes(b"signed by OpenSSL's engine through p11p")

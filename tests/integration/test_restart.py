@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +28,12 @@ import pytest
 from kit import (
     ASAN_CLIENT_SO,
     CLIENT_SO,
+    OPENSSL_ENGINE_CNF,
     SOFTHSM_SO,
     USER_PIN,
     Daemon,
     SoftHSM,
+    TlsServer,
     helper_pids,
     one_member_group,
     sanitized,
@@ -274,29 +273,6 @@ def test_calls_to_the_daemon_wait_for_a_restarted_one(tmp_path: Path, token: Sof
     assert stats["signed"] > 100 and stats.get("control", 0) > 20, stats
 
 
-OPENSSL_CNF = """
-openssl_conf = init
-[init]
-engines = engines
-[engines]
-pkcs11 = pkcs11_section
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so
-MODULE_PATH = {client}
-init = 0
-[req]
-distinguished_name = dn
-[dn]
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_tls_server_s_handshakes_go_on_through_restarts(tmp_path: Path, token: SoftHSM) -> None:
     """`openssl s_server` signs each handshake with the token's key through the pkcs11
     engine; a client verifies every handshake against the certificate (made through
@@ -305,41 +281,17 @@ def test_a_tls_server_s_handshakes_go_on_through_restarts(tmp_path: Path, token:
                                                          "call_timeout = 5\nhold_timeout = 10")})
     d.start()
     conf = tmp_path / "openssl.cnf"
-    conf.write_text(OPENSSL_CNF.format(client=CLIENT_SO))
-    env = {**os.environ, **d.env, "OPENSSL_CONF": str(conf)}
+    conf.write_text(OPENSSL_ENGINE_CNF.format(client=CLIENT_SO))
     key = f"pkcs11:token=restart;object=restart-key;type=private;pin-value={USER_PIN}"
     cert = tmp_path / "cert.pem"
     r = subprocess.run(["openssl", "req", "-new", "-x509", "-engine", "pkcs11", "-keyform",
                         "engine", "-key", key, "-subj", "/CN=p11p-restart", "-days", "1",
-                        "-sha256", "-out", str(cert)], capture_output=True, text=True, env=env,
-                       timeout=60)
+                        "-sha256", "-out", str(cert)], capture_output=True, text=True,
+                       env={**os.environ, **d.env, "OPENSSL_CONF": str(conf)}, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    port = _free_port()
-    server = subprocess.Popen(["openssl", "s_server", "-engine", "pkcs11", "-keyform", "engine",
-                               "-key", key, "-cert", str(cert), "-accept", f"127.0.0.1:{port}",
-                               "-www", "-quiet"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    ctx = ssl.create_default_context(cafile=str(cert))
-    ctx.check_hostname = False
-    results: list[tuple[bool, float, str]] = []
-    stop = threading.Event()
-
-    def handshakes() -> None:
-        while not stop.is_set():
-            began = time.monotonic()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                        ctx.wrap_socket(raw) as tls:
-                    ok = tls.getpeercert() is not None
-                    why = ""
-            except OSError as exc:
-                ok, why = False, repr(exc)
-            results.append((ok, time.monotonic() - began, why))
-
+    server = TlsServer(key, cert, conf, d.env)
     try:
-        assert wait_for(lambda: _connects(port), 20), server.stderr.read() if server.stderr else ""
-        client = threading.Thread(target=handshakes)
-        client.start()
+        server.start()
         time.sleep(1.0)
         d.restart(signal.SIGTERM)
         time.sleep(1.2)
@@ -347,27 +299,16 @@ def test_a_tls_server_s_handshakes_go_on_through_restarts(tmp_path: Path, token:
         time.sleep(1.2)
         _reload(d, "call_timeout = 5", "call_timeout = 6")
         time.sleep(1.2)
-        stop.set()
-        client.join(30)
     finally:
-        stop.set()
-        server.kill()
-        server.wait()
+        server.stop()
         log = d.log_text()
         d.stop()
+    results = server.results
     failed = [r for r in results if not r[0]]
     print("handshakes", len(results), "slowest", max(r[1] for r in results))
     assert not failed, (failed[:3], log[-2000:])
     assert len(results) > 50
     assert max(r[1] for r in results) < 3.0
-
-
-def _connects(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 STEPS = f"""
