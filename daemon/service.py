@@ -76,6 +76,7 @@ class Daemon:
         # inherited one (p11p.socket) stays systemd's, listening across restarts
         self._owns_socket_path = False
         self._stopping = asyncio.Event()
+        self._for_good = False  # SIGINT: no restart follows (run)
         self._reloading = asyncio.Lock()
         self._last_slot = len(self.groups) - 1
         HelperProcess.limit = config.max_helpers
@@ -136,16 +137,23 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        # SIGTERM (systemd's stop and restart): the applications' helpers wait for the
+        # next daemon; SIGINT (Ctrl-C): a stop for good, their sessions end
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop_for_good)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self._stopping.wait()
-        if self.resume.enabled and any(not c.closed for c in self.contexts.values()):
+        if self.resume.enabled and not self._for_good \
+                and any(not c.closed for c in self.contexts.values()):
             await self.leave()
             return
         await self.stop()
 
     def request_stop(self) -> None:
+        self._stopping.set()
+
+    def _stop_for_good(self) -> None:
+        self._for_good = True
         self._stopping.set()
 
     async def stop(self) -> None:

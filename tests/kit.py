@@ -129,7 +129,9 @@ class Daemon:
             self._end_helpers()
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # for good (SIGINT): the applications' helpers end with it, as the test's
+            # applications do; SIGTERM would leave them waiting for a next daemon
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -332,10 +332,10 @@ def as_client(gid: int, argv: list[str]) -> list[str]:
 
 
 def stop_tree(pids: list[int], daemon: subprocess.Popen[bytes], uid: int) -> int | None:
-    """SIGTERM to the daemon, then SIGKILL to whatever of `pids` is left (still `uid`'s:
-    not a PID used again since)."""
+    """SIGINT to the daemon (a stop for good: its helpers end with it), then SIGKILL to
+    whatever of `pids` is left (still `uid`'s: not a PID used again since)."""
     if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
+        daemon.send_signal(signal.SIGINT)
         try:
             daemon.wait(15)
         except subprocess.TimeoutExpired:
