@@ -210,15 +210,15 @@ class Resume:
 
     def save(self, ctx: ApplicationContext) -> None:
         began = time.perf_counter()
-        helpers = [(m.group.label, m.name, _helper_ref(h)) for m, h in ctx.live_helpers()
-                   if h.adopt is not None]
+        adoptable = {m: h for m, h in ctx.live_helpers() if h.adopt is not None}
+        helpers = [(m.group.label, m.name, _helper_ref(h)) for m, h in adoptable.items()]
         state = {
             "sessions": ctx.sessions.items(), "objects": ctx.objects.items(),
             "by_real": ctx.by_real, "token_index": ctx.token_index,
             # the user type only: the PIN stays with the helper that logged in
             "logins": {g: login[0] for g, login in ctx.logins.items()},
             "logged_in": ctx.logged_in, "utility": ctx.utility,
-            "helpers": {m: h for m, h in ctx.live_helpers() if h.adopt is not None},
+            "helpers": adoptable,
             "counter": self.daemon.counter.position,
         }
         try:
