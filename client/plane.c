@@ -5,7 +5,10 @@
 #include "call.h"
 #include "direct.h"
 #include "gen/codes.h"
+#include "gen/wire.h"
+#include "kept.h"
 #include "link.h"
+#include "sessions.h"
 
 #define ALL_KINDS ((1u << P11P_KINDS) - 1u)
 #define BIT(k) (1u << (k))
@@ -451,6 +454,7 @@ P11P_EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info
 P11P_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h)
 {
 	CK_RV rv = p11p_enter();
+	CK_SLOT_ID slot;
 
 	if (rv != CKR_OK)
 		return rv;
@@ -458,6 +462,8 @@ P11P_EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h)
 	rv = p11p_wire_C_Logout(h);
 	if (rv == CKR_OK)
 		p11p_plane_destroyed();
+	if (rv == CKR_OK && p11p_sessions_slot(h, &slot))
+		p11p_kept_logout(slot); /* the PIN kept for a restarted daemon goes */
 	p11p_leave();
 	return rv;
 }

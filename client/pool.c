@@ -17,6 +17,7 @@
 #include "debug.h"
 #include "gen/codes.h"
 #include "gen/versions.h"
+#include "kept.h"
 #include "link.h"
 #include "notice.h"
 #include "sessions.h"
@@ -162,7 +163,10 @@ static CK_RV borrow(struct p11p_state *s, struct p11p_conn **out, int *fresh, in
 			p11p_sessions_welcome(welcome.features, welcome.max_sessions);
 			atomic_store(&s->hold_ms, (welcome.features & P11P_FEATURE_restart)
 						      ? (long)welcome.hold_ms : 0L);
+			if ((welcome.features & P11P_FEATURE_resume) && welcome.has_key)
+				p11p_kept_key(welcome.key);
 		}
+		explicit_bzero(welcome.key, sizeof welcome.key);
 	}
 	if (rv == CKR_OK) {
 		/* C_Finalize may have come while we connected: shutdown() does nothing to a

@@ -10,6 +10,7 @@
 #include "gen/codes.h"
 #include "gen/versions.h"
 #include "gen/wire.h"
+#include "kept.h"
 #include "link.h"
 #include "sessions.h"
 #include "state.h"
@@ -155,6 +156,31 @@ static CK_SESSION_HANDLE local_on(int all, CK_SLOT_ID slot, CK_SESSION_HANDLE h)
 }
 
 /* Another session on the slot that the daemon holds. */
+static int has_any(CK_SLOT_ID slot)
+{
+	for (unsigned i = 0; i < BUCKETS; i++)
+		for (const struct ses *s = table[i]; s != NULL; s = s->next)
+			if (s->slot == slot)
+				return 1;
+	return 0;
+}
+
+int p11p_sessions_slot(CK_SESSION_HANDLE h, CK_SLOT_ID *slot)
+{
+	const struct ses *s;
+	int known = 0;
+
+	if (lock()) {
+		s = lookup(h);
+		if (s != NULL) {
+			*slot = s->slot;
+			known = 1;
+		}
+		unlock();
+	}
+	return known;
+}
+
 static int daemon_has_other(CK_SLOT_ID slot, CK_SESSION_HANDLE h)
 {
 	for (unsigned i = 0; i < BUCKETS; i++)
@@ -298,12 +324,18 @@ P11P_EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h)
 {
 	CK_SESSION_HANDLE keep = 0;
 	CK_RV rv = p11p_enter();
+	CK_SLOT_ID slot = 0;
+	int known = 0, last = 0;
 	struct ses *s;
 
 	if (rv != CKR_OK)
 		return rv;
 	if (lock()) {
 		s = lookup(h);
+		if (s != NULL) {
+			slot = s->slot;
+			known = 1;
+		}
 		if (s != NULL && s->local) {
 			drop(h);
 			unlock();
@@ -322,8 +354,11 @@ P11P_EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h)
 	p11p_plane_forget(h);
 	if ((rv == CKR_OK || rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED) && lock()) {
 		drop(h);
+		last = known && !has_any(slot);
 		unlock();
 	}
+	if (last) /* the application's last session on the token: logged out (§5.6) */
+		p11p_kept_logout(slot);
 	p11p_leave();
 	return rv;
 }
@@ -350,6 +385,8 @@ P11P_EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot)
 		}
 		unlock();
 	}
+	if (rv == CKR_OK)
+		p11p_kept_logout(slot);
 	p11p_leave();
 	return rv;
 }
@@ -378,6 +415,27 @@ P11P_EXPORT CK_RV C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PT
 	}
 	p11p_plane_settle(h); /* as the generated stubs do (client/gen.py) */
 	rv = p11p_wire_C_Login(h, user, pin, len);
+	/* kept for a daemon that loses the application's state (kept.h); a context-specific
+	 * login is an operation's, not the token's */
+	if (rv == CKR_OK && user != CKU_CONTEXT_SPECIFIC && p11p_sessions_slot(h, &slot))
+		p11p_kept_login(slot, user, pin, len);
+	p11p_leave();
+	return rv;
+}
+
+/* A new PIN for the user logged in (or CKU_USER): the kept login follows it. */
+P11P_EXPORT CK_RV C_SetPIN(CK_SESSION_HANDLE h, CK_UTF8CHAR_PTR old, CK_ULONG old_len,
+			   CK_UTF8CHAR_PTR pin, CK_ULONG len)
+{
+	CK_RV rv = p11p_enter();
+	CK_SLOT_ID slot;
+
+	if (rv != CKR_OK)
+		return rv;
+	p11p_plane_settle(h);
+	rv = p11p_wire_C_SetPIN(h, old, old_len, pin, len);
+	if (rv == CKR_OK && p11p_sessions_slot(h, &slot))
+		p11p_kept_set_pin(slot, pin, len);
 	p11p_leave();
 	return rv;
 }

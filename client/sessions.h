@@ -30,6 +30,8 @@
 void p11p_sessions_reset(void);
 /* A hello agreed on these features and told this limit (0: none told). */
 void p11p_sessions_welcome(unsigned features, unsigned long max_sessions);
+/* The slot of a session the library knows (1), or 0. */
+int p11p_sessions_slot(CK_SESSION_HANDLE h, CK_SLOT_ID *slot);
 /* Puts a session argument of a request to the daemon: a session of the library's is
  * opened there first (an error then is the call's). */
 void p11p_put_session(struct p11p_call *c, CK_SESSION_HANDLE h);

@@ -16,6 +16,7 @@
 #include "direct.h"
 #include "find.h"
 #include "gen/codes.h"
+#include "kept.h"
 #include "link.h"
 #include "sessions.h"
 #include "state.h"
@@ -51,6 +52,7 @@ static void forget_connections(struct p11p_state *s)
 	p11p_pool_drop_all(s); /* close() only: the parent keeps its connections */
 	p11p_direct_reset();
 	p11p_sessions_reset();
+	p11p_kept_wipe(1);
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->in_flight, 0);
 	atomic_store(&s->hold_ms, 0);
@@ -215,6 +217,7 @@ CK_RV p11p_state_teardown(void)
 	p11p_find_reset();
 	p11p_direct_reset();
 	p11p_sessions_reset();
+	p11p_kept_wipe(0);
 	p11p_lock_destroy(&s->lock);
 	memset(s->ctx, 0, sizeof s->ctx);
 	atomic_store(&s->phase, P11P_UNINIT);

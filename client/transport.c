@@ -21,6 +21,7 @@
 #include "codec.h"
 #include "debug.h"
 #include "gen/versions.h"
+#include "kept.h"
 #include "link.h"
 #include "transport.h"
 
@@ -239,7 +240,8 @@ int p11p_socket_idle_ok(int fd)
 }
 
 /* ---- hello: {"p11p": MIN, "max": MAX, "features": [...], "ctx": bin(16), "pid": int,
- *      "prog": str}; the answer {"p11p": VERSION[, "features": [...]]} or with "error" ---- */
+ *      "prog": str[, "resume": {...}]}; the answer {"p11p": VERSION[, "features": [...],
+ *      ...]} or with "error" ---- */
 
 static int pack_key(msgpack_packer *pk, const char *key)
 {
@@ -326,6 +328,10 @@ static CK_RV check_welcome(const char *body, size_t len, struct p11p_welcome *w)
 			} else if (key_is(&kv->key, "hold_ms") &&
 				   kv->val.type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
 				hold_ms = kv->val.via.u64;
+			} else if (key_is(&kv->key, "key") && kv->val.type == MSGPACK_OBJECT_BIN &&
+				   kv->val.via.bin.size == sizeof w->key) {
+				memcpy(w->key, kv->val.via.bin.ptr, sizeof w->key);
+				w->has_key = 1;
 			} else if (key_is(&kv->key, "error") && !refused) {
 				refused = 1;
 				copy_error(w->why, sizeof w->why, &kv->val);
@@ -360,17 +366,22 @@ CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadlin
 {
 	static const char header[P11P_FRAME_HEADER];
 	const char *prog = program_invocation_name ? program_invocation_name : "";
-	msgpack_sbuffer sb;
+	msgpack_sbuffer sb, resume;
 	msgpack_packer pk;
 	char *body = NULL;
 	size_t len = 0;
 	CK_RV rv = CKR_HOST_MEMORY;
-	int bad;
+	int bad, kept;
 
 	memset(welcome, 0, sizeof *welcome);
+	/* what the library keeps for a daemon that lost its state, when it keeps a key */
+	msgpack_sbuffer_init(&resume);
+	msgpack_packer_init(&pk, &resume, msgpack_sbuffer_write);
+	kept = p11p_kept_pack(&pk);
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	bad = msgpack_sbuffer_write(&sb, header, sizeof header) || msgpack_pack_map(&pk, 6) ||
+	bad = kept < 0 || msgpack_sbuffer_write(&sb, header, sizeof header) ||
+	      msgpack_pack_map(&pk, kept > 0 ? 7 : 6) ||
 	      pack_key(&pk, "p11p") || msgpack_pack_uint64(&pk, P11P_PROTOCOL_MIN) ||
 	      pack_key(&pk, "max") || msgpack_pack_uint64(&pk, P11P_PROTOCOL_MAX) ||
 	      pack_key(&pk, "features") || pack_features(&pk) ||
@@ -378,9 +389,16 @@ CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadlin
 	      msgpack_pack_bin_body(&pk, ctx, P11P_CTX_SIZE) ||
 	      pack_key(&pk, "pid") || msgpack_pack_uint64(&pk, (uint64_t)getpid()) ||
 	      pack_key(&pk, "prog") || msgpack_pack_str(&pk, strlen(prog)) ||
-	      msgpack_pack_str_body(&pk, prog, strlen(prog));
+	      msgpack_pack_str_body(&pk, prog, strlen(prog)) ||
+	      (kept > 0 && msgpack_sbuffer_write(&sb, resume.data, resume.size));
 	if (!bad)
 		rv = p11p_send_frame(fd, sb.data, sb.size, deadline);
+	/* a PIN may be in them */
+	if (resume.data != NULL)
+		explicit_bzero(resume.data, resume.size);
+	if (sb.data != NULL)
+		explicit_bzero(sb.data, sb.size);
+	msgpack_sbuffer_destroy(&resume);
 	msgpack_sbuffer_destroy(&sb);
 	if (rv == CKR_OK)
 		rv = p11p_recv_frame(fd, &body, &len, deadline);

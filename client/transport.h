@@ -17,6 +17,8 @@ struct p11p_welcome {
 	unsigned features; /* P11P_FEATURE_* bits (client/gen/versions.h) both sides know */
 	unsigned long max_sessions; /* with client_open: the daemon's sessions per application */
 	unsigned long hold_ms;   /* with restart: how long a call waits for a restarted daemon */
+	int has_key;             /* with resume: the state file's key (client/kept.h) */
+	unsigned char key[32];
 	char why[192];     /* on failure, for the notice: empty when the socket failed */
 };
 

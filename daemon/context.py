@@ -63,6 +63,9 @@ class ApplicationContext:
         self.in_flight = 0
         # taken back by a restarted daemon, its client library not back yet (resume.py)
         self.waiting = False
+        # logins a restarted daemon found no helper to keep (group: user type): the
+        # client library's hello may bring them (daemon/resume.py)
+        self.lost_logins: dict[Group, int] = {}
         self.state_key = os.urandom(32)  # the state file's (daemon/resume.py): helpers keep it
         self.over_limit: str | None = None  # why every call is refused
         self.limit_logged: set[str] = set()

@@ -324,7 +324,8 @@ class Dispatcher(Searches):
         if req.user_type != CKU_CONTEXT_SPECIFIC:  # p11p knows it is logged out
             reply = await failures.stale_login(ctx, vs, req.frame, reply)
         self.daemon.audit.login(ctx, vs.group, req.user_type, reply[0])  # never the PIN
-        if reply[0] == OK and isinstance(req.pin, bytes):
+        if reply[0] == OK and isinstance(req.pin, bytes) \
+                and req.user_type != CKU_CONTEXT_SPECIFIC:  # that one is an operation's
             ctx.logins[vs.group] = (req.user_type, req.pin)
             if vs.member is not None:
                 ctx.logged_in.add(vs.member)

@@ -17,7 +17,7 @@ changes them.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from p11p.protocol import spec
@@ -31,6 +31,16 @@ AGREED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("p11p_a
 
 
 @dataclass(frozen=True, slots=True)
+class Resumption:
+    """What a client library keeps for a daemon that lost its application's state (hello
+    `resume`): the state file's key and the logins it made, (slot, user type, PIN) each.
+    Never printed: its repr names no secret."""
+
+    key: bytes = field(repr=False)
+    logins: tuple[tuple[int, int, bytes], ...] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Agreement:
     """An accepted hello: what the connection speaks, and who says it is calling."""
 
@@ -39,6 +49,7 @@ class Agreement:
     ctx: bytes
     pid: int
     prog: str
+    resume: Resumption | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,28 @@ def refusal_answer(why: str) -> dict[str, Any]:
 
 def _range_text(low: int, high: int) -> str:
     return str(low) if low == high else f"{low}..{high}"
+
+
+_PIN_MAX = 256  # bytes of a PIN the client library keeps (client/kept.c)
+
+
+def _resumption(value: object) -> Resumption | None:
+    """The hello's `resume` ({"key": bin(32), "logins": [[slot, user_type, pin], ...]}),
+    or None when it is malformed."""
+    if not isinstance(value, dict):
+        return None
+    key, logins = value.get("key"), value.get("logins", [])
+    if not isinstance(key, bytes) or len(key) != 32 or not isinstance(logins, list) \
+            or len(logins) > 64:
+        return None
+    kept: list[tuple[int, int, bytes]] = []
+    for login in logins:
+        if not (isinstance(login, list) and len(login) == 3 and _is_uint(login[0])
+                and _is_uint(login[1]) and isinstance(login[2], bytes)
+                and len(login[2]) <= _PIN_MAX):
+            return None
+        kept.append((login[0], login[1], login[2]))
+    return Resumption(key, tuple(kept))
 
 
 def negotiate(frame: Any) -> tuple[Agreement | Refusal, dict[str, Any]]:
@@ -93,5 +126,11 @@ def negotiate(frame: Any) -> tuple[Agreement | Refusal, dict[str, Any]]:
         offered = set(frame["features"])
         features = tuple(f for f in FEATURES if f in offered)
         answer["features"] = list(features)
+    resume = None
+    if "resume" in features and "resume" in frame:  # else an unknown key, ignored
+        resume = _resumption(frame["resume"])
+        if resume is None:
+            refusal = Refusal("malformed hello: resume")
+            return refusal, refusal_answer(refusal.why)
     return Agreement(version, features, frame["ctx"], frame.get("pid", 0),
-                     str(frame.get("prog", ""))[:200]), answer
+                     str(frame.get("prog", ""))[:200], resume), answer

@@ -17,8 +17,18 @@ data) with a key of the context's own that only its helpers keep, in locked memo
 replay needs (operation data, the recipes of session objects, key values included)
 never lies on disk in the clear. The PIN is not in it at all: the helper that logged in
 keeps it and hands it over (KEPT). Files are 0600 in a 0700 directory, written whole
-and renamed; a file this build cannot read, or whose helpers are all gone, is dropped
-and its application starts afresh (logged).
+and renamed; a file this build cannot read is dropped and its application starts afresh
+(logged).
+
+The client library keeps them too (link feature `resume`): the hello's answer gives it
+the key, it follows its own logins (client/kept.c: locked memory, wiped at C_Logout and
+C_Finalize), and every hello it makes after that carries both. A daemon that took no
+helper of a file back (all had died: the application's members failed since its last
+call, and the daemon was killed, not stopped) keeps the file pending for as long as it
+waits for the application, and opens it with the key of the hello that comes with the
+file's context id from the file's process; what stood on the dead helpers is rebuilt
+where it is used next, logged in with the logins the hello brought. A login no helper
+and no hello brings counts as ended (the application logs in again).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from p11p.daemon import hello
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.handles import HandleCounter
@@ -55,6 +66,15 @@ READ_ONLY = frozenset(CODE[n] for n in (
     "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
     "C_GetMechanismInfo", "C_GetSessionInfo", "C_GetAttributeValue", "C_GetObjectSize",
     "C_GenerateRandom", "C_SeedRandom", "C_WaitForSlotEvent"))
+
+
+class _Pending:
+    """A file no helper could open: its application's hello brings the key."""
+
+    def __init__(self, path: Path, head: dict[str, Any], head_bytes: bytes, sealed: bytes,
+                 timer: asyncio.TimerHandle) -> None:
+        self.path, self.head, self.head_bytes, self.sealed = path, head, head_bytes, sealed
+        self.timer = timer
 
 
 def _helper_ref(h: HelperProcess) -> tuple[Any, ...]:
@@ -160,6 +180,7 @@ class Resume:
         self._held: list[Callable[[], None]] = []
         self._flushing = False
         self._flush: asyncio.TimerHandle | None = None
+        self.pending: dict[tuple[int, bytes], _Pending] = {}
 
     def _path(self, ctx: ApplicationContext) -> Path:
         return self.dir / f"{ctx.pid}-{ctx.key[1].hex()}.state"
@@ -301,7 +322,6 @@ class Resume:
         members: dict[tuple[str, int], Member] = {}
         try:
             data = path.read_bytes()
-            path.unlink()
             size = int.from_bytes(data[:4], "big")
             head_bytes, rest = data[4:4 + size], data[4 + size:]
             head = pickle.loads(head_bytes)  # noqa: S301 - our own file, 0600 in a 0700 dir
@@ -320,6 +340,7 @@ class Resume:
         except Exception as exc:  # noqa: BLE001 - an unreadable file: its application starts afresh
             log.warning("restart: state file %s not taken (%r); its application's "
                         "sessions end", path.name, exc)
+            _unlink(path)
             return False
         outcomes = await asyncio.gather(*(h.attach(ADOPT_TIMEOUT) for h in helpers.values()),
                                         return_exceptions=True)
@@ -331,13 +352,74 @@ class Resume:
             else:
                 helpers[key].on_death = members[key].helper_died
                 taken[members[key]] = helpers[key]
-        state, logins = await self._open(ctx, taken, rest, head_bytes, helpers)
+        if not taken and _pid_alive(ctx.pid) and ctx.key not in daemon.contexts:
+            # no helper lives to give the key: the application's hello may bring it
+            wait = max(daemon.config.context_grace, daemon.config.adopt_timeout)
+            timer = asyncio.get_running_loop().call_later(wait, self._expire, ctx.key)
+            self.pending[ctx.key] = _Pending(path, head, head_bytes, rest, timer)
+            log.info("restart: %s waits for its application to bring its key (no helper "
+                     "of it lives)", ctx.name)
+            return False
+        _unlink(path)
+        state_key, kept = await self._kept(taken)
+        state = (self._open(ctx, state_key, rest, head_bytes, helpers)
+                 if state_key is not None else None)
         if state is None or not _pid_alive(ctx.pid) or ctx.key in daemon.contexts:
             log.info("restart: %s not taken back (%s); its helpers end", ctx.name,
                      "its application is gone" if state is not None
                      else "no helper kept its key")
             await asyncio.gather(*(h.stop() for h in taken.values()), return_exceptions=True)
             return False
+        self._take(ctx, state, taken, kept)
+        ctx.waiting = True
+        daemon.contexts[ctx.key] = ctx
+        self.save(ctx)  # as taken back: a kill before its next call finds it again
+        wait = max(daemon.config.context_grace, daemon.config.adopt_timeout)
+        ctx.grace = asyncio.get_running_loop().call_later(wait, daemon.expire_context, ctx)
+        log.info("restart: %s taken back (%d sessions, %d objects, %d helpers)", ctx.name,
+                 len(ctx.sessions), len(ctx.objects), len(taken))
+        return True
+
+    async def _kept(self, taken: dict[Member, HelperProcess]
+                    ) -> tuple[bytes | None, list[tuple[Group, int, bytes]]]:
+        """The key and the logins the helpers taken back kept."""
+        logins: list[tuple[Group, int, bytes]] = []
+        key = None
+        for member, helper in taken.items():
+            try:
+                kept, login = await helper.kept(ADOPT_TIMEOUT)
+            except MemberUnavailable:
+                continue
+            key = key or kept
+            if login is not None:
+                logins.append((member.group, *login))
+        return key, logins
+
+    def _open(self, ctx: ApplicationContext, key: bytes, sealed: bytes, head: bytes,
+              helpers: dict[tuple[str, int], AdoptedHelper]) -> dict[str, Any] | None:
+        """The file's contents, opened with `key` into `ctx` (None: not readable)."""
+        try:
+            body = AESGCM(key).decrypt(sealed[:12], sealed[12:], head)
+            ctx.state_key = key
+            state: dict[str, Any] = _Reader(body, self.daemon, ctx, helpers).load()
+        except (InvalidTag, pickle.UnpicklingError, ValueError, EOFError) as exc:
+            log.warning("restart: %s state not readable: %r", ctx.name, exc)
+            return None
+        self.daemon.counter.resume_at(state["counter"])
+        ctx.sessions.restore(state["sessions"])
+        for vs in ctx.sessions.values():  # a bound session counts in its member's load
+            if vs.direct is not None:
+                vs.direct.member.health.bound += 1
+        ctx.objects.restore(state["objects"])
+        ctx.by_real = state["by_real"]
+        ctx.token_index = state["token_index"]
+        ctx.logged_in = state["logged_in"]
+        ctx.utility = state["utility"]
+        return state
+
+    def _take(self, ctx: ApplicationContext, state: dict[str, Any],
+              taken: dict[Member, HelperProcess], kept: list[tuple[Group, int, bytes]]) -> None:
+        """`ctx` as its file says, on the helpers `taken`, logged in with `kept` logins."""
         ctx.adopt_helpers(taken)
         # what stood on a helper not taken back (or dead before the stop) is gone, as
         # when a helper dies: rebuilt where it is used next
@@ -350,59 +432,76 @@ class Resume:
             if vs.left is not None and vs.left.helper not in taken.values():
                 vs.left = None
         for group, user_type in state["logins"].items():
-            pin = next((p for m, (t, p) in logins.items()
-                        if m.group is group and t == user_type), None)
-            if pin is None:
-                log.warning("restart: %s group=%s: no helper kept the login; it is "
-                            "counted as ended", ctx.name, group.label)
-                for member in group.members:
-                    ctx.logged_in.discard(member)
+            pin = next((p for g, t, p in kept if g is group and t == user_type), None)
+            if pin is not None:
+                ctx.logins[group] = (user_type, pin)
                 continue
-            ctx.logins[group] = (user_type, pin)
-        ctx.waiting = True
-        daemon.contexts[ctx.key] = ctx
-        self.save(ctx)  # as taken back: a kill before its next call finds it again
-        wait = max(daemon.config.context_grace, daemon.config.adopt_timeout)
-        ctx.grace = asyncio.get_running_loop().call_later(wait, daemon.expire_context, ctx)
-        log.info("restart: %s taken back (%d sessions, %d objects, %d helpers)", ctx.name,
-                 len(ctx.sessions), len(ctx.objects), len(taken))
-        return True
+            ctx.lost_logins[group] = user_type
+            for member in group.members:
+                ctx.logged_in.discard(member)
 
-    async def _open(self, ctx: ApplicationContext, taken: dict[Member, HelperProcess],
-                    sealed: bytes, head: bytes, helpers: dict[tuple[str, int], AdoptedHelper]
-                    ) -> tuple[dict[str, Any] | None, dict[Member, tuple[int, bytes]]]:
-        """The file's contents, opened with the key a helper kept (None: none did), and
-        the logins the helpers kept."""
-        logins: dict[Member, tuple[int, bytes]] = {}
-        key = None
-        for member, helper in taken.items():
-            try:
-                kept, login = await helper.kept(ADOPT_TIMEOUT)
-            except MemberUnavailable:
+    def claim(self, pid: int, uid: int, ctx_id: bytes, resume: hello.Resumption | None
+              ) -> ApplicationContext | None:
+        """The context of a hello, from a pending file (see the module's docstring), or
+        None: it starts afresh."""
+        for stale in [k for k in self.pending if k[0] == pid and k[1] != ctx_id]:
+            # its library initialized again (one instance per process): never comes back
+            self._expire(stale)
+        pending = self.pending.pop((pid, ctx_id), None)
+        if pending is None:
+            return None
+        pending.timer.cancel()
+        head = pending.head
+        ctx = ApplicationContext(head["key"], head["uid"], head["gid"], head["pid"],
+                                 head["prog"], self.daemon.counter)
+        state = None
+        if resume is not None and uid == head["uid"]:
+            state = self._open(ctx, resume.key, pending.sealed, pending.head_bytes, {})
+        if state is None:
+            log.info("restart: %s starts afresh (%s)", ctx.name,
+                     "its hello brought no key" if resume is None else "not readable")
+            _unlink(pending.path)
+            return None
+        self._take(ctx, state, {}, [])
+        self.relogin(ctx, resume)
+        self.save(ctx)
+        log.info("restart: %s taken back with the key its library kept (%d sessions, "
+                 "%d objects)", ctx.name, len(ctx.sessions), len(ctx.objects))
+        return ctx
+
+    def relogin(self, ctx: ApplicationContext, resume: hello.Resumption | None) -> None:
+        """The logins a hello brings, for the groups whose login no helper kept."""
+        if resume is None or not ctx.lost_logins:
+            return
+        for group, user_type in list(ctx.lost_logins.items()):
+            pin = next((p for slot, t, p in resume.logins
+                        if slot == group.slot_id and t == user_type), None)
+            if pin is None:
                 continue
-            key = key or kept
-            if login is not None:
-                logins[member] = login
-        if key is None:
-            return None, logins
-        try:
-            body = AESGCM(key).decrypt(sealed[:12], sealed[12:], head)
-            ctx.state_key = key
-            state: dict[str, Any] = _Reader(body, self.daemon, ctx, helpers).load()
-        except (InvalidTag, pickle.UnpicklingError, ValueError, EOFError) as exc:
-            log.warning("restart: %s state not readable: %r", ctx.name, exc)
-            return None, logins
-        self.daemon.counter.resume_at(state["counter"])
-        ctx.sessions.restore(state["sessions"])
-        for vs in ctx.sessions.values():  # a bound session counts in its member's load
-            if vs.direct is not None:
-                vs.direct.member.health.bound += 1
-        ctx.objects.restore(state["objects"])
-        ctx.by_real = state["by_real"]
-        ctx.token_index = state["token_index"]
-        ctx.logged_in = state["logged_in"]
-        ctx.utility = state["utility"]
-        return state, logins
+            del ctx.lost_logins[group]
+            if group not in ctx.logins and any(vs.group is group
+                                               for vs in ctx.sessions.values()):
+                ctx.logins[group] = (user_type, pin)
+                self.daemon.standby.logged_in(ctx, group)
+                log.info("restart: %s group=%s logged in again with its library's login",
+                         ctx.name, group.label)
+
+    def _expire(self, key: tuple[int, bytes]) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is not None:
+            pending.timer.cancel()
+            log.info("restart: state file %s not claimed by its application; dropped",
+                     pending.path.name)
+            _unlink(pending.path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("state file %s not removed: %s", path.name, exc)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -126,7 +126,12 @@ class ClientConnection(asyncio.Protocol):
             answer["hold_ms"] = int(1000 * max(
                 (g.config.hold_timeout for g in self.daemon.groups), default=10.0))
         self._context.run(hello.AGREED.set, self.features)  # the calls see them
-        self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog)
+        self.ctx = self.daemon.attach(self.pid, self.uid, self.gid, outcome.ctx, outcome.prog,
+                                      outcome.resume)
+        if "resume" in outcome.features and self.daemon.resume.enabled:
+            # the state file's key: a daemon that cannot get it from a helper gets it
+            # from the library (hello "resume", daemon/resume.py)
+            answer["key"] = self.ctx.state_key
         self.transport.write(encode(answer))
         return True
 

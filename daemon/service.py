@@ -17,7 +17,7 @@ import signal
 import socket
 from typing import Any
 
-from p11p.daemon import audit, forkserver, reconfig
+from p11p.daemon import audit, forkserver, hello, reconfig
 from p11p.daemon.admin import AdminServer
 from p11p.daemon.config import ConfigError, DaemonConfig, load
 from p11p.daemon.context import ApplicationContext
@@ -229,9 +229,18 @@ class Daemon:
             log.warning("access refused: uid=%d pid=%d: no group allows this user", uid, pid)
         return None
 
-    def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str) -> ApplicationContext:
+    def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str,
+               resume: hello.Resumption | None = None) -> ApplicationContext:
         key = (pid, ctx_id)
         ctx = self.contexts.get(key)
+        if ctx is None:
+            # a context whose helpers all died before the daemon before did: its client
+            # library keeps the key and the logins (daemon/resume.py)
+            ctx = self.resume.claim(pid, uid, ctx_id, resume)
+            if ctx is not None:
+                self.contexts[key] = ctx
+        elif resume is not None:
+            self.resume.relogin(ctx, resume)
         if ctx is None:
             # a context of this process a restarted daemon took back, and that its client
             # library has not come back to: the library was finalized meanwhile (one

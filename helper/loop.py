@@ -74,6 +74,7 @@ KEEP = _OWN["KEEP"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
 CKR_USER_ALREADY_LOGGED_IN = 0x100
+CKU_CONTEXT_SPECIFIC = 2  # a login for one operation: not the token's
 _PR_SET_PDEATHSIG = 1
 _PIN_MAX = 256
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -344,7 +345,8 @@ class Server:
     def _keep_login(self, name: str, args: list[Any], rv: int) -> None:
         """Follows the PIN of the application's login (C_Login, C_SetPIN, C_Logout)."""
         if name == "C_Login" and rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN) and len(args) == 3 \
-                and type(args[1]) is int and type(args[2]) is bytes:
+                and type(args[1]) is int and args[1] != CKU_CONTEXT_SPECIFIC \
+                and type(args[2]) is bytes:
             self.kept.keep(args[1], args[2])
         elif name == "C_Logout" and rv == CKR_OK:
             self.kept.wipe()

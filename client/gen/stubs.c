@@ -102,11 +102,10 @@ P11P_EXPORT CK_RV C_InitPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pPin, CK
 }
 
 /* 12 C_SetPIN: session:hSession pin:pOldPin,ulOldLen pin:pNewPin,ulNewLen */
-P11P_EXPORT CK_RV C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, CK_ULONG ulOldLen, CK_UTF8CHAR_PTR pNewPin, CK_ULONG ulNewLen)
+CK_RV p11p_wire_C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, CK_ULONG ulOldLen, CK_UTF8CHAR_PTR pNewPin, CK_ULONG ulNewLen)
 {
 	struct p11p_call c;
 
-	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_SetPIN, 3);
 	p11p_put_session(&c, hSession);
 	p11p_put_bytes(&c, pOldPin, ulOldLen);

@@ -8,6 +8,7 @@
 #include "p11p-extra.h"
 
 CK_RV p11p_wire_C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel);
+CK_RV p11p_wire_C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, CK_ULONG ulOldLen, CK_UTF8CHAR_PTR pNewPin, CK_ULONG ulNewLen);
 CK_RV p11p_wire_C_OpenSession(CK_SLOT_ID slotID, CK_ULONG flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession);
 CK_RV p11p_wire_C_CloseSession(CK_SESSION_HANDLE hSession);
 CK_RV p11p_wire_C_CloseAllSessions(CK_SLOT_ID slotID);

@@ -312,14 +312,16 @@ def test_a_tls_server_s_handshakes_go_on_through_restarts(tmp_path: Path, token:
 
 
 STEPS = f"""
-import sys
+import os, sys
 import PyKCS11
 lib = PyKCS11.PyKCS11Lib()
-lib.load({str(CLIENT_SO)!r})
+lib.load(os.environ.get("CLIENT_UNDER_TEST", {str(CLIENT_SO)!r}))
 slot = next(s for s in lib.getSlotList(tokenPresent=True)
             if lib.getTokenInfo(s).label.strip() == "restart")
 s = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION)
 s.login({USER_PIN!r})
+# a login with one PIN, then another: what is kept for the next daemon follows
+s.setPin({USER_PIN!r}, "87654321")
 obj = s.createObject([(PyKCS11.CKA_CLASS, PyKCS11.CKO_DATA), (PyKCS11.CKA_TOKEN, False),
                       (PyKCS11.CKA_PRIVATE, True), (PyKCS11.CKA_LABEL, "kept"),
                       (PyKCS11.CKA_VALUE, b"a value")])
@@ -337,20 +339,26 @@ def _status(d: Daemon) -> dict[str, Any]:
     return result
 
 
-def test_a_stop_after_an_application_s_only_helper_died_keeps_it(tmp_path: Path,
-                                                                token: SoftHSM) -> None:
-    """The application's one helper is killed (its member fails and recovers); then the
-    daemon is stopped and started before the application's next call. The stopping
-    daemon gives it a new helper to keep its state key and login (Resume.keepers): the
-    next daemon takes it back, and its session, login and private session object are
-    there (made again from the recipe)."""
+@pytest.mark.parametrize(("how", "client"), [("term", "plain"), ("kill", "plain"),
+                                             ("kill", "asan")])
+def test_a_restart_after_an_application_s_only_helper_died_keeps_it(
+        tmp_path: Path, token: SoftHSM, how: str, client: str) -> None:
+    """The application logs in and changes its PIN; its one helper is killed (its member
+    fails and recovers); then the daemon is stopped, or killed, and started before the
+    application's next call. A stopping daemon gives it a new helper to keep its state
+    key and login (Resume.keepers); a killed one cannot, and the next daemon gets the key
+    and the login (with the new PIN) from the client library's hello (hello "resume").
+    Either way its session, login and private session object are there (made again from
+    the recipe)."""
     d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR",
                                                          "hold_timeout = 10\nstandby_logins = false\n"
                                                          "[recovery]\ninterval = 0.2")})
     d.start()
+    env = {} if client == "plain" else {**sanitized(),
+                                        "CLIENT_UNDER_TEST": str(ASAN_CLIENT_SO)}
     app = subprocess.Popen([sys.executable, "-c", STEPS], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, **d.env})
+                           env={**os.environ, **d.env, **env})
     try:
         assert app.stdout is not None and app.stdin is not None
         assert app.stdout.readline().strip() == "made", app.stderr.read() if app.stderr else ""
@@ -360,7 +368,7 @@ def test_a_stop_after_an_application_s_only_helper_died_keeps_it(tmp_path: Path,
         assert wait_for(lambda: _status(d)["groups"][0]["members"][0]["state"] != "OK"
                         or "helper killed" in d.log_text(), 10)
         assert wait_for(lambda: _status(d)["groups"][0]["members"][0]["state"] == "OK", 20)
-        d.restart(signal.SIGTERM)
+        d.restart(signal.SIGTERM if how == "term" else signal.SIGKILL)
         app.stdin.write("go\n")
         app.stdin.flush()
         out, err = app.communicate(timeout=60)
@@ -370,4 +378,9 @@ def test_a_stop_after_an_application_s_only_helper_died_keeps_it(tmp_path: Path,
         d.stop()
     assert app.returncode == 0, err + log[-3000:]
     assert out.split() == ["a", "value", "3"], out  # CKS_RW_USER_FUNCTIONS
-    assert "taken back (1 sessions" in log, log[-3000:]
+    if how == "term":
+        assert "taken back (1 sessions" in log, log[-3000:]
+    else:
+        assert "taken back with the key its library kept (1 sessions" in log, log[-3000:]
+        assert "logged in again with its library's login" in log, log[-3000:]
+    assert "87654321" not in log and USER_PIN not in log

@@ -569,11 +569,11 @@ class ModelMachine(RuleBasedStateMachine):
         elif kind == "restart" and not r.hung:
             # between two calls (the applications are single-threaded): nothing is in
             # flight. A SIGTERM with every member in service: the daemon gives an
-            # application whose helpers died a new one to keep its state. A SIGKILL
-            # cannot: only before any member event (README, Operations: an application
-            # none of whose helpers lives when the daemon is killed starts afresh)
+            # application whose helpers died a new one to keep its state. A SIGKILL at
+            # any time: an application none of whose helpers lives then gets its state
+            # back with the key and the login its client library kept (hello "resume")
             how = data.draw(st.sampled_from(["term", "kill"]), label="how")
-            if (how == "term" and not r.out_of_service()) or (how == "kill" and not r.events):
+            if how == "kill" or not r.out_of_service():
                 self.step(ev="restart", how=how)
         elif kind == "reset" and r.may_hit(m) and not avoid("login_lost_on_reset"):
             self.step(ev="reset", m=m)

@@ -97,3 +97,33 @@ def test_not_a_hello(frame: Any) -> None:
 def test_unknown_keys_are_ignored() -> None:
     outcome, answer = hello.negotiate(offer(later={"x": 1}, resume=b"\x00"))
     assert answer == {"p11p": 1} and isinstance(outcome, hello.Agreement)
+
+
+KEY = bytes(range(32))
+
+
+def test_resume_is_taken_with_the_feature_and_never_printed() -> None:
+    outcome, answer = hello.negotiate(offer(
+        features=["restart", "resume"],
+        resume={"key": KEY, "logins": [[3, 1, b"secret-pin"], [4, 0, b"so-pin"]]}))
+    assert isinstance(outcome, hello.Agreement) and answer["features"] == ["restart", "resume"]
+    assert outcome.resume == hello.Resumption(KEY, ((3, 1, b"secret-pin"), (4, 0, b"so-pin")))
+    assert "secret" not in repr(outcome) and "so-pin" not in repr(outcome.resume)
+    assert KEY.hex() not in repr(outcome) and repr(KEY) not in repr(outcome)
+
+
+def test_resume_without_the_feature_is_ignored() -> None:
+    outcome, _ = hello.negotiate(offer(features=["restart"], resume={"key": KEY, "logins": []}))
+    assert isinstance(outcome, hello.Agreement) and outcome.resume is None
+
+
+@pytest.mark.parametrize("resume", [
+    None, b"x", {"key": KEY[:31], "logins": []}, {"logins": []},
+    {"key": KEY, "logins": [[1, 1]]}, {"key": KEY, "logins": [[1, 1, "pin"]]},
+    {"key": KEY, "logins": [[-1, 1, b"pin"]]}, {"key": KEY, "logins": [[1, 1, b"p" * 257]]},
+    {"key": KEY, "logins": {"1": b"pin"}}, {"key": KEY, "logins": [[1, 1, b"p"]] * 65},
+])
+def test_a_malformed_resume_is_refused_without_echoing_it(resume: Any) -> None:
+    outcome, answer = hello.negotiate(offer(features=["resume"], resume=resume))
+    assert isinstance(outcome, hello.Refusal)
+    assert answer["error"] == "malformed hello: resume"
