@@ -66,6 +66,7 @@ class ApplicationContext:
         # logins a restarted daemon found no helper to keep (group: user type): the
         # client library's hello may bring them (daemon/resume.py)
         self.lost_logins: dict[Group, int] = {}
+        self.saves = 0  # state files written (daemon/resume.py, Resume.mark)
         self.state_key = os.urandom(32)  # the state file's (daemon/resume.py): helpers keep it
         self.over_limit: str | None = None  # why every call is refused
         self.limit_logged: set[str] = set()

@@ -399,6 +399,7 @@ class Dispatcher(Searches):
             if vobj.is_token and vobj.identity is not None:
                 if vs.group.homes.pop(vobj.identity, None) is not None or vobj.home is not None:
                     vs.group.destroyed.add(vobj.identity)
+                    vs.group.written += 1
             ctx.forget_object(vobj)
             if copies:
                 await self.router.resolve.drop_copies(ctx, vs, copies, vs.member)

@@ -289,6 +289,9 @@ class Group:
         # again): another application's handle of one is on no member, and answered so at
         # once, not held for a member out of service (placement.py)
         self.destroyed: set[ObjectIdentity] = set()
+        # bumped by each change of the three above: a restarted daemon finds them in the
+        # state directory (daemon/resume.py, groups.state)
+        self.written = 0
         # sessions the client library opened itself and the daemon opened at their first
         # call (OPEN_AT; p11p status)
         self.client_opens = 0

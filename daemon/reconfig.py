@@ -90,5 +90,6 @@ async def retire(daemon: Daemon, member: Member) -> None:
     for identity in [i for i, m in group.homes.items() if m is member]:
         del group.homes[identity]
     group.destroyed_while_out.pop(member, None)
+    group.written += 1
     await member.stop()
     log.warning("member removed: group=%s member=%s", group.label, member.name)

@@ -56,6 +56,7 @@ class Recorder:
                 if new.is_token:
                     if new.identity is not None:
                         vs.group.destroyed.discard(new.identity)
+                        vs.group.written += 1
                     if len(vs.group.members) > 1 and vs.group.config.write_policy == "primary":
                         # on this member only (write_policy "all" writes it on each)
                         new.home = member

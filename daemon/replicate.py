@@ -98,6 +98,7 @@ class Replicator:
                 for member in group.members:
                     if not member.health.usable and vobj.identity is not None:
                         group.destroyed_while_out.setdefault(member, set()).add(vobj.identity)
+                        group.written += 1
             await self.r.record.record(ctx, vs, first, shape, vreq, reply)
             return reply
         made: dict[Member, list[int]] = {first: [reply[j] for j in shape.created]}

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from p11p.daemon import hello
@@ -52,6 +53,7 @@ from p11p.daemon.handles import HandleCounter
 from p11p.daemon.helperproc import AdoptedHelper, HelperProcess
 from p11p.daemon.members import Group, Member
 from p11p.daemon.shapes import CODE
+from p11p.daemon.virtual import ObjectIdentity
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -181,21 +183,25 @@ class Resume:
         self._flushing = False
         self._flush: asyncio.TimerHandle | None = None
         self.pending: dict[tuple[int, bytes], _Pending] = {}
+        self._groups_written = -1
 
     def _path(self, ctx: ApplicationContext) -> Path:
         return self.dir / f"{ctx.pid}-{ctx.key[1].hex()}.state"
 
     # -- writing ----------------------------------------------------------------------
 
-    def mark(self, ctx: ApplicationContext) -> tuple[int, int]:
-        """Before a call: what tells whether it gave or ended a handle, or a login."""
-        return self.daemon.counter.changes, len(ctx.logins)
+    def mark(self, ctx: ApplicationContext) -> tuple[int, int, int]:
+        """Before a call: what tells whether it gave or ended a handle, or a login, or
+        whether the context's file was written while it ran."""
+        return self.daemon.counter.changes, len(ctx.logins), ctx.saves
 
-    def answer(self, ctx: ApplicationContext, request: Any, before: tuple[int, int],
+    def answer(self, ctx: ApplicationContext, request: Any, before: tuple[int, int, int],
                send: Callable[[], None]) -> None:
         """After a call of `ctx`, its reply (`send`). A call that gave or ended a handle
         (a session, an object) or a login is answered once the state file has it: a
-        kill after the answer finds it there. The files of the contexts whose calls ended
+        kill after the answer finds it there. So is a call during which the file was
+        written (a write for another call): that file holds the call half done (a search
+        begun on the member, say), which no kill after the answer may find. The files of the contexts whose calls ended
         in this turn of the loop are written once, at its end, then those replies go.
         Any other call that may have changed the state (an operation's progress, a
         search served from the context's cache) is answered at once and written within
@@ -223,14 +229,67 @@ class Resume:
             self._flush = None
         dirty, self._dirty = self._dirty, set()
         held, self._held = self._held, []
+        self.save_groups()
         for ctx in dirty:
             if not ctx.closed:
                 self.save(ctx)
         for send in held:
             send()
 
+    # -- what the groups know beyond any one application --------------------------------
+
+    def save_groups(self) -> None:
+        """groups.state: where token objects written through p11p to one member live,
+        and which were destroyed (members.py, Group.homes): what a member out of service
+        holds is not known, so without them a restarted daemon would refuse writes to
+        such objects while one is out. Plain values (object identities: class, id,
+        label, key type, application, as in the audit log); written when they change."""
+        version = sum(g.written for g in self.daemon.groups)
+        if version == self._groups_written:
+            return
+        groups = {}
+        for g in self.daemon.groups:
+            groups[g.label] = {
+                "homes": [[*_identity(i), m.name] for i, m in g.homes.items()],
+                "destroyed": [_identity(i) for i in g.destroyed],
+                "while_out": {m.name: [_identity(i) for i in ids]
+                              for m, ids in g.destroyed_while_out.items()}}
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write(self.dir / "groups.state", msgpack.packb({"version": VERSION,
+                                                             "groups": groups}))
+            self._groups_written = version
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("groups.state not written: %s", exc)
+
+    def _restore_groups(self) -> None:
+        path = self.dir / "groups.state"
+        try:
+            data = msgpack.unpackb(path.read_bytes())
+            if not isinstance(data, dict) or data.get("version") != VERSION:
+                raise ValueError("another version")
+            for group in self.daemon.groups:
+                saved = data["groups"].get(group.label)
+                if saved is None:
+                    continue
+                members = {m.name: m for m in group.members}
+                for *identity, name in saved["homes"]:
+                    if name in members:
+                        group.homes[ObjectIdentity(*identity)] = members[name]
+                group.destroyed.update(ObjectIdentity(*i) for i in saved["destroyed"])
+                for name, ids in saved["while_out"].items():
+                    if name in members:
+                        group.destroyed_while_out.setdefault(members[name], set()).update(
+                            ObjectIdentity(*i) for i in ids)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            log.warning("restart: groups.state not taken (%r): writes to token objects "
+                        "on one member may be refused while a member is out", exc)
+
     def save(self, ctx: ApplicationContext) -> None:
         began = time.perf_counter()
+        ctx.saves += 1
         adoptable = {m: h for m, h in ctx.live_helpers() if h.adopt is not None}
         helpers = [(m.group.label, m.name, _helper_ref(h)) for m, h in adoptable.items()]
         state = {
@@ -251,16 +310,7 @@ class Resume:
             nonce = os.urandom(12)
             sealed = AESGCM(ctx.state_key).encrypt(nonce, body.getvalue(), head)
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self._path(ctx)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(len(head).to_bytes(4, "big") + head + nonce + sealed)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            _write(self._path(ctx), len(head).to_bytes(4, "big") + head + nonce + sealed)
         except (OSError, pickle.PicklingError, TypeError, AttributeError) as exc:
             log.warning("%s state file not written: %s", ctx.name, exc)
         self.writes += 1
@@ -289,6 +339,7 @@ class Resume:
                             group.label, exc)
 
     def save_all(self) -> None:
+        self.save_groups()
         for ctx in list(self.daemon.contexts.values()):
             if not ctx.closed:
                 self.save(ctx)
@@ -310,7 +361,8 @@ class Resume:
         adopt_timeout)."""
         if not self.enabled or not self.dir.is_dir():
             return
-        files = sorted(self.dir.glob("*.state"))
+        self._restore_groups()
+        files = sorted(p for p in self.dir.glob("*.state") if p.name != "groups.state")
         restored = await asyncio.gather(*(self._restore(f) for f in files))
         if files:
             log.info("restart: %d of %d application contexts taken back",
@@ -493,6 +545,23 @@ class Resume:
             log.info("restart: state file %s not claimed by its application; dropped",
                      pending.path.name)
             _unlink(pending.path)
+
+
+def _identity(i: ObjectIdentity) -> list[Any]:
+    return [i.object_class, i.object_id, i.label, i.key_type, i.application]
+
+
+def _write(path: Path, data: bytes) -> None:
+    """A file of the state directory, 0600, written whole and renamed."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _unlink(path: Path) -> None:

@@ -186,6 +186,7 @@ class Sync:
             if handle is not None:
                 await b.call("C_DestroyObject", b.session, handle)
         b.member.group.destroyed_while_out.pop(b.member, None)
+        b.member.group.written += 1
         copied, failed = 0, []
         for identity, handle in have.items():
             if identity in lack:

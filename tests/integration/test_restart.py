@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -372,6 +373,15 @@ def test_a_restart_after_an_application_s_only_helper_died_keeps_it(
         app.stdin.write("go\n")
         app.stdin.flush()
         out, err = app.communicate(timeout=60)
+        # the state directory: 0700, its files 0600, no PIN in any of them
+        state = d.socket.parent / "state"
+        files = list(state.iterdir())
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert {f.name for f in files} >= {"groups.state"}, files
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+            data = f.read_bytes()
+            assert b"87654321" not in data and USER_PIN.encode() not in data, f
     finally:
         app.kill()
         log = d.log_text()

@@ -2117,3 +2117,26 @@ def test_handle_ended_before_a_kill_and_restart_stays_ended(model_env: Env) -> N
     number to a new object, so C_SignInit with the stale handle succeeded (SoftHSM2:
     CKR_OBJECT_HANDLE_INVALID). The state file now keeps the counter's position."""
     kept(model_env, "handle_ended_before_a_kill_and_restart_stays_ended.json")
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_primary_token_object_written_after_a_kill_while_a_member_is_down(model_env: Env) -> None:
+    """Found by make soak once the model killed the daemon after member events
+    (failover-102, 11 of 80 steps): a token object made on the primary only, a SIGKILL
+    and a start, a member down, then C_DestroyObject through another application:
+    CKR_TOKEN_WRITE_PROTECTED (SoftHSM2: CKR_OK). Where such objects live (Group.homes)
+    was the daemon's memory only; the new daemon, not knowing what the member out of
+    service holds, refused the write. groups.state now keeps it."""
+    kept(model_env, "primary_token_object_written_after_a_kill_while_a_member_is_down.json")
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_begun_in_a_written_state_file_before_a_kill(model_env: Env) -> None:
+    """Found by make soak (balance-102, 18 of 32 steps; 2 runs in 12 before the fix): a
+    call answered at once (a C_UnwrapKey that failed) scheduled its state file's write,
+    which ran while the next call, a whole search (FIND_ALL), was half done; the
+    search's answer went out before the file was written again, and a SIGKILL then left
+    a file with the search running: the next daemon replayed it, and C_DecryptInit got
+    CKR_OPERATION_ACTIVE (SoftHSM2: CKR_OK). A call during which its context's file was
+    written is now answered once the file is written again."""
+    kept(model_env, "search_begun_in_a_written_state_file_before_a_kill.json")
