@@ -87,7 +87,7 @@ static void test_bytes(void)
 	CHECK_REQ("[19,3,1,h\"31323334\"]");
 	CHECK_RV(p11p_wire_C_Login(3, CKU_USER, NULL, 0), CKR_OK); /* protected authentication path */
 	CHECK_REQ("[19,3,1,nil]");
-	CHECK_RV(C_SetPIN(3, pin, 4, pin, 2), CKR_OK);
+	CHECK_RV(p11p_wire_C_SetPIN(3, pin, 4, pin, 2), CKR_OK);
 	CHECK_REQ("[12,3,h\"31323334\",h\"3132\"]");
 	memset(label, 'L', sizeof label);
 	CHECK_RV(p11p_wire_C_InitToken(0, pin, 4, label), CKR_OK);

@@ -220,6 +220,39 @@ static void run(char *line)
 
 		rv = f->C_Sign(1, (CK_BYTE_PTR) "data", 4, out, &len);
 		printf("%srv=0x%lx len=%lu\n", prefix, rv, len);
+	} else if (strcmp(line, "open") == 0) {
+		CK_SESSION_HANDLE h = 0;
+
+		rv = f->C_OpenSession(arg ? strtoul(arg, NULL, 10) : 0,
+				      CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &h);
+		printf("%srv=0x%lx session=%lu\n", prefix, rv, h);
+	} else if (strcmp(line, "login") == 0 || strcmp(line, "login-so") == 0 ||
+		   strcmp(line, "login-context") == 0) { /* login H PIN */
+		char *pin = arg ? strchr(arg, ' ') : NULL;
+		CK_USER_TYPE user = line[5] == '\0' ? CKU_USER
+				    : line[6] == 's' ? CKU_SO : CKU_CONTEXT_SPECIFIC;
+
+		if (pin)
+			*pin++ = '\0';
+		rv = f->C_Login(arg ? strtoul(arg, NULL, 10) : 0, user, (CK_UTF8CHAR_PTR)pin,
+				pin ? strlen(pin) : 0);
+		printf("%srv=0x%lx\n", prefix, rv);
+	} else if (strcmp(line, "setpin") == 0) { /* setpin H OLD NEW */
+		char *old = arg ? strchr(arg, ' ') : NULL, *pin = old ? strchr(old + 1, ' ') : NULL;
+
+		if (pin) {
+			*old++ = '\0';
+			*pin++ = '\0';
+			rv = f->C_SetPIN(strtoul(arg, NULL, 10), (CK_UTF8CHAR_PTR)old, strlen(old),
+					 (CK_UTF8CHAR_PTR)pin, strlen(pin));
+		} else {
+			rv = CKR_ARGUMENTS_BAD;
+		}
+		printf("%srv=0x%lx\n", prefix, rv);
+	} else if (strcmp(line, "logout") == 0) {
+		printf("%srv=0x%lx\n", prefix, f->C_Logout(arg ? strtoul(arg, NULL, 10) : 0));
+	} else if (strcmp(line, "close") == 0) {
+		printf("%srv=0x%lx\n", prefix, f->C_CloseSession(arg ? strtoul(arg, NULL, 10) : 0));
 	} else if (strcmp(line, "threads") == 0) {
 		threads(arg ? atoi(arg) : 8);
 	} else if (strcmp(line, "wait-bg") == 0) {

@@ -99,7 +99,7 @@ def test_hello_carries_context_pid_and_program(start_driver, sock: Path) -> None
         for h in hellos:
             assert h is not None and set(h) == {"p11p", "max", "features", "ctx", "pid", "prog"}
             # the versions it speaks, oldest in p11p (protocol/README.md "Client link: hello")
-            assert (h["p11p"], h["max"], h["features"]) == (1, 1, ["data_plane", "client_open", "restart"])
+            assert (h["p11p"], h["max"], h["features"]) == (1, 1, ["data_plane", "client_open", "restart", "resume"])
             assert h["pid"] == d.pid and "driver" in h["prog"]
             assert isinstance(h["ctx"], bytes) and len(h["ctx"]) == 16
         assert len({h["ctx"] for h in hellos if h}) == 1  # one context for all sockets
@@ -397,3 +397,50 @@ def test_frame_helpers_match_the_protocol() -> None:
     # the fake daemon frames as protocol/README.md says: 4-byte big-endian length + body
     assert frame([0]) == b"\x00\x00\x00\x02\x91\x00"
     assert os.path.basename(__file__).startswith("test_client_")
+
+
+# ---- what the library keeps for a restarted daemon (client/kept.c) ----
+
+FN_SET_PIN, FN_OPEN_SESSION, FN_CLOSE_SESSION, FN_LOGIN, FN_LOGOUT = 12, 13, 14, 19, 20
+
+
+def test_hellos_carry_the_key_and_the_login_the_library_keeps(start_driver, sock: Path,
+                                                              variant: str) -> None:
+    """With the link feature resume, the key of the hello's answer and the application's
+    login (following C_SetPIN; ended by C_Logout and by closing the slot's last
+    session; never a context-specific one) travel in every later hello, and nothing
+    after C_Finalize. Each step is followed by a daemon restart, so the next call makes
+    a new connection."""
+    key = bytes(range(32))
+
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        if request[0] == FN_OPEN_SESSION:
+            return [CKR_OK, 7]
+        if request[0] in (FN_SET_PIN, FN_CLOSE_SESSION, FN_LOGIN, FN_LOGOUT):
+            return [CKR_OK]
+        return default_handler(conn, request)
+
+    answer = {"p11p": 1, "features": ["restart", "resume"], "key": key}
+    with FakeDaemon(sock, handler, hello=answer) as daemon:
+        d = start_driver(variant)
+
+        def resume_after(command: str) -> object:
+            assert d.cmd(command).rv == CKR_OK, command
+            daemon.stop()
+            daemon.start()
+            assert d.cmd("slots").rv == CKR_OK
+            return daemon.conns[-1].hello.get("resume")  # type: ignore[union-attr]
+
+        assert d.cmd("init").rv == CKR_OK
+        assert d.cmd("open 3")["session"] == "7"
+        assert "resume" not in daemon.conns[0].hello  # type: ignore[operator]
+        assert resume_after("login 7 1234") == {"key": key, "logins": [[3, 1, b"1234"]]}
+        assert resume_after("login-context 7 5555") == {"key": key, "logins": [[3, 1, b"1234"]]}
+        assert resume_after("setpin 7 1234 98765") == {"key": key,
+                                                        "logins": [[3, 1, b"98765"]]}
+        assert resume_after("logout 7") == {"key": key, "logins": []}
+        assert resume_after("login-so 7 0000") == {"key": key, "logins": [[3, 0, b"0000"]]}
+        assert resume_after("close 7") == {"key": key, "logins": []}  # the slot's last one
+        assert d.cmd("finalize").rv == CKR_OK
+        assert resume_after("init") is None  # C_Finalize wiped it all
+        assert d.cmd("finalize").rv == CKR_OK

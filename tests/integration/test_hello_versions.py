@@ -126,7 +126,7 @@ def test_an_older_client_keeps_working(daemon: Daemon) -> None:
 
 
 def test_a_newer_client_gets_version_1(daemon: Daemon) -> None:
-    answer = hello_and_work(daemon, p11p=1, max=5, features=["later", "resume"],
+    answer = hello_and_work(daemon, p11p=1, max=5, features=["later", "someday"],
                             later={"x": 1})
     assert answer == {"p11p": 1, "features": []}
 
