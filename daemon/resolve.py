@@ -248,6 +248,12 @@ class HandleResolver:
             real = await self.r.bind.utility_session(ctx, member)
             reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjectsInit"], real,
                                                             vobj.identity.template()])
+            if reply[0] == OK:
+                try:
+                    reply = await self.r.link.checked(ctx, member,
+                                                      [CODE["C_FindObjects"], real, 2])
+                finally:
+                    await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
             if reply[0] not in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
                 break
             # the member lost p11p's own session too (a reset): a fresh one, once
@@ -256,12 +262,9 @@ class HandleResolver:
         if reply[0] in (SESSION_HANDLE_INVALID, SESSION_CLOSED):
             raise SessionVanished
         if reply[0] != OK:
+            # the search failed: whether the member holds the object is not known
             raise CKError(reply[0], "looking up a key")
-        try:
-            reply = await self.r.link.checked(ctx, member, [CODE["C_FindObjects"], real, 2])
-        finally:
-            await self.r.link.raw(ctx, member, [CODE["C_FindObjectsFinal"], real])
-        found = reply[1] if reply[0] == OK and isinstance(reply[1], list) else []
+        found = reply[1] if isinstance(reply[1], list) else []
         if len(found) != 1:
             vobj.missing.add(member)
             log.warning("key sets differ: group=%s member=%s %s object %s (label=%r id=%s)",
