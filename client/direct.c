@@ -519,11 +519,13 @@ void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
 
 /* ---- what ends an operation (as daemon/bind.py STALE_ENDS) ---- */
 
-/* Per kind, up to two requests after the session: e an empty byte string, c a buffer's
- * capacity, z a signature that cannot verify. */
-static const struct { unsigned long code; const char *args; } ENDS[P11P_KINDS][2] = {
+/* Per kind, up to three requests after the session: e an empty byte string, c a buffer's
+ * capacity, z 64 zero bytes (a signature that cannot verify; whole blocks of ciphertext:
+ * SoftHSM2 keeps a CBC-PAD decryption without data through an empty update and a final). */
+static const struct { unsigned long code; const char *args; } ENDS[P11P_KINDS][3] = {
 	[P11P_K_ENCRYPT] = { { P11P_FN_C_EncryptUpdate, "ec" }, { P11P_FN_C_EncryptFinal, "c" } },
-	[P11P_K_DECRYPT] = { { P11P_FN_C_DecryptUpdate, "ec" }, { P11P_FN_C_DecryptFinal, "c" } },
+	[P11P_K_DECRYPT] = { { P11P_FN_C_DecryptUpdate, "ec" }, { P11P_FN_C_DecryptUpdate, "zc" },
+			     { P11P_FN_C_DecryptFinal, "c" } },
 	[P11P_K_DIGEST] = { { P11P_FN_C_DigestUpdate, "e" }, { P11P_FN_C_DigestFinal, "c" } },
 	[P11P_K_SIGN] = { { P11P_FN_C_SignUpdate, "e" }, { P11P_FN_C_SignFinal, "c" } },
 	[P11P_K_VERIFY] = { { P11P_FN_C_VerifyUpdate, "e" }, { P11P_FN_C_VerifyFinal, "z" } },
@@ -537,7 +539,7 @@ static void end_operation(CK_SESSION_HANDLE h, const struct p11p_bound *b, int k
 {
 	static const unsigned char zero[64];
 
-	for (int i = 0; i < 2 && ENDS[kind][i].args != NULL; i++) {
+	for (int i = 0; i < 3 && ENDS[kind][i].args != NULL; i++) {
 		const char *args = ENDS[kind][i].args;
 		unsigned nargs = 1 + (unsigned)strlen(args), nouts = strchr(args, 'c') != NULL;
 		struct p11p_call c;
