@@ -57,6 +57,21 @@ static void wipe_login(struct login *l)
 	explicit_bzero(l, sizeof *l);
 }
 
+/* A login kept in place of what l held; a PIN that cannot be kept leaves l empty (a
+ * next daemon then cannot log in: the application logs in again). */
+static void store(struct login *l, CK_SLOT_ID slot, CK_USER_TYPE user, const CK_UTF8CHAR *pin,
+		  CK_ULONG len)
+{
+	wipe_login(l);
+	if (pin != NULL && len <= P11P_PIN_MAX) {
+		l->used = 1;
+		l->slot = slot;
+		l->user = user;
+		l->len = len;
+		memcpy(l->pin, pin, len);
+	}
+}
+
 static struct login *find(struct vault *v, CK_SLOT_ID slot)
 {
 	for (unsigned i = 0; i < LOGINS; i++)
@@ -91,16 +106,8 @@ void p11p_kept_login(CK_SLOT_ID slot, CK_USER_TYPE user, const CK_UTF8CHAR *pin,
 	for (unsigned i = 0; v != NULL && l == NULL && i < LOGINS; i++)
 		if (!v->login[i].used)
 			l = &v->login[i];
-	if (l != NULL) {
-		wipe_login(l);
-		if (pin != NULL && len <= P11P_PIN_MAX) { /* else a next daemon cannot log in */
-			l->used = 1;
-			l->slot = slot;
-			l->user = user;
-			l->len = len;
-			memcpy(l->pin, pin, len);
-		}
-	}
+	if (l != NULL)
+		store(l, slot, user, pin, len);
 	unlock();
 }
 
@@ -111,18 +118,8 @@ void p11p_kept_set_pin(CK_SLOT_ID slot, const CK_UTF8CHAR *pin, CK_ULONG len)
 	if (!lock())
 		return;
 	l = vault != NULL ? find(vault, slot) : NULL;
-	if (l != NULL) {
-		CK_USER_TYPE user = l->user;
-
-		wipe_login(l);
-		if (pin != NULL && len <= P11P_PIN_MAX) {
-			l->used = 1;
-			l->slot = slot;
-			l->user = user;
-			l->len = len;
-			memcpy(l->pin, pin, len);
-		}
-	}
+	if (l != NULL)
+		store(l, slot, l->user, pin, len);
 	unlock();
 }
 

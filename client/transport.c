@@ -393,7 +393,8 @@ CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadlin
 	      (kept > 0 && msgpack_sbuffer_write(&sb, resume.data, resume.size));
 	if (!bad)
 		rv = p11p_send_frame(fd, sb.data, sb.size, deadline);
-	/* a PIN may be in them */
+	/* a PIN may be in them. No freed copy holds one: `resume` stays within its first
+	 * 8 KB (16 PINs of 256 bytes at most), and `sb` grows before that part goes in */
 	if (resume.data != NULL)
 		explicit_bzero(resume.data, resume.size);
 	if (sb.data != NULL)

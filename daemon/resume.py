@@ -185,6 +185,18 @@ class Resume:
         self.pending: dict[tuple[int, bytes], _Pending] = {}
         self._groups_written = -1
 
+    def _ready(self) -> None:
+        """The state directory, made 0700 (and made so when it was found otherwise: an
+        operator's `mkdir` leaves it 0755); one of another user is refused."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = self.dir.stat()
+        if info.st_uid != os.geteuid():
+            raise OSError(f"{self.dir} belongs to uid {info.st_uid}, not to the daemon's")
+        if info.st_mode & 0o777 != 0o700:
+            log.warning("state directory %s was mode %o: made 0700", self.dir,
+                        info.st_mode & 0o777)
+            os.chmod(self.dir, 0o700)
+
     def _path(self, ctx: ApplicationContext) -> Path:
         return self.dir / f"{ctx.pid}-{ctx.key[1].hex()}.state"
 
@@ -255,7 +267,7 @@ class Resume:
                 "while_out": {m.name: [_identity(i) for i in ids]
                               for m, ids in g.destroyed_while_out.items()}}
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._ready()
             _write(self.dir / "groups.state", msgpack.packb({"version": VERSION,
                                                              "groups": groups}))
             self._groups_written = version
@@ -309,7 +321,7 @@ class Resume:
             _Writer(body, ctx).dump(state)
             nonce = os.urandom(12)
             sealed = AESGCM(ctx.state_key).encrypt(nonce, body.getvalue(), head)
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._ready()
             _write(self._path(ctx), len(head).to_bytes(4, "big") + head + nonce + sealed)
         except (OSError, pickle.PicklingError, TypeError, AttributeError) as exc:
             log.warning("%s state file not written: %s", ctx.name, exc)

@@ -394,3 +394,27 @@ def test_a_restart_after_an_application_s_only_helper_died_keeps_it(
         assert "taken back with the key its library kept (1 sessions" in log, log[-3000:]
         assert "logged in again with its library's login" in log, log[-3000:]
     assert "87654321" not in log and USER_PIN not in log
+
+
+def test_a_state_directory_found_open_is_made_0700(tmp_path: Path, token: SoftHSM) -> None:
+    """An operator made the state directory with a plain mkdir (0755): the first state
+    file write makes it 0700 and says so."""
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR")})
+    state = d.socket.parent / "state"
+    state.mkdir(parents=True)
+    os.chmod(state, 0o755)
+    d.start()
+    try:
+        app = subprocess.run([sys.executable, "-c", f"""
+import PyKCS11
+lib = PyKCS11.PyKCS11Lib()
+lib.load({str(CLIENT_SO)!r})
+s = lib.openSession(lib.getSlotList(tokenPresent=True)[0])
+s.login({USER_PIN!r})
+s.logout()
+"""], env={**os.environ, **d.env}, capture_output=True, text=True, timeout=60)
+        assert app.returncode == 0, app.stderr
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert "state directory" in d.log_text() and "was mode 755: made 0700" in d.log_text()
+    finally:
+        d.stop()
