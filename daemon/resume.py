@@ -63,6 +63,7 @@ log = logging.getLogger("p11p.resume")
 VERSION = 2
 ADOPT_TIMEOUT = 3.0  # seconds to take one helper back
 LAZY = 0.01  # seconds a change no reply waits for may wait for its state file
+LAZY_MAX = 0.1  # ... at most, while calls of its context keep running
 # calls that change nothing the state file holds
 READ_ONLY = frozenset(CODE[n] for n in (
     "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
@@ -179,6 +180,7 @@ class Resume:
         self.writes = 0
         self.write_seconds = 0.0
         self._dirty: set[ApplicationContext] = set()
+        self._since: dict[ApplicationContext, float] = {}  # dirty since (monotonic)
         self._held: list[Callable[[], None]] = []
         self._flushing = False
         self._flush: asyncio.TimerHandle | None = None
@@ -224,6 +226,7 @@ class Resume:
             send()
             return
         self._dirty.add(ctx)
+        self._since.setdefault(ctx, time.monotonic())
         if self.mark(ctx) == before:
             send()
             if self._flush is None:
@@ -241,10 +244,20 @@ class Resume:
             self._flush = None
         dirty, self._dirty = self._dirty, set()
         held, self._held = self._held, []
+        now = time.monotonic()
         self.save_groups()
         for ctx in dirty:
+            if not held and ctx.in_flight and not ctx.closed \
+                    and now - self._since.get(ctx, now) < LAZY_MAX:
+                # a write now would hold a call of it half done (and hold its answer
+                # back: answer): a little later, when none runs
+                self._dirty.add(ctx)
+                continue
+            self._since.pop(ctx, None)
             if not ctx.closed:
                 self.save(ctx)
+        if self._dirty and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(LAZY, self.flush)
         for send in held:
             send()
 
