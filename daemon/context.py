@@ -61,10 +61,10 @@ class ApplicationContext:
         self.finalized = asyncio.Event()
         self.grace: asyncio.TimerHandle | None = None
         self.in_flight = 0
-        # taken back by a restarted daemon, its client library not back yet (resume.py)
+        # taken back by a restarted daemon, its client library not back yet (takeback.py)
         self.waiting = False
         # logins a restarted daemon found no helper to keep (group: user type): the
-        # client library's hello may bring them (daemon/resume.py)
+        # client library's hello may bring them (daemon/takeback.py)
         self.lost_logins: dict[Group, int] = {}
         self.saves = 0  # state files written (daemon/resume.py, Resume.mark)
         self.state_key = os.urandom(32)  # the state file's (daemon/resume.py): helpers keep it

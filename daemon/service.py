@@ -34,6 +34,7 @@ from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
 from p11p.daemon.standby import Standby
 from p11p.daemon.sync import Sync
+from p11p.daemon.takeback import TakeBack
 
 log = logging.getLogger("p11p.daemon")
 
@@ -82,6 +83,7 @@ class Daemon:
         HelperProcess.limit = config.max_helpers
         HelperProcess.adopt_wait = config.adopt_timeout
         self.resume = Resume(self)
+        self.takeback = TakeBack(self, self.resume)
         # stopping for a restart: calls not begun are answered "retry" (daemon/server.py)
         self.leaving = False
         self.connections: set[ClientConnection] = set()
@@ -102,7 +104,7 @@ class Daemon:
             for member in group.members:
                 if member.health.state is MemberState.FAILED:
                     self.recovery.start(member)
-        await self.resume.restore()  # the applications of the daemon before, if any
+        await self.takeback.restore()  # the applications of the daemon before, if any
         loop = asyncio.get_running_loop()
         if inherited is not None:
             self._server = await loop.create_unix_server(lambda: ClientConnection(self),
@@ -236,11 +238,11 @@ class Daemon:
         if ctx is None:
             # a context whose helpers all died before the daemon before did: its client
             # library keeps the key and the logins (daemon/resume.py)
-            ctx = self.resume.claim(pid, uid, ctx_id, resume)
+            ctx = self.takeback.claim(pid, uid, ctx_id, resume)
             if ctx is not None:
                 self.contexts[key] = ctx
         elif resume is not None:
-            self.resume.relogin(ctx, resume)
+            self.takeback.relogin(ctx, resume)
         if ctx is None:
             # a context of this process a restarted daemon took back, and that its client
             # library has not come back to: the library was finalized meanwhile (one
