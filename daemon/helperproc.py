@@ -80,6 +80,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.uses = 0  # applications it served (HelperPool.recycle)
         # ADOPTABLE: (abstract socket name, token) a restarted daemon takes it back with
         self.adopt: tuple[bytes, bytes] | None = None
+        self._adoptable: asyncio.Future[list[Any]] | None = None  # its answer, once sent
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -230,6 +231,19 @@ class HelperProcess(asyncio.SubprocessProtocol):
         fut = self.send([ADOPTABLE, self.adopt[0], token, os.getuid(),
                          max(1, int(self.adopt_wait * 1000)), app_pid, key])
         fut.add_done_callback(self._adoptable_done)
+        self._adoptable = fut
+
+    async def outlives(self, timeout: float) -> bool:
+        """Whether the helper said it outlives this daemon (its ADOPTABLE answer,
+        waited for up to `timeout`): a daemon that stops asks before it leaves it, else
+        a helper told just before the stop may still die with its fork server."""
+        if self.adopt is None or self._adoptable is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(self._adoptable), timeout)
+        except Exception:  # noqa: BLE001 - timed out, or the helper died: it does not
+            self.adopt = None
+        return self.adopt is not None and self.alive
 
     def _adoptable_done(self, fut: asyncio.Future[list[Any]]) -> None:
         if fut.cancelled() or fut.exception() is not None:

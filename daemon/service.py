@@ -29,7 +29,7 @@ from p11p.daemon.health import HealthMonitor
 from p11p.daemon.helperproc import HelperProcess
 from p11p.daemon.members import Group, Member, MemberState
 from p11p.daemon.recovery import Recovery
-from p11p.daemon.resume import Resume
+from p11p.daemon.resume import ADOPT_TIMEOUT, Resume
 from p11p.daemon.router import Router
 from p11p.daemon.server import ClientConnection
 from p11p.daemon.standby import Standby
@@ -206,6 +206,10 @@ class Daemon:
         self.resume.flush()  # replies held for their state files
         await asyncio.gather(*(self.resume.keepers(c) for c in self.contexts.values()
                                if not c.closed), return_exceptions=True)
+        # helpers told ADOPTABLE just now (keepers, a first call) answer before the
+        # state files list them and the fork servers go
+        await asyncio.gather(*(h.outlives(ADOPT_TIMEOUT) for c in self.contexts.values()
+                               for _, h in c.live_helpers() if h.adopt is not None))
         self.resume.save_all()
         log.info("state files written %d times, %.1f ms in all", self.resume.writes,
                  self.resume.write_seconds * 1000)

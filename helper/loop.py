@@ -76,6 +76,7 @@ C_FINALIZE = 2
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKU_CONTEXT_SPECIFIC = 2  # a login for one operation: not the token's
 _PR_SET_PDEATHSIG = 1
+_UNSET_WAIT = 5.0  # seconds ADOPTABLE waits for the main thread to clear it
 _PIN_MAX = 256
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -336,8 +337,19 @@ class Server:
             log.warning("cannot listen for a restarted daemon: %s", exc)
             return CKR_FUNCTION_FAILED
         # no longer dies with the fork server (which dies with the daemon); set by the
-        # fork server in the main thread, and the kernel sends it for that thread
-        self._main.put(lambda: _libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0))
+        # fork server in the main thread, and the kernel sends it for that thread. The
+        # answer waits for it: a daemon that stops right after it (a keeper, Resume.
+        # keepers) kills the fork server, and the signal would still come
+        unset = threading.Event()
+
+        def outlive_the_fork_server() -> None:
+            if _libc.prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0) == 0:
+                unset.set()
+        self._main.put(outlive_the_fork_server)
+        if not unset.wait(_UNSET_WAIT):
+            listener.close()
+            log.warning("cannot outlive the daemon: PR_SET_PDEATHSIG not cleared")
+            return CKR_FUNCTION_FAILED
         self._adopt = (listener, args[1], args[2], args[3] / 1000.0, args[4])
         self.kept_key.keep(0, args[5])
         return CKR_OK

@@ -7,8 +7,10 @@ load is reported as before."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -233,3 +235,41 @@ def test_helpers_serve_with_the_fork_server_on_and_off(ha_factory: Any, ha_keys:
         assert len(fork_server_pids(group.daemon.pid)) == (2 if forked else 0)
     finally:
         app.close()
+
+
+async def test_a_helper_that_said_it_outlives_the_daemon_does(tmp_path: Path) -> None:
+    """ADOPTABLE is answered once the forked helper no longer dies with its fork server
+    (the helper's main thread clears PR_SET_PDEATHSIG): a daemon that stops right after
+    the answer (a keeper, Resume.keepers) kills its fork servers at once, and the helper
+    stays. Repeated on a busy machine, where the main thread is the last to run (CI saw
+    the keeper die before the fix: 2 of 30 here)."""
+    from p11p.daemon import forkserver
+    from p11p.daemon.helperproc import HelperProcess
+    hsm = SoftHSM(tmp_path / "hsm")
+    hsm.init_token("outlive")
+    HelperProcess.adopt_wait = 10.0
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    app = subprocess.Popen(["sleep", "120"])  # the application the helpers serve
+    died, started = [], []
+    try:
+        for _ in range(15):
+            helper = await HelperProcess.start("outlive", str(SOFTHSM_SO), hsm.env, 1 << 20)
+            started.append(helper.pid)
+            helper.make_adoptable(app.pid, secrets.token_bytes(32))
+            assert await helper.outlives(5.0)
+            helper.leave()
+            forkserver.abandon_all()
+            await asyncio.sleep(0.2)
+            if not _alive(helper.pid):
+                died.append(helper.pid)
+        assert not died, f"{len(died)} of 15 helpers died with their fork server"
+    finally:
+        for proc in [*busy, app]:
+            proc.kill()
+            proc.wait()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        HelperProcess.adopt_wait = 0.0
