@@ -48,6 +48,7 @@ struct ep {
 	CK_RV fallback[MAX_FALLBACK];
 	unsigned nfallback;
 	int idle[EP_IDLE];
+	const void *last[EP_IDLE];  /* the thread that gave each idle connection back */
 	unsigned nidle;
 };
 
@@ -365,6 +366,8 @@ static int is_fallback(const struct ep *ep, CK_RV rv)
 	return 0;
 }
 
+static __thread char me;      /* its address tells this thread from the others */
+
 /* A connection to the endpoint: an idle one, or a new one that has sent the token. */
 static int ep_take(struct ep *ep)
 {
@@ -372,8 +375,22 @@ static int ep_take(struct ep *ep)
 	int fd = -1;
 
 	if (lock()) {
-		if (ep->nidle > 0)
-			fd = ep->idle[--ep->nidle];
+		if (ep->nidle > 0) {
+			unsigned i = ep->nidle - 1;
+
+			/* the one this thread used last, when idle: a client thread keeps talking
+			 * to one helper thread (a connection is served by one), which the
+			 * scheduler then keeps near it */
+			for (unsigned k = 0; k < ep->nidle; k++)
+				if (ep->last[k] == &me) {
+					i = k;
+					break;
+				}
+			fd = ep->idle[i];
+			ep->nidle--;
+			ep->idle[i] = ep->idle[ep->nidle];
+			ep->last[i] = ep->last[ep->nidle];
+		}
 		unlock();
 	}
 	if (fd >= 0)
@@ -401,6 +418,7 @@ static void ep_give(struct ep *ep, int fd)
 {
 	if (lock()) {
 		if (ep->nidle < EP_IDLE) {
+			ep->last[ep->nidle] = &me;
 			ep->idle[ep->nidle++] = fd;
 			fd = -1;
 		}
