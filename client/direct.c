@@ -6,6 +6,7 @@
  * connection of its own. */
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,7 @@ struct ep {
 	int timeout_ms;
 	CK_RV fallback[MAX_FALLBACK];
 	unsigned nfallback;
+	int cpu_hint;               /* its helper follows the CPU hint (p11p_send_hinted) */
 	int idle[EP_IDLE];
 	const void *last[EP_IDLE];  /* the thread that gave each idle connection back */
 	unsigned nidle;
@@ -430,7 +432,7 @@ static void ep_give(struct ep *ep, int fd)
 
 /* Under the lock: the endpoint of this name, or a new one made from the DIRECT_BIND
  * reply's fields (f: name, token, ..., [rv...]). */
-static struct ep *ep_get(const msgpack_object *f, int timeout_ms)
+static struct ep *ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint)
 {
 	const msgpack_object *rvs = &f[5];
 	struct ep *ep;
@@ -447,6 +449,7 @@ static struct ep *ep_get(const msgpack_object *f, int timeout_ms)
 	ep->name_len = f[0].via.bin.size;
 	memcpy(ep->token, f[1].via.bin.ptr, TOKEN);
 	ep->timeout_ms = timeout_ms;
+	ep->cpu_hint = cpu_hint;
 	for (uint32_t i = 0; i < rvs->via.array.size; i++)
 		if (p11p_obj_ulong(&rvs->via.array.ptr[i], &rv) == 0)
 			ep->fallback[ep->nfallback++] = rv;
@@ -495,7 +498,7 @@ int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nou
 {
 	struct ep *ep = b->ep;
 	int64_t deadline = p11p_deadline(ep->timeout_ms);
-	int fd;
+	int fd, lone;
 	CK_RV rv;
 
 	if (c->err)
@@ -505,8 +508,13 @@ int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nou
 		*why = P11P_WHY_BROKEN;
 		return 1;
 	}
-	atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed);
-	rv = p11p_send_frame(fd, c->req.data, c->req.size, deadline);
+	/* with other calls in flight this thread blocks for the reply (await_reply): the
+	 * helper thread is asked onto its CPU (helper/fast.c, follow). A lone call watches
+	 * its socket instead, and the helper thread had better run on another CPU. */
+	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	rv = ep->cpu_hint ? p11p_send_hinted(fd, c->req.data, c->req.size, deadline,
+					     lone ? -1 : sched_getcpu())
+			  : p11p_send_frame(fd, c->req.data, c->req.size, deadline);
 	if (rv == CKR_OK) {
 		await_reply(fd);
 		rv = p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);
@@ -628,7 +636,7 @@ void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 	(void)p11p_call_finish(&c);
 }
 
-/* [name, token, id, timeout_ms, slot, [rv...], replay_limit] of a DIRECT_BIND reply,
+/* [name, token, id, timeout_ms, slot, [rv...], replay_limit[, cpu_hint]] of a DIRECT_BIND reply,
  * into the session's entry. 0, or -1 when it does not fit. */
 static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11p_bound *b)
 {
@@ -636,11 +644,17 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 	CK_ULONG id, timeout, slot, limit;
 	struct sess *s;
 	struct ep *ep;
-	int ret = -1;
+	int ret = -1, hint = 0;
 
-	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 7)
+	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY ||
+	    (o->via.array.size != 7 && o->via.array.size != 8))
 		return -1;
 	f = o->via.array.ptr;
+	if (o->via.array.size == 8) {  /* the hello agreed cpu_hint */
+		if (f[7].type != MSGPACK_OBJECT_BOOLEAN)
+			return -1;
+		hint = f[7].via.boolean;
+	}
 	if (f[0].type != MSGPACK_OBJECT_BIN || f[0].via.bin.size == 0 || f[0].via.bin.size > 100 ||
 	    f[1].type != MSGPACK_OBJECT_BIN || f[1].via.bin.size != TOKEN ||
 	    p11p_obj_ulong(&f[2], &id) != 0 || id == 0 || p11p_obj_ulong(&f[3], &timeout) != 0 ||
@@ -651,7 +665,7 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 	if (!lock())
 		return -1;
 	s = lookup(h);
-	ep = s != NULL ? ep_get(f, (int)timeout) : NULL;
+	ep = s != NULL ? ep_get(f, (int)timeout, hint) : NULL;
 	if (ep != NULL) {
 		s->ep = b->ep = ep;
 		s->id = b->id = id;

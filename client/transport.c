@@ -180,6 +180,19 @@ CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
 	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
+CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cpu)
+{
+	/* data-plane requests are far below 16 MiB (inputs up to 1 MiB): a larger one
+	 * is refused as the helper would refuse it */
+	if (len < P11P_FRAME_HEADER || len - P11P_FRAME_HEADER >= (1u << 24))
+		return CKR_DEVICE_ERROR;
+	frame[0] = (char)(cpu >= 0 && cpu < 255 ? cpu + 1 : 0);
+	frame[1] = (char)((len - P11P_FRAME_HEADER) >> 16);
+	frame[2] = (char)((len - P11P_FRAME_HEADER) >> 8);
+	frame[3] = (char)(len - P11P_FRAME_HEADER);
+	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
+}
+
 /* One recv takes the header and, mostly, the whole body: a connection carries one
  * request at a time, so at most one reply is ever on its way, and bytes past it are a
  * broken peer. */

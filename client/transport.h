@@ -37,6 +37,9 @@ CK_RV p11p_hello(int fd, const unsigned char ctx[P11P_CTX_SIZE], int64_t deadlin
 		 struct p11p_welcome *welcome);
 /* Sends a frame whose first 4 bytes are left for the header (filled here). */
 CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline);
+/* The same with a CPU hint for a helper that follows it (data plane): the header's first
+ * byte is `cpu` + 1 (0 for a cpu < 0: no hint), the length takes the other three. */
+CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cpu);
 /* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline);
 /* An idle connection still usable: nothing to read and no hang-up. */

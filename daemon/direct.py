@@ -46,9 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("p11p.direct")
 
 # p11p's own codes (protocol/README.md):
-# [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit]]
+# [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit,
+#   cpu_hint]]
 #   (replay_limit only on a connection that agreed the `data_plane` feature: a client
-#   without it knows six fields)
+#   without it knows six fields; cpu_hint, whether the helper follows the client's CPU
+#   hint, only with `cpu_hint` agreed too)
 # [DIRECT_KEY, session, object] -> [rv, member handle]      a key an operation uses
 # [DIRECT_OBJECT, session, object] -> [rv, member handle]   an object whose attributes are read
 # [DIRECT_UNBIND, session, why] -> [rv]
@@ -59,6 +61,7 @@ DIRECT_KEY = spec.own_codes()["DIRECT_KEY"].code
 DIRECT_OBJECT = spec.own_codes()["DIRECT_OBJECT"].code
 DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
 DATA_PLANE = "data_plane"  # the hello's feature of clients that keep data-plane operations
+CPU_HINT = "cpu_hint"  # ... and of clients that send their CPU to a helper that follows it
 UNBIND_RETURNED = 0   # a data-plane call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves its operations here (its own choice; ended there)
 UNBIND_BROKEN = 2     # the connection to the helper broke
@@ -140,8 +143,11 @@ class Direct:
         name, token = helper.fast
         answer = [name, token, binding.fast_id, max(1, int(timeout * 1000)), group.slot_id,
                   fallback]
-        if DATA_PLANE in hello.AGREED.get():
+        agreed = hello.AGREED.get()
+        if DATA_PLANE in agreed:
             answer.append(group.config.replay_limit)
+            if CPU_HINT in agreed:
+                answer.append(helper.cpu_hint)
         return [OK, answer]
 
     @staticmethod

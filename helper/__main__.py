@@ -3,7 +3,7 @@
 Keeps the frame pipes away from the vendor module (fd 1 becomes stderr, fd 0
 /dev/null, so a module that prints cannot break a frame), loads the compiled extension
 and the module, calls C_Initialize (CKF_OS_LOCKING_OK), writes the ready frame
-`[0, rv, pid]` (or `[0, rv, message]` and exits 1), then serves calls (loop.py).
+`[0, rv, pid, plane features]` (or `[0, rv, message]` and exits 1), then serves calls (loop.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from p11p.helper.errors import CKR_GENERAL_ERROR, CKR_OK, describe_rv, log, setup_logging
+from p11p.helper.settings import PLANE_FEATURES
 from p11p.protocol.framing import encode
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ def _take_pipes() -> tuple[int, int]:
     return in_fd, out_fd
 
 
-def _ready(out_fd: int, rv: int, detail: object) -> None:
-    frame = encode([0, rv, detail])
+def _ready(out_fd: int, rv: int, detail: object, *more: object) -> None:
+    frame = encode([0, rv, detail, *more])
     view = memoryview(frame)
     while view:
         view = view[os.write(out_fd, view):]
@@ -82,7 +83,7 @@ def run(module_path: str, in_fd: int, out_fd: int, plans: dict[int, Plan] | None
         _ready(out_fd, rv, f"C_Initialize returned {describe_rv(rv)}")
         return 1
     log.info("module loaded and initialized; %d worker threads", settings.THREADS)
-    _ready(out_fd, CKR_OK, os.getpid())
+    _ready(out_fd, CKR_OK, os.getpid(), PLANE_FEATURES)
     server = Server(lib, plans, in_fd, out_fd, settings.THREADS, settings.MAX_REQUEST,
                     settings.FINALIZE_GRACE)
     return server.serve()

@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +35,7 @@
 
 #define FAST_TOKEN 16
 #define FAST_IDS 4096                    /* bound sessions at once, per helper */
-#define FAST_MAX_FRAME (16u << 20)
+#define FAST_MAX_FRAME (4u << 20)         /* a request (the client's inputs: 1 MiB at most) */
 #define FAST_HELLO_MS 2000
 #define FAST_MAX_CONNS 64                /* connections at once: calls in flight, at most */
 
@@ -234,6 +235,7 @@ void p11p_fast_limit(unsigned long max_output)
 
 struct conn {
 	int fd;
+	cpu_set_t cpus;                  /* where its thread may run (0 bits: unknown) */
 	unsigned place;                  /* its entry in fast.fds */
 	msgpack_sbuffer out;
 	uint8_t *in;                     /* a request larger than `first` holds */
@@ -286,10 +288,29 @@ static int hello(int fd, uid_t uid)
 	return diff ? -1 : 0;
 }
 
+/* The client's CPU hint (the header's first byte: its CPU + 1, 0: none): the thread
+ * moves to that CPU when it runs elsewhere and may run there, and may go anywhere it
+ * could before. A call then wakes a thread on its own CPU both ways, not one on another
+ * CPU (an inter-processor interrupt each way), and the scheduler keeps the pair there
+ * (protocol/README.md, "Data plane"; measured in the issue note of #13). */
+static void follow(struct conn *c, unsigned hint)
+{
+	cpu_set_t one;
+	int cpu = (int)hint - 1;
+
+	if (hint == 0 || !CPU_ISSET(cpu, &c->cpus) || sched_getcpu() == cpu)
+		return;
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	if (sched_setaffinity(0, sizeof one, &one) == 0)
+		(void)sched_setaffinity(0, sizeof c->cpus, &c->cpus);
+}
+
 /* The next request of a connection (in c->first, or c->in when larger) and its size;
  * NULL when the connection ends or breaks. One recv takes the header and, mostly, the
  * whole request: the client sends one request at a time, so bytes past it are a
- * broken peer. */
+ * broken peer. The header: the CPU hint (follow), then the request's length in 24 bits
+ * (a client without hints sends 0 there: its requests are far below 16 MiB). */
 static const uint8_t *next_request(struct conn *c, uint32_t *size)
 {
 	ssize_t k;
@@ -306,8 +327,8 @@ static const uint8_t *next_request(struct conn *c, uint32_t *size)
 			return NULL;
 		got = 4;
 	}
-	*size = (uint32_t)c->first[0] << 24 | (uint32_t)c->first[1] << 16 |
-		(uint32_t)c->first[2] << 8 | c->first[3];
+	*size = (uint32_t)c->first[1] << 16 | (uint32_t)c->first[2] << 8 | c->first[3];
+	follow(c, c->first[0]);
 	had = got - 4;
 	if (*size > FAST_MAX_FRAME || had > *size)
 		return NULL;
@@ -336,6 +357,9 @@ static void *conn_main(void *arg)
 	if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
 	    hello(c->fd, cred.uid) != 0)
 		goto out;
+	(void)pthread_setname_np(pthread_self(), "p11p-plane");  /* ps -L, top -H */
+	if (sched_getaffinity(0, sizeof c->cpus, &c->cpus) != 0)
+		CPU_ZERO(&c->cpus);  /* no hint followed */
 	for (;;) {
 		uint32_t size;
 		const uint8_t *req = next_request(c, &size);

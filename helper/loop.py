@@ -48,7 +48,7 @@ from p11p.helper.errors import (
     log,
     rv_for,
 )
-from p11p.helper.settings import MAX_OUTPUT
+from p11p.helper.settings import MAX_OUTPUT, PLANE_FEATURES
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 from p11p.protocol.spec import own_codes
 
@@ -310,7 +310,7 @@ class Server:
         with self._write_lock:
             self._out_broken = False
         log.info("taken by a restarted daemon (pid %d)", peer_pid)
-        self.send([0, CKR_OK, self._pid])
+        self.send([0, CKR_OK, self._pid, PLANE_FEATURES])
         return True
 
     def _adoptable(self, args: list[Any]) -> int:

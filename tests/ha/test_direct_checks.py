@@ -118,3 +118,41 @@ def test_a_structured_parameter_as_bytes_is_refused_on_both_planes(ha_factory: A
     finally:
         daemon.close()
     assert group.member("hsmA")["state"] == "OK"
+
+
+def test_the_binding_tells_the_cpu_hint_only_to_a_client_that_agreed_it(ha_factory: Any) -> None:
+    """DIRECT_BIND: six fields for a client without features, seven with `data_plane`,
+    eight (the last: the helper follows CPU hints) with `cpu_hint` too; a request whose
+    header carries a hint is served like one without."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    sizes = []
+    for features in (None, ["data_plane"], ["data_plane", "cpu_hint"]):
+        daemon = _Link(str(group.daemon.socket))
+        try:
+            hello: dict[str, Any] = {"p11p": 1, "ctx": os.urandom(16), "pid": os.getpid(),
+                                     "prog": "checks"}
+            if features is not None:
+                hello["features"] = features
+            daemon.send(hello)
+            assert daemon.recv().get("features", []) == (features or [])
+            rv, slots = daemon.call([5, 1, 16])  # C_GetSlotList
+            rv, h = daemon.call([13, slots[0], 6, 0])  # C_OpenSession RW | SERIAL
+            assert rv == OK
+            rv, bound = daemon.call([DIRECT_BIND, h])
+            assert rv == OK, rv
+            sizes.append(len(bound))
+            name, token, fast_id = bound[0], bound[1], bound[2]
+            helper = _Link("\0" + name.decode(), token)
+            try:
+                for hint in (0, 1, 2, 255):
+                    body = msgpack.packb([65, fast_id, 16], use_bin_type=True)  # C_GenerateRandom
+                    helper.sock.sendall(bytes([hint]) + len(body).to_bytes(3, "big") + body)
+                    rv, data = helper.recv()
+                    assert rv == OK and len(data) == 16
+            finally:
+                helper.close()
+            if len(bound) == 8:
+                assert bound[7] is True
+        finally:
+            daemon.close()
+    assert sizes == [6, 7, 8]

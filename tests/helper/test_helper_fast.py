@@ -240,10 +240,57 @@ def test_a_second_request_before_the_reply_closes_the_connection(fast: Fast) -> 
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
 
 
-def test_a_frame_over_the_limit_closes_the_connection(fast: Fast) -> None:
-    with fast.connect() as s:
-        s.sendall(struct.pack(">I", 64 << 20))
+@pytest.mark.parametrize("hint", [0, 1])
+def test_a_frame_over_the_limit_closes_the_connection(fast: Fast, hint: int) -> None:
+    with fast.connect() as s:  # 4 MiB at most: the client's inputs are 1 MiB at most
+        s.sendall(bytes([hint]) + ((4 << 20) + 1).to_bytes(3, "big"))
         assert closed(s)
+
+
+def _plane_thread(pid: int) -> tuple[int, int]:
+    """The helper's one data-plane thread: its id, and how many times it changed CPU."""
+    (tid,) = [t for t in os.listdir(f"/proc/{pid}/task")
+              if open(f"/proc/{pid}/task/{t}/comm").read().strip() == "p11p-plane"]
+    for line in open(f"/proc/{pid}/task/{tid}/sched"):
+        if line.startswith("se.nr_migrations"):
+            return int(tid), int(line.split(":")[1])
+    raise AssertionError("no se.nr_migrations")
+
+
+def test_a_connection_s_thread_follows_the_cpu_hint(fast: Fast) -> None:
+    """The header's first byte is the client's CPU + 1: the thread serving the
+    connection moves there to run the call (and may go anywhere later); a CPU it may not
+    run on, or 0, is no hint. The ready frame says the helper reads hints. This test
+    sits on one CPU and sends the hints of two: the thread changes CPU at least at each
+    hint of the other (the scheduler would rather keep it by this one: it comes back)."""
+    assert fast.helper.ready == [0, 0, fast.helper.pid, ["cpu_hint"]]
+    cpus = sorted(os.sched_getaffinity(fast.helper.pid))
+    if len(cpus) < 2:
+        pytest.skip("one CPU here: no hint can move a thread")
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        with fast.connect() as s:
+            def random(hint: int) -> None:
+                body = msgpack.packb([GENERATE_RANDOM, fast.id, 16], use_bin_type=True)
+                s.sendall(bytes([hint]) + len(body).to_bytes(3, "big") + body)
+                size = struct.unpack(">I", recv_exact(s, 4))[0]
+                rv, data = msgpack.unpackb(recv_exact(s, size), raw=False)
+                assert rv == 0 and len(data) == 16
+
+            random(0)
+            tid, before = _plane_thread(fast.helper.pid)
+            for _ in range(10):
+                random(cpus[1] + 1)  # the other CPU
+                random(cpus[0] + 1)  # this one
+            moved = _plane_thread(fast.helper.pid)[1] - before
+            for hint in (0, 255):  # none, and a CPU it may not run on
+                random(hint)
+            assert moved >= 10, moved
+            # it may still run anywhere it could
+            assert sorted(os.sched_getaffinity(tid)) == cpus
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def test_calls_after_finalize_are_refused(spawn: Callable[..., HelperLink]) -> None:
