@@ -167,30 +167,33 @@ CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 	return connect_failed(path, ETIMEDOUT);
 }
 
-CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
+/* The header: the body's length in the last `limit`'s bytes, and `first` (>= 0) in the
+ * first byte, or the length's top byte. */
+static CK_RV send_framed(int fd, char *frame, size_t len, int64_t deadline, size_t limit,
+			 int first)
 {
 	size_t body = len - P11P_FRAME_HEADER;
 
-	if (len < P11P_FRAME_HEADER || body > UINT32_MAX)
+	if (len < P11P_FRAME_HEADER || body > limit)
 		return CKR_DEVICE_ERROR;
-	frame[0] = (char)(body >> 24);
+	frame[0] = (char)(first >= 0 ? (size_t)first : body >> 24);
 	frame[1] = (char)(body >> 16);
 	frame[2] = (char)(body >> 8);
 	frame[3] = (char)body;
 	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
+CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
+{
+	return send_framed(fd, frame, len, deadline, UINT32_MAX, -1);
+}
+
 CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cpu)
 {
-	/* data-plane requests are far below 16 MiB (inputs up to 1 MiB): a larger one
-	 * is refused as the helper would refuse it */
-	if (len < P11P_FRAME_HEADER || len - P11P_FRAME_HEADER >= (1u << 24))
-		return CKR_DEVICE_ERROR;
-	frame[0] = (char)(cpu >= 0 && cpu < 255 ? cpu + 1 : 0);
-	frame[1] = (char)((len - P11P_FRAME_HEADER) >> 16);
-	frame[2] = (char)((len - P11P_FRAME_HEADER) >> 8);
-	frame[3] = (char)(len - P11P_FRAME_HEADER);
-	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
+	/* the length has three bytes: data-plane requests are far below 16 MiB (inputs up
+	 * to 1 MiB), and a larger one is refused as the helper would refuse it */
+	return send_framed(fd, frame, len, deadline, (1u << 24) - 1,
+			   cpu >= 0 && cpu < 255 ? cpu + 1 : 0);
 }
 
 /* One recv takes the header and, mostly, the whole body: a connection carries one
