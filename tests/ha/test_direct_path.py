@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hakit import HAGroup
-from kit import ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, sanitized
+from kit import ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, helper_pids, sanitized
 
 # N threads, each with its own session, sign with the imported ECDSA key (and draw
 # random bytes) for S seconds; every signature is verified. One JSON line at the end.
@@ -203,12 +203,23 @@ def test_drain_revokes_the_bindings_of_the_member(ha_factory: Any, ha_keys: Path
     assert group.member("hsmA")["sessions"] == 0
 
 
-def _direct_names() -> set[str]:
+def _direct_names(daemon_pid: int) -> set[str]:
+    """The data-plane listeners of the daemon's helpers (the suite runs other daemons
+    meanwhile, whose listeners come and go)."""
+    inodes = set()
+    for pid in helper_pids(daemon_pid):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # the helper ended meanwhile
+            continue
     names = set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        path = line.split()[-1] if len(line.split()) >= 8 else ""
-        if path.startswith("@p11p-direct-"):
-            names.add(path[1:])
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("@p11p-direct-") and fields[6] in inodes:
+            names.add(fields[7][1:])
     return names
 
 
@@ -217,13 +228,13 @@ def test_the_helper_socket_serves_only_the_bound_application(ha_factory: Any,
     """The helper listens on an abstract socket: a connection without the daemon's token
     for that application is closed before anything is read from it, whatever it sends."""
     group: HAGroup = ha_factory("failover", ["hsmA"])
-    before = _direct_names()
+    before = _direct_names(group.daemon.pid)
     result: dict[str, Any] = {}
     runner = _in_background(group, ha_keys, 1, 3.0, result)
     deadline = time.monotonic() + 10
     names: set[str] = set()
     while time.monotonic() < deadline and not names:
-        names = _direct_names() - before
+        names = _direct_names(group.daemon.pid) - before
         time.sleep(0.05)
     assert names, "no direct-path listener appeared"
     name = sorted(names)[0]
