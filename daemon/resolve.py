@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p11p.ha")
 OPERATION_ACTIVE = CKR["CKR_OPERATION_ACTIVE"]
+# Replies to C_GetAttributeValue that carry the values (those that exist and may be read:
+# §5.7.5): the identity read is done. Another is a refusal, which may pass.
+VALUES_READ = frozenset({OK, *(CKR[n] for n in ("CKR_ATTRIBUTE_TYPE_INVALID",
+                                                "CKR_ATTRIBUTE_SENSITIVE",
+                                                "CKR_BUFFER_TOO_SMALL"))})
 OPERATION_NOT_INITIALIZED = CKR["CKR_OPERATION_NOT_INITIALIZED"]
 
 
@@ -396,7 +401,7 @@ class HandleResolver:
             reply = await self.r.link.checked(ctx, member, [CODE["C_GetAttributeValue"],
                                                             member_session(vs.real, member),
                                                             real, IDENTITY_TEMPLATE])
-            if reply[0] == OK:
+            if reply[0] in VALUES_READ:
                 break
         is_token, identity, private = None, None, None
         if len(reply) > 1 and isinstance(reply[1], list) and len(reply[1]) == len(IDENTITY_TEMPLATE):

@@ -232,3 +232,25 @@ def test_a_helper_that_does_not_see_the_token_is_never_handed_out(ha_factory: An
     assert f"pid={served_by} " not in fired[0]
     assert "new helper does not see the token" in group.daemon.log_text()
     assert group.member("hsmA")["state"] == "OK"
+
+
+def test_a_search_reads_each_object_s_identity_once(ha_factory: Any) -> None:
+    """The daemon reads what identifies each object a search finds (IDENTITY_TEMPLATE)
+    once: a key has no CKA_APPLICATION, so the module answers
+    CKR_ATTRIBUTE_TYPE_INVALID with the other values, an answer and no refusal to try
+    again (a refusal is: tests/model's search_while_identity_reads_are_refused). Each
+    read is counted in the fault module's log (a 0 ms delay on C_GetAttributeValue)."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    group.set_rules("hsmA", "C_GetAttributeValue delay ms=0\n")
+    app = subprocess.run([sys.executable, "-c", f"""
+import PyKCS11
+lib = PyKCS11.PyKCS11Lib()
+lib.load({str(CLIENT_SO)!r})
+s = lib.openSession(lib.getSlotList(tokenPresent=True)[0])
+s.login({USER_PIN!r})
+print(len(s.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY)])))
+"""], env={**os.environ, **group.daemon.env}, capture_output=True, text=True, timeout=60)
+    assert app.returncode == 0, app.stderr
+    found = int(app.stdout)
+    reads = group.faultlog.read_text().count("C_GetAttributeValue")
+    assert found >= 2 and reads == found, (found, group.faultlog.read_text())
