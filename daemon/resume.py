@@ -26,6 +26,8 @@ Taking them back (at the start, and at a hello that brings a key) is daemon/take
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import io
 import logging
 import os
@@ -337,16 +339,52 @@ def _identity(i: ObjectIdentity) -> list[Any]:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """A file of the state directory, 0600, written whole and renamed."""
+    """A file of the state directory, 0600: written whole to a new file, which then
+    takes the old one's place. It is swapped with it (renameat2 RENAME_EXCHANGE) and
+    the old one removed, not renamed over it: on ext4 a rename that replaces a file
+    starts writing the new one's blocks out (auto_da_alloc), ten times the cost of the
+    whole write (0.3 ms against 0.03). A kill at any point leaves the old file or the
+    new one whole, as a rename would; the .tmp a kill between the swap and the unlink
+    leaves (the old state) the next write replaces, a restarted daemon removes."""
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    if _swap(tmp, path):
+        os.unlink(tmp)  # the old file
+    else:
+        os.replace(tmp, path)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_swaps = [True]  # False once the file system refused a swap: renames from then on
+
+
+def _swap(a: Path, b: Path) -> bool:
+    """Swaps two files atomically; False when `b` does not exist (the first write) or
+    the file system cannot swap."""
+    if not _swaps[0]:
+        return False
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                       _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err != errno.ENOENT:
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(b))
+        _swaps[0] = False
+    return False
 
 
 def _unlink(path: Path) -> None:

@@ -89,6 +89,8 @@ class TakeBack:
         if not self.resume.enabled or not self.resume.dir.is_dir():
             return
         self._restore_groups()
+        for stale in self.resume.dir.glob("*.tmp"):  # a write the daemon before left
+            _unlink(stale)
         files = sorted(p for p in self.resume.dir.glob("*.state") if p.name != "groups.state")
         restored = await asyncio.gather(*(self._restore(f) for f in files))
         if files:

@@ -418,3 +418,19 @@ s.logout()
         assert "state directory" in d.log_text() and "was mode 755: made 0700" in d.log_text()
     finally:
         d.stop()
+
+
+def test_a_restarted_daemon_removes_the_tmp_files_a_kill_left(tmp_path: Path,
+                                                              token: SoftHSM) -> None:
+    """A daemon killed between a state file's swap and the unlink of the old one leaves
+    a .tmp (resume._write): the next daemon removes it, and it takes no .state for it."""
+    d = Daemon(tmp_path / "p11p", {"r": one_member_group("restart", token, "tokR")})
+    state = d.socket.parent / "state"
+    state.mkdir(parents=True, mode=0o700)
+    (state / "4242-0011.tmp").write_bytes(b"the old state of a context")
+    d.start()
+    try:
+        assert wait_for(lambda: not (state / "4242-0011.tmp").exists(), 10)
+        assert "4242-0011" not in d.log_text()
+    finally:
+        d.stop()
