@@ -37,6 +37,7 @@ FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK = (
     _OWN[n].code for n in ("FAST_START", "FAST_ALLOW", "FAST_REVOKE", "FAST_SERVED", "FAST_STUCK"))
 # A helper that outlives the daemon, and what it kept (helper/loop.py; daemon/resume.py)
 ADOPTABLE, KEPT, KEEP = _OWN["ADOPTABLE"].code, _OWN["KEPT"].code, _OWN["KEEP"].code
+RECYCLE = _OWN["RECYCLE"].code
 C_FINALIZE = 2
 
 
@@ -256,12 +257,6 @@ class HelperProcess(asyncio.SubprocessProtocol):
             log.warning("member=%s pid=%d cannot outlive the daemon: %s", self.member,
                         self.pid, rv_name(fut.result()[1]))
             self.adopt = None
-
-    async def disown(self, timeout: float) -> bool:
-        """Ends ADOPTABLE and wipes the kept PIN (the helper goes back to the warm
-        pool, for another application)."""
-        self.adopt = None
-        return bool((await self.call([ADOPTABLE], timeout))[0] == CKR["CKR_OK"])
 
     def leave(self) -> None:
         """The daemon goes and this helper stays for the next one: nothing is sent and

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from p11p.daemon import budget
 from p11p.daemon.errors import MemberUnavailable
 from p11p.daemon.helperproc import (
-    FAST_START,
+    RECYCLE,
     START_TIMEOUT,
     CallTimedOut,
     HelperLimit,
@@ -197,34 +197,31 @@ class HelperPool:
                 and not self._stopped and len(self.warm) < self.size)
 
     async def _clean(self, helper: HelperProcess, timeout: float) -> bool:
+        """One RECYCLE request (helper/loop.py): it is no longer adoptable, its data
+        plane listens anew for nobody (the ended application's connections close and its
+        bindings end), every session of the slot closes, and a new session is public."""
         slot = self.member.slot_id
-        if not await helper.disown(timeout):
-            return False
+        helper.adopt = None
+        name = b""
         if helper.fast_name is not None:
             if helper.fast_started is not None and not helper.fast_started.done():
                 return False
-            # first, nobody's token and uid: the ended application's connections close
-            # and its bindings end
-            reply = await helper.call([FAST_START, helper.fast_name, secrets.token_bytes(16),
-                                       NOBODY_UID], timeout)
-            if reply[0] != CKR["CKR_OK"]:
-                return False
+            name = helper.fast_name
+        reply = await helper.call([RECYCLE, slot, name, secrets.token_bytes(16), NOBODY_UID],
+                                  timeout)
+        if name:
             helper.fast, helper.fast_started = None, None
-        if (await helper.call([CODE["C_CloseAllSessions"], slot], timeout))[0] != CKR["CKR_OK"]:
+        if reply[0] != CKR["CKR_OK"]:
+            log.debug("%s helper pid=%d not kept: RECYCLE returned %s", self.where,
+                      helper.pid, rv_name(reply[0]))
             return False
-        rv, session = (await helper.call([CODE["C_OpenSession"], slot, 4, 0], timeout))[:2]
-        if rv != CKR["CKR_OK"]:
-            return False
-        rv, info = (await helper.call([CODE["C_GetSessionInfo"], session, 0], timeout))[:2]
-        state = info[1] if rv == CKR["CKR_OK"] and isinstance(info, list) and len(info) >= 2 \
-            else None
-        public = state in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"])
-        if not public:
+        state = reply[1] if len(reply) >= 2 else None
+        if state not in (CKS["CKS_RO_PUBLIC_SESSION"], CKS["CKS_RW_PUBLIC_SESSION"]):
             log.warning("%s a helper's new session after C_CloseAllSessions "
-                        "is not public (%s, state %s): it ends with its application",
-                        self.where, rv_name(rv), state)
-        rv = (await helper.call([CODE["C_CloseSession"], session], timeout))[0]
-        return public and rv == CKR["CKR_OK"]
+                        "is not public (state %s): it ends with its application",
+                        self.where, state)
+            return False
+        return True
 
     def discard(self) -> None:
         """Drops the warm helpers (their module instance may be broken too)."""

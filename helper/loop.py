@@ -50,7 +50,7 @@ from p11p.helper.errors import (
 )
 from p11p.helper.settings import MAX_OUTPUT, PLANE_FEATURES
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
-from p11p.protocol.spec import own_codes
+from p11p.protocol.spec import functions, own_codes
 
 _OWN = own_codes()
 PING = _OWN["PING"].code
@@ -71,8 +71,16 @@ FAST_STUCK = _OWN["FAST_STUCK"].code
 ADOPTABLE = _OWN["ADOPTABLE"].code
 KEPT = _OWN["KEPT"].code
 KEEP = _OWN["KEEP"].code
+# [RECYCLE, slot, name, token, uid] -> [rv, state]: the helper's application ended and it
+# serves the next one (daemon/pool.py): no longer ADOPTABLE, what it kept wiped, its data
+# plane listening anew for nobody (`name` empty: it has none), every session of the slot
+# closed; then a new session's state (C_GetSessionInfo), that session closed again. One
+# request for what would be six; the first that fails ends it, with its rv.
+RECYCLE = _OWN["RECYCLE"].code
 C_INITIALIZE = 1
 C_FINALIZE = 2
+_CODES = {f.name: f.code for f in functions()}
+CKF_SERIAL_SESSION = 4
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKU_CONTEXT_SPECIFIC = 2  # a login for one operation: not the token's
 _PR_SET_PDEATHSIG = 1
@@ -410,6 +418,8 @@ class Server:
                 self.send([call_id, CKR_OK, *([key[1]] if key else []), *(pin or ())], link)
             elif code in (FAST_START, FAST_ALLOW, FAST_REVOKE, FAST_SERVED, FAST_STUCK):
                 self.send([call_id, *self._fast(code, frame[2:])], link)
+            elif code == RECYCLE:
+                self.send([call_id, *self._recycle(frame[2:])], link)
             elif code == C_INITIALIZE:
                 self.send([call_id, CKR_CRYPTOKI_ALREADY_INITIALIZED], link)
             elif code == C_FINALIZE:
@@ -451,6 +461,29 @@ class Server:
             return [CKR_OK, fast_id] if fast_id else [CKR_SESSION_COUNT]
         lib.p11p_fast_revoke(args[0])
         return [CKR_OK]
+
+    def _recycle(self, args: list[Any]) -> list[Any]:
+        if (len(args) != 4 or type(args[0]) is not int or not 0 <= args[0] < 1 << 64
+                or type(args[1]) is not bytes):
+            return [CKR_ARGUMENTS_BAD]
+        slot, name = args[0], args[1]
+        self._adoptable([])
+        if name and (rv := self._fast(FAST_START, args[1:])[0]) != CKR_OK:
+            return [rv]
+        try:
+            rv = self._plans[_CODES["C_CloseAllSessions"]].run([slot])[0]
+            if rv != CKR_OK:
+                return [rv]
+            rv, session = self._plans[_CODES["C_OpenSession"]].run([slot, CKF_SERIAL_SESSION, 0])
+            if rv != CKR_OK:
+                return [rv]
+            rv, info = self._plans[_CODES["C_GetSessionInfo"]].run([session, 0])
+            closed = self._plans[_CODES["C_CloseSession"]].run([session])[0]
+        except Exception as exc:  # noqa: BLE001 - a module that raised: it is not clean
+            return [rv_for(exc, "RECYCLE", False)]
+        if rv != CKR_OK or closed != CKR_OK:
+            return [rv if rv != CKR_OK else closed]
+        return [CKR_OK, info[1]]
 
     # -- one call, in the worker that read it ------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from helperfixtures import *  # noqa: F403  (the fixtures)
 from helperlink import SOFTHSM_SO, HelperLink, template
-from p11p.protocol.constants import CKA, CKR
+from p11p.protocol.constants import CKA, CKR, CKS
 from p11p.protocol.framing import encode
 
 Spawn = Callable[..., HelperLink]
@@ -196,3 +196,34 @@ def test_wrong_pin_then_right_pin(spawn: Spawn) -> None:
     assert link.call(19, session, 1, b"1234") == [CKR["CKR_OK"]]
     assert link.call(20, session) == [CKR["CKR_OK"]]
     assert not any("0000wrong" in line for line in link.stderr_lines)
+
+
+RECYCLE, ADOPTABLE, KEPT, KEEP = -10, -7, -8, -9
+
+
+def test_recycle_leaves_the_module_as_the_next_application_finds_it(helper: HelperLink,
+                                                                   slot: int) -> None:
+    """RECYCLE (daemon/pool.py): no longer adoptable and nothing kept, every session of
+    the slot closed (the login with them), a new session public; one request."""
+    old = [helper.open_session(slot), helper.open_session(slot, login=False)]
+    name = f"p11p-test-recycle-{os.getpid()}".encode()
+    assert helper.call(ADOPTABLE, name, b"t" * 16, os.getuid(), 5000, os.getpid(),
+                       b"k" * 32) == [CKR["CKR_OK"]]
+    assert helper.call(KEEP, 1, b"1234") == [CKR["CKR_OK"]]
+    assert helper.call(RECYCLE, slot, b"", b"n" * 16, 0xFFFFFFFF) == \
+        [CKR["CKR_OK"], CKS["CKS_RO_PUBLIC_SESSION"]]
+    assert helper.call(KEPT) == [CKR["CKR_OK"]]  # the key and the PIN wiped
+    for session in old:
+        assert helper.call(16, session, 0)[0] == CKR["CKR_SESSION_HANDLE_INVALID"]
+    fresh = helper.open_session(slot, login=False)
+    assert helper.ok(16, fresh, 0)[0][1] == CKS["CKS_RW_PUBLIC_SESSION"]  # logged out
+
+
+@pytest.mark.parametrize("args", [[], [1], [1, "name", b"n" * 16, 0], [-1, b"", b"n" * 16, 0],
+                                  [1, b"", b"n" * 16]])
+def test_recycle_with_bad_arguments_is_refused(helper: HelperLink, args: list[Any]) -> None:
+    assert helper.call(RECYCLE, *args) == [CKR["CKR_ARGUMENTS_BAD"]]
+
+
+def test_recycle_of_a_slot_that_does_not_exist_says_so(helper: HelperLink) -> None:
+    assert helper.call(RECYCLE, 0xDEAD, b"", b"n" * 16, 0)[0] == CKR["CKR_SLOT_ID_INVALID"]
