@@ -32,6 +32,7 @@
 #define END_CAP 65536          /* an output buffer that fits what ends an operation */
 #define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
 #define LENGTHS 16             /* signature lengths remembered (length queries) */
+#define INITS 16               /* operation inits remembered as answered CKR_OK */
 
 /* Where an operation of a session runs. */
 enum { OP_NONE, OP_PLANE, OP_DAEMON, OP_REPLAY /* was on the data plane: sent again first */,
@@ -49,6 +50,7 @@ struct ep {
 	CK_RV fallback[MAX_FALLBACK];
 	unsigned nfallback;
 	int cpu_hint;               /* its helper follows the CPU hint (p11p_send_hinted) */
+	int pairs;                  /* its helper answers a pair sent at once (p11p_send_pair) */
 	int idle[EP_IDLE];
 	const void *last[EP_IDLE];  /* the thread that gave each idle connection back */
 	unsigned nidle;
@@ -76,6 +78,10 @@ struct op {
 	struct update *ups;
 	size_t nups, cap;
 	uint64_t size, limit;       /* update data so far; the group's replay_limit */
+	int deferred;               /* (OP_PLANE) its init not sent yet: it goes with the next
+	                             * call of the operation (inits, below) */
+	CK_OBJECT_HANDLE mkey;      /* deferred: the member key its init names */
+	CK_RV lost_rv;              /* OP_LOST: what its next call answers (0: CKR_DEVICE_ERROR) */
 };
 
 struct sess {
@@ -134,10 +140,12 @@ static void sess_free(struct sess *s)
 }
 
 static void lengths_reset(void);
+static void inits_reset(void);
 
 void p11p_direct_reset(void)
 {
 	lengths_reset();
+	inits_reset();
 	for (unsigned i = 0; i < BUCKETS; i++) {
 		while (table[i] != NULL) {
 			struct sess *s = table[i];
@@ -350,6 +358,79 @@ static void lengths_reset(void)
 	next_length = 0;
 }
 
+/* ---- deferred inits: an init answered as before goes with the next call ----
+ *
+ * An operation's init on the data plane whose arguments (code, mechanism with its
+ * parameter, virtual key) the member answered CKR_OK on the data plane before, with no
+ * C_DestroyObject or C_Logout of this process since (destroy_gen), is answered CKR_OK
+ * here, and sent with the operation's next call in one send to a helper that answers
+ * pairs (p11p_send_pair; fast.c): C_SignInit + C_Sign cost one round trip. Should the
+ * module refuse it after all (its key destroyed by another process, its CKA_SIGN set
+ * false since), the next call answers the init's error and the operation is over, as a
+ * failed init leaves it; that entry is forgotten. Any other call of the session that
+ * needs the operation where it runs sends the init first (send_deferred, move_ops:
+ * replay). Under the lock. */
+static struct init {
+	unsigned long code;
+	unsigned char *mech;
+	size_t mech_len;
+	CK_OBJECT_HANDLE key;
+	unsigned gen;
+} inits[INITS];
+static unsigned next_init;
+
+static struct init *init_of(unsigned long code, const unsigned char *mech, size_t len,
+			    CK_OBJECT_HANDLE key)
+{
+	for (unsigned i = 0; i < INITS; i++) {
+		struct init *e = &inits[i];
+
+		if (e->mech != NULL && e->code == code && e->key == key && e->mech_len == len &&
+		    memcmp(e->mech, mech, len) == 0)
+			return e;
+	}
+	return NULL;
+}
+
+static void init_learnt(unsigned long code, const unsigned char *mech, size_t len,
+			CK_OBJECT_HANDLE key)
+{
+	struct init *e = init_of(code, mech, len, key);
+
+	if (e == NULL) {
+		e = &inits[next_init];
+		next_init = (next_init + 1) % INITS;
+		free(e->mech);
+		memset(e, 0, sizeof *e);
+		if ((e->mech = malloc(len ? len : 1)) == NULL)
+			return;
+		memcpy(e->mech, mech, len);
+		e->mech_len = len;
+		e->code = code;
+		e->key = key;
+	}
+	e->gen = destroy_gen;
+}
+
+static void init_forget(unsigned long code, const unsigned char *mech, size_t len,
+			CK_OBJECT_HANDLE key)
+{
+	struct init *e = init_of(code, mech, len, key);
+
+	if (e != NULL) {
+		free(e->mech);
+		memset(e, 0, sizeof *e);
+	}
+}
+
+static void inits_reset(void)
+{
+	for (unsigned i = 0; i < INITS; i++)
+		free(inits[i].mech);
+	memset(inits, 0, sizeof inits);
+	next_init = 0;
+}
+
 static int all_idle(const struct sess *s)
 {
 	for (int k = 0; k < P11P_KINDS; k++)
@@ -432,7 +513,7 @@ static void ep_give(struct ep *ep, int fd)
 
 /* Under the lock: the endpoint of this name, or a new one made from the DIRECT_BIND
  * reply's fields (f: name, token, ..., [rv...]). */
-static struct ep *ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint)
+static struct ep *ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs)
 {
 	const msgpack_object *rvs = &f[5];
 	struct ep *ep;
@@ -450,6 +531,7 @@ static struct ep *ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint)
 	memcpy(ep->token, f[1].via.bin.ptr, TOKEN);
 	ep->timeout_ms = timeout_ms;
 	ep->cpu_hint = cpu_hint;
+	ep->pairs = pairs;
 	for (uint32_t i = 0; i < rvs->via.array.size; i++)
 		if (p11p_obj_ulong(&rvs->via.array.ptr[i], &rv) == 0)
 			ep->fallback[ep->nfallback++] = rv;
@@ -537,6 +619,48 @@ int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nou
 	return 0;
 }
 
+/* An operation's deferred init `ci` and its next call `c` in one send, their replies read
+ * at one wake-up (to a helper that answers pairs). 0: both replies parsed (what they
+ * answer is the caller's to read: a fallback code included); 1: the connection failed
+ * (*why). */
+static int plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct p11p_bound *b,
+			  unsigned nouts, int *why)
+{
+	struct ep *ep = b->ep;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	int fd, lone;
+	CK_RV rv;
+
+	fd = ep_take(ep);
+	if (fd < 0) {
+		*why = P11P_WHY_BROKEN;
+		return 1;
+	}
+	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	rv = p11p_send_pair(fd, ci->req.data, ci->req.size, c->req.data, c->req.size, deadline,
+			    ep->cpu_hint && !lone ? sched_getcpu() : -1);
+	if (rv == CKR_OK) {
+		await_reply(fd);
+		rv = p11p_recv_exact(fd, &ci->reply, &ci->reply_len, deadline);
+	}
+	if (rv == CKR_OK)
+		rv = p11p_recv_exact(fd, &c->reply, &c->reply_len, deadline);
+	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	if (rv == CKR_OK) {
+		p11p_reply_parse(ci, 0);
+		p11p_reply_parse(c, nouts);
+	}
+	if (rv != CKR_OK || ci->err || c->err) {
+		close(fd);
+		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
+		if (*why == P11P_WHY_BROKEN)
+			ep_broken(ep);
+		return 1;
+	}
+	ep_give(ep, fd);
+	return 0;
+}
+
 void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
 {
 	memset(c, 0, sizeof *c);
@@ -617,7 +741,7 @@ void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 		for (int k = 0; k < P11P_KINDS; k++) {
 			if (s->ops[k].where == OP_PLANE) {
 				s->ops[k].where = OP_REPLAY;
-				plane[k] = 1;
+				plane[k] = !s->ops[k].deferred; /* a deferred one never ran */
 			}
 		}
 	}
@@ -636,24 +760,29 @@ void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 	(void)p11p_call_finish(&c);
 }
 
-/* [name, token, id, timeout_ms, slot, [rv...], replay_limit[, cpu_hint]] of a DIRECT_BIND reply,
- * into the session's entry. 0, or -1 when it does not fit. */
+/* [name, token, id, timeout_ms, slot, [rv...], replay_limit[, cpu_hint[, pairs]]] of a
+ * DIRECT_BIND reply, into the session's entry. 0, or -1 when it does not fit. */
 static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11p_bound *b)
 {
 	const msgpack_object *f;
 	CK_ULONG id, timeout, slot, limit;
 	struct sess *s;
 	struct ep *ep;
-	int ret = -1, hint = 0;
+	int ret = -1, hint = 0, pairs = 0;
 
-	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY ||
-	    (o->via.array.size != 7 && o->via.array.size != 8))
+	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 7 ||
+	    o->via.array.size > 9)
 		return -1;
 	f = o->via.array.ptr;
-	if (o->via.array.size == 8) {  /* the hello agreed cpu_hint */
+	if (o->via.array.size >= 8) {  /* the hello agreed cpu_hint */
 		if (f[7].type != MSGPACK_OBJECT_BOOLEAN)
 			return -1;
 		hint = f[7].via.boolean;
+	}
+	if (o->via.array.size == 9) {  /* ... and plane_pairs */
+		if (f[8].type != MSGPACK_OBJECT_BOOLEAN)
+			return -1;
+		pairs = f[8].via.boolean;
 	}
 	if (f[0].type != MSGPACK_OBJECT_BIN || f[0].via.bin.size == 0 || f[0].via.bin.size > 100 ||
 	    f[1].type != MSGPACK_OBJECT_BIN || f[1].via.bin.size != TOKEN ||
@@ -665,7 +794,7 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 	if (!lock())
 		return -1;
 	s = lookup(h);
-	ep = s != NULL ? ep_get(f, (int)timeout, hint) : NULL;
+	ep = s != NULL ? ep_get(f, (int)timeout, hint, pairs) : NULL;
 	if (ep != NULL) {
 		s->ep = b->ep = ep;
 		s->id = b->id = id;
@@ -859,6 +988,12 @@ static void after_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		free(mech);
 		return;
 	}
+	if (sh->role == P11P_R_INIT && plane && mech != NULL) {
+		if (rv == CKR_OK)
+			init_learnt(sh->code, mech, mech_len, sh->key ? a->key : 0);
+		else
+			init_forget(sh->code, mech, mech_len, sh->key ? a->key : 0);
+	}
 	s = sh->role == P11P_R_INIT && rv == CKR_OK ? lookup_or_add(h) : lookup(h);
 	if (s == NULL) {
 		unlock();
@@ -910,12 +1045,20 @@ static int hand_over(CK_SESSION_HANDLE h, int kind, const struct op *o);
  * consumed, their outputs checked. CKR_OK: it runs through the daemon now; else it is
  * lost (over replay_limit, refused, or other outputs): CKR_DEVICE_ERROR, as the daemon
  * answers a lost one. */
+static void init_refused(const struct op *o)
+{
+	if (lock()) { /* it is not deferred again */
+		init_forget(o->init_code, o->mech, o->mech_len, o->key);
+		unlock();
+	}
+}
+
 static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 {
 	struct p11p_call c;
 	struct sess *s;
 	struct op o;
-	CK_RV rv = CKR_DEVICE_ERROR;
+	CK_RV rv = CKR_DEVICE_ERROR, refused = CKR_OK;
 	int started = 0, handed;
 
 	memset(&o, 0, sizeof o);
@@ -929,7 +1072,8 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 	unlock();
 	if (o.where != OP_REPLAY)
 		return CKR_OK; /* moved meanwhile */
-	handed = hand_over(h, kind, &o); /* still running where it ran? */
+	/* still running where it ran? (a deferred init never ran: it is sent) */
+	handed = o.deferred ? 0 : hand_over(h, kind, &o);
 	if (handed != 0) {
 		rv = handed > 0 ? CKR_OK : CKR_DEVICE_ERROR;
 		goto out;
@@ -942,8 +1086,13 @@ static CK_RV replay(CK_SESSION_HANDLE h, int kind)
 	if (o.has_key)
 		p11p_put_ulong(&c, o.key);
 	p11p_call_run(&c, 0);
-	if (p11p_call_finish(&c) != CKR_OK)
+	if ((refused = p11p_call_finish(&c)) != CKR_OK) {
+		if (!o.deferred) /* a deferred init refused: the operation never began */
+			refused = CKR_OK;
+		else
+			init_refused(&o);
 		goto out;
+	}
 	started = 1;
 	for (size_t i = 0; i < o.nups; i++) {
 		const struct update *u = &o.ups[i];
@@ -978,8 +1127,10 @@ out:
 		end_operation(h, NULL, kind); /* the daemon's part of it ends too */
 	if (lock()) {
 		s = lookup(h);
-		if (s != NULL)
+		if (s != NULL) {
 			s->ops[kind].where = rv == CKR_OK ? OP_DAEMON : OP_LOST;
+			s->ops[kind].lost_rv = refused;
+		}
 		unlock();
 	}
 	op_clear(&o);
@@ -1012,12 +1163,172 @@ static unsigned nargs_of(const struct p11p_op_shape *sh)
 	return 1u + (unsigned)(sh->mech + sh->key + sh->nbytes + sh->out);
 }
 
+/* An init the member answered CKR_OK before (inits) is answered CKR_OK here and kept to
+ * go with the operation's next call: 1 (`mech` taken), or 0. */
+static int defer(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a,
+		 CK_OBJECT_HANDLE mkey, unsigned char *mech, size_t mech_len)
+{
+	CK_OBJECT_HANDLE key = sh->key ? a->key : 0;
+	const struct init *e;
+	struct sess *s;
+	struct op *o;
+	int done = 0;
+
+	if (!lock())
+		return 0;
+	e = init_of(sh->code, mech, mech_len, key);
+	s = e != NULL && e->gen == destroy_gen ? lookup(h) : NULL;
+	if (s != NULL && s->ep != NULL && s->ops[sh->kind].where == OP_NONE) {
+		o = &s->ops[sh->kind];
+		op_clear(o);
+		o->where = OP_PLANE;
+		o->replayable = 1;
+		o->init_code = sh->code;
+		o->mech = mech;
+		o->mech_len = mech_len;
+		o->has_key = sh->key;
+		o->key = key;
+		o->limit = s->replay_limit;
+		o->deferred = 1;
+		o->mkey = mkey;
+		done = 1;
+	}
+	unlock();
+	return done;
+}
+
+/* The deferred init of an operation, copied out (d->mech malloc'd): 1, or 0 when none. */
+struct deferred {
+	unsigned long code;
+	unsigned char *mech;
+	size_t mech_len;
+	int has_key;
+	CK_OBJECT_HANDLE key, mkey;
+};
+
+static int take_deferred(CK_SESSION_HANDLE h, int kind, struct deferred *d)
+{
+	const struct op *o;
+	struct sess *s;
+	int found = 0;
+
+	if (!lock())
+		return 0;
+	s = lookup(h);
+	o = s != NULL ? &s->ops[kind] : NULL;
+	if (o != NULL && o->where == OP_PLANE && o->deferred &&
+	    (d->mech = malloc(o->mech_len ? o->mech_len : 1)) != NULL) {
+		memcpy(d->mech, o->mech, o->mech_len);
+		d->mech_len = o->mech_len;
+		d->code = o->init_code;
+		d->has_key = o->has_key;
+		d->key = o->key;
+		d->mkey = o->mkey;
+		found = 1;
+	}
+	unlock();
+	return found;
+}
+
+/* What the member answered the deferred init `d` of `kind`: CKR_OK, it runs there now;
+ * else the operation is over (and the init is not deferred again). */
+static void deferred_answered(CK_SESSION_HANDLE h, int kind, const struct deferred *d, CK_RV rv)
+{
+	struct sess *s;
+
+	if (!lock())
+		return;
+	if (rv != CKR_OK)
+		init_forget(d->code, d->mech, d->mech_len, d->key);
+	s = lookup(h);
+	if (s != NULL && s->ops[kind].where == OP_PLANE && s->ops[kind].deferred) {
+		if (rv == CKR_OK)
+			s->ops[kind].deferred = 0;
+		else
+			op_clear(&s->ops[kind]);
+	}
+	unlock();
+}
+
+static void put_init(struct p11p_call *ci, const struct p11p_bound *b, const struct deferred *d)
+{
+	p11p_plane_begin(ci, d->code, d->has_key ? 3 : 2);
+	p11p_put_ulong(ci, b->id);
+	p11p_put_raw(ci, d->mech, d->mech_len);
+	if (d->has_key)
+		p11p_put_ulong(ci, d->mkey);
+}
+
+/* The call `c` (of shape sh) with its operation's deferred init `d`, in one send: as
+ * on_plane answers. The init refused: the call's answer is the init's. */
+static int run_deferred(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
+			const struct p11p_op_args *a, const struct p11p_bound *b,
+			struct p11p_call *c, const struct deferred *d, CK_RV *rv)
+{
+	struct p11p_call ci;
+	CK_RV init;
+	int why = P11P_WHY_LEAVING;
+
+	put_init(&ci, b, d);
+	if (ci.err != CKR_OK || plane_run_pair(&ci, c, b, (unsigned)sh->out, &why) != 0) {
+		p11p_codec_end(&ci);
+		p11p_codec_end(c);
+		p11p_plane_unbind(h, why); /* it is sent again through the daemon (replay) */
+		return 1;
+	}
+	if (is_fallback(b->ep, ci.rv)) {
+		p11p_codec_end(&ci);
+		p11p_codec_end(c);
+		p11p_plane_unbind(h, P11P_WHY_RETURNED);
+		return 1;
+	}
+	init = p11p_call_finish(&ci);
+	deferred_answered(h, sh->kind, d, init);
+	if (init != CKR_OK) {
+		p11p_codec_end(c);
+		*rv = init;
+		return 0;
+	}
+	if (is_fallback(b->ep, c->rv)) {
+		p11p_codec_end(c);
+		p11p_plane_unbind(h, P11P_WHY_RETURNED);
+		return 1;
+	}
+	if (sh->out)
+		p11p_get_out_bytes(c, a->out, a->out_len);
+	*rv = p11p_call_finish(c);
+	after_call(h, sh, a, *rv, 1, NULL, 0);
+	return 0;
+}
+
+/* An init of `kind` while its deferred one waits: that one is sent first, alone (the
+ * member answers the new one as it would beside it). */
+static void send_deferred(CK_SESSION_HANDLE h, int kind)
+{
+	struct p11p_call ci;
+	struct p11p_bound b;
+	struct deferred d;
+	int why;
+
+	if (!p11p_plane_bound(h, &b, 0) || !take_deferred(h, kind, &d))
+		return;
+	put_init(&ci, &b, &d);
+	if (ci.err != CKR_OK || p11p_plane_run(&ci, &b, 0, &why) != 0) {
+		p11p_codec_end(&ci);
+		p11p_plane_unbind(h, ci.err != CKR_OK ? P11P_WHY_LEAVING : why);
+	} else {
+		deferred_answered(h, kind, &d, p11p_call_finish(&ci));
+	}
+	free(d.mech);
+}
+
 /* 0: answered on the data plane (*rv); 1: not (unbound there when it was tried). */
 static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 		    const struct p11p_op_args *a, int where, CK_RV *rv)
 {
 	struct p11p_call c;
 	struct p11p_bound b;
+	struct deferred d;
 	CK_OBJECT_HANDLE mkey = 0;
 	unsigned char *mech = NULL;
 	size_t mech_len = 0, size = 0;
@@ -1052,9 +1363,20 @@ static int on_plane(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	}
 	if (sh->role == P11P_R_INIT && (mech = encode_mechanism(a->mech, &mech_len)) == NULL)
 		return 1;
+	if (sh->role == P11P_R_INIT && where == OP_NONE && ((const struct ep *)b.ep)->pairs &&
+	    defer(h, sh, a, mkey, mech, mech_len)) {
+		*rv = CKR_OK;
+		return 0;
+	}
 	p11p_plane_begin(&c, sh->code, nargs_of(sh));
 	put_call(&c, sh, b.id, mkey, a, 0);
 	local = c.err != CKR_OK; /* not sent: the operation is as it was */
+	if (sh->role != P11P_R_INIT && !local && take_deferred(h, sh->kind, &d)) {
+		int ret = run_deferred(h, sh, a, &b, &c, &d, rv);
+
+		free(d.mech);
+		return ret;
+	}
 	if (p11p_plane_run(&c, &b, (unsigned)sh->out, &why) != 0) {
 		p11p_codec_end(&c);
 		free(mech);
@@ -1093,18 +1415,20 @@ static CK_RV through_daemon(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 }
 
 /* An operation lost in a replay is answered once, at the next call of its kind (an init
- * starts afresh): CKR_DEVICE_ERROR, as the daemon answers one (daemon/resolve.py). */
-static int lost_once(CK_SESSION_HANDLE h, int kind)
+ * starts afresh): CKR_DEVICE_ERROR, as the daemon answers one (daemon/resolve.py); a
+ * deferred init refused when it was sent, that refusal. 0: none was lost. */
+static CK_RV lost_once(CK_SESSION_HANDLE h, int kind)
 {
 	struct sess *s;
-	int lost = 0;
+	CK_RV lost = CKR_OK;
 
 	if (!lock())
-		return 0;
+		return CKR_OK;
 	s = lookup(h);
 	if (s != NULL && s->ops[kind].where == OP_LOST) {
+		lost = s->ops[kind].lost_rv != CKR_OK ? s->ops[kind].lost_rv : CKR_DEVICE_ERROR;
 		s->ops[kind].where = OP_NONE;
-		lost = 1;
+		s->ops[kind].lost_rv = CKR_OK;
 	}
 	unlock();
 	return lost;
@@ -1175,7 +1499,8 @@ static int adopt(CK_SESSION_HANDLE h, int kind)
 	if (!lock())
 		return -1;
 	s = lookup(h);
-	if (s != NULL && s->ep != NULL && s->ops[kind].where == OP_PLANE) {
+	if (s != NULL && s->ep != NULL && s->ops[kind].where == OP_PLANE &&
+	    !s->ops[kind].deferred) { /* a deferred init never ran: it moves by replay */
 		o = s->ops[kind];
 		memset(&s->ops[kind], 0, sizeof s->ops[kind]);
 	}
@@ -1220,7 +1545,7 @@ void p11p_plane_fell_back(CK_SESSION_HANDLE h, int why)
 static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
 {
 	int moving = 0;
-	CK_RV rv = CKR_OK;
+	CK_RV rv = CKR_OK, lost;
 
 	for (int k = 0; k < P11P_KINDS; k++) {
 		if ((kinds & (1u << k)) && op_where(h, k) == OP_PLANE) {
@@ -1235,8 +1560,8 @@ static CK_RV move_ops(CK_SESSION_HANDLE h, unsigned kinds, int consume)
 			continue;
 		if (op_where(h, k) == OP_REPLAY)
 			(void)replay(h, k);
-		if (consume && lost_once(h, k))
-			rv = CKR_DEVICE_ERROR;
+		if (consume && (lost = lost_once(h, k)) != CKR_OK)
+			rv = lost;
 	}
 	return rv;
 }
@@ -1303,21 +1628,26 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 	int where = disabled ? OP_NONE : op_where(h, sh->kind);
 	CK_RV rv;
 
-	if (where == OP_LOST && lost_once(h, sh->kind)) {
+	if (where == OP_LOST && (rv = lost_once(h, sh->kind)) != CKR_OK) {
 		if (sh->role != P11P_R_INIT)
-			return CKR_DEVICE_ERROR;
+			return rv;
 		where = OP_NONE;
 	}
 
 	if (where == OP_PLANE && length_known(h, sh, a))
 		return CKR_OK;
+	if (where == OP_PLANE && sh->role == P11P_R_INIT) {
+		send_deferred(h, sh->kind);
+		where = op_where(h, sh->kind);
+	}
 	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !disabled)) {
 		if (on_plane(h, sh, a, where, &rv) == 0)
 			return rv;
 		where = op_where(h, sh->kind);
 	}
-	if (where == OP_REPLAY && replay(h, sh->kind) != CKR_OK && lost_once(h, sh->kind))
-		return CKR_DEVICE_ERROR;
+	if (where == OP_REPLAY && replay(h, sh->kind) != CKR_OK &&
+	    (rv = lost_once(h, sh->kind)) != CKR_OK)
+		return rv;
 	if (sh->role == P11P_R_INIT && !disabled) {
 		/* the operations of other kinds waiting for their replay (their binding went)
 		 * are sent first: the daemon answers an init from the session's whole state

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -168,19 +169,31 @@ CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 }
 
 /* The header: the body's length in the last `limit`'s bytes, and `first` (>= 0) in the
- * first byte, or the length's top byte. */
-static CK_RV send_framed(int fd, char *frame, size_t len, int64_t deadline, size_t limit,
-			 int first)
+ * first byte, or the length's top byte. -1 when the body is over `limit`. */
+static int put_header(char *frame, size_t len, size_t limit, int first)
 {
 	size_t body = len - P11P_FRAME_HEADER;
 
 	if (len < P11P_FRAME_HEADER || body > limit)
-		return CKR_DEVICE_ERROR;
+		return -1;
 	frame[0] = (char)(first >= 0 ? (size_t)first : body >> 24);
 	frame[1] = (char)(body >> 16);
 	frame[2] = (char)(body >> 8);
 	frame[3] = (char)body;
+	return 0;
+}
+
+static CK_RV send_framed(int fd, char *frame, size_t len, int64_t deadline, size_t limit,
+			 int first)
+{
+	if (put_header(frame, len, limit, first) != 0)
+		return CKR_DEVICE_ERROR;
 	return send_all(fd, frame, len, deadline) == 0 ? CKR_OK : CKR_DEVICE_ERROR;
+}
+
+static int hint_byte(int cpu)
+{
+	return cpu >= 0 && cpu < 255 ? cpu + 1 : 0;
 }
 
 CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline)
@@ -192,8 +205,65 @@ CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cp
 {
 	/* the length has three bytes: data-plane requests are far below 16 MiB (inputs up
 	 * to 1 MiB), and a larger one is refused as the helper would refuse it */
-	return send_framed(fd, frame, len, deadline, (1u << 24) - 1,
-			   cpu >= 0 && cpu < 255 ? cpu + 1 : 0);
+	return send_framed(fd, frame, len, deadline, (1u << 24) - 1, hint_byte(cpu));
+}
+
+CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t deadline,
+		     int cpu)
+{
+	struct iovec iov[2] = { { a, alen }, { b, blen } };
+	struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
+
+	if (put_header(a, alen, (1u << 24) - 1, hint_byte(cpu)) != 0 ||
+	    put_header(b, blen, (1u << 24) - 1, hint_byte(cpu)) != 0)
+		return CKR_DEVICE_ERROR;
+	while (m.msg_iovlen > 0) {
+		ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			if (wait_fd(fd, POLLOUT, deadline) != 0)
+				return CKR_DEVICE_ERROR;
+			continue;
+		}
+		if (n <= 0)
+			return CKR_DEVICE_ERROR;
+		while (m.msg_iovlen > 0 && (size_t)n >= m.msg_iov->iov_len) {
+			n -= (ssize_t)m.msg_iov->iov_len;
+			m.msg_iov++;
+			m.msg_iovlen--;
+		}
+		if (m.msg_iovlen > 0) {
+			m.msg_iov->iov_base = (char *)m.msg_iov->iov_base + n;
+			m.msg_iov->iov_len -= (size_t)n;
+		}
+	}
+	return CKR_OK;
+}
+
+CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline)
+{
+	unsigned char h[P11P_FRAME_HEADER];
+	uint32_t n;
+	char *buf;
+
+	*body = NULL;
+	*len = 0;
+	if (recv_all(fd, (char *)h, sizeof h, deadline) != 0)
+		return CKR_DEVICE_ERROR;
+	n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	if (n == 0 || n > P11P_MAX_REPLY)
+		return CKR_DEVICE_ERROR;
+	if ((buf = malloc(n)) == NULL)
+		return CKR_HOST_MEMORY;
+	if (recv_all(fd, buf, n, deadline) != 0) {
+		free(buf);
+		return CKR_DEVICE_ERROR;
+	}
+	*body = buf;
+	*len = n;
+	return CKR_OK;
 }
 
 /* One recv takes the header and, mostly, the whole body: a connection carries one

@@ -40,6 +40,13 @@ CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline);
 /* The same with a CPU hint for a helper that follows it (data plane): the header's first
  * byte is `cpu` + 1 (0 for a cpu < 0: no hint), the length takes the other three. */
 CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cpu);
+/* Two requests in one send, each as p11p_send_hinted: a data-plane pair (an operation's
+ * init and its next call) to a helper that answers pairs. */
+CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t deadline,
+		     int cpu);
+/* One frame body as p11p_recv_frame, reading no byte past it (a pair's replies come
+ * together). */
+CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline);
 /* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline);
 /* An idle connection still usable: nothing to read and no hang-up. */

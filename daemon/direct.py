@@ -47,10 +47,11 @@ log = logging.getLogger("p11p.direct")
 
 # p11p's own codes (protocol/README.md):
 # [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit,
-#   cpu_hint]]
+#   cpu_hint, pairs]]
 #   (replay_limit only on a connection that agreed the `data_plane` feature: a client
 #   without it knows six fields; cpu_hint, whether the helper follows the client's CPU
-#   hint, only with `cpu_hint` agreed too)
+#   hint, only with `cpu_hint` agreed too; pairs, whether it answers an init and the next
+#   call sent at once, only with `plane_pairs` agreed too)
 # [DIRECT_KEY, session, object] -> [rv, member handle]      a key an operation uses
 # [DIRECT_OBJECT, session, object] -> [rv, member handle]   an object whose attributes are read
 # [DIRECT_UNBIND, session, why] -> [rv]
@@ -62,6 +63,7 @@ DIRECT_OBJECT = spec.own_codes()["DIRECT_OBJECT"].code
 DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
 DATA_PLANE = "data_plane"  # the hello's feature of clients that keep data-plane operations
 CPU_HINT = "cpu_hint"  # ... and of clients that send their CPU to a helper that follows it
+PLANE_PAIRS = "plane_pairs"  # ... and of clients that send an init with its next call
 UNBIND_RETURNED = 0   # a data-plane call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves its operations here (its own choice; ended there)
 UNBIND_BROKEN = 2     # the connection to the helper broke
@@ -148,6 +150,8 @@ class Direct:
             answer.append(group.config.replay_limit)
             if CPU_HINT in agreed:
                 answer.append(helper.cpu_hint)
+                if PLANE_PAIRS in agreed:
+                    answer.append(helper.pairs)
         return [OK, answer]
 
     @staticmethod

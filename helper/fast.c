@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -238,10 +239,14 @@ struct conn {
 	cpu_set_t cpus;                  /* where its thread may run (0 bits: unknown) */
 	unsigned place;                  /* its entry in fast.fds */
 	msgpack_sbuffer out;
+	msgpack_sbuffer held;            /* replies held while more requests are read */
 	uint8_t *in;                     /* a request larger than `first` holds */
 	size_t in_cap;
-	uint8_t first[4096];             /* what one recv of a request takes at most */
+	size_t pos, have;                /* read: first[pos..have) is not taken yet */
+	uint8_t first[4096];             /* what one recv takes at most */
 };
+
+#define FAST_HOLD (64u << 10)            /* replies held at most before they go */
 
 /* ---- connections ---- */
 
@@ -308,32 +313,43 @@ static void follow(struct conn *c, unsigned hint)
 
 /* The next request of a connection (in c->first, or c->in when larger) and its size;
  * NULL when the connection ends or breaks. One recv takes the header and, mostly, the
- * whole request: the client sends one request at a time, so bytes past it are a
- * broken peer. The header: the CPU hint (follow), then the request's length in 24 bits
+ * whole request; a client may send a pair at once (an operation's init with its next
+ * call: protocol/README.md, "Data plane"), whose second request is then taken from what
+ * the recv took. The header: the CPU hint (follow), then the request's length in 24 bits
  * (a client without hints sends 0 there: its requests are far below 16 MiB). */
 static const uint8_t *next_request(struct conn *c, uint32_t *size)
 {
-	ssize_t k;
-	size_t got, had;
+	const uint8_t *h;
+	size_t had;
 
-	do
-		k = recv(c->fd, c->first, sizeof c->first, 0);
-	while (k < 0 && errno == EINTR);
-	if (k <= 0)
-		return NULL;
-	got = (size_t)k;
-	if (got < 4) {
-		if (io_all(c->fd, c->first + got, 4 - got, 0) != 0)
+	if (c->pos == c->have)
+		c->pos = c->have = 0;
+	while (c->have - c->pos < 4) {
+		ssize_t k;
+
+		if (c->pos > 0) {  /* a header cut by the last recv: to the front */
+			memmove(c->first, c->first + c->pos, c->have - c->pos);
+			c->have -= c->pos;
+			c->pos = 0;
+		}
+		do
+			k = recv(c->fd, c->first + c->have, sizeof c->first - c->have, 0);
+		while (k < 0 && errno == EINTR);
+		if (k <= 0)
 			return NULL;
-		got = 4;
+		c->have += (size_t)k;
 	}
-	*size = (uint32_t)c->first[1] << 16 | (uint32_t)c->first[2] << 8 | c->first[3];
-	follow(c, c->first[0]);
-	had = got - 4;
-	if (*size > FAST_MAX_FRAME || had > *size)
+	h = c->first + c->pos;
+	*size = (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	follow(c, h[0]);
+	if (*size > FAST_MAX_FRAME)
 		return NULL;
-	if (had == *size)
-		return c->first + 4;
+	c->pos += 4;
+	had = c->have - c->pos;
+	if (had >= *size) {
+		c->pos += *size;
+		return h + 4;
+	}
 	if (*size > c->in_cap) {
 		uint8_t *p = realloc(c->in, *size);
 
@@ -342,10 +358,44 @@ static const uint8_t *next_request(struct conn *c, uint32_t *size)
 		c->in = p;
 		c->in_cap = *size;
 	}
-	memcpy(c->in, c->first + 4, had);
+	memcpy(c->in, c->first + c->pos, had);
+	c->pos = c->have = 0;
 	if (io_all(c->fd, c->in + had, *size - had, 0) != 0)
 		return NULL;
 	return c->in;
+}
+
+/* The held replies and `out`, in one send: the client reads them at one wake-up. */
+static int send_replies(struct conn *c)
+{
+	struct iovec iov[2] = {
+		{ c->held.data, c->held.size }, { c->out.data, c->out.size },
+	};
+	struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
+	size_t left = c->held.size + c->out.size;
+
+	if (c->held.size == 0)
+		return io_all(c->fd, c->out.data, c->out.size, 1);
+	while (left > 0) {
+		ssize_t k = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return -1;
+		left -= (size_t)k;
+		while (m.msg_iovlen > 0 && (size_t)k >= m.msg_iov->iov_len) {
+			k -= (ssize_t)m.msg_iov->iov_len;
+			m.msg_iov++;
+			m.msg_iovlen--;
+		}
+		if (m.msg_iovlen > 0) {
+			m.msg_iov->iov_base = (char *)m.msg_iov->iov_base + k;
+			m.msg_iov->iov_len -= (size_t)k;
+		}
+	}
+	msgpack_sbuffer_clear(&c->held);
+	return 0;
 }
 
 static void *conn_main(void *arg)
@@ -373,7 +423,13 @@ static void *conn_main(void *arg)
 		c->out.data[1] = (char)(body >> 16);
 		c->out.data[2] = (char)(body >> 8);
 		c->out.data[3] = (char)body;
-		if (io_all(c->fd, c->out.data, c->out.size, 1) != 0)
+		/* a request of the pair waits: its reply goes with this one */
+		if (c->pos < c->have && c->held.size + c->out.size <= FAST_HOLD) {
+			if (msgpack_sbuffer_write(&c->held, c->out.data, c->out.size) != 0)
+				break;
+			continue;
+		}
+		if (send_replies(c) != 0)
 			break;
 	}
 out:
@@ -384,6 +440,7 @@ out:
 	close(c->fd);
 	free(c->in);
 	msgpack_sbuffer_destroy(&c->out);
+	msgpack_sbuffer_destroy(&c->held);
 	free(c);
 	return NULL;
 }
@@ -440,6 +497,7 @@ static void *accept_main(void *arg)
 		/* the token is checked in its thread (hello) */
 		if (place == FAST_MAX_CONNS ||
 		    (c->fd = fd, c->place = place, msgpack_sbuffer_init(&c->out),
+		     msgpack_sbuffer_init(&c->held),
 		     start_thread(conn_main, c) != 0)) {
 			if (place < FAST_MAX_CONNS) {
 				pthread_mutex_lock(&fast.lock);

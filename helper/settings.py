@@ -25,6 +25,7 @@ MAX_REQUEST = _int("P11P_MAX_FRAME", DEFAULT_MAX_FRAME, 1 << 16) + (1 << 20)
 MAX_OUTPUT = _int("P11P_MAX_FRAME", DEFAULT_MAX_FRAME, 1 << 16) - (1 << 12)
 # Seconds that C_Finalize waits for calls still running (C_WaitForSlotEvent excepted).
 FINALIZE_GRACE = _int("P11P_HELPER_FINALIZE_GRACE", 5, 0)
-# What the data plane's request header carries besides the length, told in the ready
-# frame (the daemon passes it on in DIRECT_BIND): the client's CPU (fast.c, follow).
-PLANE_FEATURES = ["cpu_hint"]
+# What the data plane takes beyond one request at a time, told in the ready frame (the
+# daemon passes it on in DIRECT_BIND): the client's CPU in the request header (fast.c,
+# follow), and a pair of requests sent at once, answered at once (fast.c, next_request).
+PLANE_FEATURES = ["cpu_hint", "pairs"]

@@ -292,3 +292,80 @@ _ = r""")
                            (0, hashlib.sha256(b"abc").digest())], got
     finally:
         app.close()
+
+
+def _ec_verify(keys: dict[str, Any], sig: bytes, digest: bytes) -> None:
+    public = serialization.load_pem_public_key(keys["ec_public"].encode())
+    public.verify(encode_dss_signature(int.from_bytes(sig[:32], "big"),  # type: ignore[union-attr]
+                                       int.from_bytes(sig[32:], "big")),
+                  digest, ec.ECDSA(Prehashed(hashes.SHA256())))  # type: ignore[call-arg]
+
+
+SIGN_EC = """
+def sign_ec(d, k=None):
+    return [init(R.C_SignInit, "CKM_ECDSA", None, ecc if k is None else k), out(R.C_Sign, d, 32)]
+"""
+
+
+def test_an_init_answered_before_goes_with_the_next_call(ha_factory: Any, ha_keys: Path) -> None:
+    """An init the member answered CKR_OK before (same mechanism, same key) is answered
+    at once and sent with the operation's next call (client/direct.c, deferred inits):
+    each signature verifies; a second init beside it is answered as the module answers
+    it (CKR_OPERATION_ACTIVE), and the first operation's signature follows; the member
+    failing between the init and the call, the operation completes on the other."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    keys = _keys(ha_keys)
+    digests = [hashlib.sha256(b"deferred %d" % i).digest() for i in range(6)]
+    app = PyApp(group.daemon)
+    try:
+        app.run(SETUP + SIGN_EC + f"\nD = {digests!r}\n")
+        signed = _value(app, "_ = [sign_ec(d) for d in D[:3]]")
+        for d, (init_rv, (rv, sig)) in zip(digests, signed, strict=False):
+            assert init_rv == 0 and rv == 0
+            _ec_verify(keys, sig, d)
+        got = _value(app, """_ = [init(R.C_SignInit, "CKM_ECDSA", None, ecc),
+     init(R.C_SignInit, "CKM_ECDSA", None, ecc), out(R.C_Sign, D[3], 32)]""")
+        assert got[:2] == [0, CKR["CKR_OPERATION_ACTIVE"]] and got[2][0] == 0, got
+        _ec_verify(keys, got[2][1], digests[3])
+        assert _value(app, '_ = init(R.C_SignInit, "CKM_ECDSA", None, ecc)') == 0
+        os.kill(group.app_helper(app.proc.pid, "hsmA"), signal.SIGKILL)
+        rv, sig = _value(app, "_ = out(R.C_Sign, D[4], 32)")
+        assert rv == 0
+        _ec_verify(keys, sig, digests[4])
+        (init_rv, (rv, sig)), = _value(app, "_ = [sign_ec(D[5])]")
+        assert init_rv == 0 and rv == 0
+        _ec_verify(keys, sig, digests[5])
+    finally:
+        app.close()
+
+
+def test_a_deferred_init_the_module_refuses_answers_at_the_next_call(ha_factory: Any) -> None:
+    """The init was answered CKR_OK here (the same key signed before) and another
+    application destroyed the key since: the call that sends it answers the refusal (not
+    CKR_DEVICE_ERROR), the operation is over (CKR_OPERATION_NOT_INITIALIZED next), and
+    the next init goes to the member at once (refused there)."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    app, other = PyApp(group.daemon), PyApp(group.daemon)
+    try:
+        app.run(SETUP + SIGN_EC + """
+pub, priv = s.generateKeyPair(
+    [(P.CKA_CLASS, P.CKO_PUBLIC_KEY), (P.CKA_TOKEN, True), (P.CKA_VERIFY, True),
+     (P.CKA_EC_PARAMS, bytes.fromhex("06082a8648ce3d030107")), (P.CKA_LABEL, "deferred-x")],
+    [(P.CKA_CLASS, P.CKO_PRIVATE_KEY), (P.CKA_TOKEN, True), (P.CKA_PRIVATE, True),
+     (P.CKA_SIGN, True), (P.CKA_LABEL, "deferred-x")], mecha=P.MechanismECGENERATEKEYPAIR)
+kx = priv.value()
+""")
+        assert _value(app, "_ = [sign_ec(b'1' * 32, kx)[1][0] for _ in range(2)]") == [0, 0]
+        other.run(SETUP + """
+(k,) = s.findObjects([(P.CKA_LABEL, "deferred-x"), (P.CKA_CLASS, P.CKO_PRIVATE_KEY)])
+s.destroyObject(k)
+""")
+        got = _value(app, """_ = [init(R.C_SignInit, "CKM_ECDSA", None, kx), out(R.C_Sign, b"2" * 32, 32)[0],
+     out(R.C_Sign, b"2" * 32, 32)[0], init(R.C_SignInit, "CKM_ECDSA", None, kx)]""")
+        assert got[0] == 0 and got[1] not in (0, CKR["CKR_DEVICE_ERROR"]), got
+        assert got[2] == CKR["CKR_OPERATION_NOT_INITIALIZED"] and got[3] != 0, got
+        # the session goes on: the group's own key signs
+        assert _value(app, "_ = sign_ec(b'3' * 32)[1][0]") == 0
+    finally:
+        app.close()
+        other.close()

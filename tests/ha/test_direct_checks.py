@@ -122,11 +122,13 @@ def test_a_structured_parameter_as_bytes_is_refused_on_both_planes(ha_factory: A
 
 def test_the_binding_tells_the_cpu_hint_only_to_a_client_that_agreed_it(ha_factory: Any) -> None:
     """DIRECT_BIND: six fields for a client without features, seven with `data_plane`,
-    eight (the last: the helper follows CPU hints) with `cpu_hint` too; a request whose
-    header carries a hint is served like one without."""
+    eight (the last: the helper follows CPU hints) with `cpu_hint` too, nine (the last:
+    it answers a pair sent at once) with `plane_pairs` too; a request whose header carries
+    a hint is served like one without."""
     group: HAGroup = ha_factory("failover", ["hsmA"])
     sizes = []
-    for features in (None, ["data_plane"], ["data_plane", "cpu_hint"]):
+    for features in (None, ["data_plane"], ["data_plane", "cpu_hint"],
+                     ["data_plane", "cpu_hint", "plane_pairs"]):
         daemon = _Link(str(group.daemon.socket))
         try:
             hello: dict[str, Any] = {"p11p": 1, "ctx": os.urandom(16), "pid": os.getpid(),
@@ -151,8 +153,7 @@ def test_the_binding_tells_the_cpu_hint_only_to_a_client_that_agreed_it(ha_facto
                     assert rv == OK and len(data) == 16
             finally:
                 helper.close()
-            if len(bound) == 8:
-                assert bound[7] is True
+            assert bound[7:] == [True, True][:max(0, len(bound) - 7)]
         finally:
             daemon.close()
-    assert sizes == [6, 7, 8]
+    assert sizes == [6, 7, 8, 9]

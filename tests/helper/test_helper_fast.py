@@ -227,14 +227,52 @@ def test_a_request_larger_than_one_read_is_served(fast: Fast) -> None:
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
 
 
-def test_a_second_request_before_the_reply_closes_the_connection(fast: Fast) -> None:
-    """One request at a time (protocol/README.md, Data plane): bytes past a request are
-    a broken peer; the helper serves on."""
-    body = msgpack.packb([GENERATE_RANDOM, fast.id, 8], use_bin_type=True)
-    frame = struct.pack(">I", len(body)) + body
+def _frame(*request: Any) -> bytes:
+    body = msgpack.packb(list(request), use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def _reply(s: socket.socket) -> list[Any]:
+    size = struct.unpack(">I", recv_exact(s, 4))[0]
+    reply: list[Any] = msgpack.unpackb(recv_exact(s, size), raw=False)
+    return reply
+
+
+def test_a_pair_sent_at_once_is_answered_in_order(fast: Fast) -> None:
+    """An operation's init and its next call in one send (the client's deferred init:
+    protocol/README.md, Data plane): served in order, both replies in one send; the
+    signature verifies. Then three requests at once, and the connection serves on."""
+    digest = sha256(b"a pair").digest()
     with fast.connect() as s:
+        s.sendall(_frame(SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], None], fast.key)
+                  + _frame(SIGN, fast.id, digest, 64))
+        assert _reply(s) == [0]
+        rv, signature = _reply(s)
+        assert rv == 0
+        fast.public.verify(utils.encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                                                      int.from_bytes(signature[32:], "big")),
+                           digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        s.sendall(b"".join(_frame(GENERATE_RANDOM, fast.id, n) for n in (8, 16, 24)))
+        assert [len(_reply(s)[1]) for _ in range(3)] == [8, 16, 24]
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
-        s.sendall(frame + frame)
+
+
+def test_a_pair_whose_init_fails_answers_both(fast: Fast) -> None:
+    """The init refused (a key handle the module does not know: SoftHSM2 says
+    CKR_OBJECT_HANDLE_INVALID): its error, then the call's CKR_OPERATION_NOT_INITIALIZED;
+    the client answers the init's."""
+    with fast.connect() as s:
+        s.sendall(_frame(SIGN_INIT, fast.id, [CKM["CKM_ECDSA"], None], fast.key + 999)
+                  + _frame(SIGN, fast.id, b"x" * 32, 64))
+        assert _reply(s)[0] == CKR["CKR_OBJECT_HANDLE_INVALID"]
+        assert _reply(s)[0] == CKR["CKR_OPERATION_NOT_INITIALIZED"]
+
+
+def test_a_broken_request_after_a_good_one_closes_the_connection(fast: Fast) -> None:
+    """A frame that does not parse behind a good one sent at once: the connection
+    closes (a broken peer); the helper serves on."""
+    with fast.connect() as s:
+        s.sendall(_frame(GENERATE_RANDOM, fast.id, 8) + struct.pack(">I", 3) + b"\xc1\xc1\xc1")
         assert closed(s)
     with fast.connect() as s:
         assert call(s, GENERATE_RANDOM, fast.id, 8)[0] == 0
@@ -263,7 +301,7 @@ def test_a_connection_s_thread_follows_the_cpu_hint(fast: Fast) -> None:
     run on, or 0, is no hint. The ready frame says the helper reads hints. This test
     sits on one CPU and sends the hints of two: the thread changes CPU at least at each
     hint of the other (the scheduler would rather keep it by this one: it comes back)."""
-    assert fast.helper.ready == [0, 0, fast.helper.pid, ["cpu_hint"]]
+    assert fast.helper.ready == [0, 0, fast.helper.pid, ["cpu_hint", "pairs"]]
     cpus = sorted(os.sched_getaffinity(fast.helper.pid))
     if len(cpus) < 2:
         pytest.skip("one CPU here: no hint can move a thread")
