@@ -6,6 +6,8 @@ CK_FUNCTION_LIST, so the compiler checks every argument against the real prototy
 The data plane (fast.c) comes with its codec: fast_codec.c and the calls generated
 from the specs into gen/fast_calls.c (gen_fast.py), compiled as sources of their own
 and linked with msgpack-c.
+The fork server's request loop (fork_loop.c) is compiled in too: the fork server loads
+this extension (for the call table it makes for its helpers) before any module.
 The result is `_cryptoki<EXT_SUFFIX>`: beside this file at `make helper-cffi` time, or in
 a cache directory when the helper finds it missing or stale (see ffi.py). The build is
 keyed by a hash of everything that goes into it; the key is compiled in, so a stale
@@ -66,6 +68,25 @@ unsigned long long p11p_fast_served(void);
 unsigned long long p11p_fast_stuck(void);
 void p11p_fast_limit(unsigned long max_output);
 int p11p_structured_mechanism(unsigned long type);
+"""
+
+# The fork server's request loop (fork_loop.c): run in the fork server, never in a helper.
+FORK_CDEF = """
+/* fork server (fork_loop.c) */
+enum p11p_fork_event {
+    P11P_FORK_CHILD = 1, P11P_FORK_SIGTERM = 2, P11P_FORK_EOF = 3, P11P_FORK_MALFORMED = 4,
+    P11P_FORK_FAILED = 5, P11P_FORK_ERROR = 6
+};
+struct p11p_fork_request {
+    long long number;
+    const char *module;
+    size_t module_len;
+    int in_fd, out_fd;
+    int error;
+};
+int p11p_fork_serve(int link, int wake, struct p11p_fork_request *request);
+int p11p_fork_reap(int link);
+int p11p_fork_children(void);
 """
 
 LOADER = r"""
@@ -158,9 +179,9 @@ def sources() -> tuple[str, str, str]:
     spec = load_spec()
     shims = [_shim(f) for f in spec.functions() if f.name not in NOT_FORWARDED]
     cdef = (HERE / "cryptoki.cdef").read_text() + "\n/* call shims */\n" + "\n".join(
-        p for p, _ in shims) + "\n" + FAST_CDEF
+        p for p, _ in shims) + "\n" + FAST_CDEF + FORK_CDEF
     source = LOADER + "\n" + "\n".join(body for _, body in shims) + "\n" + (
-        HERE / "fast.c").read_text()
+        HERE / "fast.c").read_text() + "\n" + (HERE / "fork_loop.c").read_text()
     digest = hashlib.sha256()
     for part in (cdef, source, " ".join(COMPILE_ARGS), str(sysconfig.get_config_var("EXT_SUFFIX")),
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),

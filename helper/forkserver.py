@@ -17,7 +17,11 @@ log handler), the garbage collector is off from the start and never collects her
 collection leaves holes in shared pages that the children's allocations would then
 write into; `gc.freeze` before serving keeps the children's collections off these
 objects, as the gc module's documentation advises), and the child does as little as it
-can before it serves.
+can before it serves. A page this process writes after a fork is the new helper's
+alone (it keeps the page as it was when forked, this process takes a copy): so the
+request loop's common path (read a request, fork, answer, reap) is C (fork_loop.c),
+which writes no Python object, and Python runs here between two forks only for rare
+events (a signal, the link's end, a malformed request, a failed fork).
 
 The link is fd 0 at start: one end of an AF_UNIX SOCK_SEQPACKET pair, one msgpack
 message per packet (daemon/forkserver.py is the other end):
@@ -28,6 +32,8 @@ message per packet (daemon/forkserver.py is the other end):
                                                              ready frame [0, rv, pid]
   server -> daemon   [n, 0, message]                         not forked
   server -> daemon   [-1, pid, status]                       a helper ended (waitpid)
+
+A request bigger than 1 MiB is malformed.
 
 The helpers' frames travel over the pipes passed with their request, as a helper
 started as a process of its own. Each helper has a session of its own and dies with
@@ -42,7 +48,6 @@ import gc
 
 gc.disable()  # before anything is imported: no collection leaves holes in shared pages
 
-import array  # noqa: E402
 import ctypes  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -58,12 +63,10 @@ from p11p.helper import __main__ as helper_main  # noqa: E402
 from p11p.helper import calls, settings  # noqa: E402, F401  (imported once, for the children)
 from p11p.helper.calls import Plan  # noqa: E402
 from p11p.helper.errors import log, setup_logging  # noqa: E402
-from p11p.helper.ffi import lib  # noqa: E402
+from p11p.helper.ffi import ffi, lib  # noqa: E402
 from p11p.helper.loop import Server  # noqa: E402, F401  (imported once, for the children)
 
 END_GRACE = 5.0  # seconds the helpers get to end after the daemon did
-MAX_MESSAGE = 1 << 20
-ENDED = -1
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -77,13 +80,14 @@ def _die_with_parent(sig: int, parent: int) -> None:
 
 
 class ForkServer:
-    """The request loop: forks helpers, reaps them, reports their ends."""
+    """The request loop (fork_loop.c, for its common path): forks helpers, reaps them,
+    reports their ends."""
 
     def __init__(self, link: socket.socket, member: str, plans: dict[int, Plan]) -> None:
         self.link = link
         self.member = member
         self.plans = plans  # the call table, made once here for every child
-        self.children: set[int] = set()
+        self.pid = os.getpid()
         self.ending_at: float | None = None  # the daemon ended: leave by this time
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(wake_w, False)
@@ -94,99 +98,48 @@ class ForkServer:
         signal.signal(signal.SIGTERM, lambda *_: None)
 
     def serve(self) -> int:
+        """Until the daemon ends; in a forked helper, its life (it never returns)."""
         self._send([0, os.getpid()])
-        while True:
-            if self.ending_at is not None and not self.children:
-                return 0
-            timeout = None
-            if self.ending_at is not None:
-                timeout = self.ending_at - time.monotonic()
-                if timeout <= 0:
-                    log.warning("fork server: %d helpers still run %.3g s after the daemon "
-                                "ended; they are killed with it", len(self.children), END_GRACE)
-                    return 0
-            watched = [self._wake_r] if self.ending_at is not None \
-                else [self.link.fileno(), self._wake_r]
-            ready, _, _ = select.select(watched, [], [], timeout)
-            if self._wake_r in ready:
-                self._signalled()
-            if self.link.fileno() in ready:
-                self._request()
-
-    def _signalled(self) -> None:
-        try:
-            signals = os.read(self._wake_r, 512)
-        except BlockingIOError:
-            signals = b""
-        if signal.SIGTERM in signals:
-            self._end("SIGTERM")
-        self._reap()
+        request = ffi.new("struct p11p_fork_request *")
+        link = self.link.fileno()
+        while self.ending_at is None:
+            # no Python runs from here to the next fork but for the rare events below
+            event = lib.p11p_fork_serve(link, self._wake_r, request)
+            if event == lib.P11P_FORK_CHILD:
+                self._child(self.pid, ffi.unpack(request.module, request.module_len)
+                            .decode("utf-8", "surrogateescape"), request.in_fd, request.out_fd)
+            elif event == lib.P11P_FORK_SIGTERM:
+                self._end("SIGTERM")
+            elif event == lib.P11P_FORK_EOF:
+                self._end("its link closed")
+            elif event == lib.P11P_FORK_MALFORMED:
+                log.error("fork server: malformed request; ignored")
+                if request.number:
+                    self._send([request.number, 0, "malformed fork request"])
+            elif event == lib.P11P_FORK_FAILED:
+                failed = OSError(request.error, os.strerror(request.error))
+                self._send([request.number, 0, f"fork: {failed}"])
+            else:
+                raise OSError(request.error, os.strerror(request.error))
+        # the daemon ended: its helpers, whose stdin closed with it, finalize their modules
+        while lib.p11p_fork_reap(link) > 0:
+            timeout = self.ending_at - time.monotonic()
+            if timeout <= 0:
+                log.warning("fork server: %d helpers still run %.3g s after the daemon "
+                            "ended; they are killed with it", lib.p11p_fork_children(), END_GRACE)
+                break
+            if select.select([self._wake_r], [], [], timeout)[0]:
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    pass
+        return 0
 
     def _end(self, why: str) -> None:
         if self.ending_at is None:
-            log.info("fork server: the daemon ended (%s); %d helpers run", why, len(self.children))
+            log.info("fork server: the daemon ended (%s); %d helpers run", why,
+                     lib.p11p_fork_children())
             self.ending_at = time.monotonic() + END_GRACE
-
-    def _reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
-            self._send([ENDED, pid, status])
-
-    def _request(self) -> None:
-        fds = array.array("i")
-        try:
-            data, ancdata, flags, _ = self.link.recvmsg(
-                MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
-        except ConnectionResetError:
-            data, ancdata, flags = b"", [], 0
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-        try:
-            if not data:
-                self._end("its link closed")
-                return
-            try:
-                message = msgpack.unpackb(data) if not flags & socket.MSG_TRUNC else None
-            except Exception:  # any packet that does not decode is malformed
-                message = None
-            if not (isinstance(message, list) and len(message) == 2
-                    and isinstance(message[0], int) and message[0] > 0
-                    and isinstance(message[1], str) and len(fds) == 2):
-                log.error("fork server: malformed request; ignored")
-                if isinstance(message, list) and message and isinstance(message[0], int):
-                    self._send([message[0], 0, "malformed fork request"])
-                return
-            self._fork(message[0], message[1], fds[0], fds[1])
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _fork(self, number: int, module: str, in_fd: int, out_fd: int) -> None:
-        if self.ending_at is not None:
-            self._send([number, 0, "fork server is ending"])
-            return
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self._send([number, 0, f"fork: {exc}"])
-            return
-        if pid == 0:
-            self._child(parent, module, in_fd, out_fd)
-        self.children.add(pid)
-        pidfd = os.pidfd_open(pid)  # not reaped yet: the pid is still this child's
-        try:
-            self._send([number, pid], [pidfd])
-        finally:
-            os.close(pidfd)
 
     def _child(self, parent: int, module: str, in_fd: int, out_fd: int) -> None:
         """The helper, from the fork on: never returns."""
@@ -211,10 +164,9 @@ class ForkServer:
         finally:
             helper_main._exit(status)
 
-    def _send(self, message: list[Any], fds: list[int] | None = None) -> None:
-        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    def _send(self, message: list[Any]) -> None:
         try:
-            self.link.sendmsg([msgpack.packb(message)], ancdata)
+            self.link.sendmsg([msgpack.packb(message)])
         except OSError:  # the daemon is gone: the loop sees the link's EOF
             pass
 
