@@ -21,7 +21,9 @@ can before it serves. A page this process writes after a fork is the new helper'
 alone (it keeps the page as it was when forked, this process takes a copy): so the
 request loop's common path (read a request, fork, answer, reap) is C (fork_loop.c),
 which writes no Python object, and Python runs here between two forks only for rare
-events (a signal, the link's end, a malformed request, a failed fork).
+events (a signal, the link's end, a malformed request, a failed fork). Nor does a
+helper's malloc() take the free chunks of this process's C heap (holes among pages
+in use, each copied for a few bytes): they are taken here first, for good.
 
 The link is fd 0 at start: one end of an AF_UNIX SOCK_SEQPACKET pair, one msgpack
 message per packet (daemon/forkserver.py is the other end):
@@ -103,7 +105,9 @@ class ForkServer:
         request = ffi.new("struct p11p_fork_request *")
         link = self.link.fileno()
         while self.ending_at is None:
-            # no Python runs from here to the next fork but for the rare events below
+            # no Python runs from here to the next fork but for the rare events below;
+            # the holes it left in the C heap are filled first
+            lib.p11p_fork_fill_heap()
             event = lib.p11p_fork_serve(link, self._wake_r, request)
             if event == lib.P11P_FORK_CHILD:
                 self._child(self.pid, ffi.unpack(request.module, request.module_len)

@@ -3,7 +3,8 @@ as daemon/forkserver.py drives it: a request forks a helper, answered with its p
 a pidfd; its end is reported with its wait status; a malformed request is answered and
 the server goes on; the link's end ends the server. And between two forks the server
 writes (almost) no page: each page it writes is copied, and the copy it leaves behind is
-the helper forked last's alone.
+the helper forked last's alone; nor does it leave free chunks in its C heap for a
+helper's allocations to copy.
 """
 
 from __future__ import annotations
@@ -179,3 +180,35 @@ def test_the_server_writes_almost_no_page_between_two_forks(server: Server) -> N
     after = _frames(server.proc.pid)
     copied = [a for a, frame in before.items() if after.get(a, frame) != frame]
     assert len(copied) < (16 if sys.version_info < (3, 13) else 40), len(copied)
+
+
+FILL = """
+import ctypes
+from p11p.helper.ffi import lib
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(n) for n in range(16, 4096, 8) for _ in range(4)]
+for b in blocks[::2]:
+    libc.free(b)
+before = libc.mallinfo2()
+lib.p11p_fork_fill_heap()
+after = libc.mallinfo2()
+print(before.ordblks, before.smblks, after.ordblks, after.smblks)
+"""
+
+
+def test_the_server_leaves_no_hole_in_the_c_heap_for_a_helper_to_fill() -> None:
+    """What a helper allocates comes from fresh pages at the top of the C heap, not
+    from the server's free chunks (each a page copied for a few bytes): the server
+    takes them all before it serves (p11p_fork_fill_heap; glibc 2.33 or later)."""
+    r = subprocess.run([sys.executable, "-c", FILL], capture_output=True, text=True,
+                       timeout=60, check=True)
+    free_before, _, free_after, fast_after = map(int, r.stdout.split())
+    assert free_before > 100  # holes made (the top is one of the free chunks counted)
+    assert (free_after, fast_after) == (1, 0)  # the top alone
