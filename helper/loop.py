@@ -23,6 +23,7 @@ one the daemon gave it: KEEP), to read the file and to log in again on other mem
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import hmac
 import os
@@ -188,8 +189,9 @@ class Server:
     def _start_worker(self) -> None:
         with self._workers:
             self._started += 1
-            name = f"p11p-call_{self._started - 1}"
-        threading.Thread(target=self._worker, name=name, daemon=True).start()
+        # a bare thread, not a threading.Thread: that one's Python (its events, the
+        # module's registries) writes some 40 kB of pages a forked helper shares
+        _thread.start_new_thread(self._worker, ())
 
     def _stop(self, status: int) -> None:
         if self._status is None:
