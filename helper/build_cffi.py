@@ -87,6 +87,7 @@ struct p11p_fork_request {
 int p11p_fork_serve(int link, int wake, struct p11p_fork_request *request);
 int p11p_fork_reap(int link);
 int p11p_fork_children(void);
+int p11p_fork_signals(void);
 size_t p11p_fork_fill_heap(void);
 """
 

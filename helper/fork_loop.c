@@ -1,7 +1,7 @@
 /* p11p helper — the fork server's request loop (helper/forkserver.py), in C: waits for
  * the daemon's fork requests, forks a helper for each, answers, reaps the helpers that
  * end and reports them, and returns to Python only in a new helper or for what is not
- * that common path (a signal, the link's end, a malformed request, a failed fork).
+ * that common path (SIGTERM, the link's end, a malformed request, a failed fork).
  *
  * Why C: a page the server writes after a fork is copied, and the copy it leaves
  * behind is the new helper's alone. A Python loop writes the reference counts of what
@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <poll.h>
 #include <signal.h>
@@ -51,6 +52,7 @@ struct p11p_fork_request {
 
 static unsigned char fork_buf[FORK_MAX_MESSAGE];
 static int fork_children;  /* forked and not yet reaped */
+static int fork_wake[2] = { -1, -1 };  /* the signals' pipe */
 
 /* ---- msgpack, the little of it these messages use ---- */
 
@@ -239,6 +241,48 @@ size_t p11p_fork_fill_heap(void)
 #endif
 }
 
+/* ---- signals ---- */
+
+static void fork_signal(int sig)
+{
+	int saved = errno;
+	unsigned char byte = (unsigned char)sig;
+
+	if (write(fork_wake[1], &byte, 1) < 0) {
+		/* full: the loop has news to read already */
+	}
+	errno = saved;
+}
+
+/* SIGCHLD (a helper ended) and SIGTERM (the daemon did) write their number to a pipe,
+ * whose read end this returns (-1 with errno). Handled here, not by Python's signal
+ * module: a helper puts them back to their defaults without running Python (the
+ * signal module's functions, their enum conversions, wrote some 30 kB of pages a
+ * helper shares with the server). */
+int p11p_fork_signals(void)
+{
+	struct sigaction action;
+
+	if (pipe2(fork_wake, O_NONBLOCK | O_CLOEXEC) != 0)
+		return -1;
+	memset(&action, 0, sizeof(action));
+	action.sa_handler = fork_signal;
+	sigemptyset(&action.sa_mask);
+	action.sa_flags = SA_RESTART;
+	if (sigaction(SIGCHLD, &action, NULL) != 0 || sigaction(SIGTERM, &action, NULL) != 0)
+		return -1;
+	return fork_wake[0];
+}
+
+/* In a new helper: the signals as a process of its own has them. */
+static void signals_to_defaults(void)
+{
+	signal(SIGCHLD, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	close(fork_wake[0]);
+	close(fork_wake[1]);
+}
+
 /* ---- the loop ---- */
 
 /* In the stable ABI since 3.7; Python.h declares them for no older limited API than
@@ -263,6 +307,7 @@ static pid_t fork_interpreter(void)
 	pid = fork();
 	if (pid != 0)
 		return pid;
+	signals_to_defaults();
 	gil = PyGILState_Ensure();
 	PyOS_AfterFork_Child();
 	PyGILState_Release(gil);
@@ -274,9 +319,10 @@ static pid_t fork_interpreter(void)
 	PyOS_BeforeFork();
 	pid = fork();
 	saved = errno;
-	if (pid == 0)
+	if (pid == 0) {
+		signals_to_defaults();
 		PyOS_AfterFork_Child();
-	else
+	} else
 		PyOS_AfterFork_Parent();
 	PyGILState_Release(gil);
 	errno = saved;
@@ -315,7 +361,7 @@ int p11p_fork_children(void)
 	return fork_children;
 }
 
-/* The wake-up pipe (signal.set_wakeup_fd) had news: reaps; SIGTERM among them or not. */
+/* The signals' pipe had news: reaps; SIGTERM among them or not. */
 static int signalled(int link, int wake)
 {
 	unsigned char sigs[512];

@@ -21,7 +21,8 @@ can before it serves. A page this process writes after a fork is the new helper'
 alone (it keeps the page as it was when forked, this process takes a copy): so the
 request loop's common path (read a request, fork, answer, reap) is C (fork_loop.c),
 which writes no Python object, and Python runs here between two forks only for rare
-events (a signal, the link's end, a malformed request, a failed fork). Nor does a
+events (SIGTERM, the link's end, a malformed request, a failed fork); the signals are
+C's too, so that a helper does not run the signal module's Python to reset them. Nor does a
 helper's malloc() take the free chunks of this process's C heap (holes among pages
 in use, each copied for a few bytes): they are taken here first, for good.
 
@@ -91,13 +92,10 @@ class ForkServer:
         self.plans = plans  # the call table, made once here for every child
         self.pid = os.getpid()
         self.ending_at: float | None = None  # the daemon ended: leave by this time
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        self._wake_w = wake_w
-        # handlers only so that the signals reach the wake-up pipe; handled in the loop
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: None)
+        # SIGCHLD and SIGTERM are written to this pipe (fork_loop.c), handled in the loop
+        self._wake_r = lib.p11p_fork_signals()
+        if self._wake_r < 0:
+            raise OSError(ffi.errno, os.strerror(ffi.errno))
 
     def serve(self) -> int:
         """Until the daemon ends; in a forked helper, its life (it never returns)."""
@@ -150,9 +148,6 @@ class ForkServer:
         status = 1
         try:
             gc.enable()  # on its own objects only: the server's are frozen
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.setsid()  # a session of its own, as a helper started by the daemon has
             _die_with_parent(signal.SIGKILL, parent)
             self.link.detach()

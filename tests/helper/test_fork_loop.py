@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -139,6 +140,28 @@ def test_a_module_that_does_not_load_is_reported_by_its_helper(server: Server) -
     pid = server.fork(1, module, rv=CKR_GENERAL_ERROR)
     message, _ = server.receive()
     assert message[:2] == [-1, pid] and os.waitstatus_to_exitcode(message[2]) == 1
+
+
+def _caught(pid: int) -> int:
+    """The signals the process catches (a mask: bit n-1 for signal n)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise LookupError(pid)
+
+
+def test_sigterm_ends_the_server_and_a_helper_has_it_as_its_default(server: Server) -> None:
+    """The server catches SIGCHLD and SIGTERM (in C: no Python runs for them); a helper
+    is a process of its own for both, as one started by the daemon is."""
+    server_caught = _caught(server.proc.pid)
+    assert server_caught & (1 << (signal.SIGCHLD - 1)) and \
+        server_caught & (1 << (signal.SIGTERM - 1))
+    pid = server.fork(1)
+    assert not _caught(pid) & (1 << (signal.SIGCHLD - 1) | 1 << (signal.SIGTERM - 1))
+    server.end_helper(pid)
+    assert server.receive()[0][:2] == [-1, pid]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
 
 
 def test_the_links_end_ends_the_server(server: Server) -> None:
