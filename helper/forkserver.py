@@ -13,7 +13,7 @@ environment (the call table's output bound, the log level) is what the helper wo
 What a helper costs is mostly what it does not share with this process: every page that
 either writes after the fork is copied (refcounts, allocations, the interpreter's own
 counters). So all that can be made before the fork is made here (the call table, the
-log handler), the garbage collector is off from the start and never collects here (a
+log handler, OpenSSL's cipher methods), the garbage collector is off from the start and never collects here (a
 collection leaves holes in shared pages that the children's allocations would then
 write into; `gc.freeze` before serving keeps the children's collections off these
 objects, as the gc module's documentation advises), and the child does as little as it
@@ -170,6 +170,30 @@ class ForkServer:
             pass
 
 
+def _fetch_openssl_methods() -> None:
+    """Fetches OpenSSL's cipher and random generator methods, here, once for all helpers.
+
+    A module built on the system's OpenSSL 3 (SoftHSM2, among others) fetches a cipher
+    in its C_Initialize (its random generator does); OpenSSL then makes every cipher
+    of its provider at once and files them in tables this process made (Python's hashlib
+    started OpenSSL here): some 300 kB per helper, new or written into pages shared with
+    this process. Made here, they are shared. Methods only: no random generator is made
+    here, each helper seeds its own. Nothing when Python's OpenSSL is not 3.x."""
+    try:
+        import _hashlib
+        crypto = ctypes.CDLL(_hashlib.__file__)  # libcrypto's symbols, through it
+        fetches = [(crypto.EVP_CIPHER_fetch, crypto.EVP_CIPHER_free, b"AES-256-CTR"),
+                   (crypto.EVP_RAND_fetch, crypto.EVP_RAND_free, b"CTR-DRBG"),
+                   (crypto.EVP_RAND_fetch, crypto.EVP_RAND_free, b"SEED-SRC")]
+    except (ImportError, OSError, AttributeError):
+        return
+    for fetch, free, name in fetches:
+        fetch.restype = ctypes.c_void_p
+        fetch.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+        free.argtypes = [ctypes.c_void_p]
+        free(fetch(None, name, None))
+
+
 def _close_fds_but(*keep: int) -> None:
     """Closes every fd above 2 but `keep` (close_range(2), a system call per gap)."""
     low = 3
@@ -205,6 +229,7 @@ def main(argv: list[str]) -> int:
     os.close(devnull)
     os.dup2(2, 1)
     plans = calls.plans(lib)  # the helpers' call table, shared with them
+    _fetch_openssl_methods()
     # what is here now stays in pages the helpers share with this process; their
     # collections pass it over (no gc.collect() first: see the module's docstring)
     gc.freeze()
