@@ -13,18 +13,19 @@ environment (the call table's output bound, the log level) is what the helper wo
 What a helper costs is mostly what it does not share with this process: every page that
 either writes after the fork is copied (refcounts, allocations, the interpreter's own
 counters). So all that can be made before the fork is made here (the call table, the
-log handler, OpenSSL's cipher methods), the garbage collector is off from the start and never collects here (a
-collection leaves holes in shared pages that the children's allocations would then
-write into; `gc.freeze` before serving keeps the children's collections off these
-objects, as the gc module's documentation advises), and the child does as little as it
-can before it serves. A page this process writes after a fork is the new helper's
-alone (it keeps the page as it was when forked, this process takes a copy): so the
-request loop's common path (read a request, fork, answer, reap) is C (fork_loop.c),
-which writes no Python object, and Python runs here between two forks only for rare
-events (SIGTERM, the link's end, a malformed request, a failed fork); the signals are
-C's too, so that a helper does not run the signal module's Python to reset them. Nor does a
-helper's malloc() take the free chunks of this process's C heap (holes among pages
-in use, each copied for a few bytes): they are taken here first, for good.
+log handler, OpenSSL's cipher methods), the garbage collector is off from the start and
+never collects here (a collection leaves holes in shared pages that the children's
+allocations would then write into; `gc.freeze` before serving keeps the children's
+collections off these objects, as the gc module's documentation advises), and the
+child does as little as it can before it serves. A page this process writes after a
+fork is the new helper's alone (it keeps the page as it was when forked, this process
+takes a copy): so the request loop's common path (read a request, fork, answer, reap)
+is C (fork_loop.c), which writes no Python object, and Python runs here between two
+forks only for rare events (SIGTERM, the link's end, a malformed request, a failed
+fork); the signals are caught in C too, so that a helper resets them without the
+signal module's Python. Nor does a helper's malloc() take the free chunks of this
+process's C heap (holes among pages in use, each copied for a few bytes): they are
+taken here first, for good.
 
 The link is fd 0 at start: one end of an AF_UNIX SOCK_SEQPACKET pair, one msgpack
 message per packet (daemon/forkserver.py is the other end):
