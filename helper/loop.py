@@ -49,6 +49,7 @@ from p11p.helper.errors import (
     log,
     rv_for,
 )
+from p11p.helper.kept import PIN_MAX, Kept
 from p11p.helper.settings import MAX_OUTPUT, PLANE_FEATURES
 from p11p.protocol.framing import FrameDecoder, ProtocolError, encode
 from p11p.protocol.spec import functions, own_codes
@@ -86,37 +87,9 @@ CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKU_CONTEXT_SPECIFIC = 2  # a login for one operation: not the token's
 _PR_SET_PDEATHSIG = 1
 _UNSET_WAIT = 5.0  # seconds ADOPTABLE waits for the main thread to clear it
-_PIN_MAX = 256
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class Kept:
-    """A secret kept for the next daemon (a PIN with its user type, a state file's key),
-    in memory locked out of swap, wiped when no longer needed and at the end."""
-
-    def __init__(self) -> None:
-        self._buf = ctypes.create_string_buffer(_PIN_MAX)
-        _libc.mlock(ctypes.addressof(self._buf), _PIN_MAX)  # best effort (RLIMIT_MEMLOCK)
-        self._len = -1
-        self.user_type = 0
-        self._lock = threading.Lock()
-
-    def keep(self, user_type: int, pin: bytes) -> None:
-        if len(pin) > _PIN_MAX:
-            return
-        with self._lock:
-            ctypes.memset(self._buf, 0, _PIN_MAX)
-            ctypes.memmove(self._buf, pin, len(pin))
-            self._len, self.user_type = len(pin), user_type
-
-    def get(self) -> tuple[int, bytes] | None:
-        with self._lock:
-            return None if self._len < 0 else (self.user_type, self._buf.raw[:self._len])
-
-    def wipe(self) -> None:
-        with self._lock:
-            ctypes.memset(self._buf, 0, _PIN_MAX)
-            self._len = -1
 CALL_ID_MAX = (1 << 64) - 1
 READ_SIZE = 1 << 18
 
@@ -410,7 +383,7 @@ class Server:
                 self.send([call_id, self._adoptable(frame[2:])], link)
             elif code == KEEP:
                 ok = (len(frame) == 4 and type(frame[2]) is int and type(frame[3]) is bytes
-                      and len(frame[3]) <= _PIN_MAX)
+                      and len(frame[3]) <= PIN_MAX)
                 if ok:
                     self.kept.keep(frame[2], frame[3])
                 self.send([call_id, CKR_OK if ok else CKR_ARGUMENTS_BAD], link)
