@@ -98,7 +98,7 @@ static int give_back(struct p11p_state *s, struct p11p_conn *conn, int healthy)
 	(void)p11p_lock_acquire(&s->lock);
 	list_remove(&s->busy, conn);
 	killed = conn->killed;
-	keep = healthy && !killed && atomic_load(&s->phase) == P11P_READY &&
+	keep = healthy && !killed && !conn->closing && atomic_load(&s->phase) == P11P_READY &&
 	       s->nidle < P11P_MAX_IDLE;
 	if (keep) {
 		list_push(&s->idle, conn);
@@ -195,12 +195,16 @@ void p11p_release(void *conn, int healthy)
 	give_back(&p11p_state, conn, healthy);
 }
 
-/* The reply of a daemon that stops for a restart to a call it did not begin: [RETRY] */
+
+/* The reply of a daemon that stops for a restart to a call it did not begin, [RETRY],
+ * as a frame. A daemon that stops writes it on every idle connection as it closes it (a
+ * call sent that it did not read takes it as its answer), so it may come right behind
+ * the reply of the call before, in the same recv. */
+static const unsigned char retry_frame[] = { 0, 0, 0, 6, 0x91, 0xce, 0xf0, 0x11, 0x00, 0x02 };
+
 static int is_retry(const char *body, size_t len)
 {
-	static const unsigned char retry[] = { 0x91, 0xce, 0xf0, 0x11, 0x00, 0x02 };
-
-	return len == sizeof retry && memcmp(body, retry, sizeof retry) == 0;
+	return len == sizeof retry_frame - 4 && memcmp(body, retry_frame + 4, len) == 0;
 }
 
 /* Calls that change nothing: one the daemon may have begun when it went away can be
@@ -268,7 +272,10 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 		deadline = p11p_deadline(timeout);
 		rv = p11p_send_frame(conn->fd, frame, len, deadline);
 		sent = rv == CKR_OK;
-		if (sent)
+		if (sent && (conn->features & P11P_FEATURE_restart))
+			rv = p11p_recv_then(conn->fd, reply, reply_len, deadline, retry_frame,
+					    sizeof retry_frame, &conn->closing);
+		else if (sent)
 			rv = p11p_recv_frame(conn->fd, reply, reply_len, deadline);
 		if (rv == CKR_OK && !((conn->features & P11P_FEATURE_restart) &&
 				      is_retry(*reply, *reply_len))) {

@@ -24,6 +24,7 @@ enum p11p_phase { P11P_UNINIT = 0, P11P_READY, P11P_FINALIZING };
 struct p11p_conn {
 	int fd;
 	int killed;                 /* shut down by C_Finalize while busy */
+	int closing;                /* a RETRY came behind its last reply: the daemon closes it */
 	unsigned version;           /* what its hello agreed on (struct p11p_welcome) */
 	unsigned features;
 	struct p11p_conn *prev, *next;

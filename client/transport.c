@@ -268,8 +268,9 @@ CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline)
 
 /* One recv takes the header and, mostly, the whole body: a connection carries one
  * request at a time, so at most one reply is ever on its way, and bytes past it are a
- * broken peer. */
-CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
+ * broken peer, unless they begin `may_follow` (then *followed is set). */
+static CK_RV recv_reply(int fd, char **body, size_t *len, int64_t deadline,
+			const unsigned char *may_follow, size_t follow_len, int *followed)
 {
 	char first[P11P_RECV_FIRST];
 	size_t got = 0, had;
@@ -301,6 +302,11 @@ CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
 	n = (uint32_t)(unsigned char)first[0] << 24 | (uint32_t)(unsigned char)first[1] << 16 |
 	    (uint32_t)(unsigned char)first[2] << 8 | (unsigned char)first[3];
 	had = got - P11P_FRAME_HEADER;
+	if (had > n && n > 0 && may_follow != NULL && had - n <= follow_len &&
+	    memcmp(first + P11P_FRAME_HEADER + n, may_follow, had - n) == 0) {
+		*followed = 1;
+		had = n;
+	}
 	if (n == 0 || n > P11P_MAX_REPLY || had > n) {
 		p11p_debug("reply frame of %u bytes refused (%zu bytes came)", n, had);
 		return CKR_DEVICE_ERROR;
@@ -316,6 +322,18 @@ CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
 	*body = buf;
 	*len = n;
 	return CKR_OK;
+}
+
+CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
+{
+	return recv_reply(fd, body, len, deadline, NULL, 0, NULL);
+}
+
+CK_RV p11p_recv_then(int fd, char **body, size_t *len, int64_t deadline,
+		     const unsigned char *may_follow, size_t follow_len, int *followed)
+{
+	*followed = 0;
+	return recv_reply(fd, body, len, deadline, may_follow, follow_len, followed);
 }
 
 int p11p_socket_idle_ok(int fd)

@@ -49,6 +49,10 @@ CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t
 CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline);
 /* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline);
+/* The same, where bytes that came past the frame may be the start of `may_follow` (the
+ * daemon's last answer on a connection it closes): *followed tells they did. */
+CK_RV p11p_recv_then(int fd, char **body, size_t *len, int64_t deadline,
+		     const unsigned char *may_follow, size_t follow_len, int *followed);
 /* An idle connection still usable: nothing to read and no hang-up. */
 int p11p_socket_idle_ok(int fd);
 

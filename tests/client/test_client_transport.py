@@ -203,6 +203,38 @@ def test_malformed_reply_then_next_call_works(start_driver, sock: Path, case: st
         assert daemon.wait_for(daemon.conns[0].closed.is_set)  # the bad one was dropped
 
 
+RETRY = frame([0xF0110002])  # a daemon that stops for a restart (daemon/server.py RETRY)
+
+
+@pytest.mark.parametrize("case", ["whole", "first-bytes", "without-restart"])
+def test_a_retry_behind_a_reply_closes_the_connection_not_the_call(start_driver, sock: Path,
+                                                                    case: str) -> None:
+    """A daemon that stops for a restart writes RETRY on each idle connection as it closes
+    it; behind a reply the application had not read yet, both come in one recv. The call
+    takes its reply and the connection is not used again; the next call makes a new one.
+    Without the link feature restart, bytes past a reply are a broken peer, as before."""
+    behind = RETRY[:6] if case == "first-bytes" else RETRY
+
+    def handler(conn: Conn, request: list) -> object:  # type: ignore[type-arg]
+        if conn.number == 1 and request[0] == FN_GET_SLOT_LIST:
+            return Raw(frame([CKR_OK, 1]) + behind, close=case == "first-bytes")
+        return default_handler(conn, request)
+
+    features = [] if case == "without-restart" else ["restart"]
+    with FakeDaemon(sock, handler, hello={"p11p": 1, "features": features}) as daemon:
+        d = start_driver("asan")
+        d.cmd("init")
+        r = d.cmd("slots", timeout=10)
+        if case == "without-restart":
+            assert r.rv == CKR_DEVICE_ERROR
+        else:
+            assert (r.rv, r["count"]) == (CKR_OK, "1")
+        assert daemon.wait_for(daemon.conns[0].closed.is_set)  # not given back to the pool
+        r = d.cmd("slots")
+        assert (r.rv, r["count"]) == (CKR_OK, "2")  # a new connection
+        assert d.cmd("finalize").rv == CKR_OK
+
+
 def test_malformed_replies_under_sanitizers(start_driver, sock: Path) -> None:
     cases = sorted(MALFORMED)
 
