@@ -109,7 +109,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
             transport, proto = await loop.subprocess_exec(
                 lambda: cls(member, max_frame), sys.executable, "-m", "p11p.helper", module,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-                env=full_env, start_new_session=True)
+                env=full_env, preexec_fn=forkserver.own_group)
             proto.pid = transport.get_pid()
         else:
             child, in_w, out_r = forked

@@ -149,7 +149,7 @@ class ForkServer:
         status = 1
         try:
             gc.enable()  # on its own objects only: the server's are frozen
-            os.setsid()  # a session of its own, as a helper started by the daemon has
+            os.setpgid(0, 0)  # a process group of its own, as a helper started by the daemon has
             _die_with_parent(signal.SIGKILL, parent)
             self.link.detach()
             _close_fds_but(in_fd, out_fd)
