@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "codec.h"
+#include "gen/codes.h"
 #include "p11p-prescan.h"
 
 void p11p_fail(struct p11p_call *c, CK_RV rv)
@@ -40,8 +41,22 @@ void p11p_codec_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
 	p11p_put_ulong(c, code);
 }
 
+/* Requests that carry a PIN: their buffer is wiped before it is freed. */
+static int carries_pin(unsigned long code)
+{
+	return code == P11P_FN_C_Login || code == P11P_FN_C_SetPIN ||
+	       code == P11P_FN_C_InitPIN || code == P11P_FN_C_InitToken;
+}
+
+void p11p_codec_wipe(struct p11p_call *c)
+{
+	if (c->buffers && c->req.data != NULL && carries_pin(c->code))
+		explicit_bzero(c->req.data, c->req.alloc);
+}
+
 void p11p_codec_end(struct p11p_call *c)
 {
+	p11p_codec_wipe(c);
 	if (c->buffers)
 		msgpack_sbuffer_destroy(&c->req);
 	c->buffers = 0;

@@ -45,6 +45,10 @@ struct p11p_call {
 /* ---- buffers and reply parsing (codec.c) ---- */
 void p11p_codec_begin(struct p11p_call *c, unsigned long code, unsigned nargs);
 void p11p_codec_end(struct p11p_call *c);
+/* A request that carries a PIN (C_Login, C_SetPIN, C_InitPIN, C_InitToken) is wiped
+ * (p11p_codec_end does it before it frees the buffer; one enlarged on the way, for a
+ * PIN of kilobytes, leaves its earlier copy to the allocator). */
+void p11p_codec_wipe(struct p11p_call *c);
 /* Strictly parses one msgpack object spanning exactly [buf, buf+len). 0 or -1. */
 int p11p_msgpack_parse(const char *buf, size_t len, msgpack_unpacked *out);
 /* Parses c->reply as [rv, out...] with 0 or nouts outputs; sets c->err on failure. */

@@ -4,6 +4,7 @@
  * sent. Templates, mechanisms and malformed replies are in their own files. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "codec_test.h"
 #include "direct.h"
@@ -372,8 +373,31 @@ static void test_local_checks(void)
 	CHECK(len == 4);
 }
 
+/* A request carrying a PIN is wiped before its buffer is freed; another is not. */
+static void test_pin_wiped(void)
+{
+	static const unsigned long codes[] = { 19, 12, 11, 10, 44 }; /* Login ... InitToken, Sign */
+	static const char pin[] = "s3cr3t-p1n";
+
+	for (unsigned i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+		struct p11p_call c;
+		int found = 0;
+
+		memset(&c, 0, sizeof c);
+		p11p_codec_begin(&c, codes[i], 1);
+		p11p_put_bin(&c, pin, sizeof pin - 1);
+		CHECK(c.err == CKR_OK && c.req.data != NULL);
+		p11p_codec_wipe(&c);
+		for (size_t k = 0; k + sizeof pin - 1 <= c.req.size; k++)
+			found |= memcmp(c.req.data + k, pin, sizeof pin - 1) == 0;
+		CHECK(found == (codes[i] == 44));
+		p11p_codec_end(&c);
+	}
+}
+
 void test_kinds(void)
 {
+	test_pin_wiped();
 	test_scalars();
 	test_bytes();
 	test_out_bytes();
