@@ -238,6 +238,8 @@ def test_helpers_serve_with_the_fork_server_on_and_off(ha_factory: Any, ha_keys:
         forked = _parent(helper) != group.daemon.pid
         assert forked == (fork_server == "true")
         assert len(fork_server_pids(group.daemon.pid)) == (2 if forked else 0)
+        # a process group of its own in the daemon's session, either way
+        assert (os.getpgid(helper), os.getsid(helper)) == (helper, os.getsid(group.daemon.pid))
     finally:
         app.close()
 
