@@ -641,10 +641,9 @@ static int plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struc
 			    ep->cpu_hint && !lone ? sched_getcpu() : -1);
 	if (rv == CKR_OK) {
 		await_reply(fd);
-		rv = p11p_recv_exact(fd, &ci->reply, &ci->reply_len, deadline);
+		rv = p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply, &c->reply_len,
+				   deadline);
 	}
-	if (rv == CKR_OK)
-		rv = p11p_recv_exact(fd, &c->reply, &c->reply_len, deadline);
 	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
 	if (rv == CKR_OK) {
 		p11p_reply_parse(ci, 0);

@@ -242,28 +242,71 @@ CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t
 	return CKR_OK;
 }
 
-CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline)
+/* One frame body from the `had` bytes at `have` (what a recv took: part of a frame, or
+ * more than one) and then the socket, reading no byte past the frame; *used: the bytes
+ * of `have` it took. */
+static CK_RV take_frame(int fd, const char *have, size_t had, char **body, size_t *len,
+			size_t *used, int64_t deadline)
 {
 	unsigned char h[P11P_FRAME_HEADER];
+	size_t hh = had < sizeof h ? had : sizeof h, take;
 	uint32_t n;
 	char *buf;
 
 	*body = NULL;
 	*len = 0;
-	if (recv_all(fd, (char *)h, sizeof h, deadline) != 0)
+	memcpy(h, have, hh);
+	if (recv_all(fd, (char *)h + hh, sizeof h - hh, deadline) != 0)
 		return CKR_DEVICE_ERROR;
 	n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
 	if (n == 0 || n > P11P_MAX_REPLY)
 		return CKR_DEVICE_ERROR;
 	if ((buf = malloc(n)) == NULL)
 		return CKR_HOST_MEMORY;
-	if (recv_all(fd, buf, n, deadline) != 0) {
+	take = had - hh < n ? had - hh : n;
+	memcpy(buf, have + hh, take);
+	if (recv_all(fd, buf + take, n - take, deadline) != 0) {
 		free(buf);
 		return CKR_DEVICE_ERROR;
 	}
+	*used = hh + take;
 	*body = buf;
 	*len = n;
 	return CKR_OK;
+}
+
+CK_RV p11p_recv_two(int fd, char **a, size_t *alen, char **b, size_t *blen, int64_t deadline)
+{
+	char first[P11P_RECV_FIRST];
+	size_t got = 0, used = 0, used2 = 0;
+	CK_RV rv;
+
+	*b = NULL;
+	*blen = 0;
+	while (got == 0) {
+		ssize_t k = recv(fd, first, sizeof first, 0);
+
+		if (k > 0)
+			got = (size_t)k;
+		else if (k == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK))
+			return CKR_DEVICE_ERROR;
+		else if (errno != EINTR && wait_fd(fd, POLLIN, deadline) != 0)
+			return CKR_DEVICE_ERROR;
+	}
+	rv = take_frame(fd, first, got, a, alen, &used, deadline);
+	if (rv == CKR_OK)
+		rv = take_frame(fd, first + used, got - used, b, blen, &used2, deadline);
+	if (rv == CKR_OK && used + used2 < got) { /* bytes past the two: a broken peer */
+		p11p_debug("%zu bytes came past a pair's replies", got - used - used2);
+		free(*b);
+		*b = NULL;
+		rv = CKR_DEVICE_ERROR;
+	}
+	if (rv != CKR_OK) {
+		free(*a);
+		*a = NULL;
+	}
+	return rv;
 }
 
 /* One recv takes the header and, mostly, the whole body: a connection carries one

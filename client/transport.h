@@ -44,9 +44,9 @@ CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cp
  * init and its next call) to a helper that answers pairs. */
 CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t deadline,
 		     int cpu);
-/* One frame body as p11p_recv_frame, reading no byte past it (a pair's replies come
- * together). */
-CK_RV p11p_recv_exact(int fd, char **body, size_t *len, int64_t deadline);
+/* A pair's two replies (malloc'd bodies; at most P11P_MAX_REPLY bytes each), mostly taken
+ * by one recv; bytes past the second are a broken peer. */
+CK_RV p11p_recv_two(int fd, char **a, size_t *alen, char **b, size_t *blen, int64_t deadline);
 /* Receives one frame body (malloc'd) of at most P11P_MAX_REPLY bytes. */
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline);
 /* The same, where bytes that came past the frame may be the start of `may_follow` (the

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
+from clientbuild import SANITIZER_ENV, TRANSPORT_TEST_SOURCES, compile_c, sanitizer_report
 from clientfixtures import *  # noqa: F403  (the fixtures)
 from fakedaemon import (
     FN_FINALIZE,
@@ -201,6 +203,19 @@ def test_malformed_reply_then_next_call_works(start_driver, sock: Path, case: st
         r = d.cmd("slots")
         assert (r.rv, r["count"]) == (CKR_OK, "2")  # a new connection
         assert daemon.wait_for(daemon.conns[0].closed.is_set)  # the bad one was dropped
+
+
+@pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan"])
+def test_a_pair_s_two_replies_however_they_are_cut(tmp_path: Path, sanitize: bool) -> None:
+    """tests/client/transport_test.c: p11p_recv_two reads a data-plane pair's replies
+    sent at once, cut at every byte, the rest later; bytes past the two, a peer that
+    closes mid-frame and a zero-length frame fail the call (CKR_DEVICE_ERROR), with
+    nothing left allocated."""
+    exe = compile_c(tmp_path / "transport_test", TRANSPORT_TEST_SOURCES, sanitize, ["-lmsgpackc"])
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **SANITIZER_ENV})
+    assert done.returncode == 0 and not sanitizer_report(done.stderr), done.stdout + done.stderr
+    assert "checks, 0 failed" in done.stdout
 
 
 RETRY = frame([0xF0110002])  # a daemon that stops for a restart (daemon/server.py RETRY)
