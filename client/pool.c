@@ -195,7 +195,6 @@ void p11p_release(void *conn, int healthy)
 	give_back(&p11p_state, conn, healthy);
 }
 
-
 /* The reply of a daemon that stops for a restart to a call it did not begin, [RETRY],
  * as a frame. A daemon that stops writes it on every idle connection as it closes it (a
  * call sent that it did not read takes it as its answer), so it may come right behind
