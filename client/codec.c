@@ -5,7 +5,6 @@
 #include <string.h>
 
 #include "codec.h"
-#include "gen/codes.h"
 #include "p11p-prescan.h"
 
 void p11p_fail(struct p11p_call *c, CK_RV rv)
@@ -41,16 +40,9 @@ void p11p_codec_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
 	p11p_put_ulong(c, code);
 }
 
-/* Requests that carry a PIN: their buffer is wiped before it is freed. */
-static int carries_pin(unsigned long code)
-{
-	return code == P11P_FN_C_Login || code == P11P_FN_C_SetPIN ||
-	       code == P11P_FN_C_InitPIN || code == P11P_FN_C_InitToken;
-}
-
 void p11p_codec_wipe(struct p11p_call *c)
 {
-	if (c->buffers && c->req.data != NULL && carries_pin(c->code))
+	if (c->buffers && c->req.data != NULL && c->secret)
 		explicit_bzero(c->req.data, c->req.alloc);
 }
 
@@ -192,6 +184,12 @@ void p11p_put_bytes(struct p11p_call *c, const void *p, CK_ULONG len)
 		p11p_put_nil(c);
 	else
 		p11p_put_ulong(c, len);
+}
+
+void p11p_put_pin(struct p11p_call *c, const CK_UTF8CHAR *p, CK_ULONG len)
+{
+	c->secret = 1;
+	p11p_put_bytes(c, p, len);
 }
 
 void p11p_put_label32(struct p11p_call *c, const CK_UTF8CHAR *p)

@@ -40,12 +40,13 @@ struct p11p_call {
 	int malformed;              /* the reply broke the protocol */
 	void *conn;                 /* the connection, held while the reply is decoded */
 	int offline;                /* C_GetSlotList without a daemon: no slot, CKR_OK */
+	int secret;                 /* the request carries a PIN: wiped at the end */
 };
 
 /* ---- buffers and reply parsing (codec.c) ---- */
 void p11p_codec_begin(struct p11p_call *c, unsigned long code, unsigned nargs);
 void p11p_codec_end(struct p11p_call *c);
-/* A request that carries a PIN (C_Login, C_SetPIN, C_InitPIN, C_InitToken) is wiped
+/* A request that carries a PIN (an argument of kind pin: p11p_put_pin) is wiped
  * (p11p_codec_end does it before it frees the buffer; one enlarged on the way, for a
  * PIN of kilobytes, leaves its earlier copy to the allocator). */
 void p11p_codec_wipe(struct p11p_call *c);
@@ -69,7 +70,9 @@ void p11p_put_bin(struct p11p_call *c, const void *p, size_t len);
 /* ---- input kinds ---- */
 void p11p_put_ulong(struct p11p_call *c, CK_ULONG v);             /* ulong slot session object */
 void p11p_put_bbool(struct p11p_call *c, CK_BBOOL v);
-void p11p_put_bytes(struct p11p_call *c, const void *p, CK_ULONG len);   /* bytes, pin */
+void p11p_put_bytes(struct p11p_call *c, const void *p, CK_ULONG len);   /* bytes */
+/* pin: as bytes, and the request is wiped before its buffer is freed (p11p_codec_end) */
+void p11p_put_pin(struct p11p_call *c, const CK_UTF8CHAR *p, CK_ULONG len);
 void p11p_put_label32(struct p11p_call *c, const CK_UTF8CHAR *p);
 void p11p_put_fixed(struct p11p_call *c, const void *p, size_t len);    /* fixed16/fixed8 */
 void p11p_put_template(struct p11p_call *c, const CK_ATTRIBUTE *t, CK_ULONG n);

@@ -48,7 +48,7 @@ KINDS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
     "session": (("CK_SESSION_HANDLE",), "p11p_put_session", None),
     "object": (("CK_OBJECT_HANDLE",), "p11p_put_ulong", None),
     "bytes": (("CK_BYTE_PTR", "CK_ULONG"), "p11p_put_bytes", None),
-    "pin": (("CK_UTF8CHAR_PTR", "CK_ULONG"), "p11p_put_bytes", None),
+    "pin": (("CK_UTF8CHAR_PTR", "CK_ULONG"), "p11p_put_pin", None),
     "label32": (("CK_UTF8CHAR_PTR",), "p11p_put_label32", None),
     "template": (("CK_ATTRIBUTE_PTR", "CK_ULONG"), "p11p_put_template", None),
     "mechanism": (("CK_MECHANISM_PTR",), "p11p_put_mechanism", None),

@@ -82,7 +82,7 @@ CK_RV p11p_wire_C_InitToken(CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ul
 
 	p11p_call_start(&c, P11P_FN_C_InitToken, 3);
 	p11p_put_ulong(&c, slotID);
-	p11p_put_bytes(&c, pPin, ulPinLen);
+	p11p_put_pin(&c, pPin, ulPinLen);
 	p11p_put_label32(&c, pLabel);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
@@ -96,7 +96,7 @@ P11P_EXPORT CK_RV C_InitPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pPin, CK
 	p11p_plane_settle(hSession);
 	p11p_call_start(&c, P11P_FN_C_InitPIN, 2);
 	p11p_put_session(&c, hSession);
-	p11p_put_bytes(&c, pPin, ulPinLen);
+	p11p_put_pin(&c, pPin, ulPinLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
@@ -108,8 +108,8 @@ CK_RV p11p_wire_C_SetPIN(CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, CK
 
 	p11p_call_start(&c, P11P_FN_C_SetPIN, 3);
 	p11p_put_session(&c, hSession);
-	p11p_put_bytes(&c, pOldPin, ulOldLen);
-	p11p_put_bytes(&c, pNewPin, ulNewLen);
+	p11p_put_pin(&c, pOldPin, ulOldLen);
+	p11p_put_pin(&c, pNewPin, ulNewLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
@@ -202,7 +202,7 @@ CK_RV p11p_wire_C_Login(CK_SESSION_HANDLE hSession, CK_ULONG userType, CK_UTF8CH
 	p11p_call_start(&c, P11P_FN_C_Login, 3);
 	p11p_put_session(&c, hSession);
 	p11p_put_ulong(&c, userType);
-	p11p_put_bytes(&c, pPin, ulPinLen);
+	p11p_put_pin(&c, pPin, ulPinLen);
 	p11p_call_run(&c, 0);
 	return p11p_call_finish(&c);
 }
