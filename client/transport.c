@@ -87,14 +87,17 @@ static int send_all(int fd, const char *buf, size_t len, int64_t deadline)
 
 #define P11P_RECV_FIRST 4096u  /* what the first recv of a reply takes at most */
 
-static int recv_all(int fd, char *buf, size_t len, int64_t deadline)
+/* Reads into buf until at least `want` bytes came (at most cap): how many came, or -1
+ * (closed, time-out, error). */
+static ssize_t recv_upto(int fd, char *buf, size_t cap, size_t want, int64_t deadline)
 {
-	while (len > 0) {
-		ssize_t n = recv(fd, buf, len, 0);
+	size_t got = 0;
+
+	while (got < want) {
+		ssize_t n = recv(fd, buf + got, cap - got, 0);
 
 		if (n > 0) {
-			buf += n;
-			len -= (size_t)n;
+			got += (size_t)n;
 		} else if (n == 0) {
 			p11p_debug("recv: connection closed by the daemon");
 			return -1;
@@ -110,7 +113,12 @@ static int recv_all(int fd, char *buf, size_t len, int64_t deadline)
 			return -1;
 		}
 	}
-	return 0;
+	return (ssize_t)got;
+}
+
+static int recv_all(int fd, char *buf, size_t len, int64_t deadline)
+{
+	return recv_upto(fd, buf, len, len, deadline) < 0 ? -1 : 0;
 }
 
 int p11p_socket_new(void)
@@ -259,8 +267,10 @@ static CK_RV take_frame(int fd, const char *have, size_t had, char **body, size_
 	if (recv_all(fd, (char *)h + hh, sizeof h - hh, deadline) != 0)
 		return CKR_DEVICE_ERROR;
 	n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
-	if (n == 0 || n > P11P_MAX_REPLY)
+	if (n == 0 || n > P11P_MAX_REPLY) {
+		p11p_debug("reply frame of %u bytes refused", n);
 		return CKR_DEVICE_ERROR;
+	}
 	if ((buf = malloc(n)) == NULL)
 		return CKR_HOST_MEMORY;
 	take = had - hh < n ? had - hh : n;
@@ -278,26 +288,19 @@ static CK_RV take_frame(int fd, const char *have, size_t had, char **body, size_
 CK_RV p11p_recv_two(int fd, char **a, size_t *alen, char **b, size_t *blen, int64_t deadline)
 {
 	char first[P11P_RECV_FIRST];
-	size_t got = 0, used = 0, used2 = 0;
+	ssize_t got = recv_upto(fd, first, sizeof first, 1, deadline);
+	size_t used = 0, used2 = 0;
 	CK_RV rv;
 
-	*b = NULL;
-	*blen = 0;
-	while (got == 0) {
-		ssize_t k = recv(fd, first, sizeof first, 0);
-
-		if (k > 0)
-			got = (size_t)k;
-		else if (k == 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK))
-			return CKR_DEVICE_ERROR;
-		else if (errno != EINTR && wait_fd(fd, POLLIN, deadline) != 0)
-			return CKR_DEVICE_ERROR;
-	}
-	rv = take_frame(fd, first, got, a, alen, &used, deadline);
+	*a = *b = NULL;
+	*alen = *blen = 0;
+	if (got < 0)
+		return CKR_DEVICE_ERROR;
+	rv = take_frame(fd, first, (size_t)got, a, alen, &used, deadline);
 	if (rv == CKR_OK)
-		rv = take_frame(fd, first + used, got - used, b, blen, &used2, deadline);
-	if (rv == CKR_OK && used + used2 < got) { /* bytes past the two: a broken peer */
-		p11p_debug("%zu bytes came past a pair's replies", got - used - used2);
+		rv = take_frame(fd, first + used, (size_t)got - used, b, blen, &used2, deadline);
+	if (rv == CKR_OK && used + used2 < (size_t)got) { /* bytes past the two: a broken peer */
+		p11p_debug("%zu bytes came past a pair's replies", (size_t)got - used - used2);
 		free(*b);
 		*b = NULL;
 		rv = CKR_DEVICE_ERROR;
@@ -316,55 +319,27 @@ static CK_RV recv_reply(int fd, char **body, size_t *len, int64_t deadline,
 			const unsigned char *may_follow, size_t follow_len, int *followed)
 {
 	char first[P11P_RECV_FIRST];
-	size_t got = 0, had;
-	uint32_t n;
-	char *buf;
+	ssize_t got = recv_upto(fd, first, sizeof first, P11P_FRAME_HEADER, deadline);
+	size_t used = 0, past;
+	CK_RV rv;
 
 	*body = NULL;
 	*len = 0;
-	while (got < P11P_FRAME_HEADER) {
-		ssize_t k = recv(fd, first + got, sizeof first - got, 0);
-
-		if (k > 0) {
-			got += (size_t)k;
-		} else if (k == 0) {
-			p11p_debug("recv: connection closed by the daemon");
-			return CKR_DEVICE_ERROR;
-		} else if (errno == EINTR) {
-			continue;
-		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-			if (wait_fd(fd, POLLIN, deadline) != 0) {
-				p11p_debug("recv: time-out");
-				return CKR_DEVICE_ERROR;
-			}
-		} else {
-			p11p_debug("recv: %s", strerror(errno));
-			return CKR_DEVICE_ERROR;
-		}
-	}
-	n = (uint32_t)(unsigned char)first[0] << 24 | (uint32_t)(unsigned char)first[1] << 16 |
-	    (uint32_t)(unsigned char)first[2] << 8 | (unsigned char)first[3];
-	had = got - P11P_FRAME_HEADER;
-	if (had > n && n > 0 && may_follow != NULL && had - n <= follow_len &&
-	    memcmp(first + P11P_FRAME_HEADER + n, may_follow, had - n) == 0) {
+	if (got < 0)
+		return CKR_DEVICE_ERROR;
+	rv = take_frame(fd, first, (size_t)got, body, len, &used, deadline);
+	past = (size_t)got - used;
+	if (rv != CKR_OK || past == 0)
+		return rv;
+	if (may_follow != NULL && past <= follow_len && memcmp(first + used, may_follow, past) == 0) {
 		*followed = 1;
-		had = n;
+		return CKR_OK;
 	}
-	if (n == 0 || n > P11P_MAX_REPLY || had > n) {
-		p11p_debug("reply frame of %u bytes refused (%zu bytes came)", n, had);
-		return CKR_DEVICE_ERROR;
-	}
-	buf = malloc(n);
-	if (buf == NULL)
-		return CKR_HOST_MEMORY;
-	memcpy(buf, first + P11P_FRAME_HEADER, had);
-	if (recv_all(fd, buf + had, n - had, deadline) != 0) {
-		free(buf);
-		return CKR_DEVICE_ERROR;
-	}
-	*body = buf;
-	*len = n;
-	return CKR_OK;
+	p11p_debug("%zu bytes came past a reply", past);
+	free(*body);
+	*body = NULL;
+	*len = 0;
+	return CKR_DEVICE_ERROR;
 }
 
 CK_RV p11p_recv_frame(int fd, char **body, size_t *len, int64_t deadline)
