@@ -1,8 +1,7 @@
 /* p11p client tests — reading a data-plane pair's two replies (p11p_recv_two) over a
  * socketpair, the replies cut every way a peer may send them: together, one byte at a
  * time, the second later; and what must fail: bytes past the two, a peer that closes
- * mid-frame, a zero-length frame. Links transport.c with what it needs of the library;
- * the library state and its lock are stubs here. */
+ * mid-frame, a zero-length frame. Links transport.c with what it needs of the library. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -11,22 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "lock.h"
-#include "state.h"
 #include "transport.h"
-
-struct p11p_state p11p_state;
-
-CK_RV p11p_lock_acquire(struct p11p_lock *l)
-{
-	(void)l;
-	return CKR_OK;
-}
-
-void p11p_lock_release(struct p11p_lock *l)
-{
-	(void)l;
-}
 
 static int checks, failures;
 
