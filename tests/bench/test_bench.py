@@ -55,3 +55,23 @@ def test_quick_benchmark(tmp_path: Path) -> None:
     for words in ("pkcs11-tool", "CPU per application", "PSS", "failover", "session-info"):
         assert any(words in name for name in measured), (words, measured)
     assert "| target |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_ipc_floor_measures_the_three_ways(tmp_path: Path) -> None:
+    """bench/ipc/ipc_floor.c (bench/README.md, "The IPC floor") builds with the warnings
+    as errors and measures each of its ways: work done in process, over a socketpair,
+    over a futex in shared memory, each against the first."""
+    subprocess.run(["make", "-s", "build/ipc-floor"], cwd=ROOT, check=True)
+    r = subprocess.run([str(ROOT / "build" / "ipc-floor"), "2", "20", "0.3"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["mode"] for line in lines] == ["direct", "socket", "futex"]
+    for line in lines:
+        assert line["threads"] == 2 and line["ops_per_s"] > 0, line
+        assert line["vs_direct"] == pytest.approx(line["ops_per_s"] / lines[0]["ops_per_s"],
+                                                  rel=1e-2), line
+    bad = subprocess.run([str(ROOT / "build" / "ipc-floor"), "0"], capture_output=True,
+                         text=True, timeout=10)
+    assert bad.returncode == 2 and "usage" in bad.stderr
