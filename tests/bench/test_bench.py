@@ -58,7 +58,7 @@ def test_quick_benchmark(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_ipc_floor_measures_the_three_ways(tmp_path: Path) -> None:
+def test_ipc_floor_measures_the_three_ways() -> None:
     """bench/ipc/ipc_floor.c (bench/README.md, "The IPC floor") builds with the warnings
     as errors and measures each of its ways: work done in process, over a socketpair,
     over a futex in shared memory, each against the first."""
