@@ -163,10 +163,12 @@ static double run(enum mode m, int threads)
 			_exit(0);
 		}
 	}
-	for (long i = 0; i < threads; i++)
-		if (pthread_create(&t[i], NULL, client, (void *)i) != 0)
-			return -1;
-	for (int i = 0; i < threads; i++)
+	int started = 0;
+
+	while (started < threads &&
+	       pthread_create(&t[started], NULL, client, (void *)(long)started) == 0)
+		started++;
+	for (int i = 0; i < started; i++)
 		pthread_join(t[i], NULL);
 	if (other > 0) {
 		kill(other, SIGKILL);
@@ -176,7 +178,7 @@ static double run(enum mode m, int threads)
 		close(socks[i][0]);
 		close(socks[i][1]);
 	}
-	return (double)atomic_load(&done) / seconds;
+	return started < threads ? -1 : (double)atomic_load(&done) / seconds;
 }
 
 int main(int argc, char **argv)
