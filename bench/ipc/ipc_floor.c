@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -142,7 +143,8 @@ static void calibrate(double us)
 static double run(enum mode m, int threads)
 {
 	pthread_t t[MAX_THREADS];
-	pid_t other = -1;
+	pid_t other = -1, self = getpid();
+	int started = 0;
 
 	mode = m;
 	atomic_store(&done, 0);
@@ -156,15 +158,21 @@ static double run(enum mode m, int threads)
 		if (other < 0)
 			return -1;
 		if (other == 0) {
+			/* gone with this process, however it ends */
+			if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != self)
+				_exit(1);
+			for (int i = 0; i < threads && m == SOCKET; i++)
+				close(socks[i][0]);
 			for (long i = 0; i < threads; i++)
 				if (pthread_create(&t[i], NULL, server, (void *)i) != 0)
 					_exit(1);
 			pause();
 			_exit(0);
 		}
+		/* each end in one process only: either side's end is the other's EOF */
+		for (int i = 0; i < threads && m == SOCKET; i++)
+			close(socks[i][1]);
 	}
-	int started = 0;
-
 	while (started < threads &&
 	       pthread_create(&t[started], NULL, client, (void *)(long)started) == 0)
 		started++;
@@ -174,10 +182,8 @@ static double run(enum mode m, int threads)
 		kill(other, SIGKILL);
 		waitpid(other, NULL, 0);
 	}
-	for (int i = 0; i < threads && m == SOCKET; i++) {
+	for (int i = 0; i < threads && m == SOCKET; i++)
 		close(socks[i][0]);
-		close(socks[i][1]);
-	}
 	return started < threads ? -1 : (double)atomic_load(&done) / seconds;
 }
 
