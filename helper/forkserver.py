@@ -129,7 +129,8 @@ class ForkServer:
             timeout = self.ending_at - time.monotonic()
             if timeout <= 0:
                 log.warning("fork server: %d helpers still run %.3g s after the daemon "
-                            "ended; they are killed with it", lib.p11p_fork_children(), END_GRACE)
+                            "ended; those not waiting for a restarted one die with it",
+                            lib.p11p_fork_children(), END_GRACE)
                 break
             if select.select([self._wake_r], [], [], timeout)[0]:
                 try:

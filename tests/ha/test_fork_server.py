@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -153,6 +154,33 @@ def test_a_killed_fork_server_is_started_again(ha_factory: Any, ha_keys: Path) -
         app.close()
 
 
+def _adoptable() -> set[int]:
+    """Helpers (of any daemon) told to outlive their daemon: each listens on an abstract
+    name of its own, p11p-helper-PID-... (helper/loop.py, ADOPTABLE)."""
+    pids = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("@p11p-helper-"):
+            pids.add(int(fields[7].split("-")[2]))
+    return pids
+
+
+def _settled(group: HAGroup, apps: list[PyApp], snap: dict[str, Any]) -> bool:
+    """Whether the daemon's helpers are all accounted for (into `snap`): each one's start
+    logged, the applications' ones (as the log names them) exactly those told to outlive
+    the daemon, and the processes the same before and after the log was read."""
+    servers, helpers = fork_server_pids(group.daemon.pid), helper_pids(group.daemon.pid)
+    log = group.daemon.log_text()
+    mine = [{group.app_helper(app.proc.pid, m) for m in ("hsmA", "hsmB")
+             if f"pid={app.proc.pid} member={m} helper pid=" in log} for app in apps]
+    snap.update(servers=servers, helpers=helpers, mine=mine)
+    logged = {int(p) for p in re.findall(r"helper pid=(\d+)", log)}
+    ours = set().union(*mine)
+    return (set(helpers) <= logged and ours == _adoptable() & set(helpers)
+            and helper_pids(group.daemon.pid) == helpers
+            and fork_server_pids(group.daemon.pid) == servers)
+
+
 def test_nothing_outlives_a_killed_daemon(ha_factory: Any, ha_keys: Path) -> None:
     """The fork servers and the warm helpers end with the daemon; each application's
     helpers wait for a restarted daemon while their application lives (and no longer
@@ -163,13 +191,15 @@ def test_nothing_outlives_a_killed_daemon(ha_factory: Any, ha_keys: Path) -> Non
     try:
         for app in apps:
             assert app.run("_ = signs()") == "True"
-        servers, helpers = fork_server_pids(group.daemon.pid), helper_pids(group.daemon.pid)
+        # settled first: a helper the daemon still starts or hands to an application
+        # (a refill of the warm pool, a context's start on the second member) is told
+        # to outlive it only then, and would be taken for one that must not
+        snap: dict[str, Any] = {}
+        assert wait_for(lambda: _settled(group, apps, snap), 10), snap
+        servers, helpers, mine = snap["servers"], snap["helpers"], snap["mine"]
         # two servers; a helper per application at least (balance places their sessions
         # on either member), and the warm ones
         assert len(servers) == 2 and len(helpers) >= 2, (servers, helpers)
-        log = group.daemon.log_text()
-        mine = [{group.app_helper(app.proc.pid, m) for m in ("hsmA", "hsmB")
-                 if f"pid={app.proc.pid} member={m} helper pid=" in log} for app in apps]
         assert all(mine), mine
         others = [p for p in servers + helpers if not any(p in m for m in mine)]
         group.daemon.kill()
