@@ -600,9 +600,13 @@ class Documented:
         processes shows one process a token object the other just made only once its
         object store is read again (seen for private keys). Through p11p the object is
         found (PKCS#11: token objects are every application's). A search through p11p
-        may find such objects where the reference does not."""
+        may find such objects where the reference does not. The other application's
+        handle to one may have gone apart (found again on one side only: the model
+        names it no more there); the object is still the token's (balance-104)."""
         other = 1 - app
-        return {n for n, o in runner.objs[other].items() if o.token and o.app == other}
+        mine = {n for n, o in runner.objs[other].items() if o.token and o.app == other}
+        return mine | {n for n in runner.apart[other]
+                       if (o := runner.made.get(n)) is not None and o.token and o.app == other}
 
     @staticmethod
     def token_object_on_one_member(runner: Runner, app: int, s: str, p11p: list[str],

@@ -2164,3 +2164,18 @@ def test_decrypt_moved_off_and_back_to_a_member_where_it_stayed_active(model_env
     C_DecryptUpdate CKR_DEVICE_ERROR (SoftHSM2 used directly: CKR_OK). A stale
     decryption now gets one block of zeros before its final (bind.py STALE_ENDS)."""
     kept(model_env, "decrypt_moved_off_and_back_to_a_member_where_it_stayed_active.json")
+
+
+@pytest.mark.parametrize("model_env", ["balance"], indirect=True)
+def test_search_of_the_other_application_s_token_key_whose_handle_went_apart(
+        model_env: Env) -> None:
+    """Found by make soak (balance-104, shrunk to 17 steps, no fault): application 1 made
+    a token RSA public key and closed its only session (its handles stale on the token
+    used directly); its next search, served by the member without the key (write_policy
+    "primary"), did not find it, the token did, so the model named it no more for
+    application 1. Application 0's search of all objects then found it through p11p (right:
+    a token object is every application's) and not on the reference (SoftHSM2 shows one
+    process another's new token object only once it reads its store again, a difference
+    the model allows), but the model no longer counted it as application 1's. The model's
+    error, not p11p's: it now does."""
+    kept(model_env, "search_of_the_other_application_s_token_key_whose_handle_went_apart.json")
