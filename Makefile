@@ -26,7 +26,7 @@ deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
-	@$(PYTHON) -c "import msgpack, uvloop, cffi, PyKCS11, pkcs11, pytest_asyncio, pytest_timeout, cryptography, hypothesis, ruff, mypy" 2>/dev/null || \
+	@$(PYTHON) -c "import msgpack, uvloop, cffi, PyKCS11, pkcs11, pytest_asyncio, pytest_timeout, cryptography, hypothesis, ruff, mypy, atheris" 2>/dev/null || \
 	  { echo "installing Python packages"; $(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]' --config-settings editable_mode=strict; }
 
 build: deps $(BUILD)/p11p-client.so $(BUILD)/asan/p11p-client.so $(BUILD)/p11p-faultsim.so helper-cffi

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import atheris
@@ -86,16 +87,40 @@ class _Dispatcher:
 
 class _Config:
     max_frame = MAX_FRAME
+    max_sessions_per_app = 64
+
+
+class _Resume:
+    """No state files: each reply goes out at once."""
+
+    enabled = False
+
+    def mark(self, ctx: Any) -> tuple[int, int, int]:
+        return 0, 0, 0
+
+    def answer(self, ctx: Any, request: Any, before: tuple[int, int, int],
+               send: Callable[[], None]) -> None:
+        send()
 
 
 class _Daemon:
+    """What daemon/server.py's ClientConnection uses of the daemon
+    (daemon/service.py), with nothing behind it."""
+
     config = _Config()
     dispatcher = _Dispatcher()
+    resume = _Resume()
+    groups: list[Any] = []
+    leaving = False
+
+    def __init__(self) -> None:
+        self.connections: set[Any] = set()
 
     def admit(self, pid: int, uid: int, gid: int) -> str | None:
         return None
 
-    def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str) -> Any:
+    def attach(self, pid: int, uid: int, gid: int, ctx_id: bytes, prog: str,
+               resume: Any = None) -> Any:
         assert type(ctx_id) is bytes and len(ctx_id) == 16 and type(prog) is str
         return _Context()
 

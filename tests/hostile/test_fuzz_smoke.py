@@ -1,7 +1,7 @@
 """A few seconds of each fuzzer of `make fuzz` (fuzz/), so that a harness that no longer
 builds or runs is seen in `make test`. Skipped when the tools are not there: clang
-with libFuzzer for the client harness, atheris for the Python ones (`make fuzz`
-installs both)."""
+with libFuzzer for the C harnesses (`make fuzz` installs it), atheris for the Python ones
+(a test dependency since the decoder's harness broke unseen: `make test` installs it)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_helper_request_fuzzer_smoke(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target,runs", [("decoder", 3000), ("dispatch", 400)])
 def test_python_fuzzer_smoke(tmp_path: Path, target: str, runs: int) -> None:
     if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris is not installed here (make fuzz installs it)")
+        pytest.skip("atheris is not installed here (make test installs it)")
     corpus = _seeds(tmp_path)
     out = _run([sys.executable, str(FUZZ / f"fuzz_{target}.py"), f"-runs={runs}",
                 str(corpus / target)], tmp_path, 180)
