@@ -1,7 +1,7 @@
 /* p11p client — BLAKE2b (RFC 7693), unkeyed, for the 16-byte digest of an operation's
  * outputs that the daemon keeps for its replays (daemon/shapes.py digest: Python's
  * hashlib.blake2b(digest_size=16)). An operation the data plane hands over to the daemon
- * (direct.c adopt) carries its outputs' digests, which the daemon compares with a
+ * (plane_move.c, adopt) carries its outputs' digests, which the daemon compares with a
  * replay's on another member; both sides must compute the same function. */
 #include <stdint.h>
 #include <string.h>

@@ -1,10 +1,11 @@
-/* p11p client — the data plane (direct.c, plane.c): once a session has made a few calls
- * of the data plane through the daemon, the library asks the daemon to bind it
- * (P11P_FN_DIRECT_BIND); from then on every call of the data plane (functions.spec
- * `@direct`: the operation families, random, C_GetAttributeValue, C_GetSessionInfo)
- * goes straight to the helper that holds its member session, one socket hop instead of
- * two, with member handles the daemon gives (P11P_FN_DIRECT_KEY, _OBJECT). Searches
- * stay with the daemon (find.c: FIND_ALL hands the whole result over at once).
+/* p11p client — the data plane (direct.c and its parts, named in plane_state.h; plane.c):
+ * once a session has made a few calls of the data plane through the daemon, the library
+ * asks the daemon to bind it (P11P_FN_DIRECT_BIND); from then on every call of the data
+ * plane (functions.spec `@direct`: the operation families, random, C_GetAttributeValue,
+ * C_GetSessionInfo) goes straight to the helper that holds its member session, one
+ * socket hop instead of two, with member handles the daemon gives (P11P_FN_DIRECT_KEY,
+ * _OBJECT). Searches stay with the daemon (find.c: FIND_ALL hands the whole result over
+ * at once).
  *
  * Per session and operation kind the library knows where an operation runs: on the
  * data plane, or through the daemon (which then keeps it until it ends). For one on the
@@ -77,7 +78,7 @@ struct p11p_bound {
 /* Inputs larger than this go through the daemon. */
 #define P11P_PLANE_MAX_DATA (1u << 20)
 
-/* One call of an operation, wherever it runs (direct.c). Called inside p11p_enter. */
+/* One call of an operation, wherever it runs (plane_ops.c). Called inside p11p_enter. */
 CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a);
 /* Before a call that acts on operations of these kinds (a bit per kind) outside the data
  * plane: those on the data plane move to the daemon. CKR_OK, or the lost one's code. */

@@ -1,6 +1,6 @@
 /* p11p client — the entry points of the data plane's functions (functions.spec `@direct`,
  * and the calls that act on their operations outside it). Each describes its call to
- * the engine in direct.c, which sends it to the bound helper or through the daemon and
+ * the engine (direct.c and its parts, plane_state.h), which sends it to the bound helper or through the daemon and
  * keeps the operation's state; see direct.h. */
 #include "call.h"
 #include "direct.h"

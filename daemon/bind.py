@@ -46,7 +46,7 @@ log = logging.getLogger("p11p.ha")
 # decryption gets one block of zeros before its final: SoftHSM2 2.6 answers an empty
 # update and the final of a CBC-PAD decryption that had no data CKR_BUFFER_TOO_SMALL
 # (it asks for 2^64 - 16 bytes) and keeps the operation; after whole blocks (64 bytes:
-# of 8 and of 16), the final fails and ends it (as client/direct.c's ENDS)
+# of 8 and of 16), the final fails and ends it (as client/plane_move.c's ENDS)
 STALE_ENDS: dict[str, list[list[Any]]] = {
     "encrypt": [[CODE["C_EncryptUpdate"], b"", 1 << 16], [CODE["C_EncryptFinal"], 1 << 16]],
     "decrypt": [[CODE["C_DecryptUpdate"], b"", 1 << 16], [CODE["C_DecryptUpdate"], bytes(64), 1 << 16],

@@ -55,8 +55,8 @@ void p11p_release(void *conn, int healthy)
 	(void)healthy;
 }
 
-/* No data plane here (client/direct.c is not linked): nothing to move to the daemon
- * before a search. */
+/* No data plane here (client/direct.c and plane_*.c are not linked): nothing to move to
+ * the daemon before a search. */
 void p11p_plane_settle(CK_SESSION_HANDLE h)
 {
 	(void)h;

@@ -62,8 +62,8 @@ CK_RV p11p_roundtrip(unsigned long code, char *frame, size_t len, char **reply,
 	return CKR_OK;
 }
 
-/* No data plane here (client/direct.c is not linked): nothing to hand over before a
- * call of the daemon's. */
+/* No data plane here (client/direct.c and plane_*.c are not linked): nothing to hand over
+ * before a call of the daemon's. */
 void p11p_plane_settle(CK_SESSION_HANDLE h)
 {
 	(void)h;

@@ -1,4 +1,4 @@
-"""The data plane (README "Data plane"; client/direct.c, client/plane.c, helper/fast.c):
+"""The data plane (README "Data plane"; client/direct.c, client/plane*.c, helper/fast.c):
 once a session is bound, every operation family, random, C_GetAttributeValue and
 C_GetSessionInfo go from the client library straight to the helper. The application is
 PyKCS11 (with tests/ckraw.py on the same library for the calls it hides: length queries,
@@ -309,7 +309,7 @@ def sign_ec(d, k=None):
 
 def test_an_init_answered_before_goes_with_the_next_call(ha_factory: Any, ha_keys: Path) -> None:
     """An init the member answered CKR_OK before (same mechanism, same key) is answered
-    at once and sent with the operation's next call (client/direct.c, deferred inits):
+    at once and sent with the operation's next call (client/plane_memo.c, deferred inits):
     each signature verifies; a second init beside it is answered as the module answers
     it (CKR_OPERATION_ACTIVE), and the first operation's signature follows; the member
     failing between the init and the call, the operation completes on the other."""

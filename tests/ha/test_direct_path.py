@@ -1,5 +1,5 @@
-"""The direct path (daemon/direct.py, helper/fast.c, client/direct.c): a session that
-makes hot calls is bound to its member session, and C_GenerateRandom, C_SignInit and
+"""The direct path (daemon/direct.py, helper/fast.c, client/direct.c, client/plane*.c): a
+session that makes hot calls is bound to its member session, and C_GenerateRandom, C_SignInit and
 C_Sign go from the client library straight to the helper. These tests check that the
 calls really go that way, that the answers are right (signatures verify), and that the
 daemon's guarantees hold on it: a failing, hanging or drained member loses nothing, and

@@ -1,4 +1,4 @@
-"""Signature length queries on the data plane (client/direct.c, "signature lengths"): the
+"""Signature length queries on the data plane (client/plane_memo.c, "signature lengths"): the
 two-call convention (C_Sign with a NULL buffer for the length, then C_Sign) costs one
 round trip once the member has answered that query for the key and mechanism.
 

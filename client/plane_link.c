@@ -1,0 +1,290 @@
+/* p11p client — the data plane's connections: per helper listener (an endpoint: its
+ * name, token, time-out and the codes it sends back to the daemon) a stack of idle
+ * connections, and one call's round trip on one of them (plane_state.h). The stacks are
+ * under the library's lock; a call runs outside it, on a connection of its own. */
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "call.h"
+#include "direct.h"
+#include "link.h"
+#include "plane_state.h"
+#include "state.h"
+#include "transport.h"
+
+#define EP_IDLE 16             /* idle connections kept per endpoint */
+#define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
+
+/* An endpoint's name, token, time-out and fallback list are set when it is made and
+ * never change (a helper's listener keeps its name for life), so a call reads them
+ * without the lock; its idle connections are under the lock. */
+struct ep {
+	struct ep *next;
+	char name[101];
+	size_t name_len;
+	unsigned char token[TOKEN];
+	int timeout_ms;
+	CK_RV fallback[MAX_FALLBACK];
+	unsigned nfallback;
+	int cpu_hint;               /* its helper follows the CPU hint (p11p_send_hinted) */
+	int pairs;                  /* its helper answers a pair sent at once (p11p_send_pair) */
+	int idle[EP_IDLE];
+	const void *last[EP_IDLE];  /* the thread that gave each idle connection back */
+	unsigned nidle;
+};
+
+static struct ep *eps;
+static atomic_int in_flight;   /* data-plane calls waiting for their reply */
+
+/* ---- endpoints and their connections ---- */
+
+int p11p_ep_fallback(const struct ep *ep, CK_RV rv)
+{
+	for (unsigned i = 0; i < ep->nfallback; i++)
+		if (ep->fallback[i] == rv)
+			return 1;
+	return 0;
+}
+
+static __thread char me;      /* its address tells this thread from the others */
+
+/* A connection to the endpoint: an idle one, or a new one that has sent the token. */
+static int ep_take(struct ep *ep)
+{
+	struct sockaddr_un addr;
+	int fd = -1;
+
+	if (p11p_plane_lock()) {
+		if (ep->nidle > 0) {
+			unsigned i = ep->nidle - 1;
+
+			/* the one this thread used last, when idle: a client thread keeps talking
+			 * to one helper thread (a connection is served by one), which the
+			 * scheduler then keeps near it */
+			for (unsigned k = 0; k < ep->nidle; k++)
+				if (ep->last[k] == &me) {
+					i = k;
+					break;
+				}
+			fd = ep->idle[i];
+			ep->nidle--;
+			ep->idle[i] = ep->idle[ep->nidle];
+			ep->last[i] = ep->last[ep->nidle];
+		}
+		p11p_plane_unlock();
+	}
+	if (fd >= 0)
+		return fd;
+	memset(&addr, 0, sizeof addr);
+	addr.sun_family = AF_UNIX;
+	memcpy(addr.sun_path + 1, ep->name, ep->name_len);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&addr,
+		    (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + ep->name_len)) != 0) {
+		close(fd);
+		return -1;
+	}
+	/* the token: 16 bytes into an empty socket buffer, never a short write */
+	if (send(fd, ep->token, TOKEN, MSG_NOSIGNAL) != TOKEN) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void ep_give(struct ep *ep, int fd)
+{
+	if (p11p_plane_lock()) {
+		if (ep->nidle < EP_IDLE) {
+			ep->last[ep->nidle] = &me;
+			ep->idle[ep->nidle++] = fd;
+			fd = -1;
+		}
+		p11p_plane_unlock();
+	}
+	if (fd >= 0)
+		close(fd);
+}
+
+/* Under the lock: the endpoint of this name, or a new one made from the DIRECT_BIND
+ * reply's fields (f: name, token, ..., [rv...]). */
+struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs)
+{
+	const msgpack_object *rvs = &f[5];
+	struct ep *ep;
+	CK_RV rv;
+
+	for (ep = eps; ep != NULL; ep = ep->next)
+		if (ep->name_len == f[0].via.bin.size &&
+		    memcmp(ep->name, f[0].via.bin.ptr, ep->name_len) == 0)
+			return ep;
+	ep = calloc(1, sizeof *ep);
+	if (ep == NULL)
+		return NULL;
+	memcpy(ep->name, f[0].via.bin.ptr, f[0].via.bin.size);
+	ep->name_len = f[0].via.bin.size;
+	memcpy(ep->token, f[1].via.bin.ptr, TOKEN);
+	ep->timeout_ms = timeout_ms;
+	ep->cpu_hint = cpu_hint;
+	ep->pairs = pairs;
+	for (uint32_t i = 0; i < rvs->via.array.size; i++)
+		if (p11p_obj_ulong(&rvs->via.array.ptr[i], &rv) == 0)
+			ep->fallback[ep->nfallback++] = rv;
+	ep->next = eps;
+	eps = ep;
+	return ep;
+}
+
+/* Its helper is gone or broke a connection: the idle connections go too. */
+static void ep_broken(struct ep *ep)
+{
+	int fds[EP_IDLE];
+	unsigned n = 0;
+
+	if (!p11p_plane_lock())
+		return;
+	while (ep->nidle > 0)
+		fds[n++] = ep->idle[--ep->nidle];
+	p11p_plane_unlock();
+	while (n > 0)
+		close(fds[--n]);
+}
+
+/* ---- one call on the data plane ---- */
+
+/* The reply of a quick call comes back within a few tens of microseconds; blocking
+ * for it costs a wake-up on another CPU (about 50 µs here). So a call that is the
+ * only one in flight in this process watches its socket for SPIN_NS first; with more
+ * calls in flight the CPUs have other work, and it blocks at once. */
+static void await_reply(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	struct timespec start, now;
+
+	if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	do {
+		if (poll(&p, 1, 0) != 0)
+			return;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+	} while ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) < SPIN_NS);
+}
+
+int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why)
+{
+	struct ep *ep = b->ep;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	int fd, lone;
+	CK_RV rv;
+
+	if (c->err)
+		return 0; /* a local error (bad arguments): answered as the stub would */
+	fd = ep_take(ep);
+	if (fd < 0) {
+		*why = P11P_WHY_BROKEN;
+		return 1;
+	}
+	/* with other calls in flight this thread blocks for the reply (await_reply): the
+	 * helper thread is asked onto its CPU (helper/fast.c, follow). A lone call watches
+	 * its socket instead, and the helper thread had better run on another CPU. */
+	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	rv = ep->cpu_hint ? p11p_send_hinted(fd, c->req.data, c->req.size, deadline,
+					     lone ? -1 : sched_getcpu())
+			  : p11p_send_frame(fd, c->req.data, c->req.size, deadline);
+	if (rv == CKR_OK) {
+		await_reply(fd);
+		rv = p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);
+	}
+	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	if (rv == CKR_OK)
+		p11p_reply_parse(c, nouts);
+	if (rv != CKR_OK || c->err) {
+		close(fd);
+		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
+		if (*why == P11P_WHY_BROKEN)
+			ep_broken(ep);
+		return 1;
+	}
+	ep_give(ep, fd);
+	if (p11p_ep_fallback(ep, c->rv)) {
+		*why = P11P_WHY_RETURNED;
+		return 1;
+	}
+	return 0;
+}
+
+/* An operation's deferred init `ci` and its next call `c` in one send, their replies read
+ * at one wake-up (to a helper that answers pairs). 0: both replies parsed (what they
+ * answer is the caller's to read: a fallback code included); 1: the connection failed
+ * (*why). */
+int p11p_plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct p11p_bound *b,
+			unsigned nouts, int *why)
+{
+	struct ep *ep = b->ep;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	int fd, lone;
+	CK_RV rv;
+
+	fd = ep_take(ep);
+	if (fd < 0) {
+		*why = P11P_WHY_BROKEN;
+		return 1;
+	}
+	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	rv = p11p_send_pair(fd, ci->req.data, ci->req.size, c->req.data, c->req.size, deadline,
+			    ep->cpu_hint && !lone ? sched_getcpu() : -1);
+	if (rv == CKR_OK) {
+		await_reply(fd);
+		rv = p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply, &c->reply_len,
+				   deadline);
+	}
+	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	if (rv == CKR_OK) {
+		p11p_reply_parse(ci, 0);
+		p11p_reply_parse(c, nouts);
+	}
+	if (rv != CKR_OK || ci->err || c->err) {
+		close(fd);
+		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
+		if (*why == P11P_WHY_BROKEN)
+			ep_broken(ep);
+		return 1;
+	}
+	ep_give(ep, fd);
+	return 0;
+}
+
+void p11p_plane_begin(struct p11p_call *c, unsigned long code, unsigned nargs)
+{
+	memset(c, 0, sizeof *c);
+	p11p_codec_begin(c, code, nargs);
+}
+
+int p11p_ep_pairs(const struct ep *ep)
+{
+	return ep->pairs;
+}
+
+void p11p_eps_reset(void)
+{
+	while (eps != NULL) {
+		struct ep *ep = eps;
+
+		eps = ep->next;
+		for (unsigned i = 0; i < ep->nidle; i++)
+			close(ep->idle[i]);
+		free(ep);
+	}
+}
