@@ -11,7 +11,7 @@ FUZZ_CC ?= clang
 FUZZ_CLIENT_SRCS := client/codec.c client/codec_info.c client/codec_template.c \
                     client/codec_mech.c client/call.c client/find.c client/lock.c \
                     client/transport.c client/hello.c client/kept.c client/debug.c client/gen/stubs.c client/gen/mech_params.c
-FUZZ_HELPER_SRCS := helper/fast_codec.c helper/gen/fast_calls.c
+FUZZ_HELPER_SRCS := helper/fast_codec.c helper/fast_template.c helper/gen/fast_calls.c
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror -pthread $(P11_CFLAGS) \
                -Iclient -Ifuzz -I$(FUZZ_BUILD) \
                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
@@ -42,8 +42,8 @@ $(FUZZ_BUILD)/client_reply_fuzzer: fuzz/client_reply_fuzzer.c fuzz/client_fuzz.h
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ fuzz/client_reply_fuzzer.c $(FUZZ_BUILD)/client_calls.c \
 	  $(FUZZ_CLIENT_SRCS) -lmsgpackc
 
-# The helper's direct-path codec (helper/fast_codec.c, helper/gen/fast_calls.c) against a
-# fake module: every request a client may send on the helper's socket.
+# The helper's direct-path codec (FUZZ_HELPER_SRCS: the sources of helper/build_cffi.py's
+# CODEC_SOURCES) against a fake module: every request a client may send on the helper's socket.
 $(FUZZ_BUILD)/helper_request_fuzzer: fuzz/helper_request_fuzzer.c $(FUZZ_HELPER_SRCS) \
 		helper/fast_codec.h protocol/p11p-prescan.h protocol/p11p-extra.h | fuzz-deps
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -Ihelper -o $@ fuzz/helper_request_fuzzer.c $(FUZZ_HELPER_SRCS) \

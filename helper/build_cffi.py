@@ -3,9 +3,9 @@
 Declarations come from cryptoki.cdef; one C call shim per function of
 protocol/functions.spec is generated here (it calls the vendor module through its
 CK_FUNCTION_LIST, so the compiler checks every argument against the real prototype).
-The data plane (fast.c) comes with its codec: fast_codec.c and the calls generated
-from the specs into gen/fast_calls.c (gen_fast.py), compiled as sources of their own
-and linked with msgpack-c.
+The data plane (fast.c) comes with its codec: fast_codec.c, fast_template.c and the
+calls generated from the specs into gen/fast_calls.c (gen_fast.py), compiled as sources
+of their own and linked with msgpack-c.
 The fork server's request loop (fork_loop.c) is compiled in too: the fork server loads
 this extension (for the call table it makes for its helpers) before any module.
 The result is `_cryptoki<EXT_SUFFIX>`: beside this file at `make helper-cffi` time, or in
@@ -32,7 +32,7 @@ MODULE_NAME = "_cryptoki"
 P11KIT_INCLUDE = Path("/usr/include/p11-kit-1")
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 # The data plane's codec: compiled beside the generated source, each on its own.
-CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "gen" / "fast_calls.c")
+CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "fast_template.c", HERE / "gen" / "fast_calls.c")
 CODEC_HEADERS = (HERE / "fast_codec.h",)
 # Functions the helper never forwards: it initialises the module itself and holds its
 # function list.

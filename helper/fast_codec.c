@@ -51,15 +51,13 @@ static void free_blocks(struct p11p_fx *x)
 	}
 }
 
-static void pack(struct p11p_fx *x, int ret)
+void p11p_fx_pack(struct p11p_fx *x, int ret)
 {
 	if (ret != 0)
 		x->pack_failed = 1;
 }
 
-/* An empty byte string as a real pointer: a zero-length bin is (non-NULL, 0) to the
- * module, as on the helper's pipe. Never written: only inputs point here. */
-static CK_BYTE empty[1];
+CK_BYTE p11p_fx_empty[1];
 
 /* ---- input kinds ---- */
 
@@ -83,8 +81,7 @@ CK_BBOOL p11p_fx_bbool(struct p11p_fx *x, const msgpack_object *o)
 	return v ? CK_TRUE : CK_FALSE;
 }
 
-/* An output capacity, lowered to what a reply can carry (helper/kinds.py capacity). */
-static CK_ULONG capacity(struct p11p_fx *x, const msgpack_object *o, size_t item)
+CK_ULONG p11p_fx_capacity(struct p11p_fx *x, const msgpack_object *o, size_t item)
 {
 	CK_ULONG v = p11p_fx_ulong(x, o), most = x->io->max_output / item;
 
@@ -99,7 +96,7 @@ void p11p_fx_bytes(struct p11p_fx *x, const msgpack_object *o, CK_BYTE_PTR *p, C
 	if (x->err)
 		return;
 	if (o->type == MSGPACK_OBJECT_BIN) {
-		*p = o->via.bin.size ? (CK_BYTE_PTR)o->via.bin.ptr : empty;
+		*p = o->via.bin.size ? (CK_BYTE_PTR)o->via.bin.ptr : p11p_fx_empty;
 		*len = o->via.bin.size;
 	} else if (o->type != MSGPACK_OBJECT_NIL) {
 		*len = p11p_fx_ulong(x, o);
@@ -117,7 +114,7 @@ void p11p_fx_field_bytes(struct p11p_fx *x, const msgpack_object *o, const void 
 		p11p_fx_malformed(x);
 		return;
 	}
-	*p = o->via.bin.size ? (const void *)o->via.bin.ptr : empty;
+	*p = o->via.bin.size ? (const void *)o->via.bin.ptr : p11p_fx_empty;
 	*len = o->via.bin.size;
 }
 
@@ -158,7 +155,7 @@ CK_MECHANISM_PTR p11p_fx_mechanism(struct p11p_fx *x, const msgpack_object *o, C
 			p11p_fx_refuse(x, CKR_MECHANISM_PARAM_INVALID);
 			return NULL;
 		}
-		m->pParameter = param->via.bin.size ? (void *)param->via.bin.ptr : (void *)empty;
+		m->pParameter = param->via.bin.size ? (void *)param->via.bin.ptr : (void *)p11p_fx_empty;
 		m->ulParameterLen = param->via.bin.size;
 		break;
 	case MSGPACK_OBJECT_ARRAY:
@@ -171,191 +168,6 @@ CK_MECHANISM_PTR p11p_fx_mechanism(struct p11p_fx *x, const msgpack_object *o, C
 	return m;
 }
 
-/* ---- templates ---- */
-
-static int is_nested(CK_ATTRIBUTE_TYPE type)
-{
-	return type == CKA_WRAP_TEMPLATE || type == CKA_UNWRAP_TEMPLATE ||
-	       type == CKA_DERIVE_TEMPLATE;
-}
-
-/* [type, pair] at o, checked; the pair's second element, or NULL. */
-static const msgpack_object *pair(struct p11p_fx *x, const msgpack_object *o,
-				  CK_ATTRIBUTE_TYPE *type)
-{
-	if (x->err)
-		return NULL;
-	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 2) {
-		p11p_fx_malformed(x);
-		return NULL;
-	}
-	*type = p11p_fx_ulong(x, &o->via.array.ptr[0]);
-	return x->err ? NULL : &o->via.array.ptr[1];
-}
-
-static CK_ATTRIBUTE_PTR attributes(struct p11p_fx *x, const msgpack_object *o, int depth)
-{
-	CK_ATTRIBUTE_PTR t;
-
-	if (o->type != MSGPACK_OBJECT_ARRAY) {
-		p11p_fx_malformed(x);
-		return NULL;
-	}
-	t = p11p_fx_alloc(x, (size_t)o->via.array.size * sizeof *t);
-	for (uint32_t i = 0; t != NULL && i < o->via.array.size && !x->err; i++) {
-		CK_ATTRIBUTE *a = &t[i];
-		const msgpack_object *v = pair(x, &o->via.array.ptr[i], &a->type);
-
-		if (v == NULL)
-			break;
-		if (v->type == MSGPACK_OBJECT_BIN && !is_nested(a->type)) {
-			a->pValue = v->via.bin.size ? (void *)v->via.bin.ptr : (void *)empty;
-			a->ulValueLen = v->via.bin.size;
-		} else if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
-			/* NULL with a length: the module would read through it (the daemon's
-			 * shapes.unsafe_arguments refuses it alike) */
-			if (p11p_fx_ulong(x, v) != 0)
-				p11p_fx_refuse(x, CKR_ATTRIBUTE_VALUE_INVALID);
-		} else if (v->type == MSGPACK_OBJECT_ARRAY && is_nested(a->type) &&
-			   depth + 1 < P11P_FAST_MAX_NESTING) {
-			a->pValue = attributes(x, v, depth + 1);
-			a->ulValueLen = (CK_ULONG)v->via.array.size * sizeof(CK_ATTRIBUTE);
-		} else if (v->type != MSGPACK_OBJECT_NIL) {
-			p11p_fx_malformed(x);
-		}
-	}
-	return x->err ? NULL : t;
-}
-
-/* array: (attributes, count); nil: (NULL, 0); int: (NULL, that count). */
-void p11p_fx_template(struct p11p_fx *x, const msgpack_object *o, CK_ATTRIBUTE_PTR *t,
-		      CK_ULONG *n)
-{
-	*t = NULL;
-	*n = 0;
-	if (x->err || o->type == MSGPACK_OBJECT_NIL)
-		return;
-	if (o->type == MSGPACK_OBJECT_ARRAY) {
-		*t = attributes(x, o, 0);
-		*n = o->via.array.size;
-	} else {
-		*n = p11p_fx_ulong(x, o);
-	}
-}
-
-/* C_GetAttributeValue's request: [type, cap] per attribute, cap nil (a length query),
- * an int (a buffer of that capacity), or for a template attribute an array of the
- * same (its inner attributes). */
-static CK_ATTRIBUTE_PTR caps(struct p11p_fx *x, const msgpack_object *o, int depth)
-{
-	CK_ATTRIBUTE_PTR t;
-
-	if (o->type != MSGPACK_OBJECT_ARRAY) {
-		p11p_fx_malformed(x);
-		return NULL;
-	}
-	t = p11p_fx_alloc(x, (size_t)o->via.array.size * sizeof *t);
-	for (uint32_t i = 0; t != NULL && i < o->via.array.size && !x->err; i++) {
-		CK_ATTRIBUTE *a = &t[i];
-		const msgpack_object *cap = pair(x, &o->via.array.ptr[i], &a->type);
-
-		if (cap == NULL || cap->type == MSGPACK_OBJECT_NIL)
-			continue;
-		if (is_nested(a->type)) {
-			if (cap->type != MSGPACK_OBJECT_ARRAY || depth + 1 >= P11P_FAST_MAX_NESTING) {
-				p11p_fx_malformed(x);
-				break;
-			}
-			a->pValue = caps(x, cap, depth + 1);
-			a->ulValueLen = (CK_ULONG)cap->via.array.size * sizeof(CK_ATTRIBUTE);
-			continue;
-		}
-		CK_ULONG n = capacity(x, cap, 1);
-		if (x->err)
-			break;
-		if (n > x->budget) {
-			p11p_fx_refuse(x, CKR_HOST_MEMORY); /* could not travel back in one frame */
-			break;
-		}
-		x->budget -= n;
-		a->pValue = p11p_fx_alloc(x, n);
-		a->ulValueLen = n;
-	}
-	return x->err ? NULL : t;
-}
-
-void p11p_fx_template_get(struct p11p_fx *x, const msgpack_object *o, struct p11p_fx_get *g)
-{
-	g->t = NULL;
-	g->n = 0;
-	g->req = NULL;
-	if (x->err || o->type == MSGPACK_OBJECT_NIL)
-		return;
-	if (o->type == MSGPACK_OBJECT_ARRAY) {
-		g->t = caps(x, o, 0);
-		g->n = o->via.array.size;
-		g->req = o;
-	} else {
-		g->n = p11p_fx_ulong(x, o);
-	}
-}
-
-/* One attribute's value as the module left it, by the request's item [type, cap]: bin
- * (written and within the room), an int (the length: of a query, of a value that did
- * not fit, 2**64-1 for CK_UNAVAILABLE_INFORMATION; a count for a template attribute),
- * or for a template attribute with room the inner [type, value]s. */
-static void put_value(struct p11p_fx *x, const CK_ATTRIBUTE *a, const msgpack_object *item)
-{
-	CK_ATTRIBUTE_TYPE type = (CK_ATTRIBUTE_TYPE)item->via.array.ptr[0].via.u64;
-	const msgpack_object *cap = &item->via.array.ptr[1];
-	CK_ULONG len = a->ulValueLen;
-
-	if (len == CK_UNAVAILABLE_INFORMATION) {
-		pack(x, msgpack_pack_uint64(&x->pk, UINT64_MAX));
-	} else if (cap->type == MSGPACK_OBJECT_NIL) {
-		pack(x, msgpack_pack_uint64(&x->pk, is_nested(type) ? len / sizeof(CK_ATTRIBUTE) : len));
-	} else if (is_nested(type)) {
-		CK_ULONG count = len / sizeof(CK_ATTRIBUTE);
-		const CK_ATTRIBUTE *inner = a->pValue;
-
-		if (count > cap->via.array.size) {
-			pack(x, msgpack_pack_uint64(&x->pk, count));
-			return;
-		}
-		pack(x, msgpack_pack_array(&x->pk, (size_t)count));
-		for (CK_ULONG j = 0; j < count; j++) {
-			/* the module writes the inner types too: they travel with the values */
-			pack(x, msgpack_pack_array(&x->pk, 2));
-			pack(x, msgpack_pack_uint64(&x->pk, inner[j].type));
-			put_value(x, &inner[j], &cap->via.array.ptr[j]);
-		}
-	} else {
-		CK_ULONG room = cap->via.u64 < x->io->max_output ? (CK_ULONG)cap->via.u64
-								 : x->io->max_output;
-
-		if (len <= room) {
-			pack(x, msgpack_pack_bin(&x->pk, (size_t)len));
-			if (len > 0)
-				pack(x, msgpack_pack_bin_body(&x->pk, a->pValue, (size_t)len));
-		} else {
-			pack(x, msgpack_pack_uint64(&x->pk, len));
-		}
-	}
-}
-
-/* The values mean something after CKR_OK and the three per-attribute errors. */
-void p11p_fx_put_template_get(struct p11p_fx *x, const struct p11p_fx_get *g)
-{
-	if (g->req == NULL || (x->rv != CKR_OK && x->rv != CKR_ATTRIBUTE_SENSITIVE &&
-			       x->rv != CKR_ATTRIBUTE_TYPE_INVALID && x->rv != CKR_BUFFER_TOO_SMALL)) {
-		pack(x, msgpack_pack_nil(&x->pk));
-		return;
-	}
-	pack(x, msgpack_pack_array(&x->pk, g->req->via.array.size));
-	for (uint32_t i = 0; i < g->req->via.array.size; i++)
-		put_value(x, &g->t[i], &g->req->via.array.ptr[i]);
-}
-
 /* ---- output kinds ---- */
 
 /* nil: a length query (NULL buffer); int: a buffer of that capacity (0 is a real,
@@ -366,7 +178,7 @@ void p11p_fx_out_bytes(struct p11p_fx *x, const msgpack_object *o, struct p11p_f
 	b->len = b->cap = 0;
 	if (x->err || o->type == MSGPACK_OBJECT_NIL)
 		return;
-	b->cap = b->len = capacity(x, o, 1);
+	b->cap = b->len = p11p_fx_capacity(x, o, 1);
 	if (!x->err)
 		b->p = p11p_fx_alloc(x, b->cap);
 }
@@ -376,13 +188,13 @@ void p11p_fx_put_out_bytes(struct p11p_fx *x, const struct p11p_fx_out_bytes *b)
 	if (x->rv == CKR_OK && b->p != NULL) {
 		CK_ULONG n = b->len <= b->cap ? b->len : b->cap;
 
-		pack(x, msgpack_pack_bin(&x->pk, (size_t)n));
+		p11p_fx_pack(x, msgpack_pack_bin(&x->pk, (size_t)n));
 		if (n > 0)
-			pack(x, msgpack_pack_bin_body(&x->pk, b->p, (size_t)n));
+			p11p_fx_pack(x, msgpack_pack_bin_body(&x->pk, b->p, (size_t)n));
 	} else if (x->rv == CKR_OK || x->rv == CKR_BUFFER_TOO_SMALL) {
-		pack(x, msgpack_pack_uint64(&x->pk, b->len));
+		p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->len));
 	} else {
-		pack(x, msgpack_pack_nil(&x->pk));
+		p11p_fx_pack(x, msgpack_pack_nil(&x->pk));
 	}
 }
 
@@ -404,11 +216,11 @@ void p11p_fx_out_random(struct p11p_fx *x, const msgpack_object *o, struct p11p_
 void p11p_fx_put_out_random(struct p11p_fx *x, const struct p11p_fx_out_random *b)
 {
 	if (x->rv == CKR_OK && b->p != NULL) {
-		pack(x, msgpack_pack_bin(&x->pk, (size_t)b->len));
+		p11p_fx_pack(x, msgpack_pack_bin(&x->pk, (size_t)b->len));
 		if (b->len > 0)
-			pack(x, msgpack_pack_bin_body(&x->pk, b->p, (size_t)b->len));
+			p11p_fx_pack(x, msgpack_pack_bin_body(&x->pk, b->p, (size_t)b->len));
 	} else {
-		pack(x, msgpack_pack_nil(&x->pk));
+		p11p_fx_pack(x, msgpack_pack_nil(&x->pk));
 	}
 }
 
@@ -419,7 +231,7 @@ void p11p_fx_out_objects(struct p11p_fx *x, const msgpack_object *o, struct p11p
 	b->max = b->count = 0;
 	if (x->err || o->type == MSGPACK_OBJECT_NIL)
 		return;
-	b->max = capacity(x, o, sizeof(CK_OBJECT_HANDLE));
+	b->max = p11p_fx_capacity(x, o, sizeof(CK_OBJECT_HANDLE));
 	if (!x->err)
 		b->p = p11p_fx_alloc(x, (size_t)b->max * sizeof(CK_OBJECT_HANDLE));
 }
@@ -427,13 +239,13 @@ void p11p_fx_out_objects(struct p11p_fx *x, const msgpack_object *o, struct p11p
 void p11p_fx_put_out_objects(struct p11p_fx *x, const struct p11p_fx_out_objects *b)
 {
 	if (x->rv != CKR_OK || b->p == NULL) {
-		pack(x, msgpack_pack_nil(&x->pk));
+		p11p_fx_pack(x, msgpack_pack_nil(&x->pk));
 		return;
 	}
 	CK_ULONG n = b->count <= b->max ? b->count : b->max;
-	pack(x, msgpack_pack_array(&x->pk, (size_t)n));
+	p11p_fx_pack(x, msgpack_pack_array(&x->pk, (size_t)n));
 	for (CK_ULONG i = 0; i < n; i++)
-		pack(x, msgpack_pack_uint64(&x->pk, b->p[i]));
+		p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->p[i]));
 }
 
 /* nil: NULL; 0: a zeroed structure for the module to fill. */
@@ -452,14 +264,14 @@ void p11p_fx_out_session_info(struct p11p_fx *x, const msgpack_object *o,
 void p11p_fx_put_out_session_info(struct p11p_fx *x, const struct p11p_fx_out_session_info *b)
 {
 	if (x->rv != CKR_OK || b->p == NULL) {
-		pack(x, msgpack_pack_nil(&x->pk));
+		p11p_fx_pack(x, msgpack_pack_nil(&x->pk));
 		return;
 	}
-	pack(x, msgpack_pack_array(&x->pk, 4));
-	pack(x, msgpack_pack_uint64(&x->pk, b->p->slotID));
-	pack(x, msgpack_pack_uint64(&x->pk, b->p->state));
-	pack(x, msgpack_pack_uint64(&x->pk, b->p->flags));
-	pack(x, msgpack_pack_uint64(&x->pk, b->p->ulDeviceError));
+	p11p_fx_pack(x, msgpack_pack_array(&x->pk, 4));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->p->slotID));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->p->state));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->p->flags));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, b->p->ulDeviceError));
 }
 
 /* ---- the module's call ---- */
@@ -488,8 +300,8 @@ int p11p_fx_returned(struct p11p_fx *x, unsigned nouts)
 
 	x->io->leave(x->id, x->slot);
 	x->replied = 1;
-	pack(x, msgpack_pack_array(&x->pk, outputs ? 1 + nouts : 1));
-	pack(x, msgpack_pack_uint64(&x->pk, rv));
+	p11p_fx_pack(x, msgpack_pack_array(&x->pk, outputs ? 1 + nouts : 1));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, rv));
 	return outputs;
 }
 
@@ -497,8 +309,8 @@ int p11p_fx_returned(struct p11p_fx *x, unsigned nouts)
 
 static void reply_rv(struct p11p_fx *x, CK_RV rv)
 {
-	pack(x, msgpack_pack_array(&x->pk, 1));
-	pack(x, msgpack_pack_uint64(&x->pk, rv));
+	p11p_fx_pack(x, msgpack_pack_array(&x->pk, 1));
+	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, rv));
 }
 
 int p11p_fast_serve(const struct p11p_fast_io *io, const char *body, size_t len,

@@ -75,6 +75,13 @@ void p11p_fx_refuse(struct p11p_fx *x, CK_RV rv);
 /* Zeroed memory (at least one byte) that lives until the call ends; NULL (and the call
  * refused with CKR_HOST_MEMORY) when there is none. */
 void *p11p_fx_alloc(struct p11p_fx *x, size_t n);
+/* A reply element packed (msgpack's `ret`): a failure marks the reply unsendable. */
+void p11p_fx_pack(struct p11p_fx *x, int ret);
+/* An output capacity, lowered to what a reply can carry (helper/kinds.py capacity). */
+CK_ULONG p11p_fx_capacity(struct p11p_fx *x, const msgpack_object *o, size_t item);
+/* An empty byte string as a real pointer: a zero-length bin is (non-NULL, 0) to the
+ * module, as on the helper's pipe. Never written: only inputs point here. */
+extern CK_BYTE p11p_fx_empty[1];
 
 /* ---- input kinds ---- */
 CK_ULONG p11p_fx_ulong(struct p11p_fx *x, const msgpack_object *o);    /* ulong, object */

@@ -1,5 +1,5 @@
-"""The helper's direct-path codec (helper/fast_codec.c and the calls generated into
-helper/gen/fast_calls.c) under AddressSanitizer and UndefinedBehaviorSanitizer, in
+"""The helper's direct-path codec (helper/fast_codec.c, fast_template.c and the calls
+generated into helper/gen/fast_calls.c) under AddressSanitizer and UndefinedBehaviorSanitizer, in
 every `make test`: the harness of `make fuzz` (fuzz/helper_request_fuzzer.c, a fake
 module that reads every input to its length and writes every output to its capacity)
 built without libFuzzer, run over the seed corpus made from the specs and seeded
@@ -13,13 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from p11p.helper import build_cffi
+
 ROOT = Path(__file__).resolve().parents[2]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
             "-fno-omit-frame-pointer"]
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-g", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
           "-I/usr/include/p11-kit-1", f"-I{ROOT / 'protocol'}", f"-I{ROOT / 'helper'}"]
-SOURCES = [ROOT / "fuzz" / "helper_request_fuzzer.c", ROOT / "helper" / "fast_codec.c",
-           ROOT / "helper" / "gen" / "fast_calls.c"]
+# the harness and the codec the helper's extension is built from
+SOURCES = [ROOT / "fuzz" / "helper_request_fuzzer.c", *build_cffi.CODEC_SOURCES]
 
 
 def test_the_direct_path_codec_under_asan_and_ubsan(tmp_path: Path) -> None:

@@ -42,13 +42,22 @@ def _run(cmd: list[str], tmp: Path, timeout: float) -> str:
     return out
 
 
-def fuzz_client_sources() -> list[str]:
-    """The client sources `make fuzz` links into the client fuzzer (fuzz/build.mk's
-    FUZZ_CLIENT_SRCS): one list for both."""
+def fuzz_sources(name: str) -> list[str]:
+    """The sources `make fuzz` links into a fuzzer (fuzz/build.mk's FUZZ_CLIENT_SRCS,
+    FUZZ_HELPER_SRCS): one list for both."""
     text = (FUZZ / "build.mk").read_text().replace("\\\n", " ")
-    found = re.search(r"^FUZZ_CLIENT_SRCS\s*:=\s*(.+)$", text, re.M)
-    assert found is not None, "FUZZ_CLIENT_SRCS not in fuzz/build.mk"
+    found = re.search(rf"^{name}\s*:=\s*(.+)$", text, re.M)
+    assert found is not None, f"{name} not in fuzz/build.mk"
     return found.group(1).split()
+
+
+def test_the_helper_fuzzer_links_the_codec_the_helper_compiles() -> None:
+    """FUZZ_HELPER_SRCS is the codec the helper's extension is built from
+    (helper/build_cffi.py CODEC_SOURCES), so that the fuzzer sees all of it."""
+    from p11p.helper import build_cffi
+
+    codec = [str(Path(p).resolve().relative_to(ROOT)) for p in build_cffi.CODEC_SOURCES]
+    assert fuzz_sources("FUZZ_HELPER_SRCS") == codec
 
 
 def test_client_reply_fuzzer_smoke(tmp_path: Path) -> None:
@@ -58,7 +67,7 @@ def test_client_reply_fuzzer_smoke(tmp_path: Path) -> None:
     calls = tmp_path / "client_calls.c"
     subprocess.run([sys.executable, str(FUZZ / "gen_client_calls.py"), str(calls)], check=True)
     exe = tmp_path / "client_reply_fuzzer"
-    sources = fuzz_client_sources()
+    sources = fuzz_sources("FUZZ_CLIENT_SRCS")
     build = subprocess.run(
         [clang, "-std=c11", "-D_GNU_SOURCE", "-g", "-O1", "-pthread", "-I/usr/include/p11-kit-1",
          "-Iprotocol", "-Iclient", "-Ifuzz", "-fsanitize=fuzzer,address,undefined",
@@ -81,8 +90,8 @@ def test_helper_request_fuzzer_smoke(tmp_path: Path) -> None:
         [clang, "-std=c11", "-D_GNU_SOURCE", "-g", "-O1", "-Wall", "-Wextra", "-Werror",
          "-pthread", "-I/usr/include/p11-kit-1", "-Iprotocol", "-Ihelper",
          "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined", "-o", str(exe),
-         "fuzz/helper_request_fuzzer.c", "helper/fast_codec.c", "helper/gen/fast_calls.c",
-         "-lmsgpackc"], cwd=ROOT, capture_output=True, text=True)
+         "fuzz/helper_request_fuzzer.c", *fuzz_sources("FUZZ_HELPER_SRCS"), "-lmsgpackc"],
+        cwd=ROOT, capture_output=True, text=True)
     if build.returncode != 0 and "libclang_rt.fuzzer" in build.stderr:
         pytest.skip("clang without libFuzzer here (make fuzz installs it)")
     assert build.returncode == 0, build.stderr[-3000:]
