@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from p11p.daemon import budget, hello
-from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError
+from p11p.daemon.gen import requests as R
 from p11p.daemon.handles import CLIENT_FIRST, CLIENT_LAST
 from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
@@ -192,7 +192,7 @@ class Dispatcher(Searches):
         group = self.group(ctx, req.frame[1])
         if not group.present:
             return [CKR["CKR_TOKEN_NOT_PRESENT"]]
-        key = tuple(req.frame[:1] + req.frame[2:])  # the types are checked (requests.py)
+        key = tuple(req.frame[:1] + req.frame[2:])  # the types are checked (gen/requests.py)
         serving = choose_member(group.members, "failover", None, True)
         if isinstance(serving, Member):
             known = serving.mechanism_answers.get(key)

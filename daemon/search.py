@@ -10,9 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-from p11p.daemon import requests as R
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable
+from p11p.daemon.gen import requests as R
 from p11p.daemon.members import Member
 from p11p.daemon.shapes import GENERAL_ERROR, SHAPES
 from p11p.daemon.virtual import FindState, VirtualSession

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates daemon/requests.py, the daemon's typed requests, from protocol/functions.spec.
+"""Generates daemon/gen/requests.py, the daemon's typed requests, from protocol/functions.spec.
 
 One frozen class per function that travels to the daemon (and per p11p code of the
 client link): its arguments by name, each with the type its kind has on the wire
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "daemon" / "requests.py"
+OUT = ROOT / "daemon" / "gen" / "requests.py"
 
 # kind -> (Python type of the field, the check of a wire value)
 TYPES = {

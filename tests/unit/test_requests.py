@@ -1,4 +1,4 @@
-"""The daemon's typed requests (daemon/requests.py, generated from functions.spec): every
+"""The daemon's typed requests (daemon/gen/requests.py, generated from functions.spec): every
 function that travels to the daemon has one; a frame decodes into its fields by name, and
 a wire value of the wrong type is CKR_ARGUMENTS_BAD before any handler runs."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from p11p.daemon import requests as R
 from p11p.daemon.errors import CKError
+from p11p.daemon.gen import requests as R
 from p11p.protocol import spec
 from p11p.protocol.constants import CKR
 
