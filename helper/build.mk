@@ -9,7 +9,7 @@ HELPER_GEN := helper/gen/fast_calls.c
 HELPER_CFFI_INPUTS := helper/build_cffi.py helper/cryptoki.cdef protocol/functions.spec \
                       protocol/spec.py protocol/p11p-extra.h protocol/p11p-prescan.h \
                       helper/fast.c helper/fork_loop.c helper/fast_codec.c helper/fast_template.c \
-                      helper/fast_codec.h \
+                      helper/fast_codec.h helper/fast_conn.c helper/fast.h \
                       $(HELPER_GEN) protocol/mechanisms.spec
 
 .PHONY: helper-cffi helper-gen

@@ -34,6 +34,10 @@ COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 # The data plane's codec: compiled beside the generated source, each on its own.
 CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "fast_template.c", HERE / "gen" / "fast_calls.c")
 CODEC_HEADERS = (HERE / "fast_codec.h",)
+# The data plane's connections (fast.c, compiled into the generated source, holds the
+# state they share with it: fast.h).
+PLANE_SOURCES = (HERE / "fast_conn.c",)
+PLANE_HEADERS = (HERE / "fast.h",)
 # Functions the helper never forwards: it initialises the module itself and holds its
 # function list.
 NOT_FORWARDED = frozenset({"C_Initialize", "C_GetFunctionList"})
@@ -189,7 +193,8 @@ def sources() -> tuple[str, str, str]:
                  (P11KIT_INCLUDE / "p11-kit" / "pkcs11.h").read_text(),
                  (Path(spec.HERE) / "p11p-extra.h").read_text(),
                  (Path(spec.HERE) / "p11p-prescan.h").read_text(),
-                 *(path.read_text() for path in (*CODEC_SOURCES, *CODEC_HEADERS))):
+                 *(path.read_text() for path in (*CODEC_SOURCES, *CODEC_HEADERS,
+                                                 *PLANE_SOURCES, *PLANE_HEADERS))):
         digest.update(part.encode())
         digest.update(b"\0")
     key = digest.hexdigest()[:20]
@@ -209,7 +214,8 @@ def build(dest_dir: Path, verbose: bool = False) -> Path:
     spec = load_spec()
     builder = FFI()
     builder.cdef(cdef)
-    builder.set_source(MODULE_NAME, source, sources=[str(p) for p in CODEC_SOURCES],
+    builder.set_source(MODULE_NAME, source,
+                       sources=[str(p) for p in (*CODEC_SOURCES, *PLANE_SOURCES)],
                        include_dirs=[str(P11KIT_INCLUDE), str(spec.HERE), str(HERE)],
                        libraries=["dl", "msgpackc"], extra_compile_args=COMPILE_ARGS)
     dest_dir.mkdir(parents=True, exist_ok=True)
