@@ -22,7 +22,9 @@
 #include "transport.h"
 
 #define EP_IDLE 16             /* idle connections kept per endpoint */
-#define SPIN_NS 60000          /* a lone call waits this long awake for its reply */
+#define SPIN_NS 60000          /* a lone call waits this long awake for its reply, at least */
+#define SPIN_MAX_US 1500       /* ... and longer for a function whose last one took less */
+#define RTTS 64                /* functions whose last lone round trip is remembered */
 
 /* An endpoint's name, token, time-out and fallback list are set when it is made and
  * never change (a helper's listener keeps its name for life), so a call reads them
@@ -164,28 +166,79 @@ static void ep_broken(struct ep *ep)
 /* ---- one call on the data plane ---- */
 
 /* The reply of a quick call comes back within a few tens of microseconds; blocking
- * for it costs a wake-up on another CPU (about 50 µs here). So a call that is the
- * only one in flight in this process watches its socket for SPIN_NS first; with more
+ * for it costs a wake-up of an idle CPU (about 50 µs here, and more on a virtual machine
+ * whose idle CPU halts: the host wakes it). So a call that is the only one in flight in
+ * this process watches its socket awake, for SPIN_NS, or when its function's last lone
+ * round trip took less than SPIN_MAX_US (an RSA signature on a software token: some
+ * 600 µs, of which the wake-up was a fifth), for that long and a quarter more; a
+ * function whose replies are long in coming (a network HSM's milliseconds) is worth no
+ * CPU awake, nor is one that ran past its estimate: it blocks after SPIN_NS. With more
  * calls in flight the CPUs have other work, and it blocks at once. */
-static void await_reply(int fd)
+static _Atomic uint64_t lone_rtt[RTTS]; /* by code, hashed: code << 32 | microseconds */
+
+static int64_t mono_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int64_t spin_ns(unsigned long code)
+{
+	uint64_t e = atomic_load_explicit(&lone_rtt[code % RTTS], memory_order_relaxed);
+	int64_t us = (int64_t)(e & 0xffffffffu);
+
+	if ((e >> 32) != (code & 0xffffffffu) || us > SPIN_MAX_US || (us + us / 4) * 1000 < SPIN_NS)
+		return SPIN_NS;
+	return (us + us / 4) * 1000;
+}
+
+static void lone_took(unsigned long code, int64_t ns)
+{
+	uint64_t us = ns > 0 ? (uint64_t)ns / 1000 : 0;
+
+	if (us > 0xffffffffu)
+		us = 0xffffffffu;
+	atomic_store_explicit(&lone_rtt[code % RTTS], (uint64_t)(code & 0xffffffffu) << 32 | us,
+			      memory_order_relaxed);
+}
+
+/* Whether this process may run on more than one CPU: on one, a thread awake would only
+ * keep the helper from the CPU its reply needs. */
+static int several_cpus(void)
+{
+	static atomic_int known; /* 0: not yet; 1: one; 2: several */
+	int k = atomic_load_explicit(&known, memory_order_relaxed);
+
+	if (k == 0) {
+		cpu_set_t set;
+
+		k = sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 1 ? 2 : 1;
+		atomic_store_explicit(&known, k, memory_order_relaxed);
+	}
+	return k == 2;
+}
+
+static void await_reply(int fd, unsigned long code)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
-	struct timespec start, now;
+	int64_t start, budget;
 
-	if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1)
+	if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1 || !several_cpus())
 		return;
-	clock_gettime(CLOCK_MONOTONIC, &start);
+	budget = spin_ns(code);
+	start = mono_ns();
 	do {
 		if (poll(&p, 1, 0) != 0)
 			return;
-		clock_gettime(CLOCK_MONOTONIC, &now);
-	} while ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) < SPIN_NS);
+	} while (mono_ns() - start < budget);
 }
 
 int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why)
 {
 	struct ep *ep = b->ep;
-	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	int64_t deadline = p11p_deadline(ep->timeout_ms), sent;
 	int fd, lone;
 	CK_RV rv;
 
@@ -200,13 +253,16 @@ int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nou
 	 * helper thread is asked onto its CPU (helper/fast.c, follow). A lone call watches
 	 * its socket instead, and the helper thread had better run on another CPU. */
 	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	sent = lone ? mono_ns() : 0;
 	rv = ep->cpu_hint ? p11p_send_hinted(fd, c->req.data, c->req.size, deadline,
 					     lone ? -1 : sched_getcpu())
 			  : p11p_send_frame(fd, c->req.data, c->req.size, deadline);
 	if (rv == CKR_OK) {
-		await_reply(fd);
+		await_reply(fd, c->code);
 		rv = p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);
 	}
+	if (lone && rv == CKR_OK)
+		lone_took(c->code, mono_ns() - sent);
 	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
 	if (rv == CKR_OK)
 		p11p_reply_parse(c, nouts);
@@ -233,7 +289,7 @@ int p11p_plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct 
 			unsigned nouts, int *why)
 {
 	struct ep *ep = b->ep;
-	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	int64_t deadline = p11p_deadline(ep->timeout_ms), sent;
 	int fd, lone;
 	CK_RV rv;
 
@@ -243,13 +299,16 @@ int p11p_plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct 
 		return 1;
 	}
 	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	sent = lone ? mono_ns() : 0;
 	rv = p11p_send_pair(fd, ci->req.data, ci->req.size, c->req.data, c->req.size, deadline,
 			    ep->cpu_hint && !lone ? sched_getcpu() : -1);
 	if (rv == CKR_OK) {
-		await_reply(fd);
+		await_reply(fd, c->code);
 		rv = p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply, &c->reply_len,
 				   deadline);
 	}
+	if (lone && rv == CKR_OK)
+		lone_took(c->code, mono_ns() - sent);
 	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
 	if (rv == CKR_OK) {
 		p11p_reply_parse(ci, 0);
