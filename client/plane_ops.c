@@ -15,6 +15,8 @@
 #include "sessions.h"
 #include "state.h"
 
+/* ---- what a call leaves of its operation ---- */
+
 /* The mechanism as the request encodes it, malloc'd (NULL when it cannot be sent). */
 static unsigned char *encode_mechanism(const CK_MECHANISM *m, size_t *len)
 {
