@@ -140,6 +140,15 @@ static void calibrate(double us)
 		work_loops = 1;
 }
 
+/* Closes both ends of the first n socketpairs (a run that fails before the fork). */
+static void close_pairs(int n)
+{
+	for (int i = 0; i < n; i++) {
+		close(socks[i][0]);
+		close(socks[i][1]);
+	}
+}
+
 static double run(enum mode m, int threads)
 {
 	pthread_t t[MAX_THREADS];
@@ -150,13 +159,18 @@ static double run(enum mode m, int threads)
 	atomic_store(&done, 0);
 	for (int i = 0; i < threads * SLOT; i++)
 		atomic_store(&words[i], 0);
-	for (int i = 0; i < threads && m == SOCKET; i++)
-		if (socketpair(AF_UNIX, SOCK_STREAM, 0, socks[i]) != 0)
+	for (int i = 0; i < threads && m == SOCKET; i++) {
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, socks[i]) != 0) {
+			close_pairs(i);
 			return -1;
+		}
+	}
 	if (m != DIRECT) {
 		other = fork();
-		if (other < 0)
+		if (other < 0) {
+			close_pairs(m == SOCKET ? threads : 0);
 			return -1;
+		}
 		if (other == 0) {
 			/* gone with this process, however it ends */
 			if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != self)
