@@ -232,6 +232,9 @@ static void await_reply(int fd, unsigned long code)
 	do {
 		if (poll(&p, 1, 0) != 0)
 			return;
+		/* another call began meanwhile: its helper may need this CPU */
+		if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1)
+			return;
 	} while (mono_ns() - start < budget);
 }
 
