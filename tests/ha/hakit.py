@@ -143,13 +143,45 @@ class WorkloadApp:
 
 
 def ha_softhsm(root: Path, keys: Path, labels: tuple[str, ...]) -> SoftHSM:
-    """SoftHSM2 tokens with these labels, each holding the keys of `keys` (keys.json)."""
+    """SoftHSM2 tokens with these labels, each holding the keys of `keys` (keys.json); each
+    token's first token.object is kept beside them (repair_token_files)."""
     hsm = SoftHSM(root)
     for label in labels:
         hsm.init_token(label)
         subprocess.run([sys.executable, str(HERE / "import_keys.py"), str(SOFTHSM_SO), label,
                         USER_PIN, str(keys)], env={**os.environ, **hsm.env}, check=True)
+    for label, path in token_files(hsm, labels).items():
+        (hsm.root / f"{label}.token.object").write_bytes(path.read_bytes())
     return hsm
+
+
+def token_files(hsm: SoftHSM, labels: tuple[str, ...]) -> dict[str, Path]:
+    """Each token's token.object (SoftHSM2's file store) by label."""
+    found = {}
+    for path in hsm.tokens.glob("*/token.object"):
+        data = path.read_bytes()
+        for label in labels:
+            if label.encode().ljust(32) in data:
+                found[label] = path
+    return found
+
+
+def repair_token_files(hsm: SoftHSM, files: dict[str, Path]) -> list[str]:
+    """SoftHSM2 rewrites its token.object in place (a login's PIN flags, say): a helper
+    killed meanwhile (a test's kill, or p11p ending a hung one, as it must) leaves it
+    truncated, and that token is gone for every later user of it. Not p11p's doing: each
+    damaged file of `files` (by label) is put back as ha_softhsm kept it. The labels
+    repaired."""
+    repaired = []
+    for label, path in files.items():
+        backup = hsm.root / f"{label}.token.object"
+        if backup.exists() and path.exists() and label.encode().ljust(32) not in path.read_bytes():
+            size = path.stat().st_size
+            path.write_bytes(backup.read_bytes())
+            repaired.append(label)
+            print(f"{label}'s SoftHSM2 token.object was damaged ({size} bytes); put back",
+                  flush=True)
+    return repaired
 
 
 def make_keys(path: Path) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "ha"))
-from hakit import HAGroup, make_keys  # noqa: E402
+from hakit import HAGroup, ha_softhsm, make_keys, repair_token_files, token_files  # noqa: E402
 from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, SoftHSM, helper_pids  # noqa: E402
 from p11p.protocol.constants import CKR, RV_NAMES  # noqa: E402
 
@@ -126,27 +126,10 @@ class WorkerProc:
 # -- the environment: tokens, a daemon, the applications ---------------------------------
 
 def make_tokens(root: Path) -> tuple[SoftHSM, Path]:
-    """The members hsmA..hsmC and the reference token, holding the same imported keys."""
+    """The members hsmA..hsmC and the reference token, holding the same imported keys
+    (each token's first token.object kept: hakit.repair_token_files)."""
     keys = make_keys(root / "keys.json")
-    hsm = SoftHSM(root / "softhsm")
-    for label in (*MEMBERS, REF_TOKEN):
-        hsm.init_token(label)
-        subprocess.run([sys.executable, str(HERE.parent / "ha" / "import_keys.py"), str(SOFTHSM_SO),
-                        label, USER_PIN, str(keys)], env={**os.environ, **hsm.env}, check=True)
-    for label, path in token_files(hsm).items():
-        (hsm.root / f"{label}.token.object").write_bytes(path.read_bytes())
-    return hsm, keys
-
-
-def token_files(hsm: SoftHSM) -> dict[str, Path]:
-    """Each token's token.object (SoftHSM2's file store) by label."""
-    found = {}
-    for path in hsm.tokens.glob("*/token.object"):
-        data = path.read_bytes()
-        for label in (*MEMBERS, REF_TOKEN):
-            if label.encode().ljust(32) in data:
-                found[label] = path
-    return found
+    return ha_softhsm(root / "softhsm", keys, (*MEMBERS, REF_TOKEN)), keys
 
 
 class Env:
@@ -164,7 +147,7 @@ class Env:
         self.data_plane = data_plane
         self.members = list(MEMBERS[:members])
         self.hsm = hsm  # make_tokens kept each token's first token.object in hsm.root
-        self.token_dirs = token_files(hsm)
+        self.token_dirs = token_files(hsm, (*MEMBERS, REF_TOKEN))
         self.repairs = 0
         self.keys = json.loads(keys.read_text())
         # the harness removes the token objects a sequence made behind p11p's back (on
@@ -224,20 +207,10 @@ class Env:
         raise HarnessError(f"members not back in service after {timeout}s: {self.states()}")
 
     def repair_tokens(self, members: list[str]) -> None:
-        """SoftHSM2 rewrites its token.object in place (a login's PIN flags, say): a
-        helper killed meanwhile (a kill event, or p11p ending a hung one, as it must)
-        leaves it truncated, and that member never comes back. Not p11p's doing: the
-        file is put back as it was made (counted in `repairs`)."""
-        for member in members:
-            path = self.token_dirs.get(member)
-            backup = self.hsm.root / f"{member}.token.object"
-            if path is not None and backup.exists() and path.exists() \
-                    and member.encode().ljust(32) not in path.read_bytes():
-                size = path.stat().st_size
-                path.write_bytes(backup.read_bytes())
-                self.repairs += 1
-                print(f"harness: {member}'s SoftHSM2 token.object was damaged ({size} "
-                      "bytes); put back", flush=True)
+        """A member's token.object damaged by a helper killed mid-write is put back
+        (hakit.repair_token_files; counted in `repairs`)."""
+        self.repairs += len(repair_token_files(
+            self.hsm, {m: p for m, p in self.token_dirs.items() if m in members}))
 
     def clear_faults(self) -> None:
         for t in self.hang_timers:
