@@ -3,6 +3,7 @@ p11p-faultsim.so, grouped by a p11p daemon (hakit.py has the classes)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,28 @@ def ha_tokens(tmp_path_factory: pytest.TempPathFactory, ha_keys: Path) -> SoftHS
     return ha_softhsm(tmp_path_factory.mktemp("ha-softhsm"), ha_keys, HA_LABELS)
 
 
+@pytest.fixture(scope="session")
+def ha_token_files(ha_tokens: SoftHSM) -> dict[str, Path]:
+    """Each session token's token.object, found while they are all whole."""
+    files = token_files(ha_tokens, HA_LABELS)
+    assert sorted(files) == sorted(HA_LABELS), files
+    return files
+
+
 @pytest.fixture(autouse=True)
 def _whole_tokens(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test that used the session's tokens (its daemons stopped by then): a
     token.object a helper killed mid-write left truncated is put back, so that the
     token is there for the next tests (hakit.repair_token_files)."""
+    if "ha_tokens" not in request.fixturenames:
+        yield
+        return
+    files = request.getfixturevalue("ha_token_files")  # the first time: before any test ran
     yield
-    if "ha_tokens" in request.fixturenames:
-        hsm = request.getfixturevalue("ha_tokens")
-        repair_token_files(hsm, token_files(hsm, HA_LABELS))
+    repaired = repair_token_files(request.getfixturevalue("ha_tokens"), files)
+    if repaired:  # in the run's warnings summary, a passing test's or not
+        warnings.warn(f"{request.node.nodeid}: token.object of {repaired} damaged; put back",
+                      stacklevel=1)
 
 
 @pytest.fixture
