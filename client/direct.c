@@ -59,7 +59,7 @@ static void sess_free(struct sess *s)
 	free(s);
 }
 
-void p11p_direct_reset(void)
+void p11p_direct_reset(int ours)
 {
 	p11p_lengths_reset();
 	p11p_inits_reset();
@@ -71,7 +71,7 @@ void p11p_direct_reset(void)
 			sess_free(s);
 		}
 	}
-	p11p_eps_reset();
+	p11p_eps_reset(ours);
 }
 
 /* ---- the session table (under the lock) ---- */
@@ -232,7 +232,7 @@ void p11p_plane_unbind(CK_SESSION_HANDLE h, int why)
 	(void)p11p_call_finish(&c);
 }
 
-/* [name, token, id, timeout_ms, slot, [rv...], replay_limit[, cpu_hint[, pairs]]] of a
+/* [name, token, id, timeout_ms, slot, [rv...], replay_limit[, cpu_hint[, pairs[, mailbox]]]] of a
  * DIRECT_BIND reply, into the session's entry. 0, or -1 when it does not fit. */
 static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11p_bound *b)
 {
@@ -240,10 +240,10 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 	CK_ULONG id, timeout, slot, limit;
 	struct sess *s;
 	struct ep *ep;
-	int ret = -1, hint = 0, pairs = 0;
+	int ret = -1, hint = 0, pairs = 0, mailbox = 0;
 
 	if (o == NULL || o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 7 ||
-	    o->via.array.size > 9)
+	    o->via.array.size > 10)
 		return -1;
 	f = o->via.array.ptr;
 	if (o->via.array.size >= 8) {  /* the hello agreed cpu_hint */
@@ -251,10 +251,15 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 			return -1;
 		hint = f[7].via.boolean;
 	}
-	if (o->via.array.size == 9) {  /* ... and plane_pairs */
+	if (o->via.array.size >= 9) {  /* ... and plane_pairs */
 		if (f[8].type != MSGPACK_OBJECT_BOOLEAN)
 			return -1;
 		pairs = f[8].via.boolean;
+	}
+	if (o->via.array.size == 10) {  /* ... and plane_mailbox */
+		if (f[9].type != MSGPACK_OBJECT_BOOLEAN)
+			return -1;
+		mailbox = f[9].via.boolean;
 	}
 	if (f[0].type != MSGPACK_OBJECT_BIN || f[0].via.bin.size == 0 || f[0].via.bin.size > 100 ||
 	    f[1].type != MSGPACK_OBJECT_BIN || f[1].via.bin.size != TOKEN ||
@@ -266,7 +271,7 @@ static int take_binding(const msgpack_object *o, CK_SESSION_HANDLE h, struct p11
 	if (!p11p_plane_lock())
 		return -1;
 	s = p11p_sess_lookup(h);
-	ep = s != NULL ? p11p_ep_get(f, (int)timeout, hint, pairs) : NULL;
+	ep = s != NULL ? p11p_ep_get(f, (int)timeout, hint, pairs, mailbox) : NULL;
 	if (ep != NULL) {
 		s->ep = b->ep = ep;
 		s->id = b->id = id;

@@ -116,7 +116,8 @@ void p11p_plane_destroyed(void);
 void p11p_direct_setup(void);
 /* Forgets every binding and operation and closes every connection to a helper
  * (C_Initialize, C_Finalize, a forked child). Called with no call in flight, or in the
- * child after fork(). */
-void p11p_direct_reset(void);
+ * child after fork(). `ours`: the connections are this process's (C_Finalize), whose
+ * helper threads are told they end; not a parent's, which the parent keeps using. */
+void p11p_direct_reset(int ours);
 
 #endif

@@ -9,11 +9,13 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "box.h"
 #include "call.h"
 #include "direct.h"
 #include "link.h"
@@ -39,7 +41,9 @@ struct ep {
 	unsigned nfallback;
 	int cpu_hint;               /* its helper follows the CPU hint (p11p_send_hinted) */
 	int pairs;                  /* its helper answers a pair sent at once (p11p_send_pair) */
+	int mailbox;                /* its helper gives a connection a mailbox (client/box.h) */
 	int idle[EP_IDLE];
+	struct p11p_box *idle_box[EP_IDLE];  /* each idle connection's mailbox, or NULL */
 	const void *last[EP_IDLE];  /* the thread that gave each idle connection back */
 	unsigned nidle;
 };
@@ -59,12 +63,20 @@ int p11p_ep_fallback(const struct ep *ep, CK_RV rv)
 
 static __thread char me;      /* its address tells this thread from the others */
 
-/* A connection to the endpoint: an idle one, or a new one that has sent the token. */
-static int ep_take(struct ep *ep)
+static void link_close(int fd, struct p11p_box *box)
+{
+	p11p_box_drop(box);
+	close(fd);
+}
+
+/* A connection to the endpoint and its mailbox (*box, NULL: none): an idle one, or a new
+ * one that has sent the token (and asked for a mailbox, when the helper gives them). */
+static int ep_take(struct ep *ep, struct p11p_box **box, int64_t deadline)
 {
 	struct sockaddr_un addr;
-	int fd = -1;
+	int fd = -1, broken;
 
+	*box = NULL;
 	if (p11p_plane_lock()) {
 		if (ep->nidle > 0) {
 			unsigned i = ep->nidle - 1;
@@ -78,8 +90,10 @@ static int ep_take(struct ep *ep)
 					break;
 				}
 			fd = ep->idle[i];
+			*box = ep->idle_box[i];
 			ep->nidle--;
 			ep->idle[i] = ep->idle[ep->nidle];
+			ep->idle_box[i] = ep->idle_box[ep->nidle];
 			ep->last[i] = ep->last[ep->nidle];
 		}
 		p11p_plane_unlock();
@@ -102,26 +116,41 @@ static int ep_take(struct ep *ep)
 		close(fd);
 		return -1;
 	}
+	if (ep->mailbox) {
+		*box = p11p_box_ask(fd, deadline, &broken);
+		if (broken) {
+			close(fd);
+			return -1;
+		}
+	}
 	return fd;
 }
 
-static void ep_give(struct ep *ep, int fd)
+static void ep_give(struct ep *ep, int fd, struct p11p_box *box)
 {
+	/* a mailbox the helper closed meanwhile (it passed to another application) */
+	if (box != NULL && atomic_load(&box->word) != P11P_BOX_READY &&
+	    atomic_load(&box->word) != P11P_BOX_SOCKET) {
+		link_close(fd, box);
+		return;
+	}
 	if (p11p_plane_lock()) {
 		if (ep->nidle < EP_IDLE) {
 			ep->last[ep->nidle] = &me;
+			ep->idle_box[ep->nidle] = box;
 			ep->idle[ep->nidle++] = fd;
 			fd = -1;
 		}
 		p11p_plane_unlock();
 	}
 	if (fd >= 0)
-		close(fd);
+		link_close(fd, box);
 }
 
 /* Under the lock: the endpoint of this name, or a new one made from the DIRECT_BIND
  * reply's fields (f: name, token, ..., [rv...]). */
-struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs)
+struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs,
+		       int mailbox)
 {
 	const msgpack_object *rvs = &f[5];
 	struct ep *ep;
@@ -140,6 +169,7 @@ struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, in
 	ep->timeout_ms = timeout_ms;
 	ep->cpu_hint = cpu_hint;
 	ep->pairs = pairs;
+	ep->mailbox = mailbox;
 	for (uint32_t i = 0; i < rvs->via.array.size; i++)
 		if (p11p_obj_ulong(&rvs->via.array.ptr[i], &rv) == 0)
 			ep->fallback[ep->nfallback++] = rv;
@@ -152,15 +182,21 @@ struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, in
 static void ep_broken(struct ep *ep)
 {
 	int fds[EP_IDLE];
+	struct p11p_box *boxes[EP_IDLE];
 	unsigned n = 0;
 
 	if (!p11p_plane_lock())
 		return;
-	while (ep->nidle > 0)
-		fds[n++] = ep->idle[--ep->nidle];
+	while (ep->nidle > 0) {
+		ep->nidle--;
+		boxes[n] = ep->idle_box[ep->nidle];
+		fds[n++] = ep->idle[ep->nidle];
+	}
 	p11p_plane_unlock();
-	while (n > 0)
-		close(fds[--n]);
+	while (n > 0) {
+		n--;
+		link_close(fds[n], boxes[n]);
+	}
 }
 
 /* ---- one call on the data plane ---- */
@@ -220,63 +256,109 @@ static int several_cpus(void)
 	return k == 2;
 }
 
+/* While a lone call may keep watching: no other call began meanwhile (its helper may
+ * need this CPU). */
+static int still_lone(void)
+{
+	return atomic_load_explicit(&in_flight, memory_order_relaxed) <= 1;
+}
+
+/* How long a call watches for its reply awake (0: it blocks at once). */
+static int64_t awake_ns(unsigned long code)
+{
+	if (!still_lone() || !several_cpus())
+		return 0;
+	return spin_ns(code);
+}
+
 static void await_reply(int fd, unsigned long code)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
-	int64_t start, budget;
+	int64_t start, budget = awake_ns(code);
 
-	if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1 || !several_cpus())
+	if (budget == 0)
 		return;
-	budget = spin_ns(code);
 	start = mono_ns();
 	do {
-		if (poll(&p, 1, 0) != 0)
-			return;
-		/* another call began meanwhile: its helper may need this CPU */
-		if (atomic_load_explicit(&in_flight, memory_order_relaxed) > 1)
+		if (poll(&p, 1, 0) != 0 || !still_lone())
 			return;
 	} while (mono_ns() - start < budget);
+}
+
+/* One call `c`, or an operation's deferred init `ci` and its next call `c` in one send
+ * (to a helper that answers pairs), on the connection `fd`: through its mailbox when it
+ * has one and they fit, else on the socket; the replies into the calls. */
+static CK_RV exchange(const struct ep *ep, int fd, struct p11p_box *box, struct p11p_call *ci,
+		      struct p11p_call *c, int64_t deadline)
+{
+	/* with other calls in flight this thread blocks for the reply: the helper thread is
+	 * asked onto its CPU (helper/fast_conn.c, follow). A lone call watches for its reply
+	 * awake instead, and the helper thread had better run on another CPU. */
+	int lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
+	int64_t sent = lone ? mono_ns() : 0;
+	int cpu = ep->cpu_hint && !lone ? sched_getcpu() : -1, r = 1;
+	struct p11p_call *first = ci != NULL ? ci : c;
+	CK_RV rv = CKR_DEVICE_ERROR;
+
+	if (box != NULL)
+		r = p11p_box_round(fd, box, first->req.data, first->req.size,
+				   ci != NULL ? c->req.data : NULL, ci != NULL ? c->req.size : 0, cpu,
+				   deadline, lone ? awake_ns(c->code) : 0, still_lone, &first->reply,
+				   &first->reply_len, ci != NULL ? &c->reply : NULL, &c->reply_len);
+	if (r == 0) {
+		rv = CKR_OK;
+	} else if (r == 1) {
+		if (ci != NULL)
+			rv = p11p_send_pair(fd, ci->req.data, ci->req.size, c->req.data, c->req.size,
+					    deadline, cpu);
+		else if (ep->cpu_hint)
+			rv = p11p_send_hinted(fd, c->req.data, c->req.size, deadline, cpu);
+		else
+			rv = p11p_send_frame(fd, c->req.data, c->req.size, deadline);
+		if (rv == CKR_OK) {
+			await_reply(fd, c->code);
+			rv = ci != NULL ? p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply,
+							&c->reply_len, deadline)
+					: p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);
+		}
+	}
+	if (lone && rv == CKR_OK)
+		lone_took(c->code, mono_ns() - sent);
+	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	return rv;
+}
+
+/* The connection failed (its calls' replies did not come, or did not parse). */
+static int failed(struct ep *ep, int fd, struct p11p_box *box, int64_t deadline, int *why)
+{
+	link_close(fd, box);
+	*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
+	if (*why == P11P_WHY_BROKEN)
+		ep_broken(ep);
+	return 1;
 }
 
 int p11p_plane_run(struct p11p_call *c, const struct p11p_bound *b, unsigned nouts, int *why)
 {
 	struct ep *ep = b->ep;
-	int64_t deadline = p11p_deadline(ep->timeout_ms), sent;
-	int fd, lone;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	struct p11p_box *box;
 	CK_RV rv;
+	int fd;
 
 	if (c->err)
 		return 0; /* a local error (bad arguments): answered as the stub would */
-	fd = ep_take(ep);
+	fd = ep_take(ep, &box, deadline);
 	if (fd < 0) {
 		*why = P11P_WHY_BROKEN;
 		return 1;
 	}
-	/* with other calls in flight this thread blocks for the reply (await_reply): the
-	 * helper thread is asked onto its CPU (helper/fast.c, follow). A lone call watches
-	 * its socket instead, and the helper thread had better run on another CPU. */
-	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
-	sent = lone ? mono_ns() : 0;
-	rv = ep->cpu_hint ? p11p_send_hinted(fd, c->req.data, c->req.size, deadline,
-					     lone ? -1 : sched_getcpu())
-			  : p11p_send_frame(fd, c->req.data, c->req.size, deadline);
-	if (rv == CKR_OK) {
-		await_reply(fd, c->code);
-		rv = p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);
-	}
-	if (lone && rv == CKR_OK)
-		lone_took(c->code, mono_ns() - sent);
-	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	rv = exchange(ep, fd, box, NULL, c, deadline);
 	if (rv == CKR_OK)
 		p11p_reply_parse(c, nouts);
-	if (rv != CKR_OK || c->err) {
-		close(fd);
-		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
-		if (*why == P11P_WHY_BROKEN)
-			ep_broken(ep);
-		return 1;
-	}
-	ep_give(ep, fd);
+	if (rv != CKR_OK || c->err)
+		return failed(ep, fd, box, deadline, why);
+	ep_give(ep, fd, box);
 	if (p11p_ep_fallback(ep, c->rv)) {
 		*why = P11P_WHY_RETURNED;
 		return 1;
@@ -292,39 +374,24 @@ int p11p_plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct 
 			unsigned nouts, int *why)
 {
 	struct ep *ep = b->ep;
-	int64_t deadline = p11p_deadline(ep->timeout_ms), sent;
-	int fd, lone;
+	int64_t deadline = p11p_deadline(ep->timeout_ms);
+	struct p11p_box *box;
 	CK_RV rv;
+	int fd;
 
-	fd = ep_take(ep);
+	fd = ep_take(ep, &box, deadline);
 	if (fd < 0) {
 		*why = P11P_WHY_BROKEN;
 		return 1;
 	}
-	lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
-	sent = lone ? mono_ns() : 0;
-	rv = p11p_send_pair(fd, ci->req.data, ci->req.size, c->req.data, c->req.size, deadline,
-			    ep->cpu_hint && !lone ? sched_getcpu() : -1);
-	if (rv == CKR_OK) {
-		await_reply(fd, c->code);
-		rv = p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply, &c->reply_len,
-				   deadline);
-	}
-	if (lone && rv == CKR_OK)
-		lone_took(c->code, mono_ns() - sent);
-	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
+	rv = exchange(ep, fd, box, ci, c, deadline);
 	if (rv == CKR_OK) {
 		p11p_reply_parse(ci, 0);
 		p11p_reply_parse(c, nouts);
 	}
-	if (rv != CKR_OK || ci->err || c->err) {
-		close(fd);
-		*why = deadline >= 0 && p11p_now_ms() >= deadline ? P11P_WHY_TIMEOUT : P11P_WHY_BROKEN;
-		if (*why == P11P_WHY_BROKEN)
-			ep_broken(ep);
-		return 1;
-	}
-	ep_give(ep, fd);
+	if (rv != CKR_OK || ci->err || c->err)
+		return failed(ep, fd, box, deadline, why);
+	ep_give(ep, fd, box);
 	return 0;
 }
 
@@ -339,14 +406,21 @@ int p11p_ep_pairs(const struct ep *ep)
 	return ep->pairs;
 }
 
-void p11p_eps_reset(void)
+void p11p_eps_reset(int ours)
 {
 	while (eps != NULL) {
 		struct ep *ep = eps;
 
 		eps = ep->next;
-		for (unsigned i = 0; i < ep->nidle; i++)
+		for (unsigned i = 0; i < ep->nidle; i++) {
+			if (ours) {
+				link_close(ep->idle[i], ep->idle_box[i]);
+				continue;
+			}
+			if (ep->idle_box[i] != NULL)  /* the parent's: its word untouched */
+				munmap(ep->idle_box[i], P11P_BOX_SIZE);
 			close(ep->idle[i]);
+		}
 		free(ep);
 	}
 }

@@ -83,10 +83,11 @@ extern int p11p_plane_off;        /* P11P_DIRECT=0: no data plane */
 /* plane_link.c: under the lock, the endpoint of a DIRECT_BIND reply's fields (f: name,
  * token, ..., [rv...]), made when new; whether an endpoint's helper sends `rv` back to
  * the daemon; whether it answers pairs; the endpoints closed and freed (reset) */
-struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs);
+struct ep *p11p_ep_get(const msgpack_object *f, int timeout_ms, int cpu_hint, int pairs,
+		       int mailbox);
 int p11p_ep_fallback(const struct ep *ep, CK_RV rv);
 int p11p_ep_pairs(const struct ep *ep);
-void p11p_eps_reset(void);
+void p11p_eps_reset(int ours);  /* as p11p_direct_reset */
 /* plane_link.c: an operation's deferred init `ci` and its next call `c` in one send */
 int p11p_plane_run_pair(struct p11p_call *ci, struct p11p_call *c, const struct p11p_bound *b,
 			unsigned nouts, int *why);

@@ -50,7 +50,7 @@ void p11p_leave(void)
 static void forget_connections(struct p11p_state *s)
 {
 	p11p_pool_drop_all(s); /* close() only: the parent keeps its connections */
-	p11p_direct_reset();
+	p11p_direct_reset(0);
 	p11p_sessions_reset();
 	p11p_kept_wipe(1);
 	memset(s->ctx, 0, sizeof s->ctx);
@@ -162,7 +162,7 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 		s->nidle = 0;
 		s->pid = getpid();
 		p11p_find_reset(); /* a forked child's copies of its parent's searches too */
-		p11p_direct_reset();
+		p11p_direct_reset(0);
 	p11p_sessions_reset();
 		p11p_direct_setup();
 		atomic_store(&s->in_flight, 0);
@@ -215,7 +215,7 @@ CK_RV p11p_state_teardown(void)
 		nanosleep(&pause, NULL);
 	p11p_pool_drop_all(s);
 	p11p_find_reset();
-	p11p_direct_reset();
+	p11p_direct_reset(1);
 	p11p_sessions_reset();
 	p11p_kept_wipe(0);
 	p11p_lock_destroy(&s->lock);

@@ -212,6 +212,11 @@ CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cp
 	return send_framed(fd, frame, len, deadline, (1u << 24) - 1, hint_byte(cpu));
 }
 
+int p11p_put_hinted(char *frame, size_t len, int cpu)
+{
+	return put_header(frame, len, (1u << 24) - 1, hint_byte(cpu));
+}
+
 CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t deadline,
 		     int cpu)
 {

@@ -40,6 +40,9 @@ CK_RV p11p_send_frame(int fd, char *frame, size_t len, int64_t deadline);
 /* The same with a CPU hint for a helper that follows it (data plane): the header's first
  * byte is `cpu` + 1 (0 for a cpu < 0: no hint), the length takes the other three. */
 CK_RV p11p_send_hinted(int fd, char *frame, size_t len, int64_t deadline, int cpu);
+/* Only the header of p11p_send_hinted (a mailbox's request: client/box.c): 0, or -1
+ * when the frame is too large for it. */
+int p11p_put_hinted(char *frame, size_t len, int cpu);
 /* Two requests in one send, each as p11p_send_hinted: a data-plane pair (an operation's
  * init and its next call) to a helper that answers pairs. */
 CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t deadline,

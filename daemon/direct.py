@@ -47,11 +47,12 @@ log = logging.getLogger("p11p.direct")
 
 # p11p's own codes (protocol/README.md):
 # [DIRECT_BIND, session] -> [rv, [name, token, id, timeout_ms, slot, [rv...], replay_limit,
-#   cpu_hint, pairs]]
+#   cpu_hint, pairs, mailbox]]
 #   (replay_limit only on a connection that agreed the `data_plane` feature: a client
 #   without it knows six fields; cpu_hint, whether the helper follows the client's CPU
 #   hint, only with `cpu_hint` agreed too; pairs, whether it answers an init and the next
-#   call sent at once, only with `plane_pairs` agreed too)
+#   call sent at once, only with `plane_pairs` agreed too; mailbox, whether it gives a
+#   connection a mailbox, only with `plane_mailbox` agreed too)
 # [DIRECT_KEY, session, object] -> [rv, member handle]      a key an operation uses
 # [DIRECT_OBJECT, session, object] -> [rv, member handle]   an object whose attributes are read
 # [DIRECT_UNBIND, session, why] -> [rv]
@@ -64,6 +65,7 @@ DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
 DATA_PLANE = "data_plane"  # the hello's feature of clients that keep data-plane operations
 CPU_HINT = "cpu_hint"  # ... and of clients that send their CPU to a helper that follows it
 PLANE_PAIRS = "plane_pairs"  # ... and of clients that send an init with its next call
+PLANE_MAILBOX = "plane_mailbox"  # ... and of clients that use a connection's mailbox
 UNBIND_RETURNED = 0   # a data-plane call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves its operations here (its own choice; ended there)
 UNBIND_BROKEN = 2     # the connection to the helper broke
@@ -152,6 +154,8 @@ class Direct:
                 answer.append(helper.cpu_hint)
                 if PLANE_PAIRS in agreed:
                     answer.append(helper.pairs)
+                    if PLANE_MAILBOX in agreed:
+                        answer.append(helper.mailbox)
         return [OK, answer]
 
     @staticmethod

@@ -79,6 +79,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.fast_name: bytes | None = None  # its listener's name, kept when it serves another
         self.cpu_hint = False  # its data plane follows the client's CPU hint (ready frame)
         self.pairs = False  # ... and answers a pair of requests sent at once
+        self.mailbox = False  # ... and gives a connection a mailbox (protocol/p11p-box.h)
         self.pool_epoch = -1  # its member's pool epoch when it started (HelperPool.recycle)
         self.uses = 0  # applications it served (HelperPool.recycle)
         # ADOPTABLE: (abstract socket name, token) a restarted daemon takes it back with
@@ -162,6 +163,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
             features = frame[3] if len(frame) > 3 and isinstance(frame[3], list) else []
             self.cpu_hint = "cpu_hint" in features
             self.pairs = "pairs" in features
+            self.mailbox = "mailbox" in features
             self.ready.set_result(None)
         else:
             detail = frame[2] if len(frame) > 2 else ""

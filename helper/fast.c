@@ -225,6 +225,8 @@ static void next_application(void)
 	for (unsigned k = 0; k < FAST_MAX_CONNS; k++) {
 		if (p11p_fast.fds[k] != 0)
 			shutdown(p11p_fast.fds[k] - 1, SHUT_RDWR);
+		if (p11p_fast.boxes[k] != NULL)  /* a thread waiting on its mailbox */
+			p11p_box_close(p11p_fast.boxes[k]);
 	}
 	for (unsigned i = 0; i < FAST_IDS; i++) {
 		if (p11p_fast.ids[i].id != 0)

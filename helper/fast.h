@@ -10,6 +10,8 @@
 
 #include "fast_codec.h"
 
+struct p11p_box;
+
 #define FAST_TOKEN 16
 #define FAST_IDS 4096                    /* bound sessions at once, per helper */
 #define FAST_MAX_CONNS 64                /* connections at once: calls in flight, at most */
@@ -28,6 +30,7 @@ struct p11p_fast_state {
 	size_t name_len;
 	uint64_t epoch;                  /* bumped when the helper passes to another application */
 	int fds[FAST_MAX_CONNS];         /* the connections' sockets, + 1 (0: free) */
+	struct p11p_box *boxes[FAST_MAX_CONNS];  /* their mailboxes (fast_conn.c), or NULL */
 	uint64_t generation;
 	/* bound sessions: calls inside the module on each; a revoked one takes no new call
 	 * and is freed once its calls are out (the daemon closes its session next) */
@@ -44,5 +47,7 @@ extern struct p11p_fast_io p11p_fast_calls;
 /* fast_conn.c: serves the listening socket `fd` in a thread of its own (a thread per
  * connection from then on). 0, or an errno. */
 int p11p_fast_accept(int fd);
+/* fast_conn.c: ends a connection's mailbox (CLOSED, its waiters woken). */
+void p11p_box_close(struct p11p_box *box);
 
 #endif

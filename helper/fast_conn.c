@@ -1,12 +1,17 @@
 /* p11p helper — the data plane's connections (p11p_fast.h): the listener's thread accepts a
  * connection of the uid the daemon allows, gives it a thread of its own, which reads the
  * token (hello), then requests, a pair sent at once among them, and answers each with
- * the codec (p11p_fast_serve) on that thread; it follows the client's CPU hint. A frame
+ * the codec (p11p_fast_serve) on that thread; it follows the client's CPU hint. A
+ * client may ask for a mailbox (protocol/p11p-box.h): the requests and replies of a busy
+ * connection then travel through shared memory and a futex word, not the socket. A frame
  * that does not parse, or a request of the wrong shape, closes its connection. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -14,13 +19,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "fast.h"
+#include "p11p-box.h"
 
 #define FAST_MAX_FRAME (4u << 20)         /* a request (the client's inputs: 1 MiB at most) */
 #define FAST_HELLO_MS 2000
@@ -33,9 +41,15 @@ struct conn {
 	msgpack_sbuffer held;            /* replies held while more requests are read */
 	uint8_t *in;                     /* a request larger than `first` holds */
 	size_t in_cap;
-	size_t pos, have;                /* read: first[pos..have) is not taken yet */
+	size_t pos, have;                /* read: first (boxin while boxed) [pos..have) */
+	struct p11p_box *box;            /* its mailbox, once the client asked for one */
+	uint8_t *boxin;                  /* a copy of the mailbox's request (P11P_BOX_AREA) */
+	int boxed;                       /* the thread watches the mailbox, not the socket */
+	int spilled;                     /* the replies of this mailbox request go on the socket */
 	uint8_t first[4096];             /* what one recv takes at most */
 };
+
+#define BOX_IDLE_NS 200000000L           /* a mailbox idle this long: back to the socket */
 
 #define FAST_HOLD (64u << 10)            /* replies held at most before they go */
 
@@ -113,6 +127,17 @@ static const uint8_t *next_request(struct conn *c, uint32_t *size)
 	const uint8_t *h;
 	size_t had;
 
+	if (c->boxed) {  /* the mailbox's copy holds whole frames, or the request is bad */
+		h = c->boxin + c->pos;
+		if (c->have - c->pos < 4)
+			return NULL;
+		*size = (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+		follow(c, h[0]);
+		if (*size > c->have - c->pos - 4)
+			return NULL;
+		c->pos += 4 + *size;
+		return h + 4;
+	}
 	if (c->pos == c->have)
 		c->pos = c->have = 0;
 	while (c->have - c->pos < 4) {
@@ -189,6 +214,142 @@ static int send_replies(struct conn *c)
 	return 0;
 }
 
+
+/* ---- the mailbox (protocol/p11p-box.h) ---- */
+
+static long futex(_Atomic uint32_t *w, int op, uint32_t val, const struct timespec *t)
+{
+	return syscall(SYS_futex, w, op, val, t, NULL, 0);
+}
+
+void p11p_box_close(struct p11p_box *box)
+{
+	atomic_store(&box->word, P11P_BOX_CLOSED);
+	(void)futex(&box->word, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* Whether the client's end of the socket is gone (or sent what it must not now). */
+static int peer_gone(int fd)
+{
+	struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
+
+	return poll(&p, 1, 0) != 0;
+}
+
+/* The mailbox the client asked for (its first zero-length frame): made, mapped, sealed
+ * at its size (the client cannot shrink it under this process), and passed to the client
+ * in a zero-length frame. 0, or -1: the connection ends. */
+static int box_make(struct conn *c)
+{
+	char ctl[CMSG_SPACE(sizeof(int))];
+	uint8_t head[4] = { 0, 0, 0, 0 };
+	struct iovec iov = { head, sizeof head };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
+			    .msg_controllen = sizeof ctl };
+	struct cmsghdr *cm;
+	void *map = MAP_FAILED;
+	int fd, ok = 0;
+
+	fd = memfd_create("p11p-box", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return -1;
+	if (ftruncate(fd, P11P_BOX_SIZE) == 0 &&
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0)
+		map = mmap(NULL, P11P_BOX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	c->boxin = map != MAP_FAILED ? malloc(P11P_BOX_AREA) : NULL;
+	if (c->boxin != NULL) {
+		memset(ctl, 0, sizeof ctl);
+		cm = CMSG_FIRSTHDR(&m);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+		ssize_t k;
+		do
+			k = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+		while (k < 0 && errno == EINTR);
+		ok = k == (ssize_t)sizeof head;  /* 4 bytes into an empty buffer: never short */
+	}
+	close(fd);
+	if (!ok) {
+		if (map != MAP_FAILED)
+			munmap(map, P11P_BOX_SIZE);
+		free(c->boxin);
+		c->boxin = NULL;
+		return -1;
+	}
+	c->box = map;
+	pthread_mutex_lock(&p11p_fast.lock);
+	p11p_fast.boxes[c->place] = c->box;  /* next_application closes it */
+	pthread_mutex_unlock(&p11p_fast.lock);
+	return 0;
+}
+
+/* Waits for the client's next request in the mailbox and takes a copy of it: 1; the
+ * thread goes back to the socket (idle a while, or the client's request is too large
+ * for the mailbox): 0; the connection ends: -1. */
+static int box_next(struct conn *c)
+{
+	struct p11p_box *b = c->box;
+	const struct timespec idle = { 0, BOX_IDLE_NS };
+
+	for (;;) {
+		uint32_t w = atomic_load(&b->word), n;
+
+		if (w == P11P_BOX_REQUEST) {
+			n = atomic_load_explicit(&b->req_len, memory_order_relaxed);
+			if (n == 0 || n > P11P_BOX_AREA)
+				return -1;
+			memcpy(c->boxin, b->req, n);  /* the client cannot change it under the codec */
+			c->pos = 0;
+			c->have = n;
+			return 1;
+		}
+		if (w == P11P_BOX_SOCKET)
+			break;
+		if (w != P11P_BOX_READY && w != P11P_BOX_REPLY)
+			return -1;  /* closed by next_application, or nonsense */
+		if (futex(&b->word, FUTEX_WAIT, w, &idle) == 0 || errno != ETIMEDOUT)
+			continue;
+		if (w == P11P_BOX_READY) {
+			if (atomic_compare_exchange_strong(&b->word, &w, P11P_BOX_SOCKET))
+				break;
+		} else if (peer_gone(c->fd)) {
+			return -1;  /* the reply was never taken */
+		}
+	}
+	c->boxed = 0;
+	c->pos = c->have = 0;
+	return 0;
+}
+
+/* The replies of the mailbox's request, held and `out` (the last ones of the request or
+ * not): in the reply area when they are the last and fit; on the socket otherwise, the
+ * mailbox saying so first. The client takes them and stores READY. 0, or -1: the
+ * connection ends. */
+static int box_send(struct conn *c, int last)
+{
+	struct p11p_box *b = c->box;
+	size_t n = c->held.size + c->out.size;
+
+	if (!c->spilled && last && n <= P11P_BOX_AREA) {
+		memcpy(b->rep, c->held.data, c->held.size);
+		memcpy(b->rep + c->held.size, c->out.data, c->out.size);
+		msgpack_sbuffer_clear(&c->held);
+		atomic_store_explicit(&b->rep_len, (uint32_t)n, memory_order_relaxed);
+	} else if (!c->spilled) {
+		atomic_store_explicit(&b->rep_len, P11P_BOX_ON_SOCKET, memory_order_relaxed);
+		c->spilled = 1;
+	} else {
+		return send_replies(c);  /* announced before */
+	}
+	atomic_store(&b->word, P11P_BOX_REPLY);
+	(void)futex(&b->word, FUTEX_WAKE, 1, NULL);
+	if (!c->spilled)
+		return 0;
+	return send_replies(c);
+}
+
 static void *conn_main(void *arg)
 {
 	struct conn *c = arg;
@@ -203,10 +364,26 @@ static void *conn_main(void *arg)
 		CPU_ZERO(&c->cpus);  /* no hint followed */
 	for (;;) {
 		uint32_t size;
-		const uint8_t *req = next_request(c, &size);
+		const uint8_t *req;
 
+		if (c->boxed && c->pos == c->have) {
+			int r = box_next(c);
+
+			if (r < 0)
+				break;
+		}
+		req = next_request(c, &size);
 		if (req == NULL)
 			break;
+		if (size == 0) {
+			/* the first: the client asks for a mailbox; later: the nudge, its request
+			 * is in the mailbox (and nothing else is on the way) */
+			if (c->boxed || c->pos != c->have)
+				break;
+			if (c->box == NULL ? box_make(c) != 0 : (c->boxed = 1, box_next(c) != 1))
+				break;
+			continue;
+		}
 		if (p11p_fast_serve(&p11p_fast_calls, (const char *)req, size, &c->out) != 0)
 			break;
 		uint32_t body = (uint32_t)(c->out.size - 4);
@@ -220,16 +397,31 @@ static void *conn_main(void *arg)
 				break;
 			continue;
 		}
+		if (c->boxed) {
+			int last = c->pos == c->have;
+
+			if (box_send(c, last) != 0)
+				break;
+			if (last)
+				c->spilled = 0;
+			continue;
+		}
 		if (send_replies(c) != 0)
 			break;
 	}
 out:
 	pthread_mutex_lock(&p11p_fast.lock);
 	p11p_fast.fds[c->place] = 0;  /* before the close: p11p_fast_start shuts only open ones */
+	p11p_fast.boxes[c->place] = NULL;
 	p11p_fast.conns--;
 	pthread_mutex_unlock(&p11p_fast.lock);
 	close(c->fd);
 	free(c->in);
+	if (c->box != NULL) {
+		p11p_box_close(c->box);  /* a client waiting learns it now, not at its next look */
+		munmap(c->box, P11P_BOX_SIZE);
+	}
+	free(c->boxin);
 	msgpack_sbuffer_destroy(&c->out);
 	msgpack_sbuffer_destroy(&c->held);
 	free(c);

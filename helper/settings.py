@@ -27,5 +27,6 @@ MAX_OUTPUT = _int("P11P_MAX_FRAME", DEFAULT_MAX_FRAME, 1 << 16) - (1 << 12)
 FINALIZE_GRACE = _int("P11P_HELPER_FINALIZE_GRACE", 5, 0)
 # What the data plane takes beyond one request at a time, told in the ready frame (the
 # daemon passes it on in DIRECT_BIND): the client's CPU in the request header (fast.c,
-# follow), and a pair of requests sent at once, answered at once (fast.c, next_request).
-PLANE_FEATURES = ["cpu_hint", "pairs"]
+# follow), a pair of requests sent at once, answered at once (fast.c, next_request), and
+# a connection's mailbox in shared memory (fast_conn.c, protocol/p11p-box.h).
+PLANE_FEATURES = ["cpu_hint", "pairs", "mailbox"]

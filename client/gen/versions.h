@@ -15,13 +15,14 @@
 #endif
 
 /* X(NAME, BIT) for every named feature this library knows. */
-#define P11P_FEATURES(X) X(data_plane, 0) X(client_open, 1) X(restart, 2) X(resume, 3) X(cpu_hint, 4) X(plane_pairs, 5)
+#define P11P_FEATURES(X) X(data_plane, 0) X(client_open, 1) X(restart, 2) X(resume, 3) X(cpu_hint, 4) X(plane_pairs, 5) X(plane_mailbox, 6)
 #define P11P_FEATURE_data_plane (1u << 0)
 #define P11P_FEATURE_client_open (1u << 1)
 #define P11P_FEATURE_restart (1u << 2)
 #define P11P_FEATURE_resume (1u << 3)
 #define P11P_FEATURE_cpu_hint (1u << 4)
 #define P11P_FEATURE_plane_pairs (1u << 5)
-#define P11P_FEATURE_COUNT 6
+#define P11P_FEATURE_plane_mailbox (1u << 6)
+#define P11P_FEATURE_COUNT 7
 
 #endif

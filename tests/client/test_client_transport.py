@@ -101,7 +101,7 @@ def test_hello_carries_context_pid_and_program(start_driver, sock: Path) -> None
         for h in hellos:
             assert h is not None and set(h) == {"p11p", "max", "features", "ctx", "pid", "prog"}
             # the versions it speaks, oldest in p11p (protocol/README.md "Client link: hello")
-            assert (h["p11p"], h["max"], h["features"]) == (1, 1, ["data_plane", "client_open", "restart", "resume", "cpu_hint", "plane_pairs"])
+            assert (h["p11p"], h["max"], h["features"]) == (1, 1, ["data_plane", "client_open", "restart", "resume", "cpu_hint", "plane_pairs", "plane_mailbox"])
             assert h["pid"] == d.pid and "driver" in h["prog"]
             assert isinstance(h["ctx"], bytes) and len(h["ctx"]) == 16
         assert len({h["ctx"] for h in hellos if h}) == 1  # one context for all sockets

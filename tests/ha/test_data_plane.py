@@ -369,3 +369,61 @@ s.destroyObject(k)
     finally:
         app.close()
         other.close()
+
+
+def test_calls_of_every_size_cross_the_mailbox(ha_factory: Any) -> None:
+    """A bound session's calls travel through the connection's mailbox (protocol/p11p-box.h:
+    the application and its helper map it), whatever their size: inputs and outputs
+    either side of the mailbox's area (64 KiB) go on the socket, the rest in shared
+    memory; a pause longer than the helper's watch (0.2 s) sends its thread back to the
+    socket and the next call brings it back. Every digest is hashlib's, every random
+    output as long as asked; all of it on the data plane."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(SETUP + """
+def sha(d):
+    return [init(R.C_DigestInit, "CKM_SHA256"), out(R.C_Digest, d, len(d), cap=32)]
+""")
+        before = _plane_served(group)
+        area = (128 << 10) // 2 - 32
+        sizes = [0, 1, 4000, area - 200, area - 40, area + 1, area + 5000, 1 << 20]
+        datas = [os.urandom(n) for n in sizes]
+        got = _value(app, f"_ = [sha(d) for d in {datas!r}]")
+        assert got == [[0, (0, hashlib.sha256(d).digest())] for d in datas]
+        lengths = _value(app, "_ = [len(rnd(n)) for n in (16, 60000, 70000, 200000, 16)]")
+        assert lengths == [16, 60000, 70000, 200000, 16]
+        app.run("import time; time.sleep(0.5)")
+        assert _value(app, f"_ = [sha(d) for d in {datas[2:4]!r}]") == [
+            [0, (0, hashlib.sha256(d).digest())] for d in datas[2:4]]
+        assert _plane_served(group) - before >= 2 * len(sizes) + 5 + 4
+        helper = group.app_helper(app.proc.pid, "hsmA")
+        for pid in (app.proc.pid, helper):
+            assert "memfd:p11p-box" in Path(f"/proc/{pid}/maps").read_text(), pid
+    finally:
+        app.close()
+
+
+def test_a_forked_child_leaves_its_parents_mailboxes_alone(ha_factory: Any) -> None:
+    """A child forgets the connections it inherited (client/state.c, fork handlers)
+    without a word on them: its parent's idle connection keeps its mailbox, and the
+    parent's next calls are served on the data plane at once, none of them sent to the
+    daemon after a broken connection."""
+    group: HAGroup = ha_factory("failover", ["hsmA"])
+    app = PyApp(group.daemon)
+    try:
+        app.run(SETUP)
+        child = _value(app, """
+import os
+for _ in range(3):
+    rnd(16)
+pid = os.fork()  # the connection idle, its helper thread watching the mailbox
+if pid == 0:
+    os._exit(0)
+_ = os.waitpid(pid, 0)[1]""")
+        assert child == 0
+        before = _plane_served(group)
+        assert _value(app, "_ = [len(rnd(16)) for _ in range(10)]") == [16] * 10
+        assert _plane_served(group) - before == 10
+    finally:
+        app.close()

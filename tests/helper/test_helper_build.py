@@ -82,7 +82,7 @@ def test_a_module_that_prints_cannot_break_frames(tmp_path: Path, hsm: SoftHSMDi
                     str(source), "-ldl"], check=True, capture_output=True)
     link = HelperLink(str(module), hsm.env)
     try:
-        assert link.ready == [0, 0, link.pid, ["cpu_hint", "pairs"]]
+        assert link.ready == [0, 0, link.pid, ["cpu_hint", "pairs", "mailbox"]]
         assert link.call(-1) == [0, link.pid]
         assert link.token_slot() > 0
     finally:

@@ -156,8 +156,8 @@ def test_a_connection_without_the_token_is_closed(fast: Fast, token: bytes) -> N
     assert fast.helper.call(-1)[0] == 0
 
 
+# (an empty frame asks for the connection's mailbox: test_helper_mailbox.py)
 @pytest.mark.parametrize("body", [
-    b"",                                            # no object
     b"\x91\x41",                                    # [65]: no id
     b"\x93\x41",                                    # truncated array
     b"\x93\x41\xcf\x00\x00",                        # truncated integer
@@ -301,7 +301,7 @@ def test_a_connection_s_thread_follows_the_cpu_hint(fast: Fast) -> None:
     run on, or 0, is no hint. The ready frame says the helper reads hints. This test
     sits on one CPU and sends the hints of two: the thread changes CPU at least at each
     hint of the other (the scheduler would rather keep it by this one: it comes back)."""
-    assert fast.helper.ready == [0, 0, fast.helper.pid, ["cpu_hint", "pairs"]]
+    assert fast.helper.ready == [0, 0, fast.helper.pid, ["cpu_hint", "pairs", "mailbox"]]
     cpus = sorted(os.sched_getaffinity(fast.helper.pid))
     if len(cpus) < 2:
         pytest.skip("one CPU here: no hint can move a thread")

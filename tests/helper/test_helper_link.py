@@ -20,7 +20,7 @@ Spawn = Callable[..., HelperLink]
 
 
 def test_ready_frame_carries_the_pid(helper: HelperLink) -> None:
-    assert helper.ready == [0, CKR["CKR_OK"], helper.pid, ["cpu_hint", "pairs"]]  # what its data plane takes
+    assert helper.ready == [0, CKR["CKR_OK"], helper.pid, ["cpu_hint", "pairs", "mailbox"]]  # what its data plane takes
 
 
 def test_ping(helper: HelperLink) -> None:
