@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,13 +28,19 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 /* ---- the calls ---- */
 
+/* Whether this is the process that called C_Initialize (not a child of it). */
+static int same_process(const struct p11p_state *s)
+{
+	return s->same_process != NULL ? *s->same_process == 1 : s->pid == getpid();
+}
+
 CK_RV p11p_enter(void)
 {
 	struct p11p_state *s = &p11p_state;
 
 	atomic_fetch_add(&s->in_flight, 1);
-	/* the pid check is a second guard: fork() handlers reset the state anyway */
-	if (atomic_load(&s->phase) != P11P_READY || s->pid != getpid()) {
+	/* the process check is a second guard: fork() handlers reset the state anyway */
+	if (atomic_load(&s->phase) != P11P_READY || !same_process(s)) {
 		atomic_fetch_sub(&s->in_flight, 1);
 		return CKR_CRYPTOKI_NOT_INITIALIZED;
 	}
@@ -88,6 +95,27 @@ static void atfork_child(void)
 static void register_atfork(void)
 {
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/* The page of same_process, mapped once for the library's life (a child inherits it
+ * zeroed, and sets it at its own C_Initialize). */
+static volatile int *fork_page(void)
+{
+	static volatile int *page;
+	void *p;
+
+	if (page != NULL)
+		return page;
+	p = mmap(NULL, (size_t)sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
+	if (madvise(p, (size_t)sysconf(_SC_PAGESIZE), MADV_WIPEONFORK) != 0) {
+		munmap(p, (size_t)sysconf(_SC_PAGESIZE));
+		return NULL;
+	}
+	page = p;
+	return page;
 }
 
 /* ---- C_Initialize ---- */
@@ -161,6 +189,11 @@ CK_RV p11p_state_setup(const CK_C_INITIALIZE_ARGS *app)
 		s->idle = s->busy = NULL;
 		s->nidle = 0;
 		s->pid = getpid();
+		volatile int *page = fork_page();  /* under init_mutex */
+
+		if (page != NULL)
+			*page = 1;
+		s->same_process = page;
 		p11p_find_reset(); /* a forked child's copies of its parent's searches too */
 		p11p_direct_reset(0);
 	p11p_sessions_reset();
@@ -198,7 +231,7 @@ CK_RV p11p_state_teardown(void)
 	const struct timespec pause = { 0, 1000 * 1000 };
 
 	pthread_mutex_lock(&init_mutex);
-	if (atomic_load(&s->phase) != P11P_READY || s->pid != getpid()) {
+	if (atomic_load(&s->phase) != P11P_READY || !same_process(s)) {
 		pthread_mutex_unlock(&init_mutex);
 		return CKR_CRYPTOKI_NOT_INITIALIZED;
 	}

@@ -34,6 +34,9 @@ struct p11p_state {
 	atomic_int phase;
 	atomic_long in_flight;      /* calls between p11p_enter and p11p_leave */
 	pid_t pid;                  /* the process that called C_Initialize */
+	/* a page the kernel zeroes in a child (MADV_WIPEONFORK), 1 in this process: the
+	 * fork guard of every call without a getpid(); NULL where the kernel lacks it */
+	volatile const int *same_process;
 	unsigned char ctx[P11P_CTX_SIZE];
 	char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
 	int timeout_ms;             /* reply time-out of ordinary calls; 0: none */

@@ -5,16 +5,18 @@
  *
  *   init | init-args none|os|callbacks|callbacks-os|partial|reserved | finalize
  *   finalize-reserved | info | status | locks | slots | sign CAP | threads N
- *   wait-bg | wait-join | wait-nb | sleep MS | fork CMD;CMD;... | pid | quit
+ *   wait-bg | wait-join | wait-nb | sleep MS | fork CMD;CMD;... | clone CMD;... | pid | quit
  *
  * "fork" runs its commands in a child (their lines start with "child "), waits for it,
  * then prints "forked status=N". */
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -159,13 +161,14 @@ static void *wait_thread(void *arg)
 
 static void run(char *line);
 
-static void do_fork(char *cmds)
+/* fork(), or with `raw` a clone() that runs no fork handlers (the library's second guard) */
+static void do_fork(char *cmds, int raw)
 {
 	pid_t pid;
 	int status = 0;
 
 	fflush(stdout);
-	pid = fork();
+	pid = raw ? (pid_t)syscall(SYS_clone, SIGCHLD, NULL, NULL, NULL, NULL) : fork();
 	if (pid == 0) {
 		prefix = "child ";
 		for (char *save = NULL, *c = strtok_r(cmds, ";", &save); c; c = strtok_r(NULL, ";", &save))
@@ -276,8 +279,8 @@ static void run(char *line)
 		ts.tv_nsec = (ms % 1000) * 1000000L;
 		nanosleep(&ts, NULL);
 		printf("%sok\n", prefix);
-	} else if (strcmp(line, "fork") == 0) {
-		do_fork(arg ? arg : (char *)"");
+	} else if (strcmp(line, "fork") == 0 || strcmp(line, "clone") == 0) {
+		do_fork(arg ? arg : (char *)"", line[0] == 'c');
 	} else if (strcmp(line, "pid") == 0) {
 		printf("%spid=%ld\n", prefix, (long)getpid());
 	} else {

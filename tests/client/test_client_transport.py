@@ -360,6 +360,25 @@ def test_fork_child_starts_over_and_parent_is_untouched(start_driver, sock: Path
         assert len(daemon.conns) == 2 and len(parent.requests) == 3
 
 
+def test_a_child_made_without_fork_handlers_is_refused_until_it_initializes(
+        start_driver, sock: Path, variant: str) -> None:
+    """A raw clone() runs no fork handlers: the library's own guard (a page the kernel
+    zeroes in a child, client/state.c) refuses the child's calls, C_Finalize included,
+    until its C_Initialize; the parent's connection carries none of them."""
+    with FakeDaemon(sock) as daemon:
+        d = start_driver(variant)
+        d.cmd("init")
+        assert d.cmd("slots")["count"] == "1"
+        r = d.cmd("clone slots;finalize;init;slots;finalize")
+        assert r["status"] == "0"
+        child = r.child
+        assert [c.rv for c in child] == [CKR_CRYPTOKI_NOT_INITIALIZED] * 2 + [CKR_OK] * 3
+        parent = daemon.conns[0]
+        assert [q[0] for q in parent.requests] == [FN_GET_SLOT_LIST]
+        assert d.cmd("slots")["count"] == "1"
+        assert len(parent.requests) == 2
+
+
 # ---- C_Initialize, C_Finalize, local functions ----
 
 def test_initialize_arguments_and_local_functions(start_driver, variant: str) -> None:
