@@ -2,7 +2,7 @@
  * from p11p: N threads each do a fixed amount of CPU work per "operation", either in
  * process (direct), or by asking a thread of another process to do it and waiting for
  * the answer over a Unix socketpair (socket: what the data plane does) or over shared
- * memory with a futex (futex: the ring the data plane does not have). The ratios to
+ * memory with a futex (futex: as the data plane's mailbox does, protocol/p11p-box.h). The ratios to
  * direct are the ceiling any proxy of that kind reaches for that work on these CPUs
  * (bench/README.md, "The IPC floor"). Usage: ipc-floor [threads [work_us [seconds]]];
  * prints one JSON object per mode. */
