@@ -2,7 +2,9 @@
 FALLS SHORT, or NOT MEASURED (a quick run measures only a subset; a figure the reference
 configuration cannot produce, p11-kit's AES-GCM say, is not measured either, and says
 why). Issue 13's targets come first, then the earlier ones. With --repeat, each matrix
-cell holds its best run (run.py), so the ratios are of best runs."""
+cell holds its best run (run.py), so the ratios are of best runs; the cells of the
+targets against the direct module always take three tries at least (run.py,
+VS_DIRECT_CELLS), and show the ratio of their medians too."""
 
 from __future__ import annotations
 
@@ -105,6 +107,10 @@ def _compare(name: str, target: str, mine: dict[str, Any] | None, theirs: dict[s
     unit, digits = ("µs", 1) if key.endswith("_us") else ("ops/s", 0)
     shown = (f"{value:.2f}× ({labels[0]} {mine[key]:,.{digits}f} {unit}, "
              f"{labels[1]} {theirs[key]:,.{digits}f})")
+    tries = len(mine.get("tries_ops_per_s") or [])
+    if key == "ops_per_s" and tries > 1 and mine.get("median_ops_per_s") and theirs.get("median_ops_per_s"):
+        shown += (f"; best of {tries} tries each, their medians "
+                  f"{float(mine['median_ops_per_s']) / float(theirs['median_ops_per_s']):.2f}×")
     return _result(name, target, PASS if ok else SHORT, round(value, 3), shown, group)
 
 
