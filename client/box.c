@@ -155,9 +155,8 @@ static int box_wait(int fd, struct p11p_box *box, int64_t deadline, int64_t spin
 	}
 }
 
-/* The replies in the reply area: `n` bytes, frames of a 4-byte length and a body. */
-static int take_replies(struct p11p_box *box, uint32_t n, char **ra, size_t *ralen,
-			char **rb, size_t *rblen)
+int p11p_box_take(const struct p11p_box *box, uint32_t n, char **ra, size_t *ralen,
+		  char **rb, size_t *rblen)
 {
 	char **out[2] = { ra, rb };
 	size_t *lens[2] = { ralen, rblen };
@@ -242,7 +241,7 @@ int p11p_box_round(int fd, struct p11p_box *box, char *a, size_t alen, char *b, 
 
 		if (rv != CKR_OK)
 			return -1;
-	} else if (take_replies(box, n, ra, ralen, rb, rblen) != 0) {
+	} else if (p11p_box_take(box, n, ra, ralen, rb, rblen) != 0) {
 		return -1;
 	}
 	w = P11P_BOX_REPLY;

@@ -27,4 +27,11 @@ int p11p_box_round(int fd, struct p11p_box *box, char *a, size_t alen, char *b, 
 		   int cpu, int64_t deadline, int64_t spin_ns, int (*keep_spinning)(void),
 		   char **ra, size_t *ralen, char **rb, size_t *rblen);
 
+/* The replies in the reply area, `n` bytes as the helper said: one frame (rb NULL) or
+ * two, each a 4-byte big-endian length and a body, nothing past them; copied out before
+ * they are read. 0 with malloc'd bodies, or -1 with *ra (and *rb) NULL. (fuzzed by
+ * fuzz/client_reply_fuzzer.c) */
+int p11p_box_take(const struct p11p_box *box, uint32_t n, char **ra, size_t *ralen,
+		  char **rb, size_t *rblen);
+
 #endif

@@ -10,7 +10,8 @@ FUZZ_BUILD := $(BUILD)/fuzz
 FUZZ_CC ?= clang
 FUZZ_CLIENT_SRCS := client/codec.c client/codec_info.c client/codec_template.c \
                     client/codec_mech.c client/call.c client/find.c client/lock.c \
-                    client/transport.c client/hello.c client/kept.c client/debug.c client/gen/stubs.c client/gen/mech_params.c
+                    client/transport.c client/hello.c client/kept.c client/debug.c client/box.c \
+                    client/gen/stubs.c client/gen/mech_params.c
 FUZZ_HELPER_SRCS := helper/fast_codec.c helper/fast_template.c helper/gen/fast_calls.c
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror -pthread $(P11_CFLAGS) \
                -Iclient -Ifuzz -I$(FUZZ_BUILD) \

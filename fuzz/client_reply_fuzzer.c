@@ -6,7 +6,8 @@
  * (client/link.h) whose round trip answers with the fuzzer's bytes. An input is:
  *   byte 0          which call: every Cryptoki function that travels (the calls are
  *                   generated from protocol/functions.spec into client_calls.c), a
- *                   search kept in the library, or the hello over a socket pair
+ *                   search kept in the library, the hello over a socket pair, or the
+ *                   replies in a data-plane connection's mailbox (client/box.c)
  *   bytes 1..12     the shapes of the application's arguments: NULL or a buffer,
  *                   capacities, templates to read back (nested ones too), mechanisms
  *   the rest        the reply frame body (for the hello: the raw bytes on the socket)
@@ -20,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "box.h"
 #include "call.h"
 #include "find.h"
 #include "gen/versions.h"
@@ -272,6 +274,33 @@ static void hello(const uint8_t *data, size_t size)
 	close(sv[1]);
 }
 
+/* ---- a mailbox's replies: 4 bytes of the length the helper claims, then the area ---- */
+
+static void box_replies(const uint8_t *data, size_t size, int pair)
+{
+	static struct p11p_box box;
+	char *a = NULL, *b = NULL;
+	size_t alen = 0, blen = 0, n;
+	uint32_t claimed;
+
+	if (size < 4)
+		return;
+	claimed = (uint32_t)data[0] << 24 | (uint32_t)data[1] << 16 | (uint32_t)data[2] << 8 | data[3];
+	n = size - 4 < P11P_BOX_AREA ? size - 4 : P11P_BOX_AREA;
+	memset(box.rep, 0xA5, sizeof box.rep);
+	memcpy(box.rep, data + 4, n);
+	if (p11p_box_take(&box, claimed, &a, &alen, pair ? &b : NULL, &blen) == 0) {
+		/* whole frames, exactly the bytes claimed, within the area */
+		if (claimed > P11P_BOX_AREA || a == NULL || (pair && b == NULL) ||
+		    4 + alen + (pair ? 4 + blen : 0) != claimed)
+			__builtin_trap();
+	} else if (a != NULL || b != NULL) {
+		__builtin_trap();
+	}
+	free(a);
+	free(b);
+}
+
 /* ---- searches kept in the library: init (FIND_ALL), batches, final ---- */
 
 static void search(struct fz *z)
@@ -310,6 +339,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	which = data[0];
 	if (which >= 0xF0) {
 		hello(data + 1, size - 1);
+		return 0;
+	}
+	if (which >= 0xE0 && which < 0xE8) {
+		box_replies(data + 1, size - 1, which & 1);
 		return 0;
 	}
 	z.sel = data + 1;

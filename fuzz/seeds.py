@@ -192,6 +192,12 @@ def client_inputs() -> list[bytes]:
     out.append(b"\xf0" + frame({"p11p": 3, "max": 5, "error": "no protocol version in common: "
                                  "the client speaks 1, this daemon 3..5"}))
     out.append(b"\xf0" + frame({"p11p": 2, "features": ["x"]}))
+    # a mailbox's replies (client/box.c): the length the helper claims, then the area:
+    # one reply, a pair's two, a claim past what is there
+    one, two = frame([0, b"sig" * 20]), frame([0]) + frame([0, b"x" * 64])
+    out.append(b"\xe0" + len(one).to_bytes(4, "big") + one)
+    out.append(b"\xe1" + len(two).to_bytes(4, "big") + two)
+    out.append(b"\xe1" + (len(two) + 9).to_bytes(4, "big") + two)
     return out
 
 
