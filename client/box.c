@@ -19,7 +19,7 @@
 #include "codec.h"
 #include "transport.h"
 
-#define BOX_LOOK_MS 50  /* a wait on the word looks at the socket this often (a helper gone) */
+#define BOX_LOOK_MS 20  /* a wait on the word looks at the socket this often (a helper gone) */
 
 static long futex(_Atomic uint32_t *w, int op, uint32_t val, const struct timespec *t)
 {
