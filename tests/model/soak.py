@@ -9,6 +9,7 @@ the first discrepancy, with its shrunk sequence.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -21,6 +22,15 @@ from harness import Discrepancy, Env, make_tokens  # noqa: E402
 from machine import run_machine  # noqa: E402
 
 
+class Stopped(BaseException):
+    """A SIGTERM (a timeout's, make's): the soak unwinds, its daemons stopped by their
+    PIDs (it left them running before)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=30.0)
@@ -29,6 +39,7 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=10, help="sequences per round")
     ap.add_argument("--shrink-seconds", type=float, default=600.0)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _stop)
     policies = args.policy or sorted(POLICIES)
     root = Path(tempfile.mkdtemp(prefix="p11p-soak-"))
     print(f"soak: {args.minutes} min over {', '.join(policies)}; files in {root}", flush=True)
@@ -59,6 +70,9 @@ def main() -> int:
                   f"{runner.calls} calls; total " + ", ".join(
                       f"{p} {s} sequences {c} calls" for p, (s, c) in totals.items())
                   + f"; {left:.1f} min left", flush=True)
+    except Stopped:
+        print("soak: stopped (SIGTERM)", flush=True)
+        return 143
     finally:
         for env in envs.values():
             env.close()
