@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +179,35 @@ def test_a_hung_direct_call_ends_at_call_timeout_and_fails_over(ha_factory: Any,
     assert result["errors"] == 0 and result["ops"] > 20, result
     assert 0.9 < result["slowest"] <= 1.5, result
     assert "exceeded its member's part of call_timeout" in group.daemon.log_text()
+
+
+def test_a_helper_killed_in_a_direct_call_is_seen_at_once(ha_factory: Any,
+                                                          ha_keys: Path) -> None:
+    """A member hangs in C_Sign and then its helpers are killed: a direct call waiting on
+    its connection's mailbox sees the helper gone within its look at the socket (20 ms,
+    client/box.c), not at the member's part of call_timeout (1 s here), and the call runs
+    on the other member. No error; every call well under that second."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    result: dict[str, Any] = {}
+    runner = _in_background(group, ha_keys, 2, 4.0, result)
+    time.sleep(1.5)
+    group.set_rules("hsmA", "C_Sign hang\n")
+    time.sleep(0.3)
+    pids = {int(p) for p in re.findall(r"member=hsmA helper pid=(\d+)", group.daemon.log_text())}
+    killed = 0
+    for pid in pids & set(helper_pids(group.daemon.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    assert killed > 0
+    group.wait_state("hsmA", "FAILED", timeout=5)
+    group.set_rules("hsmA", "")
+    runner.join()
+    assert result["errors"] == 0 and result["ops"] > 20, result
+    assert result["slowest"] < 0.8, result
+    assert "exceeded its member's part of call_timeout" not in group.daemon.log_text()
 
 
 def test_drain_revokes_the_bindings_of_the_member(ha_factory: Any, ha_keys: Path) -> None:
