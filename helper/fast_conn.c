@@ -238,45 +238,45 @@ static int peer_gone(int fd)
 
 /* The mailbox the client asked for (its first zero-length frame): made, mapped, sealed
  * at its size (the client cannot shrink it under this process), and passed to the client
- * in a zero-length frame. 0, or -1: the connection ends. */
+ * in a zero-length frame; when it cannot be made, the frame comes without it and the
+ * connection stays on the socket. 0, or -1: the connection ends. */
 static int box_make(struct conn *c)
 {
 	char ctl[CMSG_SPACE(sizeof(int))];
 	uint8_t head[4] = { 0, 0, 0, 0 };
 	struct iovec iov = { head, sizeof head };
-	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
-			    .msg_controllen = sizeof ctl };
+	struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
 	struct cmsghdr *cm;
 	void *map = MAP_FAILED;
-	int fd, ok = 0;
+	ssize_t k;
+	int fd;
 
 	fd = memfd_create("p11p-box", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	if (fd < 0)
-		return -1;
-	if (ftruncate(fd, P11P_BOX_SIZE) == 0 &&
+	if (fd >= 0 && ftruncate(fd, P11P_BOX_SIZE) == 0 &&
 	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0)
 		map = mmap(NULL, P11P_BOX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	c->boxin = map != MAP_FAILED ? malloc(P11P_BOX_AREA) : NULL;
 	if (c->boxin != NULL) {
 		memset(ctl, 0, sizeof ctl);
+		m.msg_control = ctl;
+		m.msg_controllen = sizeof ctl;
 		cm = CMSG_FIRSTHDR(&m);
 		cm->cmsg_level = SOL_SOCKET;
 		cm->cmsg_type = SCM_RIGHTS;
 		cm->cmsg_len = CMSG_LEN(sizeof(int));
 		memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-		ssize_t k;
-		do
-			k = sendmsg(c->fd, &m, MSG_NOSIGNAL);
-		while (k < 0 && errno == EINTR);
-		ok = k == (ssize_t)sizeof head;  /* 4 bytes into an empty buffer: never short */
 	}
-	close(fd);
-	if (!ok) {
+	do
+		k = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+	while (k < 0 && errno == EINTR);
+	if (fd >= 0)
+		close(fd);
+	if (c->boxin == NULL || k != (ssize_t)sizeof head) {  /* 4 bytes: never short */
 		if (map != MAP_FAILED)
 			munmap(map, P11P_BOX_SIZE);
 		free(c->boxin);
 		c->boxin = NULL;
-		return -1;
+		return k == (ssize_t)sizeof head ? 0 : -1;
 	}
 	c->box = map;
 	pthread_mutex_lock(&p11p_fast.lock);
