@@ -6,7 +6,7 @@ module's (an ECDSA signature verifies, a digest is hashlib's) and against the sa
 on the socket; too large a request or reply takes the socket; an idle mailbox goes back
 to the socket and a nudge brings it back; a bad mailbox request closes its connection,
 and the helper serves on; a helper passing to another application closes the mailboxes
-of the one before."""
+of the one before; a helper that cannot make one answers without it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import resource
 import secrets
 import socket
 import struct
@@ -287,3 +288,38 @@ def test_a_helper_passing_to_another_application_closes_the_mailboxes(hsm: SoftH
             box.close()
     finally:
         link.stop()
+
+
+def test_a_helper_that_cannot_make_a_mailbox_stays_on_the_socket(hsm: SoftHSMDir) -> None:
+    """memfd_create failing in the helper (no file descriptor left: RLIMIT_NOFILE set to
+    what it has open, once the connection is accepted): the zero-length frame comes back
+    without a mailbox, and the connection serves on the socket."""
+    link = HelperLink(SOFTHSM_SO, hsm.env)
+    try:
+        plane = Plane(link)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(b"\0" + plane.name)
+        s.sendall(plane.token)
+        assert call_on(s, plane.req("C_GenerateRandom", 1))[0] == OK  # accepted, served
+        limits = resource.prlimit(link.pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{link.pid}/fd"))
+        resource.prlimit(link.pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+        try:
+            s.sendall(b"\0\0\0\0")
+            head, fds, _flags, _addr = socket.recv_fds(s, 4, 1)
+            assert head == b"\0\0\0\0" and fds == []
+            [rv, random] = call_on(s, plane.req("C_GenerateRandom", 16))
+            assert rv == OK and len(random) == 16
+        finally:
+            resource.prlimit(link.pid, resource.RLIMIT_NOFILE, limits)
+        s.close()
+    finally:
+        link.stop()
+
+
+def call_on(s: socket.socket, request: list[Any]) -> list[Any]:
+    s.sendall(frame(request))
+    size = struct.unpack(">I", recv_exact(s, 4))[0]
+    reply: list[Any] = msgpack.unpackb(recv_exact(s, size), raw=False)
+    return reply
