@@ -1,7 +1,8 @@
 """A signing load through p11p-client.so: N threads, each with its own session, sign
 with the imported ECDSA key for S seconds. Prints one JSON line: ops, errors, elapsed,
 the slowest signature (init + sign) in seconds. With KEYS (make_keys' JSON file) every
-signature is verified with the public key; one that does not verify is an error.
+signature is verified with the public key; one that does not verify is an error. With
+LOAD_UNTIL=PATH in the environment the load ends once PATH exists (SECONDS at most).
     python3 load_app.py MODULE LABEL PIN THREADS SECONDS [KEYS]"""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
     ops = [0] * int(threads)
     errors: list[str] = []
     slowest = [0.0] * int(threads)
-    stop = time.monotonic() + float(seconds)
+    stop = [time.monotonic() + float(seconds)]
     verify = _verifier(sys.argv[6]) if len(sys.argv) > 6 else None
 
     def worker(i: int) -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         mech, _ = mechanism(CKM["CKM_ECDSA"])
         sig = (C.c_ubyte * 64)()
         digest = os.urandom(32)
-        while time.monotonic() < stop:
+        while time.monotonic() < stop[0]:
             begun = time.monotonic()
             rv = m.C_SignInit(h, C.byref(mech), key)
             if rv == 0:
@@ -59,6 +60,9 @@ def main() -> None:
         m.C_CloseSession(h)
 
     start = time.monotonic()
+    until = os.environ.get("LOAD_UNTIL")
+    if until:
+        threading.Thread(target=_watch, args=(until, stop), daemon=True).start()
     ts = [threading.Thread(target=worker, args=(i,)) for i in range(int(threads))]
     for th in ts:
         th.start()
@@ -68,6 +72,14 @@ def main() -> None:
     print(json.dumps({"ops": sum(ops), "errors": len(errors), "first_errors": errors[:5],
                       "elapsed": elapsed, "slowest": max(slowest)}), flush=True)
     m.C_Finalize(None)
+
+
+def _watch(path: str, stop: list[float]) -> None:
+    while time.monotonic() < stop[0]:
+        if os.path.exists(path):
+            stop[0] = time.monotonic()
+            return
+        time.sleep(0.02)
 
 
 def _verifier(keys: str) -> Callable[[bytes, bytes], bool]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +105,22 @@ def test_both_members_down_hold_then_fail_then_recover(ha_factory: Any, ha_keys:
     assert 'p11p_member_up{group="ha",member="hsmB",state="OK"} 1' in metrics
 
 
-def _load(group: HAGroup, threads: int, seconds: float) -> dict[str, Any]:
+def _load(group: HAGroup, threads: int, seconds: float, until: Path | None = None
+          ) -> dict[str, Any]:
+    extra = {"LOAD_UNTIL": str(until)} if until is not None else {}
     r = subprocess.run([sys.executable, str(HERE / "load_app.py"), str(CLIENT_SO), "ha", USER_PIN,
                         str(threads), str(seconds)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **group.daemon.env})
+                       env={**os.environ, **group.daemon.env, **extra})
     assert r.returncode == 0, r.stderr
     result: dict[str, Any] = json.loads(r.stdout)
     return result
+
+
+def _wait_until(check: Callable[[], bool], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"not so after {timeout} s"
+        time.sleep(0.05)
 
 
 SLOW_HSM = "* delay ms=2\nconcurrency 2\n"
@@ -135,28 +145,33 @@ def test_balance_spreads_load_and_scales(ha_factory: Any) -> None:
     assert ratio >= 1.3, (ratio, single, double)
 
 
-def test_drain_under_load(ha_factory: Any) -> None:
+def test_drain_under_load(ha_factory: Any, tmp_path: Path) -> None:
     # no fault here: a call_timeout that a loaded machine's slow signature cannot pass
-    # (16 threads; `make test` runs two halves at once), so a hang is never mistaken
+    # (16 threads; `make test` runs two halves at once), so a hang is never mistaken.
+    # The load runs until the checks are done (a loaded machine's commands take seconds).
     group: HAGroup = ha_factory("balance", ["hsmA", "hsmB"], call_timeout=5.0)
     result: dict[str, Any] = {}
-    runner = threading.Thread(target=lambda: result.update(_load(group, 16, 6.0)))
+    done = tmp_path / "load-done"
+    runner = threading.Thread(target=lambda: result.update(_load(group, 16, 60.0, done)))
     runner.start()
-    time.sleep(2.0)
-    assert group.member("hsmA")["sessions"] > 0
-    r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "drain", "ha", "hsmA",
-                        "--config", str(group.daemon.config)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "DRAINING" in r.stdout
-    time.sleep(1.0)  # busy sessions leave at their next operation boundary
-    a = group.member("hsmA")
-    assert a["state"] == "DRAINING" and a["sessions"] == 0, a  # while the load goes on
-    served_a = a["calls_served"]
-    served_b = group.member("hsmB")["calls_served"]
-    time.sleep(1.0)
-    assert group.member("hsmA")["calls_served"] == served_a  # nothing new goes there
-    assert group.member("hsmB")["calls_served"] > served_b + 100  # the load goes on
-    runner.join()
+    try:
+        _wait_until(lambda: group.member("hsmA")["sessions"] > 0, 20.0)
+        r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "drain", "ha", "hsmA",
+                            "--config", str(group.daemon.config)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "DRAINING" in r.stdout
+        time.sleep(1.0)  # busy sessions leave at their next operation boundary
+        a = group.member("hsmA")
+        assert a["state"] == "DRAINING" and a["sessions"] == 0, a  # while the load goes on
+        served_a = a["calls_served"]
+        served_b = group.member("hsmB")["calls_served"]
+        time.sleep(1.0)
+        assert group.member("hsmA")["calls_served"] == served_a  # nothing new goes there
+        assert group.member("hsmB")["calls_served"] > served_b + 100  # the load goes on
+        assert runner.is_alive()  # it did, until now
+    finally:
+        done.touch()
+        runner.join()
     assert result["errors"] == 0, result
     r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "enable", "ha", "hsmA",
                         "--config", str(group.daemon.config)], capture_output=True, text=True)
