@@ -182,6 +182,21 @@ int p11p_op_where(CK_SESSION_HANDLE h, int kind)
 	return where;
 }
 
+unsigned p11p_ops_deferred(CK_SESSION_HANDLE h)
+{
+	const struct sess *s;
+	unsigned kinds = 0;
+
+	if (!p11p_plane_lock())
+		return 0;
+	s = p11p_sess_lookup(h);
+	for (int k = 0; s != NULL && k < P11P_KINDS; k++)
+		if (s->ops[k].where == OP_PLANE && s->ops[k].deferred)
+			kinds |= 1u << k;
+	p11p_plane_unlock();
+	return kinds;
+}
+
 static int all_idle(const struct sess *s)
 {
 	for (int k = 0; k < P11P_KINDS; k++)

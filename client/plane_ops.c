@@ -172,7 +172,8 @@ static unsigned nargs_of(const struct p11p_op_shape *sh)
 }
 
 /* An init the member answered CKR_OK before (inits) is answered CKR_OK here and kept to
- * go with the operation's next call: 1 (`mech` taken), or 0. */
+ * go with the operation's next call: 1 (`mech` taken), or 0. Only in a session with no
+ * operation of any kind: beside one the member answers (CKR_OPERATION_ACTIVE, SoftHSM2). */
 static int defer(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a,
 		 CK_OBJECT_HANDLE mkey, unsigned char *mech, size_t mech_len)
 {
@@ -184,7 +185,10 @@ static int defer(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const stru
 	if (!p11p_plane_lock())
 		return 0;
 	s = p11p_init_known(sh->code, mech, mech_len, key) ? p11p_sess_lookup(h) : NULL;
-	if (s != NULL && s->ep != NULL && s->ops[sh->kind].where == OP_NONE) {
+	for (int k = 0; s != NULL && k < P11P_KINDS; k++)
+		if (s->ops[k].where != OP_NONE)
+			s = NULL;
+	if (s != NULL && s->ep != NULL) {
 		o = &s->ops[sh->kind];
 		p11p_op_clear(o);
 		o->where = OP_PLANE;
@@ -307,8 +311,8 @@ static int run_deferred(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 	return 0;
 }
 
-/* An init of `kind` while its deferred one waits: that one is sent first, alone (the
- * member answers the new one as it would beside it). */
+/* An init while a deferred one of `kind` waits in the session (of its kind or another):
+ * that one is sent first, alone (the member answers the new one as it would beside it). */
 static void send_deferred(CK_SESSION_HANDLE h, int kind)
 {
 	struct p11p_call ci;
@@ -433,9 +437,14 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 
 	if (where == OP_PLANE && p11p_length_known(h, sh, a))
 		return CKR_OK;
-	if (where == OP_PLANE && sh->role == P11P_R_INIT) {
-		send_deferred(h, sh->kind);
-		where = p11p_op_where(h, sh->kind);
+	if (sh->role == P11P_R_INIT && !p11p_plane_off) {
+		unsigned waiting = p11p_ops_deferred(h);
+
+		for (int k = 0; waiting != 0 && k < P11P_KINDS; k++)
+			if (waiting & 1u << k)
+				send_deferred(h, k);
+		if (waiting != 0)
+			where = p11p_op_where(h, sh->kind);
 	}
 	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !p11p_plane_off)) {
 		if (on_plane(h, sh, a, where, &rv) == 0)
