@@ -182,19 +182,22 @@ int p11p_op_where(CK_SESSION_HANDLE h, int kind)
 	return where;
 }
 
-unsigned p11p_ops_deferred(CK_SESSION_HANDLE h)
+int p11p_op_state(CK_SESSION_HANDLE h, int kind, unsigned *deferred)
 {
 	const struct sess *s;
-	unsigned kinds = 0;
+	int where = OP_NONE;
 
+	*deferred = 0;
 	if (!p11p_plane_lock())
-		return 0;
+		return OP_NONE;
 	s = p11p_sess_lookup(h);
 	for (int k = 0; s != NULL && k < P11P_KINDS; k++)
 		if (s->ops[k].where == OP_PLANE && s->ops[k].deferred)
-			kinds |= 1u << k;
+			*deferred |= 1u << k;
+	if (s != NULL)
+		where = s->ops[kind].where;
 	p11p_plane_unlock();
-	return kinds;
+	return where;
 }
 
 static int all_idle(const struct sess *s)

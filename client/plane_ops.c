@@ -426,7 +426,8 @@ static CK_RV through_daemon(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh,
 
 CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const struct p11p_op_args *a)
 {
-	int where = p11p_plane_off ? OP_NONE : p11p_op_where(h, sh->kind);
+	unsigned waiting = 0; /* kinds whose init is deferred */
+	int where = p11p_plane_off ? OP_NONE : p11p_op_state(h, sh->kind, &waiting);
 	CK_RV rv;
 
 	if (where == OP_LOST && (rv = p11p_lost_once(h, sh->kind)) != CKR_OK) {
@@ -437,14 +438,11 @@ CK_RV p11p_op_call(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const st
 
 	if (where == OP_PLANE && p11p_length_known(h, sh, a))
 		return CKR_OK;
-	if (sh->role == P11P_R_INIT && !p11p_plane_off) {
-		unsigned waiting = p11p_ops_deferred(h);
-
-		for (int k = 0; waiting != 0 && k < P11P_KINDS; k++)
+	if (sh->role == P11P_R_INIT && waiting != 0) { /* the member answers this one beside them */
+		for (int k = 0; k < P11P_KINDS; k++)
 			if (waiting & 1u << k)
 				send_deferred(h, k);
-		if (waiting != 0)
-			where = p11p_op_where(h, sh->kind);
+		where = p11p_op_where(h, sh->kind);
 	}
 	if (where == OP_PLANE || (where == OP_NONE && sh->role == P11P_R_INIT && !p11p_plane_off)) {
 		if (on_plane(h, sh, a, where, &rv) == 0)

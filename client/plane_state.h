@@ -74,9 +74,9 @@ struct sess *p11p_sess_add(CK_SESSION_HANDLE h);
 void p11p_op_clear(struct op *o);
 /* direct.c: where the operation of `kind` of a session runs (OP_*; takes the lock) */
 int p11p_op_where(CK_SESSION_HANDLE h, int kind);
-/* direct.c: the kinds (bit 1 << kind) of a session's operations whose init is deferred
- * (takes the lock) */
-unsigned p11p_ops_deferred(CK_SESSION_HANDLE h);
+/* direct.c: as p11p_op_where, and the kinds (bit 1 << kind) of the session's operations
+ * whose init is deferred (*deferred) */
+int p11p_op_state(CK_SESSION_HANDLE h, int kind, unsigned *deferred);
 /* direct.c: up to `max` sessions whose operations on the data plane, or waiting for their
  * replay, use key `obj` (takes the lock) */
 unsigned p11p_sess_using_key(CK_OBJECT_HANDLE obj, CK_SESSION_HANDLE *hs, unsigned max);
