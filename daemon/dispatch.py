@@ -344,6 +344,7 @@ class Dispatcher(Searches):
         if reply[0] == OK:
             ctx.logins.pop(vs.group, None)
             ctx.forget_objects(vs.group, private_only=True)  # as the token's handles end
+            await self.daemon.standby.settle(ctx, vs.group)
             for member in vs.group.members:
                 if member is not vs.member and member in ctx.logged_in:
                     real = next((s.real[member] for s in ctx.sessions.values()

@@ -61,6 +61,15 @@ class Standby:
         for task in self._tasks.pop(ctx, {}).values():
             task.cancel()
 
+    async def settle(self, ctx: ApplicationContext, group: Group) -> None:
+        """`ctx` logged out of `group`: waits (within the call's time) for its standby
+        logins there that are running, each of which logs out again once its C_Login is
+        done. Else a call between that C_Login and that C_Logout would run logged in
+        after the application's C_Logout returned."""
+        running = [t for m, t in self._tasks.get(ctx, {}).items() if m.group is group]
+        if running:
+            await asyncio.wait(running, timeout=budget.remaining(group))
+
     def stop(self) -> None:
         for ctx in list(self._tasks):
             self.forget(ctx)

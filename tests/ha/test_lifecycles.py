@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,41 @@ def test_logout_reaches_the_standby_member(ha_factory: Any) -> None:
         assert app.run("_ = privs(s0)") == "2"
     finally:
         group.set_rules("hsmA", "")
+        app.close()
+
+
+def _wait(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"not so after {timeout} s"
+        time.sleep(0.01)
+
+
+def test_a_logout_while_the_standby_login_runs_leaves_no_login_behind(ha_factory: Any) -> None:
+    """The application logs out while its standby login on hsmB is still in C_Login (slow
+    there): that login ends before C_Logout returns, so the next call, failed over to
+    hsmB, sees no private key (as on the token). It used to end after: the standby's own
+    logout came once the login was done, and a call between the two ran logged in (the
+    CI-only failures of test_getattr_of_a_pair_lost_after_logout[failover])."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"], call_timeout=10.0)
+    # the standby login takes 0.5 s there and its logout 1 s more; a search failed over
+    # there starts 0.7 s after it is sent: between the two, unless C_Logout waited
+    group.set_rules("hsmB", "C_Login delay ms=500\nC_Logout delay ms=1000\n"
+                            "C_FindObjectsInit delay ms=700\n")
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN)
+        _wait(lambda: "C_Login delay" in group.faultlog.read_text())  # hsmB's login runs
+        app.run("s0.logout()")
+        pid = app.proc.pid
+        assert group.logged_in(pid) == []
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = privs(s0)") == "0"
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        assert group.logged_in(pid) == []
+    finally:
+        group.set_rules("hsmA", "")
+        group.set_rules("hsmB", "")
         app.close()
 
 
