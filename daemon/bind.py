@@ -132,6 +132,23 @@ class SessionBuilder:
             raise CKError(DEVICE_ERROR, "login on another member failed")
         ctx.logged_in.add(member)
 
+    async def log_out_on(self, ctx: ApplicationContext, member: Member, real: int) -> None:
+        """C_Logout on the application's member session `real` on `member`, where the
+        application is logged out now. A module that does not say it is logged out may
+        keep the login (a failing member answers anything): the application's helper
+        there goes, and the login with it; its sessions there open again where used
+        next."""
+        ctx.logged_in.discard(member)
+        try:
+            reply = await self.r.link.raw(ctx, member, [CODE["C_Logout"], real])
+        except Exception:  # noqa: BLE001 - a failing member, a call out of time: not known
+            reply = None
+        if reply is not None and reply[0] in (OK, USER_NOT_LOGGED_IN):
+            return
+        log.info("%s logout on %s returned %s: its helper is replaced", ctx.name, member.name,
+                 "nothing" if reply is None else rv_name(reply[0]))
+        ctx.forget_member(member)
+
     async def login_everywhere(self, ctx: ApplicationContext, group: Group) -> None:
         """Logs the application in on every member where it has member sessions and is
         not logged in yet (after its C_Login on one of them)."""

@@ -23,7 +23,7 @@ from p11p.daemon.members import Group, Member
 from p11p.daemon.policy import choose_member
 from p11p.daemon.search import Searches
 from p11p.protocol import spec
-from p11p.protocol.constants import CKF, CKR, CKU, rv_name
+from p11p.protocol.constants import CKF, CKR, CKU
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -349,27 +349,10 @@ class Dispatcher(Searches):
                 if member is not vs.member and member in ctx.logged_in:
                     real = next((s.real[member] for s in ctx.sessions.values()
                                  if member in s.real), ctx.utility.get(member))
-                    if real is not None and not await self._logged_out(ctx, member, real):
-                        # the module may keep the login (a failing member answers
-                        # anything): the application's helper there goes, and with it
-                        # the login; its sessions there open again where used next
-                        ctx.forget_member(member)
+                    if real is not None:
+                        await self.router.bind.log_out_on(ctx, member, real)
                 ctx.logged_in.discard(member)
         return reply
-
-    async def _logged_out(self, ctx: ApplicationContext, member: Member, real: int) -> bool:
-        """C_Logout on the application's member session `real` there: whether the module
-        said it is logged out."""
-        try:
-            reply = await self.router.link.raw(ctx, member, [_CODE["C_Logout"], real])
-        except Exception:  # a failing member, a call out of time: not known
-            log.debug("%s logout on %s failed", ctx.name, member.name)
-            return False
-        if reply[0] in (OK, CKR["CKR_USER_NOT_LOGGED_IN"]):
-            return True
-        log.info("%s logout on %s returned %s: its helper is replaced", ctx.name, member.name,
-                 rv_name(reply[0]))
-        return False
 
     async def pin_write(self, ctx: ApplicationContext, req: R.C_InitPIN | R.C_SetPIN) -> Reply:
         vs = ctx.sessions.get(req.session)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from p11p.daemon import budget
 from p11p.daemon.context import ApplicationContext
 from p11p.daemon.errors import CKError, MemberUnavailable
-from p11p.daemon.shapes import CODE, SessionVanished
+from p11p.daemon.shapes import SessionVanished
 from p11p.protocol.constants import CKU
 
 if TYPE_CHECKING:
@@ -109,9 +109,9 @@ class Standby:
                 real = await bind.utility_session(ctx, member)
             now = ctx.logins.get(group)
             if (now is None or now[0] != USER) and member in ctx.logged_in:
-                # the application logged out while this login ran: out there too
-                ctx.logged_in.discard(member)
-                await self.daemon.router.link.raw(ctx, member, [CODE["C_Logout"], real])
+                # the application logged out while this login ran: out there too (or,
+                # unconfirmed, its helper there replaced, as for its own logout)
+                await bind.log_out_on(ctx, member, real)
         except MemberUnavailable as exc:
             self.daemon.router.failures.member_failed(member, exc, "C_Login")
         except (CKError, SessionVanished, budget.CallExpired) as exc:
