@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from hakit import HAGroup, PyApp
-from kit import SOFTHSM_SO, USER_PIN
+from kit import SOFTHSM_SO, USER_PIN, wait_for
 from p11p.protocol.constants import CKR
 
 OPEN = f"""
@@ -240,6 +240,36 @@ def test_a_logout_the_standby_member_refuses_ends_its_login_there(ha_factory: An
         assert app.run("_ = privs(s0)") == "0"
         assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
         assert "C_Logout error" in group.faultlog.read_text()
+    finally:
+        group.set_rules("hsmA", "")
+        group.set_rules("hsmB", "")
+        app.close()
+
+
+def test_a_standby_login_that_outlasts_the_logout_ends_there_too(ha_factory: Any) -> None:
+    """The standby login on hsmB still runs (its C_Login hangs) when the application
+    logs out; it completes after, and its own C_Logout there meets CKR_DEVICE_ERROR (the
+    module may keep the login): the application's helper there is replaced, so that after
+    a failover the application is logged out there too (no private key), as on the token.
+    The standby side of balance-96 (test_regressions.py, a flake until this was right)."""
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    group.set_rules("hsmB", "C_Login hang\n")
+    app = PyApp(group.daemon)
+    try:
+        app.run(OPEN)
+        pid = app.proc.pid
+        assert wait_for(lambda: group.faultlog.exists()
+                        and " C_Login hang" in group.faultlog.read_text(), 10)
+        app.run("s0.logout()")
+        assert group.logged_in(pid) == []
+        # the hang ends with its line, and the standby login's C_Logout meets the error
+        group.set_rules("hsmB", "C_Logout error rv=CKR_DEVICE_ERROR count=1\n")
+        assert wait_for(lambda: " C_Logout error" in group.faultlog.read_text(), 10)
+        group.set_rules("hsmB", "")
+        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+        assert app.run("_ = privs(s0)") == "0"
+        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        assert "logout on hsmB returned CKR_DEVICE_ERROR" in group.daemon.log_text()
     finally:
         group.set_rules("hsmA", "")
         group.set_rules("hsmB", "")
