@@ -147,7 +147,7 @@ class SessionBuilder:
             return
         log.info("%s logout on %s returned %s: its helper is replaced", ctx.name, member.name,
                  "nothing" if reply is None else rv_name(reply[0]))
-        ctx.forget_member(member)
+        ctx.forget_member(member, gently=True)
 
     async def login_everywhere(self, ctx: ApplicationContext, group: Group) -> None:
         """Logs the application in on every member where it has member sessions and is

@@ -9,6 +9,7 @@ member sessions are closed and its helpers stop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -169,13 +170,22 @@ class ApplicationContext:
     def has_helper(self, member: Member) -> bool:
         return member in self._helpers
 
-    def forget_member(self, member: Member) -> None:
+    def forget_member(self, member: Member, gently: bool = False) -> None:
         """Everything this context had on `member` is gone (its helper died, or the
         member lost our sessions): member sessions, object handles, login. The virtual
-        sessions and objects stay; they are rebuilt where they are used next."""
+        sessions and objects stay; they are rebuilt where they are used next. Its helper
+        is killed; `gently`, for one that answers but must go (a logout it did not
+        confirm), it is stopped as at an application's end (its calls finish, C_Finalize;
+        killed only past a time-out), not cut off in the middle of a token write."""
         fut = self._helpers.pop(member, None)
         if fut is not None and fut.done() and fut.exception() is None:
-            fut.result().kill()
+            helper = fut.result()
+            if gently:
+                helper.stopping = True  # not this context's any more: no death to report
+                asyncio.get_running_loop().create_task(helper.stop(),
+                                                       context=contextvars.Context())
+            else:
+                helper.kill()
         for vs in self.sessions.values():
             vs.real.pop(member, None)
             if vs.direct is not None and vs.direct.member is member:
