@@ -11,7 +11,11 @@
  * capacity, CK_UNAVAILABLE_INFORMATION). An input is:
  *   byte 0   the module's CK_RV (an index into a few that matter)
  *   byte 1   how it reports lengths: exact, its own, past the capacity, unavailable
- *   byte 2   the binding: let in, revoked, or the module finalizing
+ *   byte 2   the binding: let in, revoked, or the module finalizing (bits 0-1); bit 7:
+ *            the rest is a mailbox request's copy (protocol/p11p-box.h), frames of a
+ *            4-byte header (CPU hint, length in 24 bits) and a body each, taken apart
+ *            by p11p_fast_frame and served one after another as the helper does (bytes
+ *            left that are no whole frame: the connection closes)
  *   byte 3   how many bytes it has to give (the "natural" length of every output)
  *   the rest the request frame body, [code, id, arg...]
  *
@@ -364,20 +368,20 @@ static void check_reply(const msgpack_sbuffer *out)
 	msgpack_unpacked_destroy(&u);
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+/* One request body served against the fake module as the selectors set it: 0, or -1
+ * (the connection closes). */
+static int serve_one(const uint8_t *sel, const uint8_t *body, size_t len)
 {
 	msgpack_sbuffer out;
 	int ret;
 
-	if (size < SELECTORS)
-		return 0;
 	memset(&m, 0, sizeof m);
-	m.rv = rvs[data[0] % (sizeof rvs / sizeof rvs[0])];
-	m.lengths = data[1];
-	m.binding = data[2];
-	m.natural = data[3] < 0xF0 ? data[3] : (CK_ULONG)1 << (data[3] - 0xE0);
+	m.rv = rvs[sel[0] % (sizeof rvs / sizeof rvs[0])];
+	m.lengths = sel[1];
+	m.binding = sel[2];
+	m.natural = sel[3] < 0xF0 ? sel[3] : (CK_ULONG)1 << (sel[3] - 0xE0);
 	msgpack_sbuffer_init(&out);
-	ret = p11p_fast_serve(&io, (const char *)data + SELECTORS, size - SELECTORS, &out);
+	ret = p11p_fast_serve(&io, (const char *)body, len, &out);
 	if (m.entered != m.left || m.calls > 1 || (unsigned)m.entered != m.calls)
 		__builtin_trap(); /* every call let in goes out; one module call at most */
 	if (ret != 0 && m.calls > 0)
@@ -388,6 +392,35 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	closed += ret != 0;
 	called += m.calls;
 	msgpack_sbuffer_destroy(&out);
+	return ret;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	const uint8_t *body;
+	uint8_t *copy, hint;
+	uint32_t len;
+	size_t pos = 0, have;
+
+	if (size < SELECTORS)
+		return 0;
+	if (!(data[2] & 0x80)) {
+		(void)serve_one(data, data + SELECTORS, size - SELECTORS);
+		return 0;
+	}
+	/* a mailbox's copy, in memory of its own size: ASan sees a frame that overruns it */
+	have = size - SELECTORS;
+	copy = malloc(have ? have : 1);
+	if (copy == NULL)
+		return 0;
+	memcpy(copy, data + SELECTORS, have);
+	while ((body = p11p_fast_frame(copy, &pos, have, &len, &hint)) != NULL) {
+		if (body < copy || body + len > copy + have || pos > have)
+			__builtin_trap(); /* a frame outside the copy */
+		if (serve_one(data, body, len) != 0)
+			break;
+	}
+	free(copy);
 	return 0;
 }
 

@@ -207,14 +207,25 @@ HELPER_SELECTORS = (b"\x00\x00\x00\x20", b"\x01\x01\x00\x40", b"\x02\x02\x00\x08
                     b"\x00\x03\x00\x10", b"\x04\x00\x01\x10", b"\x00\x01\x00\xf4")
 
 
+MAILBOX_SELECTOR = b"\x00\x00\x80\x20"
+
+
 def helper_inputs() -> list[bytes]:
     direct = {f.code for f in spec.direct_functions()}
     out = []
+    bodies: list[bytes] = []
     for r in requests():
         if not r or type(r[0]) is list or r[0] not in direct:
             continue
         body = msgpack.packb([r[0], 4097, *r[2:]], use_bin_type=True)  # a binding id
         out += [sel + body for sel in HELPER_SELECTORS]
+        bodies.append(body)
+    # mailbox copies (selector byte 2, bit 7): one frame each, and pairs (an init and
+    # the next call travel together)
+    frame = [len(b).to_bytes(4, "big") for b in bodies]
+    out += [MAILBOX_SELECTOR + frame[i] + b for i, b in enumerate(bodies)]
+    out += [MAILBOX_SELECTOR + frame[i] + bodies[i] + frame[i + 1] + bodies[i + 1]
+            for i in range(0, len(bodies) - 1, 2)]
     return out
 
 

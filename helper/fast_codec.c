@@ -313,6 +313,21 @@ static void reply_rv(struct p11p_fx *x, CK_RV rv)
 	p11p_fx_pack(x, msgpack_pack_uint64(&x->pk, rv));
 }
 
+const uint8_t *p11p_fast_frame(const uint8_t *buf, size_t *pos, size_t have, uint32_t *size,
+			       uint8_t *hint)
+{
+	const uint8_t *h = buf + *pos;
+
+	if (*pos > have || have - *pos < 4)
+		return NULL;
+	*size = (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+	*hint = h[0];
+	if (*size > have - *pos - 4)
+		return NULL;
+	*pos += 4 + *size;
+	return h + 4;
+}
+
 int p11p_fast_serve(const struct p11p_fast_io *io, const char *body, size_t len,
 		    msgpack_sbuffer *out)
 {

@@ -50,6 +50,12 @@ struct p11p_fast_io {
 int p11p_fast_serve(const struct p11p_fast_io *io, const char *body, size_t len,
 		    msgpack_sbuffer *out);
 
+/* The next frame of `buf`, which holds whole frames (a mailbox request's copy:
+ * protocol/p11p-box.h) from *pos to `have`: its body (NULL: none is left whole, and the
+ * request is bad), its size and its header's CPU hint; *pos moves past it. */
+const uint8_t *p11p_fast_frame(const uint8_t *buf, size_t *pos, size_t have, uint32_t *size,
+			       uint8_t *hint);
+
 /* ---- for the generated functions ---- */
 
 enum { P11P_FX_FINE, P11P_FX_REFUSED, P11P_FX_MALFORMED };
