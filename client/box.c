@@ -2,8 +2,6 @@
  * helper's bytes are copied out of the shared pages before anything reads them. */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
-#include <linux/futex.h>
 #include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -11,7 +9,6 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -20,27 +17,6 @@
 #include "transport.h"
 
 #define BOX_LOOK_MS 20  /* a wait on the word looks at the socket this often (a helper gone) */
-
-static long futex(_Atomic uint32_t *w, int op, uint32_t val, const struct timespec *t)
-{
-	return syscall(SYS_futex, w, op, val, t, NULL, 0);
-}
-
-static int64_t mono_ns(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* The helper's end is gone, or sent what it must not while the mailbox is in use. */
-static int peer_gone(int fd)
-{
-	struct pollfd p = { .fd = fd, .events = POLLIN | POLLRDHUP };
-
-	return poll(&p, 1, 0) != 0;
-}
 
 struct p11p_box *p11p_box_ask(int fd, int64_t deadline, int *broken)
 {
@@ -58,17 +34,10 @@ struct p11p_box *p11p_box_ask(int fd, int64_t deadline, int *broken)
 	if (p11p_send_frame(fd, head, sizeof head, deadline) != CKR_OK)
 		return NULL;
 	while (have < sizeof got) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		int64_t left = deadline < 0 ? -1 : deadline - p11p_now_ms();
 		ssize_t k;
 
-		if (deadline >= 0 && left <= 0)
+		if (p11p_wait_fd(fd, POLLIN, deadline) != 0)
 			goto fail;
-		if (poll(&p, 1, left < 0 ? -1 : left > INT_MAX ? INT_MAX : (int)left) < 0) {
-			if (errno == EINTR)
-				continue;
-			goto fail;
-		}
 		iov.iov_base = got + have;
 		iov.iov_len = sizeof got - have;
 		m.msg_control = box_fd < 0 ? ctl : NULL;  /* the fd comes with the first byte */
@@ -112,7 +81,7 @@ void p11p_box_drop(struct p11p_box *box)
 		return;
 	/* a thread waiting on an idle mailbox ends now, not when it next looks */
 	if (atomic_compare_exchange_strong(&box->word, &w, P11P_BOX_CLOSED))
-		(void)futex(&box->word, FUTEX_WAKE, 1, NULL);
+		(void)p11p_box_futex(&box->word, FUTEX_WAKE, 1, NULL);
 	munmap(box, P11P_BOX_SIZE);
 }
 
@@ -121,10 +90,10 @@ static int box_wait(int fd, struct p11p_box *box, int64_t deadline, int64_t spin
 		    int (*keep_spinning)(void))
 {
 	if (spin_ns > 0) {
-		int64_t start = mono_ns();
+		int64_t start = p11p_now_ns();
 
 		while (atomic_load(&box->word) == P11P_BOX_REQUEST && keep_spinning() &&
-		       mono_ns() - start < spin_ns) {
+		       p11p_now_ns() - start < spin_ns) {
 #if defined(__x86_64__) || defined(__i386__)
 			__builtin_ia32_pause();
 #endif
@@ -149,8 +118,8 @@ static int box_wait(int fd, struct p11p_box *box, int64_t deadline, int64_t spin
 		}
 		t.tv_sec = 0;
 		t.tv_nsec = (long)ms * 1000000L;
-		if (futex(&box->word, FUTEX_WAIT, w, &t) != 0 && errno == ETIMEDOUT &&
-		    peer_gone(fd))
+		if (p11p_box_futex(&box->word, FUTEX_WAIT, w, &t) != 0 && errno == ETIMEDOUT &&
+		    p11p_box_peer_gone(fd))
 			return -1;
 	}
 }
@@ -208,7 +177,7 @@ int p11p_box_round(int fd, struct p11p_box *box, char *a, size_t alen, char *b, 
 		/* to the socket: the helper's thread is sent there if it watches the word */
 		if (w == P11P_BOX_READY &&
 		    atomic_compare_exchange_strong(&box->word, &w, P11P_BOX_SOCKET))
-			(void)futex(&box->word, FUTEX_WAKE, 1, NULL);
+			(void)p11p_box_futex(&box->word, FUTEX_WAKE, 1, NULL);
 		else if (w != P11P_BOX_SOCKET)
 			return -1;
 		return 1;
@@ -221,7 +190,7 @@ int p11p_box_round(int fd, struct p11p_box *box, char *a, size_t alen, char *b, 
 	atomic_store_explicit(&box->req_len, (uint32_t)total, memory_order_relaxed);
 	if (w == P11P_BOX_READY &&
 	    atomic_compare_exchange_strong(&box->word, &w, P11P_BOX_REQUEST)) {
-		(void)futex(&box->word, FUTEX_WAKE, 1, NULL);
+		(void)p11p_box_futex(&box->word, FUTEX_WAKE, 1, NULL);
 	} else if (w == P11P_BOX_SOCKET) {
 		/* the thread reads the socket (idle a while): the nudge sends it to the box */
 		char nudge[P11P_FRAME_HEADER] = { 0, 0, 0, 0 };

@@ -128,9 +128,10 @@ static int ep_take(struct ep *ep, struct p11p_box **box, int64_t deadline)
 
 static void ep_give(struct ep *ep, int fd, struct p11p_box *box)
 {
+	uint32_t w = box != NULL ? atomic_load(&box->word) : P11P_BOX_READY;
+
 	/* a mailbox the helper closed meanwhile (it passed to another application) */
-	if (box != NULL && atomic_load(&box->word) != P11P_BOX_READY &&
-	    atomic_load(&box->word) != P11P_BOX_SOCKET) {
+	if (w != P11P_BOX_READY && w != P11P_BOX_SOCKET) {
 		link_close(fd, box);
 		return;
 	}
@@ -212,14 +213,6 @@ static void ep_broken(struct ep *ep)
  * calls in flight the CPUs have other work, and it blocks at once. */
 static _Atomic uint64_t lone_rtt[RTTS]; /* by code, hashed: code << 32 | microseconds */
 
-static int64_t mono_ns(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
 static int64_t spin_ns(unsigned long code)
 {
 	uint64_t e = atomic_load_explicit(&lone_rtt[code % RTTS], memory_order_relaxed);
@@ -278,11 +271,11 @@ static void await_reply(int fd, unsigned long code)
 
 	if (budget == 0)
 		return;
-	start = mono_ns();
+	start = p11p_now_ns();
 	do {
 		if (poll(&p, 1, 0) != 0 || !still_lone())
 			return;
-	} while (mono_ns() - start < budget);
+	} while (p11p_now_ns() - start < budget);
 }
 
 /* One call `c`, or an operation's deferred init `ci` and its next call `c` in one send
@@ -295,7 +288,7 @@ static CK_RV exchange(const struct ep *ep, int fd, struct p11p_box *box, struct 
 	 * asked onto its CPU (helper/fast_conn.c, follow). A lone call watches for its reply
 	 * awake instead, and the helper thread had better run on another CPU. */
 	int lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
-	int64_t sent = lone ? mono_ns() : 0;
+	int64_t sent = lone ? p11p_now_ns() : 0;
 	int cpu = ep->cpu_hint && !lone ? sched_getcpu() : -1, r = 1;
 	struct p11p_call *first = ci != NULL ? ci : c;
 	CK_RV rv = CKR_DEVICE_ERROR;
@@ -323,7 +316,7 @@ static CK_RV exchange(const struct ep *ep, int fd, struct p11p_box *box, struct 
 		}
 	}
 	if (lone && rv == CKR_OK)
-		lone_took(c->code, mono_ns() - sent);
+		lone_took(c->code, p11p_now_ns() - sent);
 	atomic_fetch_sub_explicit(&in_flight, 1, memory_order_relaxed);
 	return rv;
 }

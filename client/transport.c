@@ -30,6 +30,14 @@ int64_t p11p_now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+int64_t p11p_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 int64_t p11p_deadline(int timeout_ms)
 {
 	return timeout_ms > 0 ? p11p_now_ms() + timeout_ms : -1;
@@ -37,7 +45,7 @@ int64_t p11p_deadline(int timeout_ms)
 
 /* Waits for events on fd until the deadline: 0 when ready (or in error: the next
  * send/recv says which), -1 when the deadline passed. */
-static int wait_fd(int fd, short events, int64_t deadline)
+int p11p_wait_fd(int fd, short events, int64_t deadline)
 {
 	for (;;) {
 		struct pollfd p = { .fd = fd, .events = events };
@@ -69,7 +77,7 @@ static int send_all(int fd, const char *buf, size_t len, int64_t deadline)
 		} else if (n < 0 && errno == EINTR) {
 			continue;
 		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			if (wait_fd(fd, POLLOUT, deadline) != 0) {
+			if (p11p_wait_fd(fd, POLLOUT, deadline) != 0) {
 				p11p_debug("send: time-out");
 				return -1;
 			}
@@ -100,7 +108,7 @@ static ssize_t recv_upto(int fd, char *buf, size_t cap, size_t want, int64_t dea
 		} else if (errno == EINTR) {
 			continue;
 		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-			if (wait_fd(fd, POLLIN, deadline) != 0) {
+			if (p11p_wait_fd(fd, POLLIN, deadline) != 0) {
 				p11p_debug("recv: time-out");
 				return -1;
 			}
@@ -161,7 +169,7 @@ CK_RV p11p_socket_connect(int fd, const char *path, int64_t deadline)
 		}
 		if (errno != EINPROGRESS && errno != EINTR)
 			return connect_failed(path, errno);
-		if (wait_fd(fd, POLLOUT, deadline) != 0)
+		if (p11p_wait_fd(fd, POLLOUT, deadline) != 0)
 			break;
 		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
 			return connect_failed(path, errno);
@@ -232,7 +240,7 @@ CK_RV p11p_send_pair(int fd, char *a, size_t alen, char *b, size_t blen, int64_t
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			if (wait_fd(fd, POLLOUT, deadline) != 0)
+			if (p11p_wait_fd(fd, POLLOUT, deadline) != 0)
 				return CKR_DEVICE_ERROR;
 			continue;
 		}

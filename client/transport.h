@@ -25,6 +25,11 @@ struct p11p_welcome {
 /* Milliseconds on the monotonic clock. Deadlines are absolute; -1 means none. */
 int64_t p11p_now_ms(void);
 int64_t p11p_deadline(int timeout_ms);
+/* Nanoseconds on the same clock (a call's awake wait). */
+int64_t p11p_now_ns(void);
+/* Waits for `events` on fd until the deadline: 0 when ready (or in error: the next send
+ * or recv says which), -1 when the deadline passed. */
+int p11p_wait_fd(int fd, short events, int64_t deadline);
 
 /* A new non-blocking, close-on-exec AF_UNIX stream socket, or -1. */
 int p11p_socket_new(void);

@@ -11,7 +11,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -21,7 +20,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
@@ -214,23 +212,10 @@ static int send_replies(struct conn *c)
 
 /* ---- the mailbox (protocol/p11p-box.h) ---- */
 
-static long futex(_Atomic uint32_t *w, int op, uint32_t val, const struct timespec *t)
-{
-	return syscall(SYS_futex, w, op, val, t, NULL, 0);
-}
-
 void p11p_box_close(struct p11p_box *box)
 {
 	atomic_store(&box->word, P11P_BOX_CLOSED);
-	(void)futex(&box->word, FUTEX_WAKE, INT_MAX, NULL);
-}
-
-/* Whether the client's end of the socket is gone (or sent what it must not now). */
-static int peer_gone(int fd)
-{
-	struct pollfd p = { fd, POLLIN | POLLRDHUP, 0 };
-
-	return poll(&p, 1, 0) != 0;
+	(void)p11p_box_futex(&box->word, FUTEX_WAKE, INT_MAX, NULL);
 }
 
 /* The mailbox the client asked for (its first zero-length frame): made, mapped, sealed
@@ -306,12 +291,12 @@ static int box_next(struct conn *c)
 			break;
 		if (w != P11P_BOX_READY && w != P11P_BOX_REPLY)
 			return -1;  /* closed by next_application, or nonsense */
-		if (futex(&b->word, FUTEX_WAIT, w, &idle) == 0 || errno != ETIMEDOUT)
+		if (p11p_box_futex(&b->word, FUTEX_WAIT, w, &idle) == 0 || errno != ETIMEDOUT)
 			continue;
 		if (w == P11P_BOX_READY) {
 			if (atomic_compare_exchange_strong(&b->word, &w, P11P_BOX_SOCKET))
 				break;
-		} else if (peer_gone(c->fd)) {
+		} else if (p11p_box_peer_gone(c->fd)) {
 			return -1;  /* the reply was never taken */
 		}
 	}
@@ -341,7 +326,7 @@ static int box_send(struct conn *c, int last)
 		return send_replies(c);  /* announced before */
 	}
 	atomic_store(&b->word, P11P_BOX_REPLY);
-	(void)futex(&b->word, FUTEX_WAKE, 1, NULL);
+	(void)p11p_box_futex(&b->word, FUTEX_WAKE, 1, NULL);
 	if (!c->spilled)
 		return 0;
 	return send_replies(c);

@@ -9,8 +9,13 @@
 #ifndef P11P_BOX_H
 #define P11P_BOX_H
 
+#include <linux/futex.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define P11P_BOX_SIZE (128u << 10)       /* the memfd's size, sealed */
 #define P11P_BOX_HEAD 64u                /* the word and the lengths */
@@ -39,5 +44,21 @@ struct p11p_box {
 };
 
 _Static_assert(sizeof(struct p11p_box) == P11P_BOX_SIZE, "the mailbox's layout");
+
+/* A futex call on the word (shared: the two sides are processes). */
+static inline long p11p_box_futex(_Atomic uint32_t *w, int op, uint32_t val,
+				  const struct timespec *t)
+{
+	return syscall(SYS_futex, w, op, val, t, NULL, 0);
+}
+
+/* Whether the other side's end of the socket is gone, or sent what it must not while
+ * the word is in use (a side that waits on the word looks now and then). */
+static inline int p11p_box_peer_gone(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN | POLLRDHUP };
+
+	return poll(&p, 1, 0) != 0;
+}
 
 #endif
