@@ -205,7 +205,7 @@ static void ep_broken(struct ep *ep)
 /* The reply of a quick call comes back within a few tens of microseconds; blocking
  * for it costs a wake-up of an idle CPU (about 50 µs here, and more on a virtual machine
  * whose idle CPU halts: the host wakes it). So a call that is the only one in flight in
- * this process watches its socket awake, for SPIN_NS, or when its function's last lone
+ * this process watches for it awake (its mailbox, or its socket), for SPIN_NS, or when its function's last lone
  * round trip took less than SPIN_MAX_US (an RSA signature on a software token: some
  * 600 µs, of which the wake-up was a fifth), for that long and a quarter more; a
  * function whose replies are long in coming (a network HSM's milliseconds) is worth no
@@ -264,10 +264,11 @@ static int64_t awake_ns(unsigned long code)
 	return spin_ns(code);
 }
 
-static void await_reply(int fd, unsigned long code)
+/* The socket's awake wait (the mailbox's: client/box.c). */
+static void await_reply(int fd, int64_t budget)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
-	int64_t start, budget = awake_ns(code);
+	int64_t start;
 
 	if (budget == 0)
 		return;
@@ -290,13 +291,14 @@ static CK_RV exchange(const struct ep *ep, int fd, struct p11p_box *box, struct 
 	int lone = atomic_fetch_add_explicit(&in_flight, 1, memory_order_relaxed) == 0;
 	int64_t sent = lone ? p11p_now_ns() : 0;
 	int cpu = ep->cpu_hint && !lone ? sched_getcpu() : -1, r = 1;
+	int64_t awake = lone ? awake_ns(c->code) : 0;
 	struct p11p_call *first = ci != NULL ? ci : c;
 	CK_RV rv = CKR_DEVICE_ERROR;
 
 	if (box != NULL)
 		r = p11p_box_round(fd, box, first->req.data, first->req.size,
 				   ci != NULL ? c->req.data : NULL, ci != NULL ? c->req.size : 0, cpu,
-				   deadline, lone ? awake_ns(c->code) : 0, still_lone, &first->reply,
+				   deadline, awake, still_lone, &first->reply,
 				   &first->reply_len, ci != NULL ? &c->reply : NULL, &c->reply_len);
 	if (r == 0) {
 		rv = CKR_OK;
@@ -309,7 +311,7 @@ static CK_RV exchange(const struct ep *ep, int fd, struct p11p_box *box, struct 
 		else
 			rv = p11p_send_frame(fd, c->req.data, c->req.size, deadline);
 		if (rv == CKR_OK) {
-			await_reply(fd, c->code);
+			await_reply(fd, awake);
 			rv = ci != NULL ? p11p_recv_two(fd, &ci->reply, &ci->reply_len, &c->reply,
 							&c->reply_len, deadline)
 					: p11p_recv_frame(fd, &c->reply, &c->reply_len, deadline);

@@ -102,16 +102,16 @@ static void register_atfork(void)
 static volatile int *fork_page(void)
 {
 	static volatile int *page;
+	size_t size = (size_t)sysconf(_SC_PAGESIZE);
 	void *p;
 
 	if (page != NULL)
 		return page;
-	p = mmap(NULL, (size_t)sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE,
-		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (p == MAP_FAILED)
 		return NULL;
-	if (madvise(p, (size_t)sysconf(_SC_PAGESIZE), MADV_WIPEONFORK) != 0) {
-		munmap(p, (size_t)sysconf(_SC_PAGESIZE));
+	if (madvise(p, size, MADV_WIPEONFORK) != 0) {
+		munmap(p, size);
 		return NULL;
 	}
 	page = p;
