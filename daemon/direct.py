@@ -63,9 +63,14 @@ DIRECT_KEY = spec.own_codes()["DIRECT_KEY"].code
 DIRECT_OBJECT = spec.own_codes()["DIRECT_OBJECT"].code
 DIRECT_UNBIND = spec.own_codes()["DIRECT_UNBIND"].code
 DATA_PLANE = "data_plane"  # the hello's feature of clients that keep data-plane operations
-CPU_HINT = "cpu_hint"  # ... and of clients that send their CPU to a helper that follows it
-PLANE_PAIRS = "plane_pairs"  # ... and of clients that send an init with its next call
-PLANE_MAILBOX = "plane_mailbox"  # ... and of clients that use a connection's mailbox
+# DIRECT_BIND's fields after replay_limit, in order: (the hello's feature of clients that
+# know the field, the helper's ready-frame feature it says the helper has). A field goes
+# only while the hello agreed its feature and every one before it.
+PLANE_FIELDS = (
+    ("cpu_hint", "cpu_hint"),        # the client sends its CPU; the helper follows it
+    ("plane_pairs", "pairs"),        # an init with its next call, answered at once
+    ("plane_mailbox", "mailbox"),    # a connection's mailbox (protocol/p11p-box.h)
+)
 UNBIND_RETURNED = 0   # a data-plane call returned a code of the fallback list
 UNBIND_LEAVING = 1    # the client moves its operations here (its own choice; ended there)
 UNBIND_BROKEN = 2     # the connection to the helper broke
@@ -150,12 +155,10 @@ class Direct:
         agreed = hello.AGREED.get()
         if DATA_PLANE in agreed:
             answer.append(group.config.replay_limit)
-            if CPU_HINT in agreed:
-                answer.append(helper.cpu_hint)
-                if PLANE_PAIRS in agreed:
-                    answer.append(helper.pairs)
-                    if PLANE_MAILBOX in agreed:
-                        answer.append(helper.mailbox)
+            for link_feature, helper_feature in PLANE_FIELDS:
+                if link_feature not in agreed:
+                    break
+                answer.append(helper_feature in helper.plane_features)
         return [OK, answer]
 
     @staticmethod

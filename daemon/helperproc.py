@@ -77,9 +77,9 @@ class HelperProcess(asyncio.SubprocessProtocol):
         self.fast_started: asyncio.Future[bool] | None = None  # its start, once
         self.fast_served = 0  # its direct calls already added to the member's count
         self.fast_name: bytes | None = None  # its listener's name, kept when it serves another
-        self.cpu_hint = False  # its data plane follows the client's CPU hint (ready frame)
-        self.pairs = False  # ... and answers a pair of requests sent at once
-        self.mailbox = False  # ... and gives a connection a mailbox (protocol/p11p-box.h)
+        # what its data plane takes beyond one request at a time (its ready frame:
+        # helper/settings.py PLANE_FEATURES), which DIRECT_BIND passes on
+        self.plane_features: frozenset[str] = frozenset()
         self.pool_epoch = -1  # its member's pool epoch when it started (HelperPool.recycle)
         self.uses = 0  # applications it served (HelperPool.recycle)
         # ADOPTABLE: (abstract socket name, token) a restarted daemon takes it back with
@@ -161,9 +161,7 @@ class HelperProcess(asyncio.SubprocessProtocol):
         if frame[1] == CKR["CKR_OK"]:
             # what its data plane's request header carries (helper/settings.py)
             features = frame[3] if len(frame) > 3 and isinstance(frame[3], list) else []
-            self.cpu_hint = "cpu_hint" in features
-            self.pairs = "pairs" in features
-            self.mailbox = "mailbox" in features
+            self.plane_features = frozenset(f for f in features if isinstance(f, str))
             self.ready.set_result(None)
         else:
             detail = frame[2] if len(frame) > 2 else ""
