@@ -44,6 +44,10 @@ REPLY_TIMEOUT = 30.0
 # attributes whose value is key material: random for generated keys
 MATERIAL = {"CKA_VALUE", "CKA_EC_POINT", "CKA_MODULUS", "CKA_PUBLIC_EXPONENT", "CKA_CHECK_VALUE"}
 NONDET_MECHS = {"CKM_ECDSA"}
+# steps that move a session's operation or search along (written lazily: KILL_WINDOW)
+PROGRESS_STEPS = {"opinit", "update", "final", "oneshot", "digestkey", "find_init", "find",
+                  "find_final"}
+KILL_WINDOW = 0.1 + 0.05  # daemon/resume.py LAZY_MAX, and the reply's way to the harness
 MEMBER_FAILED_RVS = {"CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_DEVICE_MEMORY",
                      "CKR_TOKEN_NOT_PRESENT"}
 
@@ -650,6 +654,8 @@ class Runner:
         self.values: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # id -> (p11p, ref, meta)
         self.finds: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
         self.tainted: list[set[str]] = [set() for _ in range(APPS)]
+        # when each session's operation or search last moved (its reply), for a kill
+        self.moved_at: list[dict[str, float]] = [{} for _ in range(APPS)]
         self.lost: list[set[str]] = [set() for _ in range(APPS)]  # Documented lost
         self.apart: list[set[str]] = [set() for _ in range(APPS)]  # handles that differ
         # objects p11p still has that the token used directly destroyed: a destroy refused
@@ -714,6 +720,8 @@ class Runner:
             self.env.p11p[app].call({"op": "init"})
             raise Discrepancy(f"p11p gave no reply within {REPLY_TIMEOUT}s") from None
         took = time.monotonic() - start
+        if step["op"] in PROGRESS_STEPS:
+            self.moved_at[app][step["s"]] = time.monotonic()
         r = self.env.ref[app].recv()
         if self.verbose:
             print("    p11p", self.show(p), " direct", self.show(r), flush=True)
@@ -1243,6 +1251,14 @@ class Runner:
         kind, m = ev["ev"], ev.get("m")
         if kind == "settle":
             ev = {**ev, "exempt": sorted(self.down | self.drained)}
+        if kind == "restart" and ev.get("how") == "kill":
+            # README, "What still needs care after a restart": an operation's progress or
+            # a search is written to the state file within LAZY_MAX after its reply, "and a
+            # kill in that window loses them as a failover would"
+            now = time.monotonic()
+            for app in range(APPS):
+                self.tainted[app] |= {name for name, at in self.moved_at[app].items()
+                                      if now - at < KILL_WINDOW and name in self.sessions[app]}
         self.env.event(ev)
         if kind == "down":
             self.down.add(m)  # type: ignore[arg-type]
