@@ -504,6 +504,22 @@ class Documented:
                 and sess is not None and sess.finding)
 
     @staticmethod
+    def operation_end_lost_in_a_kill(runner: Runner, app: int, step: dict[str, Any],
+                                     p: dict[str, Any], r: dict[str, Any]) -> bool:
+        """README, "What still needs care after a restart": an operation's progress is
+        written to the state file within 10 ms after its reply, "and a kill in that window
+        loses them": an operation that ended just before a SIGKILL is still active for the
+        daemon that takes over, which answers an init naming a handle the application was
+        never given CKR_OPERATION_ACTIVE (its own check first, as unknown_handle_first)
+        where SoftHSM2, with no operation, answers the handle's code. (An init naming a
+        key it gave goes to the member, which has no operation: CKR_OK.) Allowed for such
+        an init in a session whose operation moved within that window before a kill."""
+        named = [step.get(k) for k in ("k", "wk", "uk", "base")]
+        return (p.get("rv") == CKR["CKR_OPERATION_ACTIVE"] and step["op"] == "opinit"
+                and r.get("rv") in HANDLE_INVALID and step.get("s") in runner.unsure[app]
+                and ("gone" in named or any(n in runner.stale[app] for n in named if n)))
+
+    @staticmethod
     def unknown_handle_first(runner: Runner, app: int, step: dict[str, Any],
                              p: dict[str, Any], r: dict[str, Any]) -> bool:
         """README, Limits: "A handle the application was never given [...] is answered
@@ -654,8 +670,10 @@ class Runner:
         self.values: dict[str, tuple[Any, Any, dict[str, Any]]] = {}  # id -> (p11p, ref, meta)
         self.finds: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
         self.tainted: list[set[str]] = [set() for _ in range(APPS)]
-        # when each session's operation or search last moved (its reply), for a kill
+        # when each session's operation or search last moved (its reply), for a kill; the
+        # sessions where a kill came within the window (their state file may be behind)
         self.moved_at: list[dict[str, float]] = [{} for _ in range(APPS)]
+        self.unsure: list[set[str]] = [set() for _ in range(APPS)]
         self.lost: list[set[str]] = [set() for _ in range(APPS)]  # Documented lost
         self.apart: list[set[str]] = [set() for _ in range(APPS)]  # handles that differ
         # objects p11p still has that the token used directly destroyed: a destroy refused
@@ -908,7 +926,9 @@ class Runner:
                     if step.get("o"):
                         self.lost[app].add(step["o"])
                     return
-                if key == "rv" and Documented.unknown_handle_first(self, app, step, p, r):
+                if key == "rv" and (Documented.unknown_handle_first(self, app, step, p, r)
+                                    or Documented.operation_end_lost_in_a_kill(
+                                        self, app, step, p, r)):
                     self.allowed += 1  # nothing started on either side
                     return
                 if key == "rv" and Documented.search_in_progress(self, app, step, p, r):
@@ -1257,8 +1277,10 @@ class Runner:
             # kill in that window loses them as a failover would"
             now = time.monotonic()
             for app in range(APPS):
-                self.tainted[app] |= {name for name, at in self.moved_at[app].items()
-                                      if now - at < KILL_WINDOW and name in self.sessions[app]}
+                behind = {name for name, at in self.moved_at[app].items()
+                          if now - at < KILL_WINDOW and name in self.sessions[app]}
+                self.tainted[app] |= behind
+                self.unsure[app] |= behind
         self.env.event(ev)
         if kind == "down":
             self.down.add(m)  # type: ignore[arg-type]

@@ -2224,3 +2224,18 @@ def test_search_beside_an_operation_begun_just_before_a_kill(model_env: Env) -> 
     that may have lost state (the model's, not p11p's)."""
     runner = kept(model_env, "search_beside_an_operation_begun_just_before_a_kill.json")
     assert runner.allowed >= 1
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_init_of_an_unknown_handle_after_an_operation_ended_just_before_a_kill(
+        model_env: Env) -> None:
+    """Found by make soak under failover with daemon restarts (7 of 38 steps, shrunk), once
+    the generator repeated inits: a digest begun and ended, the daemon SIGKILLed at once
+    and started, then an init naming a handle never given: CKR_OPERATION_ACTIVE through
+    p11p (the daemon that took over still has the digest: its end was within the state
+    file's lazy window, README), CKR_OBJECT_HANDLE_INVALID on the token. An init naming
+    a real key there goes to the member and gets CKR_OK; with 0.5 s before the kill the
+    sequence passes. The model's, not p11p's: allowed in such a session."""
+    runner = kept(model_env,
+                  "init_of_an_unknown_handle_after_an_operation_ended_just_before_a_kill.json")
+    assert runner.allowed >= 1
