@@ -45,6 +45,7 @@ from p11p.daemon.helperproc import AdoptedHelper, HelperProcess
 from p11p.daemon.members import Group, Member
 from p11p.daemon.shapes import CODE
 from p11p.daemon.virtual import ObjectIdentity
+from p11p.protocol import spec
 
 if TYPE_CHECKING:
     from p11p.daemon.service import Daemon
@@ -60,6 +61,19 @@ READ_ONLY = frozenset(CODE[n] for n in (
     "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList",
     "C_GetMechanismInfo", "C_GetSessionInfo", "C_GetAttributeValue", "C_GetObjectSize",
     "C_GenerateRandom", "C_SeedRandom", "C_WaitForSlotEvent"))
+
+
+# calls whose reply may start an operation or a search of a session, or take over one
+# begun on the data plane: a daemon taking over must know it runs (else the operation's
+# next call would get CKR_OPERATION_NOT_INITIALIZED where the member still runs it).
+# Answered once the state file has them, as a handle's change. An operation's updates and
+# end go lazily (a kill in between: an update's data missing for a replay, or an
+# operation ended on the member still running in the daemon's view, which only answers an
+# init naming a handle it does not know CKR_OPERATION_ACTIVE first; README). FIND_ALL
+# leaves nothing running (the client has the results) unless they are too many.
+MOVES = frozenset(
+    {f.code for f in spec.functions() if f.op_kind and f.op_role == "init"}
+    | {spec.own_codes()["DIRECT_ADOPT"].code})
 
 
 def _helper_ref(h: HelperProcess) -> tuple[Any, ...]:
@@ -196,19 +210,21 @@ class Resume:
         (a session, an object) or a login is answered once the state file has it: a
         kill after the answer finds it there. So is a call during which the file was
         written (a write for another call): that file holds the call half done (a search
-        begun on the member, say), which no kill after the answer may find. The files of the contexts whose calls ended
-        in this turn of the loop are written once, at its end, then those replies go.
-        Any other call that may have changed the state (an operation's progress, a
-        search served from the context's cache) is answered at once and written within
-        LAZY seconds (at most one write per context then): a kill in between may lose
-        that (README, Operations)."""
+        begun on the member, say), which no kill after the answer may find; and so is a
+        call that may start an operation or a search (MOVES). The files of the
+        contexts whose calls ended in this turn of the loop are written once, at its
+        end, then those replies go. Any other call that may have changed the state (an
+        operation's update or end, a search served from the context's cache) is answered
+        at once and written within LAZY seconds (at most one write per context then): a
+        kill in between may lose that (README, Operations)."""
         if not self.enabled or ctx.closed or (
                 request and type(request[0]) is int and request[0] in READ_ONLY):
             send()
             return
         self._dirty.add(ctx)
         self._since.setdefault(ctx, time.monotonic())
-        if self.mark(ctx) == before:
+        if self.mark(ctx) == before and not (
+                request and type(request[0]) is int and request[0] in MOVES):
             send()
             if self._flush is None:
                 self._flush = asyncio.get_running_loop().call_later(LAZY, self.flush)

@@ -44,9 +44,9 @@ REPLY_TIMEOUT = 30.0
 # attributes whose value is key material: random for generated keys
 MATERIAL = {"CKA_VALUE", "CKA_EC_POINT", "CKA_MODULUS", "CKA_PUBLIC_EXPONENT", "CKA_CHECK_VALUE"}
 NONDET_MECHS = {"CKM_ECDSA"}
-# steps that move a session's operation or search along (written lazily: KILL_WINDOW)
-PROGRESS_STEPS = {"opinit", "update", "final", "oneshot", "digestkey", "find_init", "find",
-                  "find_final"}
+# steps that move a session's operation or search along or end it: written to the state
+# file lazily (KILL_WINDOW); an init's reply waits for it (daemon/resume.py MOVES)
+PROGRESS_STEPS = {"update", "final", "oneshot", "digestkey", "find", "find_final"}
 KILL_WINDOW = 0.1 + 0.05  # daemon/resume.py LAZY_MAX, and the reply's way to the harness
 MEMBER_FAILED_RVS = {"CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_DEVICE_MEMORY",
                      "CKR_TOKEN_NOT_PRESENT"}
@@ -1272,9 +1272,9 @@ class Runner:
         if kind == "settle":
             ev = {**ev, "exempt": sorted(self.down | self.drained)}
         if kind == "restart" and ev.get("how") == "kill":
-            # README, "What still needs care after a restart": an operation's progress or
-            # a search is written to the state file within LAZY_MAX after its reply, "and a
-            # kill in that window loses them as a failover would"
+            # README, "What still needs care after a restart": an operation's update or
+            # end is written to the state file within LAZY_MAX after its reply, "and a kill
+            # in that window loses them as a failover would"
             now = time.monotonic()
             for app in range(APPS):
                 behind = {name for name, at in self.moved_at[app].items()
