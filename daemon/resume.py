@@ -284,7 +284,10 @@ class Resume:
         except (OSError, TypeError, ValueError) as exc:
             log.warning("groups.state not written: %s", exc)
 
-    def save(self, ctx: ApplicationContext) -> None:
+    def save(self, ctx: ApplicationContext, clean: bool = False) -> None:
+        """Writes `ctx`'s state file; `clean` at a stop, when nothing changes after it (a
+        daemon taking over from any other write may find an operation's end missing:
+        takeback.py)."""
         began = time.perf_counter()
         ctx.saves += 1
         adoptable = {m: h for m, h in ctx.live_helpers() if h.adopt is not None}
@@ -301,7 +304,7 @@ class Resume:
         try:
             head = pickle.dumps({"version": VERSION, "key": ctx.key, "uid": ctx.uid,
                                  "gid": ctx.gid, "pid": ctx.pid, "prog": ctx.prog,
-                                 "helpers": helpers}, pickle.HIGHEST_PROTOCOL)
+                                 "helpers": helpers, "clean": clean}, pickle.HIGHEST_PROTOCOL)
             body = io.BytesIO()
             _Writer(body, ctx).dump(state)
             nonce = os.urandom(12)
@@ -339,7 +342,7 @@ class Resume:
         self.save_groups()
         for ctx in list(self.daemon.contexts.values()):
             if not ctx.closed:
-                self.save(ctx)
+                self.save(ctx, clean=True)
 
     def forget(self, ctx: ApplicationContext) -> None:
         """The context ended: its file goes."""

@@ -143,8 +143,8 @@ class TakeBack:
             return False
         _unlink(path)
         state_key, kept = await self._kept(taken)
-        state = (self._open(ctx, state_key, rest, head_bytes, helpers)
-                 if state_key is not None else None)
+        state = (self._open(ctx, state_key, rest, head_bytes, helpers,
+                            head.get("clean") is True) if state_key is not None else None)
         if state is None or not _pid_alive(ctx.pid) or ctx.key in daemon.contexts:
             log.info("restart: %s not taken back (%s); its helpers end", ctx.name,
                      "its application is gone" if state is not None
@@ -177,8 +177,14 @@ class TakeBack:
         return key, logins
 
     def _open(self, ctx: ApplicationContext, key: bytes, sealed: bytes, head: bytes,
-              helpers: dict[tuple[str, int], AdoptedHelper]) -> dict[str, Any] | None:
-        """The file's contents, opened with `key` into `ctx` (None: not readable)."""
+              helpers: dict[tuple[str, int], AdoptedHelper], clean: bool
+              ) -> dict[str, Any] | None:
+        """The file's contents, opened with `key` into `ctx` (None: not readable). Not
+        `clean` (the daemon was killed, not stopped): an operation the file says runs may
+        have ended within the lazy write's window before the kill (resume.py MOVES), so
+        none is replayed: should its member fail, it is lost (its next call gets
+        CKR_DEVICE_ERROR, a new init starts afresh) rather than replayed where it may
+        have ended, and block every init of its session there."""
         try:
             body = AESGCM(key).decrypt(sealed[:12], sealed[12:], head)
             ctx.state_key = key
@@ -191,6 +197,10 @@ class TakeBack:
         for vs in ctx.sessions.values():  # a bound session counts in its member's load
             if vs.direct is not None:
                 vs.direct.member.health.bound += 1
+            for op in vs.ops.values() if not clean else ():
+                if op.replayable:
+                    op.replayable, op.updates = False, []
+                    op.why = "it may have ended before the daemon was killed"
         ctx.objects.restore(state["objects"])
         ctx.by_real = state["by_real"]
         ctx.token_index = state["token_index"]
@@ -237,7 +247,8 @@ class TakeBack:
                                  head["prog"], self.daemon.counter)
         state = None
         if resume is not None and uid == head["uid"]:
-            state = self._open(ctx, resume.key, pending.sealed, pending.head_bytes, {})
+            state = self._open(ctx, resume.key, pending.sealed, pending.head_bytes, {},
+                               head.get("clean") is True)
         if state is None:
             log.info("restart: %s starts afresh (%s)", ctx.name,
                      "its hello brought no key" if resume is None else "not readable")

@@ -1281,6 +1281,10 @@ class Runner:
                           if now - at < KILL_WINDOW and name in self.sessions[app]}
                 self.tainted[app] |= behind
                 self.unsure[app] |= behind
+                # and the daemon that takes over replays none of the operations it finds
+                # (daemon/takeback.py): lost if their member fails
+                self.tainted[app] |= {name for name, sess in self.sessions[app].items()
+                                      if sess.ops}
         self.env.event(ev)
         if kind == "down":
             self.down.add(m)  # type: ignore[arg-type]

@@ -2249,3 +2249,16 @@ def test_update_of_an_operation_begun_just_before_a_kill(model_env: Env) -> None
     An init's reply now waits for the state file (daemon/resume.py MOVES)."""
     runner = kept(model_env, "update_of_an_operation_begun_just_before_a_kill.json")
     assert runner.allowed == 0
+
+
+@pytest.mark.parametrize("model_env", ["failover"], indirect=True)
+def test_init_after_a_failover_of_an_operation_ended_just_before_a_kill(model_env: Env) -> None:
+    """Found by make soak under failover with daemon restarts (7 of 34 steps, shrunk): a
+    digest begun and ended, the daemon SIGKILLed at once and started (its end not yet in
+    the state file), then hsmB hung: the next daemon replayed the digest on hsmA, where
+    the new C_DigestInit met it: CKR_OPERATION_ACTIVE through p11p, CKR_OK on the token.
+    A daemon taking over after a kill replays no operation it found (it may have ended):
+    one that meets a failover is lost instead (takeback.py)."""
+    runner = kept(model_env,
+                  "init_after_a_failover_of_an_operation_ended_just_before_a_kill.json")
+    assert runner.allowed == 0
