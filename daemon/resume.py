@@ -68,9 +68,9 @@ READ_ONLY = frozenset(CODE[n] for n in (
 # next call would get CKR_OPERATION_NOT_INITIALIZED where the member still runs it).
 # Answered once the state file has them, as a handle's change. An operation's updates and
 # end go lazily (a kill in between: an update's data missing for a replay, or an
-# operation ended on the member still running in the daemon's view, which only answers an
-# init naming a handle it does not know CKR_OPERATION_ACTIVE first; README). FIND_ALL
-# leaves nothing running (the client has the results) unless they are too many.
+# operation ended on the member still running in the daemon's view, so a daemon taking
+# over after a kill replays none: takeback.py; README). FIND_ALL leaves nothing running
+# (the client has the results) unless they are too many.
 MOVES = frozenset(
     {f.code for f in spec.functions() if f.op_kind and f.op_role == "init"}
     | {spec.own_codes()["DIRECT_ADOPT"].code})
