@@ -506,9 +506,9 @@ class Documented:
     @staticmethod
     def operation_end_lost_in_a_kill(runner: Runner, app: int, step: dict[str, Any],
                                      p: dict[str, Any], r: dict[str, Any]) -> bool:
-        """README, "What still needs care after a restart": an operation's progress is
-        written to the state file within 10 ms after its reply, "and a kill in that window
-        loses them": an operation that ended just before a SIGKILL is still active for the
+        """README, "What still needs care after a restart": an operation's end is written
+        to the state file within 10 ms after its reply, "and a kill in that window loses
+        them": an operation that ended just before a SIGKILL is still active for the
         daemon that takes over, which answers an init naming a handle the application was
         never given CKR_OPERATION_ACTIVE (its own check first, as unknown_handle_first)
         where SoftHSM2, with no operation, answers the handle's code. (An init naming a
