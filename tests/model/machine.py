@@ -61,7 +61,7 @@ def avoid(defect: str) -> bool:
     return AVOID_KNOWN and defect in KNOWN
 
 ACTIONS = [name for name, weight in (
-    ("one_shot", 6), ("member_event", 6), ("op_init", 3), ("init_again", 2), ("op_update", 3), ("op_final", 3),
+    ("one_shot", 6), ("member_event", 6), ("op_init", 3), ("init_again", 2), ("bind", 1), ("op_update", 3), ("op_final", 3),
     ("find_all", 2), ("create", 3), ("generate_key", 2), ("generate_key_pair", 1),
     ("get_attributes", 2), ("wrap", 2), ("unwrap", 2), ("derive", 2), ("copy", 2),
     ("destroy", 2), ("digest_key", 1), ("random", 1), ("find_init", 1), ("find_next", 1),
@@ -555,6 +555,17 @@ class ModelMachine(RuleBasedStateMachine):
             t.append(["CKA_VALUE_LEN", n])  # SoftHSM2 refuses the template without it
         self.step(app=app, op="derive", s=s, mech={"m": "CKM_AES_ECB_ENCRYPT_DATA", "kd": kd},
                   base=base, o=name, kind="aes", t=t)
+
+    def bind(self, data: Any) -> None:
+        """Data-plane calls in a row in one session, enough for the client library to ask
+        for its binding (client/direct.c BIND_AFTER): what follows in that session runs
+        on the data plane, where the client keeps state of its own (deferred inits)."""
+        app = self.app(data)
+        s = self.session(data, app)
+        if s is None:
+            return
+        for _ in range(4):
+            self.step(app=app, op="random", s=s, n=16)
 
     def random(self, data: Any) -> None:
         app = self.app(data)
