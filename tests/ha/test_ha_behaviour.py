@@ -11,13 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hakit import HERE, HAGroup, WorkloadApp
-from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN
+from kit import CLIENT_SO, SOFTHSM_SO, USER_PIN, wait_for
 from p11p.protocol.constants import CKR
 
 
@@ -116,13 +115,6 @@ def _load(group: HAGroup, threads: int, seconds: float, until: Path | None = Non
     return result
 
 
-def _wait_until(check: Callable[[], bool], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"not so after {timeout} s"
-        time.sleep(0.05)
-
-
 SLOW_HSM = "* delay ms=2\nconcurrency 2\n"
 
 
@@ -155,7 +147,7 @@ def test_drain_under_load(ha_factory: Any, tmp_path: Path) -> None:
     runner = threading.Thread(target=lambda: result.update(_load(group, 16, 60.0, done)))
     runner.start()
     try:
-        _wait_until(lambda: group.member("hsmA")["sessions"] > 0, 20.0)
+        assert wait_for(lambda: group.member("hsmA")["sessions"] > 0, 20.0)
         r = subprocess.run([sys.executable, "-m", "p11p.daemon", "member", "drain", "ha", "hsmA",
                             "--config", str(group.daemon.config)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +163,13 @@ _ = bytes(s0.sign(ec, DATA, ECDSA)).hex()""")
     assert "session failed over" in group.daemon.log_text()
 
 
+def _no_private_key_after_a_failover(group: HAGroup, app: PyApp) -> None:
+    """hsmA fails: the application's search runs on hsmB, where it must be logged out."""
+    group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
+    assert app.run("_ = privs(s0)") == "0"
+    assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+
+
 def test_logout_reaches_the_standby_member(ha_factory: Any) -> None:
     """C_Logout ends the login on every member, the standby one included: after a
     failover, the application is logged out there (no private key), and logs in again."""
@@ -175,21 +181,12 @@ def test_logout_reaches_the_standby_member(ha_factory: Any) -> None:
         group.wait_logged_in(pid, ["hsmA", "hsmB"])
         app.run("s0.logout()")
         assert group.logged_in(pid) == []
-        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
-        assert app.run("_ = privs(s0)") == "0"
-        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        _no_private_key_after_a_failover(group, app)
         app.run(f"s0.login('{USER_PIN}')")
         assert app.run("_ = privs(s0)") == "2"
     finally:
         group.set_rules("hsmA", "")
         app.close()
-
-
-def _wait(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"not so after {timeout} s"
-        time.sleep(0.01)
 
 
 def test_a_logout_while_the_standby_login_runs_leaves_no_login_behind(ha_factory: Any) -> None:
@@ -206,13 +203,12 @@ def test_a_logout_while_the_standby_login_runs_leaves_no_login_behind(ha_factory
     app = PyApp(group.daemon)
     try:
         app.run(OPEN)
-        _wait(lambda: "C_Login delay" in group.faultlog.read_text())  # hsmB's login runs
+        assert wait_for(lambda: group.faultlog.exists()
+                        and " C_Login delay" in group.faultlog.read_text(), 10)  # it runs
         app.run("s0.logout()")
         pid = app.proc.pid
         assert group.logged_in(pid) == []
-        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
-        assert app.run("_ = privs(s0)") == "0"
-        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        _no_private_key_after_a_failover(group, app)
         assert group.logged_in(pid) == []
     finally:
         group.set_rules("hsmA", "")
@@ -236,9 +232,7 @@ def test_a_logout_the_standby_member_refuses_ends_its_login_there(ha_factory: An
         app.run("s0.logout()")
         assert group.logged_in(pid) == []
         group.set_rules("hsmB", "")
-        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
-        assert app.run("_ = privs(s0)") == "0"
-        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        _no_private_key_after_a_failover(group, app)
         assert "C_Logout error" in group.faultlog.read_text()
     finally:
         group.set_rules("hsmA", "")
@@ -265,9 +259,7 @@ def test_a_standby_login_that_outlasts_the_logout_ends_there_too(ha_factory: Any
         assert group.logged_in(pid) == []
         assert " C_Logout error" in group.faultlog.read_text()
         group.set_rules("hsmB", "")
-        group.set_rules("hsmA", "* error rv=CKR_DEVICE_ERROR\n")
-        assert app.run("_ = privs(s0)") == "0"
-        assert group.member("hsmA")["state"] in ("FAILED", "RECOVERING")
+        _no_private_key_after_a_failover(group, app)
         assert "logout on hsmB returned CKR_DEVICE_ERROR" in group.daemon.log_text()
     finally:
         group.set_rules("hsmA", "")
