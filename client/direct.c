@@ -170,16 +170,9 @@ void p11p_plane_counted(CK_SESSION_HANDLE h, CK_RV rv)
 
 int p11p_op_where(CK_SESSION_HANDLE h, int kind)
 {
-	struct sess *s;
-	int where = OP_NONE;
+	unsigned deferred;
 
-	if (!p11p_plane_lock())
-		return OP_NONE;
-	s = p11p_sess_lookup(h);
-	if (s != NULL)
-		where = s->ops[kind].where;
-	p11p_plane_unlock();
-	return where;
+	return p11p_op_state(h, kind, &deferred);
 }
 
 int p11p_op_state(CK_SESSION_HANDLE h, int kind, unsigned *deferred)
@@ -200,7 +193,7 @@ int p11p_op_state(CK_SESSION_HANDLE h, int kind, unsigned *deferred)
 	return where;
 }
 
-static int all_idle(const struct sess *s)
+int p11p_sess_idle(const struct sess *s)
 {
 	for (int k = 0; k < P11P_KINDS; k++)
 		if (s->ops[k].where != OP_NONE)
@@ -317,7 +310,7 @@ int p11p_plane_bound(CK_SESSION_HANDLE h, struct p11p_bound *b, int may_bind)
 		b->id = s->id;
 		b->slot = s->slot;
 		ok = 1;
-	} else if (s != NULL && may_bind && !old_daemon && s->calls >= BIND_AFTER && all_idle(s) &&
+	} else if (s != NULL && may_bind && !old_daemon && s->calls >= BIND_AFTER && p11p_sess_idle(s) &&
 		   p11p_now_ms() >= s->retry_ms) {
 		s->retry_ms = p11p_now_ms() + BIND_RETRY_MS; /* one request at a time */
 		ask = 1;

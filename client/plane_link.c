@@ -205,12 +205,13 @@ static void ep_broken(struct ep *ep)
 /* The reply of a quick call comes back within a few tens of microseconds; blocking
  * for it costs a wake-up of an idle CPU (about 50 µs here, and more on a virtual machine
  * whose idle CPU halts: the host wakes it). So a call that is the only one in flight in
- * this process watches for it awake (its mailbox, or its socket), for SPIN_NS, or when its function's last lone
- * round trip took less than SPIN_MAX_US (an RSA signature on a software token: some
- * 600 µs, of which the wake-up was a fifth), for that long and a quarter more; a
- * function whose replies are long in coming (a network HSM's milliseconds) is worth no
- * CPU awake, nor is one that ran past its estimate: it blocks after SPIN_NS. With more
- * calls in flight the CPUs have other work, and it blocks at once. */
+ * this process watches for it awake (its mailbox, or its socket), for SPIN_NS, or when
+ * its function's last lone round trip took less than SPIN_MAX_US (an RSA signature on a
+ * software token: some 600 µs, of which the wake-up was a fifth), for that long and a
+ * quarter more; a function whose replies are long in coming (a network HSM's
+ * milliseconds) is worth no CPU awake, nor is one that ran past its estimate: it blocks
+ * after SPIN_NS. With more calls in flight the CPUs have other work, and it blocks at
+ * once. */
 static _Atomic uint64_t lone_rtt[RTTS]; /* by code, hashed: code << 32 | microseconds */
 
 static int64_t spin_ns(unsigned long code)

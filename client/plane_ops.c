@@ -185,10 +185,7 @@ static int defer(CK_SESSION_HANDLE h, const struct p11p_op_shape *sh, const stru
 	if (!p11p_plane_lock())
 		return 0;
 	s = p11p_init_known(sh->code, mech, mech_len, key) ? p11p_sess_lookup(h) : NULL;
-	for (int k = 0; s != NULL && k < P11P_KINDS; k++)
-		if (s->ops[k].where != OP_NONE)
-			s = NULL;
-	if (s != NULL && s->ep != NULL) {
+	if (s != NULL && s->ep != NULL && p11p_sess_idle(s)) {
 		o = &s->ops[sh->kind];
 		p11p_op_clear(o);
 		o->where = OP_PLANE;

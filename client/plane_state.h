@@ -72,6 +72,8 @@ void p11p_plane_unlock(void);
 struct sess *p11p_sess_lookup(CK_SESSION_HANDLE h);
 struct sess *p11p_sess_add(CK_SESSION_HANDLE h);
 void p11p_op_clear(struct op *o);
+/* direct.c, under the lock: whether no operation of any kind is in the session */
+int p11p_sess_idle(const struct sess *s);
 /* direct.c: where the operation of `kind` of a session runs (OP_*; takes the lock) */
 int p11p_op_where(CK_SESSION_HANDLE h, int kind);
 /* direct.c: as p11p_op_where, and the kinds (bit 1 << kind) of the session's operations
