@@ -13,7 +13,8 @@ a cache directory when the helper finds it missing or stale (see ffi.py). The bu
 keyed by a hash of everything that goes into it; the key is compiled in, so a stale
 module is recognised.
 
-Run as a script: `python3 helper/build_cffi.py [DEST_DIR]` (default: this directory).
+Run as a script: `python3 helper/build_cffi.py [--sanitize] [DEST_DIR]` (default: this
+directory).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ HERE = Path(__file__).resolve().parent
 MODULE_NAME = "_cryptoki"
 P11KIT_INCLUDE = Path("/usr/include/p11-kit-1")
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+# The sanitized twin the tests run the helper's data plane on (ffi.py, P11P_HELPER_SANITIZE):
+# the process that loads it must have libasan preloaded (LD_PRELOAD).
+SANITIZE_ARGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                 "-fno-omit-frame-pointer", "-g"]
 # The data plane's codec: compiled beside the generated source, each on its own.
 CODEC_SOURCES = (HERE / "fast_codec.c", HERE / "fast_template.c", HERE / "gen" / "fast_calls.c")
 CODEC_HEADERS = (HERE / "fast_codec.h",)
@@ -206,8 +211,9 @@ def extension_filename() -> str:
     return MODULE_NAME + str(sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def build(dest_dir: Path, verbose: bool = False) -> Path:
-    """Compiles the extension into dest_dir (atomically); returns its path."""
+def build(dest_dir: Path, verbose: bool = False, sanitize: bool = False) -> Path:
+    """Compiles the extension into dest_dir (atomically); returns its path. `sanitize`:
+    under AddressSanitizer and UndefinedBehaviorSanitizer (SANITIZE_ARGS)."""
     from cffi import FFI
 
     cdef, source, _key = sources()
@@ -217,7 +223,9 @@ def build(dest_dir: Path, verbose: bool = False) -> Path:
     builder.set_source(MODULE_NAME, source,
                        sources=[str(p) for p in (*CODEC_SOURCES, *PLANE_SOURCES)],
                        include_dirs=[str(P11KIT_INCLUDE), str(spec.HERE), str(HERE)],
-                       libraries=["dl", "msgpackc"], extra_compile_args=COMPILE_ARGS)
+                       libraries=["dl", "msgpackc"],
+                       extra_compile_args=COMPILE_ARGS + (SANITIZE_ARGS if sanitize else []),
+                       extra_link_args=SANITIZE_ARGS[:1] if sanitize else [])
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / extension_filename()
     with tempfile.TemporaryDirectory(prefix=".cffi-build-", dir=dest_dir) as tmp:
@@ -227,5 +235,6 @@ def build(dest_dir: Path, verbose: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "-v"]
-    print(build(Path(args[0]) if args else HERE, verbose="-v" in sys.argv))
+    args = [a for a in sys.argv[1:] if a not in ("-v", "--sanitize")]
+    print(build(Path(args[0]) if args else HERE, verbose="-v" in sys.argv,
+                sanitize="--sanitize" in sys.argv))

@@ -315,7 +315,8 @@ static int box_send(struct conn *c, int last)
 	size_t n = c->held.size + c->out.size;
 
 	if (!c->spilled && last && n <= P11P_BOX_AREA) {
-		memcpy(b->rep, c->held.data, c->held.size);
+		if (c->held.size > 0)  /* an sbuffer with nothing held has no data (NULL) */
+			memcpy(b->rep, c->held.data, c->held.size);
 		memcpy(b->rep + c->held.size, c->out.data, c->out.size);
 		msgpack_sbuffer_clear(&c->held);
 		atomic_store_explicit(&b->rep_len, (uint32_t)n, memory_order_relaxed);

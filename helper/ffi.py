@@ -5,6 +5,11 @@ sources (where `make helper-cffi` puts it) and in the cache; a module whose comp
 build key differs from what the current sources and headers would give is stale and is
 passed over. When none fits, it is built into the cache now (one log line), so a helper
 started from a fresh checkout still runs.
+
+With P11P_HELPER_SANITIZE=1 in its environment the helper loads the extension's twin built
+under AddressSanitizer and UndefinedBehaviorSanitizer instead (from the cache, built there
+when missing): the tests run the data plane's C on it. That process must have libasan
+preloaded (LD_PRELOAD); nothing else looks at the variable.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from p11p.helper import build_cffi
 from p11p.helper.errors import log
 
 MODULE = "p11p.helper._cryptoki"
+SANITIZE_ENV = "P11P_HELPER_SANITIZE"
 
 
 def cache_dir() -> Path:
@@ -52,9 +58,29 @@ def _key_of(module: ModuleType) -> str:
     return key
 
 
+def sanitized_dir(key: str) -> Path:
+    """Where the sanitized twin of the extension of build key `key` is kept."""
+    return cache_dir() / f"helper-{key}-sanitized"
+
+
+def _load_sanitized(key: str | None) -> tuple[Any, Any]:
+    if key is None:
+        raise RuntimeError(f"{SANITIZE_ENV}=1: no Cryptoki headers to build the sanitized module")
+    path = sanitized_dir(key) / build_cffi.extension_filename()
+    if path.exists():
+        module = _load_file(path)
+        if _key_of(module) == key:
+            return module.ffi, module.lib
+    log.warning("sanitized module missing or stale; building it into %s", path.parent)
+    module = _load_file(build_cffi.build(path.parent, sanitize=True))
+    return module.ffi, module.lib
+
+
 def load() -> tuple[Any, Any]:
     """(ffi, lib) of a compiled module that matches the sources, building one if needed."""
     key = expected_key()
+    if os.environ.get(SANITIZE_ENV) == "1":
+        return _load_sanitized(key)
     name = build_cffi.extension_filename()
     here = Path(__file__)
     places = [here.parent, here.resolve().parent]  # installed; the sources (editable)

@@ -224,12 +224,46 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def libasan() -> str:
+    return subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def sanitized() -> dict[str, str]:
     """The environment that runs an application on the ASan/UBSan build of the client."""
-    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                          text=True).stdout.strip()
-    return {"LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+    return {"LD_PRELOAD": libasan(), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
             "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+
+
+SANITIZED_CACHE = BUILD / "asan" / "cache"
+SANITIZER_MARKS = ("AddressSanitizer", "runtime error:", "LeakSanitizer")
+
+
+def sanitized_helper(logs: Path | None = None) -> dict[str, str]:
+    """The environment of a helper (a member's `env`, or a helper the test starts) that
+    runs on the extension's ASan/UBSan twin (helper/ffi.py, P11P_HELPER_SANITIZE), built
+    into SANITIZED_CACHE now when it is not there. `logs`: the sanitizers write their
+    reports under it (asan.PID, ubsan.PID) rather than to the helper's stderr."""
+    from p11p.helper import build_cffi, ffi
+
+    key = ffi.expected_key()
+    assert key is not None, "no Cryptoki headers"
+    place = SANITIZED_CACHE / ffi.sanitized_dir(key).name
+    if not (place / build_cffi.extension_filename()).exists():
+        subprocess.run([sys.executable, build_cffi.__file__, "--sanitize", str(place)],
+                       check=True, capture_output=True, timeout=600)
+    asan, ubsan = "detect_leaks=0:exitcode=99", "halt_on_error=1:print_stacktrace=1"
+    if logs is not None:
+        asan += f":log_path={logs / 'asan'}"
+        ubsan += f":log_path={logs / 'ubsan'}"
+    return {"LD_PRELOAD": libasan(), "P11P_HELPER_SANITIZE": "1",
+            "P11P_CACHE_DIR": str(SANITIZED_CACHE), "ASAN_OPTIONS": asan,
+            "UBSAN_OPTIONS": ubsan}
+
+
+def sanitizer_reports(logs: Path) -> list[str]:
+    """The reports the sanitizers wrote under `logs` (sanitized_helper)."""
+    return [p.read_text(errors="replace") for p in sorted(logs.glob("*san.*"))]
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -18,10 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kit import SANITIZER_MARKS, sanitized_helper
 from p11p.protocol.constants import CKA, CKF, CKU
 from p11p.protocol.framing import FrameDecoder, encode
 
 SOFTHSM_SO = "/usr/lib/softhsm/libsofthsm2.so"
+# P11P_TEST_SANITIZED_HELPER=1 (test_helper_plane_sanitized.py runs the data plane's
+# tests again so): every helper these tests start runs on the extension's ASan/UBSan twin
+# (kit.sanitized_helper); a helper whose stderr has a sanitizer's report fails the test
+# that stops it.
+SANITIZED = os.environ.get("P11P_TEST_SANITIZED_HELPER") == "1"
 USER_PIN = b"1234"
 SO_PIN = b"5678"
 TOKEN_LABEL = "tokA"
@@ -48,7 +54,8 @@ class SoftHSMDir:
         self.conf = root / "softhsm2.conf"
         self.conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
                              "log.level = ERROR\n")
-        self.env = {**os.environ, "SOFTHSM2_CONF": str(self.conf)}
+        self.env = {**os.environ, "SOFTHSM2_CONF": str(self.conf),
+                    **(sanitized_helper() if SANITIZED else {})}
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL,
                         "--pin", USER_PIN.decode(), "--so-pin", SO_PIN.decode()],
                        env=self.env, check=True, capture_output=True)
@@ -72,7 +79,8 @@ class HelperLink:
         self._write_lock = threading.Lock()
         self.stderr_lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         self.ready = self.reply(0, timeout=30)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -157,6 +165,15 @@ class HelperLink:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.check_sanitizers()
+
+    def check_sanitizers(self) -> None:
+        """Fails when the helper's stderr carries a sanitizer's report (its reader has
+        read all of it once the process is gone and its pipe closed)."""
+        if self.proc.poll() is not None:
+            self._stderr_reader.join(5)
+        found = [line for line in self.stderr_lines if any(m in line for m in SANITIZER_MARKS)]
+        assert not found, "\n".join(self.stderr_lines[-60:])
 
     # -- Cryptoki conveniences ----------------------------------------------------------
 
