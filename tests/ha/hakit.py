@@ -22,11 +22,14 @@ class HAGroup:
 
     def __init__(self, root: Path, hsm: SoftHSM, policy: str, tokens: list[str],
                  extra: str = "", rules: dict[str, str] | None = None,
-                 daemon_extra: str = "", call_timeout: float = 1.5) -> None:
+                 daemon_extra: str = "", call_timeout: float = 1.5,
+                 member_env: dict[str, str] | None = None) -> None:
+        """`member_env`: more of each member's environment (kit.sanitized_helper, say)."""
         root.mkdir(parents=True, exist_ok=True)
         self.rules = {t: root / f"{t}.rules" for t in tokens}
         self.faultlog = root / "faults.log"
         members = ""
+        more = "".join(f', {k} = "{v}"' for k, v in (member_env or {}).items())
         for t in tokens:
             self.rules[t].write_text((rules or {}).get(t, ""))
             members += f"""
@@ -34,7 +37,7 @@ class HAGroup:
 name = "{t}"
 module = "{FAULTSIM_SO}"
 token = "{t}"
-env = {{ P11P_FAULTSIM_MODULE = "{SOFTHSM_SO}", P11P_FAULTSIM_RULES = "{self.rules[t]}", P11P_FAULTSIM_LOG = "{self.faultlog}", SOFTHSM2_CONF = "{hsm.conf}" }}
+env = {{ P11P_FAULTSIM_MODULE = "{SOFTHSM_SO}", P11P_FAULTSIM_RULES = "{self.rules[t]}", P11P_FAULTSIM_LOG = "{self.faultlog}", SOFTHSM2_CONF = "{hsm.conf}"{more} }}
 """
         body = f"""
 label = "ha"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hakit import HAGroup
-from kit import ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, helper_pids, sanitized
+from kit import (ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, helper_pids, sanitized,
+                 sanitized_helper, sanitizer_reports)
 
 # N threads, each with its own session, sign with the imported ECDSA key (and draw
 # random bytes) for S seconds; every signature is verified. One JSON line at the end.
@@ -144,23 +145,39 @@ def test_hot_calls_of_a_bound_session_go_straight_to_the_helper(ha_factory: Any,
     assert _served(group)[1] == direct  # not one call on the direct path
 
 
-def test_a_member_that_fails_under_direct_calls_loses_nothing(ha_factory: Any,
-                                                              ha_keys: Path) -> None:
+def test_a_member_that_fails_under_direct_calls_loses_nothing(ha_factory: Any, ha_keys: Path,
+                                                              tmp_path: Path) -> None:
     """CKR_DEVICE_ERROR from the member on a direct C_Sign: the sessions come back
     through the daemon, which fails them over with their sign operation replayed. The
     application (on the ASan/UBSan build of the client) sees no error; every signature
-    verifies."""
-    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"])
+    verifies. The helpers run on the extension's ASan/UBSan twin (kit.sanitized_helper):
+    the data plane's C under load, its failure and the failover, with no report."""
+    logs = tmp_path / "sanitizers"
+    logs.mkdir()
+    group: HAGroup = ha_factory("failover", ["hsmA", "hsmB"],
+                                member_env=sanitized_helper(logs))
     result: dict[str, Any] = {}
     runner = _in_background(group, ha_keys, 4, 4.0, result, sanitize=True)
     time.sleep(1.5)
     assert group.member("hsmA")["sessions"] > 0
+    helpers = helper_pids(group.daemon.proc.pid) if group.daemon.proc else []
+    assert any("-sanitized/_cryptoki" in m and "libasan" in m for m in map(_maps, helpers)), \
+        helpers
     group.set_rules("hsmA", "C_Sign error rv=CKR_DEVICE_ERROR\n")
     group.wait_state("hsmA", "FAILED", timeout=5)
     runner.join()
     assert result["errors"] == 0 and result["ops"] > 50, result
     assert "C_Sign error" in group.faultlog.read_text()
     assert "member failure detected: group=ha member=hsmA" in group.daemon.log_text()
+    group.daemon.stop()  # the helpers end: whatever they had to report is written
+    assert sanitizer_reports(logs) == []
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
 
 
 def test_a_hung_direct_call_ends_at_call_timeout_and_fails_over(ha_factory: Any,
