@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from hakit import HAGroup
-from kit import (ASAN_CLIENT_SO, CLIENT_SO, ROOT, USER_PIN, helper_pids, sanitized,
-                 sanitized_helper, sanitizer_reports)
+from kit import (
+    ASAN_CLIENT_SO,
+    CLIENT_SO,
+    ROOT,
+    USER_PIN,
+    helper_pids,
+    sanitized,
+    sanitized_helper,
+    sanitizer_reports,
+)
 
 # N threads, each with its own session, sign with the imported ECDSA key (and draw
 # random bytes) for S seconds; every signature is verified. One JSON line at the end.
