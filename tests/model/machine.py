@@ -384,9 +384,10 @@ class ModelMachine(RuleBasedStateMachine):
         flip = p == r and data.draw(st.integers(0, 4), label="flip") == 4
         return {"ref": i, "flip": flip}
 
-    def one_shot(self, data: Any) -> None:
-        app = self.app(data)
-        s = self.session(data, app)
+    def one_shot(self, data: Any, app: int | None = None, s: str | None = None) -> None:
+        if app is None:
+            app = self.app(data)
+            s = self.session(data, app)
         if s is None or self.busy(app, s):
             return
         fn = data.draw(st.sampled_from(["Sign", "Verify", "Encrypt", "Decrypt", "Digest"]), label="fn")
@@ -405,15 +406,18 @@ class ModelMachine(RuleBasedStateMachine):
         self.inits[step["app"]].append({k: v for k, v in step.items() if k != "s"})
         self.step(**step)
 
-    def init_again(self, data: Any) -> None:
+    def init_again(self, data: Any, app: int | None = None, s: str | None = None,
+                   latest: bool = False) -> None:
         """An init this application made before (mechanism, key), in a session drawn now
         (one with an operation of another kind too), then its one-part call, or another
-        init in that session (beside it), or nothing."""
-        app = self.app(data)
-        s = self.session(data, app)
+        init in that session (beside it), or nothing. `latest`: the application's last init."""
+        if app is None:
+            app = self.app(data)
+            s = self.session(data, app)
         if s is None or self.busy(app, s) or not self.inits[app]:
             return
-        init = data.draw(st.sampled_from(self.inits[app]), label="init")
+        init = self.inits[app][-1] if latest else data.draw(st.sampled_from(self.inits[app]),
+                                                            label="init")
         if init.get("k", GONE) != GONE and init["k"] not in self.r.objs[app]:
             return  # its key went
         self.init({**init, "s": s})
@@ -559,13 +563,21 @@ class ModelMachine(RuleBasedStateMachine):
     def bind(self, data: Any) -> None:
         """Data-plane calls in a row in one session, enough for the client library to ask
         for its binding (client/direct.c BIND_AFTER): what follows in that session runs
-        on the data plane, where the client keeps state of its own (deferred inits)."""
+        on the data plane, where the client keeps state of its own (deferred inits); then,
+        or not, a one-part operation there (its init learnt by the library) and, or not, that
+        init again in the idle bound session (init_again: the library defers it) followed by
+        its call, another init beside it, or nothing."""
         app = self.app(data)
         s = self.session(data, app)
         if s is None:
             return
         for _ in range(4):
             self.step(app=app, op="random", s=s, n=16)
+        if not data.draw(st.booleans(), label="then an operation, bound"):
+            return
+        self.one_shot(data, app, s)
+        if s in self.r.sessions[app] and data.draw(st.booleans(), label="then its init again"):
+            self.init_again(data, app, s, latest=True)
 
     def random(self, data: Any) -> None:
         app = self.app(data)
