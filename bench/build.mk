@@ -10,4 +10,4 @@ $(BUILD)/p11bench: $(BENCH_SRCS) $(BENCH_HDRS)
 # (bench/README.md, "The IPC floor")
 $(BUILD)/ipc-floor: bench/ipc/ipc_floor.c
 	@mkdir -p $(BUILD)
-	$(CC) $(CFLAGS_COMMON) $(CFLAGS) -o $@ $< -pthread
+	$(CC) $(CFLAGS_COMMON) $(CFLAGS) -o $@ $< -pthread -ldl
