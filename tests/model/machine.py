@@ -573,7 +573,8 @@ class ModelMachine(RuleBasedStateMachine):
             return
         for _ in range(4):
             self.step(app=app, op="random", s=s, n=16)
-        if not data.draw(st.booleans(), label="then an operation, bound"):
+        if s not in self.r.sessions[app] or not data.draw(st.booleans(),
+                                                           label="then an operation, bound"):
             return
         self.one_shot(data, app, s)
         if s in self.r.sessions[app] and data.draw(st.booleans(), label="then its init again"):
