@@ -217,14 +217,13 @@ class Resume:
         operation's update or end, a search served from the context's cache) is answered
         at once and written within LAZY seconds (at most one write per context then): a
         kill in between may lose that (README, Operations)."""
-        if not self.enabled or ctx.closed or (
-                request and type(request[0]) is int and request[0] in READ_ONLY):
+        code = request[0] if request and type(request[0]) is int else None
+        if not self.enabled or ctx.closed or code in READ_ONLY:
             send()
             return
         self._dirty.add(ctx)
         self._since.setdefault(ctx, time.monotonic())
-        if self.mark(ctx) == before and not (
-                request and type(request[0]) is int and request[0] in MOVES):
+        if self.mark(ctx) == before and code not in MOVES:
             send()
             if self._flush is None:
                 self._flush = asyncio.get_running_loop().call_later(LAZY, self.flush)
