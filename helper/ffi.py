@@ -63,29 +63,16 @@ def sanitized_dir(key: str) -> Path:
     return cache_dir() / f"helper-{key}-sanitized"
 
 
-def _load_sanitized(key: str | None) -> tuple[Any, Any]:
-    if key is None:
-        raise RuntimeError(f"{SANITIZE_ENV}=1: no Cryptoki headers to build the sanitized module")
-    path = sanitized_dir(key) / build_cffi.extension_filename()
-    if path.exists():
-        module = _load_file(path)
-        if _key_of(module) == key:
-            return module.ffi, module.lib
-    log.warning("sanitized module missing or stale; building it into %s", path.parent)
-    module = _load_file(build_cffi.build(path.parent, sanitize=True))
-    return module.ffi, module.lib
-
-
 def load() -> tuple[Any, Any]:
-    """(ffi, lib) of a compiled module that matches the sources, building one if needed."""
+    """(ffi, lib) of a compiled module that matches the sources, building one if needed
+    (the sanitized twin only, with P11P_HELPER_SANITIZE=1)."""
     key = expected_key()
-    if os.environ.get(SANITIZE_ENV) == "1":
-        return _load_sanitized(key)
     name = build_cffi.extension_filename()
+    sanitize = os.environ.get(SANITIZE_ENV) == "1"
     here = Path(__file__)
-    places = [here.parent, here.resolve().parent]  # installed; the sources (editable)
+    places = [] if sanitize else [here.parent, here.resolve().parent]  # installed; editable
     if key is not None:
-        places.append(cache_dir() / f"helper-{key}")
+        places.append(sanitized_dir(key) if sanitize else cache_dir() / f"helper-{key}")
     seen: set[Path] = set()
     for place in places:
         path = place / name
@@ -98,9 +85,9 @@ def load() -> tuple[Any, Any]:
         log.info("compiled module %s is stale; passed over", path)
     if key is None:
         raise RuntimeError(f"no compiled module {name} and no Cryptoki headers to build one")
-    target = cache_dir() / f"helper-{key}"
+    target = places[-1]
     log.warning("compiled module missing or stale; building it into %s", target)
-    module = _load_file(build_cffi.build(target))
+    module = _load_file(build_cffi.build(target, sanitize=sanitize))
     return module.ffi, module.lib
 
 
